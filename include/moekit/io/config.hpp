@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: Apache-2.0
+// Layer configurations: HF config.json (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)
+// and moekit's own JSON format (docs/config.md). Implemented in src/io/config.cpp.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "moekit/experts/ffn.hpp"
+#include "moekit/routers/topk.hpp"
+
+namespace moekit {
+
+/// moekit's own config format version this build reads and writes.
+inline constexpr int kConfigVersion = 1;
+
+/// Tensor names of the routed experts inside the MoE block.
+enum class ExpertNames {
+  hf,       ///< experts.{i}.gate_proj / up_proj / down_proj.weight
+  mixtral,  ///< experts.{i}.w1 (gate) / w3 (up) / w2 (down).weight
+};
+
+/// A shared (always-on) expert as configured.
+struct SharedExpertConfig {
+  int64_t intermediate = 0;  ///< width of the shared FFN
+  bool gated = false;        ///< multiply by sigmoid(shared_expert_gate . x) (Qwen2-MoE)
+  std::string names;         ///< tensor prefix: "shared_expert." (Qwen2-MoE) or "shared_experts." (DeepSeek-V3)
+};
+
+/// Everything needed to build a top-k MoE layer, whichever file it came from.
+struct LayerConfig {
+  std::string origin;            ///< "hf" or "moekit"
+  std::string preset;            ///< mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch, or ""
+  TopKOptions router;            ///< includes num_experts, k, hidden
+  bool router_bias = false;      ///< reads gate.e_score_correction_bias [E]
+  FfnShape experts;              ///< routed experts' shape
+  ExpertNames expert_names = ExpertNames::hf;
+  std::optional<SharedExpertConfig> shared;
+
+  [[nodiscard]] int64_t hidden() const noexcept { return router.hidden; }
+};
+
+/// Parses a config from JSON text; `origin` names the file in error messages. Detects the
+/// format: an object with "model_type" is an HF config, one with "moekit_config_version"
+/// is moekit's own. Throws moekit::error naming the key for any invalid or unknown value.
+LayerConfig parse_layer_config(const std::string& json_text, const std::string& origin = "config");
+
+/// Reads and parses a config file.
+LayerConfig load_layer_config(const std::string& path);
+
+/// The defaults of a preset (HF config-class defaults, or moekit's switch), for docs/tests.
+LayerConfig preset_defaults(const std::string& preset);
+
+}  // namespace moekit

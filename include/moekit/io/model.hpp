@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: Apache-2.0
+// Builds a top-k MoE layer from a LayerConfig and safetensors weights (or random weights).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "moekit/experts/ffn.hpp"
+#include "moekit/io/config.hpp"
+#include "moekit/layer.hpp"
+#include "moekit/routers/topk.hpp"
+
+namespace moekit {
+
+namespace io {
+class TensorSource;
+}
+
+/// The layer type every LayerConfig builds: top-k router, FFN experts, shared experts.
+using TopKLayer = SparseLayer<TopKRouter, FfnBank>;
+
+/// Loads the layer's tensors (HF names after `prefix`, ROUTING.md section 8 and
+/// docs/cli.md) from `weights`, converting F32/BF16/F16 to f32. Missing or mis-shaped
+/// tensors throw moekit::error naming the tensor; extra tensors are ignored.
+TopKLayer load_layer(const LayerConfig& config, const io::TensorSource& weights, const std::string& prefix = "");
+
+/// A layer with random weights (uniform, variance 1/fan_in) from a fixed seed: for
+/// benchmarks and tests. Deterministic for a given seed.
+TopKLayer random_layer(const LayerConfig& config, uint64_t seed);
+
+/// Bytes of f32 weights the layer holds (router, routed and shared experts).
+double layer_weight_bytes(const LayerConfig& config);
+
+}  // namespace moekit

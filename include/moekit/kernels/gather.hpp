@@ -1,0 +1,17 @@
+// SPDX-License-Identifier: Apache-2.0
+// Dispatch kernel: gathers the rows an expert serves into one contiguous block.
+#pragma once
+
+#include <cstdint>
+
+#include "moekit/kernels/vector.hpp"
+
+namespace moekit::kernels {
+
+/// `block[i, :] = src[rows[i], :]` for i < n; `src [*, d]`, `block [n, d]`, both row-major.
+inline void gather_rows(const float* src, int64_t d, const int32_t* rows, int64_t n,
+                        float* block) noexcept {
+  for (int64_t i = 0; i < n; ++i) copy_row(src + static_cast<int64_t>(rows[i]) * d, block + i * d, d);
+}
+
+}  // namespace moekit::kernels

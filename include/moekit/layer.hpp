@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: Apache-2.0
+// SparseLayer: route -> gather per expert -> expert functors -> weighted combine (+ shared).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <utility>
+#include <vector>
+
+#include <omp.h>
+
+#include "moekit/batch.hpp"
+#include "moekit/detail/threads.hpp"
+#include "moekit/error.hpp"
+#include "moekit/expert.hpp"
+#include "moekit/experts/ffn.hpp"
+#include "moekit/kernels/combine.hpp"
+#include "moekit/kernels/gather.hpp"
+#include "moekit/kernels/vector.hpp"
+#include "moekit/router.hpp"
+#include "moekit/routing_plan.hpp"
+
+namespace moekit {
+
+/// Every scratch buffer of a forward pass. One per calling thread; reuse it across calls:
+/// it grows when a larger batch arrives and never shrinks, so a steady-state forward of the
+/// same or smaller shape allocates nothing in moekit's code. After forward(), `plan` holds
+/// the routing plan of that call and `router.logits` its router logits.
+struct Workspace {
+  RoutingPlan plan;
+  RouterScratch router;
+
+  struct Task {
+    int32_t expert;  ///< routed expert id, or -1 - j for shared expert j
+    int32_t begin;   ///< first row (position in the expert's block / in the unpadded list)
+    int32_t end;
+  };
+  std::vector<Task> tasks;
+  std::vector<float> expert_out;     ///< `[S_kept, d]` outputs in expert CSR order
+  std::vector<float> shared_out;     ///< `[n_shared, T_routed, d]`
+  std::vector<int32_t> unpadded;     ///< unpadded token ids (when the batch has padding)
+  std::vector<int32_t> row_of_token; ///< token -> row in the unpadded list, -1 for padding
+  std::vector<float> thread_scratch; ///< per thread: gather block + expert scratch
+  std::vector<const float*> combine_rows;
+  std::vector<float> combine_weights;
+};
+
+/// The generic sparse MoE layer: `y_t = sum_slots w * E_e(x_t) + sum_j g_j(x_t) * S_j(x_t)`
+/// for unpadded tokens, 0 for padding. The caller adds the residual.
+template <Router R, ExpertBank B>
+class SparseLayer {
+ public:
+  /// Rows per (expert, row block) task: fixed, so results never depend on the thread count.
+  static constexpr int64_t kRowBlock = 64;
+
+  SparseLayer(R router, B experts, std::vector<SharedExpert> shared = {})
+      : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
+    MOEKIT_CHECK(router_.num_experts() == experts_.num_experts(), "SparseLayer: router has ",
+                 router_.num_experts(), " experts, expert bank expected the same, got ",
+                 experts_.num_experts());
+    MOEKIT_CHECK(router_.hidden_size() == experts_.d_in(), "SparseLayer: experts' d_in expected ",
+                 router_.hidden_size(), " (the router's hidden size), got ", experts_.d_in());
+    MOEKIT_CHECK(experts_.d_out() == experts_.d_in(), "SparseLayer: experts' d_out expected ",
+                 experts_.d_in(), " (= d_in), got ", experts_.d_out());
+    for (size_t j = 0; j < shared_.size(); ++j) {
+      MOEKIT_CHECK(shared_[j].ffn.num_experts() == 1, "SparseLayer: shared expert ", j,
+                   " expected a one-expert bank, got ", shared_[j].ffn.num_experts());
+      MOEKIT_CHECK(shared_[j].ffn.d_in() == hidden_size(), "SparseLayer: shared expert ", j,
+                   " hidden size expected ", hidden_size(), ", got ", shared_[j].ffn.d_in());
+      MOEKIT_CHECK(shared_[j].gate.empty() || static_cast<int64_t>(shared_[j].gate.size()) == hidden_size(),
+                   "SparseLayer: shared expert ", j, " gate expected [", hidden_size(), "], got ",
+                   shared_[j].gate.size(), " values");
+    }
+  }
+
+  [[nodiscard]] int64_t hidden_size() const noexcept { return router_.hidden_size(); }
+  [[nodiscard]] int64_t num_experts() const noexcept { return router_.num_experts(); }
+  [[nodiscard]] const R& router() const noexcept { return router_; }
+  [[nodiscard]] R& router() noexcept { return router_; }
+  [[nodiscard]] const B& experts() const noexcept { return experts_; }
+  [[nodiscard]] const std::vector<SharedExpert>& shared_experts() const noexcept { return shared_; }
+
+  /// Routes `hidden [T, d]` and writes `out [T, d]`. `threads` <= 0 uses OpenMP's default;
+  /// inside an active parallel region the call runs on the calling thread alone.
+  /// The plan is left in `ws.plan`.
+  void forward(const Batch& batch, const float* hidden, float* out, Workspace& ws, int threads = 0) const {
+    router_.route(batch, hidden, ws.plan, ws.router, threads);
+    forward_plan(batch, hidden, ws.plan, out, ws, threads);
+  }
+
+  /// Runs the experts for a given finalised plan (from any router) and combines.
+  void forward_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out,
+                    Workspace& ws, int threads = 0) const {
+    const int64_t d = hidden_size(), T = batch.tokens;
+    batch.validate(d);
+    MOEKIT_CHECK(plan.finalized(), "SparseLayer::forward_plan: plan expected finalized, got a plan without finalize()");
+    MOEKIT_CHECK(plan.num_tokens() == T, "SparseLayer::forward_plan: plan tokens expected ", T, ", got ", plan.num_tokens());
+    MOEKIT_CHECK(plan.num_experts() == num_experts(), "SparseLayer::forward_plan: plan experts expected ",
+                 num_experts(), ", got ", plan.num_experts());
+    if (T == 0) return;
+    MOEKIT_CHECK(hidden != nullptr && out != nullptr, "SparseLayer::forward: hidden/out pointers expected non-null for T = ", T);
+    const int nt = detail::resolve_threads(threads);
+
+    // Unpadded rows for the shared experts.
+    const bool padded = !batch.padding.empty();
+    int64_t Tr = T;
+    ws.row_of_token.resize(static_cast<size_t>(T));
+    if (padded) {
+      ws.unpadded.clear();
+      for (int64_t t = 0; t < T; ++t) {
+        ws.row_of_token[static_cast<size_t>(t)] = batch.is_padding(t) ? -1 : static_cast<int32_t>(ws.unpadded.size());
+        if (!batch.is_padding(t)) ws.unpadded.push_back(static_cast<int32_t>(t));
+      }
+      Tr = static_cast<int64_t>(ws.unpadded.size());
+    }
+
+    // Tasks: (expert, row block) sized from the plan's counts, then shared experts' blocks.
+    ws.tasks.clear();
+    const auto offs = plan.expert_offsets();
+    for (int64_t e = 0; e < num_experts(); ++e)
+      for (int32_t b = offs[static_cast<size_t>(e)]; b < offs[static_cast<size_t>(e) + 1]; b += kRowBlock)
+        ws.tasks.push_back({static_cast<int32_t>(e), b,
+                            static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, offs[static_cast<size_t>(e) + 1]))});
+    for (size_t j = 0; j < shared_.size(); ++j)
+      for (int64_t b = 0; b < Tr; b += kRowBlock)
+        ws.tasks.push_back({-1 - static_cast<int32_t>(j), static_cast<int32_t>(b),
+                            static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, Tr))});
+
+    size_t expert_scratch = experts_.scratch_floats(kRowBlock);
+    for (const SharedExpert& s : shared_) expert_scratch = std::max(expert_scratch, s.ffn.scratch_floats(kRowBlock));
+    const size_t per_thread = static_cast<size_t>(kRowBlock * d) + expert_scratch;
+    grow(ws.thread_scratch, per_thread * static_cast<size_t>(nt));
+    grow(ws.expert_out, static_cast<size_t>(plan.num_kept() * d));
+    grow(ws.shared_out, shared_.size() * static_cast<size_t>(Tr * d));
+
+    const auto tokens = plan.expert_tokens();
+    std::exception_ptr failure;
+    const auto ntasks = static_cast<int64_t>(ws.tasks.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1 && ntasks > 1)
+    for (int64_t i = 0; i < ntasks; ++i) {
+      const Workspace::Task task = ws.tasks[static_cast<size_t>(i)];
+      float* block = ws.thread_scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
+      float* scratch = block + kRowBlock * d;
+      const int64_t rows = task.end - task.begin;
+      try {
+        if (task.expert >= 0) {
+          kernels::gather_rows(hidden, d, tokens.data() + task.begin, rows, block);
+          experts_.run(task.expert, block, rows, ws.expert_out.data() + static_cast<int64_t>(task.begin) * d, scratch);
+        } else {
+          const size_t j = static_cast<size_t>(-1 - task.expert);
+          const float* in = hidden + static_cast<int64_t>(task.begin) * d;
+          if (padded) {
+            kernels::gather_rows(hidden, d, ws.unpadded.data() + task.begin, rows, block);
+            in = block;
+          }
+          float* dst = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + task.begin) * d;
+          shared_[j].ffn.run(0, in, rows, dst, scratch);
+        }
+      } catch (...) {
+#pragma omp critical(moekit_layer_failure)
+        if (!failure) failure = std::current_exception();
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+
+    // Combine: each token's rows in slot order, then shared experts (fixed order).
+    const size_t width = static_cast<size_t>(num_experts()) + shared_.size();
+    grow(ws.combine_rows, width * static_cast<size_t>(nt));
+    grow(ws.combine_weights, width * static_cast<size_t>(nt));
+    const auto slot_offsets = plan.slot_offsets();
+    const auto pos = plan.slot_position();
+    const auto weight = plan.slot_weight();
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+      float* y = out + t * d;
+      if (batch.is_padding(t)) {
+        kernels::zero_row(y, d);
+        continue;
+      }
+      const size_t base = width * static_cast<size_t>(omp_get_thread_num());
+      const float** rows = ws.combine_rows.data() + base;
+      float* w = ws.combine_weights.data() + base;
+      int64_t n = 0;
+      for (int32_t s = slot_offsets[static_cast<size_t>(t)]; s < slot_offsets[static_cast<size_t>(t) + 1]; ++s) {
+        const int32_t p = pos[static_cast<size_t>(s)];
+        if (p < 0) continue;  // dropped: contributes nothing
+        rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
+        w[n++] = weight[static_cast<size_t>(s)];
+      }
+      const int64_t r = padded ? ws.row_of_token[static_cast<size_t>(t)] : t;
+      for (size_t j = 0; j < shared_.size(); ++j) {
+        rows[n] = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + r) * d;
+        w[n++] = shared_[j].gate.empty()
+                     ? 1.0f
+                     : 1.0f / (1.0f + std::exp(-kernels::dot(hidden + t * d, shared_[j].gate.data(), d)));
+      }
+      kernels::weighted_sum_rows(rows, w, n, d, y);
+    }
+  }
+
+  /// FLOPs a forward with this plan executes: kept routed slots, shared experts on unpadded
+  /// tokens, the router's logits (needs flops_per_row() on the bank).
+  [[nodiscard]] double executed_flops(const RoutingPlan& plan) const {
+    int64_t routed = 0;
+    for (int64_t t = 0; t < plan.num_tokens(); ++t) routed += plan.slots_of(t) > 0;
+    double f = static_cast<double>(plan.num_kept()) * experts_.flops_per_row();
+    for (const SharedExpert& s : shared_) f += static_cast<double>(routed) * s.ffn.flops_per_row();
+    f += static_cast<double>(routed) * 2.0 * static_cast<double>(num_experts() * hidden_size());
+    return f;
+  }
+
+ private:
+  template <class V>
+  static void grow(V& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  }
+
+  R router_;
+  B experts_;
+  std::vector<SharedExpert> shared_;
+};
+
+}  // namespace moekit

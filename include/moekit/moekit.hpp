@@ -1,0 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0
+// Umbrella header: the whole public API of moekit.
+#pragma once
+
+#include "moekit/batch.hpp"
+#include "moekit/error.hpp"
+#include "moekit/expert.hpp"
+#include "moekit/experts/ffn.hpp"
+#include "moekit/layer.hpp"
+#include "moekit/router.hpp"
+#include "moekit/routers/topk.hpp"
+#include "moekit/routing_plan.hpp"
+#include "moekit/version.hpp"

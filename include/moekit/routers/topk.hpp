@@ -1,0 +1,321 @@
+// SPDX-License-Identifier: Apache-2.0
+// Token-choice top-k router with the Mixtral / Qwen-MoE / OLMoE / DeepSeek-V3 / Switch options.
+// Papers: Shazeer et al. arXiv 1701.06538 (top-k gating), Fedus et al. arXiv 2101.03961
+// (Switch, capacity), DeepSeek-V3 arXiv 2412.19437 (sigmoid, bias, group-limited routing).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "moekit/batch.hpp"
+#include "moekit/detail/threads.hpp"
+#include "moekit/error.hpp"
+#include "moekit/kernels/vector.hpp"
+#include "moekit/router.hpp"
+#include "moekit/routing_plan.hpp"
+
+namespace moekit {
+
+/// How router logits become scores.
+enum class ScoreFunc { softmax, sigmoid };
+
+/// Training-time router noise (ROUTING.md section 1); never on for inference.
+enum class TrainingNoise {
+  none,
+  jitter,      ///< Switch: router input x * U(1 - eps, 1 + eps)
+  noisy_topk,  ///< Shazeer: H = L + N(0, 1) * softplus(x W_noise^T); needs a noise weight
+};
+
+/// Parameters of the top-k router (ROUTING.md section 1). Defaults give plain softmax top-k
+/// without renormalisation, dropless.
+struct TopKOptions {
+  int64_t num_experts = 0;  ///< E
+  int64_t k = 0;            ///< experts per token
+  int64_t hidden = 0;       ///< d
+  ScoreFunc score_func = ScoreFunc::softmax;
+  /// Select on the logits, then softmax over the k chosen (Megatron's default, gpt-oss).
+  bool topk_then_softmax = false;
+  /// Renormalise the k chosen weights to sum to 1 (HF `norm_topk_prob`).
+  bool norm_topk_prob = false;
+  /// Multiplies the final weights (DeepSeek-V3 `routed_scaling_factor`).
+  float routed_scaling_factor = 1.0f;
+  /// Group-limited selection: E split into n_group equal groups, the topk_group best kept.
+  /// n_group <= 1 disables it.
+  int64_t n_group = 0;
+  int64_t topk_group = 0;
+  /// Capacity factor; 0 means dropless. C = max(min_capacity, ceil((T k / E) * factor)).
+  double capacity_factor = 0.0;
+  int64_t min_capacity = 0;
+  DropPolicy drop_policy = DropPolicy::score;
+  /// After dropping, rescale each token's surviving weights to sum to routed_scaling_factor.
+  bool renormalize_after_drop = false;
+  TrainingNoise noise = TrainingNoise::none;
+  float noise_eps = 1e-2f;   ///< jitter half-width
+  uint64_t noise_seed = 0;   ///< noise is a pure function of (seed, token, index)
+
+  [[nodiscard]] bool grouped() const noexcept { return n_group > 1; }
+
+  /// Throws moekit::error naming the first invalid parameter.
+  void validate() const {
+    MOEKIT_CHECK(num_experts >= 1, "topk router: num_experts (E) expected >= 1, got ", num_experts);
+    MOEKIT_CHECK(k >= 1 && k <= num_experts, "topk router: k expected in [1, E = ", num_experts,
+                 "], got ", k);
+    MOEKIT_CHECK(hidden >= 1, "topk router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0,
+                 "topk router: routed_scaling_factor expected finite and > 0, got ",
+                 routed_scaling_factor);
+    MOEKIT_CHECK(!topk_then_softmax || score_func == ScoreFunc::softmax,
+                 "topk router: topk_then_softmax expected with score_func softmax, got sigmoid");
+    if (grouped()) {
+      MOEKIT_CHECK(num_experts % n_group == 0, "topk router: num_experts (", num_experts,
+                   ") expected divisible by n_group, got n_group = ", n_group);
+      MOEKIT_CHECK(topk_group >= 1 && topk_group <= n_group, "topk router: topk_group expected in [1, n_group = ",
+                   n_group, "], got ", topk_group);
+      MOEKIT_CHECK(k <= topk_group * (num_experts / n_group), "topk router: k expected <= topk_group * E / n_group = ",
+                   topk_group * (num_experts / n_group), ", got ", k);
+    } else {
+      MOEKIT_CHECK(n_group >= 0, "topk router: n_group expected >= 0, got ", n_group);
+    }
+    MOEKIT_CHECK(std::isfinite(capacity_factor) && capacity_factor >= 0,
+                 "topk router: capacity_factor expected finite and >= 0 (0 = dropless), got ",
+                 capacity_factor);
+    MOEKIT_CHECK(min_capacity >= 0, "topk router: min_capacity expected >= 0, got ", min_capacity);
+    MOEKIT_CHECK(std::isfinite(noise_eps) && noise_eps >= 0 && noise_eps < 1,
+                 "topk router: noise_eps expected in [0, 1), got ", noise_eps);
+  }
+
+  /// Per-expert capacity for `routed_tokens` unpadded tokens, or -1 when dropless.
+  /// Evaluated in double in the order of ROUTING.md section 1.
+  [[nodiscard]] int64_t capacity(int64_t routed_tokens) const noexcept {
+    if (capacity_factor == 0.0) return -1;
+    const double c = std::ceil((static_cast<double>(routed_tokens * k) / static_cast<double>(num_experts)) *
+                               capacity_factor);
+    return std::max<int64_t>(min_capacity, static_cast<int64_t>(c));
+  }
+};
+
+namespace detail {
+/// splitmix64 finaliser: a counter-based hash for reproducible noise.
+inline uint64_t splitmix64(uint64_t x) noexcept {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+/// Uniform in [0, 1) from (seed, a, b).
+inline double uniform01(uint64_t seed, uint64_t a, uint64_t b) noexcept {
+  const uint64_t h = splitmix64(seed ^ splitmix64(a * 0x100000001B3ull ^ splitmix64(b)));
+  return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);
+}
+}  // namespace detail
+
+/// Token-choice top-k router: logits `L = X W^T` in fp32, scores, optional selection-only
+/// bias and group limiting, top-k (ties to the lower expert id), weights, capacity.
+class TopKRouter {
+ public:
+  /// `weight [E, d]` (HF `gate.weight`); `bias [E]` selection-only (HF
+  /// `e_score_correction_bias`), empty for none; `noise_weight [E, d]` for noisy top-k.
+  TopKRouter(TopKOptions options, std::vector<float> weight, std::vector<float> bias = {},
+             std::vector<float> noise_weight = {})
+      : opt_(options), weight_(std::move(weight)), bias_(std::move(bias)), noise_weight_(std::move(noise_weight)) {
+    opt_.validate();
+    const auto E = static_cast<size_t>(opt_.num_experts), d = static_cast<size_t>(opt_.hidden);
+    MOEKIT_CHECK(weight_.size() == E * d, "topk router: gate.weight expected [", E, ", ", d, "] = ",
+                 E * d, " values, got ", weight_.size());
+    MOEKIT_CHECK(bias_.empty() || bias_.size() == E, "topk router: e_score_correction_bias expected [",
+                 E, "], got ", bias_.size(), " values");
+    MOEKIT_CHECK(opt_.noise != TrainingNoise::noisy_topk || noise_weight_.size() == E * d,
+                 "topk router: noisy_topk needs a noise weight [", E, ", ", d, "], got ",
+                 noise_weight_.size(), " values");
+    for (size_t i = 0; i < weight_.size(); ++i)
+      MOEKIT_CHECK(std::isfinite(weight_[i]), "topk router: gate.weight[", i / d, ", ", i % d,
+                   "] expected finite, got ", weight_[i]);
+    for (size_t i = 0; i < bias_.size(); ++i)
+      MOEKIT_CHECK(std::isfinite(bias_[i]), "topk router: e_score_correction_bias[", i,
+                   "] expected finite, got ", bias_[i]);
+  }
+
+  [[nodiscard]] int64_t num_experts() const noexcept { return opt_.num_experts; }
+  [[nodiscard]] int64_t hidden_size() const noexcept { return opt_.hidden; }
+  [[nodiscard]] int64_t k() const noexcept { return opt_.k; }
+  [[nodiscard]] const TopKOptions& options() const noexcept { return opt_; }
+  [[nodiscard]] const std::vector<float>& weight() const noexcept { return weight_; }
+  [[nodiscard]] const std::vector<float>& bias() const noexcept { return bias_; }
+  /// Replaces the selection bias (e.g. after an aux-loss-free update step).
+  void set_bias(std::vector<float> bias) {
+    MOEKIT_CHECK(bias.empty() || static_cast<int64_t>(bias.size()) == opt_.num_experts,
+                 "topk router: bias expected [", opt_.num_experts, "], got ", bias.size(), " values");
+    bias_ = std::move(bias);
+  }
+  /// Changes the training-noise seed (e.g. per step).
+  void set_noise_seed(uint64_t seed) noexcept { opt_.noise_seed = seed; }
+
+  /// Router FLOPs per routed token (logit GEMM), for throughput accounting.
+  [[nodiscard]] double flops_per_token() const noexcept {
+    return 2.0 * static_cast<double>(opt_.num_experts) * static_cast<double>(opt_.hidden);
+  }
+
+  /// Routes `hidden [T, d]` into `plan` (finalised). Padded tokens get no slot. Throws
+  /// moekit::error if a logit is not finite. `scratch.logits` holds `[T, E]` logits after.
+  void route(const Batch& batch, const float* hidden, RoutingPlan& plan, RouterScratch& scratch,
+             int threads = 0) const {
+    batch.validate(opt_.hidden);
+    const int64_t T = batch.tokens, E = opt_.num_experts, d = opt_.hidden, k = opt_.k;
+    MOEKIT_CHECK(T == 0 || hidden != nullptr, "topk router: hidden states pointer is null for T = ", T);
+    const int nt = detail::resolve_threads(threads);
+    const int64_t G = opt_.grouped() ? opt_.n_group : 0;
+    const size_t per_thread = static_cast<size_t>(3 * E + G + d);
+    scratch.logits.resize(static_cast<size_t>(T * E));
+    if (scratch.buffer.size() < per_thread * static_cast<size_t>(nt)) scratch.buffer.resize(per_thread * static_cast<size_t>(nt));
+    if (scratch.index.size() < static_cast<size_t>((E + G) * nt)) scratch.index.resize(static_cast<size_t>((E + G) * nt));
+
+    plan.reset(T, E, [&](int64_t t) { return batch.is_padding(t) ? 0 : k; });
+
+    // 1. Logits, one token per iteration (fixed summation order: thread-count independent).
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+      float* L = scratch.logits.data() + t * E;
+      if (batch.is_padding(t)) {
+        std::fill(L, L + E, 0.0f);
+        continue;
+      }
+      const float* x = hidden + t * d;
+      if (opt_.noise == TrainingNoise::jitter) {
+        float* xj = scratch.buffer.data() + per_thread * static_cast<size_t>(omp_get_thread_num()) + 3 * E + G;
+        for (int64_t i = 0; i < d; ++i)
+          xj[i] = x[i] * static_cast<float>(1.0 - opt_.noise_eps +
+                                            2.0 * opt_.noise_eps * detail::uniform01(opt_.noise_seed, t, i));
+        x = xj;
+      }
+      kernels::matvec_rows(x, weight_.data(), E, d, L);
+      if (opt_.noise == TrainingNoise::noisy_topk) {
+        for (int64_t e = 0; e < E; ++e) {
+          const float z = kernels::dot(x, noise_weight_.data() + e * d, d);
+          const float sp = z > 20.0f ? z : std::log1p(std::exp(z));
+          // Box-Muller from two counter-based uniforms.
+          const double u1 = 1.0 - detail::uniform01(opt_.noise_seed, t, 2 * e);
+          const double u2 = detail::uniform01(opt_.noise_seed, t, 2 * e + 1);
+          const double n = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+          L[e] += static_cast<float>(n) * sp;
+        }
+      }
+    }
+    for (int64_t i = 0; i < T * E; ++i)
+      MOEKIT_CHECK(std::isfinite(scratch.logits[static_cast<size_t>(i)]), "topk router: logit of token ",
+                   i / E, ", expert ", i % E,
+                   " expected finite, got ", scratch.logits[static_cast<size_t>(i)],
+                   " (NaN or Inf in hidden_states or gate.weight)");
+
+    // 2. Scores, selection and weights per token.
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+      if (batch.is_padding(t)) continue;
+      const int tid = omp_get_thread_num();
+      float* buf = scratch.buffer.data() + per_thread * static_cast<size_t>(tid);
+      int32_t* idx = scratch.index.data() + static_cast<size_t>((E + G) * tid);
+      route_token(scratch.logits.data() + t * E, buf, idx, plan.token_experts(t).data(),
+                  plan.token_weights(t).data());
+    }
+
+    // 3. Capacity.
+    const int64_t C = opt_.capacity(batch.routed_tokens());
+    if (C >= 0)
+      plan.apply_capacity(C, opt_.drop_policy, opt_.renormalize_after_drop, opt_.routed_scaling_factor);
+    plan.finalize();
+  }
+
+  /// Routes one token's logits `L [E]`: writes k expert ids and weights in slot order.
+  /// `buf` holds 3E + n_group floats, `idx` E + n_group ints.
+  void route_token(const float* L, float* buf, int32_t* idx, int32_t* ids, float* w) const noexcept {
+    const int64_t E = opt_.num_experts, k = opt_.k;
+    float* score = buf;     // weight score
+    float* sel = buf + E;   // selection score
+    if (opt_.topk_then_softmax) {
+      for (int64_t e = 0; e < E; ++e) sel[e] = L[e] + (bias_.empty() ? 0.0f : bias_[static_cast<size_t>(e)]);
+    } else {
+      if (opt_.score_func == ScoreFunc::softmax) {
+        softmax(L, E, score);
+      } else {
+        for (int64_t e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + std::exp(-L[e]));
+      }
+      for (int64_t e = 0; e < E; ++e) sel[e] = score[e] + (bias_.empty() ? 0.0f : bias_[static_cast<size_t>(e)]);
+    }
+    if (opt_.grouped()) mask_groups(sel, buf + 3 * E, idx + E);
+    for (int64_t e = 0; e < E; ++e) idx[e] = static_cast<int32_t>(e);
+    std::partial_sort(idx, idx + k, idx + E, [sel](int32_t a, int32_t b) {
+      return sel[a] > sel[b] || (sel[a] == sel[b] && a < b);
+    });
+    for (int64_t j = 0; j < k; ++j) ids[j] = idx[j];
+    if (opt_.topk_then_softmax) {
+      float* picked = buf + 2 * E;
+      for (int64_t j = 0; j < k; ++j) picked[j] = L[idx[j]];
+      softmax(picked, k, w);
+    } else {
+      for (int64_t j = 0; j < k; ++j) w[j] = score[idx[j]];
+      if (opt_.norm_topk_prob) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < k; ++j) sum += w[j];
+        const float inv = sum + 1e-20f;
+        for (int64_t j = 0; j < k; ++j) w[j] /= inv;
+      }
+    }
+    if (opt_.routed_scaling_factor != 1.0f)
+      for (int64_t j = 0; j < k; ++j) w[j] *= opt_.routed_scaling_factor;
+  }
+
+  /// Numerically stable softmax of `x [n]` into `y [n]` (max subtracted, fixed order).
+  static void softmax(const float* x, int64_t n, float* y) noexcept {
+    float m = x[0];
+    for (int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] = std::exp(x[i] - m);
+      sum += y[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; ++i) y[i] *= inv;
+  }
+
+ private:
+  // Keeps the topk_group best groups (group score: sum of the top-2 selection scores, a
+  // one-expert group scores that expert; ties to the lower group) and sets the others to -inf.
+  void mask_groups(float* sel, float* gscore, int32_t* gidx) const noexcept {
+    const int64_t G = opt_.n_group, g = opt_.num_experts / G;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* s = sel + gi * g;
+      if (g == 1) {
+        gscore[gi] = s[0];
+        continue;
+      }
+      float a = -std::numeric_limits<float>::infinity(), b = a;  // a >= b: top-2
+      for (int64_t i = 0; i < g; ++i) {
+        if (s[i] > a) {
+          b = a;
+          a = s[i];
+        } else if (s[i] > b) {
+          b = s[i];
+        }
+      }
+      gscore[gi] = a + b;
+      gidx[gi] = static_cast<int32_t>(gi);
+    }
+    for (int64_t gi = 0; gi < G; ++gi) gidx[gi] = static_cast<int32_t>(gi);
+    std::partial_sort(gidx, gidx + opt_.topk_group, gidx + G, [gscore](int32_t a, int32_t b) {
+      return gscore[a] > gscore[b] || (gscore[a] == gscore[b] && a < b);
+    });
+    for (int64_t j = opt_.topk_group; j < G; ++j)
+      std::fill(sel + gidx[j] * g, sel + (gidx[j] + 1) * g, -std::numeric_limits<float>::infinity());
+  }
+
+  TopKOptions opt_;
+  std::vector<float> weight_;
+  std::vector<float> bias_;
+  std::vector<float> noise_weight_;
+};
+
+static_assert(Router<TopKRouter>);
+
+}  // namespace moekit

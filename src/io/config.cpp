@@ -1,0 +1,287 @@
+// SPDX-License-Identifier: Apache-2.0
+// Parses HF config.json files and moekit's own layer config into a LayerConfig.
+#include "moekit/io/config.hpp"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "moekit/error.hpp"
+
+namespace moekit {
+namespace {
+
+using json = nlohmann::json;
+
+// Typed reads of one JSON object that remember which keys were used, so moekit's own
+// format can reject unknown keys. `where` names the object in error messages.
+class Reader {
+ public:
+  Reader(const json& j, std::string where) : j_(j), where_(std::move(where)) {
+    MOEKIT_CHECK(j_.is_object(), where_, ": expected a JSON object, got ", j_.type_name());
+  }
+  bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+  const json& raw(const std::string& key) {
+    used_.insert(key);
+    return j_.at(key);
+  }
+  int64_t integer(const std::string& key, int64_t def) {
+    used_.insert(key);
+    if (!has(key)) return def;
+    const json& v = j_.at(key);
+    MOEKIT_CHECK(v.is_number_integer() || (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))),
+                 where_, ".", key, ": expected an integer, got ", v.dump());
+    return v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
+  }
+  int64_t required_integer(const std::string& key) {
+    MOEKIT_CHECK(has(key), where_, ".", key, ": expected an integer, got nothing (the key is required)");
+    return integer(key, 0);
+  }
+  double number(const std::string& key, double def) {
+    used_.insert(key);
+    if (!has(key)) return def;
+    const json& v = j_.at(key);
+    MOEKIT_CHECK(v.is_number(), where_, ".", key, ": expected a number, got ", v.dump());
+    return v.get<double>();
+  }
+  bool boolean(const std::string& key, bool def) {
+    used_.insert(key);
+    if (!has(key)) return def;
+    const json& v = j_.at(key);
+    MOEKIT_CHECK(v.is_boolean(), where_, ".", key, ": expected true or false, got ", v.dump());
+    return v.get<bool>();
+  }
+  std::string string(const std::string& key, const std::string& def) {
+    used_.insert(key);
+    if (!has(key)) return def;
+    const json& v = j_.at(key);
+    MOEKIT_CHECK(v.is_string(), where_, ".", key, ": expected a string, got ", v.dump());
+    return v.get<std::string>();
+  }
+  void mark(const std::string& key) { used_.insert(key); }
+  // moekit's own format: every key must have been read.
+  void reject_unknown() const {
+    for (auto it = j_.begin(); it != j_.end(); ++it)
+      MOEKIT_CHECK(used_.count(it.key()) != 0, where_, ": unknown key \"", it.key(), "\"");
+  }
+  const std::string& where() const { return where_; }
+
+ private:
+  const json& j_;
+  std::string where_;
+  std::set<std::string> used_;
+};
+
+const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch";
+
+// The HF config-class defaults of each model type (transformers' configuration_*.py).
+LayerConfig defaults_for(const std::string& preset, const std::string& where) {
+  LayerConfig c;
+  c.preset = preset;
+  TopKOptions& r = c.router;
+  c.experts.gated = true;
+  c.experts.act = Activation::silu;
+  if (preset == "mixtral") {  // MixtralConfig
+    r.hidden = 4096; c.experts.intermediate = 14336; r.num_experts = 8; r.k = 2;
+    r.norm_topk_prob = true;
+    c.expert_names = ExpertNames::mixtral;
+  } else if (preset == "qwen2_moe") {  // Qwen2MoeConfig
+    r.hidden = 2048; c.experts.intermediate = 1408; r.num_experts = 60; r.k = 4;
+    c.shared = SharedExpertConfig{5632, true, "shared_expert."};
+  } else if (preset == "qwen3_moe") {  // Qwen3MoeConfig
+    r.hidden = 2048; c.experts.intermediate = 768; r.num_experts = 128; r.k = 8;
+  } else if (preset == "olmoe") {  // OlmoeConfig
+    r.hidden = 2048; c.experts.intermediate = 1024; r.num_experts = 64; r.k = 8;
+  } else if (preset == "deepseek_v3") {  // DeepseekV3Config
+    r.hidden = 7168; c.experts.intermediate = 2048; r.num_experts = 256; r.k = 8;
+    r.score_func = ScoreFunc::sigmoid; r.norm_topk_prob = true; r.routed_scaling_factor = 2.5f;
+    r.n_group = 8; r.topk_group = 4;
+    c.router_bias = true;
+    c.shared = SharedExpertConfig{2048, false, "shared_experts."};
+  } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
+    r.hidden = 768; c.experts.intermediate = 2048; r.num_experts = 8; r.k = 1;
+    r.capacity_factor = 1.0; r.drop_policy = DropPolicy::position;
+    c.experts.gated = false; c.experts.act = Activation::relu;
+  } else {
+    detail::fail(where, ": expected one of ", kPresets, ", got \"", preset, "\"");
+  }
+  return c;
+}
+
+void finish(LayerConfig& c, const std::string& where) {
+  c.experts.hidden = c.router.hidden;
+  try {
+    c.router.validate();
+    c.experts.validate("experts");
+    if (c.shared) MOEKIT_CHECK(c.shared->intermediate >= 1, "shared expert intermediate size expected >= 1, got ", c.shared->intermediate);
+  } catch (const error& e) {
+    detail::fail(where, ": ", e.what());
+  }
+}
+
+LayerConfig parse_hf(const json& j, const std::string& origin) {
+  Reader rd(j, origin);
+  const std::string mt = rd.string("model_type", "");
+  static const std::set<std::string> hf_types = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"};
+  MOEKIT_CHECK(hf_types.count(mt) != 0, origin, ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, got \"", mt, "\"");
+  LayerConfig c = defaults_for(mt, origin + ".model_type");
+  c.origin = "hf";
+  TopKOptions& r = c.router;
+  r.hidden = rd.integer("hidden_size", r.hidden);
+  c.experts.act = parse_activation(rd.string("hidden_act", "silu"));
+  if (mt == "mixtral") {
+    c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
+    r.num_experts = rd.integer("num_local_experts", r.num_experts);
+  } else if (mt == "olmoe") {
+    c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
+    r.num_experts = rd.integer("num_experts", r.num_experts);
+  } else if (mt == "qwen2_moe" || mt == "qwen3_moe") {
+    c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
+    r.num_experts = rd.integer("num_experts", r.num_experts);
+  } else {  // deepseek_v3
+    c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
+    r.num_experts = rd.integer("n_routed_experts", r.num_experts);
+  }
+  r.k = rd.integer("num_experts_per_tok", r.k);
+  if (mt != "mixtral") r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
+  if (mt == "qwen2_moe") {
+    c.shared->intermediate = rd.integer("shared_expert_intermediate_size", c.shared->intermediate);
+    if (c.shared->intermediate == 0) c.shared.reset();
+  }
+  if (mt == "deepseek_v3") {
+    r.n_group = rd.integer("n_group", r.n_group);
+    r.topk_group = rd.integer("topk_group", r.topk_group);
+    r.routed_scaling_factor = static_cast<float>(rd.number("routed_scaling_factor", r.routed_scaling_factor));
+    const std::string sf = rd.string("scoring_func", "sigmoid");
+    MOEKIT_CHECK(sf == "sigmoid" || sf == "softmax", origin, ".scoring_func: expected \"sigmoid\" or \"softmax\", got \"", sf, "\"");
+    r.score_func = sf == "sigmoid" ? ScoreFunc::sigmoid : ScoreFunc::softmax;
+    const std::string tm = rd.string("topk_method", "noaux_tc");
+    MOEKIT_CHECK(tm == "noaux_tc" || tm == "greedy" || tm == "group_limited_greedy", origin,
+                 ".topk_method: expected noaux_tc, greedy or group_limited_greedy, got \"", tm, "\"");
+    c.router_bias = tm == "noaux_tc";
+    if (tm == "greedy") r.n_group = 0;
+    const int64_t ns = rd.integer("n_shared_experts", 1);
+    MOEKIT_CHECK(ns >= 0, origin, ".n_shared_experts: expected >= 0, got ", ns);
+    if (ns == 0) c.shared.reset();
+    else c.shared->intermediate = ns * c.experts.intermediate;
+  }
+  finish(c, origin);
+  return c;
+}
+
+DropPolicy parse_drop_policy(const std::string& s, const std::string& where) {
+  if (s == "score") return DropPolicy::score;
+  if (s == "position") return DropPolicy::position;
+  if (s == "position_slot_major") return DropPolicy::position_slot_major;
+  detail::fail(where, ": expected \"score\", \"position\" or \"position_slot_major\", got \"", s, "\"");
+}
+
+LayerConfig parse_moekit(const json& j, const std::string& origin) {
+  Reader rd(j, origin);
+  const int64_t version = rd.integer("moekit_config_version", -1);
+  MOEKIT_CHECK(version == kConfigVersion, origin, ".moekit_config_version: expected ", kConfigVersion, ", got ", version);
+  const std::string preset = rd.string("preset", "");
+  LayerConfig c;
+  if (!preset.empty()) {
+    c = defaults_for(preset, origin + ".preset");
+  } else {
+    MOEKIT_CHECK(rd.has("router") && rd.has("experts") && rd.has("hidden_size"), origin,
+                 ": expected \"preset\", or all of \"hidden_size\", \"router\" and \"experts\"");
+    c.router.hidden = 0;
+  }
+  c.origin = "moekit";
+  TopKOptions& r = c.router;
+  r.hidden = rd.integer("hidden_size", r.hidden);
+
+  if (rd.has("router")) {
+    Reader rr(rd.raw("router"), origin + ".router");
+    const std::string type = rr.string("type", "topk");
+    MOEKIT_CHECK(type == "topk", rr.where(), ".type: expected \"topk\" (other router families arrive later), got \"", type, "\"");
+    r.num_experts = rr.integer("num_experts", r.num_experts);
+    r.k = rr.integer("k", r.k);
+    const std::string sf = rr.string("score_func", r.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid");
+    MOEKIT_CHECK(sf == "softmax" || sf == "sigmoid", rr.where(), ".score_func: expected \"softmax\" or \"sigmoid\", got \"", sf, "\"");
+    r.score_func = sf == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
+    r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
+    r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
+    r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
+    c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
+    r.n_group = rr.integer("n_group", r.n_group);
+    r.topk_group = rr.integer("topk_group", r.topk_group);
+    r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
+    r.min_capacity = rr.integer("min_capacity", r.min_capacity);
+    if (rr.has("drop_policy")) r.drop_policy = parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
+    r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
+    const std::string noise = rr.string("noise", "none");
+    if (noise == "none") r.noise = TrainingNoise::none;
+    else if (noise == "jitter") r.noise = TrainingNoise::jitter;
+    else detail::fail(rr.where(), ".noise: expected \"none\" or \"jitter\" (noisy_topk needs a noise weight: C++ API only), got \"", noise, "\"");
+    r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
+    r.noise_seed = static_cast<uint64_t>(rr.integer("noise_seed", 0));
+    rr.reject_unknown();
+  }
+  if (rd.has("experts")) {
+    Reader re(rd.raw("experts"), origin + ".experts");
+    std::string type = re.string("type", c.experts.gated ? (c.experts.act == Activation::silu ? "swiglu" : "geglu") : activation_name(c.experts.act));
+    if (type == "swiglu") { c.experts.gated = true; c.experts.act = Activation::silu; }
+    else if (type == "geglu") { c.experts.gated = true; c.experts.act = Activation::gelu; }
+    else if (type == "gelu") { c.experts.gated = false; c.experts.act = Activation::gelu; }
+    else if (type == "gelu_tanh") { c.experts.gated = false; c.experts.act = Activation::gelu_tanh; }
+    else if (type == "relu") { c.experts.gated = false; c.experts.act = Activation::relu; }
+    else detail::fail(re.where(), ".type: expected swiglu, geglu, gelu, gelu_tanh or relu, got \"", type, "\"");
+    c.experts.intermediate = re.integer("intermediate_size", c.experts.intermediate);
+    const std::string names = re.string("names", c.expert_names == ExpertNames::mixtral ? "mixtral" : "hf");
+    MOEKIT_CHECK(names == "hf" || names == "mixtral", re.where(), ".names: expected \"hf\" or \"mixtral\", got \"", names, "\"");
+    c.expert_names = names == "hf" ? ExpertNames::hf : ExpertNames::mixtral;
+    re.reject_unknown();
+  }
+  if (rd.has("shared_expert")) {
+    Reader rs(rd.raw("shared_expert"), origin + ".shared_expert");
+    SharedExpertConfig s = c.shared.value_or(SharedExpertConfig{0, false, ""});
+    s.intermediate = rs.integer("intermediate_size", s.intermediate);
+    s.gated = rs.boolean("gated", s.gated);
+    s.names = rs.string("names", s.names.empty() ? (s.gated ? "shared_expert." : "shared_experts.") : s.names);
+    MOEKIT_CHECK(!s.names.empty() && s.names.back() == '.', rs.where(), ".names: expected a tensor prefix ending in '.', got \"", s.names, "\"");
+    rs.reject_unknown();
+    c.shared = s;
+  } else {
+    rd.mark("shared_expert");
+  }
+  rd.reject_unknown();
+  finish(c, origin);
+  return c;
+}
+
+}  // namespace
+
+LayerConfig parse_layer_config(const std::string& json_text, const std::string& origin) {
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    detail::fail(origin, ": not valid JSON (", e.what(), ")");
+  }
+  MOEKIT_CHECK(j.is_object(), origin, ": expected a JSON object, got ", j.type_name());
+  if (j.contains("moekit_config_version")) return parse_moekit(j, origin);
+  if (j.contains("model_type")) return parse_hf(j, origin);
+  detail::fail(origin, ": expected an HF config (with \"model_type\") or a moekit config (with \"moekit_config_version\"), got neither key");
+}
+
+LayerConfig load_layer_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  MOEKIT_CHECK(in.good(), path, ": cannot open the config file");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return parse_layer_config(ss.str(), path);
+}
+
+LayerConfig preset_defaults(const std::string& preset) {
+  LayerConfig c = defaults_for(preset, "preset");
+  c.origin = "moekit";
+  finish(c, "preset " + preset);
+  return c;
+}
+
+}  // namespace moekit
