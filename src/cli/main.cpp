@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0
+// The `moekit` command line: run a layer from a config and safetensors files, benchmark a
+// layer, report the CPU and kernels. Its flags, files and exit codes are a contract
+// (docs/cli.md): 0 success, 2 bad input or usage (one line on stderr, no output file),
+// 1 an unexpected internal failure.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <omp.h>
+#include <xsimd/xsimd.hpp>
+
+#include "moekit/io/config.hpp"
+#include "moekit/io/model.hpp"
+#include "moekit/io/safetensors.hpp"
+#include "moekit/kernels/gemm.hpp"
+#include "moekit/moekit.hpp"
+
+namespace {
+
+using json = nlohmann::json;
+using moekit::detail::fail;
+
+constexpr const char* kUsage =
+    "usage:\n"
+    "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
+    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32]\n"
+    "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32] [--repeat R]\n"
+    "               [--layers L] [--seed S]\n"
+    "  moekit info\n"
+    "  moekit --version\n";
+
+// Flags of one sub-command: "--name value" pairs, each allowed name at most once.
+std::map<std::string, std::string> parse_flags(int argc, char** argv, int first,
+                                               const std::set<std::string>& allowed) {
+  std::map<std::string, std::string> out;
+  for (int i = first; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--", 0) != 0 || allowed.count(a.substr(2)) == 0) fail("unknown argument \"", a, "\"");
+    if (i + 1 >= argc) fail("flag ", a, " expects a value");
+    if (out.count(a.substr(2)) != 0) fail("flag ", a, " given twice");
+    out[a.substr(2)] = argv[++i];
+  }
+  return out;
+}
+
+int64_t int_flag(const std::map<std::string, std::string>& f, const std::string& name, int64_t def,
+                 int64_t lo, int64_t hi) {
+  auto it = f.find(name);
+  if (it == f.end()) return def;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(it->second.c_str(), &end, 10);
+  if (errno != 0 || end == it->second.c_str() || *end != '\0' || v < lo || v > hi)
+    fail("--", name, ": expected an integer in [", lo, ", ", hi, "], got \"", it->second, "\"");
+  return v;
+}
+
+const std::string& required(const std::map<std::string, std::string>& f, const std::string& name) {
+  auto it = f.find(name);
+  if (it == f.end()) fail("missing required flag --", name);
+  return it->second;
+}
+
+void check_dtype(const std::map<std::string, std::string>& f) {
+  auto it = f.find("dtype");
+  if (it != f.end() && it->second != "f32")
+    fail("--dtype: expected f32 (bf16 and int8 experts arrive with the performance work), got \"",
+         it->second, "\"");
+}
+
+// ---------------------------------------------------------------------------- run
+int cmd_run(const std::map<std::string, std::string>& f) {
+  check_dtype(f);
+  const std::string prefix = f.count("prefix") ? f.at("prefix") : "";
+  const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
+  const std::string out_path = required(f, "output");
+  const moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  std::optional<moekit::TopKLayer> layer;
+  {
+    // The weights' mapping is released once the layer holds its own copy.
+    const auto weights = moekit::io::TensorSource::open(required(f, "weights"));
+    layer.emplace(moekit::load_layer(cfg, weights, prefix));
+  }
+  const int64_t d = cfg.hidden(), k = cfg.router.k;
+  const auto input = moekit::io::TensorSource::open(required(f, "input"));
+  if (!input.contains("hidden_states")) fail(required(f, "input"), ": tensor \"hidden_states\" [T, ", d, "] is missing");
+  const auto& hv = input.tensor("hidden_states");
+  if (hv.shape.size() != 2) fail(required(f, "input"), ": tensor \"hidden_states\" expected shape [T, ", d, "], got rank ", hv.shape.size());
+  const int64_t T = hv.shape[0];
+  const std::vector<float> x = input.read_f32("hidden_states", {T, d});
+  moekit::Batch batch = moekit::Batch::single(T, d);
+  std::vector<int32_t> offsets, positions;
+  std::vector<uint8_t> padding;
+  if (input.contains("sequence_offsets")) {
+    offsets = input.read_i32("sequence_offsets", {-1});
+    batch.sequence_offsets = offsets;
+  }
+  if (input.contains("positions")) {
+    positions = input.read_i32("positions", {T});
+    batch.positions = positions;
+  }
+  if (input.contains("padding_mask")) {
+    padding = input.read_u8("padding_mask", {T});
+    batch.padding = padding;
+  }
+  for (size_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x[i])) fail(required(f, "input"), ": hidden_states[", i / static_cast<size_t>(d), ", ", i % static_cast<size_t>(d), "] is not finite (", x[i], ")");
+
+  std::vector<float> y(static_cast<size_t>(T * d));
+  moekit::Workspace ws;
+  layer->forward(batch, x.data(), y.data(), ws, threads);
+  std::vector<int32_t> ids(static_cast<size_t>(T * k));
+  std::vector<float> w(static_cast<size_t>(T * k));
+  ws.plan.to_topk(k, ids.data(), w.data());
+  using moekit::io::DType;
+  moekit::io::write_safetensors(out_path, {{"hidden_states", DType::F32, {T, d}, y.data()},
+                                           {"topk_ids", DType::I32, {T, k}, ids.data()},
+                                           {"topk_weights", DType::F32, {T, k}, w.data()}},
+                                {{"producer", std::string("moekit ") + moekit::version()}});
+  return 0;
+}
+
+// ---------------------------------------------------------------------------- bench
+size_t l3_bytes() {
+  const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return v > 0 ? static_cast<size_t>(v) : size_t{512} << 20;
+}
+
+double physical_bytes() {
+  return static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+}
+
+int cmd_bench(const std::map<std::string, std::string>& f) {
+  check_dtype(f);
+  const moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  const int64_t T = int_flag(f, "tokens", 512, 0, int64_t{1} << 24);
+  const int threads = moekit::detail::resolve_threads(static_cast<int>(int_flag(f, "threads", 0, 0, 4096)));
+  const int64_t repeat = int_flag(f, "repeat", 10, 1, 1000000);
+  const uint64_t seed = static_cast<uint64_t>(int_flag(f, "seed", 1, 0, INT64_MAX));
+  const double layer_bytes = moekit::layer_weight_bytes(cfg);
+  const double budget = 0.5 * physical_bytes();
+  if (layer_bytes > budget)
+    fail("--config: the layer needs ", layer_bytes / 1e9, " GB of f32 weights, more than half of this machine's ",
+         physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");
+  // Enough instances that the weights rotated over exceed twice the L3 (not cache-resident).
+  int64_t layers = static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(l3_bytes()) / std::max(layer_bytes, 1.0)));
+  layers = std::clamp<int64_t>(layers, 1, std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(layer_bytes, 1.0))));
+  layers = std::min<int64_t>(layers, 64);
+  layers = int_flag(f, "layers", layers, 1, 4096);
+
+  std::vector<moekit::TopKLayer> inst;
+  inst.reserve(static_cast<size_t>(layers));
+  for (int64_t i = 0; i < layers; ++i) inst.push_back(moekit::random_layer(cfg, seed + static_cast<uint64_t>(i)));
+  const int64_t d = cfg.hidden();
+  std::vector<float> x(static_cast<size_t>(T * d)), y(static_cast<size_t>(T * d));
+  moekit::Workspace ws;
+  uint64_t state = seed * 0x9E3779B97F4A7C15ull + 7;
+  auto fresh_input = [&] {
+    for (float& v : x) {
+      state += 0x9E3779B97F4A7C15ull;
+      v = static_cast<float>(static_cast<double>(moekit::detail::splitmix64(state) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+    }
+  };
+  const moekit::Batch batch = moekit::Batch::single(T, d);
+  for (auto& l : inst) {  // warm-up: touches every instance's pages once
+    fresh_input();
+    l.forward(batch, x.data(), y.data(), ws, threads);
+  }
+  const double expert_bytes = 4.0 * static_cast<double>(cfg.experts.weights_per_expert());
+  const double shared_bytes = cfg.shared ? 4.0 * 3.0 * static_cast<double>(d * cfg.shared->intermediate) : 0.0;
+  const double router_bytes = 4.0 * static_cast<double>(cfg.router.num_experts * d);
+  std::vector<double> ms, gf, gbps, touched;
+  for (int64_t r = 0; r < repeat; ++r) {
+    fresh_input();
+    const auto& l = inst[static_cast<size_t>(r % layers)];
+    const auto t0 = std::chrono::steady_clock::now();
+    l.forward(batch, x.data(), y.data(), ws, threads);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    int64_t active = 0;
+    for (int64_t e = 0; e < cfg.router.num_experts; ++e) active += ws.plan.kept_of(e) > 0;
+    const double bytes = static_cast<double>(active) * expert_bytes + (T > 0 ? shared_bytes + router_bytes : 0.0);
+    ms.push_back(s * 1e3);
+    gf.push_back(l.executed_flops(ws.plan) / s / 1e9);
+    gbps.push_back(bytes / s / 1e9);
+    touched.push_back(bytes);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  const double med_ms = median(ms);
+  json out = {
+      {"preset", cfg.preset},
+      {"shape", {{"num_experts", cfg.router.num_experts}, {"k", cfg.router.k}, {"hidden_size", d},
+                 {"intermediate_size", cfg.experts.intermediate}, {"gated", cfg.experts.gated},
+                 {"activation", moekit::activation_name(cfg.experts.act)},
+                 {"shared_intermediate_size", cfg.shared ? cfg.shared->intermediate : 0}}},
+      {"tokens", T},
+      {"threads", threads},
+      {"dtype", "f32"},
+      {"repeat", repeat},
+      {"layers", layers},
+      {"median_ms", med_ms},
+      {"min_ms", *std::min_element(ms.begin(), ms.end())},
+      {"tokens_per_s", med_ms > 0 ? static_cast<double>(T) / (med_ms / 1e3) : 0.0},
+      {"gflops", median(gf)},
+      {"weight_gbps", median(gbps)},
+      {"expert_weight_bytes", median(touched)},
+      {"resident_weight_bytes_per_layer", layer_bytes},
+      {"kernel", moekit::kernels::gemm_backend()},
+  };
+  std::printf("%s\n", out.dump().c_str());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------- info
+int cmd_info() {
+  __builtin_cpu_init();
+  json features = json::object();
+#define MOEKIT_FEATURE(name) features[name] = static_cast<bool>(__builtin_cpu_supports(name))
+  MOEKIT_FEATURE("sse4.2");
+  MOEKIT_FEATURE("avx");
+  MOEKIT_FEATURE("avx2");
+  MOEKIT_FEATURE("fma");
+  MOEKIT_FEATURE("avx512f");
+  MOEKIT_FEATURE("avx512bw");
+  MOEKIT_FEATURE("avx512vnni");
+#undef MOEKIT_FEATURE
+  json out = {{"version", moekit::version()},
+              {"cpu_features", features},
+              {"simd_arch", xsimd::default_arch::name()},
+              {"gemm_kernel", moekit::kernels::gemm_backend()},
+              {"dispatch", "compile-time (MOEKIT_NATIVE); run-time dispatch arrives with the performance work"},
+              {"omp_max_threads", omp_get_max_threads()},
+              {"l3_bytes", l3_bytes()}};
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "run")
+      return cmd_run(parse_flags(argc, argv, 2, {"config", "weights", "input", "output", "prefix", "threads", "dtype"}));
+    if (cmd == "bench")
+      return cmd_bench(parse_flags(argc, argv, 2, {"config", "tokens", "threads", "dtype", "repeat", "layers", "seed"}));
+    if (cmd == "info") {
+      if (argc != 2) fail("info takes no arguments");
+      return cmd_info();
+    }
+    if (cmd == "--version" || cmd == "version") {
+      std::printf("moekit %s\n", moekit::version());
+      return 0;
+    }
+    if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    fail("unknown command \"", cmd, "\" (expected run, bench or info)");
+  } catch (const moekit::error& e) {
+    std::fprintf(stderr, "moekit %s: error: %s\n", cmd.c_str(), e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moekit %s: internal error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  }
+}

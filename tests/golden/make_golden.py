@@ -1,0 +1,602 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Writes moekit's golden MoE-block test vectors (PyTorch transcriptions of the HF forward passes).
+
+Hand-run, not part of the build. Needs Debian's PyTorch and NumPy
+(apt-get install python3-torch python3-numpy) and Debian's interpreter:
+
+    /usr/bin/python3 tests/golden/make_golden.py            # (re)write every case
+    /usr/bin/python3 tests/golden/make_golden.py --check    # re-read the files, recompute in float64 NumPy
+
+Generation transcribes the HF modules in torch, float32 everywhere, with the
+deviations fixed by /work/shared/ROUTING.md (sections 0, 1 and 8); see README.md.
+The check mode is a second, independent implementation (plain per-token loops in
+float64 NumPy, its own safetensors reader) driven only by the files on disk.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import zlib
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Tolerances written to cases.json for the C++ comparison |got - want| <= abs + rel * |want|.
+# F32 cases: float32 kernels with another summation order stay within a few 1e-7.
+# BF16/F16 cases: loose enough for kernels that round activations to the weight dtype
+# before a BF16/FP16 dot product (the generator prints the deviation that causes).
+TOL = {"F32": (1e-4, 1e-5), "F16": (2e-3, 2e-3), "BF16": (2e-2, 1e-2)}
+
+# Every case: preset, sizes, weight dtype, tensor prefix. Sizes: T tokens, d hidden,
+# f expert width, E experts, k slots per token.
+CASES = [
+    dict(name="mixtral_basic", preset="mixtral", T=17, d=32, f=48, E=8, k=2,
+         dtype="F32", prefix="model.layers.0.block_sparse_moe."),
+    dict(name="mixtral_t1", preset="mixtral", T=1, d=16, f=16, E=4, k=2,
+         dtype="F32", prefix="model.layers.0.block_sparse_moe."),
+    dict(name="qwen2_moe_shared", preset="qwen2_moe", T=13, d=32, f=24, E=8, k=4,
+         shared_f=40, norm_topk_prob=False, dtype="BF16", prefix="model.layers.0.mlp."),
+    dict(name="qwen3_moe_norm", preset="qwen3_moe", T=21, d=48, f=32, E=16, k=4,
+         norm_topk_prob=True, dtype="F16", prefix="model.layers.1.mlp."),
+    dict(name="olmoe_basic", preset="olmoe", T=11, d=24, f=40, E=8, k=2,
+         norm_topk_prob=False, dtype="F32", prefix=""),
+    # norm_topk_prob left out of config.json: the HF OlmoeConfig default (False) applies.
+    dict(name="olmoe_default_norm", preset="olmoe", T=6, d=16, f=24, E=4, k=3,
+         norm_topk_prob=None, dtype="F32", prefix="model.layers.2.mlp."),
+    dict(name="deepseek_v3_grouped", preset="deepseek_v3", T=19, d=32, f=16, E=16, k=4,
+         n_group=4, topk_group=2, n_shared=2, scaling=2.5, norm_topk_prob=True,
+         bias="random", dtype="BF16", prefix="model.layers.3.mlp."),
+    # Every odd expert carries a bias near -1.5, so its selection score is negative: the
+    # third slot must come from a kept group (-inf masking); HF's 0.0 fill would pick a
+    # masked expert instead.
+    dict(name="deepseek_v3_negbias", preset="deepseek_v3", T=8, d=16, f=16, E=8, k=3,
+         n_group=4, topk_group=2, n_shared=1, scaling=1.5, norm_topk_prob=False,
+         bias="negative_odd", dtype="F32", prefix="model.layers.3.mlp."),
+    # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
+    dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
+         capacity_factor=1.12, dtype="F32", prefix=""),
+]
+
+GATE_SCALE = 0.3     # router weights: logits of O(1), clear top-k margins
+WEIGHT_SCALE = 0.8   # expert weights: normal * WEIGHT_SCALE / sqrt(fan_in), outputs of O(0.1..1)
+MIN_MARGIN = 1e-4    # relative gap required between the last chosen and first unchosen score
+
+
+# --------------------------------------------------------------------------------------
+# safetensors (write side of generation; the check mode has its own reader)
+# --------------------------------------------------------------------------------------
+def bf16_bits(a):
+    """float32 array -> uint16 upper halves, rounded to nearest, ties to even (no NaNs here)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def encode(a, dtype):
+    """Raw little-endian bytes of a float32/int32 array stored as dtype."""
+    a = np.asarray(a)
+    if dtype == "F32":
+        return np.ascontiguousarray(a, dtype="<f4").tobytes()
+    if dtype == "F16":
+        return np.ascontiguousarray(a.astype(np.float32).astype("<f2")).tobytes()
+    if dtype == "BF16":
+        return bf16_bits(a).astype("<u2").tobytes()
+    if dtype == "I32":
+        return np.ascontiguousarray(a, dtype="<i4").tobytes()
+    raise ValueError(dtype)
+
+
+def write_safetensors(path, tensors):
+    """tensors: list of (name, array, dtype). Header padded with spaces to a multiple of 8."""
+    header, chunks, pos = {}, [], 0
+    for name, a, dtype in tensors:
+        raw = encode(a, dtype)
+        header[name] = {"dtype": dtype, "shape": [int(s) for s in np.shape(a)],
+                        "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)))
+        fh.write(text)
+        for raw in chunks:
+            fh.write(raw)
+
+
+# --------------------------------------------------------------------------------------
+# Generation: torch transcriptions, float32
+# --------------------------------------------------------------------------------------
+def generate(out_dir):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(2)
+
+    # Follows MixtralBlockSparseTop2MLP.forward (modeling_mixtral.py, w1/w3/w2), Qwen2MoeMLP.forward
+    # (modeling_qwen2_moe.py), Qwen3MoeMLP.forward (modeling_qwen3_moe.py), OlmoeMLP.forward
+    # (modeling_olmoe.py) and DeepseekV3MLP.forward (modeling_deepseek_v3.py): down(silu(gate x) * up x).
+    def swiglu(x, w_gate, w_up, w_down):
+        gated = F.silu(F.linear(x, w_gate))
+        return F.linear(gated * F.linear(x, w_up), w_down)
+
+    # moekit's switch expert (ROUTING.md section 1, "ReLU FFN"): down(relu(up x)).
+    def relu_ffn(x, w_up, w_down):
+        return F.linear(torch.relu(F.linear(x, w_up)), w_down)
+
+    # Follows the routing half of MixtralSparseMoeBlock.forward (modeling_mixtral.py),
+    # Qwen2MoeSparseMoeBlock.forward (modeling_qwen2_moe.py), Qwen3MoeSparseMoeBlock.forward
+    # (modeling_qwen3_moe.py) and OlmoeSparseMoeBlock.forward (modeling_olmoe.py):
+    # float32 softmax over the logits, sorted top-k, optional division by the kept sum.
+    def softmax_topk(x, w_router, k, renormalize):
+        probs = torch.softmax(F.linear(x, w_router), dim=1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, k, dim=-1, sorted=True)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+    # Follows the expert loop of the same HF blocks (and DeepseekV3MoE.moe): experts in
+    # ascending index, each applied to the rows that picked it, scaled by the slot weight,
+    # scattered back with index_add_ into a float32 zero buffer. Slots with id -1 are skipped.
+    def combine(x, ids, weights, run_expert, num_experts):
+        out = torch.zeros_like(x)
+        for e in range(num_experts):
+            rows, slots = torch.nonzero(ids == e, as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            contrib = run_expert(e, x[rows]) * weights[rows, slots].unsqueeze(-1)
+            out.index_add_(0, rows, contrib)
+        return out
+
+    # Follows DeepseekV3TopkRouter.forward / get_topk_indices (modeling_deepseek_v3.py) with the
+    # ROUTING.md deviation: unselected groups are masked with -inf (official DeepSeek code),
+    # not 0.0. Group score = sum of the top-2 biased scores; weights are the unbiased sigmoid
+    # scores; slots sorted by the biased score.
+    def deepseek_route(x, w_router, bias, k, n_group, topk_group, renormalize, scaling, mask_value):
+        T, E = x.shape[0], w_router.shape[0]
+        scores = torch.sigmoid(F.linear(x.float(), w_router.float()))
+        choice = scores + bias.unsqueeze(0)
+        per_group = choice.view(T, n_group, E // n_group)
+        group_scores = per_group.topk(2, dim=-1).values.sum(dim=-1)
+        kept_groups = torch.topk(group_scores, topk_group, dim=-1, sorted=True).indices
+        keep = torch.zeros(T, n_group, dtype=torch.bool)
+        keep.scatter_(1, kept_groups, True)
+        keep = keep.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        masked = choice.masked_fill(~keep, mask_value)
+        ids = torch.topk(masked, k, dim=-1, sorted=True).indices
+        weights = scores.gather(1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * scaling, choice, group_scores
+
+    def margin_ok(sorted_desc, k):
+        """Relative gap between entry k-1 and entry k of a descending float64 row."""
+        if k >= len(sorted_desc) or not np.isfinite(sorted_desc[k]):
+            return True
+        hi, lo = sorted_desc[k - 1], sorted_desc[k]
+        return (hi - lo) > MIN_MARGIN * max(abs(hi), 1e-6)
+
+    def make_tensor(gen, shape, scale):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+
+    def expert_scale(shape):
+        return WEIGHT_SCALE / math.sqrt(shape[-1])
+
+    def stored(t, dtype):
+        """The float32 values a reader gets back after storing t as dtype."""
+        if dtype == "BF16":
+            r = t.to(torch.bfloat16)
+            assert np.array_equal(r.view(torch.int16).numpy().view(np.uint16), bf16_bits(t.numpy()))
+            return r.float()
+        if dtype == "F16":
+            return t.half().float()
+        return t.clone()
+
+    manifest, summary = [], []
+    for case in CASES:
+        name, preset = case["name"], case["preset"]
+        T, d, f, E, k = case["T"], case["d"], case["f"], case["E"], case["k"]
+        dtype = case["dtype"]
+        for attempt in range(200):
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * attempt)
+            params = {}  # HF name (without prefix) -> (float32 tensor as stored, dtype)
+
+            def add(pname, shape, scale, dt=dtype):
+                params[pname] = (stored(make_tensor(gen, shape, scale), dt), dt)
+                return params[pname][0]
+
+            w_router = add("gate.weight", (E, d), GATE_SCALE)
+            experts = []
+            for e in range(E):
+                if preset == "mixtral":
+                    wg = add(f"experts.{e}.w1.weight", (f, d), expert_scale((f, d)))
+                    wu = add(f"experts.{e}.w3.weight", (f, d), expert_scale((f, d)))
+                    wd = add(f"experts.{e}.w2.weight", (d, f), expert_scale((d, f)))
+                    experts.append((wg, wu, wd))
+                elif preset == "switch":
+                    wu = add(f"experts.{e}.up_proj.weight", (f, d), expert_scale((f, d)))
+                    wd = add(f"experts.{e}.down_proj.weight", (d, f), expert_scale((d, f)))
+                    experts.append((wu, wd))
+                else:
+                    wg = add(f"experts.{e}.gate_proj.weight", (f, d), expert_scale((f, d)))
+                    wu = add(f"experts.{e}.up_proj.weight", (f, d), expert_scale((f, d)))
+                    wd = add(f"experts.{e}.down_proj.weight", (d, f), expert_scale((d, f)))
+                    experts.append((wg, wu, wd))
+            x = make_tensor(gen, (T, d), 1.0)
+
+            notes = {}
+            if preset in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+                renorm = True if preset == "mixtral" else bool(case.get("norm_topk_prob"))
+                ids, weights = softmax_topk(x, w_router, k, renorm)
+                y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
+                if preset == "qwen2_moe":
+                    sf = case["shared_f"]
+                    sg = add("shared_expert.gate_proj.weight", (sf, d), expert_scale((sf, d)))
+                    su = add("shared_expert.up_proj.weight", (sf, d), expert_scale((sf, d)))
+                    sd = add("shared_expert.down_proj.weight", (d, sf), expert_scale((d, sf)))
+                    sgate = add("shared_expert_gate.weight", (1, d), GATE_SCALE)
+                    # Follows the tail of Qwen2MoeSparseMoeBlock.forward: the shared expert,
+                    # scaled by sigmoid(shared_expert_gate(x)), added to the routed sum.
+                    y = y + torch.sigmoid(F.linear(x, sgate)) * swiglu(x, sg, su, sd)
+                sel64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in sel64)
+            elif preset == "deepseek_v3":
+                G, TG = case["n_group"], case["topk_group"]
+                if case["bias"] == "random":
+                    bias = make_tensor(gen, (E,), 0.1)
+                else:
+                    bias = make_tensor(gen, (E,), 0.05)
+                    bias[1::2] -= 1.5
+                params["gate.e_score_correction_bias"] = (bias, "F32")
+                ids, weights, choice, gscores = deepseek_route(
+                    x, w_router, bias, k, G, TG, case["norm_topk_prob"], case["scaling"], float("-inf"))
+                y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
+                sf = case["n_shared"] * f
+                sg = add("shared_experts.gate_proj.weight", (sf, d), expert_scale((sf, d)))
+                su = add("shared_experts.up_proj.weight", (sf, d), expert_scale((sf, d)))
+                sd = add("shared_experts.down_proj.weight", (d, sf), expert_scale((d, sf)))
+                # Follows DeepseekV3MoE.forward: routed sum plus the ungated shared experts.
+                y = y + swiglu(x, sg, su, sd)
+                # Margins (float64) on group choice and on the masked selection.
+                s64 = 1.0 / (1.0 + np.exp(-(x.double() @ w_router.double().T).numpy()))
+                c64 = s64 + bias.double().numpy()
+                g64 = np.sort(c64.reshape(T, G, E // G), axis=-1)[..., ::-1][..., :2].sum(-1)
+                ok = all(margin_ok(np.sort(r)[::-1], TG) for r in g64)
+                masked64 = c64.copy()
+                for t in range(T):
+                    top_groups = sorted(range(G), key=lambda g: (-g64[t, g], g))[:TG]
+                    for g in range(G):
+                        if g not in top_groups:
+                            masked64[t, g * (E // G):(g + 1) * (E // G)] = -np.inf
+                ok = ok and all(margin_ok(np.sort(r)[::-1], k) for r in masked64)
+                unbiased_ids, _, _, _ = deepseek_route(
+                    x, w_router, torch.zeros(E), k, G, TG, True, 1.0, float("-inf"))
+                hf_ids, _, _, _ = deepseek_route(
+                    x, w_router, bias, k, G, TG, True, 1.0, 0.0)
+                changed = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, unbiased_ids))
+                zero_fill = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, hf_ids))
+                notes = {"tokens changed by bias": changed, "tokens where 0.0-fill differs": zero_fill}
+                if case["bias"] == "random":
+                    ok = ok and changed > 0
+                else:
+                    ok = ok and zero_fill == T
+            elif preset == "switch":
+                # moekit's switch preset (ROUTING.md section 1; Switch Transformer, arXiv 2101.03961;
+                # capacity as Megatron get_capacity): top-1 softmax, weight = top-1 probability,
+                # C = max(min_capacity, ceil((T*k/E) * capacity_factor)) in double, each expert keeps
+                # its earliest C tokens; dropped slots get id -1, weight 0.
+                probs = torch.softmax(F.linear(x, w_router), dim=1, dtype=torch.float32)
+                weights, ids = torch.topk(probs, 1, dim=-1, sorted=True)
+                capacity = max(0, math.ceil((float(T * k) / E) * case["capacity_factor"]))
+                used = [0] * E
+                for t in range(T):
+                    e = int(ids[t, 0])
+                    if used[e] < capacity:
+                        used[e] += 1
+                    else:
+                        ids[t, 0] = -1
+                        weights[t, 0] = 0.0
+                y = combine(x, ids, weights, lambda e, rows: relu_ffn(rows, *experts[e]), E)
+                loads = np.bincount(torch.argmax(probs, dim=1).numpy(), minlength=E)
+                dropped = int((ids == -1).sum())
+                notes = {"capacity": capacity, "loads": loads.tolist(), "dropped": dropped}
+                sel64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], 1) for r in sel64)
+                # an expert loaded beyond C keeps its 8th token with C = 8 but would drop it with C = 7
+                ok = ok and 0 < dropped < T and loads.max() > capacity
+            else:
+                raise ValueError(preset)
+            if ok:
+                break
+        else:
+            raise RuntimeError(f"{name}: no attempt met the margin/coverage conditions")
+
+        assert torch.isfinite(y).all() and float(y.abs().max()) > 0.05, name
+        # Tolerance sanity: a kernel that rounds the expert activations to the weight dtype
+        # (BF16/FP16 dot products) must still pass the tolerances written to cases.json.
+        lowp_dev = 0.0  # worst |dy| / (tolerance_abs + tolerance_rel |y|) of such a kernel
+        if dtype != "F32" and preset != "switch":
+            rnd = (lambda t: t.to(torch.bfloat16).float()) if dtype == "BF16" else (lambda t: t.half().float())
+
+            def swiglu_lowp(rows, wg, wu, wd):
+                xr = rnd(rows)
+                return F.linear(rnd(F.silu(F.linear(xr, wg)) * F.linear(xr, wu)), wd)
+            y_lp = combine(x, ids, weights, lambda e, rows: swiglu_lowp(rows, *experts[e]), E)
+            y_lp = y_lp + (y - combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E))
+            rel, absol = TOL[dtype]
+            lowp_dev = float(((y_lp - y).abs() / (absol + rel * y.abs())).max())
+            assert lowp_dev < 1.0, f"{name}: tolerance too tight for {dtype}-activation kernels"
+
+        config = make_config(case)
+        with open(os.path.join(out_dir, f"{name}.config.json"), "w") as fh:
+            json.dump(config, fh, indent=2)
+            fh.write("\n")
+        write_safetensors(os.path.join(out_dir, f"{name}.weights.safetensors"),
+                          [(case["prefix"] + n, t.numpy(), dt) for n, (t, dt) in params.items()])
+        write_safetensors(os.path.join(out_dir, f"{name}.input.safetensors"),
+                          [("hidden_states", x.numpy(), "F32")])
+        write_safetensors(os.path.join(out_dir, f"{name}.expected.safetensors"),
+                          [("hidden_states", y.numpy(), "F32"),
+                           ("topk_ids", ids.to(torch.int32).numpy(), "I32"),
+                           ("topk_weights", weights.float().numpy(), "F32")])
+        rel, absol = TOL[dtype]
+        manifest.append({"name": name, "prefix": case["prefix"], "tolerance_rel": rel, "tolerance_abs": absol})
+        summary.append(f"{name:22s} T={T:2d} d={d:2d} f={f:2d} E={E:2d} k={k} {dtype:4s} attempt={attempt} "
+                       f"max|y|={float(y.abs().max()):.3f} lowp_dev/tol={lowp_dev:.2f} {notes}")
+
+    with open(os.path.join(out_dir, "cases.json"), "w") as fh:
+        json.dump(manifest, fh, indent=2)
+        fh.write("\n")
+    print("\n".join(summary))
+
+
+def make_config(case):
+    """config.json of a case: HF key names for HF presets, moekit's own format for switch."""
+    p, d, f, E, k = case["preset"], case["d"], case["f"], case["E"], case["k"]
+    if p == "switch":
+        return {"moekit_config_version": 1, "preset": "switch", "hidden_size": d,
+                "router": {"num_experts": E, "capacity_factor": case["capacity_factor"]},
+                "experts": {"type": "relu", "intermediate_size": f}}
+    if p == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": d,
+                "intermediate_size": f, "num_local_experts": E, "num_experts_per_tok": k,
+                "hidden_act": "silu"}
+    if p in ("qwen2_moe", "qwen3_moe"):
+        cfg = {"architectures": ["Qwen2MoeForCausalLM" if p == "qwen2_moe" else "Qwen3MoeForCausalLM"],
+               "model_type": p, "hidden_size": d,
+               "intermediate_size": 4 * d,  # dense-MLP width in HF; unused by the MoE block
+               "moe_intermediate_size": f, "num_experts": E, "num_experts_per_tok": k,
+               "norm_topk_prob": case["norm_topk_prob"], "hidden_act": "silu"}
+        if p == "qwen2_moe":
+            cfg["shared_expert_intermediate_size"] = case["shared_f"]
+        return cfg
+    if p == "olmoe":
+        cfg = {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": d,
+               "intermediate_size": f, "num_experts": E, "num_experts_per_tok": k, "hidden_act": "silu"}
+        if case["norm_topk_prob"] is not None:
+            cfg["norm_topk_prob"] = case["norm_topk_prob"]
+        return cfg
+    if p == "deepseek_v3":
+        return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": d,
+                "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
+                "moe_intermediate_size": f, "n_routed_experts": E, "num_experts_per_tok": k,
+                "n_group": case["n_group"], "topk_group": case["topk_group"],
+                "routed_scaling_factor": case["scaling"], "n_shared_experts": case["n_shared"],
+                "norm_topk_prob": case["norm_topk_prob"], "scoring_func": "sigmoid",
+                "topk_method": "noaux_tc", "hidden_act": "silu"}
+    raise ValueError(p)
+
+
+# --------------------------------------------------------------------------------------
+# Check mode: independent float64 NumPy loops over the files on disk
+# --------------------------------------------------------------------------------------
+def read_safetensors(path):
+    """name -> float64 (floats) or int64 (ints) array; validates the layout strictly."""
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    (hlen,) = struct.unpack_from("<Q", blob, 0)
+    assert hlen % 8 == 0, f"{path}: header length {hlen} not a multiple of 8"
+    header = json.loads(blob[8:8 + hlen].decode("utf-8"))
+    body = blob[8 + hlen:]
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
+    out, spans = {}, []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        count = int(np.prod(meta["shape"], dtype=np.int64))
+        assert end - begin == count * sizes[meta["dtype"]], f"{path}:{name}: size mismatch"
+        raw = body[begin:end]
+        if meta["dtype"] == "F32":
+            a = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+        elif meta["dtype"] == "F16":
+            a = np.frombuffer(raw, dtype="<f2").astype(np.float64)
+        elif meta["dtype"] == "BF16":
+            a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        else:
+            a = np.frombuffer(raw, dtype="<i4").astype(np.int64)
+        out[name] = a.reshape(meta["shape"])
+        spans.append((begin, end))
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        assert begin == pos, f"{path}: gap or overlap in data_offsets"
+        pos = end
+    assert pos == len(body), f"{path}: trailing bytes"
+    return out, header
+
+
+def ref_silu(z):
+    return z / (1.0 + math.exp(-z))
+
+
+def ref_swiglu(x, wg, wu, wd):
+    f = wg.shape[0]
+    h = [ref_silu(float(np.dot(wg[j], x))) * float(np.dot(wu[j], x)) for j in range(f)]
+    return np.array([sum(wd[i, j] * h[j] for j in range(f)) for i in range(wd.shape[0])])
+
+
+def ref_relu_ffn(x, wu, wd):
+    f = wu.shape[0]
+    h = [max(0.0, float(np.dot(wu[j], x))) for j in range(f)]
+    return np.array([sum(wd[i, j] * h[j] for j in range(f)) for i in range(wd.shape[0])])
+
+
+def ranked(values, candidates):
+    """Candidates in descending value, ties to the lower index (ROUTING.md section 0)."""
+    return sorted(candidates, key=lambda e: (-values[e], e))
+
+
+def ref_case(cfg, W, x):
+    """Returns (y [T, d], ids [T, k], weights [T, k]) in float64."""
+    T, d = x.shape
+    preset = cfg.get("model_type") or cfg.get("preset")
+    wr = W["gate.weight"]
+    E = wr.shape[0]
+    if preset == "switch":
+        k = 1
+        assert cfg["hidden_size"] == d and cfg["router"]["num_experts"] == E
+    elif preset == "mixtral":
+        k = cfg["num_experts_per_tok"]
+        assert cfg["num_local_experts"] == E
+    elif preset == "deepseek_v3":
+        k = cfg.get("num_experts_per_tok", 8)
+        assert cfg["n_routed_experts"] == E
+    else:
+        k = cfg["num_experts_per_tok"]
+        assert cfg["num_experts"] == E
+    ids = np.full((T, k), -1, dtype=np.int64)
+    wts = np.zeros((T, k))
+    for t in range(T):
+        logits = [float(np.dot(wr[e], x[t])) for e in range(E)]
+        if preset == "deepseek_v3":
+            bias = W.get("gate.e_score_correction_bias", np.zeros(E))
+            G, TG = cfg.get("n_group", 8), cfg.get("topk_group", 4)
+            per = E // G
+            score = [1.0 / (1.0 + math.exp(-l)) for l in logits]
+            sel = [score[e] + bias[e] for e in range(E)]
+            gscore = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(G)]
+            groups = ranked(gscore, range(G))[:TG]
+            cand = [e for g in groups for e in range(g * per, (g + 1) * per)]
+            chosen = ranked(sel, cand)[:k]  # the others are -inf: never chosen
+            w = [score[e] for e in chosen]
+            if cfg.get("norm_topk_prob", True):
+                s = sum(w) + 1e-20
+                w = [v / s for v in w]
+            w = [v * cfg.get("routed_scaling_factor", 2.5) for v in w]
+        else:
+            m = max(logits)
+            ex = [math.exp(l - m) for l in logits]
+            z = sum(ex)
+            prob = [v / z for v in ex]
+            chosen = ranked(prob, range(E))[:k]
+            w = [prob[e] for e in chosen]
+            norm = True if preset == "mixtral" else (False if preset == "switch"
+                                                     else cfg.get("norm_topk_prob", False))
+            if norm:
+                s = sum(w)
+                w = [v / s for v in w]
+        ids[t] = chosen
+        wts[t] = w
+    if preset == "switch":
+        cf = cfg["router"].get("capacity_factor", 0.0)
+        if cf:
+            cap = max(cfg["router"].get("min_capacity", 0), math.ceil((float(T * k) / E) * cf))
+            taken = [0] * E
+            for t in range(T):
+                e = int(ids[t, 0])
+                if taken[e] < cap:
+                    taken[e] += 1
+                else:
+                    ids[t, 0], wts[t, 0] = -1, 0.0
+    y = np.zeros((T, d))
+    for t in range(T):
+        for s in range(k):
+            e = int(ids[t, s])
+            if e < 0:
+                continue
+            if preset == "switch":
+                out = ref_relu_ffn(x[t], W[f"experts.{e}.up_proj.weight"], W[f"experts.{e}.down_proj.weight"])
+            elif preset == "mixtral":
+                out = ref_swiglu(x[t], W[f"experts.{e}.w1.weight"], W[f"experts.{e}.w3.weight"],
+                                 W[f"experts.{e}.w2.weight"])
+            else:
+                out = ref_swiglu(x[t], W[f"experts.{e}.gate_proj.weight"], W[f"experts.{e}.up_proj.weight"],
+                                 W[f"experts.{e}.down_proj.weight"])
+            y[t] += wts[t, s] * out
+        if preset == "qwen2_moe":
+            g = 1.0 / (1.0 + math.exp(-float(np.dot(W["shared_expert_gate.weight"][0], x[t]))))
+            y[t] += g * ref_swiglu(x[t], W["shared_expert.gate_proj.weight"],
+                                   W["shared_expert.up_proj.weight"], W["shared_expert.down_proj.weight"])
+        if preset == "deepseek_v3":
+            sw = W["shared_experts.gate_proj.weight"]
+            assert sw.shape[0] == cfg.get("n_shared_experts", 1) * cfg["moe_intermediate_size"]
+            y[t] += ref_swiglu(x[t], sw, W["shared_experts.up_proj.weight"], W["shared_experts.down_proj.weight"])
+    return y, ids, wts
+
+
+def check(out_dir):
+    with open(os.path.join(out_dir, "cases.json")) as fh:
+        manifest = json.load(fh)
+    contract = "/work/shared/contract"
+    st = None
+    if os.path.exists(os.path.join(contract, "st.py")):  # second reader, only to cross-check ours
+        sys.dont_write_bytecode = True
+        sys.path.insert(0, contract)
+        import st  # noqa: F401
+    worst = 0.0
+    for entry in manifest:
+        name, prefix = entry["name"], entry["prefix"]
+        path = lambda kind: os.path.join(out_dir, f"{name}.{kind}")
+        with open(path("config.json")) as fh:
+            cfg = json.load(fh)
+        raw, header = read_safetensors(path("weights.safetensors"))
+        assert all(n.startswith(prefix) for n in raw), f"{name}: tensor outside prefix"
+        W = {n[len(prefix):]: a for n, a in raw.items()}
+        x = read_safetensors(path("input.safetensors"))[0]["hidden_states"]
+        want = read_safetensors(path("expected.safetensors"))[0]
+        if st is not None:
+            for kind in ("weights.safetensors", "input.safetensors", "expected.safetensors"):
+                theirs = st.load(path(kind))
+                ours = read_safetensors(path(kind))[0]
+                assert theirs.keys() == ours.keys()
+                assert all(np.array_equal(theirs[n].astype(np.float64), ours[n]) for n in ours)
+        y, ids, wts = ref_case(cfg, W, x)
+        assert np.array_equal(ids, want["topk_ids"]), f"{name}: topk_ids differ"
+        assert abs(y).max() > 0.05, f"{name}: vacuous output"
+        dy = np.abs(want["hidden_states"] - y)
+        dw = np.abs(want["topk_weights"] - wts)
+        # 1e-5 relative, with an absolute floor of 1e-5 of the tensor's largest magnitude (float32
+        # rounding of cancelling terms makes near-zero elements meaningless in pure relative terms).
+        ok = (np.all(dy <= 1e-5 * (np.abs(y) + np.abs(y).max()))
+              and np.all(dw <= 1e-5 * (np.abs(wts) + np.abs(wts).max())))
+        rel_y = float(dy.max() / np.abs(y).max())
+        rel_w = float(dw.max() / np.abs(wts).max())
+        dtypes = sorted({m["dtype"] for n, m in header.items() if n != "__metadata__"})
+        print(f"{name:20s} T={x.shape[0]:2d} {','.join(dtypes):8s} ids exact; max|dy|={dy.max():.1e} "
+              f"(/max|y| {rel_y:.1e}), max|dw|={dw.max():.1e} (/max|w| {rel_w:.1e}), "
+              f"dropped={int((ids < 0).sum())} {'OK' if ok else 'FAIL'}")
+        assert ok, f"{name}: values differ beyond 1e-5 relative"
+        worst = max(worst, rel_y, rel_w)
+    total = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir)
+                if os.path.isfile(os.path.join(out_dir, n)))
+    print(f"second reader ({'st.py' if st is not None else 'none'}) agrees on every file")
+    print(f"all {len(manifest)} cases OK; worst relative difference {worst:.2e}; tests/golden total {total} bytes")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="verify the written files with float64 NumPy")
+    ap.add_argument("--out", default=HERE, help="output directory (default: this script's directory)")
+    args = ap.parse_args()
+    if args.check:
+        check(args.out)
+    else:
+        generate(args.out)
+
+
+if __name__ == "__main__":
+    main()
