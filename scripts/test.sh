@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Installs what is missing, builds moekit (Release) and runs every test.
+# Usage: scripts/test.sh   (BUILD_DIR=... to choose the build folder; default build/test)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/deps.sh" python3-numpy
+build=${BUILD_DIR:-$root/build/test}
+jobs=$(nproc)
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOEKIT_BUILD_BENCH=OFF >/dev/null
+cmake --build "$build" -j "$jobs"
+# The CLI contract check lives beside the repository (../shared) when it is there.
+smoke="$root/../shared/contract/smoke.py"
+if [ -f "$smoke" ]; then
+  echo "moekit: CLI contract smoke test ($smoke)"
+  /usr/bin/python3 "$smoke" "$build/moekit"
+fi
+cd "$build"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ctest --output-on-failure -j "$jobs"
