@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0
+// The `moekit` command line, driven as outside checks drive it: files written here, the
+// binary run as a process, outputs and exit codes checked.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "moekit/io/config.hpp"
+#include "moekit/io/model.hpp"
+#include "moekit/io/safetensors.hpp"
+
+#ifdef MOEKIT_CLI_PATH
+namespace {
+
+namespace fs = std::filesystem;
+using moekit::io::DType;
+
+struct Result {
+  int code;
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Runs `moekit args...` and captures its exit code, stdout and stderr.
+Result run_cli(const fs::path& dir, const std::string& args) {
+  const fs::path o = dir / "stdout.txt", e = dir / "stderr.txt";
+  const std::string cmd = std::string(MOEKIT_CLI_PATH) + " " + args + " >" + o.string() + " 2>" + e.string();
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(o), slurp(e)};
+}
+
+class Cli : public testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(testing::TempDir()) / ("moekit_cli_" + std::string(testing::UnitTest::GetInstance()->current_test_info()->name()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // A Mixtral-style layer: E=6, k=2, d=24, f=20, weights as `dtype`, under `prefix`.
+  void write_mixtral(const std::string& prefix, DType dtype, const std::string& skip = "",
+                     const std::string& misshape = "") {
+    std::ofstream(dir_ / "config.json")
+        << R"({"model_type": "mixtral", "hidden_size": 24, "intermediate_size": 20, "num_local_experts": 6, "num_experts_per_tok": 2, "vocab_size": 100})";
+    std::mt19937 g(7);
+    std::normal_distribution<float> n(0.0f, 0.2f);
+    std::map<std::string, std::vector<int64_t>> shapes = {{"gate.weight", {6, 24}}};
+    for (int e = 0; e < 6; ++e) {
+      shapes["experts." + std::to_string(e) + ".w1.weight"] = {20, 24};
+      shapes["experts." + std::to_string(e) + ".w3.weight"] = {20, 24};
+      shapes["experts." + std::to_string(e) + ".w2.weight"] = {24, 20};
+    }
+    shapes["lm_head.weight"] = {3, 4};  // extra tensors are ignored
+    store_.clear();
+    std::vector<moekit::io::OutTensor> out;
+    for (auto& [name, shape] : shapes) {
+      if (name == skip) continue;
+      if (name == misshape) shape[0] += 1;
+      int64_t numel = 1;
+      for (int64_t s : shape) numel *= s;
+      auto& buf = store_[name];
+      buf.resize(static_cast<size_t>(numel) * 4);
+      if (dtype == DType::F32) {
+        for (int64_t i = 0; i < numel; ++i) reinterpret_cast<float*>(buf.data())[i] = n(g);
+      } else {
+        for (int64_t i = 0; i < numel; ++i)
+          reinterpret_cast<uint16_t*>(buf.data())[i] =
+              dtype == DType::BF16 ? moekit::io::f32_to_bf16(n(g)) : moekit::io::f32_to_f16(n(g));
+      }
+      out.push_back({prefix + name, dtype, shape, buf.data()});
+    }
+    moekit::io::write_safetensors((dir_ / "w.safetensors").string(), out);
+  }
+
+  void write_input(int64_t T, int64_t d, float poison = 0.0f, const std::vector<uint8_t>& padding = {}) {
+    std::mt19937 g(11);
+    std::normal_distribution<float> n(0.0f, 1.0f);
+    x_.resize(static_cast<size_t>(T * d));
+    for (float& v : x_) v = n(g);
+    if (poison != 0.0f && !x_.empty()) x_[x_.size() / 2] = poison;
+    pad_ = padding;
+    std::vector<moekit::io::OutTensor> t = {{"hidden_states", DType::F32, {T, d}, x_.data()}};
+    if (!pad_.empty()) t.push_back({"padding_mask", DType::U8, {T}, pad_.data()});
+    moekit::io::write_safetensors((dir_ / "x.safetensors").string(), t);
+  }
+
+  std::string run_args(const std::string& prefix) const {
+    return "run --config " + (dir_ / "config.json").string() + " --weights " + (dir_ / "w.safetensors").string() +
+           " --input " + (dir_ / "x.safetensors").string() + " --output " + (dir_ / "y.safetensors").string() +
+           (prefix.empty() ? "" : " --prefix " + prefix);
+  }
+
+  void expect_error(const std::string& args, const std::string& mentions) {
+    const Result r = run_cli(dir_, args);
+    EXPECT_EQ(r.code, 2) << r.err;
+    EXPECT_FALSE(fs::exists(dir_ / "y.safetensors"));
+    EXPECT_NE(r.err.find(mentions), std::string::npos) << "stderr: " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line expected: " << r.err;
+  }
+
+  fs::path dir_;
+  std::map<std::string, std::vector<char>> store_;
+  std::vector<float> x_;
+  std::vector<uint8_t> pad_;
+};
+
+// The CLI's output equals the library's forward on the same files, for BF16, F16 and F32.
+TEST_F(Cli, RunRoundTripsEveryWeightDtypeWithPrefix) {
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    const std::string prefix = "model.layers.3.block_sparse_moe.";
+    write_mixtral(prefix, dt);
+    write_input(9, 24);
+    fs::remove(dir_ / "y.safetensors");
+    const Result r = run_cli(dir_, run_args(prefix) + " --threads 2");
+    ASSERT_EQ(r.code, 0) << r.err;
+    const auto y = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
+    const auto out = y.read_f32("hidden_states", {9, 24});
+    const auto ids = y.read_i32("topk_ids", {9, 2});
+    const auto w = y.read_f32("topk_weights", {9, 2});
+    EXPECT_EQ(y.tensor("topk_ids").dtype, DType::I32);
+
+    const auto cfg = moekit::load_layer_config((dir_ / "config.json").string());
+    const auto src = moekit::io::TensorSource::open((dir_ / "w.safetensors").string());
+    const auto layer = moekit::load_layer(cfg, src, prefix);
+    std::vector<float> ref(9 * 24);
+    moekit::Workspace ws;
+    layer.forward(moekit::Batch::single(9, 24), x_.data(), ref.data(), ws, 1);
+    double mx = 0;
+    for (float v : ref) mx = std::max(mx, static_cast<double>(std::fabs(v)));
+    ASSERT_GT(mx, 0.0);
+    for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(out[i], ref[i], 1e-6 * mx) << i;
+    for (int64_t t = 0; t < 9; ++t) {
+      EXPECT_EQ(ids[t * 2], ws.plan.slot_expert()[t * 2]);
+      EXPECT_EQ(ids[t * 2 + 1], ws.plan.slot_expert()[t * 2 + 1]);
+      EXPECT_NEAR(w[t * 2] + w[t * 2 + 1], 1.0f, 1e-6f);  // Mixtral renormalises
+      EXPECT_GE(w[t * 2], w[t * 2 + 1]);
+    }
+  }
+}
+
+TEST_F(Cli, ShardedIndexAndPadding) {
+  write_mixtral("", DType::F32);
+  // Split the single file into two shards plus an index.
+  const auto src = moekit::io::SafetensorsFile::open((dir_ / "w.safetensors").string());
+  std::vector<moekit::io::OutTensor> a, b;
+  nlohmann::json map;
+  int i = 0;
+  for (const auto& name : src.names()) {
+    const auto& t = src.tensor(name);
+    const bool first = (i++ % 2) == 0;
+    (first ? a : b).push_back({name, t.dtype, t.shape, t.data});
+    map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  moekit::io::write_safetensors((dir_ / "model-00001-of-00002.safetensors").string(), a);
+  moekit::io::write_safetensors((dir_ / "model-00002-of-00002.safetensors").string(), b);
+  std::ofstream(dir_ / "model.safetensors.index.json") << nlohmann::json{{"metadata", {}}, {"weight_map", map}}.dump();
+  write_input(5, 24, 0.0f, {0, 1, 0, 0, 1});
+  const std::string args = "run --config " + (dir_ / "config.json").string() + " --weights " +
+                           (dir_ / "model.safetensors.index.json").string() + " --input " +
+                           (dir_ / "x.safetensors").string() + " --output " + (dir_ / "y.safetensors").string();
+  const Result r = run_cli(dir_, args);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto y = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
+  const auto out = y.read_f32("hidden_states", {5, 24});
+  const auto ids = y.read_i32("topk_ids", {5, 2});
+  for (int64_t t : {1, 4}) {
+    EXPECT_EQ(ids[t * 2], -1);
+    for (int c = 0; c < 24; ++c) EXPECT_EQ(out[t * 24 + c], 0.0f);
+  }
+  EXPECT_GE(ids[0], 0);
+}
+
+TEST_F(Cli, MalformedInputsExitTwoWithOneLine) {
+  write_mixtral("", DType::F32);
+  write_input(4, 24);
+  // Corrupt weights header.
+  std::ofstream(dir_ / "bad.safetensors", std::ios::binary) << std::string("\x10\0\0\0\0\0\0\0{not json", 17);
+  expect_error("run --config " + (dir_ / "config.json").string() + " --weights " + (dir_ / "bad.safetensors").string() +
+                   " --input " + (dir_ / "x.safetensors").string() + " --output " + (dir_ / "y.safetensors").string(),
+               "bad.safetensors");
+  // Missing and mis-shaped tensors are named.
+  write_mixtral("", DType::F32, "experts.3.w2.weight");
+  expect_error(run_args(""), "experts.3.w2.weight");
+  write_mixtral("", DType::F32, "", "experts.1.w1.weight");
+  expect_error(run_args(""), "experts.1.w1.weight");
+  write_mixtral("", DType::F32);
+  // Wrong prefix: the first tensor looked up is missing.
+  expect_error(run_args("model.layers.0.mlp."), "model.layers.0.mlp.gate.weight");
+  // Input problems.
+  write_input(4, 23);
+  expect_error(run_args(""), "hidden_states");
+  write_input(4, 24, std::nanf(""));
+  expect_error(run_args(""), "finite");
+  write_input(4, 24);
+  // Config problems.
+  std::ofstream(dir_ / "config.json") << R"({"model_type": "gpt2", "hidden_size": 24})";
+  expect_error(run_args(""), "model_type");
+  std::ofstream(dir_ / "config.json")
+      << R"({"model_type": "mixtral", "hidden_size": 24, "intermediate_size": 20, "num_local_experts": 6, "num_experts_per_tok": 7})";
+  expect_error(run_args(""), "k expected in [1, E = 6], got 7");
+  std::ofstream(dir_ / "config.json")
+      << R"({"moekit_config_version": 1, "preset": "mixtral", "hidden_size": 24, "routr": {}})";
+  expect_error(run_args(""), "unknown key \"routr\"");
+  std::ofstream(dir_ / "config.json") << "{\"model_type\": ";
+  expect_error(run_args(""), "not valid JSON");
+  // Usage problems.
+  expect_error(run_args("") + " --bogus 1", "--bogus");
+  expect_error("run --config " + (dir_ / "config.json").string(), "missing required flag");
+  expect_error("frobnicate", "unknown command");
+  expect_error(run_args("") + " --dtype int3", "--dtype");
+}
+
+TEST_F(Cli, OwnConfigFormatSwitchPreset) {
+  std::ofstream(dir_ / "config.json")
+      << R"({"moekit_config_version": 1, "preset": "switch", "hidden_size": 24,
+            "router": {"num_experts": 6, "capacity_factor": 0.5}, "experts": {"intermediate_size": 20}})";
+  std::mt19937 g(3);
+  std::normal_distribution<float> n(0.0f, 0.2f);
+  std::vector<std::vector<float>> keep;
+  std::vector<moekit::io::OutTensor> out;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    keep.emplace_back(static_cast<size_t>(shape[0] * (shape.size() > 1 ? shape[1] : 1)));
+    for (float& v : keep.back()) v = n(g);
+    out.push_back({name, DType::F32, shape, keep.back().data()});
+  };
+  keep.reserve(20);
+  add("gate.weight", {6, 24});
+  for (int e = 0; e < 6; ++e) {
+    add("experts." + std::to_string(e) + ".up_proj.weight", {20, 24});
+    add("experts." + std::to_string(e) + ".down_proj.weight", {24, 20});
+  }
+  moekit::io::write_safetensors((dir_ / "w.safetensors").string(), out);
+  write_input(12, 24);
+  const Result r = run_cli(dir_, run_args(""));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto y = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
+  const auto ids = y.read_i32("topk_ids", {12, 1});
+  // C = ceil(12 * 1 / 6 * 0.5) = 1 per expert: at most 6 tokens kept, one per expert.
+  std::vector<int> per(6, 0);
+  int kept = 0;
+  for (int32_t id : ids)
+    if (id >= 0) ++per[static_cast<size_t>(id)], ++kept;
+  for (int c : per) EXPECT_LE(c, 1);
+  EXPECT_GE(kept, 1);
+  EXPECT_LT(kept, 12);
+}
+
+TEST_F(Cli, BenchAndInfoPrintJson) {
+  std::ofstream(dir_ / "config.json")
+      << R"({"model_type": "deepseek_v3", "hidden_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 8,
+            "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2})";
+  Result r = run_cli(dir_, "bench --config " + (dir_ / "config.json").string() + " --tokens 7 --threads 2 --repeat 3 --layers 2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  for (const char* key : {"tokens", "threads", "dtype", "median_ms", "tokens_per_s", "gflops", "weight_gbps", "expert_weight_bytes", "shape"})
+    EXPECT_TRUE(j.contains(key)) << key;
+  EXPECT_EQ(j["tokens"], 7);
+  EXPECT_EQ(j["threads"], 2);
+  EXPECT_EQ(j["layers"], 2);
+  EXPECT_GT(j["gflops"].get<double>(), 0.0);
+  r = run_cli(dir_, "bench --config " + (dir_ / "config.json").string() + " --tokens 0 --repeat 2");
+  EXPECT_EQ(r.code, 0) << r.err;
+  r = run_cli(dir_, "info");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto info = nlohmann::json::parse(r.out);
+  EXPECT_TRUE(info.contains("cpu_features"));
+  EXPECT_TRUE(info.contains("gemm_kernel"));
+}
+
+}  // namespace
+#endif
