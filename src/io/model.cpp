@@ -19,17 +19,18 @@ ExpertTensorNames names_of(ExpertNames n) {
   return {"gate_proj", "up_proj", "down_proj"};
 }
 
-// Fills an FFN expert's weights straight into the bank's buffers.
+// Reads an FFN expert's HF-layout weights and packs them into the bank.
 void load_ffn(const io::TensorSource& src, const std::string& base, const ExpertTensorNames& nm,
-              FfnBank& bank, int64_t e) {
+              FfnBank& bank, int64_t e, std::vector<float>& buf) {
   const int64_t d = bank.shape().hidden, f = bank.shape().intermediate;
-  float* in = bank.in_proj(e);
-  if (bank.shape().gated) {
-    src.read_f32_into(base + nm.gate + ".weight", {f, d}, in);
-    in += f * d;
-  }
-  src.read_f32_into(base + nm.up + ".weight", {f, d}, in);
-  src.read_f32_into(base + nm.down + ".weight", {d, f}, bank.down(e));
+  buf.resize(static_cast<size_t>(3 * f * d));
+  float* gate = buf.data();
+  float* up = gate + f * d;
+  float* down = up + f * d;
+  if (bank.shape().gated) src.read_f32_into(base + nm.gate + ".weight", {f, d}, gate);
+  src.read_f32_into(base + nm.up + ".weight", {f, d}, up);
+  src.read_f32_into(base + nm.down + ".weight", {d, f}, down);
+  bank.set_expert(e, gate, up, down);
 }
 
 // Deterministic stream of unit-variance values: uniform on [-sqrt(3), sqrt(3)) from splitmix64
@@ -57,12 +58,13 @@ TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const st
   TopKRouter router(c.router, std::move(gate), std::move(bias));
   FfnBank bank(E, c.experts);
   const ExpertTensorNames nm = names_of(c.expert_names);
-  for (int64_t e = 0; e < E; ++e) load_ffn(src, prefix + "experts." + std::to_string(e) + ".", nm, bank, e);
+  std::vector<float> buf;
+  for (int64_t e = 0; e < E; ++e) load_ffn(src, prefix + "experts." + std::to_string(e) + ".", nm, bank, e, buf);
   std::vector<SharedExpert> shared;
   if (c.shared) {
     FfnShape s{d, c.shared->intermediate, true, c.experts.act};
     SharedExpert se{FfnBank(1, s), {}};
-    load_ffn(src, prefix + c.shared->names, names_of(ExpertNames::hf), se.ffn, 0);
+    load_ffn(src, prefix + c.shared->names, names_of(ExpertNames::hf), se.ffn, 0, buf);
     if (c.shared->gated) se.gate = src.read_f32(prefix + "shared_expert_gate.weight", {1, d});
     shared.push_back(std::move(se));
   }
@@ -70,7 +72,7 @@ TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const st
 }
 
 TopKLayer random_layer(const LayerConfig& c, uint64_t seed) {
-  const int64_t E = c.router.num_experts, d = c.hidden(), f = c.experts.intermediate;
+  const int64_t E = c.router.num_experts, d = c.hidden();
   Normal g{detail::splitmix64(seed)};
   std::vector<float> gate(static_cast<size_t>(E * d));
   fill(gate.data(), E * d, 1.0 / std::sqrt(static_cast<double>(d)), g);
@@ -80,16 +82,17 @@ TopKLayer random_layer(const LayerConfig& c, uint64_t seed) {
     fill(bias.data(), E, 0.01, g);
   }
   TopKRouter router(c.router, std::move(gate), std::move(bias));
+  std::vector<float> buf;
   auto fill_bank = [&](FfnBank& bank) {
     const int64_t fe = bank.shape().intermediate;
-    const int64_t in_rows = bank.shape().gated ? 2 * fe : fe;
+    buf.resize(static_cast<size_t>(3 * fe * d));
     for (int64_t e = 0; e < bank.num_experts(); ++e) {
-      fill(bank.in_proj(e), in_rows * d, 1.0 / std::sqrt(static_cast<double>(d)), g);
-      fill(bank.down(e), d * fe, 1.0 / std::sqrt(static_cast<double>(fe)), g);
+      fill(buf.data(), 2 * fe * d, 1.0 / std::sqrt(static_cast<double>(d)), g);
+      fill(buf.data() + 2 * fe * d, d * fe, 1.0 / std::sqrt(static_cast<double>(fe)), g);
+      bank.set_expert(e, buf.data(), buf.data() + fe * d, buf.data() + 2 * fe * d);
     }
   };
   FfnBank bank(E, c.experts);
-  (void)f;
   fill_bank(bank);
   std::vector<SharedExpert> shared;
   if (c.shared) {

@@ -10,49 +10,10 @@
 
 #include "moekit/error.hpp"
 #include "moekit/expert.hpp"
-#include "moekit/kernels/gemm.hpp"
+#include "moekit/activation.hpp"
+#include "moekit/kernels/packed_gemm.hpp"
 
 namespace moekit {
-
-/// Activation of an FFN's hidden layer.
-enum class Activation {
-  silu,       ///< x * sigmoid(x) (HF "silu", "swish")
-  gelu,       ///< exact erf GeLU (HF "gelu")
-  gelu_tanh,  ///< tanh approximation (HF "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-  relu,       ///< max(x, 0)
-};
-
-/// Parses an HF `hidden_act` string; throws moekit::error for unknown names.
-inline Activation parse_activation(const std::string& name) {
-  if (name == "silu" || name == "swish") return Activation::silu;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return Activation::gelu_tanh;
-  if (name == "relu") return Activation::relu;
-  detail::fail("hidden_act: expected one of silu, swish, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu; got \"",
-               name, "\"");
-}
-
-inline const char* activation_name(Activation a) noexcept {
-  switch (a) {
-    case Activation::silu: return "silu";
-    case Activation::gelu: return "gelu";
-    case Activation::gelu_tanh: return "gelu_tanh";
-    case Activation::relu: return "relu";
-  }
-  return "?";
-}
-
-/// Applies the activation to one value.
-inline float activate(Activation a, float x) noexcept {
-  switch (a) {
-    case Activation::silu: return x / (1.0f + std::exp(-x));
-    case Activation::gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
-    case Activation::gelu_tanh:
-      return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    case Activation::relu: return x > 0.0f ? x : 0.0f;
-  }
-  return x;
-}
 
 /// Shape of one FFN expert. Gated: `down(act(gate x) * up x)` (SwiGLU when act = silu);
 /// plain: `down(act(up x))`. Weights in HF `[out, in]` layout.
@@ -76,9 +37,9 @@ struct FfnShape {
   }
 };
 
-/// E FFN experts of one shape, weights stored contiguously per expert: for gated experts the
-/// gate and up projections are concatenated into one `[2f, d]` matrix (one GEMM), then
-/// `down [d, f]`.
+/// E FFN experts of one shape. Weights are packed once, in set_expert(), into the GEMM's
+/// strip layout (kernels::PackedMatrix); for gated experts gate and up are interleaved so one
+/// GEMM computes both and the activation runs in its epilogue. The packed copy is the only one.
 class FfnBank {
  public:
   FfnBank() = default;
@@ -86,9 +47,10 @@ class FfnBank {
   FfnBank(int64_t num_experts, FfnShape shape) : shape_(shape), experts_(num_experts) {
     shape_.validate("FfnBank");
     MOEKIT_CHECK(num_experts >= 1, "FfnBank: num_experts expected >= 1, got ", num_experts);
-    const auto n = static_cast<size_t>(num_experts);
-    in_proj_.assign(n * static_cast<size_t>(in_rows() * shape_.hidden), 0.0f);
-    down_.assign(n * static_cast<size_t>(shape_.hidden * shape_.intermediate), 0.0f);
+    in_.resize(static_cast<size_t>(num_experts));
+    down_.resize(static_cast<size_t>(num_experts));
+    const std::vector<float> zero(static_cast<size_t>(shape_.hidden * shape_.intermediate), 0.0f);
+    for (int64_t e = 0; e < num_experts; ++e) set_expert(e, zero.data(), zero.data(), zero.data());
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return experts_; }
@@ -96,61 +58,59 @@ class FfnBank {
   [[nodiscard]] int64_t d_out() const noexcept { return shape_.hidden; }
   [[nodiscard]] const FfnShape& shape() const noexcept { return shape_; }
   [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
-    return static_cast<size_t>(rows * in_rows());
+    return static_cast<size_t>(rows * shape_.intermediate);
   }
 
-  /// Input projection of expert e: `[2f, d]` (gate rows then up rows) or `[f, d]` (up).
-  [[nodiscard]] float* in_proj(int64_t e) noexcept { return in_proj_.data() + e * in_rows() * shape_.hidden; }
-  [[nodiscard]] const float* in_proj(int64_t e) const noexcept { return in_proj_.data() + e * in_rows() * shape_.hidden; }
-  /// Output projection of expert e: `[d, f]`.
-  [[nodiscard]] float* down(int64_t e) noexcept { return down_.data() + e * shape_.hidden * shape_.intermediate; }
-  [[nodiscard]] const float* down(int64_t e) const noexcept { return down_.data() + e * shape_.hidden * shape_.intermediate; }
-
-  /// Copies expert e's weights: `gate [f, d]` (gated only, else nullptr), `up [f, d]`,
-  /// `down [d, f]`, all HF layout.
+  /// Packs expert e's weights: `gate [f, d]` (gated only, else ignored and may be null),
+  /// `up [f, d]`, `down [d, f]`, all HF `[out, in]` layout.
   void set_expert(int64_t e, const float* gate, const float* up, const float* down_w) {
     MOEKIT_CHECK(e >= 0 && e < experts_, "FfnBank::set_expert: expert expected in [0, ", experts_, "), got ", e);
     MOEKIT_CHECK(!shape_.gated || gate != nullptr, "FfnBank::set_expert: gated expert ", e, " needs a gate weight");
-    const int64_t fd = shape_.intermediate * shape_.hidden;
-    float* p = in_proj(e);
+    MOEKIT_CHECK(up != nullptr && down_w != nullptr, "FfnBank::set_expert: expert ", e, " needs up and down weights");
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
     if (shape_.gated) {
-      std::copy(gate, gate + fd, p);
-      p += fd;
+      in_[static_cast<size_t>(e)].pack_gated(gate, up, f, d, d);
+    } else {
+      in_[static_cast<size_t>(e)].pack(up, f, d, d);
     }
-    std::copy(up, up + fd, p);
-    std::copy(down_w, down_w + fd, down(e));
+    down_[static_cast<size_t>(e)].pack(down_w, d, f, f);
   }
 
-  /// Runs expert e on `in [rows, d]` into `out [rows, d]`.
-  void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const noexcept {
-    const int64_t d = shape_.hidden, f = shape_.intermediate, r = in_rows();
-    kernels::gemm_nt(rows, r, d, in, d, in_proj(e), d, scratch, r);
-    const Activation act = shape_.act;
-    for (int64_t i = 0; i < rows; ++i) {
-      float* h = scratch + i * r;
-      if (shape_.gated) {
-        for (int64_t j = 0; j < f; ++j) h[j] = activate(act, h[j]) * h[f + j];
-      } else {
-        for (int64_t j = 0; j < f; ++j) h[j] = activate(act, h[j]);
-      }
+  /// Recovers expert e's weights in HF layout (gate may be null for plain experts).
+  void get_expert(int64_t e, float* gate, float* up, float* down_w) const {
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
+    const auto& in = in_[static_cast<size_t>(e)];
+    for (int64_t r = 0; r < f; ++r) {
+      if (shape_.gated && gate != nullptr) in.unpack_row(r, false, gate + r * d);
+      in.unpack_row(r, shape_.gated, up + r * d);
     }
-    kernels::gemm_nt(rows, d, f, scratch, r, down(e), f, out, d);
+    for (int64_t r = 0; r < d; ++r) down_[static_cast<size_t>(e)].unpack_row(r, false, down_w + r * f);
+  }
+
+  /// Runs expert e on `in [rows, d]` into `out [rows, d]`; scratch holds rows * f floats.
+  void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const noexcept {
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
+    const auto& w_in = in_[static_cast<size_t>(e)];
+    if (shape_.gated) {
+      kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, scratch, f);
+    } else {
+      kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, scratch, f);
+    }
+    kernels::gemm_packed(rows, scratch, f, down_[static_cast<size_t>(e)], out, d);
   }
 
   /// FLOPs of one row through one expert.
   [[nodiscard]] double flops_per_row() const noexcept { return shape_.flops_per_row(); }
-  /// Bytes of expert weights (f32) of one expert.
+  /// Bytes of expert weights (f32, as stored after packing) of one expert.
   [[nodiscard]] double weight_bytes_per_expert() const noexcept {
-    return 4.0 * static_cast<double>(shape_.weights_per_expert());
+    return experts_ == 0 ? 0.0 : static_cast<double>(in_[0].bytes() + down_[0].bytes());
   }
 
  private:
-  [[nodiscard]] int64_t in_rows() const noexcept { return shape_.gated ? 2 * shape_.intermediate : shape_.intermediate; }
-
   FfnShape shape_{};
   int64_t experts_ = 0;
-  std::vector<float> in_proj_;
-  std::vector<float> down_;
+  std::vector<kernels::PackedMatrix> in_;
+  std::vector<kernels::PackedMatrix> down_;
 };
 
 static_assert(ExpertBank<FfnBank>);

@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: Apache-2.0
+// Packed-weight GEMM: an MR x (2 SIMD registers) register-blocked micro-kernel streaming one
+// packed strip per row tile, with fused epilogues (store, accumulate, activation, gating).
+// The summation order of every output is sequential over k, so results do not depend on m,
+// the row tiling or the thread count.
+#include "moekit/kernels/packed_gemm.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+namespace moekit::kernels {
+namespace {
+
+using fbatch = xsimd::batch<float>;
+constexpr int64_t L = static_cast<int64_t>(fbatch::size);
+constexpr int64_t P = 2 * L;
+// Row tile: 6 rows x 2 registers = 12 accumulators (fits 16 AVX2 registers with b0, b1, a).
+constexpr int MR = 6;
+
+template <int R>
+inline void micro(const float* A, int64_t lda, const float* B, int64_t k, fbatch (&c)[MR][2]) noexcept {
+  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = fbatch(0.0f);
+  for (int64_t p = 0; p < k; ++p) {
+    const fbatch b0 = fbatch::load_aligned(B + p * P);
+    const fbatch b1 = fbatch::load_aligned(B + p * P + L);
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) {
+      const fbatch a(A[i * lda + p]);
+      c[i][0] = xsimd::fma(a, b0, c[i][0]);
+      c[i][1] = xsimd::fma(a, b1, c[i][1]);
+    }
+  }
+}
+
+// Runs the micro-kernel over all strips and row tiles, handing each finished tile to
+// `epi(row0, rows, strip, acc)`.
+template <class Epi>
+inline void drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Epi&& epi) noexcept {
+  fbatch c[MR][2];
+  const int64_t k = W.k();
+  for (int64_t s = 0; s < W.strips(); ++s) {
+    const float* B = W.strip(s);
+    int64_t i = 0;
+    for (; i + MR <= m; i += MR) {
+      micro<MR>(A + i * lda, lda, B, k, c);
+      epi(i, MR, s, c);
+    }
+    const int64_t r = m - i;
+    const float* a = A + i * lda;
+    switch (r) {
+      case 0: break;
+      case 1: micro<1>(a, lda, B, k, c); break;
+      case 2: micro<2>(a, lda, B, k, c); break;
+      case 3: micro<3>(a, lda, B, k, c); break;
+      case 4: micro<4>(a, lda, B, k, c); break;
+      case 5: micro<5>(a, lda, B, k, c); break;
+      default: break;
+    }
+    if (r > 0) epi(i, r, s, c);
+  }
+}
+
+// Stores `width` (<= L) leading lanes of v at dst.
+inline void store_lanes(const fbatch& v, float* dst, int64_t width) noexcept {
+  if (width == L) {
+    v.store_unaligned(dst);
+  } else if (width > 0) {
+    alignas(64) float tmp[L];
+    v.store_aligned(tmp);
+    std::memcpy(dst, tmp, static_cast<size_t>(width) * sizeof(float));
+  }
+}
+
+inline void add_lanes(const fbatch& v, float* dst, int64_t width) noexcept {
+  if (width == L) {
+    (v + fbatch::load_unaligned(dst)).store_unaligned(dst);
+  } else {
+    alignas(64) float tmp[L];
+    v.store_aligned(tmp);
+    for (int64_t j = 0; j < width; ++j) dst[j] += tmp[j];
+  }
+}
+
+}  // namespace
+
+void PackedMatrix::pack(const float* W, int64_t n, int64_t k, int64_t ldw) {
+  n_ = n;
+  k_ = k;
+  gated_ = false;
+  strips_ = (n + P - 1) / P;
+  data_.assign(static_cast<size_t>(strips_ * k * P), 0.0f);
+  for (int64_t s = 0; s < strips_; ++s)
+    for (int64_t j = 0; j < P && s * P + j < n; ++j) {
+      const float* row = W + (s * P + j) * ldw;
+      float* dst = data_.data() + s * k * P + j;
+      for (int64_t p = 0; p < k; ++p) dst[p * P] = row[p];
+    }
+}
+
+void PackedMatrix::pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw) {
+  n_ = f;
+  k_ = k;
+  gated_ = true;
+  strips_ = (f + L - 1) / L;
+  data_.assign(static_cast<size_t>(strips_ * k * P), 0.0f);
+  for (int64_t s = 0; s < strips_; ++s)
+    for (int64_t j = 0; j < L && s * L + j < f; ++j) {
+      const float* g = G + (s * L + j) * ldw;
+      const float* u = U + (s * L + j) * ldw;
+      float* dst = data_.data() + s * k * P + j;
+      for (int64_t p = 0; p < k; ++p) {
+        dst[p * P] = g[p];
+        dst[p * P + L] = u[p];
+      }
+    }
+}
+
+void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
+  const int64_t width = gated_ ? L : P;
+  const int64_t s = r / width, j = r % width + (gated_ && up ? L : 0);
+  const float* src = data_.data() + s * k_ * P + j;
+  for (int64_t p = 0; p < k_; ++p) dst[p] = src[p * P];
+}
+
+void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
+                 bool accumulate) noexcept {
+  const int64_t n = W.n();
+  drive(m, A, lda, W, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
+    const int64_t col = s * P;
+    const int64_t w0 = std::min<int64_t>(L, n - col), w1 = std::min<int64_t>(L, n - col - L);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* dst = C + (i0 + i) * ldc + col;
+      if (accumulate) {
+        add_lanes(c[i][0], dst, w0);
+        if (w1 > 0) add_lanes(c[i][1], dst + L, w1);
+      } else {
+        store_lanes(c[i][0], dst, w0);
+        if (w1 > 0) store_lanes(c[i][1], dst + L, w1);
+      }
+    }
+  });
+}
+
+void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                       float* H, int64_t ldh) noexcept {
+  const int64_t f = W.n();
+  drive(m, A, lda, W, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
+    const int64_t col = s * L, w = std::min<int64_t>(L, f - col);
+    for (int64_t i = 0; i < rows; ++i) store_lanes(activate(act, c[i][0]) * c[i][1], H + (i0 + i) * ldh + col, w);
+  });
+}
+
+void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                     float* H, int64_t ldh) noexcept {
+  const int64_t n = W.n();
+  drive(m, A, lda, W, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
+    const int64_t col = s * P;
+    const int64_t w0 = std::min<int64_t>(L, n - col), w1 = std::min<int64_t>(L, n - col - L);
+    for (int64_t i = 0; i < rows; ++i) {
+      store_lanes(activate(act, c[i][0]), H + (i0 + i) * ldh + col, w0);
+      if (w1 > 0) store_lanes(activate(act, c[i][1]), H + (i0 + i) * ldh + col + L, w1);
+    }
+  });
+}
+
+}  // namespace moekit::kernels
+
+#include "moekit/kernels/gemm.hpp"
+
+namespace moekit::kernels {
+
+const char* gemm_backend() noexcept {
+  static const std::string name =
+      "packed-" + std::to_string(MR) + "x" + std::to_string(P) + "-" + xsimd::batch<float>::arch_type::name();
+  return name.c_str();
+}
+
+}  // namespace moekit::kernels
