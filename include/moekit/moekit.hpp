@@ -8,6 +8,7 @@
 #include "moekit/experts/ffn.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/router.hpp"
+#include "moekit/routers/aux.hpp"
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "moekit/version.hpp"
