@@ -17,47 +17,85 @@ constexpr int64_t L = static_cast<int64_t>(fbatch::size);
 constexpr int64_t P = 2 * L;
 // Row tile: 6 rows x 2 registers = 12 accumulators (fits 16 AVX2 registers with b0, b1, a).
 constexpr int MR = 6;
+// Rows packed at a time (the packed A buffer holds kRowChunk * k floats).
+constexpr int64_t kRowChunk = 96;
+// Depth per chunk: a strip chunk is kDepthChunk * P floats (16 KiB for AVX2).
+constexpr int64_t kDepthChunk = 256;
 
+// One row tile: `Ap` is the tile's rows packed k-major (`[k, MR]`), B one strip (`[k, P]`).
+// `acc` (`[R, P]`, aligned) holds the partial sums of earlier k chunks, or null for the first.
 template <int R>
-inline void micro(const float* A, int64_t lda, const float* B, int64_t k, fbatch (&c)[MR][2]) noexcept {
-  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = fbatch(0.0f);
+inline void micro(const float* Ap, const float* B, int64_t k, fbatch (&c)[MR][2], const float* acc) noexcept {
+  for (int i = 0; i < R; ++i) {
+    c[i][0] = acc ? fbatch::load_aligned(acc + i * P) : fbatch(0.0f);
+    c[i][1] = acc ? fbatch::load_aligned(acc + i * P + L) : fbatch(0.0f);
+  }
   for (int64_t p = 0; p < k; ++p) {
     const fbatch b0 = fbatch::load_aligned(B + p * P);
     const fbatch b1 = fbatch::load_aligned(B + p * P + L);
 #pragma GCC unroll 6
     for (int i = 0; i < R; ++i) {
-      const fbatch a(A[i * lda + p]);
+      const fbatch a(Ap[p * MR + i]);
       c[i][0] = xsimd::fma(a, b0, c[i][0]);
       c[i][1] = xsimd::fma(a, b1, c[i][1]);
     }
   }
 }
 
+// Packs rows [0, m) of A into row tiles of MR rows, each k-major (`[k, MR]`), so the
+// micro-kernel reads one contiguous stream instead of MR rows 4 KiB apart (L1 set conflicts).
+inline void pack_a(int64_t m, int64_t k, const float* A, int64_t lda, float* Ap) noexcept {
+  for (int64_t i0 = 0; i0 < m; i0 += MR) {
+    const int64_t r = std::min<int64_t>(MR, m - i0);
+    float* dst = Ap + i0 * k;
+    for (int64_t i = 0; i < r; ++i) {
+      const float* src = A + (i0 + i) * lda;
+      for (int64_t p = 0; p < k; ++p) dst[p * MR + i] = src[p];
+    }
+  }
+}
+
 // Runs the micro-kernel over all strips and row tiles, handing each finished tile to
-// `epi(row0, rows, strip, acc)`.
+// `epi(row0, rows, strip, acc)`. Rows go in chunks of kRowChunk so the packed A stays small;
+// k goes in chunks of kDepthChunk so a strip's chunk stays in L1 across the row tiles, with
+// the partial sums parked in `part` between chunks (exact: the order stays sequential in k).
 template <class Epi>
-inline void drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Epi&& epi) noexcept {
+inline void drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* Ap, Epi&& epi) noexcept {
   fbatch c[MR][2];
+  alignas(64) float part[kRowChunk * P];
   const int64_t k = W.k();
-  for (int64_t s = 0; s < W.strips(); ++s) {
-    const float* B = W.strip(s);
-    int64_t i = 0;
-    for (; i + MR <= m; i += MR) {
-      micro<MR>(A + i * lda, lda, B, k, c);
-      epi(i, MR, s, c);
+  for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
+    const int64_t mc = std::min<int64_t>(kRowChunk, m - m0);
+    pack_a(mc, k, A + m0 * lda, lda, Ap);
+    for (int64_t s = 0; s < W.strips(); ++s) {
+      for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kDepthChunk) {
+        const int64_t kc = std::min<int64_t>(kDepthChunk, k - p0);
+        const bool last = p0 + kc >= k;
+        const float* B = W.strip(s) + p0 * P;
+        for (int64_t i = 0; i < mc; i += MR) {
+          const int64_t r = std::min<int64_t>(MR, mc - i);
+          const float* a = Ap + i * k + p0 * MR;
+          const float* acc = p0 == 0 ? nullptr : part + i * P;
+          switch (r) {
+            case 1: micro<1>(a, B, kc, c, acc); break;
+            case 2: micro<2>(a, B, kc, c, acc); break;
+            case 3: micro<3>(a, B, kc, c, acc); break;
+            case 4: micro<4>(a, B, kc, c, acc); break;
+            case 5: micro<5>(a, B, kc, c, acc); break;
+            default: micro<MR>(a, B, kc, c, acc); break;
+          }
+          if (last) {
+            epi(m0 + i, r, s, c);
+          } else {
+            for (int64_t j = 0; j < r; ++j) {
+              c[j][0].store_aligned(part + (i + j) * P);
+              c[j][1].store_aligned(part + (i + j) * P + L);
+            }
+          }
+        }
+        if (k == 0) break;
+      }
     }
-    const int64_t r = m - i;
-    const float* a = A + i * lda;
-    switch (r) {
-      case 0: break;
-      case 1: micro<1>(a, lda, B, k, c); break;
-      case 2: micro<2>(a, lda, B, k, c); break;
-      case 3: micro<3>(a, lda, B, k, c); break;
-      case 4: micro<4>(a, lda, B, k, c); break;
-      case 5: micro<5>(a, lda, B, k, c); break;
-      default: break;
-    }
-    if (r > 0) epi(i, r, s, c);
   }
 }
 
@@ -83,6 +121,11 @@ inline void add_lanes(const fbatch& v, float* dst, int64_t width) noexcept {
 }
 
 }  // namespace
+
+size_t packed_a_floats(int64_t m, int64_t k) noexcept {
+  const int64_t rows = std::min<int64_t>(m, kRowChunk);
+  return static_cast<size_t>(((rows + MR - 1) / MR) * MR * k);
+}
 
 void PackedMatrix::pack(const float* W, int64_t n, int64_t k, int64_t ldw) {
   n_ = n;
@@ -124,9 +167,9 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
 }
 
 void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
-                 bool accumulate) noexcept {
+                 float* a_pack, bool accumulate) noexcept {
   const int64_t n = W.n();
-  drive(m, A, lda, W, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
+  drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
     const int64_t col = s * P;
     const int64_t w0 = std::min<int64_t>(L, n - col), w1 = std::min<int64_t>(L, n - col - L);
     for (int64_t i = 0; i < rows; ++i) {
@@ -143,18 +186,18 @@ void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, 
 }
 
 void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                       float* H, int64_t ldh) noexcept {
+                       float* H, int64_t ldh, float* a_pack) noexcept {
   const int64_t f = W.n();
-  drive(m, A, lda, W, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
+  drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
     const int64_t col = s * L, w = std::min<int64_t>(L, f - col);
     for (int64_t i = 0; i < rows; ++i) store_lanes(activate(act, c[i][0]) * c[i][1], H + (i0 + i) * ldh + col, w);
   });
 }
 
 void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                     float* H, int64_t ldh) noexcept {
+                     float* H, int64_t ldh, float* a_pack) noexcept {
   const int64_t n = W.n();
-  drive(m, A, lda, W, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
+  drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
     const int64_t col = s * P;
     const int64_t w0 = std::min<int64_t>(L, n - col), w1 = std::min<int64_t>(L, n - col - L);
     for (int64_t i = 0; i < rows; ++i) {

@@ -45,7 +45,7 @@ void expect_close(const std::vector<float>& got, const std::vector<double>& ref,
 
 TEST(KernelsPackedGemm, PlainGatedAndActivationMatchReference) {
   std::mt19937 g(1234);
-  std::uniform_int_distribution<int> pick_m(0, 20), pick_n(1, 70), pick_k(1, 90);
+  std::uniform_int_distribution<int> pick_m(0, 200), pick_n(1, 70), pick_k(1, 90);
   for (int trial = 0; trial < 60; ++trial) {
     const int64_t m = pick_m(g), n = pick_n(g), k = pick_k(g), lda = k + trial % 3;
     const auto A = randn(g, static_cast<size_t>(std::max<int64_t>(m, 1) * lda));
@@ -78,9 +78,11 @@ TEST(KernelsPackedGemm, PlainGatedAndActivationMatchReference) {
       }
     const int64_t ldc = n + 5;
     std::vector<float> C(static_cast<size_t>(std::max<int64_t>(m, 1) * ldc), 7.0f), H(C), Ha(C);
-    moekit::kernels::gemm_packed(m, A.data(), lda, pw, C.data(), ldc);
-    moekit::kernels::gemm_packed_gated(m, A.data(), lda, pg, act, H.data(), ldc);
-    moekit::kernels::gemm_packed_act(m, A.data(), lda, pa, act, Ha.data(), ldc);
+    std::vector<float> ap(moekit::kernels::packed_a_floats(m, k) + 1, -1.0f);
+    moekit::kernels::gemm_packed(m, A.data(), lda, pw, C.data(), ldc, ap.data());
+    moekit::kernels::gemm_packed_gated(m, A.data(), lda, pg, act, H.data(), ldc, ap.data());
+    moekit::kernels::gemm_packed_act(m, A.data(), lda, pa, act, Ha.data(), ldc, ap.data());
+    EXPECT_EQ(ap.back(), -1.0f) << "a_pack overrun";
     std::vector<float> c(static_cast<size_t>(m * n)), h(c), ha(c);
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t j = 0; j < n; ++j) {
@@ -94,7 +96,7 @@ TEST(KernelsPackedGemm, PlainGatedAndActivationMatchReference) {
     expect_close(h, ref_h, 1e-5, "gemm_packed_gated");
     expect_close(ha, ref_a, 1e-5, "gemm_packed_act");
     // accumulate adds to what is there
-    moekit::kernels::gemm_packed(m, A.data(), lda, pw, C.data(), ldc, /*accumulate=*/true);
+    moekit::kernels::gemm_packed(m, A.data(), lda, pw, C.data(), ldc, ap.data(), /*accumulate=*/true);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) ASSERT_NEAR(C[i * ldc + j], 2 * ref_c[i * n + j], 1e-4 * (1 + std::fabs(ref_c[i * n + j])));
   }
@@ -107,10 +109,10 @@ TEST(KernelsPackedGemm, RowResultIndependentOfBlockSize) {
   const auto A = randn(g, 13 * k), W = randn(g, n * k);
   PackedMatrix pw;
   pw.pack(W.data(), n, k, k);
-  std::vector<float> all(13 * n), one(n);
-  moekit::kernels::gemm_packed(13, A.data(), k, pw, all.data(), n);
+  std::vector<float> all(13 * n), one(n), ap(moekit::kernels::packed_a_floats(13, k));
+  moekit::kernels::gemm_packed(13, A.data(), k, pw, all.data(), n, ap.data());
   for (int64_t i = 0; i < 13; ++i) {
-    moekit::kernels::gemm_packed(1, A.data() + i * k, k, pw, one.data(), n);
+    moekit::kernels::gemm_packed(1, A.data() + i * k, k, pw, one.data(), n, ap.data());
     for (int64_t j = 0; j < n; ++j) ASSERT_EQ(one[j], all[i * n + j]);
   }
 }

@@ -58,7 +58,8 @@ class FfnBank {
   [[nodiscard]] int64_t d_out() const noexcept { return shape_.hidden; }
   [[nodiscard]] const FfnShape& shape() const noexcept { return shape_; }
   [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
-    return static_cast<size_t>(rows * shape_.intermediate);
+    return static_cast<size_t>(rows * shape_.intermediate) +
+           kernels::packed_a_floats(rows, std::max(shape_.hidden, shape_.intermediate));
   }
 
   /// Packs expert e's weights: `gate [f, d]` (gated only, else ignored and may be null),
@@ -87,16 +88,18 @@ class FfnBank {
     for (int64_t r = 0; r < d; ++r) down_[static_cast<size_t>(e)].unpack_row(r, false, down_w + r * f);
   }
 
-  /// Runs expert e on `in [rows, d]` into `out [rows, d]`; scratch holds rows * f floats.
+  /// Runs expert e on `in [rows, d]` into `out [rows, d]`; scratch holds scratch_floats(rows).
   void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const noexcept {
     const int64_t d = shape_.hidden, f = shape_.intermediate;
     const auto& w_in = in_[static_cast<size_t>(e)];
+    float* h = scratch;
+    float* a_pack = scratch + rows * f;
     if (shape_.gated) {
-      kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, scratch, f);
+      kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, h, f, a_pack);
     } else {
-      kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, scratch, f);
+      kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, h, f, a_pack);
     }
-    kernels::gemm_packed(rows, scratch, f, down_[static_cast<size_t>(e)], out, d);
+    kernels::gemm_packed(rows, h, f, down_[static_cast<size_t>(e)], out, d, a_pack);
   }
 
   /// FLOPs of one row through one expert.

@@ -44,16 +44,20 @@ class PackedMatrix {
   std::vector<float, xsimd::aligned_allocator<float, 64>> data_;
 };
 
+/// Floats of scratch the GEMMs below need in `a_pack` for m rows of depth k (they repack A
+/// into row tiles; the caller owns the memory so the hot path allocates nothing).
+size_t packed_a_floats(int64_t m, int64_t k) noexcept;
+
 /// `C[m, n] = A[m, k] W^T` (or `+=` with accumulate) for plain packed W; A, C row-major.
 void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
-                 bool accumulate = false) noexcept;
+                 float* a_pack, bool accumulate = false) noexcept;
 
 /// `H[m, f] = act(A G^T) * (A U^T)` for gated packed (G, U): the SwiGLU / GeGLU first half.
 void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                       float* H, int64_t ldh) noexcept;
+                       float* H, int64_t ldh, float* a_pack) noexcept;
 
 /// `H[m, n] = act(A W^T)` for plain packed W (a non-gated FFN's first half).
 void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                     float* H, int64_t ldh) noexcept;
+                     float* H, int64_t ldh, float* a_pack) noexcept;
 
 }  // namespace moekit::kernels
