@@ -48,6 +48,13 @@ void fill(float* p, int64_t n, double scale, Normal& g) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(g.next() * scale);
 }
 
+// The routed experts' shape; d always comes from the router (one source of truth).
+FfnShape experts_shape(const LayerConfig& c) {
+  FfnShape s = c.experts;
+  s.hidden = c.hidden();
+  return s;
+}
+
 }  // namespace
 
 TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const std::string& prefix) {
@@ -56,7 +63,7 @@ TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const st
   std::vector<float> bias;
   if (c.router_bias) bias = src.read_f32(prefix + "gate.e_score_correction_bias", {E});
   TopKRouter router(c.router, std::move(gate), std::move(bias));
-  FfnBank bank(E, c.experts);
+  FfnBank bank(E, experts_shape(c));
   const ExpertTensorNames nm = names_of(c.expert_names);
   std::vector<float> buf;
   for (int64_t e = 0; e < E; ++e) load_ffn(src, prefix + "experts." + std::to_string(e) + ".", nm, bank, e, buf);
@@ -92,7 +99,7 @@ TopKLayer random_layer(const LayerConfig& c, uint64_t seed) {
       bank.set_expert(e, buf.data(), buf.data() + fe * d, buf.data() + 2 * fe * d);
     }
   };
-  FfnBank bank(E, c.experts);
+  FfnBank bank(E, experts_shape(c));
   fill_bank(bank);
   std::vector<SharedExpert> shared;
   if (c.shared) {
@@ -110,7 +117,7 @@ TopKLayer random_layer(const LayerConfig& c, uint64_t seed) {
 double layer_weight_bytes(const LayerConfig& c) {
   const double d = static_cast<double>(c.hidden());
   double n = static_cast<double>(c.router.num_experts) * d;  // router
-  n += static_cast<double>(c.router.num_experts) * static_cast<double>(c.experts.weights_per_expert());
+  n += static_cast<double>(c.router.num_experts) * static_cast<double>(experts_shape(c).weights_per_expert());
   if (c.shared) n += 3.0 * d * static_cast<double>(c.shared->intermediate) + (c.shared->gated ? d : 0.0);
   return 4.0 * n;
 }
