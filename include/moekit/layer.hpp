@@ -200,15 +200,18 @@ class SparseLayer {
     }
   }
 
-  /// FLOPs a forward with this plan executes: kept routed slots, shared experts on unpadded
-  /// tokens, the router's logits (needs flops_per_row() on the bank).
-  [[nodiscard]] double executed_flops(const RoutingPlan& plan) const {
-    int64_t routed = 0;
-    for (int64_t t = 0; t < plan.num_tokens(); ++t) routed += plan.slots_of(t) > 0;
+  /// FLOPs a forward of `batch` with this plan executes: kept routed slots, shared experts
+  /// and router logits on every unpadded token (needs flops_per_row() on the bank).
+  [[nodiscard]] double executed_flops(const RoutingPlan& plan, const Batch& batch) const {
+    const double routed = static_cast<double>(batch.routed_tokens());
     double f = static_cast<double>(plan.num_kept()) * experts_.flops_per_row();
-    for (const SharedExpert& s : shared_) f += static_cast<double>(routed) * s.ffn.flops_per_row();
-    f += static_cast<double>(routed) * 2.0 * static_cast<double>(num_experts() * hidden_size());
+    for (const SharedExpert& s : shared_) f += routed * s.ffn.flops_per_row();
+    f += routed * 2.0 * static_cast<double>(num_experts() * hidden_size());
     return f;
+  }
+  /// The same for an unpadded batch of plan.num_tokens() tokens.
+  [[nodiscard]] double executed_flops(const RoutingPlan& plan) const {
+    return executed_flops(plan, Batch::single(plan.num_tokens(), hidden_size()));
   }
 
  private:

@@ -177,8 +177,11 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     fresh_input();
     l.forward(batch, x.data(), y.data(), ws, threads);
   }
+  // Bytes of f32 weights streamed per forward: active routed experts plus shared experts
+  // (expert_weight_bytes); weight_gbps adds the router's weights.
   const double expert_bytes = 4.0 * static_cast<double>(cfg.experts.weights_per_expert());
-  const double shared_bytes = cfg.shared ? 4.0 * 3.0 * static_cast<double>(d * cfg.shared->intermediate) : 0.0;
+  const double shared_bytes =
+      cfg.shared ? 4.0 * (cfg.experts.gated ? 3.0 : 2.0) * static_cast<double>(d * cfg.shared->intermediate) : 0.0;
   const double router_bytes = 4.0 * static_cast<double>(cfg.router.num_experts * d);
   std::vector<double> ms, gf, gbps, touched;
   for (int64_t r = 0; r < repeat; ++r) {
@@ -189,11 +192,11 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     int64_t active = 0;
     for (int64_t e = 0; e < cfg.router.num_experts; ++e) active += ws.plan.kept_of(e) > 0;
-    const double bytes = static_cast<double>(active) * expert_bytes + (T > 0 ? shared_bytes + router_bytes : 0.0);
+    const double experts = static_cast<double>(active) * expert_bytes + (T > 0 ? shared_bytes : 0.0);
     ms.push_back(s * 1e3);
-    gf.push_back(l.executed_flops(ws.plan) / s / 1e9);
-    gbps.push_back(bytes / s / 1e9);
-    touched.push_back(bytes);
+    gf.push_back(l.executed_flops(ws.plan, batch) / s / 1e9);
+    gbps.push_back((experts + (T > 0 ? router_bytes : 0.0)) / s / 1e9);
+    touched.push_back(experts);
   }
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
@@ -253,7 +256,7 @@ int cmd_info() {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fputs(kUsage, stderr);
+    std::fputs("moekit: error: missing command (expected run, bench or info; see moekit --help)\n", stderr);
     return 2;
   }
   const std::string cmd = argv[1];

@@ -2,6 +2,8 @@
 // Parses HF config.json files and moekit's own layer config into a LayerConfig.
 #include "moekit/io/config.hpp"
 
+#include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -31,9 +33,16 @@ class Reader {
     used_.insert(key);
     if (!has(key)) return def;
     const json& v = j_.at(key);
-    MOEKIT_CHECK(v.is_number_integer() || (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))),
-                 where_, ".", key, ": expected an integer, got ", v.dump());
-    return v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
+    if (v.is_number_integer()) {
+      MOEKIT_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), where_, ".", key,
+                   ": expected an integer below 2^63, got ", v.dump());
+      return v.get<int64_t>();
+    }
+    // 2.0 is accepted as 2; the range check comes before the cast (no undefined conversion).
+    const bool integral = v.is_number_float() && std::isfinite(v.get<double>()) && std::fabs(v.get<double>()) < 9.0e15 &&
+                          v.get<double>() == std::floor(v.get<double>());
+    MOEKIT_CHECK(integral, where_, ".", key, ": expected an integer, got ", v.dump());
+    return static_cast<int64_t>(v.get<double>());
   }
   int64_t required_integer(const std::string& key) {
     MOEKIT_CHECK(has(key), where_, ".", key, ": expected an integer, got nothing (the key is required)");
@@ -93,7 +102,7 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
   } else if (preset == "qwen3_moe") {  // Qwen3MoeConfig
     r.hidden = 2048; c.experts.intermediate = 768; r.num_experts = 128; r.k = 8;
   } else if (preset == "olmoe") {  // OlmoeConfig
-    r.hidden = 2048; c.experts.intermediate = 1024; r.num_experts = 64; r.k = 8;
+    r.hidden = 2048; c.experts.intermediate = 2048; r.num_experts = 64; r.k = 8;
   } else if (preset == "deepseek_v3") {  // DeepseekV3Config
     r.hidden = 7168; c.experts.intermediate = 2048; r.num_experts = 256; r.k = 8;
     r.score_func = ScoreFunc::sigmoid; r.norm_topk_prob = true; r.routed_scaling_factor = 2.5f;
@@ -136,7 +145,8 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
     r.num_experts = rd.integer("num_local_experts", r.num_experts);
   } else if (mt == "olmoe") {
     c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
-    r.num_experts = rd.integer("num_experts", r.num_experts);
+    // OlmoeConfig maps num_local_experts onto num_experts (attribute_map).
+    r.num_experts = rd.integer("num_experts", rd.integer("num_local_experts", r.num_experts));
   } else if (mt == "qwen2_moe" || mt == "qwen3_moe") {
     c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
     r.num_experts = rd.integer("num_experts", r.num_experts);
@@ -158,8 +168,9 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
     MOEKIT_CHECK(sf == "sigmoid" || sf == "softmax", origin, ".scoring_func: expected \"sigmoid\" or \"softmax\", got \"", sf, "\"");
     r.score_func = sf == "sigmoid" ? ScoreFunc::sigmoid : ScoreFunc::softmax;
     const std::string tm = rd.string("topk_method", "noaux_tc");
-    MOEKIT_CHECK(tm == "noaux_tc" || tm == "greedy" || tm == "group_limited_greedy", origin,
-                 ".topk_method: expected noaux_tc, greedy or group_limited_greedy, got \"", tm, "\"");
+    // group_limited_greedy (DeepSeek-V2) scores a group by its max, not supported here.
+    MOEKIT_CHECK(tm == "noaux_tc" || tm == "greedy", origin,
+                 ".topk_method: expected noaux_tc or greedy, got \"", tm, "\"");
     c.router_bias = tm == "noaux_tc";
     if (tm == "greedy") r.n_group = 0;
     const int64_t ns = rd.integer("n_shared_experts", 1);
@@ -195,6 +206,8 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
   TopKOptions& r = c.router;
   r.hidden = rd.integer("hidden_size", r.hidden);
 
+  rd.mark("router");
+  rd.mark("experts");
   if (rd.has("router")) {
     Reader rr(rd.raw("router"), origin + ".router");
     const std::string type = rr.string("type", "topk");
@@ -212,6 +225,7 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     r.topk_group = rr.integer("topk_group", r.topk_group);
     r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
     r.min_capacity = rr.integer("min_capacity", r.min_capacity);
+    rr.mark("drop_policy");
     if (rr.has("drop_policy")) r.drop_policy = parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
     r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
     const std::string noise = rr.string("noise", "none");
@@ -246,8 +260,9 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     MOEKIT_CHECK(!s.names.empty() && s.names.back() == '.', rs.where(), ".names: expected a tensor prefix ending in '.', got \"", s.names, "\"");
     rs.reject_unknown();
     c.shared = s;
-  } else {
-    rd.mark("shared_expert");
+  } else if (j.contains("shared_expert")) {
+    rd.mark("shared_expert");  // null: no shared expert, even if the preset has one
+    c.shared.reset();
   }
   rd.reject_unknown();
   finish(c, origin);

@@ -69,7 +69,7 @@ TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const st
   for (int64_t e = 0; e < E; ++e) load_ffn(src, prefix + "experts." + std::to_string(e) + ".", nm, bank, e, buf);
   std::vector<SharedExpert> shared;
   if (c.shared) {
-    FfnShape s{d, c.shared->intermediate, true, c.experts.act};
+    FfnShape s{d, c.shared->intermediate, c.experts.gated, c.experts.act};
     SharedExpert se{FfnBank(1, s), {}};
     load_ffn(src, prefix + c.shared->names, names_of(ExpertNames::hf), se.ffn, 0, buf);
     if (c.shared->gated) se.gate = src.read_f32(prefix + "shared_expert_gate.weight", {1, d});
@@ -103,7 +103,7 @@ TopKLayer random_layer(const LayerConfig& c, uint64_t seed) {
   fill_bank(bank);
   std::vector<SharedExpert> shared;
   if (c.shared) {
-    SharedExpert se{FfnBank(1, FfnShape{d, c.shared->intermediate, true, c.experts.act}), {}};
+    SharedExpert se{FfnBank(1, FfnShape{d, c.shared->intermediate, c.experts.gated, c.experts.act}), {}};
     fill_bank(se.ffn);
     if (c.shared->gated) {
       se.gate.resize(static_cast<size_t>(d));
@@ -118,7 +118,7 @@ double layer_weight_bytes(const LayerConfig& c) {
   const double d = static_cast<double>(c.hidden());
   double n = static_cast<double>(c.router.num_experts) * d;  // router
   n += static_cast<double>(c.router.num_experts) * static_cast<double>(experts_shape(c).weights_per_expert());
-  if (c.shared) n += 3.0 * d * static_cast<double>(c.shared->intermediate) + (c.shared->gated ? d : 0.0);
+  if (c.shared) n += (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate) + (c.shared->gated ? d : 0.0);
   return 4.0 * n;
 }
 

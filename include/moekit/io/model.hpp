@@ -20,7 +20,8 @@ class TensorSource;
 using TopKLayer = SparseLayer<TopKRouter, FfnBank>;
 
 /// Loads the layer's tensors (HF names after `prefix`, ROUTING.md section 8 and
-/// docs/cli.md) from `weights`, converting F32/BF16/F16 to f32. Missing or mis-shaped
+/// docs/config.md) from `weights`, converting F32/BF16/F16/F64 to f32. Shared experts
+/// have the routed experts' FFN type (gated or not, same activation). Missing or mis-shaped
 /// tensors throw moekit::error naming the tensor; extra tensors are ignored.
 TopKLayer load_layer(const LayerConfig& config, const io::TensorSource& weights, const std::string& prefix = "");
 

@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: Apache-2.0
+// Config parsing: HF config.json defaults per model type, moekit's own format, and errors
+// that name the key.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "moekit/io/config.hpp"
+
+namespace {
+
+using moekit::parse_layer_config;
+
+void expect_error(const std::string& json, const std::string& mentions) {
+  try {
+    parse_layer_config(json, "cfg");
+    ADD_FAILURE() << "no error for " << json;
+  } catch (const moekit::error& e) {
+    EXPECT_NE(std::string(e.what()).find(mentions), std::string::npos) << e.what();
+  }
+}
+
+TEST(ConfigHf, DefaultsAreTheHfConfigClassDefaults) {
+  // Missing keys take the HF config-class defaults (transformers' configuration_*.py).
+  auto c = parse_layer_config(R"({"model_type": "mixtral"})");
+  EXPECT_EQ(c.hidden(), 4096); EXPECT_EQ(c.experts.intermediate, 14336);
+  EXPECT_EQ(c.router.num_experts, 8); EXPECT_EQ(c.router.k, 2); EXPECT_TRUE(c.router.norm_topk_prob);
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::mixtral);
+  c = parse_layer_config(R"({"model_type": "qwen2_moe"})");
+  EXPECT_EQ(c.hidden(), 2048); EXPECT_EQ(c.experts.intermediate, 1408); EXPECT_EQ(c.router.num_experts, 60);
+  EXPECT_EQ(c.router.k, 4); EXPECT_FALSE(c.router.norm_topk_prob);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 5632); EXPECT_TRUE(c.shared->gated);
+  c = parse_layer_config(R"({"model_type": "qwen3_moe"})");
+  EXPECT_EQ(c.experts.intermediate, 768); EXPECT_EQ(c.router.num_experts, 128); EXPECT_EQ(c.router.k, 8);
+  EXPECT_FALSE(c.router.norm_topk_prob); EXPECT_FALSE(c.shared);
+  c = parse_layer_config(R"({"model_type": "olmoe"})");
+  EXPECT_EQ(c.experts.intermediate, 2048); EXPECT_EQ(c.router.num_experts, 64); EXPECT_EQ(c.router.k, 8);
+  EXPECT_FALSE(c.router.norm_topk_prob);
+  c = parse_layer_config(R"({"model_type": "olmoe", "num_local_experts": 16, "num_experts_per_tok": 2})");
+  EXPECT_EQ(c.router.num_experts, 16);
+  c = parse_layer_config(R"({"model_type": "deepseek_v3"})");
+  EXPECT_EQ(c.hidden(), 7168); EXPECT_EQ(c.experts.intermediate, 2048); EXPECT_EQ(c.router.num_experts, 256);
+  EXPECT_EQ(c.router.k, 8); EXPECT_EQ(c.router.n_group, 8); EXPECT_EQ(c.router.topk_group, 4);
+  EXPECT_FLOAT_EQ(c.router.routed_scaling_factor, 2.5f); EXPECT_TRUE(c.router.norm_topk_prob);
+  EXPECT_EQ(c.router.score_func, moekit::ScoreFunc::sigmoid); EXPECT_TRUE(c.router_bias);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 2048); EXPECT_FALSE(c.shared->gated);
+  c = parse_layer_config(R"({"model_type": "deepseek_v3", "n_shared_experts": 2, "moe_intermediate_size": 64, "intermediate_size": 999})");
+  EXPECT_EQ(c.shared->intermediate, 128); EXPECT_EQ(c.experts.intermediate, 64);
+  // Unknown HF keys are ignored; integral floats are integers.
+  c = parse_layer_config(R"({"model_type": "mixtral", "vocab_size": 3, "rope_theta": 1e6, "hidden_size": 64.0})");
+  EXPECT_EQ(c.hidden(), 64);
+}
+
+TEST(ConfigHf, ErrorsNameTheKey) {
+  expect_error(R"({"model_type": "llama"})", "model_type");
+  expect_error(R"({"model_type": "mixtral", "num_experts_per_tok": 9})", "k expected in [1, E = 8], got 9");
+  expect_error(R"({"model_type": "mixtral", "num_experts_per_tok": 0})", "got 0");
+  expect_error(R"({"model_type": "mixtral", "hidden_size": 1e30})", "hidden_size");
+  expect_error(R"({"model_type": "mixtral", "hidden_size": 2.5})", "hidden_size");
+  expect_error(R"({"model_type": "mixtral", "hidden_size": "big"})", "hidden_size");
+  expect_error(R"({"model_type": "mixtral", "hidden_act": "swishy"})", "hidden_act");
+  expect_error(R"({"model_type": "deepseek_v3", "n_routed_experts": 30})", "divisible by n_group");
+  expect_error(R"({"model_type": "deepseek_v3", "topk_group": 9})", "topk_group");
+  expect_error(R"({"model_type": "deepseek_v3", "topk_method": "group_limited_greedy"})", "topk_method");
+  expect_error(R"({"model_type": "deepseek_v3", "routed_scaling_factor": -1})", "routed_scaling_factor");
+  expect_error(R"([1, 2])", "JSON object");
+  expect_error(R"({"hidden_size": 3})", "neither");
+  expect_error(R"({"model_type": )", "not valid JSON");
+}
+
+TEST(ConfigMoekit, PresetsRoutersAndUnknownKeys) {
+  auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "switch", "hidden_size": 32,
+      "router": {"num_experts": 4, "capacity_factor": 1.5, "drop_policy": "score", "min_capacity": 2},
+      "experts": {"type": "gelu", "intermediate_size": 16}})");
+  EXPECT_EQ(c.router.k, 1); EXPECT_EQ(c.router.num_experts, 4); EXPECT_DOUBLE_EQ(c.router.capacity_factor, 1.5);
+  EXPECT_EQ(c.router.drop_policy, moekit::DropPolicy::score); EXPECT_EQ(c.router.min_capacity, 2);
+  EXPECT_FALSE(c.experts.gated); EXPECT_EQ(c.experts.act, moekit::Activation::gelu);
+  c = parse_layer_config(R"({"moekit_config_version": 1, "hidden_size": 8,
+      "router": {"type": "topk", "num_experts": 6, "k": 2, "score_func": "sigmoid", "norm_topk_prob": true,
+                 "n_group": 3, "topk_group": 2, "e_score_correction_bias": true, "routed_scaling_factor": 2},
+      "experts": {"type": "swiglu", "intermediate_size": 4, "names": "mixtral"},
+      "shared_expert": {"intermediate_size": 8, "gated": true}})");
+  EXPECT_EQ(c.router.n_group, 3); EXPECT_TRUE(c.router_bias); EXPECT_EQ(c.expert_names, moekit::ExpertNames::mixtral);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->names, "shared_expert.");
+  // null removes a preset's shared expert; null router/experts keep the preset's.
+  c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "qwen2_moe", "hidden_size": 8, "shared_expert": null,
+      "router": null, "experts": {"intermediate_size": 4}})");
+  EXPECT_FALSE(c.shared);
+  EXPECT_EQ(c.router.num_experts, 60);
+  expect_error(R"({"moekit_config_version": 2, "preset": "switch"})", "moekit_config_version");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "extra": 1})", "unknown key \"extra\"");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"kk": 1}})", "unknown key \"kk\"");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "experts": {"type": "mlp"}})", "experts.type");
+  expect_error(R"({"moekit_config_version": 1, "preset": "mixtral2"})", "preset");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"type": "sinkhorn"}})", "router.type");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"capacity_factor": -1}})", "capacity_factor");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"drop_policy": "random"}})", "drop_policy");
+  expect_error(R"({"moekit_config_version": 1, "hidden_size": 8})", "preset");
+}
+
+}  // namespace
