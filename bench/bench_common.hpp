@@ -1,0 +1,26 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared pieces of moekit_bench: the thread count and the per-scenario registration hooks.
+#pragma once
+
+#include <cstdlib>
+#include <string>
+
+namespace moekit_bench {
+
+/// Threads every benchmark uses: MOEKIT_BENCH_THREADS (>= 1), default 2.
+inline int bench_threads() {
+  if (const char* s = std::getenv("MOEKIT_BENCH_THREADS")) {
+    const int n = std::atoi(s);
+    if (n >= 1) return n;
+  }
+  return 2;
+}
+
+/// Machine peaks measured in the same run: Eigen sgemm GFLOP/s, STREAM triad GB/s
+/// (bench_peak.cpp). Registered first, so they run first.
+void register_peak_benchmarks();
+
+/// One registration per (top-k router preset, shape, tokens) (bench_topk_presets.cpp).
+void register_topk_preset_benchmarks();
+
+}  // namespace moekit_bench

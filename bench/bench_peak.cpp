@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: Apache-2.0
+// The machine's measured peaks, in the same run as the layer benchmarks: Eigen sgemm
+// (2048^3, 1 and N threads) in GFLOP/s and a STREAM-style triad over 512 MB in GB/s.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include "bench_common.hpp"
+
+namespace moekit_bench {
+namespace {
+
+constexpr int64_t kGemmN = 2048;
+constexpr int64_t kTriadBytes = int64_t{512} << 20;  // all three arrays: well above the L3
+
+// C = A * B, f32, column-major, Eigen's own blocking; `threads` via Eigen's OpenMP path
+// (moekit builds its own sources with EIGEN_DONT_PARALLELIZE, this file does not).
+void sgemm(benchmark::State& state, int threads) {
+  const Eigen::Index n = kGemmN;
+  Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n), c(n, n);
+  const int saved = Eigen::nbThreads();
+  Eigen::setNbThreads(threads);
+  c.noalias() = a * b;  // warm-up: packing buffers, OpenMP pool
+  for (auto _ : state) {
+    c.noalias() = a * b;
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  Eigen::setNbThreads(saved);
+  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * static_cast<double>(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+
+// STREAM triad a = b + s * c in f64, first touch and loop with the same static schedule.
+// Bytes counted as STREAM does: 3 arrays per pass (write-allocate traffic not counted).
+void triad(benchmark::State& state, int threads) {
+  const int64_t n = kTriadBytes / (3 * static_cast<int64_t>(sizeof(double)));
+  std::unique_ptr<double[]> a(new double[static_cast<size_t>(n)]), b(new double[static_cast<size_t>(n)]),
+      c(new double[static_cast<size_t>(n)]);
+  double* pa = a.get();
+  double* pb = b.get();
+  double* pc = c.get();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    pa[i] = 0.0;
+    pb[i] = 1.0;
+    pc[i] = 2.0;
+  }
+  const double s = 3.0;
+  for (auto _ : state) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) pa[i] = pb[i] + s * pc[i];
+    benchmark::DoNotOptimize(pa);
+    benchmark::ClobberMemory();
+  }
+  if (pa[n / 2] != 7.0) state.SkipWithError("triad: wrong result (expected a[i] = 7)");
+  const double bytes = 3.0 * static_cast<double>(n) * sizeof(double);
+  state.counters["GB/s"] =
+      benchmark::Counter(bytes * static_cast<double>(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+
+}  // namespace
+
+void register_peak_benchmarks() {
+  const int nt = bench_threads();
+  std::vector<int> sgemm_threads{1};
+  if (nt != 1) sgemm_threads.push_back(nt);
+  for (int t : sgemm_threads)
+    benchmark::RegisterBenchmark(("peak/sgemm/n:" + std::to_string(kGemmN) + "/threads:" + std::to_string(t)).c_str(),
+                                 sgemm, t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(1.0);
+  benchmark::RegisterBenchmark(("peak/triad/mb:" + std::to_string(kTriadBytes >> 20) + "/threads:" + std::to_string(nt)).c_str(),
+                               triad, nt)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(1.0);
+}
+
+}  // namespace moekit_bench

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Summarises moekit_bench's Google Benchmark JSON output as a table.
+
+Per preset, shape and T: tokens/s, GFLOP/s, GB/s of expert weights read, their percent of
+the measured sgemm peak and triad bandwidth of the same run (same thread count), and the
+router's share of the layer time.
+
+Usage: moekit_bench --benchmark_out=FILE --benchmark_out_format=json
+       python3 bench/summary.py FILE
+Standard library only.
+"""
+
+import json
+import re
+import sys
+from collections import OrderedDict
+
+LAYER = re.compile(
+    r"^topk/(?P<preset>[^/]+)/E:(?P<E>\d+)/k:(?P<k>\d+)/d:(?P<d>\d+)/f:(?P<f>\d+)"
+    r"/T:(?P<T>\d+)/threads:(?P<threads>\d+)(/|$)")
+PEAK = re.compile(r"^peak/(?P<kind>sgemm|triad)/[^/]+/threads:(?P<threads>\d+)(/|$)")
+
+
+def base_name(b):
+    """The benchmark's name without aggregate suffixes (run_name in newer versions)."""
+    return b.get("run_name") or b["name"]
+
+
+def rows_by_name(benchmarks):
+    """name -> one dict of counters: the median aggregate when repetitions ran, else the
+    mean of the iteration runs. Errors are kept as {'error': message}."""
+    runs, medians = OrderedDict(), {}
+    for b in benchmarks:
+        name = base_name(b)
+        if b.get("error_occurred"):
+            runs[name] = [{"error": b.get("error_message", "error")}]
+            continue
+        if b.get("run_type") == "aggregate":
+            if b.get("aggregate_name") == "median":
+                medians[name] = b
+            continue
+        runs.setdefault(name, []).append(b)
+    out = OrderedDict()
+    for name, rs in runs.items():
+        if rs and "error" in rs[0]:
+            out[name] = rs[0]
+        elif name in medians:
+            out[name] = medians[name]
+        else:
+            keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            out[name] = {k: sum(r.get(k, 0.0) for r in rs) / len(rs) for k in keys}
+    return out
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if abs(v) >= 1e6:
+        return "%.3g" % v
+    return "%.*f" % (digits, v)
+
+
+def pct(v, peak):
+    if v is None or not peak:
+        return "-"
+    return "%.1f%%" % (100.0 * v / peak)
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.stderr.write("usage: summary.py RESULTS.json\n")
+        return 2
+    with open(argv[1]) as fh:
+        data = json.load(fh)
+    rows = rows_by_name(data.get("benchmarks", []))
+
+    sgemm, triad = {}, {}
+    for name, r in rows.items():
+        m = PEAK.match(name)
+        if not m or "error" in r:
+            continue
+        t = int(m.group("threads"))
+        if m.group("kind") == "sgemm":
+            sgemm[t] = r.get("GFLOP/s")
+        else:
+            triad[t] = r.get("GB/s")
+
+    def peak_for(table, threads):
+        if threads in table:
+            return table[threads]
+        return max(table.values()) if table else None
+
+    ctx = data.get("context", {})
+    print("moekit %s, gemm %s, %s CPUs @ %s MHz, %s" % (
+        ctx.get("moekit_version", "?"), ctx.get("moekit_gemm_backend", "?"), ctx.get("num_cpus", "?"),
+        ctx.get("mhz_per_cpu", "?"), ctx.get("date", "")))
+    for t in sorted(sgemm):
+        print("peak sgemm 2048^3, %d thread(s): %s GFLOP/s" % (t, fmt(sgemm[t])))
+    for t in sorted(triad):
+        print("peak triad 512 MB, %d thread(s): %s GB/s" % (t, fmt(triad[t])))
+    print()
+
+    header = ["preset", "E", "k", "d", "f", "T", "thr", "tokens/s", "GFLOP/s", "%sgemm", "GB/s", "%triad", "router"]
+    table = []
+    errors = []
+    for name, r in rows.items():
+        m = LAYER.match(name)
+        if not m:
+            continue
+        g = m.groupdict()
+        threads = int(g["threads"])
+        key = [g["preset"], g["E"], g["k"], g["d"], g["f"], g["T"], g["threads"]]
+        if "error" in r:
+            table.append(key + ["SKIPPED"] + [""] * 5)
+            errors.append("%s: %s" % (name, r["error"]))
+            continue
+        gflops, gbs, share = r.get("GFLOP/s"), r.get("GB/s"), r.get("router_share")
+        table.append(key + [
+            fmt(r.get("tokens/s")), fmt(gflops), pct(gflops, peak_for(sgemm, threads)),
+            fmt(gbs), pct(gbs, peak_for(triad, threads)),
+            "-" if share is None else "%.2f%%" % (100.0 * share)])
+    if not table:
+        print("no topk/ benchmarks in %s" % argv[1])
+        return 1
+    widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
+    left = {0}
+    line = lambda row: "  ".join(
+        (str(c).ljust(w) if i in left else str(c).rjust(w)) for i, (c, w) in enumerate(zip(row, widths)))
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    prev = None
+    for row in table:
+        if prev is not None and row[:5] != prev[:5]:
+            print()
+        print(line(row))
+        prev = row
+    if errors:
+        print()
+        for e in errors:
+            print("skipped: " + e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
