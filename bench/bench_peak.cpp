@@ -8,6 +8,7 @@
 
 #include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#include <xsimd/xsimd.hpp>
 #include <omp.h>
 
 #include "bench_common.hpp"
@@ -18,8 +19,7 @@ namespace {
 constexpr int64_t kGemmN = 2048;
 constexpr int64_t kTriadBytes = int64_t{512} << 20;  // all three arrays: well above the L3
 
-// C = A * B, f32, column-major, Eigen's own blocking; `threads` via Eigen's OpenMP path
-// (moekit builds its own sources with EIGEN_DONT_PARALLELIZE, this file does not).
+// C = A * B, f32, column-major, Eigen's own blocking; `threads` via Eigen's OpenMP path.
 void sgemm(benchmark::State& state, int threads) {
   const Eigen::Index n = kGemmN;
   Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n), c(n, n);
@@ -67,10 +67,39 @@ void triad(benchmark::State& state, int threads) {
   state.counters["threads"] = threads;
 }
 
+// The FMA roofline: each thread runs 12 independent chains of SIMD FMAs on registers (no
+// memory traffic), the most f32 FLOP/s the cores can issue. Layers are also reported
+// against this, since the packed expert GEMM beats Eigen's sgemm.
+void fma_peak(benchmark::State& state, int threads) {
+  using B = xsimd::batch<float>;
+  constexpr int64_t kIters = 20'000'000;
+  double sink = 0;
+  for (auto _ : state) {
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+      B acc[12];
+      for (int j = 0; j < 12; ++j) acc[j] = B(0.001f * static_cast<float>(j));
+      const B m(0.999f), c(0.001f);
+      for (int64_t i = 0; i < kIters; ++i)
+        for (int j = 0; j < 12; ++j) acc[j] = xsimd::fma(acc[j], m, c);
+      for (int j = 0; j < 12; ++j) sink += static_cast<double>(xsimd::hadd(acc[j]));
+    }
+  }
+  benchmark::DoNotOptimize(sink);
+  const double flops = 2.0 * 12.0 * static_cast<double>(B::size) * static_cast<double>(kIters) * threads;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * static_cast<double>(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+
 }  // namespace
 
 void register_peak_benchmarks() {
   const int nt = bench_threads();
+  benchmark::RegisterBenchmark(("peak/fma/regs/threads:" + std::to_string(nt)).c_str(), fma_peak, nt)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(5);
   std::vector<int> sgemm_threads{1};
   if (nt != 1) sgemm_threads.push_back(nt);
   for (int t : sgemm_threads)

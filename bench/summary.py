@@ -3,7 +3,7 @@
 """Summarises moekit_bench's Google Benchmark JSON output as a table.
 
 Per preset, shape and T: tokens/s, GFLOP/s, GB/s of expert weights read, their percent of
-the measured sgemm peak and triad bandwidth of the same run (same thread count), and the
+the measured sgemm peak, the FMA issue-rate peak and triad bandwidth of the same run (same thread count), and the
 router's share of the layer time.
 
 Usage: moekit_bench --benchmark_out=FILE --benchmark_out_format=json
@@ -19,7 +19,7 @@ from collections import OrderedDict
 LAYER = re.compile(
     r"^topk/(?P<preset>[^/]+)/E:(?P<E>\d+)/k:(?P<k>\d+)/d:(?P<d>\d+)/f:(?P<f>\d+)"
     r"/T:(?P<T>\d+)/threads:(?P<threads>\d+)(/|$)")
-PEAK = re.compile(r"^peak/(?P<kind>sgemm|triad)/[^/]+/threads:(?P<threads>\d+)(/|$)")
+PEAK = re.compile(r"^peak/(?P<kind>sgemm|triad|fma)/[^/]+/threads:(?P<threads>\d+)(/|$)")
 
 
 def base_name(b):
@@ -75,7 +75,7 @@ def main(argv):
         data = json.load(fh)
     rows = rows_by_name(data.get("benchmarks", []))
 
-    sgemm, triad = {}, {}
+    sgemm, triad, fma = {}, {}, {}
     for name, r in rows.items():
         m = PEAK.match(name)
         if not m or "error" in r:
@@ -83,6 +83,8 @@ def main(argv):
         t = int(m.group("threads"))
         if m.group("kind") == "sgemm":
             sgemm[t] = r.get("GFLOP/s")
+        elif m.group("kind") == "fma":
+            fma[t] = r.get("GFLOP/s")
         else:
             triad[t] = r.get("GB/s")
 
@@ -97,11 +99,13 @@ def main(argv):
         ctx.get("mhz_per_cpu", "?"), ctx.get("date", "")))
     for t in sorted(sgemm):
         print("peak sgemm 2048^3, %d thread(s): %s GFLOP/s" % (t, fmt(sgemm[t])))
+    for t in sorted(fma):
+        print("peak FMA issue rate (registers only), %d thread(s): %s GFLOP/s" % (t, fmt(fma[t])))
     for t in sorted(triad):
         print("peak triad 512 MB, %d thread(s): %s GB/s" % (t, fmt(triad[t])))
     print()
 
-    header = ["preset", "E", "k", "d", "f", "T", "thr", "tokens/s", "GFLOP/s", "%sgemm", "GB/s", "%triad", "router"]
+    header = ["preset", "E", "k", "d", "f", "T", "thr", "tokens/s", "GFLOP/s", "%sgemm", "%fma", "GB/s", "%triad", "router"]
     table = []
     errors = []
     for name, r in rows.items():
@@ -112,12 +116,12 @@ def main(argv):
         threads = int(g["threads"])
         key = [g["preset"], g["E"], g["k"], g["d"], g["f"], g["T"], g["threads"]]
         if "error" in r:
-            table.append(key + ["SKIPPED"] + [""] * 5)
+            table.append(key + ["SKIPPED"] + [""] * 6)
             errors.append("%s: %s" % (name, r["error"]))
             continue
         gflops, gbs, share = r.get("GFLOP/s"), r.get("GB/s"), r.get("router_share")
         table.append(key + [
-            fmt(r.get("tokens/s")), fmt(gflops), pct(gflops, peak_for(sgemm, threads)),
+            fmt(r.get("tokens/s")), fmt(gflops), pct(gflops, peak_for(sgemm, threads)), pct(gflops, peak_for(fma, threads)),
             fmt(gbs), pct(gbs, peak_for(triad, threads)),
             "-" if share is None else "%.2f%%" % (100.0 * share)])
     if not table:

@@ -21,6 +21,8 @@ constexpr int MR = 6;
 constexpr int64_t kRowChunk = 96;
 // Depth per chunk: a strip chunk is kDepthChunk * P floats (16 KiB for AVX2).
 constexpr int64_t kDepthChunk = 256;
+// Cache lines of the next chunk prefetched while a chunk is computed.
+constexpr int64_t kPrefetchLines = kDepthChunk * P * static_cast<int64_t>(sizeof(float)) / 64;
 
 // One row tile: `Ap` is the tile's rows packed k-major (`[k, MR]`), B one strip (`[k, P]`).
 // `acc` (`[R, P]`, aligned) holds the partial sums of earlier k chunks, or null for the first.
@@ -72,7 +74,14 @@ inline void drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W,
         const int64_t kc = std::min<int64_t>(kDepthChunk, k - p0);
         const bool last = p0 + kc >= k;
         const float* B = W.strip(s) + p0 * P;
+        // Strips are contiguous, so the next chunk starts where this one ends: spread its
+        // prefetch over this chunk's row tiles (the weights stream from DRAM once per chunk).
+        const char* next = reinterpret_cast<const char*>(B + kc * P);
+        const int64_t tiles = (mc + MR - 1) / MR;
+        const int64_t lines_per_tile = (kPrefetchLines + tiles - 1) / tiles;
         for (int64_t i = 0; i < mc; i += MR) {
+          const int64_t l0 = (i / MR) * lines_per_tile, l1 = std::min(kPrefetchLines, l0 + lines_per_tile);
+          for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);
           const int64_t r = std::min<int64_t>(MR, mc - i);
           const float* a = Ap + i * k + p0 * MR;
           const float* acc = p0 == 0 ? nullptr : part + i * P;

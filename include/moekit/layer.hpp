@@ -53,7 +53,7 @@ template <Router R, ExpertBank B>
 class SparseLayer {
  public:
   /// Rows per (expert, row block) task: fixed, so results never depend on the thread count.
-  static constexpr int64_t kRowBlock = 64;
+  static constexpr int64_t kRowBlock = 96;
 
   SparseLayer(R router, B experts, std::vector<SharedExpert> shared = {})
       : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
