@@ -22,6 +22,11 @@ struct Batch {
   std::span<const int32_t> positions{};
   /// Padding mask `[T]`, 1 = padding. Padded tokens are never routed, take no capacity, output 0.
   std::span<const uint8_t> padding{};
+  /// Optional per-token type ids `[T]` (e.g. ProMoE's conditional / unconditional tokens).
+  std::span<const int32_t> token_types{};
+  /// Optional recurrent router state from the previous MoE layer `[T, d_r]` (RMoE); empty
+  /// means zeros. The new state is left in RouterScratch::state.
+  std::span<const float> router_state{};
 
   /// One unpadded sequence of `tokens` rows of width `hidden`.
   static Batch single(int64_t tokens, int64_t hidden) noexcept {
@@ -76,6 +81,8 @@ struct Batch {
                  "Batch.positions: expected ", tokens, " entries, got ", positions.size());
     MOEKIT_CHECK(padding.empty() || static_cast<int64_t>(padding.size()) == tokens,
                  "Batch.padding: expected ", tokens, " entries, got ", padding.size());
+    MOEKIT_CHECK(token_types.empty() || static_cast<int64_t>(token_types.size()) == tokens,
+                 "Batch.token_types: expected ", tokens, " entries, got ", token_types.size());
   }
 };
 

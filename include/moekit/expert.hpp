@@ -5,9 +5,11 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <utility>
 #include <vector>
 
+#include "moekit/batch.hpp"
 #include "moekit/error.hpp"
 
 namespace moekit {
@@ -22,6 +24,27 @@ concept Expert = requires(const F& f, const float* in, int64_t rows, float* out,
   f(in, rows, out, scratch);
 };
 
+/// What a block-aware expert may know about the rows it gets: the batch (sequences,
+/// positions, padding) and the token index of each row (ascending). Used by wrapped blocks
+/// that mix tokens, e.g. attention among the tokens a depth router selected.
+struct BlockContext {
+  const Batch* batch = nullptr;
+  std::span<const int32_t> tokens{};
+};
+
+/// A bank whose run() also takes the BlockContext; the layer then calls that overload.
+template <class B>
+concept ContextAwareBank = requires(const B& b, int64_t e, const float* in, int64_t rows, float* out,
+                                    float* scratch, const BlockContext& ctx) {
+  b.run(e, in, rows, out, scratch, ctx);
+};
+
+/// A bank that must see all of an expert's rows in one call (e.g. attention over the selected
+/// tokens): declares `static constexpr bool whole_blocks = true;`. The layer then makes one
+/// task per expert instead of row blocks.
+template <class B>
+inline constexpr bool whole_blocks_v = requires { requires B::whole_blocks; };
+
 /// E experts addressed by index, as the sparse layer calls them.
 template <class B>
 concept ExpertBank = requires(const B& b, int64_t e, const float* in, int64_t rows, float* out,
@@ -33,10 +56,20 @@ concept ExpertBank = requires(const B& b, int64_t e, const float* in, int64_t ro
   b.run(e, in, rows, out, scratch);
 };
 
-/// A bank of user-written experts of one type F (see examples/custom_expert.cpp).
+/// An expert functor that also takes the BlockContext (5th argument).
+template <class F>
+concept ContextAwareExpert = requires(const F& f, const float* in, int64_t rows, float* out, float* scratch,
+                                      const BlockContext& ctx) {
+  f(in, rows, out, scratch, ctx);
+};
+
+/// A bank of user-written experts of one type F (see examples/custom_expert.cpp). Forwards
+/// the BlockContext to context-aware functors and F::whole_blocks to the layer.
 template <Expert F>
 class FunctorBank {
  public:
+  static constexpr bool whole_blocks = whole_blocks_v<F>;
+
   explicit FunctorBank(std::vector<F> experts) : experts_(std::move(experts)) {
     MOEKIT_CHECK(!experts_.empty(), "FunctorBank: expected at least one expert, got 0");
     for (size_t e = 1; e < experts_.size(); ++e) {
@@ -56,6 +89,11 @@ class FunctorBank {
   }
   void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const {
     experts_[static_cast<size_t>(e)](in, rows, out, scratch);
+  }
+  void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch, const BlockContext& ctx) const
+    requires ContextAwareExpert<F>
+  {
+    experts_[static_cast<size_t>(e)](in, rows, out, scratch, ctx);
   }
   [[nodiscard]] const F& expert(int64_t e) const { return experts_[static_cast<size_t>(e)]; }
 

@@ -119,18 +119,25 @@ class SparseLayer {
     // Tasks: (expert, row block) sized from the plan's counts, then shared experts' blocks.
     ws.tasks.clear();
     const auto offs = plan.expert_offsets();
+    // Rows per routed task: kRowBlock, or an expert's whole block for whole_blocks banks.
+    int64_t block = kRowBlock;
+    if constexpr (whole_blocks_v<B>) {
+      block = 1;
+      for (int64_t e = 0; e < num_experts(); ++e) block = std::max(block, plan.kept_of(e));
+    }
     for (int64_t e = 0; e < num_experts(); ++e)
-      for (int32_t b = offs[static_cast<size_t>(e)]; b < offs[static_cast<size_t>(e) + 1]; b += kRowBlock)
+      for (int32_t b = offs[static_cast<size_t>(e)]; b < offs[static_cast<size_t>(e) + 1]; b += static_cast<int32_t>(block))
         ws.tasks.push_back({static_cast<int32_t>(e), b,
-                            static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, offs[static_cast<size_t>(e) + 1]))});
+                            static_cast<int32_t>(std::min<int64_t>(b + block, offs[static_cast<size_t>(e) + 1]))});
     for (size_t j = 0; j < shared_.size(); ++j)
       for (int64_t b = 0; b < Tr; b += kRowBlock)
         ws.tasks.push_back({-1 - static_cast<int32_t>(j), static_cast<int32_t>(b),
                             static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, Tr))});
 
-    size_t expert_scratch = experts_.scratch_floats(kRowBlock);
+    const int64_t rows_max = std::max(block, kRowBlock);
+    size_t expert_scratch = experts_.scratch_floats(block);
     for (const SharedExpert& s : shared_) expert_scratch = std::max(expert_scratch, s.ffn.scratch_floats(kRowBlock));
-    const size_t per_thread = static_cast<size_t>(kRowBlock * d) + expert_scratch;
+    const size_t per_thread = static_cast<size_t>(rows_max * d) + expert_scratch;
     grow(ws.thread_scratch, per_thread * static_cast<size_t>(nt));
     grow(ws.expert_out, static_cast<size_t>(plan.num_kept() * d));
     grow(ws.shared_out, shared_.size() * static_cast<size_t>(Tr * d));
@@ -141,19 +148,25 @@ class SparseLayer {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1 && ntasks > 1)
     for (int64_t i = 0; i < ntasks; ++i) {
       const Workspace::Task task = ws.tasks[static_cast<size_t>(i)];
-      float* block = ws.thread_scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
-      float* scratch = block + kRowBlock * d;
+      float* rows_block = ws.thread_scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
+      float* scratch = rows_block + rows_max * d;
       const int64_t rows = task.end - task.begin;
       try {
         if (task.expert >= 0) {
-          kernels::gather_rows(hidden, d, tokens.data() + task.begin, rows, block);
-          experts_.run(task.expert, block, rows, ws.expert_out.data() + static_cast<int64_t>(task.begin) * d, scratch);
+          kernels::gather_rows(hidden, d, tokens.data() + task.begin, rows, rows_block);
+          float* dst = ws.expert_out.data() + static_cast<int64_t>(task.begin) * d;
+          if constexpr (ContextAwareBank<B>) {
+            const BlockContext ctx{&batch, tokens.subspan(static_cast<size_t>(task.begin), static_cast<size_t>(rows))};
+            experts_.run(task.expert, rows_block, rows, dst, scratch, ctx);
+          } else {
+            experts_.run(task.expert, rows_block, rows, dst, scratch);
+          }
         } else {
           const size_t j = static_cast<size_t>(-1 - task.expert);
           const float* in = hidden + static_cast<int64_t>(task.begin) * d;
           if (padded) {
-            kernels::gather_rows(hidden, d, ws.unpadded.data() + task.begin, rows, block);
-            in = block;
+            kernels::gather_rows(hidden, d, ws.unpadded.data() + task.begin, rows, rows_block);
+            in = rows_block;
           }
           float* dst = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + task.begin) * d;
           shared_[j].ffn.run(0, in, rows, dst, scratch);

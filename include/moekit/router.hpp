@@ -14,9 +14,13 @@ namespace moekit {
 /// Scratch memory a router may use during route() (logits, scores, selection buffers).
 /// Owned by the caller's Workspace so routers stay const and thread-safe; grows, never shrinks.
 struct RouterScratch {
-  std::vector<float> logits;  ///< `[T, E]` router logits of the last call (readable after route)
-  std::vector<float> buffer;  ///< router-private scratch
+  std::vector<float> logits;   ///< `[T, E]` router logits of the last call (readable after route)
+  std::vector<float> buffer;   ///< router-private scratch
   std::vector<int32_t> index;  ///< router-private scratch
+  std::vector<float> state;    ///< recurrent routers: the new router state `[T, d_r]` after route
+  std::vector<float> values;   ///< router-specific per-token outputs (e.g. depth routers' `[T]` router weights)
+  int64_t iterations = 0;      ///< iterative routers (Sinkhorn): iterations run by the last call
+  double error = 0.0;          ///< iterative routers: final marginal error of the last call
 };
 
 /// Has `num_experts()`: the E of the plans it produces.
