@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -20,6 +21,7 @@
 #include <omp.h>
 #include <xsimd/xsimd.hpp>
 
+#include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
@@ -86,48 +88,38 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
   const moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
-  std::optional<moekit::TopKLayer> layer;
+  std::unique_ptr<moekit::AnyLayer> layer;
   {
-    // The weights' mapping is released once the layer holds its own copy.
+    // The weights' mapping is released once the layer holds its own (packed) copy.
     const auto weights = moekit::io::TensorSource::open(required(f, "weights"));
-    layer.emplace(moekit::load_layer(cfg, weights, prefix));
+    layer = moekit::load_any_layer(cfg, weights, prefix);
   }
-  const int64_t d = cfg.hidden(), k = cfg.router.k;
-  const auto input = moekit::io::TensorSource::open(required(f, "input"));
-  if (!input.contains("hidden_states")) fail(required(f, "input"), ": tensor \"hidden_states\" [T, ", d, "] is missing");
+  const int64_t d = cfg.hidden();
+  const std::string in_path = required(f, "input");
+  const auto input = moekit::io::TensorSource::open(in_path);
+  if (!input.contains("hidden_states")) fail(in_path, ": tensor \"hidden_states\" [T, ", d, "] is missing");
   const auto& hv = input.tensor("hidden_states");
-  if (hv.shape.size() != 2) fail(required(f, "input"), ": tensor \"hidden_states\" expected shape [T, ", d, "], got rank ", hv.shape.size());
+  if (hv.shape.size() != 2) fail(in_path, ": tensor \"hidden_states\" expected shape [T, ", d, "], got rank ", hv.shape.size());
   const int64_t T = hv.shape[0];
   const std::vector<float> x = input.read_f32("hidden_states", {T, d});
   moekit::Batch batch = moekit::Batch::single(T, d);
-  std::vector<int32_t> offsets, positions;
+  std::vector<int32_t> offsets, positions, types;
   std::vector<uint8_t> padding;
-  if (input.contains("sequence_offsets")) {
-    offsets = input.read_i32("sequence_offsets", {-1});
-    batch.sequence_offsets = offsets;
-  }
-  if (input.contains("positions")) {
-    positions = input.read_i32("positions", {T});
-    batch.positions = positions;
-  }
-  if (input.contains("padding_mask")) {
-    padding = input.read_u8("padding_mask", {T});
-    batch.padding = padding;
-  }
+  std::vector<float> state;
+  if (input.contains("sequence_offsets")) batch.sequence_offsets = offsets = input.read_i32("sequence_offsets", {-1});
+  if (input.contains("positions")) batch.positions = positions = input.read_i32("positions", {T});
+  if (input.contains("padding_mask")) batch.padding = padding = input.read_u8("padding_mask", {T});
+  if (input.contains("token_types")) batch.token_types = types = input.read_i32("token_types", {T});
+  if (input.contains("router_state")) batch.router_state = state = input.read_f32("router_state", {T, -1});
   for (size_t i = 0; i < x.size(); ++i)
-    if (!std::isfinite(x[i])) fail(required(f, "input"), ": hidden_states[", i / static_cast<size_t>(d), ", ", i % static_cast<size_t>(d), "] is not finite (", x[i], ")");
+    if (!std::isfinite(x[i])) fail(in_path, ": hidden_states[", i / static_cast<size_t>(d), ", ", i % static_cast<size_t>(d), "] is not finite (", x[i], ")");
 
   std::vector<float> y(static_cast<size_t>(T * d));
-  moekit::Workspace ws;
-  layer->forward(batch, x.data(), y.data(), ws, threads);
-  std::vector<int32_t> ids(static_cast<size_t>(T * k));
-  std::vector<float> w(static_cast<size_t>(T * k));
-  ws.plan.to_topk(k, ids.data(), w.data());
-  using moekit::io::DType;
-  moekit::io::write_safetensors(out_path, {{"hidden_states", DType::F32, {T, d}, y.data()},
-                                           {"topk_ids", DType::I32, {T, k}, ids.data()},
-                                           {"topk_weights", DType::F32, {T, k}, w.data()}},
-                                {{"producer", std::string("moekit ") + moekit::version()}});
+  layer->forward(batch, x.data(), y.data(), threads);
+  const std::vector<moekit::NamedTensor> extra = layer->outputs();
+  std::vector<moekit::io::OutTensor> out = {{"hidden_states", moekit::io::DType::F32, {T, d}, y.data()}};
+  for (const auto& t : extra) out.push_back({t.name, t.dtype, t.shape, t.bytes.data()});
+  moekit::io::write_safetensors(out_path, out, {{"producer", std::string("moekit ") + moekit::version()}});
   return 0;
 }
 
@@ -148,23 +140,27 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
   const int threads = moekit::detail::resolve_threads(static_cast<int>(int_flag(f, "threads", 0, 0, 4096)));
   const int64_t repeat = int_flag(f, "repeat", 10, 1, 1000000);
   const uint64_t seed = static_cast<uint64_t>(int_flag(f, "seed", 1, 0, INT64_MAX));
-  const double layer_bytes = moekit::layer_weight_bytes(cfg);
+  // The first instance tells the resident size; more follow only if they fit.
+  std::vector<std::unique_ptr<moekit::AnyLayer>> inst;
   const double budget = 0.5 * physical_bytes();
-  if (layer_bytes > budget)
-    fail("--config: the layer needs ", layer_bytes / 1e9, " GB of f32 weights, more than half of this machine's ",
+  const double estimate = cfg.router_type == "topk" ? moekit::layer_weight_bytes(cfg) : 0.0;
+  if (estimate > budget)
+    fail("--config: the layer needs ", estimate / 1e9, " GB of f32 weights, more than half of this machine's ",
          physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");
+  inst.push_back(moekit::random_any_layer(cfg, seed));
+  const double layer_bytes = inst[0]->resident_bytes();
+  if (layer_bytes > budget)
+    fail("--config: the layer holds ", layer_bytes / 1e9, " GB of f32 weights, more than half of this machine's ",
+         physical_bytes() / 1e9, " GB");
   // Enough instances that the weights rotated over exceed twice the L3 (not cache-resident).
   int64_t layers = static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(l3_bytes()) / std::max(layer_bytes, 1.0)));
   layers = std::clamp<int64_t>(layers, 1, std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(layer_bytes, 1.0))));
   layers = std::min<int64_t>(layers, 64);
   layers = int_flag(f, "layers", layers, 1, 4096);
+  for (int64_t i = 1; i < layers; ++i) inst.push_back(moekit::random_any_layer(cfg, seed + static_cast<uint64_t>(i)));
 
-  std::vector<moekit::TopKLayer> inst;
-  inst.reserve(static_cast<size_t>(layers));
-  for (int64_t i = 0; i < layers; ++i) inst.push_back(moekit::random_layer(cfg, seed + static_cast<uint64_t>(i)));
   const int64_t d = cfg.hidden();
   std::vector<float> x(static_cast<size_t>(T * d)), y(static_cast<size_t>(T * d));
-  moekit::Workspace ws;
   uint64_t state = seed * 0x9E3779B97F4A7C15ull + 7;
   auto fresh_input = [&] {
     for (float& v : x) {
@@ -175,26 +171,19 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
   const moekit::Batch batch = moekit::Batch::single(T, d);
   for (auto& l : inst) {  // warm-up: touches every instance's pages once
     fresh_input();
-    l.forward(batch, x.data(), y.data(), ws, threads);
+    l->forward(batch, x.data(), y.data(), threads);
   }
-  // Bytes of f32 weights streamed per forward: active routed experts plus shared experts
-  // (expert_weight_bytes); weight_gbps adds the router's weights.
-  const double expert_bytes = 4.0 * static_cast<double>(cfg.experts.weights_per_expert());
-  const double shared_bytes =
-      cfg.shared ? 4.0 * (cfg.experts.gated ? 3.0 : 2.0) * static_cast<double>(d * cfg.shared->intermediate) : 0.0;
   const double router_bytes = 4.0 * static_cast<double>(cfg.router.num_experts * d);
   std::vector<double> ms, gf, gbps, touched;
   for (int64_t r = 0; r < repeat; ++r) {
     fresh_input();
-    const auto& l = inst[static_cast<size_t>(r % layers)];
+    auto& l = *inst[static_cast<size_t>(r % layers)];
     const auto t0 = std::chrono::steady_clock::now();
-    l.forward(batch, x.data(), y.data(), ws, threads);
+    l.forward(batch, x.data(), y.data(), threads);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    int64_t active = 0;
-    for (int64_t e = 0; e < cfg.router.num_experts; ++e) active += ws.plan.kept_of(e) > 0;
-    const double experts = static_cast<double>(active) * expert_bytes + (T > 0 ? shared_bytes : 0.0);
+    const double experts = l.expert_bytes();
     ms.push_back(s * 1e3);
-    gf.push_back(l.executed_flops(ws.plan, batch) / s / 1e9);
+    gf.push_back(l.executed_flops() / s / 1e9);
     gbps.push_back((experts + (T > 0 ? router_bytes : 0.0)) / s / 1e9);
     touched.push_back(experts);
   }
@@ -206,6 +195,7 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
   const double med_ms = median(ms);
   json out = {
       {"preset", cfg.preset},
+      {"router", cfg.router_type},
       {"shape", {{"num_experts", cfg.router.num_experts}, {"k", cfg.router.k}, {"hidden_size", d},
                  {"intermediate_size", cfg.experts.intermediate}, {"gated", cfg.experts.gated},
                  {"activation", moekit::activation_name(cfg.experts.act)},

@@ -11,77 +11,14 @@
 #include <nlohmann/json.hpp>
 
 #include "moekit/error.hpp"
+#include "json_reader.hpp"
+#include "layer_registry.hpp"
 
 namespace moekit {
 namespace {
 
 using json = nlohmann::json;
-
-// Typed reads of one JSON object that remember which keys were used, so moekit's own
-// format can reject unknown keys. `where` names the object in error messages.
-class Reader {
- public:
-  Reader(const json& j, std::string where) : j_(j), where_(std::move(where)) {
-    MOEKIT_CHECK(j_.is_object(), where_, ": expected a JSON object, got ", j_.type_name());
-  }
-  bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
-  const json& raw(const std::string& key) {
-    used_.insert(key);
-    return j_.at(key);
-  }
-  int64_t integer(const std::string& key, int64_t def) {
-    used_.insert(key);
-    if (!has(key)) return def;
-    const json& v = j_.at(key);
-    if (v.is_number_integer()) {
-      MOEKIT_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), where_, ".", key,
-                   ": expected an integer below 2^63, got ", v.dump());
-      return v.get<int64_t>();
-    }
-    // 2.0 is accepted as 2; the range check comes before the cast (no undefined conversion).
-    const bool integral = v.is_number_float() && std::isfinite(v.get<double>()) && std::fabs(v.get<double>()) < 9.0e15 &&
-                          v.get<double>() == std::floor(v.get<double>());
-    MOEKIT_CHECK(integral, where_, ".", key, ": expected an integer, got ", v.dump());
-    return static_cast<int64_t>(v.get<double>());
-  }
-  int64_t required_integer(const std::string& key) {
-    MOEKIT_CHECK(has(key), where_, ".", key, ": expected an integer, got nothing (the key is required)");
-    return integer(key, 0);
-  }
-  double number(const std::string& key, double def) {
-    used_.insert(key);
-    if (!has(key)) return def;
-    const json& v = j_.at(key);
-    MOEKIT_CHECK(v.is_number(), where_, ".", key, ": expected a number, got ", v.dump());
-    return v.get<double>();
-  }
-  bool boolean(const std::string& key, bool def) {
-    used_.insert(key);
-    if (!has(key)) return def;
-    const json& v = j_.at(key);
-    MOEKIT_CHECK(v.is_boolean(), where_, ".", key, ": expected true or false, got ", v.dump());
-    return v.get<bool>();
-  }
-  std::string string(const std::string& key, const std::string& def) {
-    used_.insert(key);
-    if (!has(key)) return def;
-    const json& v = j_.at(key);
-    MOEKIT_CHECK(v.is_string(), where_, ".", key, ": expected a string, got ", v.dump());
-    return v.get<std::string>();
-  }
-  void mark(const std::string& key) { used_.insert(key); }
-  // moekit's own format: every key must have been read.
-  void reject_unknown() const {
-    for (auto it = j_.begin(); it != j_.end(); ++it)
-      MOEKIT_CHECK(used_.count(it.key()) != 0, where_, ": unknown key \"", it.key(), "\"");
-  }
-  const std::string& where() const { return where_; }
-
- private:
-  const json& j_;
-  std::string where_;
-  std::set<std::string> used_;
-};
+using detail::Reader;
 
 const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch";
 
@@ -122,7 +59,8 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
 void finish(LayerConfig& c, const std::string& where) {
   c.experts.hidden = c.router.hidden;
   try {
-    c.router.validate();
+    if (c.router_type == "topk") c.router.validate();
+    else MOEKIT_CHECK(c.hidden() >= 1, "hidden_size: expected >= 1, got ", c.hidden());
     c.experts.validate("experts");
     if (c.shared) MOEKIT_CHECK(c.shared->intermediate >= 1, "shared expert intermediate size expected >= 1, got ", c.shared->intermediate);
   } catch (const error& e) {
@@ -211,7 +149,13 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
   if (rd.has("router")) {
     Reader rr(rd.raw("router"), origin + ".router");
     const std::string type = rr.string("type", "topk");
-    MOEKIT_CHECK(type == "topk", rr.where(), ".type: expected \"topk\" (other router families arrive later), got \"", type, "\"");
+    if (type != "topk") {
+      // Another router family: its builder parses the object (validated below).
+      MOEKIT_CHECK(detail::find_router_family(type) != nullptr, rr.where(), ".type: expected one of ",
+                   detail::router_family_list(), "; got \"", type, "\"");
+      c.router_type = type;
+      c.router_json = rd.raw("router").dump();
+    } else {
     r.num_experts = rr.integer("num_experts", r.num_experts);
     r.k = rr.integer("k", r.k);
     const std::string sf = rr.string("score_func", r.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid");
@@ -235,6 +179,7 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
     r.noise_seed = static_cast<uint64_t>(rr.integer("noise_seed", 0));
     rr.reject_unknown();
+    }
   }
   if (rd.has("experts")) {
     Reader re(rd.raw("experts"), origin + ".experts");
@@ -266,6 +211,14 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
   }
   rd.reject_unknown();
   finish(c, origin);
+  if (c.router_type != "topk") {
+    const detail::RouterFamily* f = detail::find_router_family(c.router_type);
+    try {
+      f->validate(nlohmann::json::parse(c.router_json), c);
+    } catch (const error& e) {
+      detail::fail(origin, ".router: ", e.what());
+    }
+  }
   return c;
 }
 

@@ -32,7 +32,11 @@ struct SharedExpertConfig {
 struct LayerConfig {
   std::string origin;            ///< "hf" or "moekit"
   std::string preset;            ///< mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch, or ""
-  TopKOptions router;            ///< includes num_experts, k, hidden
+  std::string router_type = "topk";  ///< the router family (docs/routers.md)
+  /// The `router` object as JSON text, for router families other than topk (validated when
+  /// parsed; the family's builder reads it).
+  std::string router_json;
+  TopKOptions router;            ///< top-k router options; also hidden (d) for every family
   bool router_bias = false;      ///< reads gate.e_score_correction_bias [E]
   FfnShape experts;              ///< routed experts' shape
   ExpertNames expert_names = ExpertNames::hf;

@@ -1,0 +1,172 @@
+// SPDX-License-Identifier: Apache-2.0
+// The router-family table behind AnyLayer, the shared builder helpers, and the top-k family.
+#include <cmath>
+#include <vector>
+
+#include "layer_registry.hpp"
+#include "moekit/io/model.hpp"
+
+namespace moekit {
+namespace detail {
+namespace {
+
+// Deterministic unit-variance values: uniform on [-sqrt(3), sqrt(3)) from splitmix64.
+void fill_uniform(float* p, int64_t n, double scale, uint64_t& state) {
+  for (int64_t i = 0; i < n; ++i) {
+    state += 0x9E3779B97F4A7C15ull;
+    const double u = static_cast<double>(splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
+    p[i] = static_cast<float>((2.0 * u - 1.0) * 1.7320508075688772 * scale);
+  }
+}
+
+int64_t numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+}  // namespace
+
+std::vector<float> tensor_or_random(const io::TensorSource* weights, const std::string& name,
+                                    const std::vector<int64_t>& shape, uint64_t& seed, double scale) {
+  if (weights != nullptr) return weights->read_f32(name, shape);
+  std::vector<float> v(static_cast<size_t>(numel(shape)));
+  fill_uniform(v.data(), numel(shape), scale, seed);
+  return v;
+}
+
+FfnShape routed_shape(const LayerConfig& c) {
+  FfnShape s = c.experts;
+  s.hidden = c.hidden();
+  return s;
+}
+
+FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
+                 const FfnShape& shape, ExpertNames names, uint64_t& seed) {
+  const int64_t d = shape.hidden, f = shape.intermediate;
+  const char* g = names == ExpertNames::mixtral ? "w1" : "gate_proj";
+  const char* u = names == ExpertNames::mixtral ? "w3" : "up_proj";
+  const char* dn = names == ExpertNames::mixtral ? "w2" : "down_proj";
+  FfnBank bank(count, shape);
+  std::vector<float> buf(static_cast<size_t>(3 * f * d));
+  float* gate = buf.data();
+  float* up = gate + f * d;
+  float* down = up + f * d;
+  for (int64_t e = 0; e < count; ++e) {
+    const std::string p = indexed ? base + std::to_string(e) + "." : base;
+    if (weights != nullptr) {
+      if (shape.gated) weights->read_f32_into(p + g + ".weight", {f, d}, gate);
+      weights->read_f32_into(p + u + ".weight", {f, d}, up);
+      weights->read_f32_into(p + dn + ".weight", {d, f}, down);
+    } else {
+      fill_uniform(gate, 2 * f * d, 1.0 / std::sqrt(static_cast<double>(d)), seed);
+      fill_uniform(down, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
+    }
+    bank.set_expert(e, gate, up, down);
+  }
+  return bank;
+}
+
+std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorSource* weights,
+                                         const std::string& prefix, uint64_t& seed) {
+  std::vector<SharedExpert> out;
+  if (!c.shared) return out;
+  const FfnShape s{c.hidden(), c.shared->intermediate, c.experts.gated, c.experts.act};
+  SharedExpert se{ffn_bank(weights, prefix + c.shared->names, false, 1, s, ExpertNames::hf, seed), {}};
+  if (c.shared->gated)
+    se.gate = tensor_or_random(weights, prefix + "shared_expert_gate.weight", {1, c.hidden()}, seed,
+                               1.0 / std::sqrt(static_cast<double>(c.hidden())));
+  out.push_back(std::move(se));
+  return out;
+}
+
+namespace {
+
+// ---------------------------------------------------------------- the top-k family
+class TopKAnyLayer final : public AnyLayer {
+ public:
+  TopKAnyLayer(LayerConfig c, TopKLayer layer) : config_(std::move(c)), layer_(std::move(layer)) {}
+  const LayerConfig& config() const noexcept override { return config_; }
+  void forward(const Batch& batch, const float* hidden, float* out, int threads) override {
+    batch_ = batch;
+    layer_.forward(batch, hidden, out, ws_, threads);
+  }
+  std::vector<NamedTensor> outputs() const override {
+    const int64_t T = ws_.plan.num_tokens(), k = config_.router.k;
+    std::vector<int32_t> ids(static_cast<size_t>(T * k));
+    std::vector<float> w(static_cast<size_t>(T * k));
+    ws_.plan.to_topk(k, ids.data(), w.data());
+    return {NamedTensor::of("topk_ids", io::DType::I32, {T, k}, ids),
+            NamedTensor::of("topk_weights", io::DType::F32, {T, k}, w)};
+  }
+  double executed_flops() const override { return layer_.executed_flops(ws_.plan, batch_); }
+  double expert_bytes() const override {
+    int64_t active = 0;
+    for (int64_t e = 0; e < layer_.num_experts(); ++e) active += ws_.plan.kept_of(e) > 0;
+    double b = static_cast<double>(active) * layer_.experts().weight_bytes_per_expert();
+    if (ws_.plan.num_tokens() > 0)
+      for (const SharedExpert& s : layer_.shared_experts()) b += s.ffn.weight_bytes_per_expert();
+    return b;
+  }
+  double resident_bytes() const override { return layer_weight_bytes(config_); }
+
+ private:
+  LayerConfig config_;
+  TopKLayer layer_;
+  Workspace ws_;
+  Batch batch_;
+};
+
+std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c, const io::TensorSource* weights,
+                                     const std::string& prefix, uint64_t seed) {
+  TopKLayer layer = weights != nullptr ? load_layer(c, *weights, prefix) : random_layer(c, seed);
+  return std::make_unique<TopKAnyLayer>(c, std::move(layer));
+}
+
+// The families this build knows. Families other than topk parse their `router` object in
+// `validate`; topk's options are parsed with the presets in config.cpp.
+const RouterFamily kFamilies[] = {
+    {"topk", nullptr, build_topk},
+};
+
+}  // namespace
+
+const RouterFamily* find_router_family(const std::string& type) {
+  for (const RouterFamily& f : kFamilies)
+    if (type == f.type) return &f;
+  return nullptr;
+}
+
+std::string router_family_list() {
+  std::string s;
+  for (const RouterFamily& f : kFamilies) s += (s.empty() ? "" : ", ") + std::string(f.type);
+  return s;
+}
+
+}  // namespace detail
+
+namespace {
+std::unique_ptr<AnyLayer> build_any(const LayerConfig& c, const io::TensorSource* weights, const std::string& prefix,
+                                    uint64_t seed) {
+  const detail::RouterFamily* f = detail::find_router_family(c.router_type);
+  MOEKIT_CHECK(f != nullptr, "router.type: expected one of ", detail::router_family_list(), ", got \"", c.router_type, "\"");
+  const nlohmann::json router = c.router_json.empty() ? nlohmann::json::object() : nlohmann::json::parse(c.router_json);
+  return f->build(router, c, weights, prefix, seed);
+}
+}  // namespace
+
+std::unique_ptr<AnyLayer> load_any_layer(const LayerConfig& c, const io::TensorSource& weights, const std::string& prefix) {
+  return build_any(c, &weights, prefix, 0);
+}
+
+std::unique_ptr<AnyLayer> random_any_layer(const LayerConfig& c, uint64_t seed) {
+  return build_any(c, nullptr, "", seed);
+}
+
+std::vector<std::string> router_types() {
+  std::vector<std::string> v;
+  for (const auto& f : detail::kFamilies) v.emplace_back(f.type);
+  return v;
+}
+
+}  // namespace moekit
