@@ -470,6 +470,8 @@ struct BadHeader {
   std::size_t data_len;
   std::string expect;  // a substring of the message: which check fired
 };
+// Test names and failure messages show the label, not the struct's bytes.
+void PrintTo(const BadHeader& b, std::ostream* os) { *os << b.label; }
 
 std::string entry(const std::string& dtype, const std::string& shape, const std::string& offsets) {
   return R"({"dtype":)" + dtype + R"(,"shape":)" + shape + R"(,"data_offsets":)" + offsets + "}";
