@@ -83,44 +83,13 @@ std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorS
 namespace {
 
 // ---------------------------------------------------------------- the top-k family
-class TopKAnyLayer final : public AnyLayer {
- public:
-  TopKAnyLayer(LayerConfig c, TopKLayer layer) : config_(std::move(c)), layer_(std::move(layer)) {}
-  const LayerConfig& config() const noexcept override { return config_; }
-  void forward(const Batch& batch, const float* hidden, float* out, int threads) override {
-    batch_ = batch;
-    layer_.forward(batch, hidden, out, ws_, threads);
-  }
-  std::vector<NamedTensor> outputs() const override {
-    const int64_t T = ws_.plan.num_tokens(), k = config_.router.k;
-    std::vector<int32_t> ids(static_cast<size_t>(T * k));
-    std::vector<float> w(static_cast<size_t>(T * k));
-    ws_.plan.to_topk(k, ids.data(), w.data());
-    return {NamedTensor::of("topk_ids", io::DType::I32, {T, k}, ids),
-            NamedTensor::of("topk_weights", io::DType::F32, {T, k}, w)};
-  }
-  double executed_flops() const override { return layer_.executed_flops(ws_.plan, batch_); }
-  double expert_bytes() const override {
-    int64_t active = 0;
-    for (int64_t e = 0; e < layer_.num_experts(); ++e) active += ws_.plan.kept_of(e) > 0;
-    double b = static_cast<double>(active) * layer_.experts().weight_bytes_per_expert();
-    if (ws_.plan.num_tokens() > 0)
-      for (const SharedExpert& s : layer_.shared_experts()) b += s.ffn.weight_bytes_per_expert();
-    return b;
-  }
-  double resident_bytes() const override { return layer_weight_bytes(config_); }
-
- private:
-  LayerConfig config_;
-  TopKLayer layer_;
-  Workspace ws_;
-  Batch batch_;
-};
-
 std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c, const io::TensorSource* weights,
                                      const std::string& prefix, uint64_t seed) {
   TopKLayer layer = weights != nullptr ? load_layer(c, *weights, prefix) : random_layer(c, seed);
-  return std::make_unique<TopKAnyLayer>(c, std::move(layer));
+  const int64_t k = c.router.k;
+  return std::make_unique<SparseAnyLayer<TopKRouter, FfnBank>>(
+      c, std::move(layer), [k](const TopKLayer&, const Workspace& ws, const Batch&) { return topk_outputs(ws.plan, k); },
+      layer_weight_bytes(c));
 }
 
 // The families this build knows. Families other than topk parse their `router` object in

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/layer.hpp"
 
 namespace moekit::detail {
 
@@ -48,5 +50,59 @@ std::vector<SharedExpert> shared_experts(const LayerConfig& config, const io::Te
 
 /// The routed experts' shape with d from the router config.
 FfnShape routed_shape(const LayerConfig& config);
+
+/// AnyLayer over a SparseLayer<R, B>: forward through the generic layer, outputs from a
+/// family-specific function of (layer, workspace, batch).
+template <class R, class B>
+class SparseAnyLayer final : public AnyLayer {
+ public:
+  using Layer = SparseLayer<R, B>;
+  using OutputsFn = std::function<std::vector<NamedTensor>(const Layer&, const Workspace&, const Batch&)>;
+
+  SparseAnyLayer(LayerConfig c, Layer layer, OutputsFn outputs, double resident_bytes)
+      : config_(std::move(c)), layer_(std::move(layer)), outputs_(std::move(outputs)), resident_(resident_bytes) {}
+  const LayerConfig& config() const noexcept override { return config_; }
+  void forward(const Batch& batch, const float* hidden, float* out, int threads) override {
+    batch_ = batch;
+    // The batch's spans point at the caller's arrays; outputs() runs before they go away.
+    layer_.forward(batch, hidden, out, ws_, threads);
+  }
+  std::vector<NamedTensor> outputs() const override { return outputs_(layer_, ws_, batch_); }
+  double executed_flops() const override { return layer_.executed_flops(ws_.plan, batch_); }
+  double expert_bytes() const override {
+    int64_t active = 0;
+    for (int64_t e = 0; e < ws_.plan.num_experts(); ++e) active += ws_.plan.kept_of(e) > 0;
+    double b = static_cast<double>(active) * layer_.experts().weight_bytes_per_expert();
+    if (ws_.plan.num_tokens() > 0)
+      for (const SharedExpert& s : layer_.shared_experts()) b += s.ffn.weight_bytes_per_expert();
+    return b;
+  }
+  double resident_bytes() const override { return resident_; }
+  Layer& layer() noexcept { return layer_; }
+
+ private:
+  LayerConfig config_;
+  Layer layer_;
+  OutputsFn outputs_;
+  double resident_;
+  Workspace ws_;
+  Batch batch_;
+};
+
+/// `[T, k]` ids / weights of a token-choice plan (dropped or missing slots: -1 / 0).
+inline std::vector<NamedTensor> topk_outputs(const RoutingPlan& plan, int64_t k) {
+  const int64_t T = plan.num_tokens();
+  std::vector<int32_t> ids(static_cast<size_t>(T * k));
+  std::vector<float> w(static_cast<size_t>(T * k));
+  plan.to_topk(k, ids.data(), w.data());
+  return {NamedTensor::of("topk_ids", io::DType::I32, {T, k}, ids), NamedTensor::of("topk_weights", io::DType::F32, {T, k}, w)};
+}
+
+/// Resident f32 bytes of a bank plus shared experts plus `router_values` router weights.
+inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExpert>& shared, double router_values) {
+  double b = static_cast<double>(bank.num_experts()) * bank.weight_bytes_per_expert() + 4.0 * router_values;
+  for (const SharedExpert& s : shared) b += s.ffn.weight_bytes_per_expert() + 4.0 * static_cast<double>(s.gate.size());
+  return b;
+}
 
 }  // namespace moekit::detail
