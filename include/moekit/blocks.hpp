@@ -31,7 +31,8 @@ class FfnBlock {
  public:
   /// Takes a one-expert bank (its weights already set).
   explicit FfnBlock(FfnBank bank) : bank_(std::make_shared<const FfnBank>(std::move(bank))) {
-    MOEKIT_CHECK(bank_->num_experts() == 1, "FfnBlock: bank expected 1 expert, got ", bank_->num_experts());
+    MOEKIT_CHECK(bank_->num_experts() == 1, "FfnBlock: bank expected 1 expert, got ",
+                 bank_->num_experts());
   }
   /// Packs one FFN of `shape` from HF-layout weights: `gate [f, d]` (gated only, else may be
   /// null), `up [f, d]`, `down [d, f]`.
@@ -40,7 +41,9 @@ class FfnBlock {
 
   [[nodiscard]] int64_t d_in() const noexcept { return bank_->d_in(); }
   [[nodiscard]] int64_t d_out() const noexcept { return bank_->d_out(); }
-  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept { return bank_->scratch_floats(rows); }
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
+    return bank_->scratch_floats(rows);
+  }
   /// `out [rows, d] = f(in [rows, d])`; `scratch` holds scratch_floats(rows) floats.
   void operator()(const float* in, int64_t rows, float* out, float* scratch) const noexcept {
     if (rows > 0) bank_->run(0, in, rows, out, scratch);
@@ -83,11 +86,12 @@ class CausalAttentionBlock {
     const char* names[4] = {"wq", "wk", "wv", "wo"};
     const std::span<const float> w[4] = {wq, wk, wv, wo};
     for (int i = 0; i < 4; ++i) {
-      MOEKIT_CHECK(w[i].size() == dd, "CausalAttentionBlock: ", names[i], " expected [", hidden, ", ", hidden,
-                   "] = ", dd, " values, got ", w[i].size());
+      MOEKIT_CHECK(w[i].size() == dd, "CausalAttentionBlock: ", names[i], " expected [", hidden,
+                   ", ", hidden, "] = ", dd, " values, got ", w[i].size());
       for (size_t j = 0; j < dd; ++j)
-        MOEKIT_CHECK(std::isfinite(w[i][j]), "CausalAttentionBlock: ", names[i], "[", j / static_cast<size_t>(hidden),
-                     ", ", j % static_cast<size_t>(hidden), "] expected finite, got ", w[i][j]);
+        MOEKIT_CHECK(std::isfinite(w[i][j]), "CausalAttentionBlock: ", names[i], "[",
+                     j / static_cast<size_t>(hidden), ", ", j % static_cast<size_t>(hidden),
+                     "] expected finite, got ", w[i][j]);
     }
     auto p = std::make_shared<Packed>();
     std::vector<float> qkv(3 * dd);  // [3d, d]: Wq rows, then Wk, then Wv
@@ -121,35 +125,44 @@ class CausalAttentionBlock {
 
   /// Rows are the tokens `ctx.tokens` (ascending) of `*ctx.batch`; attention stays within a
   /// sequence and is causal on the tokens' positions. Without a batch, as the 4-argument call.
-  void operator()(const float* in, int64_t rows, float* out, float* scratch, const BlockContext& ctx) const {
+  void operator()(const float* in, int64_t rows, float* out, float* scratch,
+                  const BlockContext& ctx) const {
     if (rows <= 0) return;
     if (ctx.batch == nullptr) {
       (*this)(in, rows, out, scratch);
       return;
     }
     const Batch& b = *ctx.batch;
-    MOEKIT_CHECK(static_cast<int64_t>(ctx.tokens.size()) == rows, "CausalAttentionBlock: ctx.tokens expected ", rows,
-                 " entries (one per row), got ", ctx.tokens.size());
+    MOEKIT_CHECK(static_cast<int64_t>(ctx.tokens.size()) == rows,
+                 "CausalAttentionBlock: ctx.tokens expected ", rows, " entries (one per row), got ",
+                 ctx.tokens.size());
     float* o = project_qkv(in, rows, scratch);
     // Rows of one sequence are contiguous (tokens ascending, sequences contiguous ranges).
     int64_t r0 = 0;
     while (r0 < rows) {
       const int64_t t0 = ctx.tokens[static_cast<size_t>(r0)];
-      MOEKIT_CHECK(t0 >= 0 && t0 < b.tokens, "CausalAttentionBlock: ctx.tokens[", r0, "] expected in [0, ",
-                   b.tokens, "), got ", t0);
+      MOEKIT_CHECK(t0 >= 0 && t0 < b.tokens, "CausalAttentionBlock: ctx.tokens[", r0,
+                   "] expected in [0, ", b.tokens, "), got ", t0);
       const int64_t s = sequence_of(b, t0);
       const int64_t s_begin = b.sequence_begin(s), s_end = b.sequence_end(s);
       int64_t r1 = r0 + 1;
       while (r1 < rows && ctx.tokens[static_cast<size_t>(r1)] < s_end) {
         MOEKIT_CHECK(ctx.tokens[static_cast<size_t>(r1)] > ctx.tokens[static_cast<size_t>(r1) - 1],
-                     "CausalAttentionBlock: ctx.tokens expected ascending, got ", ctx.tokens[static_cast<size_t>(r1)],
-                     " after ", ctx.tokens[static_cast<size_t>(r1) - 1]);
+                     "CausalAttentionBlock: ctx.tokens expected ascending, got ",
+                     ctx.tokens[static_cast<size_t>(r1)], " after ",
+                     ctx.tokens[static_cast<size_t>(r1) - 1]);
         ++r1;
       }
-      const std::span<const int32_t> toks = ctx.tokens.subspan(static_cast<size_t>(r0), static_cast<size_t>(r1 - r0));
+      const std::span<const int32_t> toks =
+          ctx.tokens.subspan(static_cast<size_t>(r0), static_cast<size_t>(r1 - r0));
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t pi = position(b, ctx.tokens[static_cast<size_t>(i)], s_begin);
-        attend(scratch, rows, i, r0, r1, [&](int64_t j) { return position(b, toks[static_cast<size_t>(j - r0)], s_begin) <= pi; }, o);
+        attend(
+            scratch, rows, i, r0, r1,
+            [&](int64_t j) {
+              return position(b, toks[static_cast<size_t>(j - r0)], s_begin) <= pi;
+            },
+            o);
       }
       r0 = r1;
     }
@@ -164,7 +177,8 @@ class CausalAttentionBlock {
 
   static int64_t sequence_of(const Batch& b, int64_t t) noexcept {
     if (b.sequence_offsets.empty()) return 0;
-    const auto it = std::upper_bound(b.sequence_offsets.begin(), b.sequence_offsets.end(), static_cast<int32_t>(t));
+    const auto it = std::upper_bound(b.sequence_offsets.begin(), b.sequence_offsets.end(),
+                                     static_cast<int32_t>(t));
     return static_cast<int64_t>(it - b.sequence_offsets.begin()) - 1;
   }
   static int64_t position(const Batch& b, int64_t t, int64_t s_begin) noexcept {

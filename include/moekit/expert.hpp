@@ -96,6 +96,12 @@ class FunctorBank {
     experts_[static_cast<size_t>(e)](in, rows, out, scratch, ctx);
   }
   [[nodiscard]] const F& expert(int64_t e) const { return experts_[static_cast<size_t>(e)]; }
+  /// FLOPs of one row, when the functors report it (used by SparseLayer::executed_flops).
+  [[nodiscard]] double flops_per_row() const
+    requires requires(const F& f) { f.flops_per_row(); }
+  {
+    return static_cast<double>(experts_[0].flops_per_row());
+  }
 
  private:
   std::vector<F> experts_;

@@ -3,14 +3,14 @@
 // section 5). Paper: "Dr.LLM: Dynamic Layer Routing in LLMs", arXiv 2510.12773.
 #pragma once
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
 #include <utility>
 #include <vector>
-
-#include <omp.h>
 
 #include "moekit/activation.hpp"
 #include "moekit/batch.hpp"
@@ -31,7 +31,7 @@ enum class DrLlmAction : int32_t { skip = 0, execute = 1, repeat = 2 };
 struct DrLlmOptions {
   int64_t hidden = 0;        ///< d
   int64_t bottleneck = 128;  ///< width of the router MLP (`router.0.weight` is [bottleneck, d])
-  int64_t windows = 8;       ///< at most this many pooling windows per sequence (W = min(windows, T_s))
+  int64_t windows = 8;  ///< at most this many pooling windows per sequence (W = min(windows, T_s))
 
   /// Throws moekit::error naming the first invalid parameter.
   void validate() const {
@@ -52,13 +52,21 @@ struct DrLlmOptions {
 /// After route() / decide(): `scratch.index[0 .. S)` holds each sequence's repeats (0, 1,
 /// 2), `scratch.logits` the `[S, 3]` window-averaged logits (0 for empty sequences) and
 /// `scratch.values` the `[T]` weight on the block's first pass (1 executed, 0 not).
+/// route() gives the first pass only: run repeats through DrLlmLayer, not SparseLayer::forward.
 class DrLlmRouter {
  public:
+  /// Multiply-adds below which decide() runs on the calling thread alone.
+  static constexpr int64_t kParallelWork = int64_t{1} << 18;
+
   /// `w0 [bottleneck, d]` (`router.0.weight`), `b0 [bottleneck]` (`router.0.bias`),
   /// `w2 [3, bottleneck]` (`router.2.weight`), `b2 [3]` (`router.2.bias`).
-  DrLlmRouter(DrLlmOptions options, std::vector<float> w0, std::vector<float> b0, std::vector<float> w2,
-              std::vector<float> b2)
-      : opt_(options), w0_(std::move(w0)), b0_(std::move(b0)), w2_(std::move(w2)), b2_(std::move(b2)) {
+  DrLlmRouter(DrLlmOptions options, std::vector<float> w0, std::vector<float> b0,
+              std::vector<float> w2, std::vector<float> b2)
+      : opt_(options),
+        w0_(std::move(w0)),
+        b0_(std::move(b0)),
+        w2_(std::move(w2)),
+        b2_(std::move(b2)) {
     opt_.validate();
     const auto d = static_cast<size_t>(opt_.hidden), h = static_cast<size_t>(opt_.bottleneck);
     check_tensor(w0_, h * d, "router.0.weight", h, d);
@@ -91,13 +99,16 @@ class DrLlmRouter {
 
   /// Decides each sequence's repeats (see the class comment for where they are left).
   /// Throws moekit::error if a window logit is not finite (NaN / Inf in the pooled tokens).
-  void decide(const Batch& batch, const float* hidden, RouterScratch& scratch, int threads = 0) const {
+  void decide(const Batch& batch, const float* hidden, RouterScratch& scratch,
+              int threads = 0) const {
     batch.validate(opt_.hidden);
     const int64_t T = batch.tokens, S = batch.num_sequences(), d = opt_.hidden, H = opt_.bottleneck;
-    MOEKIT_CHECK(T == 0 || hidden != nullptr, "drllm router: hidden states pointer is null for T = ", T);
+    MOEKIT_CHECK(T == 0 || hidden != nullptr,
+                 "drllm router: hidden states pointer is null for T = ", T);
     const int nt = detail::resolve_threads(threads);
 
-    // index: [0, S) repeats | [S, S + T) unpadded tokens in order | windows: (first, length, sequence)
+    // index: [0, S) repeats | [S, S + T) unpadded tokens in order | windows: (first, length,
+    // sequence)
     std::vector<int32_t>& idx = scratch.index;
     if (idx.size() < static_cast<size_t>(S + T)) idx.resize(static_cast<size_t>(S + T));
     int64_t n_tok = 0, n_win = 0;
@@ -110,7 +121,8 @@ class DrLlmRouter {
       idx[static_cast<size_t>(s)] = static_cast<int32_t>(first);  // temporarily: first token of s
     }
     const int64_t wbase = S + T;
-    if (idx.size() < static_cast<size_t>(wbase + 3 * n_win)) idx.resize(static_cast<size_t>(wbase + 3 * n_win));
+    if (idx.size() < static_cast<size_t>(wbase + 3 * n_win))
+      idx.resize(static_cast<size_t>(wbase + 3 * n_win));
     {
       int64_t w = 0;
       for (int64_t s = 0; s < S; ++s) {
@@ -126,22 +138,28 @@ class DrLlmRouter {
       }
     }
 
-    // Per window: mean [d], hidden [H], logits [3]. One window per iteration, fixed order.
+    // Per window: mean [d], hidden [H], logits [3]. One window per iteration, fixed order
+    // (threads only split windows, so results never depend on the thread count); small
+    // batches stay on one thread, where a parallel region costs more than the work.
     const size_t per_window = static_cast<size_t>(d + H + 3);
     if (scratch.buffer.size() < per_window * static_cast<size_t>(n_win))
       scratch.buffer.resize(per_window * static_cast<size_t>(n_win));
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n_win > 1)
+    const bool parallel = nt > 1 && n_win > 1 && (n_tok + n_win * H) * d >= kParallelWork;
+#pragma omp parallel for num_threads(nt) schedule(static) if (parallel)
     for (int64_t w = 0; w < n_win; ++w) {
       float* mean = scratch.buffer.data() + per_window * static_cast<size_t>(w);
       float* h = mean + d;
       float* z = h + H;
-      const int64_t first = idx[static_cast<size_t>(wbase + 3 * w)], L = idx[static_cast<size_t>(wbase + 3 * w + 1)];
+      const int64_t first = idx[static_cast<size_t>(wbase + 3 * w)],
+                    L = idx[static_cast<size_t>(wbase + 3 * w + 1)];
       const int32_t* toks = idx.data() + S + first;
       kernels::copy_row(hidden + static_cast<int64_t>(toks[0]) * d, mean, d);
-      for (int64_t i = 1; i < L; ++i) kernels::axpy_row(1.0f, hidden + static_cast<int64_t>(toks[i]) * d, mean, d);
+      for (int64_t i = 1; i < L; ++i)
+        kernels::axpy_row(1.0f, hidden + static_cast<int64_t>(toks[i]) * d, mean, d);
       kernels::scale_row(1.0f / static_cast<float>(L), mean, mean, d);
       kernels::matvec_rows(mean, w0_.data(), H, d, h);
-      for (int64_t i = 0; i < H; ++i) h[i] = activate(Activation::gelu_tanh, h[i] + b0_[static_cast<size_t>(i)]);
+      for (int64_t i = 0; i < H; ++i)
+        h[i] = activate(Activation::gelu_tanh, h[i] + b0_[static_cast<size_t>(i)]);
       kernels::matvec_rows(h, w2_.data(), 3, H, z);
       for (int64_t a = 0; a < 3; ++a) z[a] += b2_[static_cast<size_t>(a)];
     }
@@ -155,8 +173,9 @@ class DrLlmRouter {
       for (; w < n_win && idx[static_cast<size_t>(wbase + 3 * w + 2)] == s; ++w, ++W) {
         const float* z = scratch.buffer.data() + per_window * static_cast<size_t>(w) + d + H;
         for (int64_t a = 0; a < 3; ++a) {
-          MOEKIT_CHECK(std::isfinite(z[a]), "drllm router: logit ", a, " of window ", W, " of sequence ", s,
-                       " expected finite, got ", z[a], " (NaN or Inf in hidden_states or the router weights)");
+          MOEKIT_CHECK(std::isfinite(z[a]), "drllm router: logit ", a, " of window ", W,
+                       " of sequence ", s, " expected finite, got ", z[a],
+                       " (NaN or Inf in hidden_states or the router weights)");
           mz[a] += z[a];
         }
       }
@@ -168,7 +187,8 @@ class DrLlmRouter {
       }
       idx[static_cast<size_t>(s)] = best;
     }
-    fill_values(batch, std::span<const int32_t>(idx.data(), static_cast<size_t>(S)), scratch.values);
+    fill_values(batch, std::span<const int32_t>(idx.data(), static_cast<size_t>(S)),
+                scratch.values);
   }
 
   /// Decides and writes the first-pass plan (E = 1; tokens of executing and repeating
@@ -176,13 +196,16 @@ class DrLlmRouter {
   void route(const Batch& batch, const float* hidden, RoutingPlan& plan, RouterScratch& scratch,
              int threads = 0) const {
     decide(batch, hidden, scratch, threads);
-    plan_for(batch, std::span<const int32_t>(scratch.index.data(), static_cast<size_t>(batch.num_sequences())), 1,
-             plan);
+    plan_for(
+        batch,
+        std::span<const int32_t>(scratch.index.data(), static_cast<size_t>(batch.num_sequences())),
+        1, plan);
   }
 
   /// The plan of the unpadded tokens of every sequence s with `repeats[s] >= min_repeats`
   /// (one slot on expert 0, weight 1), finalised. Validates `repeats` ([S], values 0..2).
-  static void plan_for(const Batch& batch, std::span<const int32_t> repeats, int32_t min_repeats, RoutingPlan& plan) {
+  static void plan_for(const Batch& batch, std::span<const int32_t> repeats, int32_t min_repeats,
+                       RoutingPlan& plan) {
     check_repeats(batch, repeats);
     const int64_t S = batch.num_sequences();
     int64_t s = 0;
@@ -197,15 +220,17 @@ class DrLlmRouter {
 
   /// Checks a frozen decision array: `[S]` entries, each 0, 1 or 2.
   static void check_repeats(const Batch& batch, std::span<const int32_t> repeats) {
-    MOEKIT_CHECK(static_cast<int64_t>(repeats.size()) == batch.num_sequences(), "drllm: repeats expected [",
-                 batch.num_sequences(), "] (one per sequence), got ", repeats.size(), " values");
+    MOEKIT_CHECK(static_cast<int64_t>(repeats.size()) == batch.num_sequences(),
+                 "drllm: repeats expected [", batch.num_sequences(), "] (one per sequence), got ",
+                 repeats.size(), " values");
     for (size_t s = 0; s < repeats.size(); ++s)
       MOEKIT_CHECK(repeats[s] >= 0 && repeats[s] <= 2, "drllm: repeats[", s,
                    "] expected 0 (skip), 1 (execute) or 2 (repeat), got ", repeats[s]);
   }
 
   /// `values [T]`: 1 for unpadded tokens of sequences with repeats >= 1, else 0.
-  static void fill_values(const Batch& batch, std::span<const int32_t> repeats, std::vector<float>& values) {
+  static void fill_values(const Batch& batch, std::span<const int32_t> repeats,
+                          std::vector<float>& values) {
     values.assign(static_cast<size_t>(batch.tokens), 0.0f);
     for (int64_t s = 0; s < batch.num_sequences(); ++s)
       if (repeats[static_cast<size_t>(s)] >= 1)
@@ -216,18 +241,22 @@ class DrLlmRouter {
  private:
   static int64_t unpadded_in(const Batch& batch, int64_t s) noexcept {
     int64_t n = 0;
-    for (int64_t t = batch.sequence_begin(s); t < batch.sequence_end(s); ++t) n += !batch.is_padding(t);
+    for (int64_t t = batch.sequence_begin(s); t < batch.sequence_end(s); ++t)
+      n += !batch.is_padding(t);
     return n;
   }
-  static void check_tensor(const std::vector<float>& v, size_t n, const char* name, size_t rows, size_t cols) {
+  static void check_tensor(const std::vector<float>& v, size_t n, const char* name, size_t rows,
+                           size_t cols) {
     if (cols == 0) {
-      MOEKIT_CHECK(v.size() == n, "drllm router: ", name, " expected [", rows, "], got ", v.size(), " values");
+      MOEKIT_CHECK(v.size() == n, "drllm router: ", name, " expected [", rows, "], got ", v.size(),
+                   " values");
     } else {
-      MOEKIT_CHECK(v.size() == n, "drllm router: ", name, " expected [", rows, ", ", cols, "] = ", n,
-                   " values, got ", v.size());
+      MOEKIT_CHECK(v.size() == n, "drllm router: ", name, " expected [", rows, ", ", cols,
+                   "] = ", n, " values, got ", v.size());
     }
     for (size_t i = 0; i < v.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(v[i]), "drllm router: ", name, " value ", i, " expected finite, got ", v[i]);
+      MOEKIT_CHECK(std::isfinite(v[i]), "drllm router: ", name, " value ", i,
+                   " expected finite, got ", v[i]);
   }
 
   DrLlmOptions opt_;
@@ -238,7 +267,8 @@ static_assert(Router<DrLlmRouter>);
 
 /// Scratch of a DrLlmLayer call; reuse it across calls (grows, never shrinks).
 struct DrLlmWorkspace {
-  Workspace layer;               ///< the SparseLayer's; `layer.plan` = first-pass plan, `layer.router` = router outputs
+  Workspace layer;  ///< the SparseLayer's; `layer.plan` = first-pass plan, `layer.router` = router
+                    ///< outputs
   RoutingPlan repeat_plan;       ///< second-pass plan (tokens of repeating sequences)
   std::vector<float> x1;         ///< `[T, d]` x + f(x) on the tokens of repeating sequences
   std::vector<float> delta;      ///< `[T, d]` f(x1)
@@ -264,17 +294,19 @@ class DrLlmLayer {
 
   /// Prefill: decides each sequence's repeats from `hidden [T, d]` (left in `ws.repeats`)
   /// and writes `out [T, d]`. Keep `ws.repeats` to decode the same sequences with forward_frozen.
-  void forward(const Batch& batch, const float* hidden, float* out, DrLlmWorkspace& ws, int threads = 0) const {
+  void forward(const Batch& batch, const float* hidden, float* out, DrLlmWorkspace& ws,
+               int threads = 0) const {
     layer_.router().decide(batch, hidden, ws.layer.router, threads);
     const auto S = static_cast<size_t>(batch.num_sequences());
-    ws.repeats.assign(ws.layer.router.index.begin(), ws.layer.router.index.begin() + static_cast<std::ptrdiff_t>(S));
+    ws.repeats.assign(ws.layer.router.index.begin(),
+                      ws.layer.router.index.begin() + static_cast<std::ptrdiff_t>(S));
     run(batch, hidden, out, ws, threads);
   }
 
   /// Decode (or any call with decisions fixed beforehand): runs the block `repeats[s]` times
   /// on sequence s (`repeats [S]`, values 0..2, e.g. the prefill's ws.repeats), no routing.
-  void forward_frozen(const Batch& batch, const float* hidden, std::span<const int32_t> repeats, float* out,
-                      DrLlmWorkspace& ws, int threads = 0) const {
+  void forward_frozen(const Batch& batch, const float* hidden, std::span<const int32_t> repeats,
+                      float* out, DrLlmWorkspace& ws, int threads = 0) const {
     batch.validate(hidden_size());
     DrLlmRouter::check_repeats(batch, repeats);
     ws.repeats.assign(repeats.begin(), repeats.end());
@@ -283,13 +315,15 @@ class DrLlmLayer {
   }
 
  private:
-  void run(const Batch& batch, const float* hidden, float* out, DrLlmWorkspace& ws, int threads) const {
+  void run(const Batch& batch, const float* hidden, float* out, DrLlmWorkspace& ws,
+           int threads) const {
     const int64_t T = batch.tokens, d = hidden_size();
     if (T == 0) {
       DrLlmRouter::plan_for(batch, ws.repeats, 1, ws.layer.plan);
       return;
     }
-    MOEKIT_CHECK(hidden != nullptr && out != nullptr, "drllm layer: hidden/out pointers expected non-null for T = ", T);
+    MOEKIT_CHECK(hidden != nullptr && out != nullptr,
+                 "drllm layer: hidden/out pointers expected non-null for T = ", T);
     DrLlmRouter::plan_for(batch, ws.repeats, 1, ws.layer.plan);
     layer_.forward_plan(batch, hidden, ws.layer.plan, out, ws.layer, threads);  // f(x) or 0
 
@@ -306,7 +340,8 @@ class DrLlmLayer {
       kernels::copy_row(hidden + t * d, ws.x1.data() + t * d, d);
       kernels::axpy_row(1.0f, out + t * d, ws.x1.data() + t * d, d);
     }
-    layer_.forward_plan(batch, ws.x1.data(), ws.repeat_plan, ws.delta.data(), ws.layer, threads);  // f(x1)
+    layer_.forward_plan(batch, ws.x1.data(), ws.repeat_plan, ws.delta.data(), ws.layer,
+                        threads);  // f(x1)
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n > 1)
     for (int64_t i = 0; i < n; ++i) {  // x2 - x = f(x) + f(x1)
       const int64_t t = toks[static_cast<size_t>(i)];

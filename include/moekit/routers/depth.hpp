@@ -1,0 +1,426 @@
+// SPDX-License-Identifier: Apache-2.0
+// Depth / skip routers (ROUTING.md section 5): Mixture-of-Depths (Raposo et al., arXiv
+// 2404.02258), gamma-MoD with its ARank layer-selection tool (Luo et al., arXiv 2410.13859) and
+// token-wise pruning (FTP, arXiv 2412.11494).
+//
+// Each routes tokens to ONE wrapped block (any Expert functor, e.g. blocks.hpp's FfnBlock or
+// CausalAttentionBlock, via FunctorBank) or around it. The plan has E = 1: a selected token has
+// one slot (expert 0, weight g_t), an unselected or padded token none. SparseLayer then returns
+// `g_t * f(x_t)` for selected tokens and 0 for the others; the caller adds the residual.
+// After route(), `RouterScratch::values [T]` holds each unpadded token's weight g_t (the weight
+// it gets when processed; 0 for padding) and `RouterScratch::logits` the raw router logits.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "moekit/batch.hpp"
+#include "moekit/detail/threads.hpp"
+#include "moekit/error.hpp"
+#include "moekit/kernels/vector.hpp"
+#include "moekit/router.hpp"
+#include "moekit/routing_plan.hpp"
+
+namespace moekit {
+
+/// Capacity of a sequence of `tokens` unpadded tokens: `ceil(ratio * tokens)` in double,
+/// clamped to [0, tokens] (ROUTING.md section 5).
+[[nodiscard]] inline int64_t depth_capacity(double ratio, int64_t tokens) noexcept {
+  const double c = std::ceil(ratio * static_cast<double>(tokens));
+  return std::clamp<int64_t>(static_cast<int64_t>(c), 0, tokens);
+}
+
+/// The `selected` output `[T]` (1 = the token went through the block) of a depth router's plan.
+inline void depth_selected(const RoutingPlan& plan, std::span<uint8_t> selected) {
+  MOEKIT_CHECK(static_cast<int64_t>(selected.size()) == plan.num_tokens(),
+               "depth_selected: selected expected ", plan.num_tokens(), " entries, got ",
+               selected.size());
+  const auto pos = plan.slot_position();
+  for (int64_t t = 0; t < plan.num_tokens(); ++t) {
+    const int32_t s = plan.slot_offsets()[static_cast<size_t>(t)];
+    selected[static_cast<size_t>(t)] = plan.slots_of(t) > 0 && pos[static_cast<size_t>(s)] >= 0;
+  }
+}
+
+namespace detail::depth {
+
+/// `logits [T, R] = x_t . W[r]` for unpadded tokens (0 for padding), fixed summation order;
+/// throws if a logit is not finite.
+inline void scalar_logits(const Batch& b, const float* hidden, const std::vector<float>& W,
+                          int64_t R, std::vector<float>& logits, int nt, const char* who,
+                          const char* tensor) {
+  // Below ~0.5M multiply-adds a parallel region costs more than it saves.
+  constexpr int64_t kParallelMacs = int64_t{1} << 19;
+  const int64_t T = b.tokens, d = b.hidden;
+  logits.resize(static_cast<size_t>(T * R));
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T * R * d >= kParallelMacs)
+  for (int64_t t = 0; t < T; ++t) {
+    float* L = logits.data() + t * R;
+    if (b.is_padding(t)) {
+      std::fill(L, L + R, 0.0f);
+      continue;
+    }
+    kernels::matvec_rows(hidden + t * d, W.data(), R, d, L);
+  }
+  for (int64_t i = 0; i < T * R; ++i)
+    MOEKIT_CHECK(std::isfinite(logits[static_cast<size_t>(i)]), who, ": logit ", i % R,
+                 " of token ", i / R, " expected finite, got ", logits[static_cast<size_t>(i)],
+                 " (NaN or Inf in hidden_states or ", tensor, ")");
+}
+
+/// `ln(p / (1 - p))`: `sigmoid(z) > p` iff `z > logit(p)`, for p in (0, 1).
+[[nodiscard]] inline double logit(double p) noexcept { return std::log(p / (1.0 - p)); }
+
+/// Per sequence: keeps `mask[t]` of the must-keep tokens (mask already 1), then sets `mask` to 1
+/// for the top `capacity(S) - kept` of the remaining unpadded tokens by `score` (descending,
+/// ties to the lower token). S counts the sequence's unpadded tokens. `cand` holds T ints.
+template <class Capacity>
+void select_top_per_sequence(const Batch& b, const float* score, int64_t stride,
+                             Capacity&& capacity, int32_t* mask, int32_t* cand) {
+  for (int64_t s = 0; s < b.num_sequences(); ++s) {
+    const int64_t lo = b.sequence_begin(s), hi = b.sequence_end(s);
+    int64_t S = 0, kept = 0, n = 0;
+    for (int64_t t = lo; t < hi; ++t) {
+      if (b.is_padding(t)) continue;
+      ++S;
+      if (mask[t]) {
+        ++kept;
+      } else {
+        cand[n++] = static_cast<int32_t>(t);
+      }
+    }
+    const int64_t want = std::min<int64_t>(std::max<int64_t>(capacity(S) - kept, 0), n);
+    if (want == 0) continue;
+    const auto before = [score, stride](int32_t a, int32_t c) {
+      const float sa = score[a * stride], sc = score[c * stride];
+      return sa > sc || (sa == sc && a < c);
+    };
+    if (want < n) std::nth_element(cand, cand + want - 1, cand + n, before);
+    for (int64_t i = 0; i < want; ++i) mask[cand[i]] = 1;
+  }
+}
+
+/// Plan with one slot (expert 0, weight `values[t]`) for each token with `mask[t]`.
+inline void build_plan(int64_t T, const int32_t* mask, const std::vector<float>& values,
+                       RoutingPlan& plan) {
+  plan.reset(T, 1, [mask](int64_t t) { return mask[t] ? 1 : 0; });
+  for (int64_t t = 0; t < T; ++t) {
+    if (!mask[t]) continue;
+    plan.token_experts(t)[0] = 0;
+    plan.token_weights(t)[0] = values[static_cast<size_t>(t)];
+  }
+  plan.finalize();
+}
+
+inline void check_weight(const std::vector<float>& w, int64_t rows, int64_t d, const char* who,
+                         const char* name) {
+  MOEKIT_CHECK(static_cast<int64_t>(w.size()) == rows * d, who, ": ", name, " expected [", rows,
+               ", ", d, "] = ", rows * d, " values, got ", w.size());
+  for (size_t i = 0; i < w.size(); ++i)
+    MOEKIT_CHECK(std::isfinite(w[i]), who, ": ", name, "[", i / static_cast<size_t>(d), ", ",
+                 i % static_cast<size_t>(d), "] expected finite, got ", w[i]);
+}
+
+}  // namespace detail::depth
+
+// ================================================================== Mixture-of-Depths
+
+/// Weight activation of MoD: `g = r` (paper), `sigmoid(r)` or `alpha * tanh(r)`.
+enum class DepthActivation { raw, sigmoid, tanh };
+
+/// Which tokens MoD processes.
+enum class MoDMode {
+  capacity,       ///< top-C by r per sequence, C = ceil(ratio * S) (training / paper)
+  threshold,      ///< causal inference: sigmoid(r_t) > threshold (router trained with BCE)
+  aux_predictor,  ///< causal inference: sigmoid(aux . x_t) > threshold (`router.aux.weight`)
+};
+
+/// Parameters of MoDRouter (ROUTING.md section 5); field names are the JSON keys.
+struct MoDOptions {
+  int64_t hidden = 0;    ///< d
+  double ratio = 0.125;  ///< processed fraction per sequence (capacity mode)
+  DepthActivation activation = DepthActivation::raw;
+  double alpha = 1.0;  ///< scale of the tanh activation
+  MoDMode mode = MoDMode::capacity;
+  double threshold = 0.5;  ///< on sigmoid(r) / sigmoid(aux . x) (threshold modes)
+
+  void validate() const {
+    MOEKIT_CHECK(hidden >= 1, "mod router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1,
+                 "mod router: ratio expected in [0, 1], got ", ratio);
+    MOEKIT_CHECK(std::isfinite(alpha), "mod router: alpha expected finite, got ", alpha);
+    MOEKIT_CHECK(threshold > 0 && threshold < 1, "mod router: threshold expected in (0, 1), got ",
+                 threshold);
+  }
+};
+
+/// Mixture-of-Depths router (arXiv 2404.02258): `r_t = w . x_t` (`router.weight [1, d]`);
+/// capacity mode sends the top `ceil(ratio * S)` tokens of each sequence (ties: lower index)
+/// through the block with weight `act(r_t)`; the threshold modes decide per token, causally.
+class MoDRouter {
+ public:
+  /// `weight [1, d]` (`router.weight`); `aux_weight [1, d]` (`router.aux.weight`), required
+  /// iff mode is aux_predictor.
+  MoDRouter(MoDOptions options, std::vector<float> weight, std::vector<float> aux_weight = {})
+      : opt_(options), w_(std::move(weight)), aux_(std::move(aux_weight)) {
+    opt_.validate();
+    detail::depth::check_weight(w_, 1, opt_.hidden, "mod router", "router.weight");
+    if (opt_.mode == MoDMode::aux_predictor) {
+      detail::depth::check_weight(aux_, 1, opt_.hidden, "mod router",
+                                  "router.aux.weight (mode aux_predictor)");
+    } else {
+      MOEKIT_CHECK(aux_.empty(),
+                   "mod router: router.aux.weight expected only with mode aux_predictor, got ",
+                   aux_.size(), " values");
+    }
+  }
+
+  [[nodiscard]] int64_t num_experts() const noexcept { return 1; }
+  [[nodiscard]] int64_t hidden_size() const noexcept { return opt_.hidden; }
+  [[nodiscard]] const MoDOptions& options() const noexcept { return opt_; }
+  [[nodiscard]] const std::vector<float>& weight() const noexcept { return w_; }
+  [[nodiscard]] const std::vector<float>& aux_weight() const noexcept { return aux_; }
+  /// Router FLOPs per unpadded token.
+  [[nodiscard]] double flops_per_token() const noexcept {
+    return 2.0 * static_cast<double>(opt_.hidden) * (aux_.empty() ? 1.0 : 2.0);
+  }
+
+  /// The weight on f(x_t) for router logit r.
+  [[nodiscard]] float weight_of(float r) const noexcept {
+    switch (opt_.activation) {
+      case DepthActivation::raw:
+        return r;
+      case DepthActivation::sigmoid:
+        return 1.0f / (1.0f + std::exp(-r));
+      case DepthActivation::tanh:
+        return static_cast<float>(opt_.alpha) * std::tanh(r);
+    }
+    return r;
+  }
+
+  /// Routes `hidden [T, d]`. After: `scratch.logits [T]` = r_t, `scratch.values [T]` = act(r_t)
+  /// (0 for padding); in aux_predictor mode `scratch.buffer [T]` = the predictor logits.
+  void route(const Batch& batch, const float* hidden, RoutingPlan& plan, RouterScratch& scratch,
+             int threads = 0) const {
+    batch.validate(opt_.hidden);
+    const int64_t T = batch.tokens;
+    MOEKIT_CHECK(T == 0 || hidden != nullptr,
+                 "mod router: hidden states pointer is null for T = ", T);
+    const int nt = detail::resolve_threads(threads);
+    detail::depth::scalar_logits(batch, hidden, w_, 1, scratch.logits, nt, "mod router",
+                                 "router.weight");
+    if (opt_.mode == MoDMode::aux_predictor)
+      detail::depth::scalar_logits(batch, hidden, aux_, 1, scratch.buffer, nt, "mod router",
+                                   "router.aux.weight");
+    scratch.values.resize(static_cast<size_t>(T));
+    scratch.index.resize(static_cast<size_t>(2 * T));
+    int32_t* mask = scratch.index.data();
+    for (int64_t t = 0; t < T; ++t) {
+      const bool pad = batch.is_padding(t);
+      scratch.values[static_cast<size_t>(t)] =
+          pad ? 0.0f : weight_of(scratch.logits[static_cast<size_t>(t)]);
+      mask[t] = 0;
+    }
+    if (opt_.mode == MoDMode::capacity) {
+      detail::depth::select_top_per_sequence(
+          batch, scratch.logits.data(), 1,
+          [this](int64_t S) { return depth_capacity(opt_.ratio, S); }, mask, mask + T);
+    } else {
+      const double z = detail::depth::logit(opt_.threshold);
+      const std::vector<float>& gate =
+          opt_.mode == MoDMode::threshold ? scratch.logits : scratch.buffer;
+      for (int64_t t = 0; t < T; ++t)
+        mask[t] = !batch.is_padding(t) && static_cast<double>(gate[static_cast<size_t>(t)]) > z;
+    }
+    detail::depth::build_plan(T, mask, scratch.values, plan);
+  }
+
+ private:
+  MoDOptions opt_;
+  std::vector<float> w_;
+  std::vector<float> aux_;
+};
+
+static_assert(Router<MoDRouter>);
+
+// ================================================================== gamma-MoD
+
+/// Which tokens gamma-MoD processes (besides the must-keep ones, always processed).
+enum class GammaModPhase {
+  capacity,  ///< top-C by p per sequence, C = max(ceil(ratio * S), must-keep count)
+  prefill,   ///< p_t > prefill_threshold
+  decode,    ///< p_t > decode_threshold
+};
+
+/// Parameters of GammaModRouter (ROUTING.md section 5); field names are the JSON keys.
+struct GammaModOptions {
+  int64_t hidden = 0;  ///< d
+  double ratio = 0.5;  ///< processed fraction per sequence (capacity phase)
+  GammaModPhase phase = GammaModPhase::capacity;
+  double prefill_threshold = 0.005;
+  double decode_threshold = 0.5;
+
+  void validate() const {
+    MOEKIT_CHECK(hidden >= 1, "gamma_mod router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1,
+                 "gamma_mod router: ratio expected in [0, 1], got ", ratio);
+    MOEKIT_CHECK(prefill_threshold > 0 && prefill_threshold < 1,
+                 "gamma_mod router: prefill_threshold expected in (0, 1), got ", prefill_threshold);
+    MOEKIT_CHECK(decode_threshold > 0 && decode_threshold < 1,
+                 "gamma_mod router: decode_threshold expected in (0, 1), got ", decode_threshold);
+  }
+};
+
+/// gamma-MoD router (arXiv 2410.13859): two-class router `p_t = softmax(W_r x_t)[1]`
+/// (`router.weight [2, d]`), weight p_t. Must-keep tokens (`Batch::token_types[t] != 0`, e.g.
+/// text tokens among image tokens) are always processed; the rest of the capacity (or the
+/// threshold, in the prefill / decode phases) decides the others. Selection uses the margin
+/// `z_t = L_t1 - L_t0` (`p_t = sigmoid(z_t)`, same order, no saturation ties).
+class GammaModRouter {
+ public:
+  /// `weight [2, d]` (`router.weight`; row 1 is the "process" class).
+  GammaModRouter(GammaModOptions options, std::vector<float> weight)
+      : opt_(options), w_(std::move(weight)) {
+    opt_.validate();
+    detail::depth::check_weight(w_, 2, opt_.hidden, "gamma_mod router", "router.weight");
+  }
+
+  [[nodiscard]] int64_t num_experts() const noexcept { return 1; }
+  [[nodiscard]] int64_t hidden_size() const noexcept { return opt_.hidden; }
+  [[nodiscard]] const GammaModOptions& options() const noexcept { return opt_; }
+  [[nodiscard]] const std::vector<float>& weight() const noexcept { return w_; }
+  [[nodiscard]] double flops_per_token() const noexcept {
+    return 4.0 * static_cast<double>(opt_.hidden);
+  }
+
+  /// Routes `hidden [T, d]`. After: `scratch.logits [T, 2]`, `scratch.values [T]` = p_t (0 for
+  /// padding), `scratch.buffer [T]` = the margins z_t.
+  void route(const Batch& batch, const float* hidden, RoutingPlan& plan, RouterScratch& scratch,
+             int threads = 0) const {
+    batch.validate(opt_.hidden);
+    const int64_t T = batch.tokens;
+    MOEKIT_CHECK(T == 0 || hidden != nullptr,
+                 "gamma_mod router: hidden states pointer is null for T = ", T);
+    const int nt = detail::resolve_threads(threads);
+    detail::depth::scalar_logits(batch, hidden, w_, 2, scratch.logits, nt, "gamma_mod router",
+                                 "router.weight");
+    scratch.values.resize(static_cast<size_t>(T));
+    scratch.buffer.resize(static_cast<size_t>(T));
+    scratch.index.resize(static_cast<size_t>(2 * T));
+    int32_t* mask = scratch.index.data();
+    for (int64_t t = 0; t < T; ++t) {
+      const bool pad = batch.is_padding(t);
+      const float z = scratch.logits[static_cast<size_t>(2 * t + 1)] -
+                      scratch.logits[static_cast<size_t>(2 * t)];
+      scratch.buffer[static_cast<size_t>(t)] = z;
+      scratch.values[static_cast<size_t>(t)] = pad ? 0.0f : 1.0f / (1.0f + std::exp(-z));
+      mask[t] =
+          !pad && !batch.token_types.empty() && batch.token_types[static_cast<size_t>(t)] != 0;
+    }
+    if (opt_.phase == GammaModPhase::capacity) {
+      detail::depth::select_top_per_sequence(
+          batch, scratch.buffer.data(), 1,
+          [this](int64_t S) { return depth_capacity(opt_.ratio, S); }, mask, mask + T);
+    } else {
+      const double zt = detail::depth::logit(
+          opt_.phase == GammaModPhase::prefill ? opt_.prefill_threshold : opt_.decode_threshold);
+      for (int64_t t = 0; t < T; ++t)
+        if (!batch.is_padding(t) &&
+            static_cast<double>(scratch.buffer[static_cast<size_t>(t)]) > zt)
+          mask[t] = 1;
+    }
+    detail::depth::build_plan(T, mask, scratch.values, plan);
+  }
+
+ private:
+  GammaModOptions opt_;
+  std::vector<float> w_;
+};
+
+static_assert(Router<GammaModRouter>);
+
+// ================================================================== token-wise pruning
+
+/// Parameters of TokenPruneRouter (ROUTING.md section 5); field names are the JSON keys.
+struct TokenPruneOptions {
+  int64_t hidden = 0;  ///< d
+  double tau = 0.5;    ///< gate threshold on sigmoid(r) when no sparsity is given
+  std::optional<double> sparsity =
+      std::nullopt;  ///< target pruned fraction: top-C, C = ceil((1 - sparsity) * S)
+
+  void validate() const {
+    MOEKIT_CHECK(hidden >= 1, "token_prune router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(tau > 0 && tau < 1, "token_prune router: tau expected in (0, 1), got ", tau);
+    MOEKIT_CHECK(!sparsity || (std::isfinite(*sparsity) && *sparsity >= 0 && *sparsity <= 1),
+                 "token_prune router: sparsity expected in [0, 1], got ", sparsity.value_or(0.0));
+  }
+};
+
+/// Token-wise pruning router (FTP, arXiv 2412.11494): `r_t = w . x_t` (`router.weight [1, d]`);
+/// a token runs the block iff `sigmoid(r_t) > tau`, or, with a target sparsity, iff it is among
+/// the top `ceil((1 - sparsity) * S)` of its sequence by r (ties: lower index). The weight is
+/// always 1 (a hard gate: a processed token gets the block's full delta).
+class TokenPruneRouter {
+ public:
+  TokenPruneRouter(TokenPruneOptions options, std::vector<float> weight)
+      : opt_(options), w_(std::move(weight)) {
+    opt_.validate();
+    detail::depth::check_weight(w_, 1, opt_.hidden, "token_prune router", "router.weight");
+  }
+
+  [[nodiscard]] int64_t num_experts() const noexcept { return 1; }
+  [[nodiscard]] int64_t hidden_size() const noexcept { return opt_.hidden; }
+  [[nodiscard]] const TokenPruneOptions& options() const noexcept { return opt_; }
+  [[nodiscard]] const std::vector<float>& weight() const noexcept { return w_; }
+  [[nodiscard]] double flops_per_token() const noexcept {
+    return 2.0 * static_cast<double>(opt_.hidden);
+  }
+
+  /// Routes `hidden [T, d]`. After: `scratch.logits [T]` = r_t, `scratch.values [T]` = 1 (0 for
+  /// padding).
+  void route(const Batch& batch, const float* hidden, RoutingPlan& plan, RouterScratch& scratch,
+             int threads = 0) const {
+    batch.validate(opt_.hidden);
+    const int64_t T = batch.tokens;
+    MOEKIT_CHECK(T == 0 || hidden != nullptr,
+                 "token_prune router: hidden states pointer is null for T = ", T);
+    const int nt = detail::resolve_threads(threads);
+    detail::depth::scalar_logits(batch, hidden, w_, 1, scratch.logits, nt, "token_prune router",
+                                 "router.weight");
+    scratch.values.resize(static_cast<size_t>(T));
+    scratch.index.resize(static_cast<size_t>(2 * T));
+    int32_t* mask = scratch.index.data();
+    for (int64_t t = 0; t < T; ++t) {
+      scratch.values[static_cast<size_t>(t)] = batch.is_padding(t) ? 0.0f : 1.0f;
+      mask[t] = 0;
+    }
+    if (opt_.sparsity) {
+      const double keep = 1.0 - *opt_.sparsity;
+      detail::depth::select_top_per_sequence(
+          batch, scratch.logits.data(), 1, [keep](int64_t S) { return depth_capacity(keep, S); },
+          mask, mask + T);
+    } else {
+      const double z = detail::depth::logit(opt_.tau);
+      for (int64_t t = 0; t < T; ++t)
+        mask[t] =
+            !batch.is_padding(t) && static_cast<double>(scratch.logits[static_cast<size_t>(t)]) > z;
+    }
+    detail::depth::build_plan(T, mask, scratch.values, plan);
+  }
+
+ private:
+  TokenPruneOptions opt_;
+  std::vector<float> w_;
+};
+
+static_assert(Router<TokenPruneRouter>);
+
+// ARank (gamma-MoD's layer-selection tool) lives in moekit/tools/arank.hpp.
+
+}  // namespace moekit
