@@ -219,7 +219,11 @@ class SparseLayer {
     const double routed = static_cast<double>(batch.routed_tokens());
     double f = static_cast<double>(plan.num_kept()) * experts_.flops_per_row();
     for (const SharedExpert& s : shared_) f += routed * s.ffn.flops_per_row();
-    f += routed * 2.0 * static_cast<double>(num_experts() * hidden_size());
+    if constexpr (requires { router_.flops_per_token(); }) {
+      f += routed * static_cast<double>(router_.flops_per_token());
+    } else {
+      f += routed * 2.0 * static_cast<double>(num_experts() * hidden_size());
+    }
     return f;
   }
   /// The same for an unpadded batch of plan.num_tokens() tokens.

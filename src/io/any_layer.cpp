@@ -41,29 +41,34 @@ FfnShape routed_shape(const LayerConfig& c) {
   return s;
 }
 
-FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
-                 const FfnShape& shape, ExpertNames names, uint64_t& seed) {
+void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, const std::string& p, ExpertNames names,
+                   uint64_t& seed, std::vector<float>& buf) {
+  const FfnShape& shape = bank.shape();
   const int64_t d = shape.hidden, f = shape.intermediate;
   const char* g = names == ExpertNames::mixtral ? "w1" : "gate_proj";
   const char* u = names == ExpertNames::mixtral ? "w3" : "up_proj";
   const char* dn = names == ExpertNames::mixtral ? "w2" : "down_proj";
-  FfnBank bank(count, shape);
-  std::vector<float> buf(static_cast<size_t>(3 * f * d));
+  buf.resize(static_cast<size_t>(3 * f * d));
   float* gate = buf.data();
   float* up = gate + f * d;
   float* down = up + f * d;
-  for (int64_t e = 0; e < count; ++e) {
-    const std::string p = indexed ? base + std::to_string(e) + "." : base;
-    if (weights != nullptr) {
-      if (shape.gated) weights->read_f32_into(p + g + ".weight", {f, d}, gate);
-      weights->read_f32_into(p + u + ".weight", {f, d}, up);
-      weights->read_f32_into(p + dn + ".weight", {d, f}, down);
-    } else {
-      fill_uniform(gate, 2 * f * d, 1.0 / std::sqrt(static_cast<double>(d)), seed);
-      fill_uniform(down, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
-    }
-    bank.set_expert(e, gate, up, down);
+  if (weights != nullptr) {
+    if (shape.gated) weights->read_f32_into(p + g + ".weight", {f, d}, gate);
+    weights->read_f32_into(p + u + ".weight", {f, d}, up);
+    weights->read_f32_into(p + dn + ".weight", {d, f}, down);
+  } else {
+    fill_uniform(gate, 2 * f * d, 1.0 / std::sqrt(static_cast<double>(d)), seed);
+    fill_uniform(down, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
   }
+  bank.set_expert(e, gate, up, down);
+}
+
+FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
+                 const FfnShape& shape, ExpertNames names, uint64_t& seed) {
+  FfnBank bank(count, shape);
+  std::vector<float> buf;
+  for (int64_t e = 0; e < count; ++e)
+    load_ffn_into(bank, e, weights, indexed ? base + std::to_string(e) + "." : base, names, seed, buf);
   return bank;
 }
 
@@ -96,6 +101,15 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
 // `validate`; topk's options are parsed with the presets in config.cpp.
 const RouterFamily kFamilies[] = {
     {"topk", nullptr, build_topk},
+    {"expert_choice", validate_expert_choice, build_expert_choice_layer},
+    {"gru", validate_gru, build_gru_layer},
+    {"mod", validate_mod, build_mod_layer},
+    {"gamma_mod", validate_gamma_mod, build_gamma_mod_layer},
+    {"token_prune", validate_token_prune, build_token_prune_layer},
+    {"drllm", validate_drllm, build_drllm_layer},
+    {"mor", validate_mor, build_mor_layer},
+    {"prototype", validate_prototype, build_prototype_layer},
+    {"centroid", validate_centroid, build_centroid_layer},
 };
 
 }  // namespace

@@ -39,6 +39,10 @@ std::string router_family_list();
 std::vector<float> tensor_or_random(const io::TensorSource* weights, const std::string& name,
                                     const std::vector<int64_t>& shape, uint64_t& seed, double scale);
 
+/// Reads (or draws) one FFN expert named `{p}{gate,up,down}...` into bank slot e.
+void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, const std::string& p, ExpertNames names,
+                   uint64_t& seed, std::vector<float>& buf);
+
 /// `count` FFN experts of `shape` named `{base}{i}.{gate,up,down}...` (or `{base}` alone when
 /// `indexed` is false), from weights or random.
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
@@ -104,5 +108,21 @@ inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExp
   for (const SharedExpert& s : shared) b += s.ffn.weight_bytes_per_expert() + 4.0 * static_cast<double>(s.gate.size());
   return b;
 }
+
+// The families' entry points (src/io/layers_*.cpp).
+#define MOEKIT_FAMILY(name)                                                                         \
+  void validate_##name(const nlohmann::json& router, const LayerConfig& config);                    \
+  std::unique_ptr<AnyLayer> build_##name##_layer(const nlohmann::json& router, const LayerConfig& c, \
+                                                 const io::TensorSource* w, const std::string& prefix, uint64_t seed);
+MOEKIT_FAMILY(expert_choice)
+MOEKIT_FAMILY(gru)
+MOEKIT_FAMILY(mod)
+MOEKIT_FAMILY(gamma_mod)
+MOEKIT_FAMILY(token_prune)
+MOEKIT_FAMILY(drllm)
+MOEKIT_FAMILY(mor)
+MOEKIT_FAMILY(prototype)
+MOEKIT_FAMILY(centroid)
+#undef MOEKIT_FAMILY
 
 }  // namespace moekit::detail

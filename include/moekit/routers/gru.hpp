@@ -14,6 +14,7 @@
 #include "moekit/batch.hpp"
 #include "moekit/detail/threads.hpp"
 #include "moekit/error.hpp"
+#include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
 #include "moekit/router.hpp"
 #include "moekit/routers/topk.hpp"
@@ -30,26 +31,25 @@ enum class GruVariant {
 /// The recurrent cell shared by every MoE layer's GruRouter (hold it in a
 /// `std::shared_ptr<const GruCell>`). Input and state are both `[d_r]`. Weights in
 /// torch.nn.GRUCell layout: `weight_ih`, `weight_hh [G d_r, d_r]`, `bias_ih`, `bias_hh
-/// [G d_r]`, G = 3 gate blocks in the order r, z, n for `gru`, G = 1 for `rnn`. Immutable
-/// after construction, so any number of routers may step it concurrently.
+/// [G d_r]`, G = 3 gate blocks in the order r, z, n for `gru`, G = 1 for `rnn`. The matrices
+/// are packed once for kernels::gemm_packed (the packed copy is the only one). Immutable after
+/// construction, so any number of routers may step it concurrently.
 class GruCell {
  public:
-  GruCell(GruVariant variant, int64_t d_r, std::vector<float> weight_ih, std::vector<float> weight_hh,
-          std::vector<float> bias_ih, std::vector<float> bias_hh)
-      : variant_(variant),
-        d_r_(d_r),
-        weight_ih_(std::move(weight_ih)),
-        weight_hh_(std::move(weight_hh)),
-        bias_ih_(std::move(bias_ih)),
-        bias_hh_(std::move(bias_hh)) {
+  GruCell(GruVariant variant, int64_t d_r, const std::vector<float>& weight_ih,
+          const std::vector<float>& weight_hh, std::vector<float> bias_ih,
+          std::vector<float> bias_hh)
+      : variant_(variant), d_r_(d_r), bias_ih_(std::move(bias_ih)), bias_hh_(std::move(bias_hh)) {
     MOEKIT_CHECK(variant_ == GruVariant::gru || variant_ == GruVariant::rnn,
                  "gru cell: variant expected gru or rnn, got ", static_cast<int>(variant_));
     MOEKIT_CHECK(d_r_ >= 1, "gru cell: d_r expected >= 1, got ", d_r_);
     const auto rows = static_cast<size_t>(gates() * d_r_), n = static_cast<size_t>(d_r_);
-    check_tensor("router.gru.weight_ih", weight_ih_, rows, n);
-    check_tensor("router.gru.weight_hh", weight_hh_, rows, n);
+    check_tensor("router.gru.weight_ih", weight_ih, rows, n);
+    check_tensor("router.gru.weight_hh", weight_hh, rows, n);
     check_tensor("router.gru.bias_ih", bias_ih_, rows, 1);
     check_tensor("router.gru.bias_hh", bias_hh_, rows, 1);
+    w_ih_.pack(weight_ih.data(), gates() * d_r_, d_r_, d_r_);
+    w_hh_.pack(weight_hh.data(), gates() * d_r_, d_r_, d_r_);
   }
 
   [[nodiscard]] GruVariant variant() const noexcept { return variant_; }
@@ -57,69 +57,113 @@ class GruCell {
   [[nodiscard]] int64_t state_size() const noexcept { return d_r_; }
   /// Gate blocks G: 3 (r, z, n) for gru, 1 for rnn.
   [[nodiscard]] int64_t gates() const noexcept { return variant_ == GruVariant::gru ? 3 : 1; }
-  [[nodiscard]] const std::vector<float>& weight_ih() const noexcept { return weight_ih_; }
-  [[nodiscard]] const std::vector<float>& weight_hh() const noexcept { return weight_hh_; }
+  /// `router.gru.weight_ih [G d_r, d_r]` (unpacked copy).
+  [[nodiscard]] std::vector<float> weight_ih() const { return unpack(w_ih_); }
+  /// `router.gru.weight_hh [G d_r, d_r]` (unpacked copy).
+  [[nodiscard]] std::vector<float> weight_hh() const { return unpack(w_hh_); }
   [[nodiscard]] const std::vector<float>& bias_ih() const noexcept { return bias_ih_; }
   [[nodiscard]] const std::vector<float>& bias_hh() const noexcept { return bias_hh_; }
 
-  /// Floats of scratch one step() needs.
-  [[nodiscard]] size_t scratch_floats() const noexcept { return static_cast<size_t>(2 * gates() * d_r_); }
-  /// FLOPs of one step (the two matrix-vector products; the gates' pointwise work ignored).
+  /// Floats of scratch one step() of `rows` rows needs.
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
+    return static_cast<size_t>(2 * rows * gates() * d_r_) + kernels::packed_a_floats(rows, d_r_);
+  }
+  /// FLOPs of one step of one row (the two matrix products; the pointwise gates ignored).
   [[nodiscard]] double flops_per_step() const noexcept {
-    return 4.0 * static_cast<double>(gates()) * static_cast<double>(d_r_) * static_cast<double>(d_r_);
+    return 4.0 * static_cast<double>(gates()) * static_cast<double>(d_r_) *
+           static_cast<double>(d_r_);
   }
 
-  /// One step for one token: `h [d_r]` from input `x [d_r]` and `h_prev [d_r]` (null means
-  /// zeros; the result is bitwise the one of an explicit zero row). `h` may alias `h_prev`.
-  /// fp32 with the fixed summation order of kernels::matvec_rows.
-  void step(const float* x, const float* h_prev, float* h, float* scratch) const noexcept {
-    const int64_t n = d_r_, G = gates();
-    float* gi = scratch;          // [G d_r]: W_ih x + b_ih
-    float* gh = scratch + G * n;  // [G d_r]: W_hh h_prev + b_hh
-    kernels::matvec_rows(x, weight_ih_.data(), G * n, n, gi);
+  /// One step for `rows` tokens: `h [rows, d_r]` (row stride ldo) from inputs `x [rows, d_r]`
+  /// (stride ldx) and states `h_prev [rows, d_r]` (stride ldh; null means zeros, bitwise the
+  /// result of explicit zero rows). `h` may alias `h_prev` with the same stride. fp32; each
+  /// row's result depends on that row only (kernels::gemm_packed sums sequentially over k),
+  /// so it is the same whatever `rows` and however a batch is split.
+  void step(int64_t rows, const float* x, int64_t ldx, const float* h_prev, int64_t ldh, float* h,
+            int64_t ldo, float* scratch) const noexcept {
+    const int64_t n = d_r_, G = gates(), w = G * n;
+    float* gi = scratch;        // [rows, G d_r]: x W_ih^T
+    float* gh = gi + rows * w;  // [rows, G d_r]: h_prev W_hh^T
+    float* a_pack = gh + rows * w;
+    kernels::gemm_packed(rows, x, ldx, w_ih_, gi, w, a_pack);
     if (h_prev != nullptr) {
-      kernels::matvec_rows(h_prev, weight_hh_.data(), G * n, n, gh);
+      kernels::gemm_packed(rows, h_prev, ldh, w_hh_, gh, w, a_pack);
     } else {
-      std::fill(gh, gh + G * n, 0.0f);  // what matvec_rows gives for a zero row: +0
+      std::fill(gh, gh + rows * w, 0.0f);  // what the GEMM gives for zero rows: +0
     }
-    for (int64_t i = 0; i < G * n; ++i) {
-      gi[i] += bias_ih_[static_cast<size_t>(i)];
-      gh[i] += bias_hh_[static_cast<size_t>(i)];
-    }
-    if (variant_ == GruVariant::rnn) {
-      for (int64_t i = 0; i < n; ++i) h[i] = std::tanh(gi[i] + gh[i]);
-      return;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float r = sigmoid(gi[i] + gh[i]);
-      const float z = sigmoid(gi[n + i] + gh[n + i]);
-      const float c = std::tanh(gi[2 * n + i] + r * gh[2 * n + i]);
-      const float hp = h_prev != nullptr ? h_prev[i] : 0.0f;
-      h[i] = (1.0f - z) * c + z * hp;  // h may alias h_prev: element i is read before written
+    for (int64_t t = 0; t < rows; ++t) {
+      float* a = gi + t * w;
+      float* b = gh + t * w;
+      for (int64_t i = 0; i < w; ++i) {
+        a[i] += bias_ih_[static_cast<size_t>(i)];
+        b[i] += bias_hh_[static_cast<size_t>(i)];
+      }
+      float* out = h + t * ldo;
+      const float* hp = h_prev != nullptr ? h_prev + t * ldh : nullptr;
+      // Gates on SIMD batches (xsimd exp / tanh); the tail goes through a zero-padded batch,
+      // so every element of the state is computed by the same function.
+      for (int64_t i = 0; i < n; i += kernels::kLanes) {
+        const int64_t width = std::min(kernels::kLanes, n - i);
+        if (variant_ == GruVariant::rnn) {
+          store(xsimd::tanh(load(a + i, width) + load(b + i, width)), out + i, width);
+          continue;
+        }
+        const fbatch one(1.0f);
+        const fbatch r = one / (one + xsimd::exp(-(load(a + i, width) + load(b + i, width))));
+        const fbatch z =
+            one / (one + xsimd::exp(-(load(a + n + i, width) + load(b + n + i, width))));
+        const fbatch c = xsimd::tanh(load(a + 2 * n + i, width) + r * load(b + 2 * n + i, width));
+        const fbatch prev = hp != nullptr ? load(hp + i, width) : fbatch(0.0f);
+        store((one - z) * c + z * prev, out + i, width);  // out may alias hp: read before written
+      }
     }
   }
 
  private:
-  static float sigmoid(float v) noexcept { return 1.0f / (1.0f + std::exp(-v)); }
+  using fbatch = kernels::fbatch;
 
-  static void check_tensor(const char* name, const std::vector<float>& w, size_t rows, size_t cols) {
+  // `width` (<= lanes) floats from p, zero-padded.
+  static fbatch load(const float* p, int64_t width) noexcept {
+    if (width == kernels::kLanes) return fbatch::load_unaligned(p);
+    alignas(64) float tmp[kernels::kLanes] = {};
+    std::copy(p, p + width, tmp);
+    return fbatch::load_aligned(tmp);
+  }
+  // The first `width` (<= lanes) lanes of v to p.
+  static void store(const fbatch& v, float* p, int64_t width) noexcept {
+    if (width == kernels::kLanes) return v.store_unaligned(p);
+    alignas(64) float tmp[kernels::kLanes];
+    v.store_aligned(tmp);
+    std::copy(tmp, tmp + width, p);
+  }
+
+  static std::vector<float> unpack(const kernels::PackedMatrix& m) {
+    std::vector<float> w(static_cast<size_t>(m.n() * m.k()));
+    for (int64_t r = 0; r < m.n(); ++r) m.unpack_row(r, false, w.data() + r * m.k());
+    return w;
+  }
+
+  static void check_tensor(const char* name, const std::vector<float>& w, size_t rows,
+                           size_t cols) {
     if (cols == 1) {
-      MOEKIT_CHECK(w.size() == rows, "gru cell: ", name, " expected [", rows, "] values, got ", w.size());
+      MOEKIT_CHECK(w.size() == rows, "gru cell: ", name, " expected [", rows, "] values, got ",
+                   w.size());
     } else {
-      MOEKIT_CHECK(w.size() == rows * cols, "gru cell: ", name, " expected [", rows, ", ", cols, "] = ",
-                   rows * cols, " values, got ", w.size());
+      MOEKIT_CHECK(w.size() == rows * cols, "gru cell: ", name, " expected [", rows, ", ", cols,
+                   "] = ", rows * cols, " values, got ", w.size());
     }
     for (size_t i = 0; i < w.size(); ++i) {
       if (std::isfinite(w[i])) continue;
       if (cols == 1) detail::fail("gru cell: ", name, "[", i, "] expected finite, got ", w[i]);
-      detail::fail("gru cell: ", name, "[", i / cols, ", ", i % cols, "] expected finite, got ", w[i]);
+      detail::fail("gru cell: ", name, "[", i / cols, ", ", i % cols, "] expected finite, got ",
+                   w[i]);
     }
   }
 
   GruVariant variant_;
   int64_t d_r_;
-  std::vector<float> weight_ih_;
-  std::vector<float> weight_hh_;
+  kernels::PackedMatrix w_ih_;
+  kernels::PackedMatrix w_hh_;
   std::vector<float> bias_ih_;
   std::vector<float> bias_hh_;
 };
@@ -136,7 +180,8 @@ struct GruRouterOptions {
   /// Throws moekit::error naming the first invalid parameter.
   void validate() const {
     MOEKIT_CHECK(num_experts >= 1, "gru router: num_experts (E) expected >= 1, got ", num_experts);
-    MOEKIT_CHECK(k >= 1 && k <= num_experts, "gru router: k expected in [1, E = ", num_experts, "], got ", k);
+    MOEKIT_CHECK(k >= 1 && k <= num_experts, "gru router: k expected in [1, E = ", num_experts,
+                 "], got ", k);
     MOEKIT_CHECK(hidden >= 1, "gru router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(d_r >= 1, "gru router: d_r expected >= 1, got ", d_r);
     MOEKIT_CHECK(variant == GruVariant::gru || variant == GruVariant::rnn,
@@ -153,20 +198,24 @@ struct GruRouterOptions {
 /// empty). Const and thread-safe; the cell is shared read-only.
 class GruRouter {
  public:
-  GruRouter(GruRouterOptions options, std::shared_ptr<const GruCell> cell, std::vector<float> proj_weight,
-            std::vector<float> out_weight)
-      : opt_(options), cell_(std::move(cell)), proj_(std::move(proj_weight)), topk_(make_topk(opt_, out_weight)) {
+  /// `proj_weight [d_r, d]` (`router.proj.weight`), `out_weight [E, d_r]`
+  /// (`router.out.weight`); the cell's d_r and variant must match the options.
+  GruRouter(GruRouterOptions options, std::shared_ptr<const GruCell> cell,
+            const std::vector<float>& proj_weight, std::vector<float> out_weight)
+      : opt_(options), cell_(std::move(cell)), topk_(make_topk(opt_, out_weight)) {
     MOEKIT_CHECK(cell_ != nullptr, "gru router: cell expected a GruCell, got null");
-    MOEKIT_CHECK(cell_->state_size() == opt_.d_r, "gru router: cell state size expected d_r = ", opt_.d_r,
-                 ", got ", cell_->state_size());
+    MOEKIT_CHECK(cell_->state_size() == opt_.d_r,
+                 "gru router: cell state size expected d_r = ", opt_.d_r, ", got ",
+                 cell_->state_size());
     MOEKIT_CHECK(cell_->variant() == opt_.variant, "gru router: cell variant expected ",
                  variant_name(opt_.variant), ", got ", variant_name(cell_->variant()));
     const auto d = static_cast<size_t>(opt_.hidden), dr = static_cast<size_t>(opt_.d_r);
-    MOEKIT_CHECK(proj_.size() == dr * d, "gru router: router.proj.weight expected [", dr, ", ", d, "] = ", dr * d,
-                 " values, got ", proj_.size());
-    for (size_t i = 0; i < proj_.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(proj_[i]), "gru router: router.proj.weight[", i / d, ", ", i % d,
-                   "] expected finite, got ", proj_[i]);
+    MOEKIT_CHECK(proj_weight.size() == dr * d, "gru router: router.proj.weight expected [", dr,
+                 ", ", d, "] = ", dr * d, " values, got ", proj_weight.size());
+    for (size_t i = 0; i < proj_weight.size(); ++i)
+      MOEKIT_CHECK(std::isfinite(proj_weight[i]), "gru router: router.proj.weight[", i / d, ", ",
+                   i % d, "] expected finite, got ", proj_weight[i]);
+    proj_.pack(proj_weight.data(), opt_.d_r, opt_.hidden, opt_.hidden);
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return opt_.num_experts; }
@@ -176,15 +225,20 @@ class GruRouter {
   [[nodiscard]] int64_t state_size() const noexcept { return opt_.d_r; }
   [[nodiscard]] const GruRouterOptions& options() const noexcept { return opt_; }
   [[nodiscard]] const std::shared_ptr<const GruCell>& cell() const noexcept { return cell_; }
-  /// `router.proj.weight [d_r, d]`.
-  [[nodiscard]] const std::vector<float>& proj_weight() const noexcept { return proj_; }
+  /// `router.proj.weight [d_r, d]` (unpacked copy).
+  [[nodiscard]] std::vector<float> proj_weight() const {
+    std::vector<float> w(static_cast<size_t>(opt_.d_r * opt_.hidden));
+    for (int64_t r = 0; r < opt_.d_r; ++r) proj_.unpack_row(r, false, w.data() + r * opt_.hidden);
+    return w;
+  }
   /// `router.out.weight [E, d_r]`.
   [[nodiscard]] const std::vector<float>& out_weight() const noexcept { return topk_.weight(); }
 
   /// Router FLOPs per routed token (projection, cell step, output logits).
   [[nodiscard]] double flops_per_token() const noexcept {
     const auto d = static_cast<double>(opt_.hidden), dr = static_cast<double>(opt_.d_r);
-    return 2.0 * dr * d + cell_->flops_per_step() + 2.0 * static_cast<double>(opt_.num_experts) * dr;
+    return 2.0 * dr * d + cell_->flops_per_step() +
+           2.0 * static_cast<double>(opt_.num_experts) * dr;
   }
 
   /// Routes `hidden [T, d]` into `plan` (finalised) and writes the new state `[T, d_r]` to
@@ -195,59 +249,92 @@ class GruRouter {
              int threads = 0) const {
     batch.validate(opt_.hidden);
     const int64_t T = batch.tokens, d = opt_.hidden, dr = opt_.d_r;
-    MOEKIT_CHECK(T == 0 || hidden != nullptr, "gru router: hidden states pointer is null for T = ", T);
+    MOEKIT_CHECK(T == 0 || hidden != nullptr,
+                 "gru router: hidden states pointer is null for T = ", T);
     const std::span<const float> prev = batch.router_state;
     MOEKIT_CHECK(prev.empty() || static_cast<int64_t>(prev.size()) == T * dr,
-                 "gru router: Batch.router_state expected [T, d_r] = [", T, ", ", dr, "] = ", T * dr,
-                 " values (or empty for zeros), got ", prev.size());
+                 "gru router: Batch.router_state expected [T, d_r] = [", T, ", ", dr,
+                 "] = ", T * dr, " values (or empty for zeros), got ", prev.size());
     for (size_t i = 0; i < prev.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(prev[i]), "gru router: Batch.router_state[", i / static_cast<size_t>(dr), ", ",
-                   i % static_cast<size_t>(dr), "] expected finite, got ", prev[i]);
+      MOEKIT_CHECK(std::isfinite(prev[i]), "gru router: Batch.router_state[",
+                   i / static_cast<size_t>(dr), ", ", i % static_cast<size_t>(dr),
+                   "] expected finite, got ", prev[i]);
 
-    const int nt = detail::resolve_threads(threads);
-    const size_t per_thread = static_cast<size_t>(dr) + cell_->scratch_floats();
+    // Token blocks: at most kMaxBlock rows, at least one block per thread. Each row's result
+    // depends on that row only, so the split changes nothing but the speed. Small batches run
+    // on one thread (a parallel region costs more than it saves there).
+    const double work = static_cast<double>(T) * flops_per_token();
+    const int nt = work >= kParallelFlops ? detail::resolve_threads(threads) : 1;
+    const int64_t blocks =
+        T == 0 ? 0 : std::max<int64_t>(std::min<int64_t>(nt, T), (T + kMaxBlock - 1) / kMaxBlock);
+    const int64_t B = blocks == 0 ? 0 : (T + blocks - 1) / blocks;
+    const size_t per_thread =
+        static_cast<size_t>(2 * B * dr) + kernels::packed_a_floats(B, d) + cell_->scratch_floats(B);
     // Same size as `prev` when that is the old state: no reallocation, in-place stays valid.
     scratch.state.resize(static_cast<size_t>(T * dr));
-    if (scratch.buffer.size() < per_thread * static_cast<size_t>(nt)) scratch.buffer.resize(per_thread * static_cast<size_t>(nt));
+    if (scratch.buffer.size() < per_thread * static_cast<size_t>(nt))
+      scratch.buffer.resize(per_thread * static_cast<size_t>(nt));
     if (scratch.index.size() < static_cast<size_t>(T)) scratch.index.resize(static_cast<size_t>(T));
-    int32_t* bad = scratch.index.data();  // per token: 0 ok, 1 non-finite projection
+    int32_t* bad = scratch.index.data();  // per token: 1 = non-finite projection
 
-    // Projection and cell step, one token per iteration (thread-count independent).
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
-    for (int64_t t = 0; t < T; ++t) {
-      float* h = scratch.state.data() + t * dr;
-      const float* hp = prev.empty() ? nullptr : prev.data() + t * dr;
-      bad[t] = 0;
-      if (batch.is_padding(t)) {  // state passes through unchanged
-        if (hp == nullptr) kernels::zero_row(h, dr);
-        else if (hp != h) kernels::copy_row(hp, h, dr);
-        continue;
+    // Projection x = X W1^T and the cell step, per token block.
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && blocks > 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t t0 = blk * B, m = std::min(B, T - t0);
+      if (m <= 0) continue;
+      float* x = scratch.buffer.data() +
+                 per_thread * static_cast<size_t>(omp_get_thread_num());  // [m, d_r]
+      float* h = x + B * dr;                                              // [m, d_r]
+      float* a_pack = h + B * dr;
+      float* cell_scratch = a_pack + kernels::packed_a_floats(B, d);
+      const float* hp = prev.empty() ? nullptr : prev.data() + t0 * dr;
+      kernels::gemm_packed(m, hidden + t0 * d, d, proj_, x, dr, a_pack);
+      for (int64_t i = 0; i < m; ++i) {
+        bad[t0 + i] = 0;
+        if (batch.is_padding(t0 + i)) continue;
+        for (int64_t j = 0; j < dr; ++j)
+          if (!std::isfinite(x[i * dr + j])) bad[t0 + i] = 1;
       }
-      float* x = scratch.buffer.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
-      kernels::matvec_rows(hidden + t * d, proj_.data(), dr, d, x);
-      for (int64_t i = 0; i < dr; ++i)
-        if (!std::isfinite(x[i])) bad[t] = 1;
-      if (bad[t] == 0) cell_->step(x, hp, h, x + dr);
+      cell_->step(m, x, dr, hp, dr, h, dr, cell_scratch);
+      for (int64_t i = 0; i < m; ++i) {
+        float* dst = scratch.state.data() + (t0 + i) * dr;
+        if (!batch.is_padding(t0 + i))
+          kernels::copy_row(h + i * dr, dst, dr);
+        else if (hp == nullptr)
+          kernels::zero_row(dst, dr);  // padded: the state passes through
+        else if (hp + i * dr != dst)
+          kernels::copy_row(hp + i * dr, dst, dr);
+      }
     }
     for (int64_t t = 0; t < T; ++t)
-      MOEKIT_CHECK(bad[t] == 0, "gru router: projection router.proj.weight x hidden_states of token ", t,
+      MOEKIT_CHECK(bad[t] == 0,
+                   "gru router: projection router.proj.weight x hidden_states of token ", t,
                    " expected finite, got NaN or Inf (NaN or Inf in hidden_states, or overflow)");
 
     // Logits L = W2 h, softmax, top-k, renormalise: the top-k router run on the states.
     Batch on_state = batch;
     on_state.hidden = dr;
     on_state.router_state = {};
-    topk_.route(on_state, scratch.state.data(), plan, scratch, threads);
+    const double logit_work = 2.0 * static_cast<double>(T * opt_.num_experts * dr);
+    topk_.route(on_state, scratch.state.data(), plan, scratch,
+                logit_work >= kParallelFlops ? threads : 1);
   }
 
-  static const char* variant_name(GruVariant v) noexcept { return v == GruVariant::gru ? "gru" : "rnn"; }
+  static const char* variant_name(GruVariant v) noexcept {
+    return v == GruVariant::gru ? "gru" : "rnn";
+  }
+
+  /// Most tokens per block of the projection and cell GEMMs.
+  static constexpr int64_t kMaxBlock = 96;
+  /// Router FLOPs of a call below which it runs on one thread (results never depend on it).
+  static constexpr double kParallelFlops = 1 << 20;
 
  private:
   static TopKRouter make_topk(const GruRouterOptions& o, std::vector<float>& w) {
     o.validate();
     const auto E = static_cast<size_t>(o.num_experts), dr = static_cast<size_t>(o.d_r);
-    MOEKIT_CHECK(w.size() == E * dr, "gru router: router.out.weight expected [", E, ", ", dr, "] = ", E * dr,
-                 " values, got ", w.size());
+    MOEKIT_CHECK(w.size() == E * dr, "gru router: router.out.weight expected [", E, ", ", dr,
+                 "] = ", E * dr, " values, got ", w.size());
     for (size_t i = 0; i < w.size(); ++i)
       MOEKIT_CHECK(std::isfinite(w[i]), "gru router: router.out.weight[", i / dr, ", ", i % dr,
                    "] expected finite, got ", w[i]);
@@ -262,8 +349,8 @@ class GruRouter {
 
   GruRouterOptions opt_;
   std::shared_ptr<const GruCell> cell_;
-  std::vector<float> proj_;
-  TopKRouter topk_;  ///< E x d_r output layer with the Mixtral rule
+  TopKRouter topk_;             ///< E x d_r output layer with the Mixtral rule
+  kernels::PackedMatrix proj_;  ///< router.proj.weight, packed
 };
 
 static_assert(Router<GruRouter>);

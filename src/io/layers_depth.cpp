@@ -1,0 +1,283 @@
+// SPDX-License-Identifier: Apache-2.0
+// `moekit run` / `bench` builders of the depth and skip routers (ROUTING.md section 5): mod,
+// gamma_mod, token_prune, drllm, mor. The wrapped block is the config's FFN expert, read as
+// a one-expert bank `experts.0.*`.
+#include <cmath>
+
+#include "json_reader.hpp"
+#include "layer_registry.hpp"
+#include "moekit/routers/depth.hpp"
+#include "moekit/routers/drllm.hpp"
+#include "moekit/routers/mor.hpp"
+
+namespace moekit::detail {
+namespace {
+
+template <class E>
+E parse_enum(Reader& r, const std::string& key, E def, std::initializer_list<std::pair<const char*, E>> names) {
+  std::string list;
+  const char* def_name = "";
+  for (const auto& [n, v] : names) {
+    if (v == def) def_name = n;
+    list += (list.empty() ? "" : ", ") + std::string(n);
+  }
+  const std::string s = r.string(key, def_name);
+  for (const auto& [n, v] : names)
+    if (s == n) return v;
+  fail(r.where(), ".", key, ": expected one of ", list, "; got \"", s, "\"");
+}
+
+DepthActivation parse_depth_act(Reader& r, DepthActivation def) {
+  return parse_enum(r, "activation", def,
+                    {{"raw", DepthActivation::raw}, {"sigmoid", DepthActivation::sigmoid}, {"tanh", DepthActivation::tanh}});
+}
+
+MoDOptions mod_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  MoDOptions o;
+  o.hidden = c.hidden();
+  o.ratio = r.number("ratio", o.ratio);
+  o.activation = parse_depth_act(r, o.activation);
+  o.alpha = r.number("alpha", o.alpha);
+  o.mode = parse_enum(r, "mode", o.mode,
+                      {{"capacity", MoDMode::capacity}, {"threshold", MoDMode::threshold}, {"aux_predictor", MoDMode::aux_predictor}});
+  o.threshold = r.number("threshold", o.threshold);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+GammaModOptions gamma_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  GammaModOptions o;
+  o.hidden = c.hidden();
+  o.ratio = r.number("ratio", o.ratio);
+  o.phase = parse_enum(r, "phase", o.phase,
+                       {{"capacity", GammaModPhase::capacity}, {"prefill", GammaModPhase::prefill}, {"decode", GammaModPhase::decode}});
+  o.prefill_threshold = r.number("prefill_threshold", o.prefill_threshold);
+  o.decode_threshold = r.number("decode_threshold", o.decode_threshold);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+TokenPruneOptions prune_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  TokenPruneOptions o;
+  o.hidden = c.hidden();
+  o.tau = r.number("tau", o.tau);
+  if (r.has("sparsity")) o.sparsity = r.number("sparsity", 0.0);
+  r.mark("sparsity");
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+DrLlmOptions drllm_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  DrLlmOptions o;
+  o.hidden = c.hidden();
+  o.bottleneck = r.integer("bottleneck", o.bottleneck);
+  o.windows = r.integer("windows", o.windows);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+MoROptions mor_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  MoROptions o;
+  o.hidden = c.hidden();
+  o.num_recursions = r.integer("num_recursions", o.num_recursions);
+  o.act = parse_enum(r, "act", o.act, {{"sigmoid", MoRActivation::sigmoid}, {"tanh", MoRActivation::tanh}, {"raw", MoRActivation::raw}});
+  o.alpha = r.number("alpha", o.alpha);
+  if (r.has("capacity_factors")) {
+    const json& a = r.raw("capacity_factors");
+    MOEKIT_CHECK(a.is_array(), "router.capacity_factors: expected an array of numbers, got ", a.dump());
+    for (const json& v : a) {
+      MOEKIT_CHECK(v.is_number(), "router.capacity_factors: expected numbers, got ", v.dump());
+      o.capacity_factors.push_back(v.get<double>());
+    }
+  }
+  r.mark("capacity_factors");
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+FfnBank block_of(const LayerConfig& c, const io::TensorSource* w, const std::string& prefix, uint64_t& seed) {
+  return ffn_bank(w, prefix + "experts.", true, 1, routed_shape(c), c.expert_names, seed);
+}
+
+double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
+
+// selected U8 [T] and router_weights F32 [T] of a one-expert plan.
+std::vector<NamedTensor> depth_outputs(const RoutingPlan& plan, const std::vector<float>& values) {
+  const int64_t T = plan.num_tokens();
+  std::vector<uint8_t> sel(static_cast<size_t>(T), 0);
+  depth_selected(plan, sel);
+  std::vector<float> w(static_cast<size_t>(T), 0.0f);
+  for (int64_t t = 0; t < T && static_cast<size_t>(t) < values.size(); ++t) w[static_cast<size_t>(t)] = values[static_cast<size_t>(t)];
+  return {NamedTensor::of("selected", io::DType::U8, {T}, sel), NamedTensor::of("router_weights", io::DType::F32, {T}, w)};
+}
+
+template <class R>
+std::unique_ptr<AnyLayer> sparse_depth(const LayerConfig& c, R router, FfnBank block, double router_values) {
+  const double resident = resident_bytes_of(block, {}, router_values);
+  SparseLayer<R, FfnBank> layer(std::move(router), std::move(block));
+  return std::make_unique<SparseAnyLayer<R, FfnBank>>(
+      c, std::move(layer),
+      [](const SparseLayer<R, FfnBank>&, const Workspace& ws, const Batch&) { return depth_outputs(ws.plan, ws.router.values); },
+      resident);
+}
+
+std::unique_ptr<AnyLayer> build_mod(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
+  const MoDOptions o = mod_options(j, c);
+  uint64_t s = splitmix64(seed);
+  auto weight = tensor_or_random(w, p + "router.weight", {1, c.hidden()}, s, scale_of(c));
+  std::vector<float> aux;
+  if (o.mode == MoDMode::aux_predictor) aux = tensor_or_random(w, p + "router.aux.weight", {1, c.hidden()}, s, scale_of(c));
+  const double rv = static_cast<double>(weight.size() + aux.size());
+  return sparse_depth(c, MoDRouter(o, std::move(weight), std::move(aux)), block_of(c, w, p, s), rv);
+}
+
+std::unique_ptr<AnyLayer> build_gamma(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
+  const GammaModOptions o = gamma_options(j, c);
+  uint64_t s = splitmix64(seed);
+  auto weight = tensor_or_random(w, p + "router.weight", {2, c.hidden()}, s, scale_of(c));
+  const double rv = static_cast<double>(weight.size());
+  return sparse_depth(c, GammaModRouter(o, std::move(weight)), block_of(c, w, p, s), rv);
+}
+
+std::unique_ptr<AnyLayer> build_prune(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
+  const TokenPruneOptions o = prune_options(j, c);
+  uint64_t s = splitmix64(seed);
+  auto weight = tensor_or_random(w, p + "router.weight", {1, c.hidden()}, s, scale_of(c));
+  const double rv = static_cast<double>(weight.size());
+  return sparse_depth(c, TokenPruneRouter(o, std::move(weight)), block_of(c, w, p, s), rv);
+}
+
+// ---- Dr.LLM and MoR run their own layers (several passes through SparseLayer::forward_plan).
+class DrLlmAnyLayer final : public AnyLayer {
+ public:
+  DrLlmAnyLayer(LayerConfig c, DrLlmLayer<FfnBank> layer, double resident)
+      : config_(std::move(c)), layer_(std::move(layer)), resident_(resident) {}
+  const LayerConfig& config() const noexcept override { return config_; }
+  void forward(const Batch& batch, const float* hidden, float* out, int threads) override {
+    batch_ = batch;
+    layer_.forward(batch, hidden, out, ws_, threads);
+  }
+  std::vector<NamedTensor> outputs() const override {
+    auto out = depth_outputs(ws_.layer.plan, ws_.layer.router.values);
+    out.push_back(NamedTensor::of("repeats", io::DType::I32, {static_cast<int64_t>(ws_.repeats.size())}, ws_.repeats));
+    return out;
+  }
+  double executed_flops() const override {
+    double runs = 0;
+    for (int64_t s = 0; s < batch_.num_sequences(); ++s) {
+      int64_t n = 0;
+      for (int64_t t = batch_.sequence_begin(s); t < batch_.sequence_end(s); ++t) n += !batch_.is_padding(t);
+      runs += static_cast<double>(ws_.repeats[static_cast<size_t>(s)]) * static_cast<double>(n);
+    }
+    return runs * layer_.block().flops_per_row() + layer_.router().flops(batch_);
+  }
+  double expert_bytes() const override {
+    for (int32_t r : ws_.repeats)
+      if (r > 0) return layer_.block().weight_bytes_per_expert();
+    return 0.0;
+  }
+  double resident_bytes() const override { return resident_; }
+
+ private:
+  LayerConfig config_;
+  DrLlmLayer<FfnBank> layer_;
+  double resident_;
+  DrLlmWorkspace ws_;
+  Batch batch_;
+};
+
+std::unique_ptr<AnyLayer> build_drllm(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
+  const DrLlmOptions o = drllm_options(j, c);
+  uint64_t s = splitmix64(seed);
+  const int64_t d = c.hidden(), b = o.bottleneck;
+  auto w0 = tensor_or_random(w, p + "router.0.weight", {b, d}, s, scale_of(c));
+  auto b0 = tensor_or_random(w, p + "router.0.bias", {b}, s, 0.01);
+  auto w2 = tensor_or_random(w, p + "router.2.weight", {3, b}, s, 1.0 / std::sqrt(static_cast<double>(b)));
+  auto b2 = tensor_or_random(w, p + "router.2.bias", {3}, s, 0.01);
+  const double rv = static_cast<double>(w0.size() + b0.size() + w2.size() + b2.size());
+  FfnBank block = block_of(c, w, p, s);
+  const double resident = resident_bytes_of(block, {}, rv);
+  return std::make_unique<DrLlmAnyLayer>(
+      c, DrLlmLayer<FfnBank>(DrLlmRouter(o, std::move(w0), std::move(b0), std::move(w2), std::move(b2)), std::move(block)),
+      resident);
+}
+
+class MoRAnyLayer final : public AnyLayer {
+ public:
+  MoRAnyLayer(LayerConfig c, MoRLayer<FfnBank> layer, double resident)
+      : config_(std::move(c)), layer_(std::move(layer)), resident_(resident) {}
+  const LayerConfig& config() const noexcept override { return config_; }
+  void forward(const Batch& batch, const float* hidden, float* out, int threads) override {
+    batch_ = batch;
+    layer_.forward(batch, hidden, out, ws_, threads);
+  }
+  std::vector<NamedTensor> outputs() const override {
+    const int64_t T = static_cast<int64_t>(ws_.depth.size());
+    std::vector<uint8_t> sel(ws_.depth.size());
+    for (size_t t = 0; t < sel.size(); ++t) sel[t] = ws_.depth[t] > 0;
+    return {NamedTensor::of("selected", io::DType::U8, {T}, sel), NamedTensor::of("depth", io::DType::I32, {T}, ws_.depth),
+            NamedTensor::of("router_weights", io::DType::F32, {T}, ws_.router_weights)};
+  }
+  double executed_flops() const override {
+    double runs = 0;
+    for (int32_t r : ws_.depth) runs += r;
+    const double candidates = static_cast<double>(batch_.routed_tokens()) * static_cast<double>(ws_.recursions_run);
+    return runs * layer_.block().flops_per_row() + candidates * 2.0 * static_cast<double>(config_.hidden());
+  }
+  double expert_bytes() const override {
+    return static_cast<double>(ws_.recursions_run) * layer_.block().weight_bytes_per_expert();
+  }
+  double resident_bytes() const override { return resident_; }
+
+ private:
+  LayerConfig config_;
+  MoRLayer<FfnBank> layer_;
+  double resident_;
+  MoRWorkspace ws_;
+  Batch batch_;
+};
+
+std::unique_ptr<AnyLayer> build_mor(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
+  const MoROptions o = mor_options(j, c);
+  uint64_t s = splitmix64(seed);
+  const int64_t d = c.hidden();
+  std::vector<float> theta;
+  for (int64_t r = 0; r < o.num_recursions; ++r) {
+    auto row = tensor_or_random(w, p + "router.steps." + std::to_string(r) + ".weight", {1, d}, s, scale_of(c));
+    theta.insert(theta.end(), row.begin(), row.end());
+  }
+  const double rv = static_cast<double>(theta.size());
+  FfnBank block = block_of(c, w, p, s);
+  const double resident = resident_bytes_of(block, {}, rv);
+  return std::make_unique<MoRAnyLayer>(c, MoRLayer<FfnBank>(MoRRouter(o, std::move(theta)), std::move(block)), resident);
+}
+
+}  // namespace
+
+void validate_mod(const json& j, const LayerConfig& c) { (void)mod_options(j, c); }
+void validate_gamma_mod(const json& j, const LayerConfig& c) { (void)gamma_options(j, c); }
+void validate_token_prune(const json& j, const LayerConfig& c) { (void)prune_options(j, c); }
+void validate_drllm(const json& j, const LayerConfig& c) { (void)drllm_options(j, c); }
+void validate_mor(const json& j, const LayerConfig& c) { (void)mor_options(j, c); }
+std::unique_ptr<AnyLayer> build_mod_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_mod(j, c, w, p, s); }
+std::unique_ptr<AnyLayer> build_gamma_mod_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_gamma(j, c, w, p, s); }
+std::unique_ptr<AnyLayer> build_token_prune_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_prune(j, c, w, p, s); }
+std::unique_ptr<AnyLayer> build_drllm_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_drllm(j, c, w, p, s); }
+std::unique_ptr<AnyLayer> build_mor_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_mor(j, c, w, p, s); }
+
+}  // namespace moekit::detail

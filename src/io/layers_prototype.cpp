@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: Apache-2.0
+// `moekit run` / `bench` builders of the prototype routers (ROUTING.md section 6): prototype
+// (ProMoE) and centroid (MixER nearest centroid).
+#include <cmath>
+
+#include "json_reader.hpp"
+#include "layer_registry.hpp"
+#include "moekit/routers/prototype.hpp"
+
+namespace moekit::detail {
+namespace {
+
+ProMoEOptions promoe_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  ProMoEOptions o;
+  o.hidden = c.hidden();
+  o.num_experts = r.integer("num_experts", 0);
+  o.k = r.integer("k", 0);
+  o.tau_r = static_cast<float>(r.number("tau_r", o.tau_r));
+  const int64_t u = r.integer("uncond_token_type", o.uncond_token_type);
+  MOEKIT_CHECK(u >= INT32_MIN && u <= INT32_MAX, "router.uncond_token_type: expected a 32-bit integer, got ", u);
+  o.uncond_token_type = static_cast<int32_t>(u);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+CentroidOptions centroid_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  CentroidOptions o;
+  o.hidden = c.hidden();
+  o.num_experts = r.integer("num_experts", 0);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
+
+}  // namespace
+
+void validate_prototype(const json& j, const LayerConfig& c) { (void)promoe_options(j, c); }
+void validate_centroid(const json& j, const LayerConfig& c) { (void)centroid_options(j, c); }
+
+std::unique_ptr<AnyLayer> build_prototype_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,
+                                                const std::string& p, uint64_t seed) {
+  const ProMoEOptions o = promoe_options(j, c);
+  uint64_t s = splitmix64(seed);
+  const int64_t E = o.num_experts, d = c.hidden(), k = o.k;
+  auto protos = tensor_or_random(w, p + "router.prototypes", {E, d}, s, 1.0);
+  // Experts 0..E-1 are `experts.{i}.*`, expert E the unconditional one `uncond_expert.*`.
+  FfnBank bank(E + 1, routed_shape(c));
+  std::vector<float> buf;
+  for (int64_t e = 0; e < E; ++e) load_ffn_into(bank, e, w, p + "experts." + std::to_string(e) + ".", c.expert_names, s, buf);
+  load_ffn_into(bank, E, w, p + "uncond_expert.", c.expert_names, s, buf);
+  // The always-on shared expert: `shared_expert.*` (ungated), width from the config's
+  // shared_expert or the routed width.
+  LayerConfig sc = c;
+  SharedExpertConfig se = c.shared.value_or(SharedExpertConfig{c.experts.intermediate, false, "shared_expert."});
+  se.gated = false;
+  if (!c.shared) se.names = "shared_expert.";
+  sc.shared = se;
+  std::vector<SharedExpert> shared = shared_experts(sc, w, p, s);
+  const double resident = resident_bytes_of(bank, shared, static_cast<double>(protos.size()));
+  using L = SparseLayer<ProMoERouter, FfnBank>;
+  L layer(ProMoERouter(o, std::move(protos)), std::move(bank), std::move(shared));
+  return std::make_unique<SparseAnyLayer<ProMoERouter, FfnBank>>(
+      sc, std::move(layer), [k](const L&, const Workspace& ws, const Batch&) { return topk_outputs(ws.plan, k); }, resident);
+}
+
+std::unique_ptr<AnyLayer> build_centroid_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,
+                                               const std::string& p, uint64_t seed) {
+  const CentroidOptions o = centroid_options(j, c);
+  uint64_t s = splitmix64(seed);
+  const int64_t E = o.num_experts, d = c.hidden();
+  auto cents = tensor_or_random(w, p + "router.centroids", {E, d}, s, scale_of(c));
+  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s);
+  std::vector<SharedExpert> shared = shared_experts(c, w, p, s);
+  const double resident = resident_bytes_of(bank, shared, static_cast<double>(cents.size()));
+  using L = SparseLayer<CentroidRouter, FfnBank>;
+  L layer(CentroidRouter(o, std::move(cents)), std::move(bank), std::move(shared));
+  return std::make_unique<SparseAnyLayer<CentroidRouter, FfnBank>>(
+      c, std::move(layer), [](const L&, const Workspace& ws, const Batch&) { return topk_outputs(ws.plan, 1); }, resident);
+}
+
+}  // namespace moekit::detail

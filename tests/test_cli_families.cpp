@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: Apache-2.0
+// `moekit run` for every router family of moekit's own config format: the CLI reads the
+// family's tensors (ROUTING.md section 8), writes its output tensors with the contract's
+// names, dtypes and shapes, and its hidden_states equal the in-process AnyLayer's.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moekit/io/any_layer.hpp"
+#include "moekit/io/config.hpp"
+#include "moekit/io/safetensors.hpp"
+
+#ifdef MOEKIT_CLI_PATH
+namespace {
+
+namespace fs = std::filesystem;
+using moekit::io::DType;
+
+struct Family {
+  std::string name;
+  std::string router;                                    // the "router" object
+  std::vector<std::pair<std::string, std::vector<int64_t>>> tensors;  // besides the experts
+  int64_t experts;                                       // routed FFN experts experts.{i}
+  bool uncond = false, shared = false;                   // ProMoE's extra experts
+  std::vector<std::pair<std::string, std::vector<int64_t>>> outputs;  // besides hidden_states
+};
+
+constexpr int64_t T = 11, d = 16, f = 12, E = 4, k = 2, dr = 8;
+
+std::vector<Family> families() {
+  return {
+      {"gru", R"({"type": "gru", "num_experts": 4, "k": 2, "d_r": 8})",
+       {{"router.proj.weight", {dr, d}}, {"router.out.weight", {E, dr}}, {"router.gru.weight_ih", {3 * dr, dr}},
+        {"router.gru.weight_hh", {3 * dr, dr}}, {"router.gru.bias_ih", {3 * dr}}, {"router.gru.bias_hh", {3 * dr}}},
+       E, false, false, {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}, {"router_state", {T, dr}}}},
+      {"expert_choice", R"({"type": "expert_choice", "num_experts": 4, "capacity_factor": 2})", {{"gate.weight", {E, d}}}, E,
+       false, false, {{"expert_token_ids", {E, 5}}, {"expert_token_weights", {E, 5}}}},
+      {"mod", R"({"type": "mod", "ratio": 0.5, "activation": "sigmoid"})", {{"router.weight", {1, d}}}, 1, false, false,
+       {{"selected", {T}}, {"router_weights", {T}}}},
+      {"gamma_mod", R"({"type": "gamma_mod", "ratio": 0.25})", {{"router.weight", {2, d}}}, 1, false, false,
+       {{"selected", {T}}, {"router_weights", {T}}}},
+      {"token_prune", R"({"type": "token_prune", "sparsity": 0.5})", {{"router.weight", {1, d}}}, 1, false, false,
+       {{"selected", {T}}, {"router_weights", {T}}}},
+      {"drllm", R"({"type": "drllm", "bottleneck": 6})",
+       {{"router.0.weight", {6, d}}, {"router.0.bias", {6}}, {"router.2.weight", {3, 6}}, {"router.2.bias", {3}}}, 1, false,
+       false, {{"selected", {T}}, {"router_weights", {T}}, {"repeats", {2}}}},
+      {"mor", R"({"type": "mor", "num_recursions": 2})", {{"router.steps.0.weight", {1, d}}, {"router.steps.1.weight", {1, d}}},
+       1, false, false, {{"selected", {T}}, {"depth", {T}}, {"router_weights", {T}}}},
+      {"prototype", R"({"type": "prototype", "num_experts": 4, "k": 2})", {{"router.prototypes", {E, d}}}, E, true, true,
+       {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}}},
+      {"centroid", R"({"type": "centroid", "num_experts": 4})", {{"router.centroids", {E, d}}}, E, false, false,
+       {{"topk_ids", {T, 1}}, {"topk_weights", {T, 1}}}},
+  };
+}
+
+int run(const std::string& args, std::string* err) {
+  const std::string e = (fs::path(testing::TempDir()) / "fam_err.txt").string();
+  const int status = std::system((std::string(MOEKIT_CLI_PATH) + " " + args + " >/dev/null 2>" + e).c_str());
+  std::ifstream in(e);
+  err->assign(std::istreambuf_iterator<char>(in), {});
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+class CliFamilies : public testing::TestWithParam<Family> {};
+
+TEST_P(CliFamilies, RunWritesTheContractTensors) {
+  const Family& fam = GetParam();
+  const fs::path dir = fs::path(testing::TempDir()) / ("moekit_fam_" + fam.name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string prefix = "model.layers.2.mlp.";
+  std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 16, "router": )" << fam.router
+                                << R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})";
+  std::mt19937 g(5);
+  std::normal_distribution<float> n(0.0f, 0.4f);
+  std::vector<std::vector<float>> keep;
+  keep.reserve(200);
+  std::vector<moekit::io::OutTensor> w;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    int64_t c = 1;
+    for (int64_t s : shape) c *= s;
+    keep.emplace_back(static_cast<size_t>(c));
+    for (float& v : keep.back()) v = n(g);
+    w.push_back({prefix + name, DType::F32, shape, keep.back().data()});
+  };
+  for (const auto& [name, shape] : fam.tensors) add(name, shape);
+  auto add_ffn = [&](const std::string& base) {
+    add(base + "gate_proj.weight", {f, d});
+    add(base + "up_proj.weight", {f, d});
+    add(base + "down_proj.weight", {d, f});
+  };
+  for (int64_t e = 0; e < fam.experts; ++e) add_ffn("experts." + std::to_string(e) + ".");
+  if (fam.uncond) add_ffn("uncond_expert.");
+  if (fam.shared) add_ffn("shared_expert.");
+  moekit::io::write_safetensors((dir / "w.safetensors").string(), w);
+
+  std::vector<float> x(T * d), state(T * dr, 0.1f);
+  for (float& v : x) v = n(g) * 2.5f;
+  std::vector<int32_t> offsets = {0, 6, T}, types(T, 0);
+  types[3] = types[8] = 1;  // ProMoE: unconditional; gamma-MoD: must keep
+  std::vector<moekit::io::OutTensor> in = {{"hidden_states", DType::F32, {T, d}, x.data()},
+                                           {"sequence_offsets", DType::I32, {3}, offsets.data()},
+                                           {"token_types", DType::I32, {T}, types.data()}};
+  if (fam.name == "gru") in.push_back({"router_state", DType::F32, {T, dr}, state.data()});
+  moekit::io::write_safetensors((dir / "x.safetensors").string(), in);
+
+  std::string err;
+  const std::string args = "run --config " + (dir / "c.json").string() + " --weights " + (dir / "w.safetensors").string() +
+                           " --input " + (dir / "x.safetensors").string() + " --output " + (dir / "y.safetensors").string() +
+                           " --prefix " + prefix + " --threads 2";
+  ASSERT_EQ(run(args, &err), 0) << fam.name << ": " << err;
+  const auto y = moekit::io::TensorSource::open((dir / "y.safetensors").string());
+  const auto out = y.read_f32("hidden_states", {T, d});
+  for (const auto& [name, shape] : fam.outputs) {
+    ASSERT_TRUE(y.contains(name)) << fam.name << " lacks " << name;
+    EXPECT_EQ(y.tensor(name).shape, shape) << fam.name << " " << name;
+  }
+
+  // Same result in-process, through the public AnyLayer.
+  const auto cfg = moekit::load_layer_config((dir / "c.json").string());
+  EXPECT_EQ(cfg.router_type, fam.name);
+  const auto src = moekit::io::TensorSource::open((dir / "w.safetensors").string());
+  auto layer = moekit::load_any_layer(cfg, src, prefix);
+  moekit::Batch b = moekit::Batch::single(T, d);
+  b.sequence_offsets = offsets;
+  b.token_types = types;
+  if (fam.name == "gru") b.router_state = state;
+  std::vector<float> ref(T * d);
+  layer->forward(b, x.data(), ref.data(), 1);
+  double mx = 0;
+  for (float v : ref) mx = std::max(mx, static_cast<double>(std::fabs(v)));
+  EXPECT_GT(mx, 0.0) << fam.name << ": all-zero output";
+  for (int64_t i = 0; i < T * d; ++i) ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + mx)) << fam.name << " at " << i;
+  EXPECT_GT(layer->executed_flops(), 0.0);
+
+  // A misspelled router key is an error naming it (exit 2, nothing written).
+  std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 16, "router": )"
+                                << fam.router.substr(0, fam.router.size() - 1) << R"(, "bogus_key": 1})"
+                                << R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})";
+  fs::remove(dir / "y.safetensors");
+  EXPECT_EQ(run(args, &err), 2) << fam.name;
+  EXPECT_NE(err.find("bogus_key"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(dir / "y.safetensors"));
+  fs::remove_all(dir);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CliFamilies, testing::ValuesIn(families()),
+                         [](const testing::TestParamInfo<Family>& i) { return i.param.name; });
+
+}  // namespace
+#endif
