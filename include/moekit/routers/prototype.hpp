@@ -73,7 +73,7 @@ inline void note_bad_token(int64_t& bad, int64_t t) noexcept {
 // ====================================================================================== ProMoE
 
 /// Parameters of the ProMoE router (ROUTING.md section 6; arXiv 2510.24711). Field names are
-/// the JSON keys of `{"router": {"type": "promoe", ...}}`.
+/// the JSON keys of `{"router": {"type": "prototype", ...}}`.
 struct ProMoEOptions {
   /// E, the routed (prototype) experts; the plan has E + 1 (index E: the unconditional one).
   int64_t num_experts = 0;
@@ -327,7 +327,7 @@ inline double routing_contrastive_loss(const ProMoERouter& router, const Batch& 
 // ============================================================================ nearest centroid
 
 /// Parameters of the nearest-centroid router (ROUTING.md section 6). JSON keys of
-/// `{"router": {"type": "nearest_centroid", ...}}`.
+/// `{"router": {"type": "centroid", ...}}`.
 struct CentroidOptions {
   int64_t num_experts = 0;  ///< E, one centroid per expert
   int64_t hidden = 0;       ///< d
