@@ -16,6 +16,7 @@
 #include "moekit/routers/gru.hpp"
 #include "moekit/routers/mor.hpp"
 #include "moekit/routers/prototype.hpp"
+#include "moekit/routers/sinkhorn.hpp"
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "moekit/version.hpp"

@@ -101,6 +101,8 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
 // `validate`; topk's options are parsed with the presets in config.cpp.
 const RouterFamily kFamilies[] = {
     {"topk", nullptr, build_topk},
+    {"sinkhorn", validate_sinkhorn, build_sinkhorn_layer},
+    {"selective_sinkhorn", validate_selective_sinkhorn, build_selective_sinkhorn_layer},
     {"expert_choice", validate_expert_choice, build_expert_choice_layer},
     {"gru", validate_gru, build_gru_layer},
     {"mod", validate_mod, build_mod_layer},

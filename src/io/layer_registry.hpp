@@ -114,6 +114,8 @@ inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExp
   void validate_##name(const nlohmann::json& router, const LayerConfig& config);                    \
   std::unique_ptr<AnyLayer> build_##name##_layer(const nlohmann::json& router, const LayerConfig& c, \
                                                  const io::TensorSource* w, const std::string& prefix, uint64_t seed);
+MOEKIT_FAMILY(sinkhorn)
+MOEKIT_FAMILY(selective_sinkhorn)
 MOEKIT_FAMILY(expert_choice)
 MOEKIT_FAMILY(gru)
 MOEKIT_FAMILY(mod)

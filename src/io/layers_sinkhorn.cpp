@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: Apache-2.0
+// `moekit run` / `bench` builders of Sinkhorn routing (ROUTING.md section 2): sinkhorn and
+// its selective wrapper selective_sinkhorn.
+#include <cmath>
+
+#include "json_reader.hpp"
+#include "layer_registry.hpp"
+#include "moekit/routers/sinkhorn.hpp"
+
+namespace moekit::detail {
+namespace {
+
+void read_sinkhorn(Reader& r, SinkhornOptions& o, const LayerConfig& c) {
+  o.hidden = c.hidden();
+  o.num_experts = r.integer("num_experts", 0);
+  o.k = r.integer("k", 0);
+  o.max_iters = r.integer("max_iters", o.max_iters);
+  o.tolerance = r.number("tolerance", o.tolerance);
+  o.weight_mode = r.choice("weight_mode", o.weight_mode == SinkhornWeightMode::transport ? "transport" : "selection_only",
+                           {"selection_only", "transport"}) == "transport"
+                      ? SinkhornWeightMode::transport
+                      : SinkhornWeightMode::selection_only;
+  if (r.has("cost")) o.cost = r.choice("cost", "logits", {"logits", "probs"}) == "probs" ? SinkhornCost::probs : SinkhornCost::logits;
+  r.mark("cost");
+  if (r.has("temperature")) o.temperature = static_cast<float>(r.number("temperature", 1.0));
+  r.mark("temperature");
+}
+
+SinkhornOptions sinkhorn_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  SinkhornOptions o;
+  read_sinkhorn(r, o, c);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+SelectiveSinkhornOptions selective_options(const json& j, const LayerConfig& c) {
+  Reader r(j, "router");
+  r.mark("type");
+  SelectiveSinkhornOptions o;
+  read_sinkhorn(r, o.sinkhorn, c);
+  o.p = r.number("p", o.p);
+  o.seed = static_cast<uint64_t>(r.integer("seed", 0));
+  o.layer = static_cast<uint64_t>(r.integer("layer", 0));
+  o.step = static_cast<uint64_t>(r.integer("step", 0));
+  o.training = r.boolean("training", o.training);
+  if (r.has("topk")) {
+    Reader t(r.raw("topk"), "router.topk");
+    o.topk.topk_then_softmax = t.boolean("topk_then_softmax", o.topk.topk_then_softmax);
+    o.topk.norm_topk_prob = t.boolean("norm_topk_prob", o.topk.norm_topk_prob);
+    o.topk.routed_scaling_factor = static_cast<float>(t.number("routed_scaling_factor", o.topk.routed_scaling_factor));
+    o.topk.score_func = t.choice("score_func", "softmax", {"softmax", "sigmoid"}) == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
+    t.reject_unknown();
+  }
+  r.mark("topk");
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+template <class R>
+std::unique_ptr<AnyLayer> build(R router, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t& s,
+                                double router_values) {
+  const int64_t E = router.num_experts(), k = router.k();
+  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s);
+  std::vector<SharedExpert> shared = shared_experts(c, w, p, s);
+  const double resident = resident_bytes_of(bank, shared, router_values);
+  using L = SparseLayer<R, FfnBank>;
+  L layer(std::move(router), std::move(bank), std::move(shared));
+  return std::make_unique<SparseAnyLayer<R, FfnBank>>(
+      c, std::move(layer),
+      [k](const L&, const Workspace& ws, const Batch&) {
+        auto t = topk_outputs(ws.plan, k);
+        const std::vector<int32_t> it = {static_cast<int32_t>(ws.router.iterations)};
+        const std::vector<float> er = {static_cast<float>(ws.router.error)};
+        t.push_back(NamedTensor::of("sinkhorn_iterations", io::DType::I32, {1}, it));
+        t.push_back(NamedTensor::of("sinkhorn_error", io::DType::F32, {1}, er));
+        return t;
+      },
+      resident);
+}
+
+}  // namespace
+
+void validate_sinkhorn(const json& j, const LayerConfig& c) { (void)sinkhorn_options(j, c); }
+void validate_selective_sinkhorn(const json& j, const LayerConfig& c) { (void)selective_options(j, c); }
+
+std::unique_ptr<AnyLayer> build_sinkhorn_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,
+                                               const std::string& p, uint64_t seed) {
+  const SinkhornOptions o = sinkhorn_options(j, c);
+  uint64_t s = splitmix64(seed);
+  auto gate = tensor_or_random(w, p + "gate.weight", {o.num_experts, c.hidden()}, s, 1.0 / std::sqrt(static_cast<double>(c.hidden())));
+  const double rv = static_cast<double>(gate.size());
+  return build(SinkhornRouter(o, std::move(gate)), c, w, p, s, rv);
+}
+
+std::unique_ptr<AnyLayer> build_selective_sinkhorn_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,
+                                                         const std::string& p, uint64_t seed) {
+  const SelectiveSinkhornOptions o = selective_options(j, c);
+  uint64_t s = splitmix64(seed);
+  auto gate = tensor_or_random(w, p + "gate.weight", {o.sinkhorn.num_experts, c.hidden()}, s,
+                               1.0 / std::sqrt(static_cast<double>(c.hidden())));
+  const double rv = static_cast<double>(gate.size());
+  return build(SelectiveSinkhornRouter(o, gate), c, w, p, s, rv);
+}
+
+}  // namespace moekit::detail
