@@ -65,8 +65,9 @@ std::vector<Family> families() {
   };
 }
 
-int run(const std::string& args, std::string* err) {
-  const std::string e = (fs::path(testing::TempDir()) / "fam_err.txt").string();
+// ctest runs tests in parallel processes: each family gets its own stderr file.
+int run(const std::string& args, const fs::path& dir, std::string* err) {
+  const std::string e = (dir / "stderr.txt").string();
   const int status = std::system((std::string(MOEKIT_CLI_PATH) + " " + args + " >/dev/null 2>" + e).c_str());
   std::ifstream in(e);
   err->assign(std::istreambuf_iterator<char>(in), {});
@@ -120,7 +121,7 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   const std::string args = "run --config " + (dir / "c.json").string() + " --weights " + (dir / "w.safetensors").string() +
                            " --input " + (dir / "x.safetensors").string() + " --output " + (dir / "y.safetensors").string() +
                            " --prefix " + prefix + " --threads 2";
-  ASSERT_EQ(run(args, &err), 0) << fam.name << ": " << err;
+  ASSERT_EQ(run(args, dir, &err), 0) << fam.name << ": " << err;
   const auto y = moekit::io::TensorSource::open((dir / "y.safetensors").string());
   const auto out = y.read_f32("hidden_states", {T, d});
   for (const auto& [name, shape] : fam.outputs) {
@@ -150,11 +151,13 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
                                 << fam.router.substr(0, fam.router.size() - 1) << R"(, "bogus_key": 1})"
                                 << R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})";
   fs::remove(dir / "y.safetensors");
-  EXPECT_EQ(run(args, &err), 2) << fam.name;
+  EXPECT_EQ(run(args, dir, &err), 2) << fam.name;
   EXPECT_NE(err.find("bogus_key"), std::string::npos) << err;
   EXPECT_FALSE(fs::exists(dir / "y.safetensors"));
   fs::remove_all(dir);
 }
+
+void PrintTo(const Family& f, std::ostream* os) { *os << f.name; }
 
 INSTANTIATE_TEST_SUITE_P(All, CliFamilies, testing::ValuesIn(families()),
                          [](const testing::TestParamInfo<Family>& i) { return i.param.name; });

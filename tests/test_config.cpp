@@ -92,7 +92,9 @@ TEST(ConfigMoekit, PresetsRoutersAndUnknownKeys) {
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"kk": 1}})", "unknown key \"kk\"");
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "experts": {"type": "mlp"}})", "experts.type");
   expect_error(R"({"moekit_config_version": 1, "preset": "mixtral2"})", "preset");
-  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"type": "sinkhorn"}})", "router.type");
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"type": "hash"}})", "router.type");
+  expect_error(R"({"moekit_config_version": 1, "hidden_size": 8, "router": {"type": "sinkhorn", "k": 1}, "experts": {"intermediate_size": 4}})",
+               "num_experts");
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"capacity_factor": -1}})", "capacity_factor");
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"drop_policy": "random"}})", "drop_policy");
   expect_error(R"({"moekit_config_version": 1, "hidden_size": 8})", "preset");
