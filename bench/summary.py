@@ -17,7 +17,7 @@ import sys
 from collections import OrderedDict
 
 LAYER = re.compile(
-    r"^topk/(?P<preset>[^/]+)/E:(?P<E>\d+)/k:(?P<k>\d+)/d:(?P<d>\d+)/f:(?P<f>\d+)"
+    r"^(?P<preset>[^/]+/[^/]+)/E:(?P<E>\d+)/k:(?P<k>\d+)/d:(?P<d>\d+)/f:(?P<f>\d+)"
     r"/T:(?P<T>\d+)/threads:(?P<threads>\d+)(/|$)")
 PEAK = re.compile(r"^peak/(?P<kind>sgemm|triad|fma)/[^/]+/threads:(?P<threads>\d+)(/|$)")
 
@@ -125,7 +125,7 @@ def main(argv):
             fmt(gbs), pct(gbs, peak_for(triad, threads)),
             "-" if share is None else "%.2f%%" % (100.0 * share)])
     if not table:
-        print("no topk/ benchmarks in %s" % argv[1])
+        print("no layer benchmarks in %s" % argv[1])
         return 1
     widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
     left = {0}
