@@ -509,8 +509,23 @@ TEST(SinkhornRandom, ThreadsGiveIdenticalResults) {
   Knobs kn;
   kn.min_T = 1;
   kn.max_T = 300;
-  for (int i = 0; i < 20; ++i) {
-    const Case c = random_case(rng, kn);
+  for (int i = 0; i < 24; ++i) {
+    Case c = random_case(rng, kn);
+    if (i >= 18) {
+      // Large enough for the multi-threaded iterations (T E >= SinkhornRouter::kParallelWork).
+      const int64_t E = rng.integer(56, 64), d = c.opt.hidden;
+      c.opt.num_experts = E;
+      c.opt.k = std::min<int64_t>(c.opt.k, E);
+      c.T = rng.integer(700, 900);
+      c.W = rng.vec(static_cast<size_t>(E * d), 2.0 / std::sqrt(double(d)));
+      c.x = rng.vec(static_cast<size_t>(c.T * d), 1.0);
+      c.pad.clear();
+      if (i % 2) {
+        c.pad.assign(static_cast<size_t>(c.T), 0);
+        for (uint8_t& p : c.pad) p = rng.coin(0.1);
+      }
+      ASSERT_GE(c.routed() * E, SinkhornRouter::kParallelWork);
+    }
     SCOPED_TRACE(describe(c));
     const Routed a = route(c, 1);
     for (int threads : {2, 3}) {
