@@ -7,7 +7,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cstdlib>
 #include <string>
+
+#include "moekit/error.hpp"
+#include "moekit/kernels/gemm.hpp"
 
 namespace moekit::kernels {
 namespace {
@@ -136,47 +140,54 @@ size_t packed_a_floats(int64_t m, int64_t k) noexcept {
   return static_cast<size_t>(((rows + MR - 1) / MR) * MR * k);
 }
 
-void PackedMatrix::pack(const float* W, int64_t n, int64_t k, int64_t ldw) {
+void PackedMatrix::pack(const float* W, int64_t n, int64_t k, int64_t ldw, const GemmKernel* kernel) {
+  kernel_ = kernel != nullptr ? kernel : &active_gemm_kernel();
+  const int64_t Pk = kernel_->panel;
   n_ = n;
   k_ = k;
   gated_ = false;
-  strips_ = (n + P - 1) / P;
-  data_.assign(static_cast<size_t>(strips_ * k * P), 0.0f);
+  strips_ = (n + Pk - 1) / Pk;
+  data_.assign(static_cast<size_t>(strips_ * k * Pk), 0.0f);
   for (int64_t s = 0; s < strips_; ++s)
-    for (int64_t j = 0; j < P && s * P + j < n; ++j) {
-      const float* row = W + (s * P + j) * ldw;
-      float* dst = data_.data() + s * k * P + j;
-      for (int64_t p = 0; p < k; ++p) dst[p * P] = row[p];
+    for (int64_t j = 0; j < Pk && s * Pk + j < n; ++j) {
+      const float* row = W + (s * Pk + j) * ldw;
+      float* dst = data_.data() + s * k * Pk + j;
+      for (int64_t p = 0; p < k; ++p) dst[p * Pk] = row[p];
     }
 }
 
-void PackedMatrix::pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw) {
+void PackedMatrix::pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw, const GemmKernel* kernel) {
+  kernel_ = kernel != nullptr ? kernel : &active_gemm_kernel();
+  const int64_t Pk = kernel_->panel, Lk = Pk / 2;
   n_ = f;
   k_ = k;
   gated_ = true;
-  strips_ = (f + L - 1) / L;
-  data_.assign(static_cast<size_t>(strips_ * k * P), 0.0f);
+  strips_ = (f + Lk - 1) / Lk;
+  data_.assign(static_cast<size_t>(strips_ * k * Pk), 0.0f);
   for (int64_t s = 0; s < strips_; ++s)
-    for (int64_t j = 0; j < L && s * L + j < f; ++j) {
-      const float* g = G + (s * L + j) * ldw;
-      const float* u = U + (s * L + j) * ldw;
-      float* dst = data_.data() + s * k * P + j;
+    for (int64_t j = 0; j < Lk && s * Lk + j < f; ++j) {
+      const float* g = G + (s * Lk + j) * ldw;
+      const float* u = U + (s * Lk + j) * ldw;
+      float* dst = data_.data() + s * k * Pk + j;
       for (int64_t p = 0; p < k; ++p) {
-        dst[p * P] = g[p];
-        dst[p * P + L] = u[p];
+        dst[p * Pk] = g[p];
+        dst[p * Pk + Lk] = u[p];
       }
     }
 }
 
 void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
-  const int64_t width = gated_ ? L : P;
-  const int64_t s = r / width, j = r % width + (gated_ && up ? L : 0);
-  const float* src = data_.data() + s * k_ * P + j;
-  for (int64_t p = 0; p < k_; ++p) dst[p] = src[p * P];
+  const int64_t Pk = panel(), Lk = Pk / 2;
+  const int64_t width = gated_ ? Lk : Pk;
+  const int64_t s = r / width, j = r % width + (gated_ && up ? Lk : 0);
+  const float* src = data_.data() + s * k_ * Pk + j;
+  for (int64_t p = 0; p < k_; ++p) dst[p] = src[p * Pk];
 }
 
-void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
-                 float* a_pack, bool accumulate) noexcept {
+namespace {
+
+void simd_gemm(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
+               float* a_pack, bool accumulate) noexcept {
   const int64_t n = W.n();
   drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
     const int64_t col = s * P;
@@ -194,8 +205,8 @@ void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, 
   });
 }
 
-void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                       float* H, int64_t ldh, float* a_pack) noexcept {
+void simd_gemm_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                     float* H, int64_t ldh, float* a_pack) noexcept {
   const int64_t f = W.n();
   drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
     const int64_t col = s * L, w = std::min<int64_t>(L, f - col);
@@ -203,8 +214,8 @@ void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatri
   });
 }
 
-void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                     float* H, int64_t ldh, float* a_pack) noexcept {
+void simd_gemm_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                   float* H, int64_t ldh, float* a_pack) noexcept {
   const int64_t n = W.n();
   drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
     const int64_t col = s * P;
@@ -216,15 +227,103 @@ void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix&
   });
 }
 
-}  // namespace moekit::kernels
+// ---------------------------------------------------------------- the portable kernel
+// Plain loops with std::fma in the same order as the SIMD kernel (sequential over k for every
+// output), so plain GEMM results agree bit for bit; strips of 16 columns.
+constexpr int64_t kScalarPanel = 16;
 
-#include "moekit/kernels/gemm.hpp"
+template <class Epi>
+void scalar_drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Epi&& epi) noexcept {
+  const int64_t k = W.k();
+  for (int64_t s = 0; s < W.strips(); ++s) {
+    const float* B = W.strip(s);
+    for (int64_t i = 0; i < m; ++i) {
+      float acc[kScalarPanel] = {};
+      const float* a = A + i * lda;
+      for (int64_t p = 0; p < k; ++p)
+        for (int64_t j = 0; j < kScalarPanel; ++j) acc[j] = std::fma(a[p], B[p * kScalarPanel + j], acc[j]);
+      epi(i, s, acc);
+    }
+  }
+}
 
-namespace moekit::kernels {
+void scalar_gemm(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc, float*,
+                 bool accumulate) noexcept {
+  const int64_t n = W.n();
+  scalar_drive(m, A, lda, W, [&](int64_t i, int64_t s, const float* acc) {
+    for (int64_t j = 0; j < kScalarPanel && s * kScalarPanel + j < n; ++j) {
+      float& c = C[i * ldc + s * kScalarPanel + j];
+      c = accumulate ? c + acc[j] : acc[j];
+    }
+  });
+}
+
+void scalar_gemm_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                       int64_t ldh, float*) noexcept {
+  const int64_t f = W.n(), half = kScalarPanel / 2;
+  scalar_drive(m, A, lda, W, [&](int64_t i, int64_t s, const float* acc) {
+    for (int64_t j = 0; j < half && s * half + j < f; ++j) H[i * ldh + s * half + j] = activate(act, acc[j]) * acc[half + j];
+  });
+}
+
+void scalar_gemm_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                     int64_t ldh, float*) noexcept {
+  const int64_t n = W.n();
+  scalar_drive(m, A, lda, W, [&](int64_t i, int64_t s, const float* acc) {
+    for (int64_t j = 0; j < kScalarPanel && s * kScalarPanel + j < n; ++j)
+      H[i * ldh + s * kScalarPanel + j] = activate(act, acc[j]);
+  });
+}
+
+const GemmKernel kScalarKernel{"scalar", kScalarPanel, scalar_gemm, scalar_gemm_gated, scalar_gemm_act};
+const GemmKernel kSimdKernel{xsimd::batch<float>::arch_type::name(), P, simd_gemm, simd_gemm_gated, simd_gemm_act};
+
+}  // namespace
+
+const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
+  static const std::vector<const GemmKernel*> all = {&kScalarKernel, &kSimdKernel};
+  return all;
+}
+
+const GemmKernel& active_gemm_kernel() {
+  static const GemmKernel* chosen = [] {
+    const char* env = std::getenv("MOEKIT_KERNEL");
+    if (env == nullptr || *env == '\0') return gemm_kernels().back();
+    const std::string want = env;
+    if (want == "simd") return &kSimdKernel;
+    for (const GemmKernel* k : gemm_kernels())
+      if (want == k->name) return k;
+    return static_cast<const GemmKernel*>(nullptr);
+  }();
+  MOEKIT_CHECK(chosen != nullptr, "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or \"", kSimdKernel.name, "\", got \"",
+               std::getenv("MOEKIT_KERNEL"), "\"");
+  return *chosen;
+}
+
+void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc, float* a_pack,
+                 bool accumulate) noexcept {
+  W.kernel().gemm(m, A, lda, W, C, ldc, a_pack, accumulate);
+}
+
+void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                       int64_t ldh, float* a_pack) noexcept {
+  W.kernel().gemm_gated(m, A, lda, W, act, H, ldh, a_pack);
+}
+
+void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                     int64_t ldh, float* a_pack) noexcept {
+  W.kernel().gemm_act(m, A, lda, W, act, H, ldh, a_pack);
+}
 
 const char* gemm_backend() noexcept {
-  static const std::string name =
-      "packed-" + std::to_string(MR) + "x" + std::to_string(P) + "-" + xsimd::batch<float>::arch_type::name();
+  static std::string name;
+  try {
+    const GemmKernel& k = active_gemm_kernel();
+    name = k.name == std::string("scalar") ? "scalar-16"
+                                           : "packed-" + std::to_string(MR) + "x" + std::to_string(P) + "-" + k.name;
+  } catch (const error&) {
+    name = "invalid MOEKIT_KERNEL";
+  }
   return name.c_str();
 }
 

@@ -43,7 +43,10 @@ void expect_close(const std::vector<float>& got, const std::vector<double>& ref,
     ASSERT_NEAR(got[i], ref[i], rel * std::fabs(ref[i]) + rel * mx) << what << " at " << i;
 }
 
-TEST(KernelsPackedGemm, PlainGatedAndActivationMatchReference) {
+TEST(KernelsPackedGemm, EveryKernelMatchesReference) {
+  ASSERT_GE(moekit::kernels::gemm_kernels().size(), 2u);  // scalar + SIMD
+  for (const moekit::kernels::GemmKernel* kern : moekit::kernels::gemm_kernels()) {
+  SCOPED_TRACE(kern->name);
   std::mt19937 g(1234);
   std::uniform_int_distribution<int> pick_m(0, 200), pick_n(1, 70), pick_k(1, 90);
   for (int trial = 0; trial < 60; ++trial) {
@@ -52,9 +55,10 @@ TEST(KernelsPackedGemm, PlainGatedAndActivationMatchReference) {
     const auto W = randn(g, static_cast<size_t>(n * k));
     const auto U = randn(g, static_cast<size_t>(n * k));
     PackedMatrix pw, pg, pa;
-    pw.pack(W.data(), n, k, k);
-    pg.pack_gated(W.data(), U.data(), n, k, k);
-    pa.pack(U.data(), n, k, k);
+    pw.pack(W.data(), n, k, k, kern);
+    pg.pack_gated(W.data(), U.data(), n, k, k, kern);
+    pa.pack(U.data(), n, k, k, kern);
+    ASSERT_EQ(&pw.kernel(), kern);
     // pack/unpack round trip
     std::vector<float> row(static_cast<size_t>(k));
     for (int64_t r = 0; r < n; ++r) {
@@ -100,6 +104,35 @@ TEST(KernelsPackedGemm, PlainGatedAndActivationMatchReference) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) ASSERT_NEAR(C[i * ldc + j], 2 * ref_c[i * n + j], 1e-4 * (1 + std::fabs(ref_c[i * n + j])));
   }
+  }
+}
+
+// The SIMD kernel and the scalar one sum every output with the same fma chain over k, so
+// plain GEMMs agree bit for bit; activations agree within float rounding.
+TEST(KernelsPackedGemm, SimdEqualsScalar) {
+  const auto& ks = moekit::kernels::gemm_kernels();
+  const moekit::kernels::GemmKernel* scalar = ks.front();
+  ASSERT_STREQ(scalar->name, "scalar");
+  std::mt19937 g(77);
+  for (const moekit::kernels::GemmKernel* kern : ks) {
+    for (int64_t m : {1, 5, 6, 7, 97, 200})
+      for (int64_t n : {1, 15, 16, 33})
+        for (int64_t k : {1, 255, 256, 257, 700}) {
+          const auto A = randn(g, static_cast<size_t>(m * k)), W = randn(g, static_cast<size_t>(n * k));
+          PackedMatrix ps, pk;
+          ps.pack(W.data(), n, k, k, scalar);
+          pk.pack(W.data(), n, k, k, kern);
+          std::vector<float> cs(static_cast<size_t>(m * n)), ck(cs.size()), hs(cs.size()), hk(cs.size());
+          std::vector<float> ap(moekit::kernels::packed_a_floats(m, k));
+          moekit::kernels::gemm_packed(m, A.data(), k, ps, cs.data(), n, ap.data());
+          moekit::kernels::gemm_packed(m, A.data(), k, pk, ck.data(), n, ap.data());
+          ASSERT_EQ(cs, ck) << kern->name << " m " << m << " n " << n << " k " << k;
+          moekit::kernels::gemm_packed_act(m, A.data(), k, ps, Activation::silu, hs.data(), n, ap.data());
+          moekit::kernels::gemm_packed_act(m, A.data(), k, pk, Activation::silu, hk.data(), n, ap.data());
+          for (size_t i = 0; i < hs.size(); ++i) ASSERT_NEAR(hs[i], hk[i], 1e-5f * (1 + std::fabs(hs[i])));
+        }
+  }
+  EXPECT_EQ(&moekit::kernels::active_gemm_kernel(), ks.back());  // best by default (MOEKIT_KERNEL unset)
 }
 
 // A row's result does not depend on how many rows are computed with it (row tiling).

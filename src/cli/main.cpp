@@ -26,6 +26,7 @@
 #include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/kernels/gemm.hpp"
+#include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/moekit.hpp"
 
 namespace {
@@ -235,7 +236,13 @@ int cmd_info() {
               {"cpu_features", features},
               {"simd_arch", xsimd::default_arch::name()},
               {"gemm_kernel", moekit::kernels::gemm_backend()},
-              {"dispatch", "compile-time (MOEKIT_NATIVE); run-time dispatch arrives with the performance work"},
+              {"gemm_kernels_compiled", [] {
+                 json a = json::array();
+                 for (const auto* k : moekit::kernels::gemm_kernels()) a.push_back(k->name);
+                 return a;
+               }()},
+              {"kernel_override", "MOEKIT_KERNEL=scalar|simd"},
+              {"dispatch", "run-time choice among the compiled kernels; the SIMD kernel's ISA is fixed at compile time (MOEKIT_NATIVE)"},
               {"omp_max_threads", omp_get_max_threads()},
               {"l3_bytes", l3_bytes()}};
   std::printf("%s\n", out.dump(2).c_str());

@@ -12,6 +12,31 @@
 
 namespace moekit::kernels {
 
+class PackedMatrix;
+
+/// One compiled implementation of the packed GEMMs (a row of the run-time kernel table).
+/// `panel` is the strip width its packing uses; a PackedMatrix remembers the kernel that
+/// packed it and always runs on it.
+struct GemmKernel {
+  const char* name;  ///< e.g. "scalar", "fma3+avx2" (the xsimd arch of the SIMD kernel)
+  int64_t panel;     ///< output columns per packed strip
+  void (*gemm)(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc, float* a_pack,
+               bool accumulate) noexcept;
+  void (*gemm_gated)(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                     int64_t ldh, float* a_pack) noexcept;
+  void (*gemm_act)(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                   int64_t ldh, float* a_pack) noexcept;
+};
+
+/// The kernels compiled into this build, best last: the portable scalar one always, then the
+/// SIMD one for the instruction set the library was compiled for.
+const std::vector<const GemmKernel*>& gemm_kernels() noexcept;
+
+/// The kernel new PackedMatrix objects use: the best compiled one, or the one named by the
+/// environment variable MOEKIT_KERNEL ("scalar", "simd" or a kernel's name), read once.
+/// Throws moekit::error for an unknown name.
+const GemmKernel& active_gemm_kernel();
+
 /// A weight matrix `W [n, k]` (HF `[out, in]` layout) repacked for gemm_packed(): strips of
 /// `panel()` output columns, each stored k-major (`[k, panel]`), zero-padded past n. A gated
 /// pair (gate, up) packs into one matrix whose strips hold `panel()/2` gate columns followed
@@ -19,14 +44,16 @@ namespace moekit::kernels {
 /// Packing happens once; the packed copy replaces the HF-layout one.
 class PackedMatrix {
  public:
-  /// Output columns per strip: two SIMD registers.
-  static constexpr int64_t panel() noexcept { return 2 * static_cast<int64_t>(xsimd::batch<float>::size); }
+  /// Output columns per strip (two SIMD registers for the SIMD kernel).
+  [[nodiscard]] int64_t panel() const noexcept { return kernel_ ? kernel_->panel : 0; }
+  /// The kernel this matrix was packed for (and runs on).
+  [[nodiscard]] const GemmKernel& kernel() const noexcept { return *kernel_; }
 
   PackedMatrix() = default;
-  /// Packs `W [n, k]` with row stride ldw.
-  void pack(const float* W, int64_t n, int64_t k, int64_t ldw);
+  /// Packs `W [n, k]` with row stride ldw, for `kernel` (default: active_gemm_kernel()).
+  void pack(const float* W, int64_t n, int64_t k, int64_t ldw, const GemmKernel* kernel = nullptr);
   /// Packs gate and up projections `G, U [f, k]` (row stride ldw) interleaved per strip.
-  void pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw);
+  void pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw, const GemmKernel* kernel = nullptr);
   /// Recovers row r (an output column) of the original matrix, of the gate half for gated
   /// packing when `up` is false, of the up half when true: `[k]` into dst (for tests, I/O).
   void unpack_row(int64_t r, bool up, float* dst) const noexcept;
@@ -41,6 +68,7 @@ class PackedMatrix {
  private:
   int64_t n_ = 0, k_ = 0, strips_ = 0;
   bool gated_ = false;
+  const GemmKernel* kernel_ = nullptr;
   std::vector<float, xsimd::aligned_allocator<float, 64>> data_;
 };
 
@@ -49,6 +77,7 @@ class PackedMatrix {
 size_t packed_a_floats(int64_t m, int64_t k) noexcept;
 
 /// `C[m, n] = A[m, k] W^T` (or `+=` with accumulate) for plain packed W; A, C row-major.
+/// These run on W's kernel.
 void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
                  float* a_pack, bool accumulate = false) noexcept;
 
