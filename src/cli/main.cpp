@@ -174,7 +174,8 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     fresh_input();
     l->forward(batch, x.data(), y.data(), threads);
   }
-  const double router_bytes = 4.0 * static_cast<double>(cfg.router.num_experts * d);
+  // Router weights: in resident_bytes for every family; the top-k router's gate here.
+  const double router_bytes = cfg.router_type == "topk" ? 4.0 * static_cast<double>(cfg.router.num_experts * d) : 0.0;
   std::vector<double> ms, gf, gbps, touched;
   for (int64_t r = 0; r < repeat; ++r) {
     fresh_input();
@@ -194,10 +195,16 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
   };
   const double med_ms = median(ms);
+  // Other router families keep E and k in their router object (null when they have none).
+  const json router = cfg.router_json.empty() ? json::object() : json::parse(cfg.router_json);
+  auto shape_value = [&](const char* key, int64_t topk_value) -> json {
+    if (cfg.router_type == "topk") return topk_value;
+    return router.contains(key) ? router.at(key) : json(nullptr);
+  };
   json out = {
       {"preset", cfg.preset},
       {"router", cfg.router_type},
-      {"shape", {{"num_experts", cfg.router.num_experts}, {"k", cfg.router.k}, {"hidden_size", d},
+      {"shape", {{"num_experts", shape_value("num_experts", cfg.router.num_experts)}, {"k", shape_value("k", cfg.router.k)}, {"hidden_size", d},
                  {"intermediate_size", cfg.experts.intermediate}, {"gated", cfg.experts.gated},
                  {"activation", moekit::activation_name(cfg.experts.act)},
                  {"shared_intermediate_size", cfg.shared ? cfg.shared->intermediate : 0}}},
