@@ -127,6 +127,34 @@ DropPolicy parse_drop_policy(const std::string& s, const std::string& where) {
   detail::fail(where, ": expected \"score\", \"position\" or \"position_slot_major\", got \"", s, "\"");
 }
 
+// The `router` object of type "topk" (moekit's own format), over the preset's defaults.
+void parse_topk_router(Reader& rr, LayerConfig& c) {
+  TopKOptions& r = c.router;
+  r.num_experts = rr.integer("num_experts", r.num_experts);
+  r.k = rr.integer("k", r.k);
+  const std::string sf = rr.string("score_func", r.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid");
+  MOEKIT_CHECK(sf == "softmax" || sf == "sigmoid", rr.where(), ".score_func: expected \"softmax\" or \"sigmoid\", got \"", sf, "\"");
+  r.score_func = sf == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
+  r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
+  r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
+  r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
+  c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
+  r.n_group = rr.integer("n_group", r.n_group);
+  r.topk_group = rr.integer("topk_group", r.topk_group);
+  r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
+  r.min_capacity = rr.integer("min_capacity", r.min_capacity);
+  rr.mark("drop_policy");
+  if (rr.has("drop_policy")) r.drop_policy = parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
+  r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
+  const std::string noise = rr.string("noise", "none");
+  if (noise == "none") r.noise = TrainingNoise::none;
+  else if (noise == "jitter") r.noise = TrainingNoise::jitter;
+  else detail::fail(rr.where(), ".noise: expected \"none\" or \"jitter\" (noisy_topk needs a noise weight: C++ API only), got \"", noise, "\"");
+  r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
+  r.noise_seed = static_cast<uint64_t>(rr.integer("noise_seed", 0));
+  rr.reject_unknown();
+}
+
 LayerConfig parse_moekit(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const int64_t version = rd.integer("moekit_config_version", -1);
@@ -156,29 +184,7 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
       c.router_type = type;
       c.router_json = rd.raw("router").dump();
     } else {
-    r.num_experts = rr.integer("num_experts", r.num_experts);
-    r.k = rr.integer("k", r.k);
-    const std::string sf = rr.string("score_func", r.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid");
-    MOEKIT_CHECK(sf == "softmax" || sf == "sigmoid", rr.where(), ".score_func: expected \"softmax\" or \"sigmoid\", got \"", sf, "\"");
-    r.score_func = sf == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
-    r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
-    r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
-    r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
-    c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
-    r.n_group = rr.integer("n_group", r.n_group);
-    r.topk_group = rr.integer("topk_group", r.topk_group);
-    r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
-    r.min_capacity = rr.integer("min_capacity", r.min_capacity);
-    rr.mark("drop_policy");
-    if (rr.has("drop_policy")) r.drop_policy = parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
-    r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
-    const std::string noise = rr.string("noise", "none");
-    if (noise == "none") r.noise = TrainingNoise::none;
-    else if (noise == "jitter") r.noise = TrainingNoise::jitter;
-    else detail::fail(rr.where(), ".noise: expected \"none\" or \"jitter\" (noisy_topk needs a noise weight: C++ API only), got \"", noise, "\"");
-    r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
-    r.noise_seed = static_cast<uint64_t>(rr.integer("noise_seed", 0));
-    rr.reject_unknown();
+      parse_topk_router(rr, c);
     }
   }
   if (rd.has("experts")) {

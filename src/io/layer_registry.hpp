@@ -3,6 +3,7 @@
 // each family's builder uses (expert banks and shared experts from weights or random).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -16,6 +17,7 @@
 #include "moekit/io/config.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/layer.hpp"
+#include "json_reader.hpp"
 
 namespace moekit::detail {
 
@@ -51,6 +53,23 @@ FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool 
 /// The configured shared expert (if any), from weights or random.
 std::vector<SharedExpert> shared_experts(const LayerConfig& config, const io::TensorSource* weights,
                                          const std::string& prefix, uint64_t& seed);
+
+/// Parses a family's `router` object into options `O`: `fill(reader, options)` reads the
+/// family's keys; "type" is accepted, any other unread key is an error, and the options
+/// are validated.
+template <class O, class Fill>
+O parse_router_options(const nlohmann::json& router, Fill&& fill) {
+  Reader r(router, "router");
+  r.mark("type");
+  O o;
+  fill(r, o);
+  r.reject_unknown();
+  o.validate();
+  return o;
+}
+
+/// 1 / sqrt(d): the scale of random router weights reading hidden states.
+inline double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
 
 /// The routed experts' shape with d from the router config.
 FfnShape routed_shape(const LayerConfig& config);

@@ -33,88 +33,66 @@ DepthActivation parse_depth_act(Reader& r, DepthActivation def) {
 }
 
 MoDOptions mod_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  MoDOptions o;
-  o.hidden = c.hidden();
-  o.ratio = r.number("ratio", o.ratio);
-  o.activation = parse_depth_act(r, o.activation);
-  o.alpha = r.number("alpha", o.alpha);
-  o.mode = parse_enum(r, "mode", o.mode,
-                      {{"capacity", MoDMode::capacity}, {"threshold", MoDMode::threshold}, {"aux_predictor", MoDMode::aux_predictor}});
-  o.threshold = r.number("threshold", o.threshold);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<MoDOptions>(j, [&](Reader& r, MoDOptions& o) {
+    o.hidden = c.hidden();
+    o.ratio = r.number("ratio", o.ratio);
+    o.activation = parse_depth_act(r, o.activation);
+    o.alpha = r.number("alpha", o.alpha);
+    o.mode = parse_enum(r, "mode", o.mode,
+                        {{"capacity", MoDMode::capacity}, {"threshold", MoDMode::threshold}, {"aux_predictor", MoDMode::aux_predictor}});
+    o.threshold = r.number("threshold", o.threshold);
+  });
 }
 
 GammaModOptions gamma_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  GammaModOptions o;
-  o.hidden = c.hidden();
-  o.ratio = r.number("ratio", o.ratio);
-  o.phase = parse_enum(r, "phase", o.phase,
-                       {{"capacity", GammaModPhase::capacity}, {"prefill", GammaModPhase::prefill}, {"decode", GammaModPhase::decode}});
-  o.prefill_threshold = r.number("prefill_threshold", o.prefill_threshold);
-  o.decode_threshold = r.number("decode_threshold", o.decode_threshold);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<GammaModOptions>(j, [&](Reader& r, GammaModOptions& o) {
+    o.hidden = c.hidden();
+    o.ratio = r.number("ratio", o.ratio);
+    o.phase = parse_enum(r, "phase", o.phase,
+                         {{"capacity", GammaModPhase::capacity}, {"prefill", GammaModPhase::prefill}, {"decode", GammaModPhase::decode}});
+    o.prefill_threshold = r.number("prefill_threshold", o.prefill_threshold);
+    o.decode_threshold = r.number("decode_threshold", o.decode_threshold);
+  });
 }
 
 TokenPruneOptions prune_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  TokenPruneOptions o;
-  o.hidden = c.hidden();
-  o.tau = r.number("tau", o.tau);
-  if (r.has("sparsity")) o.sparsity = r.number("sparsity", 0.0);
-  r.mark("sparsity");
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<TokenPruneOptions>(j, [&](Reader& r, TokenPruneOptions& o) {
+    o.hidden = c.hidden();
+    o.tau = r.number("tau", o.tau);
+    if (r.has("sparsity")) o.sparsity = r.number("sparsity", 0.0);
+    r.mark("sparsity");
+  });
 }
 
 DrLlmOptions drllm_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  DrLlmOptions o;
-  o.hidden = c.hidden();
-  o.bottleneck = r.integer("bottleneck", o.bottleneck);
-  o.windows = r.integer("windows", o.windows);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<DrLlmOptions>(j, [&](Reader& r, DrLlmOptions& o) {
+    o.hidden = c.hidden();
+    o.bottleneck = r.integer("bottleneck", o.bottleneck);
+    o.windows = r.integer("windows", o.windows);
+  });
 }
 
 MoROptions mor_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  MoROptions o;
-  o.hidden = c.hidden();
-  o.num_recursions = r.integer("num_recursions", o.num_recursions);
-  o.act = parse_enum(r, "act", o.act, {{"sigmoid", MoRActivation::sigmoid}, {"tanh", MoRActivation::tanh}, {"raw", MoRActivation::raw}});
-  o.alpha = r.number("alpha", o.alpha);
-  if (r.has("capacity_factors")) {
-    const json& a = r.raw("capacity_factors");
-    MOEKIT_CHECK(a.is_array(), "router.capacity_factors: expected an array of numbers, got ", a.dump());
-    for (const json& v : a) {
-      MOEKIT_CHECK(v.is_number(), "router.capacity_factors: expected numbers, got ", v.dump());
-      o.capacity_factors.push_back(v.get<double>());
+  return parse_router_options<MoROptions>(j, [&](Reader& r, MoROptions& o) {
+    o.hidden = c.hidden();
+    o.num_recursions = r.integer("num_recursions", o.num_recursions);
+    o.act = parse_enum(r, "act", o.act, {{"sigmoid", MoRActivation::sigmoid}, {"tanh", MoRActivation::tanh}, {"raw", MoRActivation::raw}});
+    o.alpha = r.number("alpha", o.alpha);
+    if (r.has("capacity_factors")) {
+      const json& a = r.raw("capacity_factors");
+      MOEKIT_CHECK(a.is_array(), "router.capacity_factors: expected an array of numbers, got ", a.dump());
+      for (const json& v : a) {
+        MOEKIT_CHECK(v.is_number(), "router.capacity_factors: expected numbers, got ", v.dump());
+        o.capacity_factors.push_back(v.get<double>());
+      }
     }
-  }
-  r.mark("capacity_factors");
-  r.reject_unknown();
-  o.validate();
-  return o;
+    r.mark("capacity_factors");
+  });
 }
 
 FfnBank block_of(const LayerConfig& c, const io::TensorSource* w, const std::string& prefix, uint64_t& seed) {
   return ffn_bank(w, prefix + "experts.", true, 1, routed_shape(c), c.expert_names, seed);
 }
-
-double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
 
 // selected U8 [T] and router_weights F32 [T] of a one-expert plan.
 std::vector<NamedTensor> depth_outputs(const RoutingPlan& plan, const std::vector<float>& values) {

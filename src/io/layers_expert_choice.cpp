@@ -10,19 +10,15 @@ namespace moekit::detail {
 namespace {
 
 ExpertChoiceOptions ec_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  ExpertChoiceOptions o;
-  o.hidden = c.hidden();
-  o.num_experts = r.integer("num_experts", 0);
-  o.capacity_factor = r.number("capacity_factor", o.capacity_factor);
-  o.max_experts_per_token = r.integer("max_experts_per_token", o.max_experts_per_token);
-  o.mode = parse_expert_choice_mode(r.choice("mode", "batch", {"batch", "threshold", "predictor"}));
-  o.decay = r.number("decay", o.decay);
-  o.aux_hidden = r.integer("aux_hidden", o.aux_hidden);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<ExpertChoiceOptions>(j, [&](Reader& r, ExpertChoiceOptions& o) {
+    o.hidden = c.hidden();
+    o.num_experts = r.integer("num_experts", 0);
+    o.capacity_factor = r.number("capacity_factor", o.capacity_factor);
+    o.max_experts_per_token = r.integer("max_experts_per_token", o.max_experts_per_token);
+    o.mode = parse_expert_choice_mode(r.choice("mode", "batch", {"batch", "threshold", "predictor"}));
+    o.decay = r.number("decay", o.decay);
+    o.aux_hidden = r.integer("aux_hidden", o.aux_hidden);
+  });
 }
 
 }  // namespace

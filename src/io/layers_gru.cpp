@@ -12,17 +12,13 @@ namespace moekit::detail {
 namespace {
 
 GruRouterOptions gru_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  GruRouterOptions o;
-  o.hidden = c.hidden();
-  o.num_experts = r.integer("num_experts", 0);
-  o.k = r.integer("k", 0);
-  o.d_r = r.integer("d_r", o.d_r);
-  o.variant = r.choice("variant", "gru", {"gru", "rnn"}) == "gru" ? GruVariant::gru : GruVariant::rnn;
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<GruRouterOptions>(j, [&](Reader& r, GruRouterOptions& o) {
+    o.hidden = c.hidden();
+    o.num_experts = r.integer("num_experts", 0);
+    o.k = r.integer("k", 0);
+    o.d_r = r.integer("d_r", o.d_r);
+    o.variant = r.choice("variant", "gru", {"gru", "rnn"}) == "gru" ? GruVariant::gru : GruVariant::rnn;
+  });
 }
 
 std::string cell_name(const io::TensorSource* w, const std::string& prefix, const std::string& name) {

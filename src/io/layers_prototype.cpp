@@ -11,33 +11,23 @@ namespace moekit::detail {
 namespace {
 
 ProMoEOptions promoe_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  ProMoEOptions o;
-  o.hidden = c.hidden();
-  o.num_experts = r.integer("num_experts", 0);
-  o.k = r.integer("k", 0);
-  o.tau_r = static_cast<float>(r.number("tau_r", o.tau_r));
-  const int64_t u = r.integer("uncond_token_type", o.uncond_token_type);
-  MOEKIT_CHECK(u >= INT32_MIN && u <= INT32_MAX, "router.uncond_token_type: expected a 32-bit integer, got ", u);
-  o.uncond_token_type = static_cast<int32_t>(u);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<ProMoEOptions>(j, [&](Reader& r, ProMoEOptions& o) {
+    o.hidden = c.hidden();
+    o.num_experts = r.integer("num_experts", 0);
+    o.k = r.integer("k", 0);
+    o.tau_r = static_cast<float>(r.number("tau_r", o.tau_r));
+    const int64_t u = r.integer("uncond_token_type", o.uncond_token_type);
+    MOEKIT_CHECK(u >= INT32_MIN && u <= INT32_MAX, "router.uncond_token_type: expected a 32-bit integer, got ", u);
+    o.uncond_token_type = static_cast<int32_t>(u);
+  });
 }
 
 CentroidOptions centroid_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  CentroidOptions o;
-  o.hidden = c.hidden();
-  o.num_experts = r.integer("num_experts", 0);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<CentroidOptions>(j, [&](Reader& r, CentroidOptions& o) {
+    o.hidden = c.hidden();
+    o.num_experts = r.integer("num_experts", 0);
+  });
 }
-
-double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
 
 }  // namespace
 

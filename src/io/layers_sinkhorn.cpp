@@ -27,37 +27,29 @@ void read_sinkhorn(Reader& r, SinkhornOptions& o, const LayerConfig& c) {
 }
 
 SinkhornOptions sinkhorn_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  SinkhornOptions o;
-  read_sinkhorn(r, o, c);
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<SinkhornOptions>(j, [&](Reader& r, SinkhornOptions& o) {
+    read_sinkhorn(r, o, c);
+  });
 }
 
 SelectiveSinkhornOptions selective_options(const json& j, const LayerConfig& c) {
-  Reader r(j, "router");
-  r.mark("type");
-  SelectiveSinkhornOptions o;
-  read_sinkhorn(r, o.sinkhorn, c);
-  o.p = r.number("p", o.p);
-  o.seed = static_cast<uint64_t>(r.integer("seed", 0));
-  o.layer = static_cast<uint64_t>(r.integer("layer", 0));
-  o.step = static_cast<uint64_t>(r.integer("step", 0));
-  o.training = r.boolean("training", o.training);
-  if (r.has("topk")) {
-    Reader t(r.raw("topk"), "router.topk");
-    o.topk.topk_then_softmax = t.boolean("topk_then_softmax", o.topk.topk_then_softmax);
-    o.topk.norm_topk_prob = t.boolean("norm_topk_prob", o.topk.norm_topk_prob);
-    o.topk.routed_scaling_factor = static_cast<float>(t.number("routed_scaling_factor", o.topk.routed_scaling_factor));
-    o.topk.score_func = t.choice("score_func", "softmax", {"softmax", "sigmoid"}) == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
-    t.reject_unknown();
-  }
-  r.mark("topk");
-  r.reject_unknown();
-  o.validate();
-  return o;
+  return parse_router_options<SelectiveSinkhornOptions>(j, [&](Reader& r, SelectiveSinkhornOptions& o) {
+    read_sinkhorn(r, o.sinkhorn, c);
+    o.p = r.number("p", o.p);
+    o.seed = static_cast<uint64_t>(r.integer("seed", 0));
+    o.layer = static_cast<uint64_t>(r.integer("layer", 0));
+    o.step = static_cast<uint64_t>(r.integer("step", 0));
+    o.training = r.boolean("training", o.training);
+    if (r.has("topk")) {
+      Reader t(r.raw("topk"), "router.topk");
+      o.topk.topk_then_softmax = t.boolean("topk_then_softmax", o.topk.topk_then_softmax);
+      o.topk.norm_topk_prob = t.boolean("norm_topk_prob", o.topk.norm_topk_prob);
+      o.topk.routed_scaling_factor = static_cast<float>(t.number("routed_scaling_factor", o.topk.routed_scaling_factor));
+      o.topk.score_func = t.choice("score_func", "softmax", {"softmax", "sigmoid"}) == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
+      t.reject_unknown();
+    }
+    r.mark("topk");
+  });
 }
 
 template <class R>
@@ -91,7 +83,7 @@ std::unique_ptr<AnyLayer> build_sinkhorn_layer(const json& j, const LayerConfig&
                                                const std::string& p, uint64_t seed) {
   const SinkhornOptions o = sinkhorn_options(j, c);
   uint64_t s = splitmix64(seed);
-  auto gate = tensor_or_random(w, p + "gate.weight", {o.num_experts, c.hidden()}, s, 1.0 / std::sqrt(static_cast<double>(c.hidden())));
+  auto gate = tensor_or_random(w, p + "gate.weight", {o.num_experts, c.hidden()}, s, scale_of(c));
   const double rv = static_cast<double>(gate.size());
   return build(SinkhornRouter(o, std::move(gate)), c, w, p, s, rv);
 }
@@ -101,7 +93,7 @@ std::unique_ptr<AnyLayer> build_selective_sinkhorn_layer(const json& j, const La
   const SelectiveSinkhornOptions o = selective_options(j, c);
   uint64_t s = splitmix64(seed);
   auto gate = tensor_or_random(w, p + "gate.weight", {o.sinkhorn.num_experts, c.hidden()}, s,
-                               1.0 / std::sqrt(static_cast<double>(c.hidden())));
+                               scale_of(c));
   const double rv = static_cast<double>(gate.size());
   return build(SelectiveSinkhornRouter(o, gate), c, w, p, s, rv);
 }
