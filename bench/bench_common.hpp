@@ -23,4 +23,7 @@ void register_peak_benchmarks();
 /// One registration per (top-k router preset, shape, tokens) (bench_topk_presets.cpp).
 void register_topk_preset_benchmarks();
 
+/// Expert weight types (f32, bf16, int8, w8a8, fp8) and the decode split (bench_dtype.cpp).
+void register_dtype_benchmarks();
+
 }  // namespace moekit_bench

@@ -105,7 +105,8 @@ def main(argv):
         print("peak triad 512 MB, %d thread(s): %s GB/s" % (t, fmt(triad[t])))
     print()
 
-    header = ["preset", "E", "k", "d", "f", "T", "thr", "tokens/s", "GFLOP/s", "%sgemm", "%fma", "GB/s", "%triad", "router"]
+    header = ["preset", "E", "k", "d", "f", "T", "thr", "tokens/s", "GFLOP/s", "%sgemm", "%fma", "GB/s", "%triad", "router",
+              "x eigen"]
     table = []
     errors = []
     for name, r in rows.items():
@@ -116,14 +117,16 @@ def main(argv):
         threads = int(g["threads"])
         key = [g["preset"], g["E"], g["k"], g["d"], g["f"], g["T"], g["threads"]]
         if "error" in r:
-            table.append(key + ["SKIPPED"] + [""] * 6)
+            table.append(key + ["SKIPPED"] + [""] * 7)
             errors.append("%s: %s" % (name, r["error"]))
             continue
-        gflops, gbs, share = r.get("GFLOP/s"), r.get("GB/s"), r.get("router_share")
+        gflops, gbs, share = r.get("GFLOP/s", r.get("moekit_GFLOP/s")), r.get("GB/s"), r.get("router_share")
+        speedup = r.get("speedup")
         table.append(key + [
             fmt(r.get("tokens/s")), fmt(gflops), pct(gflops, peak_for(sgemm, threads)), pct(gflops, peak_for(fma, threads)),
             fmt(gbs), pct(gbs, peak_for(triad, threads)),
-            "-" if share is None else "%.2f%%" % (100.0 * share)])
+            "-" if share is None else "%.2f%%" % (100.0 * share),
+            "-" if speedup is None else "%.2fx" % speedup])
     if not table:
         print("no layer benchmarks in %s" % argv[1])
         return 1
@@ -139,11 +142,47 @@ def main(argv):
             print()
         print(line(row))
         prev = row
+    roofline(rows, sgemm, triad)
     if errors:
         print()
         for e in errors:
             print("skipped: " + e)
     return 0
+
+
+def roofline(rows, sgemm, triad):
+    """The E x T sweep against the roofline model: per forward, time >= max(FLOPs / sgemm peak,
+    expert bytes / triad bandwidth) at the same thread count. FLOPs and bytes per forward come
+    from the counters (rate x time); `x model` = measured / model time (1.0 = on the roofline)."""
+    sweep = []
+    for name, r in rows.items():
+        m = LAYER.match(name)
+        if not m or not name.startswith("sweep/") or "error" in r:
+            continue
+        g = m.groupdict()
+        threads = int(g["threads"])
+        ms = r.get("real_time")
+        unit = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}.get(r.get("time_unit", "ms"), 1.0)
+        if ms is None:
+            continue
+        ms *= unit
+        gflop = r.get("GFLOP/s", 0.0) * ms / 1e3
+        gbyte = r.get("GB/s", 0.0) * ms / 1e3
+        ps = sgemm.get(threads) or (max(sgemm.values()) if sgemm else None)
+        pt = triad.get(threads) or (max(triad.values()) if triad else None)
+        if not ps or not pt:
+            continue
+        model = 1e3 * max(gflop / ps, gbyte / pt)
+        T = int(g["T"])
+        sweep.append((int(g["E"]), T, ms, model, ms / model if model else 0.0, r.get("experts_read", 0.0),
+                      1e3 * ms / max(T, 1)))
+    if not sweep:
+        return
+    print()
+    print("roofline (sweep, k=8 d=1024 f=512): model = max(FLOPs / sgemm peak, expert bytes / triad)")
+    print("%5s %5s %10s %10s %8s %8s %12s" % ("E", "T", "ms", "model ms", "x model", "experts", "us/token"))
+    for E, T, ms, model, ratio, experts, per in sorted(sweep, key=lambda x: (x[1], x[0])):
+        print("%5d %5d %10.3f %10.3f %8.2f %8.1f %12.2f" % (E, T, ms, model, ratio, experts, per))
 
 
 if __name__ == "__main__":

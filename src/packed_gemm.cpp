@@ -1,330 +1,437 @@
 // SPDX-License-Identifier: Apache-2.0
-// Packed-weight GEMM: an MR x (2 SIMD registers) register-blocked micro-kernel streaming one
-// packed strip per row tile, with fused epilogues (store, accumulate, activation, gating).
-// The summation order of every output is sequential over k, so results do not depend on m,
-// the row tiling or the thread count.
+// Packed-weight GEMM: packing and quantisation of the weights (f32, bf16, int8, w8a8, fp8),
+// the run-time kernel table (scalar always; AVX2+FMA and AVX-512 when compiled in and the CPU
+// has them), and the public entry points. The kernels live in src/kernels/.
 #include "moekit/kernels/packed_gemm.hpp"
 
 #include <algorithm>
-#include <cstring>
+#include <cfloat>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
+#include "kernels/gemm_internal.hpp"
 #include "moekit/error.hpp"
+#include "moekit/kernels/fp8.hpp"
 #include "moekit/kernels/gemm.hpp"
 
 namespace moekit::kernels {
+
+// ---------------------------------------------------------------------- weight types
+
+const char* to_string(WeightType t) noexcept {
+  switch (t) {
+    case WeightType::f32:
+      return "f32";
+    case WeightType::bf16:
+      return "bf16";
+    case WeightType::int8:
+      return "int8";
+    case WeightType::w8a8:
+      return "w8a8";
+    case WeightType::fp8:
+      return "fp8";
+  }
+  return "?";
+}
+
+WeightType parse_weight_type(std::string_view name) {
+  for (WeightType t :
+       {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8, WeightType::fp8})
+    if (name == to_string(t)) return t;
+  moekit::detail::fail("weight type: expected one of f32, bf16, int8, w8a8, fp8; got \"", name,
+                       "\"");
+}
+
+int64_t weight_type_bytes(WeightType t) noexcept {
+  switch (t) {
+    case WeightType::f32:
+      return 4;
+    case WeightType::bf16:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+// ---------------------------------------------------------------------- packing
+
 namespace {
 
-using fbatch = xsimd::batch<float>;
-constexpr int64_t L = static_cast<int64_t>(fbatch::size);
-constexpr int64_t P = 2 * L;
-// Row tile: 6 rows x 2 registers = 12 accumulators (fits 16 AVX2 registers with b0, b1, a).
-constexpr int MR = 6;
-// Rows packed at a time (the packed A buffer holds kRowChunk * k floats).
-constexpr int64_t kRowChunk = 96;
-// Depth per chunk: a strip chunk is kDepthChunk * P floats (16 KiB for AVX2).
-constexpr int64_t kDepthChunk = 256;
-// Cache lines of the next chunk prefetched while a chunk is computed.
-constexpr int64_t kPrefetchLines = kDepthChunk * P * static_cast<int64_t>(sizeof(float)) / 64;
-
-// One row tile: `Ap` is the tile's rows packed k-major (`[k, MR]`), B one strip (`[k, P]`).
-// `acc` (`[R, P]`, aligned) holds the partial sums of earlier k chunks, or null for the first.
-template <int R>
-inline void micro(const float* Ap, const float* B, int64_t k, fbatch (&c)[MR][2], const float* acc) noexcept {
-  for (int i = 0; i < R; ++i) {
-    c[i][0] = acc ? fbatch::load_aligned(acc + i * P) : fbatch(0.0f);
-    c[i][1] = acc ? fbatch::load_aligned(acc + i * P + L) : fbatch(0.0f);
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    const fbatch b0 = fbatch::load_aligned(B + p * P);
-    const fbatch b1 = fbatch::load_aligned(B + p * P + L);
-#pragma GCC unroll 6
-    for (int i = 0; i < R; ++i) {
-      const fbatch a(Ap[p * MR + i]);
-      c[i][0] = xsimd::fma(a, b0, c[i][0]);
-      c[i][1] = xsimd::fma(a, b1, c[i][1]);
-    }
-  }
-}
-
-// Packs rows [0, m) of A into row tiles of MR rows, each k-major (`[k, MR]`), so the
-// micro-kernel reads one contiguous stream instead of MR rows 4 KiB apart (L1 set conflicts).
-inline void pack_a(int64_t m, int64_t k, const float* A, int64_t lda, float* Ap) noexcept {
-  for (int64_t i0 = 0; i0 < m; i0 += MR) {
-    const int64_t r = std::min<int64_t>(MR, m - i0);
-    float* dst = Ap + i0 * k;
-    for (int64_t i = 0; i < r; ++i) {
-      const float* src = A + (i0 + i) * lda;
-      for (int64_t p = 0; p < k; ++p) dst[p * MR + i] = src[p];
-    }
-  }
-}
-
-// Runs the micro-kernel over all strips and row tiles, handing each finished tile to
-// `epi(row0, rows, strip, acc)`. Rows go in chunks of kRowChunk so the packed A stays small;
-// k goes in chunks of kDepthChunk so a strip's chunk stays in L1 across the row tiles, with
-// the partial sums parked in `part` between chunks (exact: the order stays sequential in k).
-template <class Epi>
-inline void drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* Ap, Epi&& epi) noexcept {
-  fbatch c[MR][2];
-  alignas(64) float part[kRowChunk * P];
-  const int64_t k = W.k();
-  for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
-    const int64_t mc = std::min<int64_t>(kRowChunk, m - m0);
-    pack_a(mc, k, A + m0 * lda, lda, Ap);
-    for (int64_t s = 0; s < W.strips(); ++s) {
-      for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kDepthChunk) {
-        const int64_t kc = std::min<int64_t>(kDepthChunk, k - p0);
-        const bool last = p0 + kc >= k;
-        const float* B = W.strip(s) + p0 * P;
-        // Strips are contiguous, so the next chunk starts where this one ends: spread its
-        // prefetch over this chunk's row tiles (the weights stream from DRAM once per chunk).
-        const char* next = reinterpret_cast<const char*>(B + kc * P);
-        const int64_t tiles = (mc + MR - 1) / MR;
-        const int64_t lines_per_tile = (kPrefetchLines + tiles - 1) / tiles;
-        for (int64_t i = 0; i < mc; i += MR) {
-          const int64_t l0 = (i / MR) * lines_per_tile, l1 = std::min(kPrefetchLines, l0 + lines_per_tile);
-          for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);
-          const int64_t r = std::min<int64_t>(MR, mc - i);
-          const float* a = Ap + i * k + p0 * MR;
-          const float* acc = p0 == 0 ? nullptr : part + i * P;
-          switch (r) {
-            case 1: micro<1>(a, B, kc, c, acc); break;
-            case 2: micro<2>(a, B, kc, c, acc); break;
-            case 3: micro<3>(a, B, kc, c, acc); break;
-            case 4: micro<4>(a, B, kc, c, acc); break;
-            case 5: micro<5>(a, B, kc, c, acc); break;
-            default: micro<MR>(a, B, kc, c, acc); break;
-          }
-          if (last) {
-            epi(m0 + i, r, s, c);
-          } else {
-            for (int64_t j = 0; j < r; ++j) {
-              c[j][0].store_aligned(part + (i + j) * P);
-              c[j][1].store_aligned(part + (i + j) * P + L);
-            }
-          }
-        }
-        if (k == 0) break;
-      }
-    }
-  }
-}
-
-// Stores `width` (<= L) leading lanes of v at dst.
-inline void store_lanes(const fbatch& v, float* dst, int64_t width) noexcept {
-  if (width == L) {
-    v.store_unaligned(dst);
-  } else if (width > 0) {
-    alignas(64) float tmp[L];
-    v.store_aligned(tmp);
-    std::memcpy(dst, tmp, static_cast<size_t>(width) * sizeof(float));
-  }
-}
-
-inline void add_lanes(const fbatch& v, float* dst, int64_t width) noexcept {
-  if (width == L) {
-    (v + fbatch::load_unaligned(dst)).store_unaligned(dst);
-  } else {
-    alignas(64) float tmp[L];
-    v.store_aligned(tmp);
-    for (int64_t j = 0; j < width; ++j) dst[j] += tmp[j];
-  }
+// "a, b, c" of the kernels' names.
+std::string names(const std::vector<const GemmKernel*>& ks) {
+  std::string s;
+  for (const GemmKernel* k : ks) s += (s.empty() ? "" : ", ") + std::string(k->name);
+  return s;
 }
 
 }  // namespace
 
-size_t packed_a_floats(int64_t m, int64_t k) noexcept {
-  const int64_t rows = std::min<int64_t>(m, kRowChunk);
-  return static_cast<size_t>(((rows + MR - 1) / MR) * MR * k);
+namespace detail {
+
+/// The GEMM entry points' view of a PackedMatrix.
+struct PackedAccess {
+  /// Fills the matrix part of `c` and the resolved strip range; false when there is nothing
+  /// to compute.
+  static bool describe(const PackedMatrix& W, int64_t m, int64_t strip_begin, int64_t strip_end,
+                       GemmCall& c) noexcept {
+    const int64_t end = strip_end < 0 || strip_end > W.strips_ ? W.strips_ : strip_end;
+    const int64_t begin = std::clamp<int64_t>(strip_begin, 0, end);
+    if (m <= 0 || begin >= end || W.kernel_ == nullptr) return false;
+    c.m = m;
+    c.strip_begin = begin;
+    c.strip_end = end;
+    c.type = W.type_;
+    c.gated = W.gated_;
+    c.bf16_act = W.bf16_act_;
+    c.n = W.n_;
+    c.k = W.k_;
+    c.panel = W.panel();
+    c.data = W.data_.data();
+    c.strip_bytes = W.strip_bytes_;
+    c.col_scale =
+        W.type_ == WeightType::int8 || W.type_ == WeightType::w8a8 ? W.scales_.data() : nullptr;
+    c.fp8_scale = W.type_ == WeightType::fp8 ? W.scales_.data() : nullptr;
+    c.k_blocks = W.k_blocks_;
+    return true;
+  }
+};
+
+namespace {
+
+/// Largest finite magnitude of the block rows [r0, r1) x depths [p0, p1) of `W` (stride ldw).
+float block_abs_max(const float* W, int64_t ldw, int64_t r0, int64_t r1, int64_t p0,
+                    int64_t p1) noexcept {
+  float m = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) m = std::max(m, abs_max(W + r * ldw + p0, p1 - p0));
+  return m;
 }
 
-void PackedMatrix::pack(const float* W, int64_t n, int64_t k, int64_t ldw, const GemmKernel* kernel) {
-  kernel_ = kernel != nullptr ? kernel : &active_gemm_kernel();
-  const int64_t Pk = kernel_->panel;
+uint8_t fp8_code(float w, float scale) noexcept {
+  if (!(scale > 0.0f) || std::isnan(w)) return 0;
+  return float_to_fp8_e4m3(w / scale);
+}
+
+}  // namespace
+}  // namespace detail
+
+void PackedMatrix::pack(const float* W, int64_t n, int64_t k, int64_t ldw, const PackOptions& opt) {
+  pack_impl(W, nullptr, n, k, ldw, false, opt);
+}
+
+void PackedMatrix::pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw,
+                              const PackOptions& opt) {
+  pack_impl(G, U, f, k, ldw, true, opt);
+}
+
+void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_t k, int64_t ldw,
+                             bool gated, const PackOptions& opt) {
+  using detail::kFp8Block;
+  const char* who = gated ? "PackedMatrix::pack_gated" : "PackedMatrix::pack";
+  MOEKIT_CHECK(n >= 0 && k >= 0, who, ": shape expected >= 0, got [", n, ", ", k, "]");
+  MOEKIT_CHECK(n == 0 || ldw >= k, who, ": row stride expected >= k = ", k, ", got ", ldw);
+  MOEKIT_CHECK(n * k == 0 || (W0 != nullptr && (!gated || W1 != nullptr)), who,
+               ": null weight pointer");
+  MOEKIT_CHECK(opt.type != WeightType::w8a8 || k <= (int64_t{1} << 31) / (127 * 127), who,
+               ": w8a8 sums int32 products of int8 values; k expected <= ",
+               (int64_t{1} << 31) / (127 * 127), ", got ", k);
+  const GemmKernel* kern = opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel();
+  MOEKIT_CHECK(gemm_kernel_supported(*kern), who, ": kernel \"", kern->name,
+               "\" is compiled in but this CPU cannot run it (kernels it runs: ",
+               names(gemm_kernels()), ")");
+  const int64_t P = kern->panel, half = P / 2, width = gated ? half : P;
+  MOEKIT_DEBUG_ASSERT(P % 2 == 0 && kFp8Block % P == 0);
+  kernel_ = kern;
   n_ = n;
   k_ = k;
-  gated_ = false;
-  strips_ = (n + Pk - 1) / Pk;
-  data_.assign(static_cast<size_t>(strips_ * k * Pk), 0.0f);
-  for (int64_t s = 0; s < strips_; ++s)
-    for (int64_t j = 0; j < Pk && s * Pk + j < n; ++j) {
-      const float* row = W + (s * Pk + j) * ldw;
-      float* dst = data_.data() + s * k * Pk + j;
-      for (int64_t p = 0; p < k; ++p) dst[p * Pk] = row[p];
-    }
-}
+  gated_ = gated;
+  type_ = opt.type;
+  bf16_act_ = opt.bf16_activations && opt.type != WeightType::w8a8;
+  strips_ = (n + width - 1) / width;
+  k_blocks_ = type_ == WeightType::fp8 ? (k + kFp8Block - 1) / kFp8Block : 0;
+  const int64_t eb = weight_type_bytes(type_);
+  const int64_t k_store = type_ == WeightType::w8a8 ? k + (k & 1) : k;
+  strip_bytes_ = (k_store * P * eb + 63) / 64 * 64;
+  data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
+  scales_.clear();
+  if (type_ == WeightType::int8 || type_ == WeightType::w8a8)
+    scales_.assign(static_cast<size_t>(strips_ * P), 0.0f);
 
-void PackedMatrix::pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw, const GemmKernel* kernel) {
-  kernel_ = kernel != nullptr ? kernel : &active_gemm_kernel();
-  const int64_t Pk = kernel_->panel, Lk = Pk / 2;
-  n_ = f;
-  k_ = k;
-  gated_ = true;
-  strips_ = (f + Lk - 1) / Lk;
-  data_.assign(static_cast<size_t>(strips_ * k * Pk), 0.0f);
-  for (int64_t s = 0; s < strips_; ++s)
-    for (int64_t j = 0; j < Lk && s * Lk + j < f; ++j) {
-      const float* g = G + (s * Lk + j) * ldw;
-      const float* u = U + (s * Lk + j) * ldw;
-      float* dst = data_.data() + s * k * Pk + j;
-      for (int64_t p = 0; p < k; ++p) {
-        dst[p * Pk] = g[p];
-        dst[p * Pk + Lk] = u[p];
+  // FP8 block grids of the original matrices ([row blocks, k blocks] each; gate, then up).
+  const int64_t row_blocks = (n + kFp8Block - 1) / kFp8Block;
+  std::vector<float> grid;
+  if (type_ == WeightType::fp8) {
+    grid.assign(static_cast<size_t>((gated ? 2 : 1) * row_blocks * k_blocks_), 0.0f);
+    for (int h = 0; h < (gated ? 2 : 1); ++h)
+      for (int64_t rb = 0; rb < row_blocks; ++rb)
+        for (int64_t kb = 0; kb < k_blocks_; ++kb)
+          grid[static_cast<size_t>((h * row_blocks + rb) * k_blocks_ + kb)] =
+              detail::block_abs_max(h == 0 ? W0 : W1, ldw, rb * kFp8Block,
+                                    std::min(n, (rb + 1) * kFp8Block), kb * kFp8Block,
+                                    std::min(k, (kb + 1) * kFp8Block)) /
+              kFp8E4m3Max;
+    // The kernel's copy: per (strip, k block, strip half); a strip half lies in one row block.
+    scales_.assign(static_cast<size_t>(strips_ * k_blocks_ * 2), 0.0f);
+    for (int64_t s = 0; s < strips_; ++s)
+      for (int64_t kb = 0; kb < k_blocks_; ++kb)
+        for (int64_t hh = 0; hh < 2; ++hh) {
+          const int64_t h = gated ? hh : 0, rb = (gated ? s * half : s * P + hh * half) / kFp8Block;
+          scales_[static_cast<size_t>((s * k_blocks_ + kb) * 2 + hh)] =
+              grid[static_cast<size_t>((h * row_blocks + rb) * k_blocks_ + kb)];
+        }
+  }
+
+  for (int h = 0; h < (gated ? 2 : 1); ++h)
+    for (int64_t r = 0; r < n; ++r) {
+      const float* src = (h == 0 ? W0 : W1) + r * ldw;
+      const int64_t s = r / width, j = r % width + h * half;
+      uint8_t* S = data_.data() + s * strip_bytes_;
+      switch (type_) {
+        case WeightType::f32:
+          for (int64_t p = 0; p < k; ++p) std::memcpy(S + (p * P + j) * 4, src + p, 4);
+          break;
+        case WeightType::bf16:
+          for (int64_t p = 0; p < k; ++p) {
+            const uint16_t b = detail::bf16_bits(src[p]);
+            std::memcpy(S + (p * P + j) * 2, &b, 2);
+          }
+          break;
+        case WeightType::int8:
+        case WeightType::w8a8: {
+          const float scale = detail::int8_scale(detail::abs_max(src, k));
+          scales_[static_cast<size_t>(s * P + j)] = scale;
+          for (int64_t p = 0; p < k; ++p) {
+            const int64_t at =
+                type_ == WeightType::int8 ? p * P + j : (p / 2) * 2 * P + 2 * j + p % 2;
+            S[at] = static_cast<uint8_t>(detail::quantize_s8(src[p], scale));
+          }
+          break;
+        }
+        case WeightType::fp8:
+          for (int64_t p = 0; p < k; ++p) {
+            const float scale = scales_[static_cast<size_t>((s * k_blocks_ + p / kFp8Block) * 2 +
+                                                            (j < half ? 0 : 1))];
+            S[p * P + j] = detail::fp8_code(src[p], scale);
+          }
+          break;
       }
     }
 }
 
 void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
-  const int64_t Pk = panel(), Lk = Pk / 2;
-  const int64_t width = gated_ ? Lk : Pk;
-  const int64_t s = r / width, j = r % width + (gated_ && up ? Lk : 0);
-  const float* src = data_.data() + s * k_ * Pk + j;
-  for (int64_t p = 0; p < k_; ++p) dst[p] = src[p * Pk];
+  const int64_t P = panel(), half = P / 2, width = gated_ ? half : P;
+  const int64_t s = r / width, j = r % width + (gated_ && up ? half : 0);
+  const uint8_t* S = strip_data(s);
+  for (int64_t p = 0; p < k_; ++p) {
+    switch (type_) {
+      case WeightType::f32:
+        std::memcpy(dst + p, S + (p * P + j) * 4, 4);
+        break;
+      case WeightType::bf16: {
+        uint16_t b;
+        std::memcpy(&b, S + (p * P + j) * 2, 2);
+        dst[p] = detail::bf16_to_float(b);
+        break;
+      }
+      case WeightType::int8:
+        dst[p] = static_cast<float>(static_cast<int8_t>(S[p * P + j])) *
+                 scales_[static_cast<size_t>(s * P + j)];
+        break;
+      case WeightType::w8a8:
+        dst[p] = static_cast<float>(static_cast<int8_t>(S[(p / 2) * 2 * P + 2 * j + p % 2])) *
+                 scales_[static_cast<size_t>(s * P + j)];
+        break;
+      case WeightType::fp8:
+        dst[p] = fp8_e4m3_to_float(S[p * P + j]) *
+                 scales_[static_cast<size_t>((s * k_blocks_ + p / detail::kFp8Block) * 2 +
+                                             (j < half ? 0 : 1))];
+        break;
+    }
+  }
 }
+
+size_t packed_a_floats(int64_t m, int64_t k) noexcept {
+  if (m <= 0) return 0;
+  const int64_t rows = (std::min(m, detail::kRowChunk) + detail::kMaxTileRows - 1) /
+                       detail::kMaxTileRows * detail::kMaxTileRows;
+  return static_cast<size_t>(rows * (k + 1));
+}
+
+// ---------------------------------------------------------------------- kernel table
 
 namespace {
 
-void simd_gemm(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
-               float* a_pack, bool accumulate) noexcept {
-  const int64_t n = W.n();
-  drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
-    const int64_t col = s * P;
-    const int64_t w0 = std::min<int64_t>(L, n - col), w1 = std::min<int64_t>(L, n - col - L);
-    for (int64_t i = 0; i < rows; ++i) {
-      float* dst = C + (i0 + i) * ldc + col;
-      if (accumulate) {
-        add_lanes(c[i][0], dst, w0);
-        if (w1 > 0) add_lanes(c[i][1], dst + L, w1);
-      } else {
-        store_lanes(c[i][0], dst, w0);
-        if (w1 > 0) store_lanes(c[i][1], dst + L, w1);
-      }
-    }
-  });
+struct KernelEntry {
+  const GemmKernel* kernel;
+  bool (*supported)() noexcept;
+  const char* needs;  // what the CPU must have
+};
+
+bool always() noexcept { return true; }
+#if defined(MOEKIT_HAVE_KERNEL_AVX2)
+bool has_avx2() noexcept {
+  __builtin_cpu_init();  // libgcc's CPUID (also checks that the OS saves the AVX state)
+  return xsimd::available_architectures().fma3_avx2 && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
-
-void simd_gemm_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                     float* H, int64_t ldh, float* a_pack) noexcept {
-  const int64_t f = W.n();
-  drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
-    const int64_t col = s * L, w = std::min<int64_t>(L, f - col);
-    for (int64_t i = 0; i < rows; ++i) store_lanes(activate(act, c[i][0]) * c[i][1], H + (i0 + i) * ldh + col, w);
-  });
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512)
+bool has_avx512() noexcept {
+  __builtin_cpu_init();
+  return xsimd::available_architectures().avx512bw && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
 }
+#endif
 
-void simd_gemm_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                   float* H, int64_t ldh, float* a_pack) noexcept {
-  const int64_t n = W.n();
-  drive(m, A, lda, W, a_pack, [&](int64_t i0, int64_t rows, int64_t s, fbatch (&c)[MR][2]) {
-    const int64_t col = s * P;
-    const int64_t w0 = std::min<int64_t>(L, n - col), w1 = std::min<int64_t>(L, n - col - L);
-    for (int64_t i = 0; i < rows; ++i) {
-      store_lanes(activate(act, c[i][0]), H + (i0 + i) * ldh + col, w0);
-      if (w1 > 0) store_lanes(activate(act, c[i][1]), H + (i0 + i) * ldh + col + L, w1);
-    }
-  });
+// Every compiled kernel, worst first.
+const KernelEntry kTable[] = {
+    {&detail::kGemmScalar, always, ""},
+#if defined(MOEKIT_HAVE_KERNEL_AVX2)
+    {&detail::kGemmAvx2, has_avx2, "AVX2, FMA and F16C"},
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512)
+    {&detail::kGemmAvx512, has_avx512, "AVX-512 F, BW, DQ and VL"},
+#endif
+};
+
+const KernelEntry* entry_of(const GemmKernel& k) noexcept {
+  for (const KernelEntry& e : kTable)
+    if (e.kernel == &k) return &e;
+  return nullptr;
 }
-
-// ---------------------------------------------------------------- the portable kernel
-// Plain loops with std::fma in the same order as the SIMD kernel (sequential over k for every
-// output), so plain GEMM results agree bit for bit; strips of 16 columns.
-constexpr int64_t kScalarPanel = 16;
-
-template <class Epi>
-void scalar_drive(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Epi&& epi) noexcept {
-  const int64_t k = W.k();
-  for (int64_t s = 0; s < W.strips(); ++s) {
-    const float* B = W.strip(s);
-    for (int64_t i = 0; i < m; ++i) {
-      float acc[kScalarPanel] = {};
-      const float* a = A + i * lda;
-      for (int64_t p = 0; p < k; ++p)
-        for (int64_t j = 0; j < kScalarPanel; ++j) acc[j] = std::fma(a[p], B[p * kScalarPanel + j], acc[j]);
-      epi(i, s, acc);
-    }
-  }
-}
-
-void scalar_gemm(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc, float*,
-                 bool accumulate) noexcept {
-  const int64_t n = W.n();
-  scalar_drive(m, A, lda, W, [&](int64_t i, int64_t s, const float* acc) {
-    for (int64_t j = 0; j < kScalarPanel && s * kScalarPanel + j < n; ++j) {
-      float& c = C[i * ldc + s * kScalarPanel + j];
-      c = accumulate ? c + acc[j] : acc[j];
-    }
-  });
-}
-
-void scalar_gemm_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
-                       int64_t ldh, float*) noexcept {
-  const int64_t f = W.n(), half = kScalarPanel / 2;
-  scalar_drive(m, A, lda, W, [&](int64_t i, int64_t s, const float* acc) {
-    for (int64_t j = 0; j < half && s * half + j < f; ++j) H[i * ldh + s * half + j] = activate(act, acc[j]) * acc[half + j];
-  });
-}
-
-void scalar_gemm_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
-                     int64_t ldh, float*) noexcept {
-  const int64_t n = W.n();
-  scalar_drive(m, A, lda, W, [&](int64_t i, int64_t s, const float* acc) {
-    for (int64_t j = 0; j < kScalarPanel && s * kScalarPanel + j < n; ++j)
-      H[i * ldh + s * kScalarPanel + j] = activate(act, acc[j]);
-  });
-}
-
-const GemmKernel kScalarKernel{"scalar", kScalarPanel, scalar_gemm, scalar_gemm_gated, scalar_gemm_act};
-const GemmKernel kSimdKernel{xsimd::batch<float>::arch_type::name(), P, simd_gemm, simd_gemm_gated, simd_gemm_act};
 
 }  // namespace
 
-const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
-  static const std::vector<const GemmKernel*> all = {&kScalarKernel, &kSimdKernel};
+const std::vector<const GemmKernel*>& compiled_gemm_kernels() noexcept {
+  static const std::vector<const GemmKernel*> all = [] {
+    std::vector<const GemmKernel*> v;
+    for (const KernelEntry& e : kTable) v.push_back(e.kernel);
+    return v;
+  }();
   return all;
 }
 
-const GemmKernel& active_gemm_kernel() {
-  static const GemmKernel* chosen = [] {
-    const char* env = std::getenv("MOEKIT_KERNEL");
-    if (env == nullptr || *env == '\0') return gemm_kernels().back();
-    const std::string want = env;
-    if (want == "simd") return &kSimdKernel;
-    for (const GemmKernel* k : gemm_kernels())
-      if (want == k->name) return k;
-    return static_cast<const GemmKernel*>(nullptr);
+bool gemm_kernel_supported(const GemmKernel& kernel) noexcept {
+  const KernelEntry* e = entry_of(kernel);
+  return e != nullptr && e->supported();
+}
+
+const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
+  static const std::vector<const GemmKernel*> usable = [] {
+    std::vector<const GemmKernel*> v;
+    for (const KernelEntry& e : kTable)
+      if (e.supported()) v.push_back(e.kernel);
+    return v;
   }();
-  MOEKIT_CHECK(chosen != nullptr, "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or \"", kSimdKernel.name, "\", got \"",
-               std::getenv("MOEKIT_KERNEL"), "\"");
-  return *chosen;
+  return usable;
 }
 
-void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc, float* a_pack,
-                 bool accumulate) noexcept {
-  W.kernel().gemm(m, A, lda, W, C, ldc, a_pack, accumulate);
-}
-
-void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
-                       int64_t ldh, float* a_pack) noexcept {
-  W.kernel().gemm_gated(m, A, lda, W, act, H, ldh, a_pack);
-}
-
-void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
-                     int64_t ldh, float* a_pack) noexcept {
-  W.kernel().gemm_act(m, A, lda, W, act, H, ldh, a_pack);
+const GemmKernel& active_gemm_kernel() {
+  // The choice, or why there is none (read once).
+  struct Choice {
+    const GemmKernel* kernel = nullptr;
+    std::string error;
+  };
+  static const Choice choice = [] {
+    Choice c;
+    const char* env = std::getenv("MOEKIT_KERNEL");
+    const auto& usable = gemm_kernels();
+    if (env == nullptr || *env == '\0') {
+      c.kernel = usable.back();
+      return c;
+    }
+    const std::string want = env;
+    if (want == "simd") {
+      if (usable.size() > 1) {
+        c.kernel = usable.back();
+      } else {
+        c.error = "MOEKIT_KERNEL=simd: no SIMD kernel " +
+                  std::string(compiled_gemm_kernels().size() > 1
+                                  ? "compiled into moekit runs on this CPU (compiled: "
+                                  : "is compiled into moekit (compiled: ") +
+                  names(compiled_gemm_kernels()) + ")";
+      }
+      return c;
+    }
+    for (const KernelEntry& e : kTable) {
+      if (want != e.kernel->name) continue;
+      if (e.supported()) {
+        c.kernel = e.kernel;
+      } else {
+        c.error = "MOEKIT_KERNEL=" + want + ": this CPU cannot run that kernel (it needs " +
+                  e.needs + "); kernels this CPU runs: " + names(usable);
+      }
+      return c;
+    }
+    c.error = "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or one of the compiled kernels (" +
+              names(compiled_gemm_kernels()) + "), got \"" + want + "\"";
+    return c;
+  }();
+  MOEKIT_CHECK(choice.kernel != nullptr, choice.error);
+  return *choice.kernel;
 }
 
 const char* gemm_backend() noexcept {
-  static std::string name;
-  try {
-    const GemmKernel& k = active_gemm_kernel();
-    name = k.name == std::string("scalar") ? "scalar-16"
-                                           : "packed-" + std::to_string(MR) + "x" + std::to_string(P) + "-" + k.name;
-  } catch (const error&) {
-    name = "invalid MOEKIT_KERNEL";
-  }
+  static const std::string name = [] {
+    try {
+      const GemmKernel& k = active_gemm_kernel();
+      if (k.tile_rows == 1) return std::string(k.name) + "-" + std::to_string(k.panel);
+      return "packed-" + std::to_string(k.tile_rows) + "x" + std::to_string(k.panel) + "-" + k.name;
+    } catch (const error& e) {
+      return "invalid MOEKIT_KERNEL (" + std::string(e.what()) + ")";
+    }
+  }();
   return name.c_str();
+}
+
+// ---------------------------------------------------------------------- entry points
+
+void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C,
+                 int64_t ldc, float* a_pack, bool accumulate, int64_t strip_begin,
+                 int64_t strip_end) noexcept {
+  MOEKIT_DEBUG_ASSERT(!W.gated());
+  detail::GemmCall c{};
+  if (!detail::PackedAccess::describe(W, m, strip_begin, strip_end, c)) return;
+  c.A = A;
+  c.lda = lda;
+  c.out = C;
+  c.ldo = ldc;
+  c.a_pack = a_pack;
+  c.mode = accumulate ? detail::GemmMode::accumulate : detail::GemmMode::store;
+  W.kernel().run(c);
+}
+
+void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W,
+                       Activation act, float* H, int64_t ldh, float* a_pack, int64_t strip_begin,
+                       int64_t strip_end) noexcept {
+  MOEKIT_DEBUG_ASSERT(W.gated());
+  detail::GemmCall c{};
+  if (!detail::PackedAccess::describe(W, m, strip_begin, strip_end, c)) return;
+  c.A = A;
+  c.lda = lda;
+  c.out = H;
+  c.ldo = ldh;
+  c.a_pack = a_pack;
+  c.mode = detail::GemmMode::gated;
+  c.act = act;
+  W.kernel().run(c);
+}
+
+void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                     float* H, int64_t ldh, float* a_pack, int64_t strip_begin,
+                     int64_t strip_end) noexcept {
+  MOEKIT_DEBUG_ASSERT(!W.gated());
+  detail::GemmCall c{};
+  if (!detail::PackedAccess::describe(W, m, strip_begin, strip_end, c)) return;
+  c.A = A;
+  c.lda = lda;
+  c.out = H;
+  c.ldo = ldh;
+  c.a_pack = a_pack;
+  c.mode = detail::GemmMode::act;
+  c.act = act;
+  W.kernel().run(c);
 }
 
 }  // namespace moekit::kernels

@@ -11,6 +11,7 @@
 
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
+#include "moekit/kernels/packed_gemm.hpp"
 
 namespace {
 std::atomic<bool> g_counting{false};
@@ -72,6 +73,32 @@ TEST(AllocSteadyState, ForwardAllocatesNothingOnceWarm) {
       g_counting = false;
       EXPECT_EQ(g_allocations.load(), 0) << preset << " threads " << threads;
     }
+  }
+}
+
+// The same for every expert weight type and for the decode column split (T <= 16, 2 threads).
+TEST(AllocSteadyState, ReducedPrecisionAndDecodeSplitAllocateNothing) {
+  for (const char* type : {"f32", "bf16", "int8", "w8a8", "fp8"}) {
+    moekit::LayerConfig c = moekit::preset_defaults("qwen2_moe");
+    c.router.hidden = 40;
+    c.router.num_experts = 8;
+    c.router.k = 2;
+    c.experts.intermediate = 24;
+    c.shared->intermediate = 32;
+    c.pack.type = moekit::kernels::parse_weight_type(type);
+    const moekit::TopKLayer layer = moekit::random_layer(c, 5);
+    const int64_t d = 40;
+    std::vector<float> x(200 * d), y(200 * d);
+    std::mt19937 g(2);
+    std::normal_distribution<float> n;
+    for (float& v : x) v = n(g);
+    moekit::Workspace ws;
+    for (int64_t T : {200, 16, 1}) layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);  // warm
+    g_allocations = 0;
+    g_counting = true;
+    for (int64_t T : {1, 3, 16, 200}) layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);
+    g_counting = false;
+    EXPECT_EQ(g_allocations.load(), 0) << type;
   }
 }
 

@@ -17,6 +17,7 @@
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/kernels/fp8.hpp"
 
 #ifdef MOEKIT_CLI_PATH
 namespace {
@@ -279,6 +280,90 @@ TEST_F(Cli, BenchAndInfoPrintJson) {
   const auto info = nlohmann::json::parse(r.out);
   EXPECT_TRUE(info.contains("cpu_features"));
   EXPECT_TRUE(info.contains("gemm_kernel"));
+}
+
+// --dtype: reduced-precision experts through run and bench. The router is f32, so the
+// routing is the f32 run's; outputs differ within the type's error.
+TEST_F(Cli, DtypeFlagRunsReducedPrecisionExperts) {
+  write_mixtral("", DType::F32);
+  write_input(10, 24);
+  ASSERT_EQ(run_cli(dir_, run_args("")).code, 0);
+  const auto y32 = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
+  const auto ref = y32.read_f32("hidden_states", {10, 24});
+  const auto ref_ids = y32.read_i32("topk_ids", {10, 2});
+  for (const char* dt : {"f32", "bf16", "int8", "w8a8", "fp8"}) {
+    SCOPED_TRACE(dt);
+    fs::remove(dir_ / "y.safetensors");
+    const Result r = run_cli(dir_, run_args("") + " --dtype " + dt + " --threads 2");
+    ASSERT_EQ(r.code, 0) << r.err;
+    const auto y = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
+    const auto out = y.read_f32("hidden_states", {10, 24});
+    EXPECT_EQ(y.read_i32("topk_ids", {10, 2}), ref_ids);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); ++i) num += (out[i] - ref[i]) * (out[i] - ref[i]), den += ref[i] * ref[i];
+    const double err = std::sqrt(num / den);
+    if (std::string(dt) == "f32") {
+      EXPECT_EQ(err, 0.0);
+    } else {
+      EXPECT_GT(err, 0.0);
+      EXPECT_LT(err, std::string(dt) == "bf16" ? 1e-2 : 8e-2);
+    }
+    const Result b = run_cli(dir_, "bench --config " + (dir_ / "config.json").string() + " --tokens 5 --repeat 2 --layers 1 --dtype " + dt);
+    ASSERT_EQ(b.code, 0) << b.err;
+    EXPECT_EQ(nlohmann::json::parse(b.out)["dtype"], dt);
+  }
+  fs::remove(dir_ / "y.safetensors");
+  expect_error(run_args("") + " --dtype fp16", "f32, bf16, int8, w8a8, fp8");
+}
+
+// A DeepSeek-V3-style FP8 checkpoint (F8_E4M3 experts with 128x128 `weight_scale_inv`) gives
+// the same output as the f32 checkpoint holding its dequantised values.
+TEST_F(Cli, Fp8BlockScaledCheckpointEqualsItsDequantisedF32) {
+  std::ofstream(dir_ / "config.json")
+      << R"({"model_type": "mixtral", "hidden_size": 136, "intermediate_size": 200, "num_local_experts": 4, "num_experts_per_tok": 2})";
+  std::mt19937 g(17);
+  std::normal_distribution<float> n(0.0f, 0.1f);
+  std::vector<std::vector<uint8_t>> q8;
+  std::vector<std::vector<float>> f32s, scales;
+  q8.reserve(16), f32s.reserve(16), scales.reserve(16);
+  std::vector<moekit::io::OutTensor> fp8_out, f32_out;
+  std::vector<float> gate(4 * 136);
+  for (float& v : gate) v = n(g);
+  fp8_out.push_back({"gate.weight", DType::F32, {4, 136}, gate.data()});
+  f32_out.push_back({"gate.weight", DType::F32, {4, 136}, gate.data()});
+  for (int e = 0; e < 4; ++e)
+    for (const char* w : {"w1", "w3", "w2"}) {
+      const int64_t rows = std::string(w) == "w2" ? 136 : 200, cols = std::string(w) == "w2" ? 200 : 136;
+      const int64_t sn = (rows + 127) / 128, sk = (cols + 127) / 128;
+      auto& q = q8.emplace_back(static_cast<size_t>(rows * cols));
+      auto& sc = scales.emplace_back(static_cast<size_t>(sn * sk));
+      auto& deq = f32s.emplace_back(static_cast<size_t>(rows * cols));
+      for (size_t i = 0; i < sc.size(); ++i) sc[i] = 0.0005f * static_cast<float>(i + 1);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j) {
+          const float s = sc[static_cast<size_t>((i / 128) * sk + j / 128)];
+          const uint8_t b = moekit::kernels::float_to_fp8_e4m3(n(g) / s);
+          q[static_cast<size_t>(i * cols + j)] = b;
+          deq[static_cast<size_t>(i * cols + j)] = moekit::kernels::fp8_e4m3_to_float(b) * s;
+        }
+      const std::string name = "experts." + std::to_string(e) + "." + w + ".weight";
+      fp8_out.push_back({name, DType::F8_E4M3, {rows, cols}, q.data()});
+      fp8_out.push_back({name + "_scale_inv", DType::F32, {sn, sk}, sc.data()});
+      f32_out.push_back({name, DType::F32, {rows, cols}, deq.data()});
+    }
+  moekit::io::write_safetensors((dir_ / "w.safetensors").string(), fp8_out);
+  moekit::io::write_safetensors((dir_ / "w32.safetensors").string(), f32_out);
+  write_input(6, 136);
+  ASSERT_EQ(run_cli(dir_, run_args("")).code, 0);
+  const auto a = moekit::io::TensorSource::open((dir_ / "y.safetensors").string()).read_f32("hidden_states", {6, 136});
+  fs::remove(dir_ / "y.safetensors");
+  fs::rename(dir_ / "w32.safetensors", dir_ / "w.safetensors");
+  ASSERT_EQ(run_cli(dir_, run_args("")).code, 0);
+  const auto b = moekit::io::TensorSource::open((dir_ / "y.safetensors").string()).read_f32("hidden_states", {6, 136});
+  double mx = 0;
+  for (float v : b) mx = std::max(mx, static_cast<double>(std::fabs(v)));
+  ASSERT_GT(mx, 0.0);
+  EXPECT_EQ(a, b);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ namespace {
 
 using moekit::Activation;
 using moekit::kernels::PackedMatrix;
+using moekit::kernels::PackOptions;
 
 double act_ref(Activation a, double x) {
   switch (a) {
@@ -55,9 +56,9 @@ TEST(KernelsPackedGemm, EveryKernelMatchesReference) {
     const auto W = randn(g, static_cast<size_t>(n * k));
     const auto U = randn(g, static_cast<size_t>(n * k));
     PackedMatrix pw, pg, pa;
-    pw.pack(W.data(), n, k, k, kern);
-    pg.pack_gated(W.data(), U.data(), n, k, k, kern);
-    pa.pack(U.data(), n, k, k, kern);
+    pw.pack(W.data(), n, k, k, PackOptions{.kernel = kern});
+    pg.pack_gated(W.data(), U.data(), n, k, k, PackOptions{.kernel = kern});
+    pa.pack(U.data(), n, k, k, PackOptions{.kernel = kern});
     ASSERT_EQ(&pw.kernel(), kern);
     // pack/unpack round trip
     std::vector<float> row(static_cast<size_t>(k));
@@ -120,8 +121,8 @@ TEST(KernelsPackedGemm, SimdEqualsScalar) {
         for (int64_t k : {1, 255, 256, 257, 700}) {
           const auto A = randn(g, static_cast<size_t>(m * k)), W = randn(g, static_cast<size_t>(n * k));
           PackedMatrix ps, pk;
-          ps.pack(W.data(), n, k, k, scalar);
-          pk.pack(W.data(), n, k, k, kern);
+          ps.pack(W.data(), n, k, k, PackOptions{.kernel = scalar});
+          pk.pack(W.data(), n, k, k, PackOptions{.kernel = kern});
           std::vector<float> cs(static_cast<size_t>(m * n)), ck(cs.size()), hs(cs.size()), hk(cs.size());
           std::vector<float> ap(moekit::kernels::packed_a_floats(m, k));
           moekit::kernels::gemm_packed(m, A.data(), k, ps, cs.data(), n, ap.data());

@@ -22,6 +22,7 @@
 #include "moekit/experts/ffn.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
+#include "moekit/router.hpp"
 
 namespace moekit {
 
@@ -88,10 +89,7 @@ class CausalAttentionBlock {
     for (int i = 0; i < 4; ++i) {
       MOEKIT_CHECK(w[i].size() == dd, "CausalAttentionBlock: ", names[i], " expected [", hidden,
                    ", ", hidden, "] = ", dd, " values, got ", w[i].size());
-      for (size_t j = 0; j < dd; ++j)
-        MOEKIT_CHECK(std::isfinite(w[i][j]), "CausalAttentionBlock: ", names[i], "[",
-                     j / static_cast<size_t>(hidden), ", ", j % static_cast<size_t>(hidden),
-                     "] expected finite, got ", w[i][j]);
+      detail::check_finite(w[i], "CausalAttentionBlock", names[i], static_cast<size_t>(hidden));
     }
     auto p = std::make_shared<Packed>();
     std::vector<float> qkv(3 * dd);  // [3d, d]: Wq rows, then Wk, then Wv

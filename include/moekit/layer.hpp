@@ -43,6 +43,15 @@ struct Workspace {
   std::vector<int32_t> unpadded;     ///< unpadded token ids (when the batch has padding)
   std::vector<int32_t> row_of_token; ///< token -> row in the unpadded list, -1 for padding
   std::vector<float> thread_scratch; ///< per thread: gather block + expert scratch
+  // Decode (column-split) path.
+  struct Piece {
+    int32_t task;   ///< index into tasks
+    int32_t s0, s1; ///< strip range
+  };
+  std::vector<Piece> pieces;
+  std::vector<float> split_in;       ///< gathered inputs: routed rows in plan order, then shared rows
+  std::vector<float> split_h;        ///< hidden activations of every task
+  std::vector<size_t> split_hoff;    ///< per task: offset into split_h
   std::vector<const float*> combine_rows;
   std::vector<float> combine_weights;
 };
@@ -54,6 +63,9 @@ class SparseLayer {
  public:
   /// Rows per (expert, row block) task: fixed, so results never depend on the thread count.
   static constexpr int64_t kRowBlock = 96;
+  /// Decode: when every task has at most this many rows and several threads run, threads
+  /// split each expert's output columns instead of taking whole experts (SplittableBank).
+  static constexpr int64_t kSplitRows = 16;
 
   SparseLayer(R router, B experts, std::vector<SharedExpert> shared = {})
       : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
@@ -72,6 +84,7 @@ class SparseLayer {
       MOEKIT_CHECK(shared_[j].gate.empty() || static_cast<int64_t>(shared_[j].gate.size()) == hidden_size(),
                    "SparseLayer: shared expert ", j, " gate expected [", hidden_size(), "], got ",
                    shared_[j].gate.size(), " values");
+      detail::check_finite(shared_[j].gate, "SparseLayer", "shared expert gate");
     }
   }
 
@@ -85,16 +98,54 @@ class SparseLayer {
   /// Routes `hidden [T, d]` and writes `out [T, d]`. `threads` <= 0 uses OpenMP's default;
   /// inside an active parallel region the call runs on the calling thread alone.
   /// The plan is left in `ws.plan`.
+  /// Unless set_check_finite(false), a NaN or infinity in an unpadded row of `hidden` is an
+  /// error (moekit::error naming the token and column), found before routing.
   void forward(const Batch& batch, const float* hidden, float* out, Workspace& ws, int threads = 0) const {
+    batch.validate(hidden_size());
+    if (check_finite_) check_hidden(batch, hidden, "SparseLayer::forward");
     router_.route(batch, hidden, ws.plan, ws.router, threads);
-    forward_plan(batch, hidden, ws.plan, out, ws, threads);
+    run_plan(batch, hidden, ws.plan, out, ws, threads);
   }
 
-  /// Runs the experts for a given finalised plan (from any router) and combines.
+  /// Runs the experts for a given finalised plan (from any router) and combines. Checks
+  /// `hidden` for NaN / infinity as forward() does.
   void forward_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out,
                     Workspace& ws, int threads = 0) const {
+    batch.validate(hidden_size());
+    if (check_finite_) check_hidden(batch, hidden, "SparseLayer::forward_plan");
+    run_plan(batch, hidden, plan, out, ws, threads);
+  }
+
+  /// The NaN / infinity scan of the input (on by default; a vectorised pass over the unpadded
+  /// rows, well under 1% of a forward). Turn it off only for inputs known to be finite: a
+  /// non-finite value then propagates into the routing and the outputs unchecked.
+  void set_check_finite(bool on) noexcept { check_finite_ = on; }
+  [[nodiscard]] bool check_finite() const noexcept { return check_finite_; }
+
+ private:
+  void check_hidden(const Batch& batch, const float* hidden, const char* who) const {
     const int64_t d = hidden_size(), T = batch.tokens;
-    batch.validate(d);
+    if (T == 0) return;
+    MOEKIT_CHECK(hidden != nullptr, who, ": hidden expected non-null for T = ", T);
+    auto report = [&](int64_t t, int64_t j) {
+      detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", hidden[t * d + j],
+                   " (non-finite inputs are rejected; set_check_finite(false) skips this check)");
+    };
+    if (batch.padding.empty()) {
+      const int64_t i = kernels::first_non_finite(hidden, T * d);
+      if (i >= 0) report(i / d, i % d);
+      return;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      if (batch.is_padding(t)) continue;  // padded rows may hold anything
+      const int64_t j = kernels::first_non_finite(hidden + t * d, d);
+      if (j >= 0) report(t, j);
+    }
+  }
+
+  void run_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out, Workspace& ws,
+                int threads) const {
+    const int64_t d = hidden_size(), T = batch.tokens;
     MOEKIT_CHECK(plan.finalized(), "SparseLayer::forward_plan: plan expected finalized, got a plan without finalize()");
     MOEKIT_CHECK(plan.num_tokens() == T, "SparseLayer::forward_plan: plan tokens expected ", T, ", got ", plan.num_tokens());
     MOEKIT_CHECK(plan.num_experts() == num_experts(), "SparseLayer::forward_plan: plan experts expected ",
@@ -145,8 +196,19 @@ class SparseLayer {
     const auto tokens = plan.expert_tokens();
     std::exception_ptr failure;
     const auto ntasks = static_cast<int64_t>(ws.tasks.size());
+    bool split = false;
+    if constexpr (SplittableBank<B> && !whole_blocks_v<B> && !ContextAwareBank<B>) {
+      int64_t most = 0;
+      for (int64_t e = 0; e < num_experts(); ++e) most = std::max(most, plan.kept_of(e));
+      split = nt > 1 && split_enabled_ && most <= kSplitRows && (shared_.empty() || Tr <= kSplitRows) && ntasks > 0;
+      if (split) {
+        run_split(hidden, plan, padded, Tr, ws, nt);
+      } else if (nt > 1 && split_enabled_) {
+        reserve_split(plan.num_slots(), Tr, ws, nt);  // a later, smaller batch allocates nothing
+      }
+    }
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1 && ntasks > 1)
-    for (int64_t i = 0; i < ntasks; ++i) {
+    for (int64_t i = 0; i < (split ? 0 : ntasks); ++i) {
       const Workspace::Task task = ws.tasks[static_cast<size_t>(i)];
       float* rows_block = ws.thread_scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
       float* scratch = rows_block + rows_max * d;
@@ -213,6 +275,12 @@ class SparseLayer {
     }
   }
 
+ public:
+  /// Turns the decode column split on (default) or off, e.g. to compare both in a benchmark.
+  /// Results are bit-identical either way.
+  void set_decode_split(bool on) noexcept { split_enabled_ = on; }
+  [[nodiscard]] bool decode_split() const noexcept { return split_enabled_; }
+
   /// FLOPs a forward of `batch` with this plan executes: kept routed slots, shared experts
   /// and router logits on every unpadded token (needs flops_per_row() on the bank).
   [[nodiscard]] double executed_flops(const RoutingPlan& plan, const Batch& batch) const {
@@ -237,9 +305,104 @@ class SparseLayer {
     if (v.size() < n) v.resize(n);
   }
 
+  // Grows the decode path's buffers to what any batch of at most `slots` slots and `Tr`
+  // unpadded tokens can need there: at most kSplitRows rows per expert and shared expert.
+  void reserve_split(int64_t slots, int64_t Tr, Workspace& ws, int nt) const
+    requires SplittableBank<B>
+  {
+    const int64_t rows = std::min(slots, kSplitRows * num_experts());
+    const int64_t shared_rows = shared_.empty() ? 0 : std::min(Tr, kSplitRows);
+    const int64_t d = hidden_size();
+    grow(ws.split_in, static_cast<size_t>((rows + shared_rows) * d));
+    size_t h = experts_.split_hidden_floats(rows);
+    for (const SharedExpert& s : shared_) h += s.ffn.split_hidden_floats(shared_rows);
+    grow(ws.split_h, h);
+    const size_t tasks = static_cast<size_t>(num_experts()) + shared_.size();
+    if (ws.split_hoff.capacity() < tasks) ws.split_hoff.reserve(tasks);
+    const size_t pieces = tasks + 8 * static_cast<size_t>(nt);
+    if (ws.pieces.capacity() < pieces) ws.pieces.reserve(pieces);
+  }
+
+  // The decode path: gather every task's rows once, then two parallel stages over pieces
+  // (task, strip range): the first matrices into split_h, then the down matrices into
+  // expert_out / shared_out. Each piece computes whole output columns with the same kernels,
+  // so the result equals the unsplit path bit for bit.
+  void run_split(const float* hidden, const RoutingPlan& plan, bool padded, int64_t Tr, Workspace& ws, int nt) const
+    requires SplittableBank<B>
+  {
+    const int64_t d = hidden_size(), kept = plan.num_kept();
+    const auto tokens = plan.expert_tokens();
+    grow(ws.split_in, static_cast<size_t>((kept + (shared_.empty() ? 0 : Tr)) * d));
+    if (kept > 0) kernels::gather_rows(hidden, d, tokens.data(), kept, ws.split_in.data());
+    const float* shared_in = hidden;
+    if (!shared_.empty() && padded) {
+      kernels::gather_rows(hidden, d, ws.unpadded.data(), Tr, ws.split_in.data() + kept * d);
+      shared_in = ws.split_in.data() + kept * d;
+    }
+    // Hidden-activation offsets, scratch, and pieces per task (about 8 pieces per thread).
+    const auto ntasks = static_cast<int64_t>(ws.tasks.size());
+    ws.split_hoff.resize(static_cast<size_t>(ntasks));
+    size_t h_total = 0, a_floats = 0;
+    for (int64_t i = 0; i < ntasks; ++i) {
+      const Workspace::Task& t = ws.tasks[static_cast<size_t>(i)];
+      ws.split_hoff[static_cast<size_t>(i)] = h_total;
+      const int64_t rows = t.end - t.begin;
+      if (t.expert >= 0) {
+        h_total += experts_.split_hidden_floats(rows);
+        a_floats = std::max(a_floats, experts_.split_scratch_floats(rows));
+      } else {
+        const FfnBank& s = shared_[static_cast<size_t>(-1 - t.expert)].ffn;
+        h_total += s.split_hidden_floats(rows);
+        a_floats = std::max(a_floats, s.split_scratch_floats(rows));
+      }
+    }
+    grow(ws.split_h, h_total);
+    grow(ws.thread_scratch, a_floats * static_cast<size_t>(nt));
+    const int64_t pieces_per_task = std::max<int64_t>(1, (8 * nt + ntasks - 1) / ntasks);
+    std::exception_ptr failure;
+    for (int stage = 0; stage < 2; ++stage) {
+      ws.pieces.clear();
+      for (int64_t i = 0; i < ntasks; ++i) {
+        const int32_t e = ws.tasks[static_cast<size_t>(i)].expert;
+        const int64_t strips = e >= 0 ? experts_.split_strips(stage)
+                                      : shared_[static_cast<size_t>(-1 - e)].ffn.split_strips(stage);
+        const int64_t n = std::min(pieces_per_task, std::max<int64_t>(strips, 1));
+        for (int64_t p = 0; p < n; ++p)
+          ws.pieces.push_back({static_cast<int32_t>(i), static_cast<int32_t>(strips * p / n),
+                               static_cast<int32_t>(strips * (p + 1) / n)});
+      }
+      const auto npieces = static_cast<int64_t>(ws.pieces.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t q = 0; q < npieces; ++q) {
+        const Workspace::Piece pc = ws.pieces[static_cast<size_t>(q)];
+        const Workspace::Task t = ws.tasks[static_cast<size_t>(pc.task)];
+        float* a_pack = ws.thread_scratch.data() + a_floats * static_cast<size_t>(omp_get_thread_num());
+        float* h = ws.split_h.data() + ws.split_hoff[static_cast<size_t>(pc.task)];
+        const int64_t rows = t.end - t.begin;
+        try {
+          if (t.expert >= 0) {
+            experts_.run_split(stage, t.expert, ws.split_in.data() + static_cast<int64_t>(t.begin) * d, rows, h,
+                               ws.expert_out.data() + static_cast<int64_t>(t.begin) * d, a_pack, pc.s0, pc.s1);
+          } else {
+            const size_t j = static_cast<size_t>(-1 - t.expert);
+            shared_[j].ffn.run_split(stage, 0, shared_in + static_cast<int64_t>(t.begin) * d, rows, h,
+                                     ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + t.begin) * d, a_pack,
+                                     pc.s0, pc.s1);
+          }
+        } catch (...) {
+#pragma omp critical(moekit_layer_failure)
+          if (!failure) failure = std::current_exception();
+        }
+      }
+      if (failure) std::rethrow_exception(failure);
+    }
+  }
+
   R router_;
   B experts_;
   std::vector<SharedExpert> shared_;
+  bool split_enabled_ = true;
+  bool check_finite_ = true;
 };
 
 }  // namespace moekit

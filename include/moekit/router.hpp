@@ -3,10 +3,15 @@
 #pragma once
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
+#include <span>
+#include <string_view>
 #include <vector>
 
 #include "moekit/batch.hpp"
+#include "moekit/error.hpp"
+#include "moekit/kernels/vector.hpp"
 #include "moekit/routing_plan.hpp"
 
 namespace moekit {
@@ -18,10 +23,44 @@ struct RouterScratch {
   std::vector<float> buffer;   ///< router-private scratch
   std::vector<int32_t> index;  ///< router-private scratch
   std::vector<float> state;    ///< recurrent routers: the new router state `[T, d_r]` after route
-  std::vector<float> values;   ///< router-specific per-token outputs (e.g. depth routers' `[T]` router weights)
-  int64_t iterations = 0;      ///< iterative routers (Sinkhorn): iterations run by the last call
-  double error = 0.0;          ///< iterative routers: final marginal error of the last call
+  std::vector<float>
+      values;  ///< router-specific per-token outputs (e.g. depth routers' `[T]` router weights)
+  int64_t iterations = 0;  ///< iterative routers (Sinkhorn): iterations run by the last call
+  double error = 0.0;      ///< iterative routers: final marginal error of the last call
 };
+
+namespace detail {
+
+/// Checks that every value of a router weight (or any float tensor handed to a constructor)
+/// is finite. Throws moekit::error `<who>: <name>[i] expected finite, got <v>` for the first
+/// NaN or infinity, or `<name>[r, c]` when `cols` > 0 (a row-major `[rows, cols]` tensor).
+/// Vectorised (kernels::first_non_finite): cheap enough for every constructor and setter.
+inline void check_finite(std::span<const float> v, std::string_view who, std::string_view name,
+                         size_t cols = 0) {
+  const int64_t i = kernels::first_non_finite(v.data(), static_cast<int64_t>(v.size()));
+  if (i < 0) return;
+  const auto u = static_cast<size_t>(i);
+  if (cols > 0)
+    fail(who, ": ", name, "[", u / cols, ", ", u % cols, "] expected finite, got ", v[u]);
+  fail(who, ": ", name, "[", u, "] expected finite, got ", v[u]);
+}
+
+/// Checks a `[rows, cols]` weight (row-major; `cols` = 0: a vector `[rows]`): its size, then
+/// its values. Messages: `<who>: <name> expected [rows, cols] = n values, got m` (vector:
+/// `expected [rows], got m values`), then check_finite's.
+inline void check_weight(std::span<const float> v, std::string_view who, std::string_view name,
+                         size_t rows, size_t cols = 0) {
+  if (cols > 0) {
+    MOEKIT_CHECK(v.size() == rows * cols, who, ": ", name, " expected [", rows, ", ", cols,
+                 "] = ", rows * cols, " values, got ", v.size());
+  } else {
+    MOEKIT_CHECK(v.size() == rows, who, ": ", name, " expected [", rows, "], got ", v.size(),
+                 " values");
+  }
+  check_finite(v, who, name, cols);
+}
+
+}  // namespace detail
 
 /// Has `num_experts()`: the E of the plans it produces.
 template <class R>

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <numeric>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "moekit/error.hpp"
+#include "moekit/kernels/vector.hpp"
 
 namespace moekit {
 
@@ -76,6 +78,14 @@ class RoutingPlan {
                       float renormalize_to = 1.0f) {
     MOEKIT_CHECK(capacity >= 0, "RoutingPlan::apply_capacity: capacity expected >= 0, got ",
                  capacity);
+    MOEKIT_CHECK(policy == DropPolicy::score || policy == DropPolicy::position ||
+                     policy == DropPolicy::position_slot_major,
+                 "RoutingPlan::apply_capacity: policy expected score, position or "
+                 "position_slot_major, got ",
+                 static_cast<int>(policy));
+    MOEKIT_CHECK(!renormalize || std::isfinite(renormalize_to),
+                 "RoutingPlan::apply_capacity: renormalize_to expected finite, got ",
+                 renormalize_to);
     sort_by_expert(/*kept_only=*/true);
     std::vector<int32_t>& order = scratch_;  // slots of one expert, in policy order
     for (int64_t e = 0; e < experts_; ++e) {
@@ -123,10 +133,18 @@ class RoutingPlan {
     for (size_t s = 0; s < slot_expert_.size(); ++s)
       MOEKIT_CHECK(slot_expert_[s] >= 0 && slot_expert_[s] < experts_, "RoutingPlan: slot ", s,
                    " expert id expected in [0, ", experts_, "), got ", slot_expert_[s]);
+    // A router never writes a non-finite weight from finite inputs; this catches hand-built
+    // plans (SparseLayer::forward_plan) before a NaN reaches the combine.
+    if (const int64_t s = kernels::first_non_finite(slot_weight_.data(),
+                                                    static_cast<int64_t>(slot_weight_.size()));
+        s >= 0)
+      detail::fail("RoutingPlan: slot ", s, " weight expected finite, got ",
+                   slot_weight_[static_cast<size_t>(s)]);
     const size_t S = slot_expert_.size();
     slot_token_.resize(S);
     for (int64_t t = 0; t < tokens_; ++t)
-      for (int32_t s = begin(t); s < end(t); ++s) slot_token_[static_cast<size_t>(s)] = static_cast<int32_t>(t);
+      for (int32_t s = begin(t); s < end(t); ++s)
+        slot_token_[static_cast<size_t>(s)] = static_cast<int32_t>(t);
     sort_by_expert(/*kept_only=*/true);
     slot_position_.assign(S, -1);
     expert_tokens_.resize(expert_slots_.size());

@@ -27,6 +27,7 @@
 #include "moekit/io/safetensors.hpp"
 #include "moekit/kernels/gemm.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
+#include "moekit/kernels/vector.hpp"
 #include "moekit/moekit.hpp"
 
 namespace {
@@ -37,8 +38,8 @@ using moekit::detail::fail;
 constexpr const char* kUsage =
     "usage:\n"
     "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
-    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32]\n"
-    "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32] [--repeat R]\n"
+    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8]\n"
+    "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8] [--repeat R]\n"
     "               [--layers L] [--seed S]\n"
     "  moekit info\n"
     "  moekit --version\n";
@@ -75,20 +76,64 @@ const std::string& required(const std::map<std::string, std::string>& f, const s
   return it->second;
 }
 
-void check_dtype(const std::map<std::string, std::string>& f) {
+// --dtype: the expert weight type that overrides the config's (experts.dtype, default f32).
+// Parsed before any file is opened, so a bad flag is reported as such.
+std::optional<moekit::kernels::WeightType> dtype_flag(const std::map<std::string, std::string>& f) {
   auto it = f.find("dtype");
-  if (it != f.end() && it->second != "f32")
-    fail("--dtype: expected f32 (bf16 and int8 experts arrive with the performance work), got \"",
-         it->second, "\"");
+  if (it == f.end()) return std::nullopt;
+  try {
+    return moekit::kernels::parse_weight_type(it->second);
+  } catch (const moekit::error& e) {
+    fail("--dtype: ", e.what());
+  }
 }
 
 // ---------------------------------------------------------------------------- run
+// The input file of `run` (docs/cli.md): hidden_states and the optional batch tensors.
+struct Input {
+  int64_t tokens = 0;
+  std::vector<float> x;
+  std::vector<int32_t> offsets, positions, types;
+  std::vector<uint8_t> padding;
+  std::vector<float> state;
+  bool has_offsets = false, has_positions = false, has_padding = false, has_types = false, has_state = false;
+
+  // A Batch viewing these arrays (valid while this object lives).
+  [[nodiscard]] moekit::Batch batch(int64_t d) const {
+    moekit::Batch b = moekit::Batch::single(tokens, d);
+    if (has_offsets) b.sequence_offsets = offsets;
+    if (has_positions) b.positions = positions;
+    if (has_padding) b.padding = padding;
+    if (has_types) b.token_types = types;
+    if (has_state) b.router_state = state;
+    return b;
+  }
+};
+
+Input read_input(const moekit::io::TensorSource& input, const std::string& in_path, int64_t d) {
+  Input in;
+  if (!input.contains("hidden_states")) fail(in_path, ": tensor \"hidden_states\" [T, ", d, "] is missing");
+  const auto& hv = input.tensor("hidden_states");
+  if (hv.shape.size() != 2) fail(in_path, ": tensor \"hidden_states\" expected shape [T, ", d, "], got rank ", hv.shape.size());
+  const int64_t T = in.tokens = hv.shape[0];
+  in.x = input.read_f32("hidden_states", {T, d});
+  if ((in.has_offsets = input.contains("sequence_offsets"))) in.offsets = input.read_i32("sequence_offsets", {-1});
+  if ((in.has_positions = input.contains("positions"))) in.positions = input.read_i32("positions", {T});
+  if ((in.has_padding = input.contains("padding_mask"))) in.padding = input.read_u8("padding_mask", {T});
+  if ((in.has_types = input.contains("token_types"))) in.types = input.read_i32("token_types", {T});
+  if ((in.has_state = input.contains("router_state"))) in.state = input.read_f32("router_state", {T, -1});
+  const int64_t bad = moekit::kernels::first_non_finite(in.x.data(), static_cast<int64_t>(in.x.size()));
+  if (bad >= 0) fail(in_path, ": hidden_states[", bad / d, ", ", bad % d, "] is not finite (", in.x[static_cast<size_t>(bad)], ")");
+  return in;
+}
+
 int cmd_run(const std::map<std::string, std::string>& f) {
-  check_dtype(f);
+  const auto dtype = dtype_flag(f);
   const std::string prefix = f.count("prefix") ? f.at("prefix") : "";
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
-  const moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  if (dtype) cfg.pack.type = *dtype;
   std::unique_ptr<moekit::AnyLayer> layer;
   {
     // The weights' mapping is released once the layer holds its own (packed) copy.
@@ -97,26 +142,10 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   }
   const int64_t d = cfg.hidden();
   const std::string in_path = required(f, "input");
-  const auto input = moekit::io::TensorSource::open(in_path);
-  if (!input.contains("hidden_states")) fail(in_path, ": tensor \"hidden_states\" [T, ", d, "] is missing");
-  const auto& hv = input.tensor("hidden_states");
-  if (hv.shape.size() != 2) fail(in_path, ": tensor \"hidden_states\" expected shape [T, ", d, "], got rank ", hv.shape.size());
-  const int64_t T = hv.shape[0];
-  const std::vector<float> x = input.read_f32("hidden_states", {T, d});
-  moekit::Batch batch = moekit::Batch::single(T, d);
-  std::vector<int32_t> offsets, positions, types;
-  std::vector<uint8_t> padding;
-  std::vector<float> state;
-  if (input.contains("sequence_offsets")) batch.sequence_offsets = offsets = input.read_i32("sequence_offsets", {-1});
-  if (input.contains("positions")) batch.positions = positions = input.read_i32("positions", {T});
-  if (input.contains("padding_mask")) batch.padding = padding = input.read_u8("padding_mask", {T});
-  if (input.contains("token_types")) batch.token_types = types = input.read_i32("token_types", {T});
-  if (input.contains("router_state")) batch.router_state = state = input.read_f32("router_state", {T, -1});
-  for (size_t i = 0; i < x.size(); ++i)
-    if (!std::isfinite(x[i])) fail(in_path, ": hidden_states[", i / static_cast<size_t>(d), ", ", i % static_cast<size_t>(d), "] is not finite (", x[i], ")");
-
+  const Input in = read_input(moekit::io::TensorSource::open(in_path), in_path, d);
+  const int64_t T = in.tokens;
   std::vector<float> y(static_cast<size_t>(T * d));
-  layer->forward(batch, x.data(), y.data(), threads);
+  layer->forward(in.batch(d), in.x.data(), y.data(), threads);
   const std::vector<moekit::NamedTensor> extra = layer->outputs();
   std::vector<moekit::io::OutTensor> out = {{"hidden_states", moekit::io::DType::F32, {T, d}, y.data()}};
   for (const auto& t : extra) out.push_back({t.name, t.dtype, t.shape, t.bytes.data()});
@@ -135,23 +164,24 @@ double physical_bytes() {
 }
 
 int cmd_bench(const std::map<std::string, std::string>& f) {
-  check_dtype(f);
-  const moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  const auto dtype = dtype_flag(f);
   const int64_t T = int_flag(f, "tokens", 512, 0, int64_t{1} << 24);
   const int threads = moekit::detail::resolve_threads(static_cast<int>(int_flag(f, "threads", 0, 0, 4096)));
   const int64_t repeat = int_flag(f, "repeat", 10, 1, 1000000);
   const uint64_t seed = static_cast<uint64_t>(int_flag(f, "seed", 1, 0, INT64_MAX));
+  moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  if (dtype) cfg.pack.type = *dtype;
   // The first instance tells the resident size; more follow only if they fit.
   std::vector<std::unique_ptr<moekit::AnyLayer>> inst;
   const double budget = 0.5 * physical_bytes();
   const double estimate = cfg.router_type == "topk" ? moekit::layer_weight_bytes(cfg) : 0.0;
   if (estimate > budget)
-    fail("--config: the layer needs ", estimate / 1e9, " GB of f32 weights, more than half of this machine's ",
+    fail("--config: the layer needs ", estimate / 1e9, " GB of weights, more than half of this machine's ",
          physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");
   inst.push_back(moekit::random_any_layer(cfg, seed));
   const double layer_bytes = inst[0]->resident_bytes();
   if (layer_bytes > budget)
-    fail("--config: the layer holds ", layer_bytes / 1e9, " GB of f32 weights, more than half of this machine's ",
+    fail("--config: the layer holds ", layer_bytes / 1e9, " GB of weights, more than half of this machine's ",
          physical_bytes() / 1e9, " GB");
   // Enough instances that the weights rotated over exceed twice the L3 (not cache-resident).
   int64_t layers = static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(l3_bytes()) / std::max(layer_bytes, 1.0)));
@@ -210,7 +240,8 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
                  {"shared_intermediate_size", cfg.shared ? cfg.shared->intermediate : 0}}},
       {"tokens", T},
       {"threads", threads},
-      {"dtype", "f32"},
+      {"dtype", moekit::kernels::to_string(cfg.pack.type)},
+      {"bf16_activations", cfg.pack.bf16_activations},
       {"repeat", repeat},
       {"layers", layers},
       {"median_ms", med_ms},
@@ -245,11 +276,17 @@ int cmd_info() {
               {"gemm_kernel", moekit::kernels::gemm_backend()},
               {"gemm_kernels_compiled", [] {
                  json a = json::array();
+                 for (const auto* k : moekit::kernels::compiled_gemm_kernels()) a.push_back(k->name);
+                 return a;
+               }()},
+              {"gemm_kernels_supported", [] {
+                 json a = json::array();
                  for (const auto* k : moekit::kernels::gemm_kernels()) a.push_back(k->name);
                  return a;
                }()},
-              {"kernel_override", "MOEKIT_KERNEL=scalar|simd"},
-              {"dispatch", "run-time choice among the compiled kernels; the SIMD kernel's ISA is fixed at compile time (MOEKIT_NATIVE)"},
+              {"weight_types", {"f32", "bf16", "int8", "w8a8", "fp8"}},
+              {"kernel_override", "MOEKIT_KERNEL=scalar|simd|<a compiled kernel's name>"},
+              {"dispatch", "run time, from CPUID: the best compiled kernel this CPU supports"},
               {"omp_max_threads", omp_get_max_threads()},
               {"l3_bytes", l3_bytes()}};
   std::printf("%s\n", out.dump(2).c_str());
@@ -258,7 +295,8 @@ int cmd_info() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+// The command line as a function: the fuzz targets (fuzz/) call it in-process.
+int moekit_cli_main(int argc, char** argv) {
   if (argc < 2) {
     std::fputs("moekit: error: missing command (expected run, bench or info; see moekit --help)\n", stderr);
     return 2;
@@ -290,3 +328,7 @@ int main(int argc, char** argv) {
     return 1;
   }
 }
+
+#ifndef MOEKIT_CLI_NO_MAIN
+int main(int argc, char** argv) { return moekit_cli_main(argc, argv); }
+#endif

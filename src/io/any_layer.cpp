@@ -64,8 +64,8 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
 }
 
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
-                 const FfnShape& shape, ExpertNames names, uint64_t& seed) {
-  FfnBank bank(count, shape);
+                 const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack) {
+  FfnBank bank(count, shape, pack);
   std::vector<float> buf;
   for (int64_t e = 0; e < count; ++e)
     load_ffn_into(bank, e, weights, indexed ? base + std::to_string(e) + "." : base, names, seed, buf);
@@ -77,7 +77,7 @@ std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorS
   std::vector<SharedExpert> out;
   if (!c.shared) return out;
   const FfnShape s{c.hidden(), c.shared->intermediate, c.experts.gated, c.experts.act};
-  SharedExpert se{ffn_bank(weights, prefix + c.shared->names, false, 1, s, ExpertNames::hf, seed), {}};
+  SharedExpert se{ffn_bank(weights, prefix + c.shared->names, false, 1, s, ExpertNames::hf, seed, c.pack), {}};
   if (c.shared->gated)
     se.gate = tensor_or_random(weights, prefix + "shared_expert_gate.weight", {1, c.hidden()}, seed,
                                1.0 / std::sqrt(static_cast<double>(c.hidden())));
@@ -92,9 +92,11 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
                                      const std::string& prefix, uint64_t seed) {
   TopKLayer layer = weights != nullptr ? load_layer(c, *weights, prefix) : random_layer(c, seed);
   const int64_t k = c.router.k;
+  const double router_values = static_cast<double>(c.router.num_experts * (c.hidden() + (c.router_bias ? 1 : 0)));
+  const double resident = resident_bytes_of(layer.experts(), layer.shared_experts(), router_values);
   return std::make_unique<SparseAnyLayer<TopKRouter, FfnBank>>(
       c, std::move(layer), [k](const TopKLayer&, const Workspace& ws, const Batch&) { return topk_outputs(ws.plan, k); },
-      layer_weight_bytes(c));
+      resident);
 }
 
 // The families this build knows. Families other than topk parse their `router` object in

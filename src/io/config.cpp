@@ -151,7 +151,9 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   else if (noise == "jitter") r.noise = TrainingNoise::jitter;
   else detail::fail(rr.where(), ".noise: expected \"none\" or \"jitter\" (noisy_topk needs a noise weight: C++ API only), got \"", noise, "\"");
   r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
-  r.noise_seed = static_cast<uint64_t>(rr.integer("noise_seed", 0));
+  const int64_t seed = rr.integer("noise_seed", 0);
+  MOEKIT_CHECK(seed >= 0, rr.where(), ".noise_seed: expected an integer >= 0, got ", seed);
+  r.noise_seed = static_cast<uint64_t>(seed);
   rr.reject_unknown();
 }
 
@@ -200,6 +202,13 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     const std::string names = re.string("names", c.expert_names == ExpertNames::mixtral ? "mixtral" : "hf");
     MOEKIT_CHECK(names == "hf" || names == "mixtral", re.where(), ".names: expected \"hf\" or \"mixtral\", got \"", names, "\"");
     c.expert_names = names == "hf" ? ExpertNames::hf : ExpertNames::mixtral;
+    const std::string dtype = re.string("dtype", kernels::to_string(c.pack.type));
+    try {
+      c.pack.type = kernels::parse_weight_type(dtype);
+    } catch (const error& e) {
+      detail::fail(re.where(), ".dtype: ", e.what());
+    }
+    c.pack.bf16_activations = re.boolean("bf16_activations", c.pack.bf16_activations);
     re.reject_unknown();
   }
   if (rd.has("shared_expert")) {

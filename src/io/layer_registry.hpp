@@ -48,7 +48,7 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
 /// `count` FFN experts of `shape` named `{base}{i}.{gate,up,down}...` (or `{base}` alone when
 /// `indexed` is false), from weights or random.
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
-                 const FfnShape& shape, ExpertNames names, uint64_t& seed);
+                 const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack);
 
 /// The configured shared expert (if any), from weights or random.
 std::vector<SharedExpert> shared_experts(const LayerConfig& config, const io::TensorSource* weights,
@@ -121,7 +121,7 @@ inline std::vector<NamedTensor> topk_outputs(const RoutingPlan& plan, int64_t k)
   return {NamedTensor::of("topk_ids", io::DType::I32, {T, k}, ids), NamedTensor::of("topk_weights", io::DType::F32, {T, k}, w)};
 }
 
-/// Resident f32 bytes of a bank plus shared experts plus `router_values` router weights.
+/// Resident bytes of a bank (as packed) plus shared experts plus `router_values` f32 router weights.
 inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExpert>& shared, double router_values) {
   double b = static_cast<double>(bank.num_experts()) * bank.weight_bytes_per_expert() + 4.0 * router_values;
   for (const SharedExpert& s : shared) b += s.ffn.weight_bytes_per_expert() + 4.0 * static_cast<double>(s.gate.size());

@@ -91,7 +91,7 @@ MoROptions mor_options(const json& j, const LayerConfig& c) {
 }
 
 FfnBank block_of(const LayerConfig& c, const io::TensorSource* w, const std::string& prefix, uint64_t& seed) {
-  return ffn_bank(w, prefix + "experts.", true, 1, routed_shape(c), c.expert_names, seed);
+  return ffn_bank(w, prefix + "experts.", true, 1, routed_shape(c), c.expert_names, seed, c.pack);
 }
 
 // selected U8 [T] and router_weights F32 [T] of a one-expert plan.

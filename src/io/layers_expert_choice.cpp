@@ -53,7 +53,7 @@ std::unique_ptr<AnyLayer> build_expert_choice_layer(const json& j, const LayerCo
     }
     router.calibrate(Batch::single(T, d), x.data());
   }
-  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s);
+  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s, c.pack);
   std::vector<SharedExpert> shared = shared_experts(c, w, p, s);
   const double resident = resident_bytes_of(bank, shared, rv);
   using L = SparseLayer<ExpertChoiceRouter, FfnBank>;

@@ -44,7 +44,7 @@ std::unique_ptr<AnyLayer> build_gru_layer(const json& j, const LayerConfig& c, c
   auto proj = tensor_or_random(w, p + "router.proj.weight", {dr, d}, s, 1.0 / std::sqrt(static_cast<double>(d)));
   auto out = tensor_or_random(w, p + "router.out.weight", {E, dr}, s, sr);
   const double rv = static_cast<double>(wih.size() + whh.size() + 2 * gates * dr + proj.size() + out.size());
-  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s);
+  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s, c.pack);
   std::vector<SharedExpert> shared = shared_experts(c, w, p, s);
   const double resident = resident_bytes_of(bank, shared, rv);
   using L = SparseLayer<GruRouter, FfnBank>;

@@ -41,7 +41,7 @@ std::unique_ptr<AnyLayer> build_prototype_layer(const json& j, const LayerConfig
   const int64_t E = o.num_experts, d = c.hidden(), k = o.k;
   auto protos = tensor_or_random(w, p + "router.prototypes", {E, d}, s, 1.0);
   // Experts 0..E-1 are `experts.{i}.*`, expert E the unconditional one `uncond_expert.*`.
-  FfnBank bank(E + 1, routed_shape(c));
+  FfnBank bank(E + 1, routed_shape(c), c.pack);
   std::vector<float> buf;
   for (int64_t e = 0; e < E; ++e) load_ffn_into(bank, e, w, p + "experts." + std::to_string(e) + ".", c.expert_names, s, buf);
   load_ffn_into(bank, E, w, p + "uncond_expert.", c.expert_names, s, buf);
@@ -66,7 +66,7 @@ std::unique_ptr<AnyLayer> build_centroid_layer(const json& j, const LayerConfig&
   uint64_t s = splitmix64(seed);
   const int64_t E = o.num_experts, d = c.hidden();
   auto cents = tensor_or_random(w, p + "router.centroids", {E, d}, s, scale_of(c));
-  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s);
+  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s, c.pack);
   std::vector<SharedExpert> shared = shared_experts(c, w, p, s);
   const double resident = resident_bytes_of(bank, shared, static_cast<double>(cents.size()));
   using L = SparseLayer<CentroidRouter, FfnBank>;

@@ -36,9 +36,15 @@ SelectiveSinkhornOptions selective_options(const json& j, const LayerConfig& c) 
   return parse_router_options<SelectiveSinkhornOptions>(j, [&](Reader& r, SelectiveSinkhornOptions& o) {
     read_sinkhorn(r, o.sinkhorn, c);
     o.p = r.number("p", o.p);
-    o.seed = static_cast<uint64_t>(r.integer("seed", 0));
-    o.layer = static_cast<uint64_t>(r.integer("layer", 0));
-    o.step = static_cast<uint64_t>(r.integer("step", 0));
+    // Unsigned in the options: a negative JSON value would wrap around silently.
+    const auto non_negative = [&r](const char* key) {
+      const int64_t v = r.integer(key, 0);
+      MOEKIT_CHECK(v >= 0, r.where(), ".", key, ": expected an integer >= 0, got ", v);
+      return static_cast<uint64_t>(v);
+    };
+    o.seed = non_negative("seed");
+    o.layer = non_negative("layer");
+    o.step = non_negative("step");
     o.training = r.boolean("training", o.training);
     if (r.has("topk")) {
       Reader t(r.raw("topk"), "router.topk");
@@ -56,7 +62,7 @@ template <class R>
 std::unique_ptr<AnyLayer> build(R router, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t& s,
                                 double router_values) {
   const int64_t E = router.num_experts(), k = router.k();
-  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s);
+  FfnBank bank = ffn_bank(w, p + "experts.", true, E, routed_shape(c), c.expert_names, s, c.pack);
   std::vector<SharedExpert> shared = shared_experts(c, w, p, s);
   const double resident = resident_bytes_of(bank, shared, router_values);
   using L = SparseLayer<R, FfnBank>;

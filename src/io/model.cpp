@@ -19,7 +19,7 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
   std::vector<float> bias;
   if (c.router_bias) bias = detail::tensor_or_random(weights, prefix + "gate.e_score_correction_bias", {E}, state, 0.01);
   TopKRouter router(c.router, std::move(gate), std::move(bias));
-  FfnBank bank = detail::ffn_bank(weights, prefix + "experts.", true, E, detail::routed_shape(c), c.expert_names, state);
+  FfnBank bank = detail::ffn_bank(weights, prefix + "experts.", true, E, detail::routed_shape(c), c.expert_names, state, c.pack);
   std::vector<SharedExpert> shared = detail::shared_experts(c, weights, prefix, state);
   return TopKLayer(std::move(router), std::move(bank), std::move(shared));
 }
@@ -34,10 +34,10 @@ TopKLayer random_layer(const LayerConfig& c, uint64_t seed) { return build(c, nu
 
 double layer_weight_bytes(const LayerConfig& c) {
   const double d = static_cast<double>(c.hidden());
-  double n = static_cast<double>(c.router.num_experts) * d;  // router
-  n += static_cast<double>(c.router.num_experts) * static_cast<double>(detail::routed_shape(c).weights_per_expert());
-  if (c.shared) n += (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate) + (c.shared->gated ? d : 0.0);
-  return 4.0 * n;
+  const double router = static_cast<double>(c.router.num_experts) * d + (c.shared && c.shared->gated ? d : 0.0);
+  double experts = static_cast<double>(c.router.num_experts) * static_cast<double>(detail::routed_shape(c).weights_per_expert());
+  if (c.shared) experts += (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate);
+  return 4.0 * router + static_cast<double>(kernels::weight_type_bytes(c.pack.type)) * experts;
 }
 
 }  // namespace moekit

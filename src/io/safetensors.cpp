@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "moekit/error.hpp"
+#include "moekit/kernels/fp8.hpp"
 
 static_assert(std::endian::native == std::endian::little,
               "moekit's safetensors I/O assumes a little-endian host");
@@ -352,6 +353,7 @@ struct SafetensorsFile::Impl {
   std::string path;
   void* base = MAP_FAILED;
   std::size_t len = 0;
+  std::vector<std::byte> owned;  // from_bytes(): the bytes themselves (no mapping)
   std::map<std::string, TensorView> tensors;
   std::map<std::string, std::string> metadata;
 
@@ -392,8 +394,23 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   if (base == MAP_FAILED) fail(where, ": mmap of ", size, " bytes failed: ", errno_str(errno));
   impl->base = base;
   impl->len = size;
-  const auto* bytes = static_cast<const std::byte*>(base);
+  parse(*impl, static_cast<const std::byte*>(base), size, where);
+  return SafetensorsFile(std::move(impl));
+}
 
+SafetensorsFile SafetensorsFile::from_bytes(const std::string& name, std::vector<std::byte> bytes) {
+  auto impl = std::make_unique<Impl>();
+  impl->path = name;
+  impl->owned = std::move(bytes);
+  const std::string where = detail::concat("safetensors buffer ", q(name, 4096));
+  const auto size = static_cast<std::uint64_t>(impl->owned.size());
+  MOEKIT_CHECK(size >= 8, where, ": buffer is ", size, " bytes, expected at least 8 (the header length prefix)");
+  parse(*impl, impl->owned.data(), size, where);
+  return SafetensorsFile(std::move(impl));
+}
+
+void SafetensorsFile::parse(Impl& impl_ref, const std::byte* bytes, std::uint64_t size, const std::string& where) {
+  Impl* impl = &impl_ref;
   std::uint64_t n = 0;
   std::memcpy(&n, bytes, 8);  // little-endian u64 (host is little-endian, asserted above)
   MOEKIT_CHECK(n <= kMaxHeaderBytes, where, ": header length is ", n, " bytes, expected at most ",
@@ -428,7 +445,6 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     spans.push_back(Span{begin, begin + it->second.nbytes, &it->first});
   }
   check_layout(where, spans, data_len);
-  return SafetensorsFile(std::move(impl));
 }
 
 const std::string& SafetensorsFile::path() const { return impl_->path; }
@@ -502,6 +518,14 @@ bool ends_with(const std::string& s, std::string_view suffix) {
 }
 
 }  // namespace
+
+TensorSource TensorSource::of(SafetensorsFile file) {
+  auto impl = std::make_unique<Impl>();
+  impl->path = file.path();
+  impl->shards.push_back(std::move(file));
+  for (auto& name : impl->shards.front().names()) impl->shard_of.emplace(std::move(name), 0);
+  return TensorSource(std::move(impl));
+}
 
 TensorSource TensorSource::open(const std::string& path) {
   auto impl = std::make_unique<Impl>();
@@ -643,23 +667,69 @@ void to_f32(const TensorView& v, float* dst) {
 
 }  // namespace
 
+namespace {
+
+constexpr int64_t kFp8Block = 128;
+
+/// Dequantises a checked F8_E4M3 `[n, k]` tensor with its `[ceil(n/128), ceil(k/128)]` block
+/// scales (`weight_scale_inv`, already f32): w = e4m3(q) * scale[i / 128][j / 128].
+void fp8_to_f32(const TensorView& v, const std::vector<float>& scale, float* dst) {
+  const int64_t n = v.shape[0], k = v.shape[1], kb = (k + kFp8Block - 1) / kFp8Block;
+  float lut[256];
+  for (int b = 0; b < 256; ++b) lut[b] = kernels::fp8_e4m3_to_float(static_cast<uint8_t>(b));
+  const auto* q = reinterpret_cast<const uint8_t*>(v.data);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      dst[i * k + j] = lut[q[i * k + j]] * scale[static_cast<std::size_t>((i / kFp8Block) * kb + j / kFp8Block)];
+}
+
+}  // namespace
+
+void TensorSource::read_f32_into_checked(const std::string& name, const std::vector<int64_t>& expected_shape,
+                                         float* dst, std::vector<float>* grow, const char* reader) const {
+  const std::string& file = shard_path(name);
+  const TensorView& raw = tensor(name);
+  if (raw.dtype == DType::F8_E4M3) {
+    const TensorView& v = checked_view(raw, file, expected_shape, {DType::F8_E4M3}, reader);
+    MOEKIT_CHECK(v.shape.size() == 2, "safetensors file ", q(file, 4096), ": tensor ", q(name), " is F8_E4M3 ",
+                 shape_str(v.shape), ", expected a 2-D weight [out, in] (block-scaled FP8 is read for matrices only)");
+    const int64_t n = v.shape[0], k = v.shape[1];
+    const std::string sname = name + "_scale_inv";
+    const int64_t sn = (n + kFp8Block - 1) / kFp8Block, sk = (k + kFp8Block - 1) / kFp8Block;
+    MOEKIT_CHECK(contains(sname), "safetensors file ", q(file, 4096), ": tensor ", q(name),
+                 " is F8_E4M3 and needs its 128x128 block scales ", q(sname), " [", sn, ", ", sk,
+                 "] (as DeepSeek-V3 checkpoints ship them), which is missing");
+    const std::vector<float> scale = read_f32(sname, {sn, sk});
+    for (std::size_t i = 0; i < scale.size(); ++i)
+      MOEKIT_CHECK(std::isfinite(scale[i]), "safetensors file ", q(shard_path(sname), 4096), ": tensor ", q(sname),
+                   " element ", i, " is ", scale[i], ", expected a finite block scale");
+    if (grow != nullptr) {
+      grow->resize(static_cast<std::size_t>(n * k));
+      dst = grow->data();
+    }
+    fp8_to_f32(v, scale, dst);
+    return;
+  }
+  const TensorView& v = checked_view(raw, file, expected_shape, kFloatDtypes, reader);
+  if (grow != nullptr) {
+    grow->resize(static_cast<std::size_t>(v.numel()));
+    dst = grow->data();
+  }
+  MOEKIT_CHECK(dst != nullptr || v.numel() == 0, reader, "(", q(name), "): dst is null, expected room for ",
+               v.numel(), " floats");
+  to_f32(v, dst);
+}
+
 std::vector<float> TensorSource::read_f32(const std::string& name,
                                           const std::vector<int64_t>& expected_shape) const {
-  const std::string& file = shard_path(name);
-  const TensorView& v = checked_view(tensor(name), file, expected_shape, kFloatDtypes, "read_f32");
-  std::vector<float> out(static_cast<std::size_t>(v.numel()));
-  to_f32(v, out.data());
+  std::vector<float> out;
+  read_f32_into_checked(name, expected_shape, nullptr, &out, "read_f32");
   return out;
 }
 
 void TensorSource::read_f32_into(const std::string& name,
                                  const std::vector<int64_t>& expected_shape, float* dst) const {
-  const std::string& file = shard_path(name);
-  const TensorView& v =
-      checked_view(tensor(name), file, expected_shape, kFloatDtypes, "read_f32_into");
-  MOEKIT_CHECK(dst != nullptr || v.numel() == 0, "read_f32_into(", q(name),
-               "): dst is null, expected room for ", v.numel(), " floats");
-  to_f32(v, dst);
+  read_f32_into_checked(name, expected_shape, dst, nullptr, "read_f32_into");
 }
 
 std::vector<int32_t> TensorSource::read_i32(const std::string& name,

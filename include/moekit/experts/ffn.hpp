@@ -12,6 +12,7 @@
 #include "moekit/expert.hpp"
 #include "moekit/activation.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
+#include "moekit/kernels/vector.hpp"
 
 namespace moekit {
 
@@ -26,6 +27,8 @@ struct FfnShape {
   void validate(const char* who) const {
     MOEKIT_CHECK(hidden >= 1, who, ": hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(intermediate >= 1, who, ": intermediate size (f) expected >= 1, got ", intermediate);
+    MOEKIT_CHECK(static_cast<int>(act) >= 0 && static_cast<int>(act) <= static_cast<int>(Activation::relu), who,
+                 ": activation expected silu, gelu, gelu_tanh or relu, got enum value ", static_cast<int>(act));
   }
   /// FLOPs of one row through one expert.
   [[nodiscard]] double flops_per_row() const noexcept {
@@ -38,15 +41,19 @@ struct FfnShape {
 };
 
 /// E FFN experts of one shape. Weights are packed once, in set_expert(), into the GEMM's
-/// strip layout (kernels::PackedMatrix); for gated experts gate and up are interleaved so one
-/// GEMM computes both and the activation runs in its epilogue. The packed copy is the only one.
+/// strip layout (kernels::PackedMatrix), stored as `pack.type` (f32, bf16, int8, w8a8, fp8);
+/// for gated experts gate and up are interleaved so one GEMM computes both and the activation
+/// runs in its epilogue. The packed copy is the only one.
 class FfnBank {
  public:
   FfnBank() = default;
   /// A bank of `num_experts` experts with zero weights; fill them with set_expert().
-  FfnBank(int64_t num_experts, FfnShape shape) : shape_(shape), experts_(num_experts) {
+  FfnBank(int64_t num_experts, FfnShape shape, kernels::PackOptions pack = {})
+      : shape_(shape), experts_(num_experts), pack_(pack) {
     shape_.validate("FfnBank");
     MOEKIT_CHECK(num_experts >= 1, "FfnBank: num_experts expected >= 1, got ", num_experts);
+    MOEKIT_CHECK(static_cast<unsigned>(pack_.type) <= static_cast<unsigned>(kernels::WeightType::fp8),
+                 "FfnBank: weight type expected f32, bf16, int8, w8a8 or fp8, got enum value ", static_cast<int>(pack_.type));
     in_.resize(static_cast<size_t>(num_experts));
     down_.resize(static_cast<size_t>(num_experts));
     const std::vector<float> zero(static_cast<size_t>(shape_.hidden * shape_.intermediate), 0.0f);
@@ -69,13 +76,27 @@ class FfnBank {
     MOEKIT_CHECK(!shape_.gated || gate != nullptr, "FfnBank::set_expert: gated expert ", e, " needs a gate weight");
     MOEKIT_CHECK(up != nullptr && down_w != nullptr, "FfnBank::set_expert: expert ", e, " needs up and down weights");
     const int64_t d = shape_.hidden, f = shape_.intermediate;
+    // Non-finite weights would silently poison every token routed here: refuse them.
+    auto finite = [&](const float* w, int64_t rows, int64_t cols, const char* name) {
+      const int64_t i = kernels::first_non_finite(w, rows * cols);
+      if (i >= 0)
+        detail::fail("FfnBank::set_expert: expert ", e, " ", name, "[", i / cols, ", ", i % cols,
+                     "] expected finite, got ", w[i]);
+    };
+    if (shape_.gated) finite(gate, f, d, "gate");
+    finite(up, f, d, "up");
+    finite(down_w, d, f, "down");
     if (shape_.gated) {
-      in_[static_cast<size_t>(e)].pack_gated(gate, up, f, d, d);
+      in_[static_cast<size_t>(e)].pack_gated(gate, up, f, d, d, pack_);
     } else {
-      in_[static_cast<size_t>(e)].pack(up, f, d, d);
+      in_[static_cast<size_t>(e)].pack(up, f, d, d, pack_);
     }
-    down_[static_cast<size_t>(e)].pack(down_w, d, f, f);
+    down_[static_cast<size_t>(e)].pack(down_w, d, f, f, pack_);
   }
+
+  /// How the weights are stored (type, bf16 activations, kernel).
+  [[nodiscard]] const kernels::PackOptions& pack_options() const noexcept { return pack_; }
+  [[nodiscard]] kernels::WeightType weight_type() const noexcept { return pack_.type; }
 
   /// Recovers expert e's weights in HF layout (gate may be null for plain experts).
   void get_expert(int64_t e, float* gate, float* up, float* down_w) const {
@@ -102,9 +123,43 @@ class FfnBank {
     kernels::gemm_packed(rows, h, f, down_[static_cast<size_t>(e)], out, d, a_pack);
   }
 
+  // ---- Column-split execution (decode): threads share one expert's work. Stage 0 writes
+  // columns of `h [rows, f]` for strips [s0, s1) of the first matrix; stage 1, after every
+  // stage-0 piece of the expert is done, writes columns of `out [rows, d]` for strips
+  // [s0, s1) of the down matrix. Results are bit-identical to run() for any split.
+
+  /// Strips of stage 0 (first matrix) or stage 1 (down matrix).
+  [[nodiscard]] int64_t split_strips(int stage) const noexcept {
+    return experts_ == 0 ? 0 : (stage == 0 ? in_[0].strips() : down_[0].strips());
+  }
+  /// Floats of the hidden activations `h` of `rows` rows.
+  [[nodiscard]] size_t split_hidden_floats(int64_t rows) const noexcept {
+    return static_cast<size_t>(rows * shape_.intermediate);
+  }
+  /// Floats of `a_pack` one split piece needs.
+  [[nodiscard]] size_t split_scratch_floats(int64_t rows) const noexcept {
+    return kernels::packed_a_floats(rows, std::max(shape_.hidden, shape_.intermediate));
+  }
+  /// One piece of the split: stage 0 reads `in [rows, d]`, writes `h`; stage 1 reads `h`,
+  /// writes `out [rows, d]`.
+  void run_split(int stage, int64_t e, const float* in, int64_t rows, float* h, float* out, float* a_pack,
+                 int64_t s0, int64_t s1) const noexcept {
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
+    if (stage == 0) {
+      const auto& w_in = in_[static_cast<size_t>(e)];
+      if (shape_.gated) {
+        kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, h, f, a_pack, s0, s1);
+      } else {
+        kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, h, f, a_pack, s0, s1);
+      }
+    } else {
+      kernels::gemm_packed(rows, h, f, down_[static_cast<size_t>(e)], out, d, a_pack, false, s0, s1);
+    }
+  }
+
   /// FLOPs of one row through one expert.
   [[nodiscard]] double flops_per_row() const noexcept { return shape_.flops_per_row(); }
-  /// Bytes of expert weights (f32, as stored after packing) of one expert.
+  /// Bytes of one expert's weights as stored after packing (values and scales).
   [[nodiscard]] double weight_bytes_per_expert() const noexcept {
     return experts_ == 0 ? 0.0 : static_cast<double>(in_[0].bytes() + down_[0].bytes());
   }
@@ -112,11 +167,24 @@ class FfnBank {
  private:
   FfnShape shape_{};
   int64_t experts_ = 0;
+  kernels::PackOptions pack_{};
   std::vector<kernels::PackedMatrix> in_;
   std::vector<kernels::PackedMatrix> down_;
 };
 
 static_assert(ExpertBank<FfnBank>);
+
+/// A bank whose experts can be split by output columns across threads (FfnBank): the layer
+/// uses it for decode-sized batches, where few (expert, row block) tasks would leave threads idle.
+template <class B>
+concept SplittableBank = requires(const B& b, int stage, int64_t e, const float* in, int64_t rows, float* h,
+                                  float* out, float* a_pack, int64_t s) {
+  { b.split_strips(stage) } -> std::convertible_to<int64_t>;
+  { b.split_scratch_floats(rows) } -> std::convertible_to<size_t>;
+  { b.split_hidden_floats(rows) } -> std::convertible_to<size_t>;
+  b.run_split(stage, e, in, rows, h, out, a_pack, s, s);
+};
+static_assert(SplittableBank<FfnBank>);
 
 /// A shared (always-on) expert: an FFN applied to every unpadded token, optionally gated by
 /// `sigmoid(gate . x)` (Qwen2-MoE's `shared_expert_gate`, `[1, d]`); ungated as DeepSeek-V3.

@@ -41,6 +41,9 @@ struct LayerConfig {
   FfnShape experts;              ///< routed experts' shape
   ExpertNames expert_names = ExpertNames::hf;
   std::optional<SharedExpertConfig> shared;
+  /// How expert weights (routed and shared) are stored and computed: `experts.dtype` and
+  /// `experts.bf16_activations` in moekit configs, `--dtype` on the command line.
+  kernels::PackOptions pack;
 
   [[nodiscard]] int64_t hidden() const noexcept { return router.hidden; }
 };

@@ -29,7 +29,8 @@ TopKLayer load_layer(const LayerConfig& config, const io::TensorSource& weights,
 /// benchmarks and tests. Deterministic for a given seed.
 TopKLayer random_layer(const LayerConfig& config, uint64_t seed);
 
-/// Bytes of f32 weights the layer holds (router, routed and shared experts).
+/// Bytes of weights the layer will hold (f32 router, routed and shared experts stored as
+/// `config.pack.type`, block/channel scales not counted): an estimate made before building.
 double layer_weight_bytes(const LayerConfig& config);
 
 }  // namespace moekit

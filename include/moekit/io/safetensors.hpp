@@ -39,6 +39,9 @@ struct TensorView {
 class SafetensorsFile {
  public:
   static SafetensorsFile open(const std::string& path);
+  /// The same checks on bytes already in memory (e.g. read by an engine's own loader);
+  /// `name` stands for the path in messages. The object owns the bytes.
+  static SafetensorsFile from_bytes(const std::string& name, std::vector<std::byte> bytes);
 
   SafetensorsFile(SafetensorsFile&&) noexcept;
   SafetensorsFile& operator=(SafetensorsFile&&) noexcept;
@@ -58,6 +61,7 @@ class SafetensorsFile {
  private:
   struct Impl;
   explicit SafetensorsFile(std::unique_ptr<Impl> impl);
+  static void parse(Impl& impl, const std::byte* bytes, std::uint64_t size, const std::string& where);
   std::unique_ptr<Impl> impl_;
 };
 
@@ -69,6 +73,8 @@ class TensorSource {
  public:
   /// A path ending in ".json" is read as an index; anything else as a single .safetensors file.
   static TensorSource open(const std::string& path);
+  /// A source holding one already opened file (e.g. SafetensorsFile::from_bytes).
+  static TensorSource of(SafetensorsFile file);
 
   TensorSource(TensorSource&&) noexcept;
   TensorSource& operator=(TensorSource&&) noexcept;
@@ -86,7 +92,10 @@ class TensorSource {
   // -1 matches any extent) and its dtype, and throw moekit::error naming the tensor, the file,
   // and the expected and actual shape/dtype on a mismatch.
 
-  /// Reads F32, F16, BF16 or F64 as float (F64 is rounded to nearest float).
+  /// Reads F32, F16, BF16 or F64 as float (F64 is rounded to nearest float), and block-scaled
+  /// FP8: an F8_E4M3 matrix `W [n, k]` with its companion `W_scale_inv`
+  /// `[ceil(n/128), ceil(k/128)]` (F32/BF16/F16; DeepSeek-V3's layout) is dequantised to
+  /// `e4m3(q) * scale_inv[i/128][j/128]`; a missing companion is an error naming it.
   std::vector<float> read_f32(const std::string& name,
                               const std::vector<int64_t>& expected_shape) const;
   /// As read_f32, into `dst`, which must hold numel() floats.
@@ -102,6 +111,8 @@ class TensorSource {
  private:
   struct Impl;
   explicit TensorSource(std::unique_ptr<Impl> impl);
+  void read_f32_into_checked(const std::string& name, const std::vector<int64_t>& expected_shape, float* dst,
+                             std::vector<float>* grow, const char* reader) const;
   const std::string& shard_path(const std::string& name) const;  // file holding `name`
   std::unique_ptr<Impl> impl_;
 };

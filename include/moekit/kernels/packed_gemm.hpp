@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// GEMM against weights packed once at load time (compiled in src/packed_gemm.cpp).
+// GEMM against weights packed once at load time, in f32 or reduced precision, on the best
+// kernel the CPU supports (chosen at run time; compiled in src/packed_gemm.cpp, src/kernels/).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 #include <vector>
-
 #include <xsimd/xsimd.hpp>
 
 #include "moekit/activation.hpp"
@@ -13,34 +14,79 @@
 namespace moekit::kernels {
 
 class PackedMatrix;
+struct GemmKernel;
+namespace detail {
+struct GemmCall;
+struct PackedAccess;
+}  // namespace detail
+
+/// How a packed weight matrix stores its values (all kernels compute in f32 or exact int32).
+///  - f32:  as given.
+///  - bf16: rounded to bfloat16 (round to nearest even), widened to f32 in the kernel.
+///  - int8: symmetric int8 per output channel (scale = max|w_row| / 127), weight-only: the
+///          kernel multiplies f32 activations by the widened int8 values, scales in the epilogue.
+///  - w8a8: int8 weights as `int8`, and each row of activations quantised on the fly to
+///          symmetric int8 (scale = max|a_row| / 127); exact int32 dot products, both scales
+///          applied in the epilogue.
+///  - fp8:  FP8 e4m3 (OCP, max 448) with one f32 scale per 128 x 128 block of `[n, k]`
+///          (scale = max|w_block| / 448; DeepSeek-V3's `weight_scale_inv` layout); for a gated
+///          pair the gate and up matrices each have their own block grid.
+/// Rounding is to nearest even everywhere. Scales use the largest finite magnitude; an
+/// all-zero row / block gets scale 0. bf16 keeps NaN and infinities; int8 and fp8 store NaN
+/// as 0 and saturate infinities to the extreme code.
+enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8 };
+
+/// "f32", "bf16", "int8", "w8a8", "fp8".
+const char* to_string(WeightType t) noexcept;
+/// Parses the names above; throws moekit::error naming the accepted ones.
+WeightType parse_weight_type(std::string_view name);
+/// Bytes per stored weight value (4, 2, 1, 1, 1), scales not counted.
+int64_t weight_type_bytes(WeightType t) noexcept;
+
+/// How to pack a matrix.
+struct PackOptions {
+  WeightType type = WeightType::f32;
+  /// Round every activation (the A operand) to bf16 before it is multiplied (what a bf16
+  /// engine computes); accumulation stays f32. Ignored for w8a8 (activations are int8).
+  bool bf16_activations = false;
+  /// Kernel to pack for (one this CPU supports, else pack() throws); null = active_gemm_kernel().
+  const GemmKernel* kernel = nullptr;
+};
 
 /// One compiled implementation of the packed GEMMs (a row of the run-time kernel table).
 /// `panel` is the strip width its packing uses; a PackedMatrix remembers the kernel that
 /// packed it and always runs on it.
 struct GemmKernel {
-  const char* name;  ///< e.g. "scalar", "fma3+avx2" (the xsimd arch of the SIMD kernel)
-  int64_t panel;     ///< output columns per packed strip
-  void (*gemm)(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc, float* a_pack,
-               bool accumulate) noexcept;
-  void (*gemm_gated)(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
-                     int64_t ldh, float* a_pack) noexcept;
-  void (*gemm_act)(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
-                   int64_t ldh, float* a_pack) noexcept;
+  const char* name;   ///< "scalar", or the xsimd arch of a SIMD kernel ("fma3+avx2", "avx512bw")
+  int64_t panel;      ///< output columns per packed strip
+  int64_t tile_rows;  ///< rows of its register tile (1 for the scalar kernel)
+  /// Runs one GEMM (every weight type and epilogue); internal, use gemm_packed() & co.
+  void (*run)(const detail::GemmCall& call) noexcept;
 };
 
-/// The kernels compiled into this build, best last: the portable scalar one always, then the
-/// SIMD one for the instruction set the library was compiled for.
+/// The kernels compiled into this build that this CPU can run, best last: the portable scalar
+/// one always, then the SIMD ones (AVX2+FMA, AVX-512) whose instructions the CPU supports
+/// (CPUID, checked once).
 const std::vector<const GemmKernel*>& gemm_kernels() noexcept;
 
-/// The kernel new PackedMatrix objects use: the best compiled one, or the one named by the
-/// environment variable MOEKIT_KERNEL ("scalar", "simd" or a kernel's name), read once.
-/// Throws moekit::error for an unknown name.
+/// Every kernel compiled into this build, supported by this CPU or not (for `moekit info`).
+const std::vector<const GemmKernel*>& compiled_gemm_kernels() noexcept;
+
+/// Whether this CPU can run `kernel` (false for a compiled-in kernel whose instruction set it
+/// lacks).
+bool gemm_kernel_supported(const GemmKernel& kernel) noexcept;
+
+/// The kernel new PackedMatrix objects use: the best one this CPU supports, or the one named
+/// by the environment variable MOEKIT_KERNEL ("scalar", "simd" = the best SIMD one, or a
+/// kernel's name), read once. Throws moekit::error for an unknown name or a kernel this CPU
+/// cannot run.
 const GemmKernel& active_gemm_kernel();
 
 /// A weight matrix `W [n, k]` (HF `[out, in]` layout) repacked for gemm_packed(): strips of
-/// `panel()` output columns, each stored k-major (`[k, panel]`), zero-padded past n. A gated
-/// pair (gate, up) packs into one matrix whose strips hold `panel()/2` gate columns followed
-/// by the same `panel()/2` up columns, so the activation fuses into the GEMM epilogue.
+/// `panel()` output columns, each stored k-major (`[k, panel]`; w8a8 interleaves pairs of k),
+/// zero-padded past n. A gated pair (gate, up) packs into one matrix whose strips hold
+/// `panel()/2` gate columns followed by the same `panel()/2` up columns, so the activation
+/// fuses into the GEMM epilogue.
 /// Packing happens once; the packed copy replaces the HF-layout one.
 class PackedMatrix {
  public:
@@ -50,43 +96,82 @@ class PackedMatrix {
   [[nodiscard]] const GemmKernel& kernel() const noexcept { return *kernel_; }
 
   PackedMatrix() = default;
-  /// Packs `W [n, k]` with row stride ldw, for `kernel` (default: active_gemm_kernel()).
-  void pack(const float* W, int64_t n, int64_t k, int64_t ldw, const GemmKernel* kernel = nullptr);
+  /// Packs `W [n, k]` with row stride ldw (f32 values), stored as `opt.type`.
+  void pack(const float* W, int64_t n, int64_t k, int64_t ldw, const PackOptions& opt = {});
   /// Packs gate and up projections `G, U [f, k]` (row stride ldw) interleaved per strip.
-  void pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw, const GemmKernel* kernel = nullptr);
+  void pack_gated(const float* G, const float* U, int64_t f, int64_t k, int64_t ldw,
+                  const PackOptions& opt = {});
   /// Recovers row r (an output column) of the original matrix, of the gate half for gated
   /// packing when `up` is false, of the up half when true: `[k]` into dst (for tests, I/O).
+  /// For reduced types these are the dequantised values the kernel multiplies by.
   void unpack_row(int64_t r, bool up, float* dst) const noexcept;
+
+  [[nodiscard]] WeightType weight_type() const noexcept { return type_; }
+  [[nodiscard]] bool bf16_activations() const noexcept { return bf16_act_; }
+  /// Output columns one strip covers (panel(), or panel()/2 for gated matrices).
+  [[nodiscard]] int64_t strip_columns() const noexcept { return gated_ ? panel() / 2 : panel(); }
 
   [[nodiscard]] int64_t n() const noexcept { return n_; }  ///< output columns (f for gated)
   [[nodiscard]] int64_t k() const noexcept { return k_; }
   [[nodiscard]] bool gated() const noexcept { return gated_; }
   [[nodiscard]] int64_t strips() const noexcept { return strips_; }
-  [[nodiscard]] const float* strip(int64_t s) const noexcept { return data_.data() + s * k_ * panel(); }
-  [[nodiscard]] size_t bytes() const noexcept { return data_.size() * sizeof(float); }
+  /// Packed values of strip s (`[k, panel]`, of weight_type_bytes() each; w8a8 interleaves
+  /// pairs of k), 64-byte aligned.
+  [[nodiscard]] const uint8_t* strip_data(int64_t s) const noexcept {
+    return data_.data() + s * strip_bytes_;
+  }
+  /// Strip s as f32 values (`[k, panel]`); for f32 matrices only.
+  [[nodiscard]] const float* strip(int64_t s) const noexcept {
+    return reinterpret_cast<const float*>(strip_data(s));
+  }
+  /// Bytes this matrix holds: packed values plus scales (the resident weight memory).
+  [[nodiscard]] size_t bytes() const noexcept {
+    return data_.size() + scales_.size() * sizeof(float);
+  }
 
  private:
+  friend struct detail::PackedAccess;
+  void pack_impl(const float* W0, const float* W1, int64_t n, int64_t k, int64_t ldw, bool gated,
+                 const PackOptions& opt);
+  float weight_scale(int64_t s, int64_t packed_col, int64_t p) const noexcept;
+
   int64_t n_ = 0, k_ = 0, strips_ = 0;
+  int64_t strip_bytes_ = 0;  // bytes from one strip to the next (a multiple of 64)
+  int64_t k_blocks_ = 0;     // fp8: 128-deep blocks along k
   bool gated_ = false;
+  WeightType type_ = WeightType::f32;
+  bool bf16_act_ = false;
   const GemmKernel* kernel_ = nullptr;
-  std::vector<float, xsimd::aligned_allocator<float, 64>> data_;
+  std::vector<uint8_t, xsimd::aligned_allocator<uint8_t, 64>> data_;
+  // int8 / w8a8: one scale per packed column ([strips, panel]); fp8: one per
+  // (strip, k block, strip half) ([strips, k_blocks, 2]); empty otherwise.
+  std::vector<float> scales_;
 };
 
-/// Floats of scratch the GEMMs below need in `a_pack` for m rows of depth k (they repack A
-/// into row tiles; the caller owns the memory so the hot path allocates nothing).
+/// Floats of scratch the GEMMs below need in `a_pack` for m rows of depth k, for any weight
+/// type (they repack, and for w8a8 quantise, A into row tiles; the caller owns the memory so
+/// the hot path allocates nothing).
 size_t packed_a_floats(int64_t m, int64_t k) noexcept;
 
+/// The GEMMs below compute the output columns of strips [strip_begin, strip_end) of W only
+/// (strip_end < 0: to the last strip; strip s covers columns [s, s + 1) x strip_columns()),
+/// so threads can split one matrix's columns (decode). Columns outside the range are not
+/// written. They run on W's kernel. Every output is summed sequentially over k, so results do
+/// not depend on m, on how rows or strips are split between calls, or on the thread count.
+
 /// `C[m, n] = A[m, k] W^T` (or `+=` with accumulate) for plain packed W; A, C row-major.
-/// These run on W's kernel.
-void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C, int64_t ldc,
-                 float* a_pack, bool accumulate = false) noexcept;
+void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, float* C,
+                 int64_t ldc, float* a_pack, bool accumulate = false, int64_t strip_begin = 0,
+                 int64_t strip_end = -1) noexcept;
 
 /// `H[m, f] = act(A G^T) * (A U^T)` for gated packed (G, U): the SwiGLU / GeGLU first half.
-void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                       float* H, int64_t ldh, float* a_pack) noexcept;
+void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W,
+                       Activation act, float* H, int64_t ldh, float* a_pack,
+                       int64_t strip_begin = 0, int64_t strip_end = -1) noexcept;
 
 /// `H[m, n] = act(A W^T)` for plain packed W (a non-gated FFN's first half).
 void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                     float* H, int64_t ldh, float* a_pack) noexcept;
+                     float* H, int64_t ldh, float* a_pack, int64_t strip_begin = 0,
+                     int64_t strip_end = -1) noexcept;
 
 }  // namespace moekit::kernels

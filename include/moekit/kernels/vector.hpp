@@ -71,6 +71,29 @@ inline void axpy_row(float a, const float* x, float* y, int64_t n) noexcept {
   for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
 }
 
+/// Index of the first NaN or infinity in `x [n]`, or -1 when all are finite. Vectorised:
+/// `v - v` is 0 for finite v and NaN otherwise, summed per block of 1024; only a block
+/// whose sum is NaN is searched element by element.
+inline int64_t first_non_finite(const float* x, int64_t n) noexcept {
+  constexpr int64_t kBlock = 1024;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    fbatch acc(0.0f);
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      const fbatch v = fbatch::load_unaligned(x + i);
+      acc += v - v;
+    }
+    float tail = 0.0f;
+    for (; i < e; ++i) tail += x[i] - x[i];
+    const float s = xsimd::hadd(acc) + tail;
+    if (s != s)
+      for (int64_t j = b; j < e; ++j)
+        if (x[j] - x[j] != 0.0f) return j;
+  }
+  return -1;
+}
+
 /// `y[0:n] = 0`.
 inline void zero_row(float* y, int64_t n) noexcept {
   std::memset(y, 0, static_cast<size_t>(n) * sizeof(float));

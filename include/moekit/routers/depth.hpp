@@ -68,10 +68,10 @@ inline void scalar_logits(const Batch& b, const float* hidden, const std::vector
     }
     kernels::matvec_rows(hidden + t * d, W.data(), R, d, L);
   }
-  for (int64_t i = 0; i < T * R; ++i)
-    MOEKIT_CHECK(std::isfinite(logits[static_cast<size_t>(i)]), who, ": logit ", i % R,
-                 " of token ", i / R, " expected finite, got ", logits[static_cast<size_t>(i)],
-                 " (NaN or Inf in hidden_states or ", tensor, ")");
+  if (const int64_t i = kernels::first_non_finite(logits.data(), T * R); i >= 0)
+    detail::fail(who, ": logit ", i % R, " of token ", i / R, " expected finite, got ",
+                 logits[static_cast<size_t>(i)], " (NaN or Inf in hidden_states or ", tensor,
+                 ", or an overflow)");
 }
 
 /// `ln(p / (1 - p))`: `sigmoid(z) > p` iff `z > logit(p)`, for p in (0, 1).
@@ -120,11 +120,7 @@ inline void build_plan(int64_t T, const int32_t* mask, const std::vector<float>&
 
 inline void check_weight(const std::vector<float>& w, int64_t rows, int64_t d, const char* who,
                          const char* name) {
-  MOEKIT_CHECK(static_cast<int64_t>(w.size()) == rows * d, who, ": ", name, " expected [", rows,
-               ", ", d, "] = ", rows * d, " values, got ", w.size());
-  for (size_t i = 0; i < w.size(); ++i)
-    MOEKIT_CHECK(std::isfinite(w[i]), who, ": ", name, "[", i / static_cast<size_t>(d), ", ",
-                 i % static_cast<size_t>(d), "] expected finite, got ", w[i]);
+  detail::check_weight(w, who, name, static_cast<size_t>(rows), static_cast<size_t>(d));
 }
 
 }  // namespace detail::depth
@@ -154,7 +150,15 @@ struct MoDOptions {
     MOEKIT_CHECK(hidden >= 1, "mod router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1,
                  "mod router: ratio expected in [0, 1], got ", ratio);
+    MOEKIT_CHECK(activation == DepthActivation::raw || activation == DepthActivation::sigmoid ||
+                     activation == DepthActivation::tanh,
+                 "mod router: activation expected raw, sigmoid or tanh, got ",
+                 static_cast<int>(activation));
     MOEKIT_CHECK(std::isfinite(alpha), "mod router: alpha expected finite, got ", alpha);
+    MOEKIT_CHECK(
+        mode == MoDMode::capacity || mode == MoDMode::threshold || mode == MoDMode::aux_predictor,
+        "mod router: mode expected capacity, threshold or aux_predictor, got ",
+        static_cast<int>(mode));
     MOEKIT_CHECK(threshold > 0 && threshold < 1, "mod router: threshold expected in (0, 1), got ",
                  threshold);
   }
@@ -270,6 +274,10 @@ struct GammaModOptions {
     MOEKIT_CHECK(hidden >= 1, "gamma_mod router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1,
                  "gamma_mod router: ratio expected in [0, 1], got ", ratio);
+    MOEKIT_CHECK(phase == GammaModPhase::capacity || phase == GammaModPhase::prefill ||
+                     phase == GammaModPhase::decode,
+                 "gamma_mod router: phase expected capacity, prefill or decode, got ",
+                 static_cast<int>(phase));
     MOEKIT_CHECK(prefill_threshold > 0 && prefill_threshold < 1,
                  "gamma_mod router: prefill_threshold expected in (0, 1), got ", prefill_threshold);
     MOEKIT_CHECK(decode_threshold > 0 && decode_threshold < 1,

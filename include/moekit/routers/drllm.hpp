@@ -254,9 +254,7 @@ class DrLlmRouter {
       MOEKIT_CHECK(v.size() == n, "drllm router: ", name, " expected [", rows, ", ", cols,
                    "] = ", n, " values, got ", v.size());
     }
-    for (size_t i = 0; i < v.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(v[i]), "drllm router: ", name, " value ", i,
-                   " expected finite, got ", v[i]);
+    detail::check_finite(v, "drllm router", name, cols);
   }
 
   DrLlmOptions opt_;

@@ -292,13 +292,7 @@ class ExpertChoiceRouter {
 
  private:
   static void check_finite(const std::vector<float>& v, const char* name, size_t row) {
-    for (size_t i = 0; i < v.size(); ++i) {
-      if (std::isfinite(v[i])) continue;
-      if (row > 0)
-        detail::fail("expert_choice router: ", name, "[", i / row, ", ", i % row,
-                     "] expected finite, got ", v[i]);
-      detail::fail("expert_choice router: ", name, "[", i, "] expected finite, got ", v[i]);
-    }
+    detail::check_finite(v, "expert_choice router", name, row);
   }
 
   // Orders tokens by descending S[:, e], ties to the lower token index.
@@ -346,17 +340,15 @@ class ExpertChoiceRouter {
         for (int64_t e = 0; e < E; ++e) z[e] += pred_.bias2[static_cast<size_t>(e)];
       }
     }
-    for (size_t i = 0; i < TE; ++i)
-      MOEKIT_CHECK(std::isfinite(scratch.logits[i]), "expert_choice router: logit of token ",
-                   i / static_cast<size_t>(E), ", expert ", i % static_cast<size_t>(E),
-                   " expected finite, got ", scratch.logits[i],
-                   " (NaN or Inf in hidden_states or gate.weight)");
+    if (const int64_t i = kernels::first_non_finite(scratch.logits.data(), T * E); i >= 0)
+      detail::fail("expert_choice router: logit of token ", i / E, ", expert ", i % E,
+                   " expected finite, got ", scratch.logits[static_cast<size_t>(i)],
+                   " (NaN or Inf in hidden_states or gate.weight, or an overflow)");
     if (pred)
-      for (size_t i = 0; i < TE; ++i)
-        MOEKIT_CHECK(std::isfinite(Z[i]), "expert_choice router: predictor output of token ",
-                     i / static_cast<size_t>(E), ", expert ", i % static_cast<size_t>(E),
+      if (const int64_t i = kernels::first_non_finite(Z, T * E); i >= 0)
+        detail::fail("expert_choice router: predictor output of token ", i / E, ", expert ", i % E,
                      " expected finite, got ", Z[i],
-                     " (NaN or Inf in hidden_states or router.aux)");
+                     " (NaN or Inf in hidden_states or router.aux, or an overflow)");
   }
 
   // Grows scratch.index to `need` ints and lists the unpadded token ids in its first Tr.

@@ -152,12 +152,7 @@ class GruCell {
       MOEKIT_CHECK(w.size() == rows * cols, "gru cell: ", name, " expected [", rows, ", ", cols,
                    "] = ", rows * cols, " values, got ", w.size());
     }
-    for (size_t i = 0; i < w.size(); ++i) {
-      if (std::isfinite(w[i])) continue;
-      if (cols == 1) detail::fail("gru cell: ", name, "[", i, "] expected finite, got ", w[i]);
-      detail::fail("gru cell: ", name, "[", i / cols, ", ", i % cols, "] expected finite, got ",
-                   w[i]);
-    }
+    detail::check_finite(w, "gru cell", name, cols == 1 ? 0 : cols);
   }
 
   GruVariant variant_;
@@ -212,9 +207,7 @@ class GruRouter {
     const auto d = static_cast<size_t>(opt_.hidden), dr = static_cast<size_t>(opt_.d_r);
     MOEKIT_CHECK(proj_weight.size() == dr * d, "gru router: router.proj.weight expected [", dr,
                  ", ", d, "] = ", dr * d, " values, got ", proj_weight.size());
-    for (size_t i = 0; i < proj_weight.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(proj_weight[i]), "gru router: router.proj.weight[", i / d, ", ",
-                   i % d, "] expected finite, got ", proj_weight[i]);
+    detail::check_finite(proj_weight, "gru router", "router.proj.weight", d);
     proj_.pack(proj_weight.data(), opt_.d_r, opt_.hidden, opt_.hidden);
   }
 
@@ -255,10 +248,7 @@ class GruRouter {
     MOEKIT_CHECK(prev.empty() || static_cast<int64_t>(prev.size()) == T * dr,
                  "gru router: Batch.router_state expected [T, d_r] = [", T, ", ", dr,
                  "] = ", T * dr, " values (or empty for zeros), got ", prev.size());
-    for (size_t i = 0; i < prev.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(prev[i]), "gru router: Batch.router_state[",
-                   i / static_cast<size_t>(dr), ", ", i % static_cast<size_t>(dr),
-                   "] expected finite, got ", prev[i]);
+    detail::check_finite(prev, "gru router", "Batch.router_state", static_cast<size_t>(dr));
 
     // Token blocks: at most kMaxBlock rows, at least one block per thread. Each row's result
     // depends on that row only, so the split changes nothing but the speed. Small batches run
@@ -289,12 +279,9 @@ class GruRouter {
       float* cell_scratch = a_pack + kernels::packed_a_floats(B, d);
       const float* hp = prev.empty() ? nullptr : prev.data() + t0 * dr;
       kernels::gemm_packed(m, hidden + t0 * d, d, proj_, x, dr, a_pack);
-      for (int64_t i = 0; i < m; ++i) {
-        bad[t0 + i] = 0;
-        if (batch.is_padding(t0 + i)) continue;
-        for (int64_t j = 0; j < dr; ++j)
-          if (!std::isfinite(x[i * dr + j])) bad[t0 + i] = 1;
-      }
+      for (int64_t i = 0; i < m; ++i)
+        bad[t0 + i] =
+            !batch.is_padding(t0 + i) && kernels::first_non_finite(x + i * dr, dr) >= 0 ? 1 : 0;
       cell_->step(m, x, dr, hp, dr, h, dr, cell_scratch);
       for (int64_t i = 0; i < m; ++i) {
         float* dst = scratch.state.data() + (t0 + i) * dr;
@@ -335,9 +322,7 @@ class GruRouter {
     const auto E = static_cast<size_t>(o.num_experts), dr = static_cast<size_t>(o.d_r);
     MOEKIT_CHECK(w.size() == E * dr, "gru router: router.out.weight expected [", E, ", ", dr,
                  "] = ", E * dr, " values, got ", w.size());
-    for (size_t i = 0; i < w.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(w[i]), "gru router: router.out.weight[", i / dr, ", ", i % dr,
-                   "] expected finite, got ", w[i]);
+    detail::check_finite(w, "gru router", "router.out.weight", dr);
     TopKOptions t;
     t.num_experts = o.num_experts;
     t.k = o.k;

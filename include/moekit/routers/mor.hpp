@@ -55,6 +55,9 @@ struct MoROptions {
     MOEKIT_CHECK(hidden >= 1, "mor router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(num_recursions >= 1, "mor router: num_recursions (N_r) expected >= 1, got ",
                  num_recursions);
+    MOEKIT_CHECK(
+        act == MoRActivation::sigmoid || act == MoRActivation::tanh || act == MoRActivation::raw,
+        "mor router: act expected sigmoid, tanh or raw, got ", static_cast<int>(act));
     MOEKIT_CHECK(std::isfinite(alpha) && alpha > 0,
                  "mor router: alpha expected finite and > 0, got ", alpha);
     MOEKIT_CHECK(
@@ -103,10 +106,9 @@ class MoRRouter {
     MOEKIT_CHECK(theta_.size() == n,
                  "mor router: router.steps.{r}.weight expected N_r = ", opt_.num_recursions,
                  " rows of [1, ", opt_.hidden, "] = ", n, " values, got ", theta_.size());
-    for (size_t i = 0; i < theta_.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(theta_[i]), "mor router: router.steps.",
-                   i / static_cast<size_t>(opt_.hidden), ".weight[",
-                   i % static_cast<size_t>(opt_.hidden), "] expected finite, got ", theta_[i]);
+    if (const int64_t i = kernels::first_non_finite(theta_.data(), static_cast<int64_t>(n)); i >= 0)
+      detail::fail("mor router: router.steps.", i / opt_.hidden, ".weight[0, ", i % opt_.hidden,
+                   "] expected finite, got ", theta_[static_cast<size_t>(i)]);
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return 1; }
@@ -152,12 +154,12 @@ class MoRRouter {
       if (active[static_cast<size_t>(t)])
         scratch.logits[static_cast<size_t>(t)] = kernels::dot(x + t * d, theta, d);
     }
-    for (int64_t t = 0; t < T; ++t)
-      MOEKIT_CHECK(
-          !active[static_cast<size_t>(t)] || std::isfinite(scratch.logits[static_cast<size_t>(t)]),
-          "mor router: logit of token ", t, " at recursion ", r, " expected finite, got ",
-          scratch.logits[static_cast<size_t>(t)],
-          " (NaN or Inf in the hidden states or router.steps.", r, ".weight)");
+    // Non-candidates hold 0, so one scan finds the first non-finite candidate logit.
+    if (const int64_t t = kernels::first_non_finite(scratch.logits.data(), T); t >= 0)
+      detail::fail("mor router: logit of token ", t, " at recursion ", r, " expected finite, got ",
+                   scratch.logits[static_cast<size_t>(t)],
+                   " (NaN or Inf in the hidden states or router.steps.", r,
+                   ".weight, or an overflow)");
 
       // Per sequence: candidates in scratch.index over the sequence's own range, top-k by z.
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (parallel && S > 1)

@@ -47,9 +47,7 @@ inline float squared_norm_or_rescale(const float*& row, int64_t d, float* scaled
 
 /// Index of the first non-finite element of `x [d]`, or -1.
 inline int64_t first_non_finite(const float* x, int64_t d) noexcept {
-  for (int64_t i = 0; i < d; ++i)
-    if (!std::isfinite(x[i])) return i;
-  return -1;
+  return kernels::first_non_finite(x, d);
 }
 
 /// Throws naming the first non-finite element of token `t`'s hidden state.
@@ -131,11 +129,7 @@ class ProMoERouter {
   /// Replaces the prototypes `[E, d]` (e.g. after a training step); must be finite.
   void set_prototypes(std::vector<float> prototypes) {
     const auto E = static_cast<size_t>(opt_.num_experts), d = static_cast<size_t>(opt_.hidden);
-    MOEKIT_CHECK(prototypes.size() == E * d, "promoe router: router.prototypes expected [", E, ", ",
-                 d, "] = ", E * d, " values, got ", prototypes.size());
-    for (size_t i = 0; i < prototypes.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(prototypes[i]), "promoe router: router.prototypes[", i / d, ", ",
-                   i % d, "] expected finite, got ", prototypes[i]);
+    detail::check_weight(prototypes, "promoe router", "router.prototypes", E, d);
     // Unit prototypes mu_e / max(||mu_e||, 1e-12); the norm in double (once per set).
     unit_.resize(prototypes.size());
     for (size_t e = 0; e < E; ++e) {
@@ -360,11 +354,7 @@ class CentroidRouter {
   /// Replaces the centroids `[E, d]` (e.g. with kmeans_step's result); must be finite.
   void set_centroids(std::vector<float> centroids) {
     const auto E = static_cast<size_t>(opt_.num_experts), d = static_cast<size_t>(opt_.hidden);
-    MOEKIT_CHECK(centroids.size() == E * d, "nearest_centroid router: router.centroids expected [",
-                 E, ", ", d, "] = ", E * d, " values, got ", centroids.size());
-    for (size_t i = 0; i < centroids.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(centroids[i]), "nearest_centroid router: router.centroids[", i / d,
-                   ", ", i % d, "] expected finite, got ", centroids[i]);
+    detail::check_weight(centroids, "nearest_centroid router", "router.centroids", E, d);
     half_norm_.resize(E);
     for (size_t e = 0; e < E; ++e) {
       double n2 = 0;

@@ -83,6 +83,13 @@ struct SinkhornOptions {
     MOEKIT_CHECK(max_iters >= 1, "sinkhorn router: max_iters expected >= 1, got ", max_iters);
     MOEKIT_CHECK(std::isfinite(tolerance) && tolerance >= 0,
                  "sinkhorn router: tolerance expected finite and >= 0, got ", tolerance);
+    MOEKIT_CHECK(weight_mode == SinkhornWeightMode::selection_only ||
+                     weight_mode == SinkhornWeightMode::transport,
+                 "sinkhorn router: weight_mode expected selection_only or transport, got ",
+                 static_cast<int>(weight_mode));
+    MOEKIT_CHECK(!cost || *cost == SinkhornCost::logits || *cost == SinkhornCost::probs,
+                 "sinkhorn router: cost expected logits or probs, got ",
+                 static_cast<int>(cost.value_or(SinkhornCost::logits)));
     const float xi = effective_temperature();
     MOEKIT_CHECK(std::isfinite(xi) && xi > 0,
                  "sinkhorn router: temperature (xi) expected finite and > 0, got ", xi);
@@ -164,12 +171,8 @@ class SinkhornRouter {
   SinkhornRouter(SinkhornOptions options, std::vector<float> weight)
       : opt_(options), weight_(std::move(weight)) {
     opt_.validate();
-    const auto E = static_cast<size_t>(opt_.num_experts), d = static_cast<size_t>(opt_.hidden);
-    MOEKIT_CHECK(weight_.size() == E * d, "sinkhorn router: gate.weight expected [", E, ", ", d,
-                 "] = ", E * d, " values, got ", weight_.size());
-    for (size_t i = 0; i < weight_.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(weight_[i]), "sinkhorn router: gate.weight[", i / d, ", ", i % d,
-                   "] expected finite, got ", weight_[i]);
+    detail::check_weight(weight_, "sinkhorn router", "gate.weight",
+                         static_cast<size_t>(opt_.num_experts), static_cast<size_t>(opt_.hidden));
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return opt_.num_experts; }
@@ -236,11 +239,10 @@ class SinkhornRouter {
       }
       kernels::matvec_rows(hidden + t * d, weight_.data(), E, d, L);
     }
-    for (int64_t i = 0; i < T * E; ++i)
-      MOEKIT_CHECK(std::isfinite(scratch.logits[static_cast<size_t>(i)]),
-                   "sinkhorn router: logit of token ", i / E, ", expert ", i % E,
+    if (const int64_t i = kernels::first_non_finite(scratch.logits.data(), T * E); i >= 0)
+      detail::fail("sinkhorn router: logit of token ", i / E, ", expert ", i % E,
                    " expected finite, got ", scratch.logits[static_cast<size_t>(i)],
-                   " (NaN or Inf in hidden_states or gate.weight)");
+                   " (NaN or Inf in hidden_states or gate.weight, or an overflow)");
     if (Tr == 0) {
       plan.finalize();
       return;
@@ -262,10 +264,10 @@ class SinkhornRouter {
       std::fill(Kr + E, Kr + Ep, kNegInf);
     }
     for (int64_t r = 0; r < Tr; ++r)
-      for (int64_t e = 0; e < E; ++e)
-        MOEKIT_CHECK(std::isfinite(K[r * Ep + e]), "sinkhorn router: cost / temperature of token ",
-                     rows[r], ", expert ", e, " expected finite, got ", K[r * Ep + e],
-                     " (temperature ", xi, " too small for these logits)");
+      if (const int64_t e = kernels::first_non_finite(K + r * Ep, E); e >= 0)
+        detail::fail("sinkhorn router: cost / temperature of token ", rows[r], ", expert ", e,
+                     " expected finite, got ", K[r * Ep + e], " (temperature ", xi,
+                     " too small for these logits)");
 
     // 3. Sinkhorn iterations (one parallel region; every reduction in a fixed order).
     std::fill(log_v, log_v + Ep, 0.0f);

@@ -67,14 +67,19 @@ struct TopKOptions {
     MOEKIT_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0,
                  "topk router: routed_scaling_factor expected finite and > 0, got ",
                  routed_scaling_factor);
+    MOEKIT_CHECK(score_func == ScoreFunc::softmax || score_func == ScoreFunc::sigmoid,
+                 "topk router: score_func expected softmax or sigmoid, got ",
+                 static_cast<int>(score_func));
     MOEKIT_CHECK(!topk_then_softmax || score_func == ScoreFunc::softmax,
                  "topk router: topk_then_softmax expected with score_func softmax, got sigmoid");
     if (grouped()) {
       MOEKIT_CHECK(num_experts % n_group == 0, "topk router: num_experts (", num_experts,
                    ") expected divisible by n_group, got n_group = ", n_group);
-      MOEKIT_CHECK(topk_group >= 1 && topk_group <= n_group, "topk router: topk_group expected in [1, n_group = ",
-                   n_group, "], got ", topk_group);
-      MOEKIT_CHECK(k <= topk_group * (num_experts / n_group), "topk router: k expected <= topk_group * E / n_group = ",
+      MOEKIT_CHECK(topk_group >= 1 && topk_group <= n_group,
+                   "topk router: topk_group expected in [1, n_group = ", n_group, "], got ",
+                   topk_group);
+      MOEKIT_CHECK(k <= topk_group * (num_experts / n_group),
+                   "topk router: k expected <= topk_group * E / n_group = ",
                    topk_group * (num_experts / n_group), ", got ", k);
     } else {
       MOEKIT_CHECK(n_group >= 0, "topk router: n_group expected >= 0, got ", n_group);
@@ -83,6 +88,14 @@ struct TopKOptions {
                  "topk router: capacity_factor expected finite and >= 0 (0 = dropless), got ",
                  capacity_factor);
     MOEKIT_CHECK(min_capacity >= 0, "topk router: min_capacity expected >= 0, got ", min_capacity);
+    MOEKIT_CHECK(drop_policy == DropPolicy::score || drop_policy == DropPolicy::position ||
+                     drop_policy == DropPolicy::position_slot_major,
+                 "topk router: drop_policy expected score, position or position_slot_major, got ",
+                 static_cast<int>(drop_policy));
+    MOEKIT_CHECK(noise == TrainingNoise::none || noise == TrainingNoise::jitter ||
+                     noise == TrainingNoise::noisy_topk,
+                 "topk router: noise expected none, jitter or noisy_topk, got ",
+                 static_cast<int>(noise));
     MOEKIT_CHECK(std::isfinite(noise_eps) && noise_eps >= 0 && noise_eps < 1,
                  "topk router: noise_eps expected in [0, 1), got ", noise_eps);
   }
@@ -91,8 +104,9 @@ struct TopKOptions {
   /// Evaluated in double in the order of ROUTING.md section 1.
   [[nodiscard]] int64_t capacity(int64_t routed_tokens) const noexcept {
     if (capacity_factor == 0.0) return -1;
-    const double c = std::ceil((static_cast<double>(routed_tokens * k) / static_cast<double>(num_experts)) *
-                               capacity_factor);
+    const double c =
+        std::ceil((static_cast<double>(routed_tokens * k) / static_cast<double>(num_experts)) *
+                  capacity_factor);
     return std::max<int64_t>(min_capacity, static_cast<int64_t>(c));
   }
 };
@@ -120,22 +134,24 @@ class TopKRouter {
   /// `e_score_correction_bias`), empty for none; `noise_weight [E, d]` for noisy top-k.
   TopKRouter(TopKOptions options, std::vector<float> weight, std::vector<float> bias = {},
              std::vector<float> noise_weight = {})
-      : opt_(options), weight_(std::move(weight)), bias_(std::move(bias)), noise_weight_(std::move(noise_weight)) {
+      : opt_(options),
+        weight_(std::move(weight)),
+        bias_(std::move(bias)),
+        noise_weight_(std::move(noise_weight)) {
     opt_.validate();
     const auto E = static_cast<size_t>(opt_.num_experts), d = static_cast<size_t>(opt_.hidden);
-    MOEKIT_CHECK(weight_.size() == E * d, "topk router: gate.weight expected [", E, ", ", d, "] = ",
-                 E * d, " values, got ", weight_.size());
-    MOEKIT_CHECK(bias_.empty() || bias_.size() == E, "topk router: e_score_correction_bias expected [",
-                 E, "], got ", bias_.size(), " values");
-    MOEKIT_CHECK(opt_.noise != TrainingNoise::noisy_topk || noise_weight_.size() == E * d,
-                 "topk router: noisy_topk needs a noise weight [", E, ", ", d, "], got ",
-                 noise_weight_.size(), " values");
-    for (size_t i = 0; i < weight_.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(weight_[i]), "topk router: gate.weight[", i / d, ", ", i % d,
-                   "] expected finite, got ", weight_[i]);
-    for (size_t i = 0; i < bias_.size(); ++i)
-      MOEKIT_CHECK(std::isfinite(bias_[i]), "topk router: e_score_correction_bias[", i,
-                   "] expected finite, got ", bias_[i]);
+    detail::check_weight(weight_, "topk router", "gate.weight", E, d);
+    if (!bias_.empty()) detail::check_weight(bias_, "topk router", "e_score_correction_bias", E);
+    if (opt_.noise == TrainingNoise::noisy_topk) {
+      MOEKIT_CHECK(noise_weight_.size() == E * d, "topk router: noisy_topk needs a noise weight [",
+                   E, ", ", d, "], got ", noise_weight_.size(), " values");
+      detail::check_finite(noise_weight_, "topk router", "noise_weight", d);
+    } else {
+      MOEKIT_CHECK(noise_weight_.empty(),
+                   "topk router: noise_weight expected empty (it is read only with noise "
+                   "noisy_topk), got ",
+                   noise_weight_.size(), " values");
+    }
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return opt_.num_experts; }
@@ -146,8 +162,9 @@ class TopKRouter {
   [[nodiscard]] const std::vector<float>& bias() const noexcept { return bias_; }
   /// Replaces the selection bias (e.g. after an aux-loss-free update step).
   void set_bias(std::vector<float> bias) {
-    MOEKIT_CHECK(bias.empty() || static_cast<int64_t>(bias.size()) == opt_.num_experts,
-                 "topk router: bias expected [", opt_.num_experts, "], got ", bias.size(), " values");
+    if (!bias.empty())
+      detail::check_weight(bias, "topk router", "e_score_correction_bias",
+                           static_cast<size_t>(opt_.num_experts));
     bias_ = std::move(bias);
   }
   /// Changes the training-noise seed (e.g. per step).
@@ -203,13 +220,14 @@ class TopKRouter {
         }
       }
     }
-    for (int64_t i = 0; i < T * E; ++i)
-      MOEKIT_CHECK(std::isfinite(scratch.logits[static_cast<size_t>(i)]), "topk router: logit of token ",
-                   i / E, ", expert ", i % E,
+    // One vectorised scan: weights are finite (constructor) and the layer scans hidden, so
+    // this catches an overflowing product and direct route() calls on non-finite inputs.
+    if (const int64_t i = kernels::first_non_finite(scratch.logits.data(), T * E); i >= 0)
+      detail::fail("topk router: logit of token ", i / E, ", expert ", i % E,
                    " expected finite, got ", scratch.logits[static_cast<size_t>(i)],
-                   " (NaN or Inf in hidden_states or gate.weight)");
+                   " (NaN or Inf in hidden_states or gate.weight, or an overflow)");
 
-    // 2. Scores, selection and weights per token.
+      // 2. Scores, selection and weights per token.
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
     for (int64_t t = 0; t < T; ++t) {
       if (batch.is_padding(t)) continue;

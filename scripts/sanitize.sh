@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# The test suite under sanitizers (CMake option MOEKIT_SANITIZE):
+#   asan  GCC, -fsanitize=address,undefined: every test (the CLI binary the tests spawn too)
+#   tsan  clang + LLVM's OpenMP runtime with its TSan support (archer), -fsanitize=thread:
+#         every test, so each OpenMP region and the std::thread tests run under TSan
+#         (GCC's libgomp is not instrumented and would report false races)
+# Usage: scripts/sanitize.sh asan|tsan|all   (BUILD_ROOT=... default build/)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+what=${1:-all}
+broot=${BUILD_ROOT:-$root/build}
+jobs=$(nproc)
+
+run_asan() {
+  local build="$broot/asan"
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEKIT_SANITIZE=address,undefined \
+    -DMOEKIT_BUILD_BENCH=OFF >/dev/null
+  cmake --build "$build" -j "$jobs"
+  echo "moekit: tests under ASan+UBSan"
+  (cd "$build" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
+     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 OMP_NUM_THREADS=2 \
+     ctest --output-on-failure -j "$jobs")
+}
+
+run_tsan() {
+  "$root/scripts/deps.sh" clang libclang-rt-dev libomp-dev
+  local build="$broot/tsan"
+  local archer
+  archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | sort -V | tail -n 1 || true)
+  CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEKIT_SANITIZE=thread \
+    -DMOEKIT_BUILD_BENCH=OFF -DMOEKIT_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build "$build" -j "$jobs"
+  echo "moekit: tests under TSan (OpenMP tool: ${archer:-none})"
+  (cd "$build" && OMP_TOOL_LIBRARIES="$archer" TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
+     OMP_NUM_THREADS=2 ctest --output-on-failure -j "$jobs")
+}
+
+case "$what" in
+  asan) run_asan ;;
+  tsan) run_tsan ;;
+  all) run_asan; run_tsan ;;
+  *) echo "usage: scripts/sanitize.sh asan|tsan|all" >&2; exit 2 ;;
+esac

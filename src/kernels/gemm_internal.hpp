@@ -1,0 +1,122 @@
+// SPDX-License-Identifier: Apache-2.0
+// Private to the packed-GEMM sources: the plain-data call record every kernel receives, the
+// packed storage layout, the quantisation rules, and the table of compiled kernels.
+//
+// This header is included by the per-ISA translation units, which are compiled with their own
+// instruction-set flags: everything it defines must be either plain data or have internal
+// linkage (the anonymous namespace below), so no function compiled there can be emitted as a
+// weak symbol that the linker might pick for a generic translation unit.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "moekit/activation.hpp"
+#include "moekit/kernels/packed_gemm.hpp"
+
+namespace moekit::kernels::detail {
+
+/// What an epilogue does with a finished `[rows, columns]` tile.
+enum class GemmMode : uint8_t {
+  store,       ///< C = A W^T
+  accumulate,  ///< C += A W^T
+  act,         ///< H = act(A W^T)
+  gated,       ///< H = act(A G^T) * (A U^T), W packed gated
+};
+
+/// One GEMM call as plain data (the kernels never see PackedMatrix, so the per-ISA units
+/// include no inline member function). Packed layout of strip s (`strip_bytes` apart, each
+/// 64-byte aligned) with panel P, depth p, packed column j in [0, P):
+///  - f32 / bf16 / int8 / fp8: element (p * P + j), of 4 / 2 / 1 / 1 bytes;
+///  - w8a8: int8 at (p / 2) * 2P + 2j + p % 2 (k padded to even with zeros), so 2P bytes
+///    widen to int16 pairs along k for a 2-MACs-per-lane multiply-add.
+/// Gated strips hold P/2 gate columns then the same P/2 up columns.
+struct GemmCall {
+  // the operation
+  int64_t m;
+  const float* A;
+  int64_t lda;
+  float* out;
+  int64_t ldo;
+  float* a_pack;
+  GemmMode mode;
+  Activation act;
+  int64_t strip_begin, strip_end;  // resolved: 0 <= begin < end <= strips
+  // the packed matrix
+  WeightType type;
+  bool gated;
+  bool bf16_act;
+  int64_t n, k, panel;
+  const uint8_t* data;
+  int64_t strip_bytes;
+  /// int8 / w8a8: scale of each packed column (`[strips, P]`, 0 in the padding).
+  const float* col_scale;
+  /// fp8: scale of each (strip, 128-deep k block, half): `[strips, k_blocks, 2]`, half 0
+  /// covering packed columns [0, P/2), half 1 [P/2, P) (the same block unless gated).
+  const float* fp8_scale;
+  int64_t k_blocks;
+};
+
+/// Depth of an FP8 scale block (and of the block grid along n).
+inline constexpr int64_t kFp8Block = 128;
+/// Rows packed at a time by the SIMD kernels (a multiple of every kernel's row tile).
+inline constexpr int64_t kRowChunk = 96;
+/// The largest row tile of any kernel (packed_a_floats() sizes the scratch for it).
+inline constexpr int64_t kMaxTileRows = 12;
+
+// The kernels, defined one per translation unit (the SIMD ones only when compiled in).
+extern const GemmKernel kGemmScalar;
+#if defined(MOEKIT_HAVE_KERNEL_AVX2)
+extern const GemmKernel kGemmAvx2;
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512)
+extern const GemmKernel kGemmAvx512;
+#endif
+
+namespace {
+
+/// Rounds to bfloat16, round to nearest even; NaN stays a (quiet) NaN. Returns the bits.
+inline uint16_t bf16_bits(float x) noexcept {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float bf16_to_float(uint16_t b) noexcept {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+/// `x` rounded to the nearest bfloat16 value (as f32).
+inline float round_bf16(float x) noexcept { return bf16_to_float(bf16_bits(x)); }
+
+/// Symmetric int8 scale of values whose largest magnitude is `amax` (0 for an all-zero row).
+inline float int8_scale(float amax) noexcept { return amax / 127.0f; }
+
+/// Quantises x with scale s (> 0) to [-127, 127], round to nearest even; NaN -> 0.
+inline int8_t quantize_s8(float x, float s) noexcept {
+  if (!(s > 0.0f)) return 0;
+  const float r = std::nearbyint(x / s);
+  if (!(r == r)) return 0;
+  return static_cast<int8_t>(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+}
+
+/// Largest finite magnitude of x[0, k) (NaN and infinities ignored: they then quantise to 0
+/// and to the extreme code respectively).
+inline float abs_max(const float* x, int64_t k) noexcept {
+  float m = 0.0f;
+  for (int64_t p = 0; p < k; ++p) {
+    const float a = std::fabs(x[p]);
+    m = a > m && a <= FLT_MAX ? a : m;
+  }
+  return m;
+}
+
+}  // namespace
+}  // namespace moekit::kernels::detail

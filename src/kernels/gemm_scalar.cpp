@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+// The portable packed GEMM: plain loops, strips of 16 columns, every weight type. It widens
+// weights to the same f32 values as the SIMD kernels and sums every output with the same fma
+// chain over k, so plain GEMMs agree with them bit for bit (activations within rounding).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "gemm_internal.hpp"
+#include "moekit/kernels/fp8.hpp"
+
+namespace moekit::kernels::detail {
+namespace {
+
+constexpr int64_t kP = 16, kHalf = kP / 2;
+
+// e4m3 byte -> f32.
+struct Fp8Table {
+  float v[256];
+  Fp8Table() noexcept {
+    for (int b = 0; b < 256; ++b) v[b] = fp8_e4m3_to_float(static_cast<uint8_t>(b));
+  }
+};
+const Fp8Table kFp8;
+
+// The dequantised weights (before int8's column scale) of packed row p of strip s.
+template <WeightType T>
+inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
+                     float (&w)[kP]) noexcept {
+  if constexpr (T == WeightType::f32) {
+    std::memcpy(w, S + p * kP * 4, sizeof w);
+  } else if constexpr (T == WeightType::bf16) {
+    uint16_t b[kP];
+    std::memcpy(b, S + p * kP * 2, sizeof b);
+    for (int64_t j = 0; j < kP; ++j) w[j] = bf16_to_float(b[j]);
+  } else if constexpr (T == WeightType::int8) {
+    for (int64_t j = 0; j < kP; ++j) w[j] = static_cast<float>(static_cast<int8_t>(S[p * kP + j]));
+  } else {
+    const float* sc = g.fp8_scale + (s * g.k_blocks + p / kFp8Block) * 2;
+    for (int64_t j = 0; j < kP; ++j) w[j] = kFp8.v[S[p * kP + j]] * sc[j < kHalf ? 0 : 1];
+  }
+}
+
+// Writes one finished row-strip `acc` (output row i, strip s) as the call's mode says.
+void epilogue(const GemmCall& g, int64_t i, int64_t s, const float (&acc)[kP]) noexcept {
+  float* row = g.out + i * g.ldo;
+  if (g.mode == GemmMode::gated) {
+    for (int64_t j = 0; j < kHalf && s * kHalf + j < g.n; ++j)
+      row[s * kHalf + j] = activate(g.act, acc[j]) * acc[kHalf + j];
+    return;
+  }
+  for (int64_t j = 0; j < kP && s * kP + j < g.n; ++j) {
+    float& c = row[s * kP + j];
+    switch (g.mode) {
+      case GemmMode::accumulate:
+        c = acc[j] + c;
+        break;
+      case GemmMode::act:
+        c = activate(g.act, acc[j]);
+        break;
+      default:
+        c = acc[j];
+        break;
+    }
+  }
+}
+
+template <WeightType T>
+void run_float(const GemmCall& g) noexcept {
+  float* a = g.a_pack;  // the row, rounded to bf16 if asked
+  for (int64_t i = 0; i < g.m; ++i) {
+    const float* src = g.A + i * g.lda;
+    for (int64_t p = 0; p < g.k; ++p) a[p] = g.bf16_act ? round_bf16(src[p]) : src[p];
+    for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+      const uint8_t* S = g.data + s * g.strip_bytes;
+      float acc[kP] = {};
+      for (int64_t p = 0; p < g.k; ++p) {
+        float w[kP];
+        load_row<T>(g, S, s, p, w);
+        for (int64_t j = 0; j < kP; ++j) acc[j] = std::fma(a[p], w[j], acc[j]);
+      }
+      if constexpr (T == WeightType::int8)
+        for (int64_t j = 0; j < kP; ++j) acc[j] = acc[j] * g.col_scale[s * kP + j];
+      epilogue(g, i, s, acc);
+    }
+  }
+}
+
+// w8a8: the row quantised to int8 (as exact floats in a_pack), exact int32 sums, then
+// (float(sum) * a_scale) * w_scale like the SIMD kernels.
+void run_w8a8(const GemmCall& g) noexcept {
+  float* q = g.a_pack;
+  for (int64_t i = 0; i < g.m; ++i) {
+    const float* src = g.A + i * g.lda;
+    const float a_scale = int8_scale(abs_max(src, g.k));
+    for (int64_t p = 0; p < g.k; ++p) q[p] = quantize_s8(src[p], a_scale);
+    for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+      const int8_t* S = reinterpret_cast<const int8_t*>(g.data + s * g.strip_bytes);
+      int32_t sum[kP] = {};
+      for (int64_t p = 0; p < g.k; ++p) {
+        const int32_t ap = static_cast<int32_t>(q[p]);
+        const int8_t* w = S + (p / 2) * 2 * kP + p % 2;
+        for (int64_t j = 0; j < kP; ++j) sum[j] += ap * w[2 * j];
+      }
+      float acc[kP];
+      for (int64_t j = 0; j < kP; ++j)
+        acc[j] = static_cast<float>(sum[j]) * a_scale * g.col_scale[s * kP + j];
+      epilogue(g, i, s, acc);
+    }
+  }
+}
+
+void run(const GemmCall& g) noexcept {
+  switch (g.type) {
+    case WeightType::f32:
+      run_float<WeightType::f32>(g);
+      break;
+    case WeightType::bf16:
+      run_float<WeightType::bf16>(g);
+      break;
+    case WeightType::int8:
+      run_float<WeightType::int8>(g);
+      break;
+    case WeightType::fp8:
+      run_float<WeightType::fp8>(g);
+      break;
+    case WeightType::w8a8:
+      run_w8a8(g);
+      break;
+  }
+}
+
+}  // namespace
+
+const GemmKernel kGemmScalar{"scalar", kP, 1, &run};
+
+}  // namespace moekit::kernels::detail

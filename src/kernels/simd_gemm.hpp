@@ -1,0 +1,567 @@
+// SPDX-License-Identifier: Apache-2.0
+// The SIMD packed GEMM, written once against xsimd::batch<float, Arch> and instantiated in one
+// translation unit per instruction set (src/kernels/isa/gemm_<isa>.cpp, each compiled with its
+// own flags). That unit specialises IsaOps<Arch> (row tile, depth chunk, and the handful of
+// widening / integer multiply-add intrinsics xsimd has no wrapper for) before instantiating.
+//
+// Register-blocked MR x 2-register micro-kernel over one packed strip; rows in chunks of
+// kRowChunk (A packed k-major per row tile), depth in chunks that stay in L1 across the row
+// tiles with partial sums parked in between. Reduced-precision weights are widened to f32
+// either once per (row chunk, strip, depth chunk) into an L1 buffer that the f32 micro-kernel
+// then reads for every row tile (prefill), or in registers inside the micro-kernel when the
+// chunk has few rows (decode: the weights stream from DRAM once). Both give the same values.
+// w8a8 multiplies int16 pairs along k into exact int32 sums (vpmaddwd).
+//
+// Every output is summed sequentially over k whatever m, the row tiling, the path or the strip
+// range, so results are bit-identical for any thread split.
+//
+// Everything here has internal linkage (anonymous namespace): see gemm_internal.hpp.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <xsimd/xsimd.hpp>
+
+#include "gemm_internal.hpp"
+
+namespace moekit::kernels::detail {
+namespace {
+
+/// Per-ISA constants and intrinsics; specialised by each per-ISA translation unit.
+template <class Arch>
+struct IsaOps;
+
+inline int64_t imin(int64_t a, int64_t b) noexcept { return a < b ? a : b; }
+
+template <class Arch>
+struct SimdGemm {
+  using Ops = IsaOps<Arch>;
+  using fb = xsimd::batch<float, Arch>;
+  using ireg = typename Ops::ireg;
+  static constexpr int64_t L = static_cast<int64_t>(fb::size);
+  static constexpr int64_t P = 2 * L;
+  static constexpr int MR = Ops::kTileRows;
+  static constexpr int64_t KC = Ops::kDepthChunk;
+  static constexpr int64_t kDirectRows = Ops::kDirectRows;
+  static_assert(kRowChunk % MR == 0 && MR <= kMaxTileRows, "row chunk must hold whole tiles");
+  static_assert(KC % kFp8Block == 0 && kFp8Block % P == 0,
+                "fp8 blocks must align with chunks and strips");
+
+  // ------------------------------------------------------------------ weight sources
+  // Each gives the two f32 registers of packed row p (P columns) of a depth chunk.
+  struct F32Src {
+    const float* B;
+    void load(int64_t p, fb& b0, fb& b1) const noexcept {
+      b0 = fb::load_aligned(B + p * P);
+      b1 = fb::load_aligned(B + p * P + L);
+    }
+  };
+  struct Bf16Src {
+    const uint16_t* B;
+    void load(int64_t p, fb& b0, fb& b1) const noexcept {
+      b0 = fb(Ops::widen_bf16(B + p * P));
+      b1 = fb(Ops::widen_bf16(B + p * P + L));
+    }
+  };
+  struct Int8Src {  // unscaled: the column scales apply in the epilogue
+    const int8_t* B;
+    void load(int64_t p, fb& b0, fb& b1) const noexcept {
+      b0 = fb(Ops::widen_s8(B + p * P));
+      b1 = fb(Ops::widen_s8(B + p * P + L));
+    }
+  };
+  struct Fp8Src {  // one 128-deep block: `s0`, `s1` = block scales * 256 (see Ops::widen_fp8)
+    const uint8_t* B;
+    fb s0, s1;
+    void load(int64_t p, fb& b0, fb& b1) const noexcept {
+      typename Ops::freg lo, hi;
+      Ops::widen_fp8(B + p * P, lo, hi);
+      b0 = fb(lo) * s0;
+      b1 = fb(hi) * s1;
+    }
+  };
+
+  // ------------------------------------------------------------------ f32 micro-kernel
+  // One row tile: `Ap` is the tile's rows packed k-major (`[kc, MR]`); `acc` (`[R, P]`,
+  // aligned) holds the partial sums of earlier depth chunks, or null for the first.
+  template <int R, class Src>
+  static inline void micro(const float* Ap, const Src& src, int64_t kc, fb (&c)[MR][2],
+                           const float* acc) noexcept {
+    for (int i = 0; i < R; ++i) {
+      c[i][0] = acc ? fb::load_aligned(acc + i * P) : fb(0.0f);
+      c[i][1] = acc ? fb::load_aligned(acc + i * P + L) : fb(0.0f);
+    }
+    for (int64_t p = 0; p < kc; ++p) {
+      fb b0, b1;
+      src.load(p, b0, b1);
+#pragma GCC unroll 12
+      for (int i = 0; i < R; ++i) {
+        const fb a(Ap[p * MR + i]);
+        c[i][0] = xsimd::fma(a, b0, c[i][0]);
+        c[i][1] = xsimd::fma(a, b1, c[i][1]);
+      }
+    }
+  }
+
+  template <int R, class Src>
+  static inline void micro_upto(int r, const float* Ap, const Src& src, int64_t kc, fb (&c)[MR][2],
+                                const float* acc) noexcept {
+    if constexpr (R > 1) {
+      if (r < R) return micro_upto<R - 1>(r, Ap, src, kc, c, acc);
+    }
+    micro<R>(Ap, src, kc, c, acc);
+  }
+
+  // ------------------------------------------------------------------ w8a8 micro-kernel
+  // `Aw`: the tile's rows quantised to int16 pairs along k (one 32-bit word per pair and row,
+  // `[pairs, MR]`); B: 2P int8 per pair of k. Sums are exact int32.
+  template <int R>
+  static inline void micro_s8(const float* Aw, const int8_t* B, int64_t pairs, ireg (&c)[MR][2],
+                              const int32_t* acc) noexcept {
+    // Local accumulators: the intrinsic vector types may alias anything, so sums kept in the
+    // caller's array would be stored back on every iteration.
+    ireg x[R][2];
+    for (int i = 0; i < R; ++i) {
+      x[i][0] = acc ? Ops::load_i(acc + i * P) : Ops::zero_i();
+      x[i][1] = acc ? Ops::load_i(acc + i * P + L) : Ops::zero_i();
+    }
+    for (int64_t q = 0; q < pairs; ++q) {
+      const ireg b0 = Ops::widen_s8_pairs(B + q * 2 * P);
+      const ireg b1 = Ops::widen_s8_pairs(B + q * 2 * P + 2 * L);
+#pragma GCC unroll 12
+      for (int i = 0; i < R; ++i) {
+        const ireg a = Ops::broadcast_word(Aw + q * MR + i);
+        x[i][0] = Ops::add_i(x[i][0], Ops::madd(a, b0));
+        x[i][1] = Ops::add_i(x[i][1], Ops::madd(a, b1));
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      c[i][0] = x[i][0];
+      c[i][1] = x[i][1];
+    }
+  }
+
+  template <int R>
+  static inline void micro_s8_upto(int r, const float* Aw, const int8_t* B, int64_t pairs,
+                                   ireg (&c)[MR][2], const int32_t* acc) noexcept {
+    if constexpr (R > 1) {
+      if (r < R) return micro_s8_upto<R - 1>(r, Aw, B, pairs, c, acc);
+    }
+    micro_s8<R>(Aw, B, pairs, c, acc);
+  }
+
+  // ------------------------------------------------------------------ packing A
+  // Rows per tile for a chunk of m rows: as few tiles as possible, balanced (7 rows = 4 + 3,
+  // not 6 + 1: a thin tile has too few accumulator chains to hide the FMA latency).
+  static int64_t tile_height(int64_t m) noexcept {
+    const int64_t tiles = (m + MR - 1) / MR;
+    return tiles == 0 ? MR : (m + tiles - 1) / tiles;
+  }
+
+  // Rows [0, m) of A into row tiles of `th` rows, tile t k-major at Ap + t * MR * k
+  // (`[k, MR]`), so the micro-kernel reads one contiguous stream instead of rows 4 KiB apart
+  // (L1 set conflicts).
+  template <bool RoundBf16>
+  static void pack_a(int64_t m, int64_t th, int64_t k, const float* A, int64_t lda,
+                     float* Ap) noexcept {
+    for (int64_t i0 = 0, t = 0; i0 < m; i0 += th, ++t) {
+      const int64_t r = imin(th, m - i0);
+      float* dst = Ap + t * MR * k;
+      for (int64_t i = 0; i < r; ++i) {
+        const float* src = A + (i0 + i) * lda;
+        for (int64_t p = 0; p < k; ++p) dst[p * MR + i] = RoundBf16 ? round_bf16(src[p]) : src[p];
+      }
+    }
+  }
+
+  // Rows [0, m) quantised per row (over all k) to int8, stored as int16 pairs along k in row
+  // tiles (`[pairs, MR]` words); the row scales go to `scale[0, m)`.
+  static void pack_a_s8(int64_t m, int64_t k, const float* A, int64_t lda, float* Aw,
+                        float* scale) noexcept {
+    const int64_t pairs = (k + 1) / 2;
+    for (int64_t i = 0; i < m; ++i) {
+      const float* src = A + i * lda;
+      const float s = int8_scale(abs_max(src, k));
+      scale[i] = s;
+      float* dst = Aw + (i - i % MR) * pairs + i % MR;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const int8_t lo = quantize_s8(src[2 * q], s);
+        const int8_t hi = 2 * q + 1 < k ? quantize_s8(src[2 * q + 1], s) : int8_t{0};
+        const uint32_t word = static_cast<uint16_t>(int16_t{lo}) |
+                              static_cast<uint32_t>(static_cast<uint16_t>(int16_t{hi})) << 16;
+        std::memcpy(dst + q * MR, &word, sizeof word);
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ epilogues
+  // flatten: xsimd's exp / erf / tanh are inlined here rather than emitted as weak symbols
+  // compiled for this ISA (see gemm_internal.hpp); noinline keeps one copy per unit.
+  __attribute__((flatten, noinline)) static fb act_batch(Activation a, const fb& x) noexcept {
+    switch (a) {
+      case Activation::silu:
+        return x / (fb(1.0f) + xsimd::exp(-x));
+      case Activation::gelu:
+        return fb(0.5f) * x * (fb(1.0f) + xsimd::erf(x * fb(0.70710678118654752f)));
+      case Activation::gelu_tanh:
+        return fb(0.5f) * x *
+               (fb(1.0f) + xsimd::tanh(fb(0.7978845608028654f) * (x + fb(0.044715f) * x * x * x)));
+      case Activation::relu:
+        return xsimd::max(x, fb(0.0f));
+    }
+    return x;
+  }
+
+  // Stores `width` (<= L) leading lanes of v at dst.
+  static void store_lanes(const fb& v, float* dst, int64_t width) noexcept {
+    if (width == L) {
+      v.store_unaligned(dst);
+    } else if (width > 0) {
+      alignas(64) float tmp[L];
+      v.store_aligned(tmp);
+      std::memcpy(dst, tmp, static_cast<size_t>(width) * sizeof(float));
+    }
+  }
+
+  static void add_lanes(const fb& v, float* dst, int64_t width) noexcept {
+    if (width == L) {
+      (v + fb::load_unaligned(dst)).store_unaligned(dst);
+    } else {
+      alignas(64) float tmp[L];
+      v.store_aligned(tmp);
+      for (int64_t j = 0; j < width; ++j) dst[j] += tmp[j];
+    }
+  }
+
+  // Writes the finished tile `c` (rows [i0, i0 + rows) of strip s) as the call's mode says.
+  static void epilogue(const GemmCall& g, int64_t i0, int64_t rows, int64_t s,
+                       const fb (*c)[2]) noexcept {
+    if (g.mode == GemmMode::gated) {
+      const int64_t col = s * L, w = imin(L, g.n - col);
+      for (int64_t i = 0; i < rows; ++i)
+        store_lanes(act_batch(g.act, c[i][0]) * c[i][1], g.out + (i0 + i) * g.ldo + col, w);
+      return;
+    }
+    const int64_t col = s * P, w0 = imin(L, g.n - col), w1 = imin(L, g.n - col - L);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* dst = g.out + (i0 + i) * g.ldo + col;
+      switch (g.mode) {
+        case GemmMode::accumulate:
+          add_lanes(c[i][0], dst, w0);
+          if (w1 > 0) add_lanes(c[i][1], dst + L, w1);
+          break;
+        case GemmMode::act:
+          store_lanes(act_batch(g.act, c[i][0]), dst, w0);
+          if (w1 > 0) store_lanes(act_batch(g.act, c[i][1]), dst + L, w1);
+          break;
+        default:
+          store_lanes(c[i][0], dst, w0);
+          if (w1 > 0) store_lanes(c[i][1], dst + L, w1);
+          break;
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ drivers
+  // Widens depth rows [0, kc) of a chunk starting at depth p0 into `buf` (`[kc, P]` f32).
+  static void decode_chunk(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p0, int64_t kc,
+                           float* buf) noexcept {
+    switch (g.type) {
+      case WeightType::bf16: {
+        const Bf16Src src{reinterpret_cast<const uint16_t*>(S) + p0 * P};
+        for (int64_t p = 0; p < kc; ++p) {
+          fb b0, b1;
+          src.load(p, b0, b1);
+          b0.store_aligned(buf + p * P);
+          b1.store_aligned(buf + p * P + L);
+        }
+        break;
+      }
+      case WeightType::int8: {
+        const Int8Src src{reinterpret_cast<const int8_t*>(S) + p0 * P};
+        for (int64_t p = 0; p < kc; ++p) {
+          fb b0, b1;
+          src.load(p, b0, b1);
+          b0.store_aligned(buf + p * P);
+          b1.store_aligned(buf + p * P + L);
+        }
+        break;
+      }
+      case WeightType::fp8: {
+        for (int64_t b0p = 0; b0p < kc; b0p += kFp8Block) {
+          const int64_t bc = imin(kFp8Block, kc - b0p);
+          const Fp8Src src = fp8_src(g, S, s, p0 + b0p);
+          for (int64_t p = 0; p < bc; ++p) {
+            fb b0, b1;
+            src.load(p, b0, b1);
+            b0.store_aligned(buf + (b0p + p) * P);
+            b1.store_aligned(buf + (b0p + p) * P + L);
+          }
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  // The fp8 source of the 128-deep block starting at depth p0 (a multiple of 128) of strip s.
+  static Fp8Src fp8_src(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p0) noexcept {
+    const float* sc = g.fp8_scale + (s * g.k_blocks + p0 / kFp8Block) * 2;
+    return Fp8Src{S + p0 * P, fb(sc[0] * 256.0f), fb(sc[1] * 256.0f)};
+  }
+
+  // ------------------------------------------------------------------ few rows (decode)
+  // R rows against N strips at once: the weights stream from DRAM once, widened in registers,
+  // and N strips give 2N independent accumulator chains per row (one strip's two would leave
+  // the FMA units waiting on latency when R is small).
+  static constexpr int strips_for(int R) noexcept {
+    const int n = 2 * MR / (2 * R);
+    return n < 1 ? 1 : (n > 4 ? 4 : n);
+  }
+
+  template <int R, int N, class Src>
+  static inline void micro_n(const float* Ap, const Src (&src)[N], int64_t kc, fb (&c)[N][R][2],
+                             const float* acc) noexcept {
+    fb x[N][R][2];
+    for (int t = 0; t < N; ++t)
+      for (int i = 0; i < R; ++i) {
+        x[t][i][0] = acc ? fb::load_aligned(acc + (t * R + i) * P) : fb(0.0f);
+        x[t][i][1] = acc ? fb::load_aligned(acc + (t * R + i) * P + L) : fb(0.0f);
+      }
+    for (int64_t p = 0; p < kc; ++p) {
+#pragma GCC unroll 4
+      for (int t = 0; t < N; ++t) {
+        fb b0, b1;
+        src[t].load(p, b0, b1);
+#pragma GCC unroll 12
+        for (int i = 0; i < R; ++i) {
+          const fb a(Ap[p * MR + i]);
+          x[t][i][0] = xsimd::fma(a, b0, x[t][i][0]);
+          x[t][i][1] = xsimd::fma(a, b1, x[t][i][1]);
+        }
+      }
+    }
+    for (int t = 0; t < N; ++t)
+      for (int i = 0; i < R; ++i) {
+        c[t][i][0] = x[t][i][0];
+        c[t][i][1] = x[t][i][1];
+      }
+  }
+
+  // Strips [s, s + N) for the R rows packed at Ap (one row tile), rows i0.. of the output.
+  template <int R, int N>
+  static void run_strips(const GemmCall& g, int64_t i0, const float* Ap, int64_t s) noexcept {
+    fb c[N][R][2];
+    alignas(64) float part[N * R * P];
+    const int64_t k = g.k;
+    const int64_t eb = weight_type_bytes(g.type);
+    const int64_t kcm = g.type == WeightType::fp8 ? kFp8Block : KC;
+    const int64_t chunk_bytes = kcm * P * eb;
+    const uint8_t* S[N];
+    for (int t = 0; t < N; ++t) S[t] = g.data + (s + t) * g.strip_bytes;
+    for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kcm) {
+      const int64_t kc = imin(kcm, k - p0);
+      const bool last = p0 + kc >= k;
+      for (int t = 0; t < N; ++t) {
+        const char* next = reinterpret_cast<const char*>(S[t] + (p0 + kc) * P * eb);
+        for (int64_t l = 0; l < chunk_bytes; l += 64) __builtin_prefetch(next + l, 0, 3);
+      }
+      const float* a = Ap + p0 * MR;
+      const float* acc = p0 == 0 ? nullptr : part;
+      switch (g.type) {
+        case WeightType::f32: {
+          F32Src src[N];
+          for (int t = 0; t < N; ++t)
+            src[t] = F32Src{reinterpret_cast<const float*>(S[t]) + p0 * P};
+          micro_n<R, N>(a, src, kc, c, acc);
+          break;
+        }
+        case WeightType::bf16: {
+          Bf16Src src[N];
+          for (int t = 0; t < N; ++t)
+            src[t] = Bf16Src{reinterpret_cast<const uint16_t*>(S[t]) + p0 * P};
+          micro_n<R, N>(a, src, kc, c, acc);
+          break;
+        }
+        case WeightType::int8: {
+          Int8Src src[N];
+          for (int t = 0; t < N; ++t)
+            src[t] = Int8Src{reinterpret_cast<const int8_t*>(S[t]) + p0 * P};
+          micro_n<R, N>(a, src, kc, c, acc);
+          break;
+        }
+        default: {
+          Fp8Src src[N];
+          for (int t = 0; t < N; ++t) src[t] = fp8_src(g, S[t], s + t, p0);
+          micro_n<R, N>(a, src, kc, c, acc);
+          break;
+        }
+      }
+      for (int t = 0; t < N; ++t) {
+        if (last) {
+          if (g.type == WeightType::int8) {
+            const float* cs = g.col_scale + (s + t) * P;
+            const fb s0 = fb::load_unaligned(cs), s1 = fb::load_unaligned(cs + L);
+            for (int i = 0; i < R; ++i) {
+              c[t][i][0] = c[t][i][0] * s0;
+              c[t][i][1] = c[t][i][1] * s1;
+            }
+          }
+          epilogue(g, i0, R, s + t, c[t]);
+        } else {
+          for (int i = 0; i < R; ++i) {
+            c[t][i][0].store_aligned(part + (t * R + i) * P);
+            c[t][i][1].store_aligned(part + (t * R + i) * P + L);
+          }
+        }
+      }
+      if (k == 0) break;
+    }
+  }
+
+  template <int R>
+  static void run_rows(const GemmCall& g, int64_t i0, const float* Ap) noexcept {
+    constexpr int N = strips_for(R);
+    int64_t s = g.strip_begin;
+    for (; s + N <= g.strip_end; s += N) run_strips<R, N>(g, i0, Ap, s);
+    for (; s < g.strip_end; ++s) run_strips<R, 1>(g, i0, Ap, s);
+  }
+
+  template <int R>
+  static void run_rows_upto(int r, const GemmCall& g, int64_t i0, const float* Ap) noexcept {
+    if constexpr (R > 1) {
+      if (r < R) return run_rows_upto<R - 1>(r, g, i0, Ap);
+    }
+    run_rows<R>(g, i0, Ap);
+  }
+
+  // f32, bf16, int8 and fp8 weights: f32 multiply-adds on widened weights.
+  static void run_float(const GemmCall& g) noexcept {
+    fb c[MR][2];
+    alignas(64) float part[kRowChunk * P];
+    alignas(64) float buf[KC * P];
+    const int64_t k = g.k;
+    const int64_t eb = weight_type_bytes(g.type);
+    for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
+      const int64_t mc = imin(kRowChunk, g.m - m0);
+      float* Ap = g.a_pack;
+      const int64_t th = tile_height(mc);
+      if (g.bf16_act) {
+        pack_a<true>(mc, th, k, g.A + m0 * g.lda, g.lda, Ap);
+      } else {
+        pack_a<false>(mc, th, k, g.A + m0 * g.lda, g.lda, Ap);
+      }
+      if (mc <= kDirectRows) {  // decode: few rows, every strip streamed once
+        run_rows_upto<kDirectRows>(static_cast<int>(mc), g, m0, Ap);
+        continue;
+      }
+      // Many rows: f32 weights are read in place; reduced ones are widened once per chunk into
+      // `buf`, which then serves every row tile from L1.
+      const bool direct = g.type == WeightType::f32;
+      const int64_t chunk_lines = KC * P * eb / 64;
+      const int64_t tiles = (mc + th - 1) / th;
+      const int64_t lines_per_tile = (chunk_lines + tiles - 1) / tiles;
+      for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+        const uint8_t* S = g.data + s * g.strip_bytes;
+        for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += KC) {
+          const int64_t kc = imin(KC, k - p0);
+          const bool last = p0 + kc >= k;
+          if (!direct) decode_chunk(g, S, s, p0, kc, buf);
+          // The next chunk (or strip) starts where this one ends: spread its prefetch over
+          // this chunk's row tiles (the weights stream from DRAM once per chunk).
+          const char* next = reinterpret_cast<const char*>(S + (p0 + kc) * P * eb);
+          for (int64_t i = 0, t = 0; i < mc; i += th, ++t) {
+            const int64_t l0 = t * lines_per_tile, l1 = imin(chunk_lines, l0 + lines_per_tile);
+            for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);
+            const int r = static_cast<int>(imin(th, mc - i));
+            const float* a = Ap + t * MR * k + p0 * MR;
+            const float* acc = p0 == 0 ? nullptr : part + i * P;
+            const float* B = direct ? reinterpret_cast<const float*>(S) + p0 * P : buf;
+            micro_upto<MR>(r, a, F32Src{B}, kc, c, acc);
+            if (last) {
+              if (g.type == WeightType::int8) {
+                const fb s0 = fb::load_unaligned(g.col_scale + s * P),
+                         s1 = fb::load_unaligned(g.col_scale + s * P + L);
+                for (int j = 0; j < r; ++j) {
+                  c[j][0] = c[j][0] * s0;
+                  c[j][1] = c[j][1] * s1;
+                }
+              }
+              epilogue(g, m0 + i, r, s, c);
+            } else {
+              for (int j = 0; j < r; ++j) {
+                c[j][0].store_aligned(part + (i + j) * P);
+                c[j][1].store_aligned(part + (i + j) * P + L);
+              }
+            }
+          }
+          if (k == 0) break;
+        }
+      }
+    }
+  }
+
+  // w8a8: activations quantised per row while packing, exact int32 sums, both scales in the
+  // epilogue as (float(sum) * a_scale) * w_scale.
+  static void run_w8a8(const GemmCall& g) noexcept {
+    ireg c[MR][2];
+    fb cf[MR][2];
+    alignas(64) int32_t part[kRowChunk * P];
+    const int64_t k = g.k, pairs = (k + 1) / 2;
+    constexpr int64_t kPairChunk = KC / 2;
+    const int64_t chunk_lines = kPairChunk * 2 * P / 64;
+    for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
+      const int64_t mc = imin(kRowChunk, g.m - m0);
+      const int64_t tiles = (mc + MR - 1) / MR;
+      float* Aw = g.a_pack;
+      float* a_scale = Aw + tiles * MR * pairs;
+      pack_a_s8(mc, k, g.A + m0 * g.lda, g.lda, Aw, a_scale);
+      const int64_t lines_per_tile = (chunk_lines + tiles - 1) / tiles;
+      for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+        const int8_t* S = reinterpret_cast<const int8_t*>(g.data + s * g.strip_bytes);
+        const fb w0 = fb::load_unaligned(g.col_scale + s * P),
+                 w1 = fb::load_unaligned(g.col_scale + s * P + L);
+        for (int64_t q0 = 0; q0 < pairs || q0 == 0; q0 += kPairChunk) {
+          const int64_t qc = imin(kPairChunk, pairs - q0);
+          const bool last = q0 + qc >= pairs;
+          const int8_t* B = S + q0 * 2 * P;
+          const char* next = reinterpret_cast<const char*>(B + qc * 2 * P);
+          for (int64_t i = 0; i < mc; i += MR) {
+            const int64_t l0 = (i / MR) * lines_per_tile,
+                          l1 = imin(chunk_lines, l0 + lines_per_tile);
+            for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);
+            const int r = static_cast<int>(imin(MR, mc - i));
+            const int32_t* acc = q0 == 0 ? nullptr : part + i * P;
+            micro_s8_upto<MR>(r, Aw + i * pairs + q0 * MR, B, qc, c, acc);
+            if (last) {
+              for (int j = 0; j < r; ++j) {
+                const fb as(a_scale[i + j]);
+                cf[j][0] = fb(Ops::to_float(c[j][0])) * as * w0;
+                cf[j][1] = fb(Ops::to_float(c[j][1])) * as * w1;
+              }
+              epilogue(g, m0 + i, r, s, cf);
+            } else {
+              for (int j = 0; j < r; ++j) {
+                Ops::store_i(part + (i + j) * P, c[j][0]);
+                Ops::store_i(part + (i + j) * P + L, c[j][1]);
+              }
+            }
+          }
+          if (pairs == 0) break;
+        }
+      }
+    }
+  }
+
+  static void run(const GemmCall& g) noexcept {
+    if (g.type == WeightType::w8a8) {
+      run_w8a8(g);
+    } else {
+      run_float(g);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace moekit::kernels::detail

@@ -1,0 +1,722 @@
+// SPDX-License-Identifier: Apache-2.0
+// Reduced-precision packed GEMMs (bf16, int8, w8a8, fp8 beside f32) on every kernel compiled
+// into this build: packing against an independent quantiser written here, results against
+// double-precision loops on the dequantised values, every kernel against the scalar one,
+// independence from the strip range and the row split, bf16 activations, the quantisation
+// error on Gaussian data, run-time kernel selection, and bad arguments.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moekit/error.hpp"
+#include "moekit/kernels/gemm.hpp"
+#include "moekit/kernels/packed_gemm.hpp"
+
+namespace {
+
+namespace mk = moekit::kernels;
+using mk::GemmKernel;
+using mk::PackedMatrix;
+using mk::PackOptions;
+using mk::WeightType;
+using moekit::Activation;
+
+constexpr WeightType kTypes[] = {WeightType::f32, WeightType::bf16, WeightType::int8,
+                                 WeightType::w8a8, WeightType::fp8};
+
+// ============================================================ independent reference
+// Plain loops in double precision, sharing no code with the library's quantisers or kernels.
+
+float from_bits(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+uint32_t to_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+// bf16 round to nearest even: the nearer of the two bf16 neighbours of x, the one with an
+// even last mantissa bit on a tie; NaN stays NaN.
+float ref_bf16(float x) {
+  if (std::isnan(x)) return x;
+  const uint32_t toward_zero = to_bits(x) & 0xFFFF0000u;
+  if (toward_zero == to_bits(x)) return x;
+  const float lo = from_bits(toward_zero), hi = from_bits(toward_zero + 0x10000u);
+  const double d_lo = std::fabs(double(x) - lo), d_hi = std::fabs(double(hi) - x);
+  if (d_lo != d_hi) return d_lo < d_hi ? lo : hi;
+  return (toward_zero >> 16) & 1u ? hi : lo;
+}
+
+// Largest finite |x| of a set (NaN and infinities do not count).
+float finite_amax(const float* x, int64_t n, int64_t stride = 1) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isfinite(x[i * stride])) m = std::max(m, std::fabs(x[i * stride]));
+  return m;
+}
+
+// Symmetric int8 with scale s = amax / 127: round(x / s) to nearest even, clamped; 0 for s = 0
+// or NaN. Returns the integer.
+int ref_q8(float x, float s) {
+  if (!(s > 0.0f) || std::isnan(x)) return 0;
+  const double q = std::nearbyint(double(x / s));
+  return static_cast<int>(std::clamp(q, -127.0, 127.0));
+}
+
+// The finite e4m3 magnitudes, code 0x00..0x7E in increasing order (0x7F is NaN).
+const std::vector<double>& e4m3_values() {
+  static const std::vector<double> v = [] {
+    std::vector<double> r;
+    for (int e = 0; e < 16; ++e)
+      for (int m = 0; m < 8; ++m)
+        if (!(e == 15 && m == 7))
+          r.push_back(e == 0 ? m * std::ldexp(1.0, -9) : (1.0 + m / 8.0) * std::ldexp(1.0, e - 7));
+    return r;
+  }();
+  return v;
+}
+
+// x rounded to the nearest e4m3 value (ties to the even code), saturating at 448.
+double ref_e4m3(float x) {
+  const auto& v = e4m3_values();
+  const double a = std::min(std::fabs(double(x)), v.back());
+  size_t best = 0;
+  for (size_t c = 1; c < v.size(); ++c) {
+    const double d = std::fabs(v[c] - a), db = std::fabs(v[best] - a);
+    if (d < db || (d == db && c % 2 == 0)) best = c;
+  }
+  return std::signbit(x) ? -v[best] : v[best];
+}
+
+// Largest finite |w| of block (rb, kb) of the 128 x 128 grid over `W [n, k]` (memoised).
+float fp8_block_amax(const float* W, int64_t n, int64_t k, int64_t rb, int64_t kb) {
+  static const float* cached_w = nullptr;
+  static int64_t cached_n = -1, cached_k = -1;
+  static std::vector<float> grid;
+  const int64_t kbs = (k + 127) / 128;
+  if (W != cached_w || n != cached_n || k != cached_k) {
+    grid.assign(static_cast<size_t>((n + 127) / 128 * kbs), 0.0f);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t p = 0; p < k; ++p)
+        if (std::isfinite(W[r * k + p])) {
+          float& g = grid[static_cast<size_t>(r / 128 * kbs + p / 128)];
+          g = std::max(g, std::fabs(W[r * k + p]));
+        }
+    cached_w = W;
+    cached_n = n;
+    cached_k = k;
+  }
+  return grid[static_cast<size_t>(rb * kbs + kb)];
+}
+
+// The values a matrix `W [n, k]` is multiplied by once stored as `t` (what unpack_row must
+// return): f32 as is, bf16 rounded, int8 q * scale per row, fp8 code value * scale per
+// 128 x 128 block (ragged at the edges).
+std::vector<float> dequantised(WeightType t, const float* W, int64_t n, int64_t k) {
+  std::vector<float> out(static_cast<size_t>(n * k));
+  for (int64_t r = 0; r < n; ++r) {
+    const float* w = W + r * k;
+    float* o = out.data() + r * k;
+    switch (t) {
+      case WeightType::f32:
+        std::copy(w, w + k, o);
+        break;
+      case WeightType::bf16:
+        for (int64_t p = 0; p < k; ++p) o[p] = ref_bf16(w[p]);
+        break;
+      case WeightType::int8:
+      case WeightType::w8a8: {
+        const float s = finite_amax(w, k) / 127.0f;
+        for (int64_t p = 0; p < k; ++p) o[p] = static_cast<float>(ref_q8(w[p], s)) * s;
+        break;
+      }
+      case WeightType::fp8:
+        for (int64_t p = 0; p < k; ++p) {
+          const float s = fp8_block_amax(W, n, k, r / 128, p / 128) / 448.0f;
+          o[p] = s > 0.0f && !std::isnan(w[p]) ? static_cast<float>(ref_e4m3(w[p] / s)) * s : 0.0f;
+        }
+        break;
+    }
+  }
+  return out;
+}
+
+// The activations a kernel multiplies by for weights of type t: as given, rounded to bf16,
+// or (w8a8) quantised per row to int8 and dequantised.
+std::vector<double> effective_a(WeightType t, bool bf16_act, const std::vector<float>& A, int64_t m,
+                                int64_t k, int64_t lda) {
+  std::vector<double> a(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = A.data() + i * lda;
+    const float s = finite_amax(row, k) / 127.0f;
+    for (int64_t p = 0; p < k; ++p) {
+      if (t == WeightType::w8a8) {
+        a[i * k + p] = double(ref_q8(row[p], s)) * s;
+      } else {
+        a[i * k + p] = bf16_act ? ref_bf16(row[p]) : row[p];
+      }
+    }
+  }
+  return a;
+}
+
+double act_ref(Activation a, double x) {
+  switch (a) {
+    case Activation::silu:
+      return x / (1.0 + std::exp(-x));
+    case Activation::gelu:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case Activation::gelu_tanh:
+      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
+    case Activation::relu:
+      return x > 0 ? x : 0.0;
+  }
+  return x;
+}
+
+// `C = A W^T` in double, and the error budget of a float computation of it: f32 products
+// summed sequentially over k (k ulps of the absolute sum at worst) plus the final roundings.
+struct RefGemm {
+  std::vector<double> c, tol;
+};
+RefGemm ref_gemm(const std::vector<double>& a, const std::vector<float>& w, int64_t m, int64_t n,
+                 int64_t k) {
+  RefGemm r{std::vector<double>(static_cast<size_t>(m * n)),
+            std::vector<double>(static_cast<size_t>(m * n))};
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0, abs = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        s += a[i * k + p] * w[j * k + p];
+        abs += std::fabs(a[i * k + p] * w[j * k + p]);
+      }
+      r.c[i * n + j] = s;
+      r.tol[i * n + j] = 6e-8 * (k + 4) * abs + 1e-30;
+    }
+  return r;
+}
+
+std::vector<float> gaussian(std::mt19937& g, size_t n, float sd = 1.0f) {
+  std::normal_distribution<float> d(0.0f, sd);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+// Gaussian values with a per-128 x 128 block magnitude (so per-row and per-block scales both
+// matter), a few exact zeros and a zero block (row 0-127, k 128-255) when there is one.
+std::vector<float> weights(std::mt19937& g, int64_t n, int64_t k) {
+  std::vector<float> w = gaussian(g, static_cast<size_t>(n * k));
+  std::uniform_int_distribution<int> zero(0, 40);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t p = 0; p < k; ++p) {
+      float& x = w[r * k + p];
+      x *= std::ldexp(1.0f, static_cast<int>((r / 128 + 2 * (p / 128)) % 5) - 2);
+      if (zero(g) == 0 || (r < 128 && p >= 128 && p < 256)) x = 0.0f;
+    }
+  return w;
+}
+
+std::string kernel_label(const GemmKernel* k) {
+  std::string s = k->name;
+  for (char& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return s;
+}
+
+const GemmKernel* scalar_kernel() {
+  for (const GemmKernel* k : mk::compiled_gemm_kernels())
+    if (std::string(k->name) == "scalar") return k;
+  return nullptr;
+}
+
+// ============================================================ per-kernel tests
+
+class KernelsDtype : public ::testing::TestWithParam<const GemmKernel*> {
+ protected:
+  void SetUp() override {
+    if (!mk::gemm_kernel_supported(*GetParam()))
+      GTEST_SKIP() << "kernel " << GetParam()->name
+                   << " is compiled in but this CPU lacks its instruction set";
+  }
+  PackOptions opts(WeightType t, bool bf16_act = false) const {
+    return PackOptions{t, bf16_act, GetParam()};
+  }
+};
+
+// unpack_row returns exactly the independent quantiser's dequantised values, for plain and
+// gated packing, with ragged FP8 blocks at the edges of n and k.
+TEST_P(KernelsDtype, PackingRoundTrip) {
+  std::mt19937 g(11);
+  for (const auto& [n, k] :
+       {std::pair<int64_t, int64_t>{300, 290}, {1, 1}, {129, 128}, {17, 385}}) {
+    auto W = weights(g, n, k), U = weights(g, n, k);
+    for (WeightType t : kTypes) {
+      SCOPED_TRACE(std::string(mk::to_string(t)) + " n=" + std::to_string(n) +
+                   " k=" + std::to_string(k));
+      PackedMatrix pw, pg;
+      pw.pack(W.data(), n, k, k, opts(t));
+      pg.pack_gated(W.data(), U.data(), n, k, k, opts(t));
+      EXPECT_EQ(pw.weight_type(), t);
+      EXPECT_EQ(pg.strip_columns(), pg.panel() / 2);
+      const auto dw = dequantised(t, W.data(), n, k), du = dequantised(t, U.data(), n, k);
+      std::vector<float> row(static_cast<size_t>(k));
+      for (int64_t r = 0; r < n; ++r) {
+        pw.unpack_row(r, false, row.data());
+        for (int64_t p = 0; p < k; ++p)
+          ASSERT_EQ(row[p], dw[r * k + p]) << "plain row " << r << " p " << p;
+        pg.unpack_row(r, false, row.data());
+        for (int64_t p = 0; p < k; ++p)
+          ASSERT_EQ(row[p], dw[r * k + p]) << "gate row " << r << " p " << p;
+        pg.unpack_row(r, true, row.data());
+        for (int64_t p = 0; p < k; ++p)
+          ASSERT_EQ(row[p], du[r * k + p]) << "up row " << r << " p " << p;
+      }
+    }
+  }
+}
+
+// Special values: bf16 ties go to even, NaN stays NaN, infinities stay; int8 / fp8 map NaN to
+// 0 and infinities to the extreme code; an all-zero row / block gets scale 0 and zeros.
+TEST_P(KernelsDtype, PackingSpecialValues) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
+  // bf16 ties: 1 + 2^-8 (tie, last kept bit 0: down), 1 + 3 * 2^-8 (tie, bit 1: up), just above a
+  // tie.
+  const std::vector<float> row = {from_bits(0x3F808000u),
+                                  from_bits(0x3F818000u),
+                                  from_bits(0x3F808001u),
+                                  nan,
+                                  inf,
+                                  -inf,
+                                  -0.0f,
+                                  3.0f,
+                                  -1e-30f,
+                                  1e30f};
+  const int64_t k = static_cast<int64_t>(row.size());
+  std::vector<float> W(static_cast<size_t>(2 * k), 0.0f);  // row 1: all zero
+  std::copy(row.begin(), row.end(), W.begin());
+  std::vector<float> out(static_cast<size_t>(k));
+  PackedMatrix p;
+  p.pack(W.data(), 2, k, k, opts(WeightType::bf16));
+  p.unpack_row(0, false, out.data());
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], from_bits(0x3F820000u));
+  EXPECT_EQ(out[2], from_bits(0x3F810000u));
+  EXPECT_TRUE(std::isnan(out[3]));
+  EXPECT_EQ(out[4], inf);
+  EXPECT_EQ(out[5], -inf);
+  EXPECT_TRUE(out[6] == 0.0f && std::signbit(out[6]));
+  for (WeightType t : {WeightType::int8, WeightType::w8a8, WeightType::fp8}) {
+    SCOPED_TRACE(mk::to_string(t));
+    p.pack(W.data(), 2, k, k, opts(t));
+    p.unpack_row(0, false, out.data());
+    const auto ref = dequantised(t, W.data(), 2, k);
+    for (int64_t j = 0; j < k; ++j) EXPECT_EQ(out[j], ref[j]) << j;
+    EXPECT_EQ(out[3], 0.0f);    // NaN -> 0
+    EXPECT_EQ(out[4], out[9]);  // +inf -> the largest code, like the finite maximum 1e30
+    EXPECT_EQ(out[5], -out[4]);
+    p.unpack_row(1, false, out.data());
+    for (int64_t j = 0; j < k; ++j) EXPECT_EQ(out[j], 0.0f);
+  }
+}
+
+// Every type and epilogue against the double reference on random shapes with every row,
+// column and depth tail, random strip ranges (columns outside stay untouched), accumulate.
+TEST_P(KernelsDtype, EveryTypeMatchesReference) {
+  std::mt19937 g(2024);
+  std::uniform_int_distribution<int> pick_m(0, 200), pick_n(1, 300), pick_k(1, 300);
+  int checked = 0;
+  for (int trial = 0; trial < 14; ++trial) {
+    // Small shapes often (tails, decode paths), large ones sometimes.
+    const int64_t m = trial % 4 == 0 ? pick_m(g) % 7 : pick_m(g),
+                  n = trial % 3 == 0 ? pick_n(g) % 40 + 1 : pick_n(g),
+                  k = trial % 5 == 0 ? pick_k(g) % 20 + 1 : pick_k(g);
+    const int64_t lda = k + trial % 3, ldc = n + 3;
+    const auto A = gaussian(g, static_cast<size_t>(std::max<int64_t>(m, 1) * lda));
+    const auto W = weights(g, n, k), U = weights(g, n, k);
+    const Activation act = static_cast<Activation>(trial % 4);
+    for (WeightType t : kTypes) {
+      SCOPED_TRACE(std::string(mk::to_string(t)) + " m=" + std::to_string(m) +
+                   " n=" + std::to_string(n) + " k=" + std::to_string(k));
+      PackedMatrix pw, pg, pu;
+      pw.pack(W.data(), n, k, k, opts(t));
+      pg.pack_gated(W.data(), U.data(), n, k, k, opts(t));
+      pu.pack(U.data(), n, k, k, opts(t));
+      const auto a = effective_a(t, false, A, m, k, lda);
+      const RefGemm rc = ref_gemm(a, dequantised(t, W.data(), n, k), m, n, k);
+      const RefGemm ru = ref_gemm(a, dequantised(t, U.data(), n, k), m, n, k);
+      std::vector<float> ap(mk::packed_a_floats(m, k) + 1, -1.0f);
+      const float sentinel = 7.0f;
+
+      // plain, random strip range
+      std::uniform_int_distribution<int64_t> pick_s(0, pw.strips());
+      int64_t sb = pick_s(g), se = pick_s(g);
+      if (sb > se) std::swap(sb, se);
+      if (trial % 3 == 1) se = -1;
+      const int64_t c0 = sb * pw.strip_columns(),
+                    c1 = se < 0 ? n : std::min(n, se * pw.strip_columns());
+      std::vector<float> C(static_cast<size_t>(std::max<int64_t>(m, 1) * ldc), sentinel);
+      mk::gemm_packed(m, A.data(), lda, pw, C.data(), ldc, ap.data(), false, sb, se);
+      EXPECT_EQ(ap.back(), -1.0f) << "a_pack overrun";
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < ldc; ++j) {
+          if (j >= c0 && j < c1) {
+            ASSERT_NEAR(C[i * ldc + j], rc.c[i * n + j], rc.tol[i * n + j])
+                << "C at " << i << "," << j;
+            ++checked;
+          } else {
+            ASSERT_EQ(C[i * ldc + j], sentinel)
+                << "wrote outside strips [" << sb << ", " << se << ") at " << i << "," << j;
+          }
+        }
+
+      // accumulate, all strips, onto random values
+      std::vector<float> C2 = gaussian(g, static_cast<size_t>(std::max<int64_t>(m, 1) * ldc));
+      const std::vector<float> C2in = C2;
+      mk::gemm_packed(m, A.data(), lda, pw, C2.data(), ldc, ap.data(), true);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < ldc; ++j) {
+          const double want = j < n ? C2in[i * ldc + j] + rc.c[i * n + j] : C2in[i * ldc + j];
+          const double tol = j < n ? rc.tol[i * n + j] + 1.2e-7 * std::fabs(want) : 0.0;
+          ASSERT_NEAR(C2[i * ldc + j], want, tol) << "accumulate at " << i << "," << j;
+        }
+
+      // gated, random strip range: act(A G^T) * (A U^T)
+      std::uniform_int_distribution<int64_t> pick_g(0, pg.strips());
+      int64_t gb = pick_g(g), ge = pick_g(g);
+      if (gb > ge) std::swap(gb, ge);
+      const int64_t h0 = gb * pg.strip_columns(), h1 = std::min(n, ge * pg.strip_columns());
+      std::vector<float> H(C.size(), sentinel);
+      mk::gemm_packed_gated(m, A.data(), lda, pg, act, H.data(), ldc, ap.data(), gb, ge);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < ldc; ++j) {
+          if (j >= h0 && j < h1) {
+            const size_t at = static_cast<size_t>(i * n + j);
+            const double u = ru.c[at], want = act_ref(act, rc.c[at]) * u;
+            const double tol = 1.2 * std::fabs(u) * rc.tol[at] +
+                               std::fabs(act_ref(act, rc.c[at])) * ru.tol[at] +
+                               4e-6 * std::fabs(want) + 1e-6 * (std::fabs(u) + 1e-30);
+            ASSERT_NEAR(H[i * ldc + j], want, tol) << "gated at " << i << "," << j;
+          } else {
+            ASSERT_EQ(H[i * ldc + j], sentinel)
+                << "gated wrote outside its strips at " << i << "," << j;
+          }
+        }
+
+      // act, all strips: act(A U^T)
+      std::vector<float> Ha(C.size(), sentinel);
+      mk::gemm_packed_act(m, A.data(), lda, pu, act, Ha.data(), ldc, ap.data());
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          const size_t at = static_cast<size_t>(i * n + j);
+          const double want = act_ref(act, ru.c[at]);
+          ASSERT_NEAR(Ha[i * ldc + j], want, 1.2 * ru.tol[at] + 4e-6 * std::fabs(want) + 1e-6)
+              << "act at " << i << "," << j;
+        }
+    }
+  }
+  EXPECT_GT(checked, 10000) << "too few outputs compared: the random shapes degenerated";
+}
+
+// The kernel against the scalar one: plain GEMMs bit for bit (same widened values, same fma
+// chain over k, same epilogue multiply order), activations within float rounding. Shapes
+// cover the decode (few rows), buffered and multi-chunk paths and FP8 block edges.
+TEST_P(KernelsDtype, MatchesScalarKernel) {
+  const GemmKernel* scalar = scalar_kernel();
+  ASSERT_NE(scalar, nullptr);
+  if (GetParam() == scalar) GTEST_SKIP() << "the scalar kernel is the reference here";
+  std::mt19937 g(77);
+  for (int64_t m : {1, 3, 4, 6, 7, 13, 97, 200})
+    for (int64_t n : {17, 130})
+      for (int64_t k : {1, 127, 129, 300}) {
+        const auto A = gaussian(g, static_cast<size_t>(m * k)), W = weights(g, n, k);
+        std::vector<float> ap(mk::packed_a_floats(m, k));
+        for (WeightType t : kTypes) {
+          PackedMatrix ps, pk;
+          ps.pack(W.data(), n, k, k, PackOptions{t, false, scalar});
+          pk.pack(W.data(), n, k, k, opts(t));
+          std::vector<float> cs(static_cast<size_t>(m * n)), ck(cs.size());
+          mk::gemm_packed(m, A.data(), k, ps, cs.data(), n, ap.data());
+          mk::gemm_packed(m, A.data(), k, pk, ck.data(), n, ap.data());
+          ASSERT_EQ(cs, ck) << mk::to_string(t) << " m " << m << " n " << n << " k " << k;
+          mk::gemm_packed_act(m, A.data(), k, ps, Activation::gelu, cs.data(), n, ap.data());
+          mk::gemm_packed_act(m, A.data(), k, pk, Activation::gelu, ck.data(), n, ap.data());
+          for (size_t i = 0; i < cs.size(); ++i)
+            ASSERT_NEAR(cs[i], ck[i], 2e-6f * (1 + std::fabs(cs[i])))
+                << mk::to_string(t) << " act at " << i;
+        }
+      }
+}
+
+// Splitting the columns (strip ranges) or the rows of a GEMM gives bit-identical results, so
+// any thread split gives the same output.
+TEST_P(KernelsDtype, StripAndRowSplitsAreBitIdentical) {
+  std::mt19937 g(5);
+  const int64_t m = 150, n = 100, k = 300;
+  const auto A = gaussian(g, static_cast<size_t>(m * k)), W = weights(g, n, k),
+             U = weights(g, n, k);
+  std::vector<float> ap(mk::packed_a_floats(m, k));
+  for (WeightType t : kTypes) {
+    SCOPED_TRACE(mk::to_string(t));
+    PackedMatrix pw, pg;
+    pw.pack(W.data(), n, k, k, opts(t));
+    pg.pack_gated(W.data(), U.data(), n, k, k, opts(t));
+    std::vector<float> all(static_cast<size_t>(m * n)), parts(all.size()), hall(all.size()),
+        hparts(all.size());
+    mk::gemm_packed(m, A.data(), k, pw, all.data(), n, ap.data());
+    mk::gemm_packed_gated(m, A.data(), k, pg, Activation::silu, hall.data(), n, ap.data());
+    for (int64_t cut : {int64_t{1}, pw.strips() / 2, pw.strips() - 1}) {
+      std::fill(parts.begin(), parts.end(), 0.0f);
+      mk::gemm_packed(m, A.data(), k, pw, parts.data(), n, ap.data(), false, 0, cut);
+      mk::gemm_packed(m, A.data(), k, pw, parts.data(), n, ap.data(), false, cut, -1);
+      ASSERT_EQ(all, parts) << "strip cut " << cut;
+      const int64_t gcut = cut * pg.strips() / pw.strips();
+      mk::gemm_packed_gated(m, A.data(), k, pg, Activation::silu, hparts.data(), n, ap.data(), 0,
+                            gcut);
+      mk::gemm_packed_gated(m, A.data(), k, pg, Activation::silu, hparts.data(), n, ap.data(), gcut,
+                            pg.strips());
+      ASSERT_EQ(hall, hparts) << "gated strip cut " << gcut;
+    }
+    for (int64_t r1 : {1, 4, 5, 7, 96, 97, 149}) {
+      std::fill(parts.begin(), parts.end(), 0.0f);
+      mk::gemm_packed(r1, A.data(), k, pw, parts.data(), n, ap.data());
+      mk::gemm_packed(m - r1, A.data() + r1 * k, k, pw, parts.data() + r1 * n, n, ap.data());
+      ASSERT_EQ(all, parts) << "row split at " << r1;
+    }
+    for (int64_t i : {0, 77, 149}) {  // one row alone
+      std::vector<float> one(static_cast<size_t>(n));
+      mk::gemm_packed(1, A.data() + i * k, k, pw, one.data(), n, ap.data());
+      ASSERT_TRUE(std::equal(one.begin(), one.end(), all.begin() + i * n)) << "row " << i;
+    }
+  }
+}
+
+// bf16 activations: the same as running without them on A rounded to bf16 (w8a8 ignores the
+// option: its activations are int8).
+TEST_P(KernelsDtype, Bf16ActivationsRoundA) {
+  std::mt19937 g(8);
+  for (const auto& [m, n, k] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 40, 200}, {5, 33, 129}, {120, 70, 260}}) {
+    const auto A = gaussian(g, static_cast<size_t>(m * k)), W = weights(g, n, k),
+               U = weights(g, n, k);
+    std::vector<float> Ar(A.size());
+    for (size_t i = 0; i < A.size(); ++i) Ar[i] = ref_bf16(A[i]);
+    std::vector<float> ap(mk::packed_a_floats(m, k));
+    for (WeightType t : kTypes) {
+      SCOPED_TRACE(std::string(mk::to_string(t)) + " m=" + std::to_string(m));
+      PackedMatrix with, without, gwith, gwithout;
+      with.pack(W.data(), n, k, k, opts(t, true));
+      without.pack(W.data(), n, k, k, opts(t, false));
+      gwith.pack_gated(W.data(), U.data(), n, k, k, opts(t, true));
+      gwithout.pack_gated(W.data(), U.data(), n, k, k, opts(t, false));
+      EXPECT_EQ(with.bf16_activations(), t != WeightType::w8a8);
+      std::vector<float> c1(static_cast<size_t>(m * n)), c2(c1.size());
+      mk::gemm_packed(m, A.data(), k, with, c1.data(), n, ap.data());
+      mk::gemm_packed(m, (t == WeightType::w8a8 ? A : Ar).data(), k, without, c2.data(), n,
+                      ap.data());
+      ASSERT_EQ(c1, c2);
+      mk::gemm_packed_gated(m, A.data(), k, gwith, Activation::silu, c1.data(), n, ap.data());
+      mk::gemm_packed_gated(m, (t == WeightType::w8a8 ? A : Ar).data(), k, gwithout,
+                            Activation::silu, c2.data(), n, ap.data());
+      ASSERT_EQ(c1, c2);
+      if (t != WeightType::w8a8) {  // and it changed something
+        mk::gemm_packed(m, A.data(), k, without, c2.data(), n, ap.data());
+        mk::gemm_packed(m, A.data(), k, with, c1.data(), n, ap.data());
+        EXPECT_NE(c1, c2);
+      }
+    }
+  }
+}
+
+// The quantisation error itself: relative Frobenius error of A W^T against the exact product
+// with the f32 weights, on Gaussian data (m = 64, n = 256, k = 512). Rounding to p significant
+// bits leaves an error uniform within +-ulp/2 where ulp = 2^(1-p) x (binade bottom); over
+// values spread across their binade, sqrt(E[err^2] / E[w^2]) = 2^(1-p) / sqrt(12 * 7/3)
+// = 0.19 x 2^(1-p), and a dot product of many terms has the same relative Frobenius error.
+//  - bf16 (p = 8): 1.5e-3 (measured 1.6e-3); bound 5e-3 (issue 4).
+//  - int8 per row: step max|w| / 127 ~ 3.3 sigma / 127, error step / sqrt(12) ~ 7.5e-3 sigma
+//    (measured 7.5e-3); bound 2e-2 (issue 4).
+//  - w8a8: the same again on the activations, ~ sqrt(2) x 7.5e-3 (measured 1.05e-2); bound 3e-2.
+//  - fp8 e4m3 (p = 4): 2.4e-2, a little more as Gaussian values below the block maximum reach
+//    the coarser subnormal range (measured 2.65e-2); bound 3.5e-2.
+TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
+  std::mt19937 g(31);
+  const int64_t m = 64, n = 256, k = 512;
+  const auto A = gaussian(g, static_cast<size_t>(m * k)),
+             W = gaussian(g, static_cast<size_t>(n * k));
+  std::vector<double> exact(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < k; ++p) s += double(A[i * k + p]) * W[j * k + p];
+      exact[i * n + j] = s;
+    }
+  std::vector<float> ap(mk::packed_a_floats(m, k)), C(static_cast<size_t>(m * n));
+  const std::pair<WeightType, double> bounds[] = {{WeightType::f32, 1e-6},
+                                                  {WeightType::bf16, 5e-3},
+                                                  {WeightType::int8, 2e-2},
+                                                  {WeightType::w8a8, 3e-2},
+                                                  {WeightType::fp8, 3.5e-2}};
+  for (const auto& [t, bound] : bounds) {
+    PackedMatrix pw;
+    pw.pack(W.data(), n, k, k, opts(t));
+    mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < exact.size(); ++i) {
+      num += (C[i] - exact[i]) * (C[i] - exact[i]);
+      den += exact[i] * exact[i];
+    }
+    const double err = std::sqrt(num / den);
+    RecordProperty(std::string("rel_frobenius_") + mk::to_string(t), std::to_string(err));
+    EXPECT_LE(err, bound) << mk::to_string(t);
+    if (t != WeightType::f32)
+      EXPECT_GT(err, bound / 50) << mk::to_string(t) << ": suspiciously exact, not exercised?";
+  }
+}
+
+// bytes() counts the stored values and the scales.
+TEST_P(KernelsDtype, BytesCountValuesAndScales) {
+  const int64_t n = 256, k = 512;
+  const std::vector<float> W(static_cast<size_t>(n * k), 0.5f);
+  PackedMatrix p;
+  p.pack(W.data(), n, k, k, opts(WeightType::f32));
+  const int64_t strips = p.strips();
+  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k * 4));
+  p.pack(W.data(), n, k, k, opts(WeightType::bf16));
+  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k * 2));
+  p.pack(W.data(), n, k, k, opts(WeightType::int8));
+  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + n * 4));
+  p.pack(W.data(), n, k, k, opts(WeightType::w8a8));
+  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + n * 4));
+  p.pack(W.data(), n, k, k, opts(WeightType::fp8));
+  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + strips * (k / 128) * 2 * 4));
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, KernelsDtype, ::testing::ValuesIn(mk::compiled_gemm_kernels()),
+                         [](const ::testing::TestParamInfo<const GemmKernel*>& info) {
+                           return kernel_label(info.param);
+                         });
+
+// ============================================================ dispatch and arguments
+
+TEST(KernelsDispatch, TableListsSupportedKernelsBestLast) {
+  const auto& usable = mk::gemm_kernels();
+  const auto& compiled = mk::compiled_gemm_kernels();
+  ASSERT_FALSE(usable.empty());
+  EXPECT_STREQ(usable.front()->name, "scalar");
+  EXPECT_EQ(usable.front()->panel, 16);
+  for (const GemmKernel* k : usable) {
+    EXPECT_TRUE(mk::gemm_kernel_supported(*k)) << k->name;
+    EXPECT_NE(std::find(compiled.begin(), compiled.end(), k), compiled.end()) << k->name;
+  }
+  for (const GemmKernel* k : compiled)
+    if (!mk::gemm_kernel_supported(*k)) {
+      // Packing for a kernel this CPU cannot run is refused (it would crash).
+      const std::vector<float> W(16, 1.0f);
+      PackedMatrix p;
+      EXPECT_THROW(p.pack(W.data(), 4, 4, 4, PackOptions{WeightType::f32, false, k}), moekit::error)
+          << k->name;
+    }
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma")) {  // the SIMD kernel exists and runs here
+    EXPECT_GE(usable.size(), 2u);
+  }
+#endif
+  if (std::getenv("MOEKIT_KERNEL") == nullptr) {
+    EXPECT_EQ(&mk::active_gemm_kernel(), usable.back());
+    EXPECT_NE(std::string(mk::gemm_backend()).find(usable.back()->name), std::string::npos)
+        << mk::gemm_backend();
+  }
+}
+
+// Run in a child process by the test below (MOEKIT_KERNEL is read once per process).
+TEST(KernelsDispatchChild, ActiveKernelIsTheExpectedOne) {
+  const char* expect = std::getenv("MOEKIT_TEST_EXPECT_KERNEL");
+  if (expect == nullptr) GTEST_SKIP() << "run by KernelsDispatch.EnvironmentVariableForcesKernel";
+  const std::string want = expect;
+  if (want.rfind("error:", 0) == 0) {
+    try {
+      (void)mk::active_gemm_kernel();
+      FAIL() << "no error for MOEKIT_KERNEL=" << std::getenv("MOEKIT_KERNEL");
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find(want.substr(6)), std::string::npos) << e.what();
+    }
+  } else {
+    EXPECT_EQ(mk::active_gemm_kernel().name, want);
+  }
+  std::printf("child-checked\n");
+}
+
+TEST(KernelsDispatch, EnvironmentVariableForcesKernel) {
+  std::error_code ec;
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
+  if (ec || self.empty()) GTEST_SKIP() << "no /proc/self/exe to re-run this test binary";
+  const auto& usable = mk::gemm_kernels();
+  std::vector<std::pair<std::string, std::string>> cases = {
+      {"scalar", "scalar"}, {"bogus", "error:expected \"scalar\", \"simd\""}};
+  for (const GemmKernel* k : usable) cases.emplace_back(k->name, k->name);
+  if (usable.size() > 1) cases.emplace_back("simd", usable.back()->name);
+  for (const GemmKernel* k : mk::compiled_gemm_kernels())
+    if (!mk::gemm_kernel_supported(*k)) cases.emplace_back(k->name, "error:this CPU cannot run");
+  for (const auto& [env, expect] : cases) {
+    const std::string cmd = "MOEKIT_KERNEL='" + env + "' MOEKIT_TEST_EXPECT_KERNEL='" + expect +
+                            "' " + self + " --gtest_filter=KernelsDispatchChild.* 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p) != nullptr) out += buf;
+    const int status = pclose(p);
+    EXPECT_EQ(status, 0) << "MOEKIT_KERNEL=" << env << ":\n" << out;
+    EXPECT_NE(out.find("child-checked"), std::string::npos)
+        << "MOEKIT_KERNEL=" << env << ": child did not check\n"
+        << out;
+  }
+}
+
+TEST(KernelsDtypeArgs, WeightTypeNamesAndBadArguments) {
+  for (WeightType t : kTypes) EXPECT_EQ(mk::parse_weight_type(mk::to_string(t)), t);
+  EXPECT_EQ(mk::weight_type_bytes(WeightType::f32), 4);
+  EXPECT_EQ(mk::weight_type_bytes(WeightType::bf16), 2);
+  EXPECT_EQ(mk::weight_type_bytes(WeightType::int8), 1);
+  EXPECT_EQ(mk::weight_type_bytes(WeightType::w8a8), 1);
+  EXPECT_EQ(mk::weight_type_bytes(WeightType::fp8), 1);
+  try {
+    (void)mk::parse_weight_type("fp16");
+    FAIL() << "fp16 accepted";
+  } catch (const moekit::error& e) {
+    const std::string msg = e.what();
+    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "\"fp16\""})
+      EXPECT_NE(msg.find(name), std::string::npos)
+          << "message does not name " << name << ": " << msg;
+  }
+  const std::vector<float> W(64, 1.0f);
+  PackedMatrix p;
+  EXPECT_THROW(p.pack(W.data(), -1, 4, 4), moekit::error);
+  EXPECT_THROW(p.pack(W.data(), 4, 8, 4), moekit::error);  // row stride < k
+  EXPECT_THROW(p.pack(nullptr, 4, 4, 4), moekit::error);
+  // An empty range or matrix computes nothing and writes nothing.
+  p.pack(W.data(), 8, 8, 8);
+  std::vector<float> C(64, 3.0f), ap(mk::packed_a_floats(8, 8));
+  mk::gemm_packed(8, W.data(), 8, p, C.data(), 8, ap.data(), false, 0, 0);
+  mk::gemm_packed(0, W.data(), 8, p, C.data(), 8, ap.data());
+  for (float c : C) EXPECT_EQ(c, 3.0f);
+}
+
+}  // namespace
