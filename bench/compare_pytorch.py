@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
 """Times the same MoE layers in PyTorch eager (the HF-Mixtral-style loop over experts) and in
-moekit (`moekit bench`), f32 and bf16 for PyTorch, and prints the ratio moekit / PyTorch side by
-side. Optional: needs Debian's python3-torch (and libopenblas0-pthread for a fast sgemm);
+moekit (`moekit bench`), f32 and bf16 on both sides (moekit also w8a8), and prints the ratios
+moekit / PyTorch side by side (f32 vs f32, bf16 vs bf16). Optional: needs Debian's python3-torch (and libopenblas0-pthread for a fast sgemm);
 writes a PNG plot of GFLOP/s against T next to the JSON results when python3-matplotlib is
 installed. Run it with Debian's python: /usr/bin/python3 bench/compare_pytorch.py --moekit PATH
 
@@ -61,14 +61,14 @@ def time_torch(torch, forward, T, d, dtype, repeat):
     return statistics.median(ts)
 
 
-def time_moekit(binary, E, k, d, f, T, threads, repeat):
+def time_moekit(binary, E, k, d, f, T, threads, repeat, dtype="f32"):
     cfg = {"model_type": "mixtral", "hidden_size": d, "intermediate_size": f, "num_local_experts": E, "num_experts_per_tok": k}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(cfg, fh)
         path = fh.name
     try:
         r = subprocess.run([binary, "bench", "--config", path, "--tokens", str(T), "--threads", str(threads), "--repeat",
-                            str(repeat), "--layers", "1"], capture_output=True, text=True, check=True)
+                            str(repeat), "--layers", "1", "--dtype", dtype], capture_output=True, text=True, check=True)
     finally:
         os.unlink(path)
     return json.loads(r.stdout)
@@ -88,20 +88,25 @@ def main():
         sys.exit("compare_pytorch.py needs Debian's python3-torch (run with /usr/bin/python3)")
     torch.set_num_threads(args.threads)
     rows = []
-    print("%-22s %5s %12s %12s %12s %9s %9s" % ("shape (E,k,d,f)", "T", "moekit GF/s", "torch f32", "torch bf16", "x f32", "x bf16"))
+    print("%-22s %5s %10s %10s %10s %10s %10s %8s %8s" % ("shape (E,k,d,f)", "T", "mk f32", "mk bf16", "mk w8a8",
+                                                         "torch f32", "torch bf16", "x f32", "x bf16"))
     for (E, k, d, f) in ((8, 2, 1024, 2816), (64, 8, 1024, 1408)):
         layers = {dt: torch_layer(torch, E, k, d, f, dt) for dt in (torch.float32, torch.bfloat16)}
         for T in (int(t) for t in args.tokens.split(",")):
             m = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat)
+            mb = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat, "bf16")
+            mq = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat, "w8a8")
             flops = m["gflops"] * m["median_ms"] / 1e3 * 1e9  # executed FLOPs of one forward
             tf = time_torch(torch, layers[torch.float32], T, d, torch.float32, args.repeat)
             tb = time_torch(torch, layers[torch.bfloat16], T, d, torch.bfloat16, args.repeat)
-            row = {"E": E, "k": k, "d": d, "f": f, "T": T, "moekit_gflops": m["gflops"], "torch_f32_gflops": flops / tf / 1e9,
+            row = {"E": E, "k": k, "d": d, "f": f, "T": T, "moekit_gflops": m["gflops"], "moekit_bf16_gflops": mb["gflops"],
+                   "moekit_w8a8_gflops": mq["gflops"], "torch_f32_gflops": flops / tf / 1e9,
                    "torch_bf16_gflops": flops / tb / 1e9}
             rows.append(row)
-            print("%-22s %5d %12.1f %12.1f %12.1f %9.2f %9.2f" % (
-                "(%d,%d,%d,%d)" % (E, k, d, f), T, row["moekit_gflops"], row["torch_f32_gflops"], row["torch_bf16_gflops"],
-                row["moekit_gflops"] / row["torch_f32_gflops"], row["moekit_gflops"] / row["torch_bf16_gflops"]))
+            print("%-22s %5d %10.1f %10.1f %10.1f %10.1f %10.1f %8.2f %8.2f" % (
+                "(%d,%d,%d,%d)" % (E, k, d, f), T, row["moekit_gflops"], row["moekit_bf16_gflops"], row["moekit_w8a8_gflops"],
+                row["torch_f32_gflops"], row["torch_bf16_gflops"], row["moekit_gflops"] / row["torch_f32_gflops"],
+                row["moekit_bf16_gflops"] / row["torch_bf16_gflops"]))
     with open(args.out, "w") as fh:
         json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, fh, indent=1)
     try:
@@ -113,6 +118,7 @@ def main():
             sel = [r for r in rows if r["E"] == E]
             Ts = [r["T"] for r in sel]
             ax.plot(Ts, [r["moekit_gflops"] for r in sel], "o-", label="moekit f32 E=%d k=%d" % (E, k))
+            ax.plot(Ts, [r["moekit_bf16_gflops"] for r in sel], "D-", label="moekit bf16 E=%d k=%d" % (E, k))
             ax.plot(Ts, [r["torch_f32_gflops"] for r in sel], "s--", label="PyTorch f32 E=%d k=%d" % (E, k))
             ax.plot(Ts, [r["torch_bf16_gflops"] for r in sel], "^:", label="PyTorch bf16 E=%d k=%d" % (E, k))
         ax.set_xscale("log")

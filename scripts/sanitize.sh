@@ -15,8 +15,8 @@ jobs=$(nproc)
 run_asan() {
   local build="$broot/asan"
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEKIT_SANITIZE=address,undefined \
-    -DMOEKIT_BUILD_BENCH=OFF >/dev/null
-  cmake --build "$build" -j "$jobs"
+    -DMOEKIT_BUILD_BENCH=OFF -DMOEKIT_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build "$build" -j "$jobs" --target moekit_tests
   echo "moekit: tests under ASan+UBSan"
   (cd "$build" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 OMP_NUM_THREADS=2 \
@@ -30,7 +30,7 @@ run_tsan() {
   archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | sort -V | tail -n 1 || true)
   CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEKIT_SANITIZE=thread \
     -DMOEKIT_BUILD_BENCH=OFF -DMOEKIT_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build "$build" -j "$jobs"
+  cmake --build "$build" -j "$jobs" --target moekit_tests
   echo "moekit: tests under TSan (OpenMP tool: ${archer:-none})"
   (cd "$build" && OMP_TOOL_LIBRARIES="$archer" TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
      OMP_NUM_THREADS=2 ctest --output-on-failure -j "$jobs")

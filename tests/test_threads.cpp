@@ -8,6 +8,8 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <mutex>
 #include <random>
@@ -213,6 +215,83 @@ TEST(Determinism, EveryFamilyIsBitIdenticalAcrossThreadCountsAndRepeats) {
     }
   }
   EXPECT_EQ(compared, 17 * 4 * 4);
+}
+
+// The layer rejects NaN / Inf in unpadded input rows (naming token and column) before
+// routing, ignores padded rows, and set_check_finite(false) skips the scan; non-finite expert
+// weights and shared gates are refused when the layer is built.
+TEST(NonFinite, LayerScanAndOptOut) {
+  moekit::LayerConfig c = small_config("qwen2_moe", 16, 4, 2, 24);
+  moekit::TopKLayer layer = moekit::random_layer(c, 9);
+  const int64_t T = 5, d = 16;
+  auto x = gaussian(1, static_cast<size_t>(T * d));
+  std::vector<float> y(x.size());
+  moekit::Workspace ws;
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    x[3 * d + 7] = bad;
+    try {
+      layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);
+      FAIL() << "expected an error for " << bad;
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find("hidden[3, 7] expected finite"), std::string::npos) << e.what();
+    }
+    try {
+      layer.forward_plan(moekit::Batch::single(T, d), x.data(), ws.plan, y.data(), ws, 1);
+      FAIL() << "expected an error from forward_plan";
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find("forward_plan: hidden[3, 7]"), std::string::npos) << e.what();
+    }
+    // A padded row may hold anything.
+    std::vector<uint8_t> pad(T, 0);
+    pad[3] = 1;
+    moekit::Batch padded = moekit::Batch::single(T, d);
+    padded.padding = pad;
+    layer.forward(padded, x.data(), y.data(), ws, 2);
+    for (int64_t j = 0; j < d; ++j) EXPECT_EQ(y[static_cast<size_t>(3 * d + j)], 0.0f);
+    // Opt-out: the scan is skipped; the router's own (cheap, [T, E]) logit check still
+    // refuses to route a non-finite logit, so the answer is an error, never a silent one.
+    layer.set_check_finite(false);
+    EXPECT_FALSE(layer.check_finite());
+    try {
+      layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);
+      FAIL() << "expected the router to refuse a non-finite logit";
+    } catch (const moekit::error& e) {
+      EXPECT_EQ(std::string(e.what()).find("hidden["), std::string::npos) << "the scan ran: " << e.what();
+      EXPECT_NE(std::string(e.what()).find("token 3"), std::string::npos) << e.what();
+    }
+    // With finite input the opt-out changes nothing.
+    x[3 * d + 7] = 0.25f;
+    std::vector<float> checked(y.size()), unchecked(y.size());
+    layer.forward(moekit::Batch::single(T, d), x.data(), unchecked.data(), ws, 2);
+    layer.set_check_finite(true);
+    layer.forward(moekit::Batch::single(T, d), x.data(), checked.data(), ws, 2);
+    EXPECT_EQ(checked, unchecked);
+  }
+  // Weights: expert and shared gate.
+  moekit::FfnBank bank(2, {16, 24, true, moekit::Activation::silu});
+  std::vector<float> w(16 * 24, 0.5f);
+  auto down = w;
+  down[5 * 24 + 2] = std::numeric_limits<float>::infinity();
+  try {
+    bank.set_expert(1, w.data(), w.data(), down.data());
+    FAIL() << "expected an error";
+  } catch (const moekit::error& e) {
+    EXPECT_NE(std::string(e.what()).find("expert 1 down[5, 2] expected finite, got inf"), std::string::npos) << e.what();
+  }
+  moekit::SharedExpert shared{moekit::FfnBank(1, {16, 24, true, moekit::Activation::silu}), std::vector<float>(16, 0.1f)};
+  shared.gate[4] = std::numeric_limits<float>::quiet_NaN();
+  moekit::TopKOptions o;
+  o.num_experts = 2;
+  o.k = 1;
+  o.hidden = 16;
+  try {
+    moekit::TopKLayer bad(moekit::TopKRouter(o, std::vector<float>(32, 0.1f)), moekit::FfnBank(2, {16, 24, true, moekit::Activation::silu}),
+                          {std::move(shared)});
+    FAIL() << "expected an error";
+  } catch (const moekit::error& e) {
+    EXPECT_NE(std::string(e.what()).find("shared expert gate[4] expected finite"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
