@@ -4,6 +4,8 @@
 // has them), and the public entry points. The kernels live in src/kernels/.
 #include "moekit/kernels/packed_gemm.hpp"
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cfloat>
 #include <cstdlib>
@@ -269,10 +271,15 @@ struct KernelEntry {
 
 bool always() noexcept { return true; }
 #if defined(MOEKIT_HAVE_KERNEL_AVX2)
+// F16C (CPUID leaf 1, ECX bit 29): GCC's __builtin_cpu_supports knows it, clang 14's does not.
+bool has_f16c() noexcept {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+}
 bool has_avx2() noexcept {
-  __builtin_cpu_init();  // libgcc's CPUID (also checks that the OS saves the AVX state)
+  __builtin_cpu_init();  // the compiler runtime's CPUID (also checks that the OS saves the AVX state)
   return xsimd::available_architectures().fma3_avx2 && __builtin_cpu_supports("avx2") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+         __builtin_cpu_supports("fma") && has_f16c();
 }
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512)
