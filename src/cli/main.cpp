@@ -96,16 +96,16 @@ struct Input {
   std::vector<int32_t> offsets, positions, types;
   std::vector<uint8_t> padding;
   std::vector<float> state;
-  bool has_offsets = false, has_positions = false, has_padding = false, has_types = false, has_state = false;
 
-  // A Batch viewing these arrays (valid while this object lives).
+  // A Batch viewing these arrays (valid while this object lives); an absent tensor is an
+  // empty array, which Batch reads as "not given".
   [[nodiscard]] moekit::Batch batch(int64_t d) const {
     moekit::Batch b = moekit::Batch::single(tokens, d);
-    if (has_offsets) b.sequence_offsets = offsets;
-    if (has_positions) b.positions = positions;
-    if (has_padding) b.padding = padding;
-    if (has_types) b.token_types = types;
-    if (has_state) b.router_state = state;
+    b.sequence_offsets = offsets;
+    b.positions = positions;
+    b.padding = padding;
+    b.token_types = types;
+    b.router_state = state;
     return b;
   }
 };
@@ -117,11 +117,11 @@ Input read_input(const moekit::io::TensorSource& input, const std::string& in_pa
   if (hv.shape.size() != 2) fail(in_path, ": tensor \"hidden_states\" expected shape [T, ", d, "], got rank ", hv.shape.size());
   const int64_t T = in.tokens = hv.shape[0];
   in.x = input.read_f32("hidden_states", {T, d});
-  if ((in.has_offsets = input.contains("sequence_offsets"))) in.offsets = input.read_i32("sequence_offsets", {-1});
-  if ((in.has_positions = input.contains("positions"))) in.positions = input.read_i32("positions", {T});
-  if ((in.has_padding = input.contains("padding_mask"))) in.padding = input.read_u8("padding_mask", {T});
-  if ((in.has_types = input.contains("token_types"))) in.types = input.read_i32("token_types", {T});
-  if ((in.has_state = input.contains("router_state"))) in.state = input.read_f32("router_state", {T, -1});
+  if (input.contains("sequence_offsets")) in.offsets = input.read_i32("sequence_offsets", {-1});
+  if (input.contains("positions")) in.positions = input.read_i32("positions", {T});
+  if (input.contains("padding_mask")) in.padding = input.read_u8("padding_mask", {T});
+  if (input.contains("token_types")) in.types = input.read_i32("token_types", {T});
+  if (input.contains("router_state")) in.state = input.read_f32("router_state", {T, -1});
   const int64_t bad = moekit::kernels::first_non_finite(in.x.data(), static_cast<int64_t>(in.x.size()));
   if (bad >= 0) fail(in_path, ": hidden_states[", bad / d, ", ", bad % d, "] is not finite (", in.x[static_cast<size_t>(bad)], ")");
   return in;

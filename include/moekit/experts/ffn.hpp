@@ -182,7 +182,7 @@ concept SplittableBank = requires(const B& b, int stage, int64_t e, const float*
   { b.split_strips(stage) } -> std::convertible_to<int64_t>;
   { b.split_scratch_floats(rows) } -> std::convertible_to<size_t>;
   { b.split_hidden_floats(rows) } -> std::convertible_to<size_t>;
-  b.run_split(stage, e, in, rows, h, out, a_pack, s, s);
+  { b.run_split(stage, e, in, rows, h, out, a_pack, s, s) } noexcept;  // runs inside a parallel region
 };
 static_assert(SplittableBank<FfnBank>);
 
