@@ -26,6 +26,9 @@ struct IsaOps<Avx2> {
   using freg = __m256;
   using ireg = __m256i;
 
+  // a * b + c, one rounding.
+  static __m256 fmadd(__m256 a, __m256 b, __m256 c) noexcept { return _mm256_fmadd_ps(a, b, c); }
+
   // 8 bf16 -> f32 (exact: the bits move to the top half).
   static __m256 widen_bf16(const uint16_t* p) noexcept {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -27,6 +27,9 @@ struct IsaOps<Avx512> {
   using freg = __m512;
   using ireg = __m512i;
 
+  // a * b + c, one rounding.
+  static __m512 fmadd(__m512 a, __m512 b, __m512 c) noexcept { return _mm512_fmadd_ps(a, b, c); }
+
   // 16 bf16 -> f32.
   static __m512 widen_bf16(const uint16_t* p) noexcept {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
