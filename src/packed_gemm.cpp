@@ -1,10 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Packed-weight GEMM: packing and quantisation of the weights (f32, bf16, int8, w8a8, fp8),
 // the run-time kernel table (scalar always; AVX2+FMA and AVX-512 when compiled in and the CPU
-// has them), and the public entry points. The kernels live in src/kernels/.
+// has them; each entry carries the GEMM and the row kernels of its instruction set), and the
+// public entry points. The kernels live in src/kernels/.
 #include "moekit/kernels/packed_gemm.hpp"
-
-#include <cpuid.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -13,6 +12,8 @@
 #include <string>
 
 #include "kernels/gemm_internal.hpp"
+#include "kernels/rows_internal.hpp"
+#include "moekit/cpu.hpp"
 #include "moekit/error.hpp"
 #include "moekit/kernels/fp8.hpp"
 #include "moekit/kernels/gemm.hpp"
@@ -137,7 +138,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   MOEKIT_CHECK(opt.type != WeightType::w8a8 || k <= (int64_t{1} << 31) / (127 * 127), who,
                ": w8a8 sums int32 products of int8 values; k expected <= ",
                (int64_t{1} << 31) / (127 * 127), ", got ", k);
-  const GemmKernel* kern = opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel();
+  const GemmKernel* kern = opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel(opt.type);
   MOEKIT_CHECK(gemm_kernel_supported(*kern), who, ": kernel \"", kern->name,
                "\" is compiled in but this CPU cannot run it (kernels it runs: ",
                names(gemm_kernels()), ")");
@@ -263,42 +264,38 @@ size_t packed_a_floats(int64_t m, int64_t k) noexcept {
 
 namespace {
 
+// One instruction set: its GEMM and row kernels, and what the CPU must have to run them.
 struct KernelEntry {
   const GemmKernel* kernel;
+  const RowKernels* rows;
   bool (*supported)() noexcept;
-  const char* needs;  // what the CPU must have
+  const char* needs;
 };
 
 bool always() noexcept { return true; }
 #if defined(MOEKIT_HAVE_KERNEL_AVX2)
-// F16C (CPUID leaf 1, ECX bit 29): GCC's __builtin_cpu_supports knows it, clang 14's does not.
-bool has_f16c() noexcept {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
-}
 bool has_avx2() noexcept {
-  __builtin_cpu_init();  // the compiler runtime's CPUID (also checks that the OS saves the AVX state)
-  return xsimd::available_architectures().fma3_avx2 && __builtin_cpu_supports("avx2") &&
-         __builtin_cpu_supports("fma") && has_f16c();
+  const CpuFeatures& f = cpu_features();
+  return f.avx2 && f.fma && f.f16c;
 }
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512)
 bool has_avx512() noexcept {
-  __builtin_cpu_init();
-  return xsimd::available_architectures().avx512bw && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vl");
+  const CpuFeatures& f = cpu_features();
+  return f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.fma;
 }
 #endif
 
-// Every compiled kernel, worst first.
+// Every compiled kernel, slowest first: the default is the last one the CPU supports. The
+// order is by measured speed, not by the age of the instruction set (docs/architecture.md,
+// "Kernels": AVX-512 is faster than AVX2 for every weight type on the CPUs measured).
 const KernelEntry kTable[] = {
-    {&detail::kGemmScalar, always, ""},
+    {&detail::kGemmScalar, &detail::kRowsScalar, always, "nothing beyond x86-64"},
 #if defined(MOEKIT_HAVE_KERNEL_AVX2)
-    {&detail::kGemmAvx2, has_avx2, "AVX2, FMA and F16C"},
+    {&detail::kGemmAvx2, &detail::kRowsAvx2, has_avx2, "AVX2, FMA and F16C"},
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512)
-    {&detail::kGemmAvx512, has_avx512, "AVX-512 F, BW, DQ and VL"},
+    {&detail::kGemmAvx512, &detail::kRowsAvx512, has_avx512, "AVX-512 F, BW, DQ and VL, and FMA"},
 #endif
 };
 
@@ -306,6 +303,57 @@ const KernelEntry* entry_of(const GemmKernel& k) noexcept {
   for (const KernelEntry& e : kTable)
     if (e.kernel == &k) return &e;
   return nullptr;
+}
+
+// The choice (MOEKIT_KERNEL or the best supported entry), or why there is none; read once.
+struct Choice {
+  const KernelEntry* entry = nullptr;
+  std::string error;
+  std::string why;
+};
+
+const Choice& choice() noexcept {
+  static const Choice c = [] {
+    Choice c;
+    const KernelEntry* best = nullptr;
+    for (const KernelEntry& e : kTable)
+      if (e.supported()) best = &e;
+    const char* env = std::getenv("MOEKIT_KERNEL");
+    if (env == nullptr || *env == '\0') {
+      c.entry = best;
+      c.why = std::string("the fastest compiled kernel this CPU runs (it needs ") + best->needs + ")";
+      return c;
+    }
+    const std::string want = env;
+    if (want == "simd") {
+      if (best != &kTable[0]) {
+        c.entry = best;
+        c.why = "MOEKIT_KERNEL=simd: the fastest SIMD kernel this CPU runs";
+      } else {
+        c.error = "MOEKIT_KERNEL=simd: no SIMD kernel " +
+                  std::string(compiled_gemm_kernels().size() > 1
+                                  ? "compiled into moekit runs on this CPU (compiled: "
+                                  : "is compiled into moekit (compiled: ") +
+                  names(compiled_gemm_kernels()) + ")";
+      }
+      return c;
+    }
+    for (const KernelEntry& e : kTable) {
+      if (want != e.kernel->name) continue;
+      if (e.supported()) {
+        c.entry = &e;
+        c.why = "MOEKIT_KERNEL=" + want;
+      } else {
+        c.error = "MOEKIT_KERNEL=" + want + ": this CPU cannot run that kernel (it needs " +
+                  e.needs + "); kernels this CPU runs: " + names(gemm_kernels());
+      }
+      return c;
+    }
+    c.error = "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or one of the compiled kernels (" +
+              names(compiled_gemm_kernels()) + "), got \"" + want + "\"";
+    return c;
+  }();
+  return c;
 }
 
 }  // namespace
@@ -324,6 +372,11 @@ bool gemm_kernel_supported(const GemmKernel& kernel) noexcept {
   return e != nullptr && e->supported();
 }
 
+const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept {
+  const KernelEntry* e = entry_of(kernel);
+  return e != nullptr ? e->needs : "";
+}
+
 const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
   static const std::vector<const GemmKernel*> usable = [] {
     std::vector<const GemmKernel*> v;
@@ -335,48 +388,30 @@ const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
 }
 
 const GemmKernel& active_gemm_kernel() {
-  // The choice, or why there is none (read once).
-  struct Choice {
-    const GemmKernel* kernel = nullptr;
-    std::string error;
-  };
-  static const Choice choice = [] {
-    Choice c;
-    const char* env = std::getenv("MOEKIT_KERNEL");
-    const auto& usable = gemm_kernels();
-    if (env == nullptr || *env == '\0') {
-      c.kernel = usable.back();
-      return c;
-    }
-    const std::string want = env;
-    if (want == "simd") {
-      if (usable.size() > 1) {
-        c.kernel = usable.back();
-      } else {
-        c.error = "MOEKIT_KERNEL=simd: no SIMD kernel " +
-                  std::string(compiled_gemm_kernels().size() > 1
-                                  ? "compiled into moekit runs on this CPU (compiled: "
-                                  : "is compiled into moekit (compiled: ") +
-                  names(compiled_gemm_kernels()) + ")";
-      }
-      return c;
-    }
-    for (const KernelEntry& e : kTable) {
-      if (want != e.kernel->name) continue;
-      if (e.supported()) {
-        c.kernel = e.kernel;
-      } else {
-        c.error = "MOEKIT_KERNEL=" + want + ": this CPU cannot run that kernel (it needs " +
-                  e.needs + "); kernels this CPU runs: " + names(usable);
-      }
-      return c;
-    }
-    c.error = "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or one of the compiled kernels (" +
-              names(compiled_gemm_kernels()) + "), got \"" + want + "\"";
-    return c;
+  MOEKIT_CHECK(choice().entry != nullptr, choice().error);
+  return *choice().entry->kernel;
+}
+
+const GemmKernel& active_gemm_kernel(WeightType) { return active_gemm_kernel(); }
+
+std::string gemm_kernel_reason(WeightType type) {
+  const GemmKernel& k = active_gemm_kernel(type);
+  return std::string(k.name) + " implements " + to_string(type) + "; chosen as " + choice().why;
+}
+
+const RowKernels& row_kernels() noexcept {
+  const Choice& c = choice();
+  return c.entry != nullptr ? *c.entry->rows : detail::kRowsScalar;
+}
+
+const std::vector<const RowKernels*>& row_kernel_implementations() noexcept {
+  static const std::vector<const RowKernels*> usable = [] {
+    std::vector<const RowKernels*> v;
+    for (const KernelEntry& e : kTable)
+      if (e.supported()) v.push_back(e.rows);
+    return v;
   }();
-  MOEKIT_CHECK(choice.kernel != nullptr, choice.error);
-  return *choice.kernel;
+  return usable;
 }
 
 const char* gemm_backend() noexcept {

@@ -4,6 +4,7 @@
 
 #include "moekit/batch.hpp"
 #include "moekit/blocks.hpp"
+#include "moekit/cpu.hpp"
 #include "moekit/error.hpp"
 #include "moekit/expert.hpp"
 #include "moekit/experts/ffn.hpp"

@@ -19,12 +19,12 @@
 
 #include <nlohmann/json.hpp>
 #include <omp.h>
-#include <xsimd/xsimd.hpp>
 
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/cpu.hpp"
 #include "moekit/kernels/gemm.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
@@ -259,21 +259,36 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
 
 // ---------------------------------------------------------------------------- info
 int cmd_info() {
-  __builtin_cpu_init();
-  json features = json::object();
-#define MOEKIT_FEATURE(name) features[name] = static_cast<bool>(__builtin_cpu_supports(name))
-  MOEKIT_FEATURE("sse4.2");
-  MOEKIT_FEATURE("avx");
-  MOEKIT_FEATURE("avx2");
-  MOEKIT_FEATURE("fma");
-  MOEKIT_FEATURE("avx512f");
-  MOEKIT_FEATURE("avx512bw");
-  MOEKIT_FEATURE("avx512vnni");
-#undef MOEKIT_FEATURE
+  const moekit::CpuFeatures& f = moekit::cpu_features();
+  // CPUID, counted only where the OS saves the registers (XCR0); "avx512vnni" is the older
+  // spelling of avx512_vnni, kept for existing readers.
+  const json features = {{"sse4.2", f.sse4_2},       {"avx", f.avx},
+                         {"avx2", f.avx2},           {"fma", f.fma},
+                         {"f16c", f.f16c},           {"avx512f", f.avx512f},
+                         {"avx512bw", f.avx512bw},   {"avx512dq", f.avx512dq},
+                         {"avx512vl", f.avx512vl},   {"avx512vnni", f.avx512_vnni},
+                         {"avx512_vnni", f.avx512_vnni}, {"avx512_bf16", f.avx512_bf16},
+                         {"avx512_fp16", f.avx512_fp16}, {"avx_vnni", f.avx_vnni},
+                         {"amx_tile", f.amx_tile},   {"amx_bf16", f.amx_bf16},
+                         {"amx_int8", f.amx_int8}};
+  json by_type = json::object();
+  for (const auto t : {moekit::kernels::WeightType::f32, moekit::kernels::WeightType::bf16,
+                       moekit::kernels::WeightType::int8, moekit::kernels::WeightType::w8a8,
+                       moekit::kernels::WeightType::fp8})
+    by_type[moekit::kernels::to_string(t)] = {
+        {"kernel", moekit::kernels::active_gemm_kernel(t).name},
+        {"why", moekit::kernels::gemm_kernel_reason(t)}};
   json out = {{"version", moekit::version()},
+              {"cpu", {{"vendor", f.vendor}, {"brand", f.brand}}},
               {"cpu_features", features},
-              {"simd_arch", xsimd::default_arch::name()},
+              {"cpu_reported_amx", {{"amx_tile", f.cpu_amx_tile}, {"amx_bf16", f.cpu_amx_bf16},
+                                    {"amx_int8", f.cpu_amx_int8}}},
+              {"os_saves_state", {{"avx", f.os_avx}, {"avx512", f.os_avx512}, {"amx", f.os_amx}}},
+              {"amx_permission", moekit::to_string(moekit::request_amx_permission())},
+              {"simd_arch", moekit::kernels::row_kernels().name},
+              {"row_kernels", moekit::kernels::row_kernels().name},
               {"gemm_kernel", moekit::kernels::gemm_backend()},
+              {"gemm_kernel_by_weight_type", by_type},
               {"gemm_kernels_compiled", [] {
                  json a = json::array();
                  for (const auto* k : moekit::kernels::compiled_gemm_kernels()) a.push_back(k->name);
@@ -284,9 +299,15 @@ int cmd_info() {
                  for (const auto* k : moekit::kernels::gemm_kernels()) a.push_back(k->name);
                  return a;
                }()},
+              {"gemm_kernels_needs", [] {
+                 json o = json::object();
+                 for (const auto* k : moekit::kernels::compiled_gemm_kernels())
+                   o[k->name] = moekit::kernels::gemm_kernel_needs(*k);
+                 return o;
+               }()},
               {"weight_types", {"f32", "bf16", "int8", "w8a8", "fp8"}},
               {"kernel_override", "MOEKIT_KERNEL=scalar|simd|<a compiled kernel's name>"},
-              {"dispatch", "run time, from CPUID: the best compiled kernel this CPU supports"},
+              {"dispatch", "run time, from CPUID: the fastest compiled kernel this CPU supports (GEMM and row kernels)"},
               {"omp_max_threads", omp_get_max_threads()},
               {"l3_bytes", l3_bytes()}};
   std::printf("%s\n", out.dump(2).c_str());

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 #include <xsimd/xsimd.hpp>
@@ -76,11 +77,22 @@ const std::vector<const GemmKernel*>& compiled_gemm_kernels() noexcept;
 /// lacks).
 bool gemm_kernel_supported(const GemmKernel& kernel) noexcept;
 
-/// The kernel new PackedMatrix objects use: the best one this CPU supports, or the one named
-/// by the environment variable MOEKIT_KERNEL ("scalar", "simd" = the best SIMD one, or a
-/// kernel's name), read once. Throws moekit::error for an unknown name or a kernel this CPU
-/// cannot run.
+/// What the CPU needs to run `kernel` (for messages and `moekit info`), e.g. "AVX2, FMA and F16C".
+const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept;
+
+/// The kernel new PackedMatrix objects use: the fastest one this CPU supports (the table is
+/// ordered by measured speed, not by the age of the instruction set), or the one named by the
+/// environment variable MOEKIT_KERNEL ("scalar", "simd" = the best SIMD one, or a kernel's
+/// name), read once. The row kernels (kernels/vector.hpp) follow the same choice. Throws
+/// moekit::error for an unknown name or a kernel this CPU cannot run.
 const GemmKernel& active_gemm_kernel();
+
+/// The kernel for weights of type `type` (today the same for every type: every kernel
+/// implements every type, and the fastest one is fastest for each; see `moekit info`).
+const GemmKernel& active_gemm_kernel(WeightType type);
+
+/// Why active_gemm_kernel(type) is the kernel it is, in one sentence (for `moekit info`).
+std::string gemm_kernel_reason(WeightType type);
 
 /// A weight matrix `W [n, k]` (HF `[out, in]` layout) repacked for gemm_packed(): strips of
 /// `panel()` output columns, each stored k-major (`[k, panel]`; w8a8 interleaves pairs of k),

@@ -1,52 +1,65 @@
 // SPDX-License-Identifier: Apache-2.0
-// Row kernels on contiguous float vectors: dot products, copies, axpy (xsimd, fixed order).
+// Row kernels on contiguous float vectors (dot products, axpy, the NaN scan, the log-sum-exp
+// and gate functions of the routers), compiled per instruction set in src/ and chosen at run
+// time like the GEMM kernels (kernels/packed_gemm.hpp). This header carries no SIMD code, so
+// it compiles for any x86-64 target at any optimisation level.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
-
-#include <xsimd/xsimd.hpp>
+#include <vector>
 
 namespace moekit::kernels {
 
-using fbatch = xsimd::batch<float>;
-inline constexpr int64_t kLanes = static_cast<int64_t>(fbatch::size);
+/// Every row kernel sums in this many lanes, whatever the instruction set: lane l of a dot
+/// product accumulates elements l, l + 16, l + 32, ... with fused multiply-adds; the lanes are
+/// then added pairwise (l + 8, then l + 4, l + 2, l + 1) and the tail (n % 16 elements)
+/// follows one by one with fused multiply-adds. So dot products, axpy and scaling give the
+/// same bits on every kernel (scalar, AVX2, AVX-512) and for any number of rows computed
+/// together. Functions built on exp / log / tanh agree within float rounding across kernels.
+inline constexpr int64_t kRowLanes = 16;
 
-/// Dot products of one row `x [n]` with `R` rows `w[r] [n]`. The summation order per row is
-/// fixed (one SIMD accumulator over the chunks, horizontal add, scalar tail), so the result
-/// of a row never depends on how many rows are computed together.
-template <int R>
-inline void dot_rows(const float* x, const float* const* w, int64_t n, float* out) noexcept {
-  fbatch acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = fbatch(0.0f);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const fbatch xv = fbatch::load_unaligned(x + i);
-    for (int r = 0; r < R; ++r) acc[r] = xsimd::fma(xv, fbatch::load_unaligned(w[r] + i), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float s = xsimd::hadd(acc[r]);
-    for (int64_t j = i; j < n; ++j) s = std::fma(x[j], w[r][j], s);
-    out[r] = s;
-  }
-}
+/// One compiled implementation of the row kernels (a row of the run-time kernel table; see
+/// row_kernels()). Internal entry points: call the free functions below.
+struct RowKernels {
+  const char* name;  ///< the kernel's name, as for GemmKernel ("scalar", "fma3+avx2", "avx512bw")
+  /// `out[e] = x . W[e]` for `W [E, n]` row-major.
+  void (*matvec)(const float* x, const float* W, int64_t E, int64_t n, float* out) noexcept;
+  /// `y[0:n] = a * x[0:n]` (y may be x).
+  void (*scale)(float a, const float* x, float* y, int64_t n) noexcept;
+  /// `y[0:n] = fma(a, x[0:n], y[0:n])`.
+  void (*axpy)(float a, const float* x, float* y, int64_t n) noexcept;
+  /// Index of the first NaN or infinity of `x [n]`, or -1.
+  int64_t (*first_non_finite)(const float* x, int64_t n) noexcept;
+  /// `logsumexp_j (a[j] + b[j])` over n values, n a multiple of kRowLanes (see below).
+  float (*lse_sum)(const float* a, const float* b, int64_t n) noexcept;
+  /// `out[c] = logsumexp_r (K[r * stride + c] + u[r])` for c < kRowLanes (see below).
+  void (*lse_columns)(const float* K, int64_t stride, const float* u, int64_t rows,
+                      float* out) noexcept;
+  /// GRU / RNN cell gates (see gru_gates()).
+  void (*gru_gates)(bool rnn, const float* a, const float* b, const float* h_prev, float* out,
+                    int64_t n) noexcept;
+};
 
-/// Dot product of two vectors of length n (same order as dot_rows).
+/// The row kernels in use: the best compiled implementation this CPU supports, or the one
+/// MOEKIT_KERNEL names (the same choice as the GEMM kernels'; an invalid MOEKIT_KERNEL falls
+/// back to the scalar implementation here, and active_gemm_kernel() reports the error).
+const RowKernels& row_kernels() noexcept;
+
+/// Every implementation this CPU can run, scalar first (for tests and benchmarks).
+const std::vector<const RowKernels*>& row_kernel_implementations() noexcept;
+
+/// Dot product of two vectors of length n (order: see kRowLanes).
 inline float dot(const float* x, const float* w, int64_t n) noexcept {
   float out;
-  dot_rows<1>(x, &w, n, &out);
+  row_kernels().matvec(x, w, 1, n, &out);
   return out;
 }
 
-/// `logits[e] = x . W[e]` for `W [E, n]` row-major.
+/// `logits[e] = x . W[e]` for `W [E, n]` row-major (each row as dot()).
 inline void matvec_rows(const float* x, const float* W, int64_t E, int64_t n,
                         float* logits) noexcept {
-  int64_t e = 0;
-  for (; e + 4 <= E; e += 4) {
-    const float* rows[4] = {W + e * n, W + (e + 1) * n, W + (e + 2) * n, W + (e + 3) * n};
-    dot_rows<4>(x, rows, n, logits + e);
-  }
-  for (; e < E; ++e) logits[e] = dot(x, W + e * n, n);
+  row_kernels().matvec(x, W, E, n, logits);
 }
 
 /// `dst[0:n] = src[0:n]`.
@@ -56,42 +69,46 @@ inline void copy_row(const float* src, float* dst, int64_t n) noexcept {
 
 /// `y[0:n] = a * x[0:n]`.
 inline void scale_row(float a, const float* x, float* y, int64_t n) noexcept {
-  const fbatch av(a);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) (av * fbatch::load_unaligned(x + i)).store_unaligned(y + i);
-  for (; i < n; ++i) y[i] = a * x[i];
+  row_kernels().scale(a, x, y, n);
 }
 
-/// `y[0:n] += a * x[0:n]`.
+/// `y[0:n] += a * x[0:n]` (one fused multiply-add per element).
 inline void axpy_row(float a, const float* x, float* y, int64_t n) noexcept {
-  const fbatch av(a);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    xsimd::fma(av, fbatch::load_unaligned(x + i), fbatch::load_unaligned(y + i)).store_unaligned(y + i);
-  for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+  row_kernels().axpy(a, x, y, n);
 }
 
 /// Index of the first NaN or infinity in `x [n]`, or -1 when all are finite. Vectorised:
 /// `v - v` is 0 for finite v and NaN otherwise, summed per block of 1024; only a block
 /// whose sum is NaN is searched element by element.
 inline int64_t first_non_finite(const float* x, int64_t n) noexcept {
-  constexpr int64_t kBlock = 1024;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = b + kBlock < n ? b + kBlock : n;
-    fbatch acc(0.0f);
-    int64_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      const fbatch v = fbatch::load_unaligned(x + i);
-      acc += v - v;
-    }
-    float tail = 0.0f;
-    for (; i < e; ++i) tail += x[i] - x[i];
-    const float s = xsimd::hadd(acc) + tail;
-    if (s != s)
-      for (int64_t j = b; j < e; ++j)
-        if (x[j] - x[j] != 0.0f) return j;
-  }
-  return -1;
+  return row_kernels().first_non_finite(x, n);
+}
+
+/// `logsumexp_j (a[j] + b[j])` over `n` values, n a multiple of kRowLanes; -inf entries are
+/// allowed as long as one is finite. Fixed order: the maximum, then the 16 lane sums of
+/// `exp(a + b - max)`, added pairwise, then `max + log(sum)`.
+inline float logsumexp_sum(const float* a, const float* b, int64_t n) noexcept {
+  return row_kernels().lse_sum(a, b, n);
+}
+
+/// Column log-sum-exp of one kRowLanes-wide block: `out[c] = logsumexp_r (K[r * stride + c] +
+/// u[r])` over rows r = 0..rows-1, each column summed in row order. Columns that are -inf in
+/// every row give NaN.
+inline void logsumexp_columns(const float* K, int64_t stride, const float* u, int64_t rows,
+                              float* out) noexcept {
+  row_kernels().lse_columns(K, stride, u, rows, out);
+}
+
+/// Gates of a recurrent router cell over n state units (PyTorch's nn.GRUCell / nn.RNNCell
+/// conventions). `a`, `b`: the input and hidden pre-activations with their biases,
+/// `[3n]` (r, z, n blocks) for a GRU, `[n]` for an RNN; `h_prev [n]` or null (zeros).
+///  - RNN: `out = tanh(a + b)`.
+///  - GRU: `r = sigmoid(a_r + b_r)`, `z = sigmoid(a_z + b_z)`, `c = tanh(a_n + r * b_n)`,
+///    `out = (1 - z) * c + z * h_prev`.
+/// `out` may alias h_prev.
+inline void gru_gates(bool rnn, const float* a, const float* b, const float* h_prev, float* out,
+                      int64_t n) noexcept {
+  row_kernels().gru_gates(rnn, a, b, h_prev, out, n);
 }
 
 /// `y[0:n] = 0`.

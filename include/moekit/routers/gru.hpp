@@ -100,43 +100,12 @@ class GruCell {
       }
       float* out = h + t * ldo;
       const float* hp = h_prev != nullptr ? h_prev + t * ldh : nullptr;
-      // Gates on SIMD batches (xsimd exp / tanh); the tail goes through a zero-padded batch,
-      // so every element of the state is computed by the same function.
-      for (int64_t i = 0; i < n; i += kernels::kLanes) {
-        const int64_t width = std::min(kernels::kLanes, n - i);
-        if (variant_ == GruVariant::rnn) {
-          store(xsimd::tanh(load(a + i, width) + load(b + i, width)), out + i, width);
-          continue;
-        }
-        const fbatch one(1.0f);
-        const fbatch r = one / (one + xsimd::exp(-(load(a + i, width) + load(b + i, width))));
-        const fbatch z =
-            one / (one + xsimd::exp(-(load(a + n + i, width) + load(b + n + i, width))));
-        const fbatch c = xsimd::tanh(load(a + 2 * n + i, width) + r * load(b + 2 * n + i, width));
-        const fbatch prev = hp != nullptr ? load(hp + i, width) : fbatch(0.0f);
-        store((one - z) * c + z * prev, out + i, width);  // out may alias hp: read before written
-      }
+      // Gates (run-time dispatched row kernel: PyTorch's GRUCell / RNNCell formulas).
+      kernels::gru_gates(variant_ == GruVariant::rnn, a, b, hp, out, n);  // out may alias hp
     }
   }
 
  private:
-  using fbatch = kernels::fbatch;
-
-  // `width` (<= lanes) floats from p, zero-padded.
-  static fbatch load(const float* p, int64_t width) noexcept {
-    if (width == kernels::kLanes) return fbatch::load_unaligned(p);
-    alignas(64) float tmp[kernels::kLanes] = {};
-    std::copy(p, p + width, tmp);
-    return fbatch::load_aligned(tmp);
-  }
-  // The first `width` (<= lanes) lanes of v to p.
-  static void store(const fbatch& v, float* p, int64_t width) noexcept {
-    if (width == kernels::kLanes) return v.store_unaligned(p);
-    alignas(64) float tmp[kernels::kLanes];
-    v.store_aligned(tmp);
-    std::copy(tmp, tmp + width, p);
-  }
-
   static std::vector<float> unpack(const kernels::PackedMatrix& m) {
     std::vector<float> w(static_cast<size_t>(m.n() * m.k()));
     for (int64_t r = 0; r < m.n(); ++r) m.unpack_row(r, false, w.data() + r * m.k());

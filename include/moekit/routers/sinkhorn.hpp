@@ -21,7 +21,6 @@
 #include <span>
 #include <utility>
 #include <vector>
-#include <xsimd/xsimd.hpp>
 
 #include "moekit/batch.hpp"
 #include "moekit/detail/threads.hpp"
@@ -98,47 +97,7 @@ struct SinkhornOptions {
 
 namespace detail::sinkhorn {
 
-using kernels::fbatch;
-using kernels::kLanes;
-
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-/// Largest lane of a batch (exact; order does not matter for max).
-inline float lane_max(const fbatch& v) noexcept {
-  alignas(64) float lanes[kLanes];
-  v.store_aligned(lanes);
-  float m = lanes[0];
-  for (int64_t i = 1; i < kLanes; ++i) m = std::max(m, lanes[i]);
-  return m;
-}
-
-/// `logsumexp_j (a[j] + b[j])` over `n` values, n a multiple of kLanes; -inf entries allowed
-/// as long as one is finite. Fixed order: lane accumulators over the chunks, then hadd.
-inline float lse_sum(const float* a, const float* b, int64_t n) noexcept {
-  fbatch mv(kNegInf);
-  for (int64_t i = 0; i < n; i += kLanes)
-    mv = xsimd::max(mv, fbatch::load_unaligned(a + i) + fbatch::load_unaligned(b + i));
-  const float m = lane_max(mv);
-  const fbatch mb(m);
-  fbatch s(0.0f);
-  for (int64_t i = 0; i < n; i += kLanes)
-    s += xsimd::exp((fbatch::load_unaligned(a + i) + fbatch::load_unaligned(b + i)) - mb);
-  return m + std::log(xsimd::hadd(s));
-}
-
-/// Column logsumexp of one kLanes-wide column block: `out[c] = logsumexp_r (K[r, j + c] + u[r])`
-/// over rows r = 0..rows-1, each column summed in row order (independent of the caller's
-/// threads). Columns that are -inf in every row give NaN, which callers ignore.
-inline fbatch lse_columns(const float* K, int64_t stride, int64_t j, const float* u,
-                          int64_t rows) noexcept {
-  fbatch mv(kNegInf);
-  for (int64_t r = 0; r < rows; ++r)
-    mv = xsimd::max(mv, fbatch::load_unaligned(K + r * stride + j) + fbatch(u[r]));
-  fbatch s(0.0f);
-  for (int64_t r = 0; r < rows; ++r)
-    s += xsimd::exp((fbatch::load_unaligned(K + r * stride + j) + fbatch(u[r])) - mv);
-  return mv + xsimd::log(s);
-}
 
 /// A relaxed atomic byte that copies by value (routers are copied into layers).
 struct CopyableFlag {
@@ -197,14 +156,13 @@ class SinkhornRouter {
   void route(const Batch& batch, const float* hidden, RoutingPlan& plan, RouterScratch& scratch,
              int threads = 0) const {
     using detail::sinkhorn::kNegInf;
-    using kernels::fbatch;
-    using kernels::kLanes;
+    using kernels::kRowLanes;
     batch.validate(opt_.hidden);
     const int64_t T = batch.tokens, E = opt_.num_experts, d = opt_.hidden, k = opt_.k;
     MOEKIT_CHECK(T == 0 || hidden != nullptr,
                  "sinkhorn router: hidden states pointer is null for T = ", T);
     const int nt = detail::resolve_threads(threads);
-    const int64_t Ep = (E + kLanes - 1) / kLanes * kLanes;  // padded row stride of K
+    const int64_t Ep = (E + kRowLanes - 1) / kRowLanes * kRowLanes;  // padded row stride of K
 
     // Unpadded tokens, in token order: the rows of the transport problem.
     int64_t Tr = 0;
@@ -273,7 +231,7 @@ class SinkhornRouter {
     std::fill(log_v, log_v + Ep, 0.0f);
     const double target_d = std::log(static_cast<double>(Tr) / static_cast<double>(E));  // log(T/E)
     const auto target = static_cast<float>(target_d);
-    const int64_t blocks = Ep / kLanes;
+    const int64_t blocks = Ep / kRowLanes;
     int64_t iterations = 0;
     float error = 0.0f;
     // Threads only where an iteration (~2 Tr Ep exponentials, ~45 us at Tr Ep = 32768 on one
@@ -288,16 +246,16 @@ class SinkhornRouter {
         // u update: log u_t = -logsumexp_e(log K + log v), rows in parallel.
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < Tr; ++r) {
-          log_u[r] = -detail::sinkhorn::lse_sum(K + r * Ep, log_v, Ep);
+          log_u[r] = -kernels::logsumexp_sum(K + r * Ep, log_v, Ep);
         }
         // v update and error: S_e = logsumexp_t(log K + log u), column blocks in parallel.
         // Column sum after the u update: exp(log v_e + S_e); error |that / (T/E) - 1|.
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {
-          alignas(64) float S[kLanes];
-          detail::sinkhorn::lse_columns(K, Ep, b * kLanes, log_u, Tr).store_aligned(S);
-          for (int64_t c = 0; c < kLanes; ++c) {
-            const int64_t e = b * kLanes + c;
+          float S[kRowLanes];
+          kernels::logsumexp_columns(K + b * kRowLanes, Ep, log_u, Tr, S);
+          for (int64_t c = 0; c < kRowLanes; ++c) {
+            const int64_t e = b * kRowLanes + c;
             if (e >= E) break;
             const double r = static_cast<double>(log_v[e]) + static_cast<double>(S[c]) - target_d;
             col_err[e] = static_cast<float>(std::fabs(std::expm1(r)));

@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// The packed GEMM for AVX-512 (F, BW, DQ, VL): 12 x 32 register tile. Compiled with the
+// The packed GEMM and the row kernels for AVX-512 (F, BW, DQ, VL): 12 x 32 register tile. Compiled with
 // AVX-512 flags only (see CMakeLists.txt) and run only on CPUs that report them.
 #include <immintrin.h>
 
 #include "../simd_gemm.hpp"
+#include "../simd_rows.hpp"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__) || \
     !defined(__AVX512VL__)
-#error "gemm_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma"
+#error "avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma"
 #endif
 
 namespace moekit::kernels::detail {
@@ -40,7 +41,7 @@ struct IsaOps<Avx512> {
     return _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  // 32 e4m3 -> f32 times 2^-8 via fp16 (see gemm_avx2.cpp).
+  // 32 e4m3 -> f32 times 2^-8 via fp16 (see avx2.cpp).
   static __m512 fp8_half(const uint8_t* p) noexcept {
     const __m256i x = _mm256_slli_epi16(
         _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8);
@@ -73,5 +74,8 @@ struct IsaOps<Avx512> {
 extern const GemmKernel kGemmAvx512;
 const GemmKernel kGemmAvx512{Avx512::name(), SimdGemm<Avx512>::P, IsaOps<Avx512>::kTileRows,
                              &SimdGemm<Avx512>::run};
+
+extern const RowKernels kRowsAvx512;
+constinit const RowKernels kRowsAvx512 = SimdRows<Avx512>::table(Avx512::name());
 
 }  // namespace moekit::kernels::detail

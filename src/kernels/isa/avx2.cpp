@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-// The packed GEMM for AVX2 + FMA (+ F16C for FP8 widening): 6 x 16 register tile. Compiled
+// The packed GEMM and the row kernels for AVX2 + FMA (+ F16C for FP8 widening): 6 x 16 register tile. Compiled
 // with -mavx2 -mfma -mf16c only (see CMakeLists.txt) and run only on CPUs that report them.
 #include <immintrin.h>
 
 #include "../simd_gemm.hpp"
+#include "../simd_rows.hpp"
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
-#error "gemm_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
+#error "avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
 #endif
 
 namespace moekit::kernels::detail {
@@ -77,5 +78,8 @@ struct IsaOps<Avx2> {
 extern const GemmKernel kGemmAvx2;
 const GemmKernel kGemmAvx2{Avx2::name(), SimdGemm<Avx2>::P, IsaOps<Avx2>::kTileRows,
                            &SimdGemm<Avx2>::run};
+
+extern const RowKernels kRowsAvx2;
+constinit const RowKernels kRowsAvx2 = SimdRows<Avx2>::table(Avx2::name());
 
 }  // namespace moekit::kernels::detail

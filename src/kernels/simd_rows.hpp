@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: Apache-2.0
+// The SIMD row kernels (kernels/vector.hpp), written once against xsimd::batch<float, Arch>
+// and instantiated in each per-ISA translation unit next to the GEMM (which supplies
+// IsaOps<Arch>::fmadd, the fused multiply-add). Every kernel keeps kRowLanes = 16 lane sums
+// (16 / Arch lanes registers), so dot products and axpy give the scalar kernel's bits.
+//
+// Everything here has internal linkage (anonymous namespace): see gemm_internal.hpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <xsimd/xsimd.hpp>
+
+#include "rows_internal.hpp"
+
+namespace moekit::kernels::detail {
+namespace {
+
+template <class Arch>
+struct IsaOps;
+
+template <class Arch>
+struct SimdRows {
+  using Ops = IsaOps<Arch>;
+  using fb = xsimd::batch<float, Arch>;
+  static constexpr int64_t L = static_cast<int64_t>(fb::size);
+  static constexpr int64_t B = kRowLanes / L;  // registers per 16 lanes
+  static_assert(kRowLanes % L == 0, "a register must divide the 16 lanes");
+  static constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  static fb fma(const fb& a, const fb& b, const fb& c) noexcept { return fb(Ops::fmadd(a, b, c)); }
+
+  static float reduce(const fb (&acc)[B]) noexcept {
+    alignas(64) float t[kRowLanes];
+    for (int64_t r = 0; r < B; ++r) acc[r].store_aligned(t + r * L);
+    return reduce_lanes(t);
+  }
+
+  static float lane_max(const fb (&v)[B]) noexcept {
+    alignas(64) float t[kRowLanes];
+    for (int64_t r = 0; r < B; ++r) v[r].store_aligned(t + r * L);
+    float m = t[0];
+    for (int64_t l = 1; l < kRowLanes; ++l) m = t[l] > m ? t[l] : m;
+    return m;
+  }
+
+  // R rows of W at once (x is loaded once per block).
+  template <int R>
+  static void dot_rows(const float* x, const float* W, int64_t n, float* out) noexcept {
+    fb acc[R][B];
+    for (int r = 0; r < R; ++r)
+      for (int64_t b = 0; b < B; ++b) acc[r][b] = fb(0.0f);
+    int64_t i = 0;
+    for (; i + kRowLanes <= n; i += kRowLanes)
+      for (int64_t b = 0; b < B; ++b) {
+        const fb xv = fb::load_unaligned(x + i + b * L);
+        for (int r = 0; r < R; ++r)
+          acc[r][b] = fma(xv, fb::load_unaligned(W + r * n + i + b * L), acc[r][b]);
+      }
+    for (int r = 0; r < R; ++r) {
+      float s = reduce(acc[r]);
+      for (int64_t j = i; j < n; ++j) s = std::fma(x[j], W[r * n + j], s);
+      out[r] = s;
+    }
+  }
+
+  static void matvec(const float* x, const float* W, int64_t E, int64_t n, float* out) noexcept {
+    int64_t e = 0;
+    for (; e + kMatvecRows <= E; e += kMatvecRows)
+      dot_rows<kMatvecRows>(x, W + e * n, n, out + e);
+    for (; e < E; ++e) dot_rows<1>(x, W + e * n, n, out + e);
+  }
+
+  static void scale(float a, const float* x, float* y, int64_t n) noexcept {
+    const fb av(a);
+    int64_t i = 0;
+    for (; i + L <= n; i += L) (av * fb::load_unaligned(x + i)).store_unaligned(y + i);
+    for (; i < n; ++i) y[i] = a * x[i];
+  }
+
+  static void axpy(float a, const float* x, float* y, int64_t n) noexcept {
+    const fb av(a);
+    int64_t i = 0;
+    for (; i + L <= n; i += L)
+      fma(av, fb::load_unaligned(x + i), fb::load_unaligned(y + i)).store_unaligned(y + i);
+    for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+  }
+
+  static int64_t first_non_finite(const float* x, int64_t n) noexcept {
+    for (int64_t b0 = 0; b0 < n; b0 += kScanBlock) {
+      const int64_t e = b0 + kScanBlock < n ? b0 + kScanBlock : n;
+      fb acc(0.0f);
+      int64_t i = b0;
+      for (; i + L <= e; i += L) {
+        const fb v = fb::load_unaligned(x + i);
+        acc += v - v;
+      }
+      float tail = 0.0f;
+      for (; i < e; ++i) tail += x[i] - x[i];
+      const float s = xsimd::hadd(acc) + tail;
+      if (s != s)
+        for (int64_t j = b0; j < e; ++j)
+          if (x[j] - x[j] != 0.0f) return j;
+    }
+    return -1;
+  }
+
+  // flatten: xsimd's exp / log / tanh are inlined rather than emitted as weak symbols compiled
+  // for this ISA (see gemm_internal.hpp).
+  __attribute__((flatten)) static float lse_sum(const float* a, const float* b,
+                                                int64_t n) noexcept {
+    fb mv[B], s[B];
+    for (int64_t r = 0; r < B; ++r) mv[r] = fb(kNegInf);
+    for (int64_t i = 0; i < n; i += kRowLanes)
+      for (int64_t r = 0; r < B; ++r)
+        mv[r] = xsimd::max(mv[r], fb::load_unaligned(a + i + r * L) +
+                                      fb::load_unaligned(b + i + r * L));
+    const float m = lane_max(mv);
+    const fb mb(m);
+    for (int64_t r = 0; r < B; ++r) s[r] = fb(0.0f);
+    for (int64_t i = 0; i < n; i += kRowLanes)
+      for (int64_t r = 0; r < B; ++r)
+        s[r] += xsimd::exp((fb::load_unaligned(a + i + r * L) + fb::load_unaligned(b + i + r * L)) -
+                           mb);
+    return m + std::log(reduce(s));
+  }
+
+  __attribute__((flatten)) static void lse_columns(const float* K, int64_t stride, const float* u,
+                                                   int64_t rows, float* out) noexcept {
+    for (int64_t r0 = 0; r0 < B; ++r0) {
+      const float* col = K + r0 * L;
+      fb mv(kNegInf);
+      for (int64_t r = 0; r < rows; ++r)
+        mv = xsimd::max(mv, fb::load_unaligned(col + r * stride) + fb(u[r]));
+      fb s(0.0f);
+      for (int64_t r = 0; r < rows; ++r)
+        s += xsimd::exp((fb::load_unaligned(col + r * stride) + fb(u[r])) - mv);
+      (mv + xsimd::log(s)).store_unaligned(out + r0 * L);
+    }
+  }
+
+  // `width` (<= L) floats from p, zero-padded / the first `width` lanes to p.
+  static fb load(const float* p, int64_t width) noexcept {
+    if (width == L) return fb::load_unaligned(p);
+    alignas(64) float tmp[L] = {};
+    for (int64_t j = 0; j < width; ++j) tmp[j] = p[j];
+    return fb::load_aligned(tmp);
+  }
+  static void store(const fb& v, float* p, int64_t width) noexcept {
+    if (width == L) return v.store_unaligned(p);
+    alignas(64) float tmp[L];
+    v.store_aligned(tmp);
+    for (int64_t j = 0; j < width; ++j) p[j] = tmp[j];
+  }
+
+  __attribute__((flatten)) static void gru_gates(bool rnn, const float* a, const float* b,
+                                                 const float* hp, float* out, int64_t n) noexcept {
+    const fb one(1.0f);
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t w = n - i < L ? n - i : L;
+      if (rnn) {
+        store(xsimd::tanh(load(a + i, w) + load(b + i, w)), out + i, w);
+        continue;
+      }
+      const fb r = one / (one + xsimd::exp(-(load(a + i, w) + load(b + i, w))));
+      const fb z = one / (one + xsimd::exp(-(load(a + n + i, w) + load(b + n + i, w))));
+      const fb c = xsimd::tanh(load(a + 2 * n + i, w) + r * load(b + 2 * n + i, w));
+      const fb prev = hp != nullptr ? load(hp + i, w) : fb(0.0f);
+      store((one - z) * c + z * prev, out + i, w);  // out may alias hp: read before written
+    }
+  }
+
+  static constexpr RowKernels table(const char* name) noexcept {
+    return RowKernels{name,    &matvec,  &scale,       &axpy, &first_non_finite,
+                      &lse_sum, &lse_columns, &gru_gates};
+  }
+};
+
+}  // namespace
+}  // namespace moekit::kernels::detail
