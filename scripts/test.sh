@@ -15,5 +15,16 @@ if [ -f "$smoke" ]; then
   echo "moekit: CLI contract smoke test ($smoke)"
   /usr/bin/python3 "$smoke" "$build/moekit"
 fi
+# Which kernels the tests below run, and which they skip because this CPU lacks them.
+if [ -x "$build/moekit" ]; then
+  "$build/moekit" info | /usr/bin/python3 -c '
+import json, sys
+i = json.load(sys.stdin)
+run = i["gemm_kernels_supported"]
+skipped = [k for k in i["gemm_kernels_compiled"] if k not in run]
+print("moekit: kernels tested on this CPU (%s): %s" % (i["cpu"]["brand"] or i["cpu"]["vendor"], ", ".join(run)))
+print("moekit: kernels SKIPPED, this CPU lacks what they need: %s" % (
+    "; ".join("%s (needs %s)" % (k, i["gemm_kernels_needs"][k]) for k in skipped) or "none"))'
+fi
 cd "$build"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ctest --output-on-failure -j "$jobs"

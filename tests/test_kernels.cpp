@@ -4,9 +4,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "moekit/cpu.hpp"
 #include "moekit/kernels/combine.hpp"
 #include "moekit/kernels/gather.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
@@ -174,6 +179,195 @@ TEST(KernelsRows, DotGatherCombine) {
   moekit::kernels::gather_rows(src.data(), 11, idx, 3, block.data());
   for (int r = 0; r < 3; ++r)
     for (int c = 0; c < 11; ++c) EXPECT_EQ(block[r * 11 + c], src[idx[r] * 11 + c]);
+}
+
+
+// ---------------------------------------------------------------------- row kernels
+
+namespace rows {
+
+using moekit::kernels::RowKernels;
+
+// First non-finite index by a plain loop.
+int64_t first_bad(const std::vector<float>& x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[static_cast<size_t>(i)])) return i;
+  return -1;
+}
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+// Every implementation this CPU runs against the scalar one (bit for bit where the docs say
+// so) and against double-precision loops.
+TEST(KernelsRows, EveryImplementationMatchesScalarAndReference) {
+  const auto& impls = moekit::kernels::row_kernel_implementations();
+  ASSERT_GE(impls.size(), 1u);
+  const RowKernels& scalar = *impls.front();
+  ASSERT_STREQ(scalar.name, "scalar");
+  EXPECT_STREQ(moekit::kernels::row_kernels().name, moekit::kernels::active_gemm_kernel().name);
+  ASSERT_EQ(impls.size(), moekit::kernels::gemm_kernels().size());
+  std::mt19937 g(2024);
+  for (const RowKernels* impl : impls) {
+    SCOPED_TRACE(impl->name);
+    for (int64_t n : {0, 1, 7, 15, 16, 17, 31, 32, 33, 100, 1000, 1024, 1025, 4097}) {
+      SCOPED_TRACE("n " + std::to_string(n));
+      for (int64_t E : {1, 3, 4, 5, 9}) {
+        const auto x = randn(g, static_cast<size_t>(n) + 1);
+        const auto W = randn(g, static_cast<size_t>(E * n) + 1);
+        std::vector<float> got(static_cast<size_t>(E)), want(got);
+        impl->matvec(x.data(), W.data(), E, n, got.data());
+        scalar.matvec(x.data(), W.data(), E, n, want.data());
+        for (int64_t e = 0; e < E; ++e) {
+          ASSERT_TRUE(same_bits(got[e], want[e])) << "matvec row " << e << " of " << E << ": " << got[e] << " vs " << want[e];
+          double ref = 0, mag = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            ref += static_cast<double>(x[i]) * W[e * n + i];
+            mag += std::fabs(static_cast<double>(x[i]) * W[e * n + i]);
+          }
+          ASSERT_NEAR(got[e], ref, 1e-6 * (mag + 1)) << "matvec vs double reference";
+          // a row's value does not depend on how many rows are computed with it
+          float one;
+          impl->matvec(x.data(), W.data() + e * n, 1, n, &one);
+          ASSERT_TRUE(same_bits(one, got[e]));
+        }
+      }
+      // scale and axpy: elementwise, the same bits; y may be x for scale
+      const auto x = randn(g, static_cast<size_t>(n) + 1), y0 = randn(g, static_cast<size_t>(n) + 1);
+      std::vector<float> ys = y0, yk = y0, sx = x, sk(x.size(), 5.0f), ss(x.size(), 5.0f);
+      impl->axpy(-0.37f, x.data(), yk.data(), n);
+      scalar.axpy(-0.37f, x.data(), ys.data(), n);
+      impl->scale(1.7f, x.data(), sk.data(), n);
+      scalar.scale(1.7f, x.data(), ss.data(), n);
+      impl->scale(1.7f, sx.data(), sx.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_TRUE(same_bits(yk[i], ys[i])) << "axpy at " << i;
+        ASSERT_EQ(yk[i], std::fma(-0.37f, x[i], y0[i]));
+        ASSERT_TRUE(same_bits(sk[i], ss[i])) << "scale at " << i;
+        ASSERT_EQ(sk[i], 1.7f * x[i]);
+        ASSERT_EQ(sx[i], sk[i]) << "in-place scale";
+      }
+      ASSERT_EQ(yk[n], y0[n]) << "axpy wrote past n";
+      ASSERT_EQ(sk[n], 5.0f) << "scale wrote past n";
+      // the NaN scan: none, one, several, at block edges and in the tail
+      std::vector<float> v = randn(g, static_cast<size_t>(n) + 1);
+      ASSERT_EQ(impl->first_non_finite(v.data(), n), -1);
+      for (int trial = 0; trial < 6 && n > 0; ++trial) {
+        std::vector<float> w = v;
+        const float bad[3] = {std::nanf(""), std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity()};
+        const int64_t at = trial == 0 ? n - 1 : trial == 1 ? 0 : std::uniform_int_distribution<int64_t>(0, n - 1)(g);
+        w[at] = bad[trial % 3];
+        if (trial >= 3) w[std::uniform_int_distribution<int64_t>(0, n - 1)(g)] = bad[(trial + 1) % 3];
+        ASSERT_EQ(impl->first_non_finite(w.data(), n), first_bad(w, n)) << "trial " << trial;
+      }
+    }
+  }
+}
+
+TEST(KernelsRows, LogSumExpAndGatesMatchReference) {
+  const auto& impls = moekit::kernels::row_kernel_implementations();
+  const RowKernels& scalar = *impls.front();
+  std::mt19937 g(31);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (const RowKernels* impl : impls) {
+    SCOPED_TRACE(impl->name);
+    for (int64_t E : {1, 5, 16, 17, 64, 100}) {
+      const int64_t Ep = (E + 15) / 16 * 16;
+      for (int64_t rows : {1, 3, 40}) {
+        // K rows padded with -inf past E (as Sinkhorn lays them out), scaled logits
+        std::vector<float> K(static_cast<size_t>(rows * Ep), ninf), u = randn(g, static_cast<size_t>(rows));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t e = 0; e < E; ++e) K[r * Ep + e] = 8.0f * randn(g, 1)[0];
+        const auto b = randn(g, static_cast<size_t>(Ep));
+        for (int64_t r = 0; r < rows; ++r) {
+          double m = -INFINITY;
+          for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<double>(K[r * Ep + e]) + b[e]);
+          double s = 0;
+          for (int64_t e = 0; e < E; ++e) s += std::exp(static_cast<double>(K[r * Ep + e]) + b[e] - m);
+          const float got = impl->lse_sum(K.data() + r * Ep, b.data(), Ep);
+          ASSERT_NEAR(got, m + std::log(s), 2e-6 * (std::fabs(m) + 1)) << "lse_sum E " << E;
+          ASSERT_NEAR(got, scalar.lse_sum(K.data() + r * Ep, b.data(), Ep), 2e-6 * (std::fabs(m) + 1));
+        }
+        for (int64_t blk = 0; blk < Ep / 16; ++blk) {
+          float out[16];
+          impl->lse_columns(K.data() + blk * 16, Ep, u.data(), rows, out);
+          for (int64_t c = 0; c < 16 && blk * 16 + c < E; ++c) {
+            double m = -INFINITY, s = 0;
+            for (int64_t r = 0; r < rows; ++r) m = std::max(m, static_cast<double>(K[r * Ep + blk * 16 + c]) + u[r]);
+            for (int64_t r = 0; r < rows; ++r) s += std::exp(static_cast<double>(K[r * Ep + blk * 16 + c]) + u[r] - m);
+            ASSERT_NEAR(out[c], m + std::log(s), 2e-6 * (std::fabs(m) + 1)) << "lse_columns column " << blk * 16 + c;
+          }
+        }
+      }
+    }
+    for (int64_t n : {1, 7, 8, 16, 23, 64}) {
+      for (bool rnn : {false, true}) {
+        const int64_t w = rnn ? n : 3 * n;
+        const auto a = randn(g, static_cast<size_t>(w)), b = randn(g, static_cast<size_t>(w));
+        const auto hp = randn(g, static_cast<size_t>(n));
+        for (bool with_prev : {false, true}) {
+          std::vector<float> out(static_cast<size_t>(n) + 1, 9.0f), alias = hp;
+          impl->gru_gates(rnn, a.data(), b.data(), with_prev ? hp.data() : nullptr, out.data(), n);
+          impl->gru_gates(rnn, a.data(), b.data(), with_prev ? alias.data() : nullptr, with_prev ? alias.data() : out.data(), n);
+          ASSERT_EQ(out[n], 9.0f) << "gru_gates wrote past n";
+          for (int64_t i = 0; i < n; ++i) {
+            double ref;
+            if (rnn) {
+              ref = std::tanh(static_cast<double>(a[i]) + b[i]);
+            } else {
+              const double r = 1 / (1 + std::exp(-(static_cast<double>(a[i]) + b[i])));
+              const double z = 1 / (1 + std::exp(-(static_cast<double>(a[n + i]) + b[n + i])));
+              const double c = std::tanh(a[2 * n + i] + r * b[2 * n + i]);
+              ref = (1 - z) * c + z * (with_prev ? hp[i] : 0.0);
+            }
+            ASSERT_NEAR(out[i], ref, 1e-6) << (rnn ? "rnn" : "gru") << " at " << i;
+            if (with_prev) ASSERT_EQ(alias[i], out[i]) << "out aliasing h_prev";
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace rows
+
+// ---------------------------------------------------------------------- CPU features
+
+// cpu_features() against the kernel's own view (/proc/cpuinfo flags, which Linux clears when
+// it does not enable the state), when it is readable.
+TEST(CpuFeatures, MatchProcCpuinfoAndImplications) {
+  const moekit::CpuFeatures& f = moekit::cpu_features();
+  EXPECT_TRUE(!f.avx512bw || f.avx512f);
+  EXPECT_TRUE(!f.avx512f || (f.avx2 && f.os_avx512));
+  EXPECT_TRUE(!f.amx_bf16 || f.amx_tile);
+  EXPECT_TRUE(!f.amx_tile || f.os_amx);
+  EXPECT_FALSE(f.vendor.empty());
+  std::FILE* fp = std::fopen("/proc/cpuinfo", "r");
+  if (fp == nullptr) GTEST_SKIP() << "no /proc/cpuinfo to compare with";
+  std::string flags;
+  char line[8192];
+  while (std::fgets(line, sizeof line, fp) != nullptr)
+    if (std::strncmp(line, "flags", 5) == 0) {
+      flags = std::string(" ") + (std::strchr(line, ':') + 1);
+      break;
+    }
+  std::fclose(fp);
+  ASSERT_FALSE(flags.empty());
+  for (char& c : flags)
+    if (c == '\n' || c == '\t') c = ' ';
+  flags += ' ';
+  auto has = [&](const char* name) { return flags.find(std::string(" ") + name + " ") != std::string::npos; };
+  const std::pair<const char*, bool> cases[] = {
+      {"avx", f.avx},           {"avx2", f.avx2},         {"fma", f.fma},
+      {"f16c", f.f16c},         {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw},
+      {"avx512dq", f.avx512dq}, {"avx512vl", f.avx512vl}, {"avx512_bf16", f.avx512_bf16},
+      {"avx512_fp16", f.avx512_fp16}, {"avx512_vnni", f.avx512_vnni}, {"avx_vnni", f.avx_vnni},
+      {"amx_tile", f.amx_tile}, {"amx_bf16", f.amx_bf16}, {"amx_int8", f.amx_int8}};
+  for (const auto& [name, got] : cases) EXPECT_EQ(got, has(name)) << name;
+  const moekit::AmxPermission p = moekit::request_amx_permission();
+  EXPECT_EQ(p, moekit::request_amx_permission()) << "asked once";
+  if (!f.amx_tile) EXPECT_EQ(p, moekit::AmxPermission::unsupported);
+  else EXPECT_NE(p, moekit::AmxPermission::unsupported);
 }
 
 }  // namespace
