@@ -12,6 +12,8 @@
 #     <out-var>  set to the flags to add ("" when the compiler is not affected)
 
 set(MOEKIT_GCC_AVX512_BUG_SOURCE ${CMAKE_CURRENT_LIST_DIR}/gcc_avx512_bug.cpp)
+option(MOEKIT_GCC_AVX512_MITIGATION
+  "Apply the mitigation when the compiler has the GCC 12.2 AVX-512 wrong-code bug (OFF only to measure what it costs: the AVX-512 units may then be miscompiled)" ON)
 
 # True in <out> when compiling the reproducer with <flags> gives the bad instruction; "error"
 # when the compiler rejects the flags.
@@ -46,6 +48,10 @@ function(moekit_gcc_avx512_bug_mitigation flags out)
   endif()
   if(NOT present)
     message(STATUS "moekit: GCC AVX-512 wrong-code check (${shown}): ${CMAKE_CXX_COMPILER_ID} ${CMAKE_CXX_COMPILER_VERSION} not affected")
+    return()
+  endif()
+  if(NOT MOEKIT_GCC_AVX512_MITIGATION)
+    message(WARNING "moekit: GCC AVX-512 wrong-code bug found in ${CMAKE_CXX_COMPILER_ID} ${CMAKE_CXX_COMPILER_VERSION} (${shown}) and MOEKIT_GCC_AVX512_MITIGATION=OFF: those units are built without the mitigation and may be miscompiled")
     return()
   endif()
   # Narrowest first: SLP (straight-line) vectorisation only; then all tree vectorisation.
