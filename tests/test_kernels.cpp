@@ -50,7 +50,9 @@ void expect_close(const std::vector<float>& got, const std::vector<double>& ref,
 }
 
 TEST(KernelsPackedGemm, EveryKernelMatchesReference) {
-  ASSERT_GE(moekit::kernels::gemm_kernels().size(), 2u);  // scalar + SIMD
+  const moekit::CpuFeatures& cpu = moekit::cpu_features();
+  if (cpu.avx2 && cpu.fma && cpu.f16c)  // scalar + at least the AVX2 kernel
+    ASSERT_GE(moekit::kernels::gemm_kernels().size(), 2u);
   for (const moekit::kernels::GemmKernel* kern : moekit::kernels::gemm_kernels()) {
   SCOPED_TRACE(kern->name);
   std::mt19937 g(1234);
