@@ -24,7 +24,7 @@ struct Regs {
 
 Regs cpuid(unsigned leaf, unsigned sub = 0) noexcept {
   Regs r;
-  if (__get_cpuid_max(leaf & 0x80000000u, nullptr) < leaf) return r;
+  if (static_cast<unsigned>(__get_cpuid_max(leaf & 0x80000000u, nullptr)) < leaf) return r;
   __cpuid_count(leaf, sub, r.a, r.b, r.c, r.d);
   return r;
 }
