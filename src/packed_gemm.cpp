@@ -299,6 +299,16 @@ const KernelEntry kTable[] = {
 #endif
 };
 
+// One member of every table entry, in table order (of the entries this CPU supports only,
+// when `supported_only`).
+template <class T>
+std::vector<const T*> column(const T* KernelEntry::*member, bool supported_only) {
+  std::vector<const T*> v;
+  for (const KernelEntry& e : kTable)
+    if (!supported_only || e.supported()) v.push_back(e.*member);
+  return v;
+}
+
 const KernelEntry* entry_of(const GemmKernel& k) noexcept {
   for (const KernelEntry& e : kTable)
     if (e.kernel == &k) return &e;
@@ -359,11 +369,7 @@ const Choice& choice() noexcept {
 }  // namespace
 
 const std::vector<const GemmKernel*>& compiled_gemm_kernels() noexcept {
-  static const std::vector<const GemmKernel*> all = [] {
-    std::vector<const GemmKernel*> v;
-    for (const KernelEntry& e : kTable) v.push_back(e.kernel);
-    return v;
-  }();
+  static const auto all = column(&KernelEntry::kernel, false);
   return all;
 }
 
@@ -378,12 +384,7 @@ const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept {
 }
 
 const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
-  static const std::vector<const GemmKernel*> usable = [] {
-    std::vector<const GemmKernel*> v;
-    for (const KernelEntry& e : kTable)
-      if (e.supported()) v.push_back(e.kernel);
-    return v;
-  }();
+  static const auto usable = column(&KernelEntry::kernel, true);
   return usable;
 }
 
@@ -405,12 +406,7 @@ const RowKernels& row_kernels() noexcept {
 }
 
 const std::vector<const RowKernels*>& row_kernel_implementations() noexcept {
-  static const std::vector<const RowKernels*> usable = [] {
-    std::vector<const RowKernels*> v;
-    for (const KernelEntry& e : kTable)
-      if (e.supported()) v.push_back(e.rows);
-    return v;
-  }();
+  static const auto usable = column(&KernelEntry::rows, true);
   return usable;
 }
 
