@@ -26,4 +26,7 @@ void register_topk_preset_benchmarks();
 /// Expert weight types (f32, bf16, int8, w8a8, fp8) and the decode split (bench_dtype.cpp).
 void register_dtype_benchmarks();
 
+/// Parsing untrusted files: safetensors headers with many tensors (bench_io.cpp).
+void register_io_benchmarks();
+
 }  // namespace moekit_bench

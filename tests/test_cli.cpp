@@ -225,6 +225,102 @@ TEST_F(Cli, MalformedInputsExitTwoWithOneLine) {
   expect_error(run_args("") + " --dtype int3", "--dtype");
 }
 
+// --output naming an input file (however spelled) is refused before anything is written, and
+// the input survives.
+TEST_F(Cli, OutputThatIsAnInputIsRefused) {
+  write_mixtral("", DType::F32);
+  write_input(3, 24);
+  fs::create_directories(dir_ / "sub");
+  fs::create_symlink(dir_ / "x.safetensors", dir_ / "link.safetensors");
+  const std::string base = "run --config " + (dir_ / "config.json").string() + " --weights " +
+                           (dir_ / "w.safetensors").string() + " --input " + (dir_ / "x.safetensors").string();
+  for (const auto& [out, what] : std::vector<std::pair<fs::path, std::string>>{
+           {dir_ / "x.safetensors", "--input"},
+           {dir_ / "sub" / ".." / "x.safetensors", "--input"},
+           {dir_ / "link.safetensors", "--input"},
+           {dir_ / "w.safetensors", "--weights"},
+           {dir_ / "config.json", "--config"}}) {
+    SCOPED_TRACE(out.string());
+    const std::string before = slurp(out);
+    const Result r = run_cli(dir_, base + " --output " + out.string());
+    EXPECT_EQ(r.code, 2) << r.err;
+    EXPECT_NE(r.err.find("is the same file as " + what), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(slurp(out), before) << "the input was changed";
+  }
+  // A shard of an index.
+  std::ofstream(dir_ / "index.json") << R"({"weight_map": {"gate.weight": "w.safetensors"}})";
+  const Result r = run_cli(dir_, "run --config " + (dir_ / "config.json").string() + " --weights " +
+                                     (dir_ / "index.json").string() + " --input " + (dir_ / "x.safetensors").string() +
+                                     " --output " + (dir_ / "w.safetensors").string());
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("is the same file as a weight shard"), std::string::npos) << r.err;
+}
+
+// Sizes from a config are checked before anything is allocated or multiplied: an extent past
+// 2^31, a product that overflows, or a shape the weight file does not hold is exit 2 with one
+// line, never a crash, a bad_alloc or gigabytes allocated first.
+TEST_F(Cli, HugeSizesAreRefusedBeforeAllocating) {
+  write_mixtral("", DType::F32);
+  write_input(3, 24);
+  auto config = [&](const std::string& extra) {
+    std::ofstream(dir_ / "config.json") << R"({"model_type": "mixtral", "hidden_size": 24, "num_experts_per_tok": 2, )" << extra
+                                        << "}";
+  };
+  config(R"("num_local_experts": 6, "intermediate_size": 2305843009213693953)");  // 2^61 + 1: d * f would wrap
+  expect_error(run_args(""), "intermediate size: expected <= 2^31");
+  config(R"("num_local_experts": 6, "intermediate_size": 1073741824)");  // 2^30: 6 x 3 x 24 x 2^30 f32 would be 1.8 TB
+  expect_error(run_args(""), "has shape [20, 24] (F32), expected shape [1073741824, 24]");
+  config(R"("intermediate_size": 20, "num_local_experts": 2147483647)");
+  expect_error(run_args(""), "expected at most 2^40 values");
+  std::ofstream(dir_ / "config.json")
+      << R"({"model_type": "deepseek_v3", "hidden_size": 24, "moe_intermediate_size": 20, "n_shared_experts": 1152921504606846977})";
+  expect_error(run_args(""), "n_shared_experts");
+  // bench: the same checks, before the random layer is built
+  config(R"("num_local_experts": 6, "intermediate_size": 2305843009213693953)");
+  const Result r = run_cli(dir_, "bench --config " + (dir_ / "config.json").string() + " --tokens 1 --repeat 1");
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("expected <= 2^31"), std::string::npos) << r.err;
+}
+
+// Hostile strings reach stderr escaped, on one line, and cut.
+TEST_F(Cli, MessagesStayOneShortLine) {
+  write_mixtral("", DType::F32);
+  write_input(3, 24);
+  std::ofstream(dir_ / "config.json") << "{\"model_type\": \"mix\\ntral\\u001b[31m\"}";
+  Result r = run_cli(dir_, run_args(""));
+  EXPECT_EQ(r.code, 2);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.err.find('\x1b'), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("mix\\ntral\\x1b[31m"), std::string::npos) << r.err;
+  // a 100,000-character key and a 200,000-element array
+  std::ofstream(dir_ / "config.json") << "{\"moekit_config_version\": 1, \"preset\": \"mixtral\", \"" << std::string(100000, 'k')
+                                      << "\": 1}";
+  r = run_cli(dir_, run_args(""));
+  EXPECT_EQ(r.code, 2);
+  EXPECT_LT(r.err.size(), 2200u) << r.err.substr(0, 300);
+  EXPECT_NE(r.err.find("(100000 characters)"), std::string::npos) << r.err.substr(0, 400);
+  {
+    std::ofstream out(dir_ / "config.json");
+    out << "{\"model_type\": \"mixtral\", \"hidden_size\": [";
+    for (int i = 0; i < 200000; ++i) out << (i ? "," : "") << i;
+    out << "]}";
+  }
+  r = run_cli(dir_, run_args(""));
+  EXPECT_EQ(r.code, 2);
+  EXPECT_LT(r.err.size(), 2200u) << r.err.substr(0, 300);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1);
+  // finite input that overflows inside an expert: exit 2, not an all-NaN output
+  write_mixtral("", DType::F32);
+  write_input(3, 24, 1e30f);
+  expect_error(run_args(""), "although the input is finite");
+  // a directory as --config is named for what it is
+  r = run_cli(dir_, "run --config " + dir_.string() + " --weights " + (dir_ / "w.safetensors").string() + " --input " +
+                        (dir_ / "x.safetensors").string() + " --output " + (dir_ / "y.safetensors").string());
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("is a directory, expected a regular file"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, OwnConfigFormatSwitchPreset) {
   std::ofstream(dir_ / "config.json")
       << R"({"moekit_config_version": 1, "preset": "switch", "hidden_size": 24,

@@ -2,7 +2,11 @@
 // Config parsing: HF config.json defaults per model type, moekit's own format, and errors
 // that name the key.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "moekit/io/config.hpp"
@@ -66,6 +70,10 @@ TEST(ConfigHf, ErrorsNameTheKey) {
   expect_error(R"([1, 2])", "JSON object");
   expect_error(R"({"hidden_size": 3})", "neither");
   expect_error(R"({"model_type": )", "not valid JSON");
+  // Duplicate keys are errors, also nested, in both formats (nlohmann alone keeps the last).
+  expect_error(R"({"model_type": "mixtral", "hidden_size": 8, "hidden_size": 16})", "duplicate key 'hidden_size'");
+  expect_error(R"({"moekit_config_version": 1, "preset": "mixtral", "router": {"k": 1, "k": 2}})", "duplicate key 'k'");
+  expect_error(std::string(40, '[') + std::string(40, ']'), "nested deeper than 32");
 }
 
 TEST(ConfigMoekit, PresetsRoutersAndUnknownKeys) {
@@ -98,6 +106,39 @@ TEST(ConfigMoekit, PresetsRoutersAndUnknownKeys) {
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"capacity_factor": -1}})", "capacity_factor");
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "router": {"drop_policy": "random"}})", "drop_policy");
   expect_error(R"({"moekit_config_version": 1, "hidden_size": 8})", "preset");
+}
+
+
+// The config reader refuses what is not a regular file before reading a byte (a FIFO with no
+// writer would block forever, /dev/zero would never end), names what it is, and bounds the size.
+TEST(ConfigFile, OnlyBoundedRegularFiles) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("moekit-config-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto error_of = [](const std::string& path) -> std::string {
+    try {
+      (void)moekit::load_layer_config(path);
+    } catch (const moekit::error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  const std::string fifo = (dir / "fifo.json").string();
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_NE(error_of(fifo).find("is a FIFO, expected a regular file"), std::string::npos) << error_of(fifo);
+  EXPECT_NE(error_of(dir.string()).find("is a directory, expected a regular file"), std::string::npos);
+  EXPECT_NE(error_of("/dev/zero").find("is a character device, expected a regular file"), std::string::npos);
+  EXPECT_NE(error_of((dir / "missing.json").string()).find("cannot open for reading"), std::string::npos);
+  const fs::path big = dir / "big.json";
+  {
+    std::ofstream out(big);
+    out << "{\"model_type\": \"mixtral\"" << std::string(16u << 20, ' ') << "}";
+  }
+  EXPECT_NE(error_of(big.string()).find("expected at most 16777216"), std::string::npos) << error_of(big.string());
+  const fs::path ok = dir / "ok.json";
+  std::ofstream(ok) << R"({"model_type": "mixtral"})";
+  EXPECT_EQ(moekit::load_layer_config(ok.string()).hidden(), 4096);
+  fs::remove_all(dir);
 }
 
 }  // namespace

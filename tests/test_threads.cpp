@@ -217,6 +217,35 @@ TEST(Determinism, EveryFamilyIsBitIdenticalAcrossThreadCountsAndRepeats) {
   EXPECT_EQ(compared, 17 * 4 * 4);
 }
 
+// Finite input that overflows inside an expert is reported (naming the first bad output
+// row), never returned as a silent Inf / NaN; set_check_finite(false) skips the scan.
+TEST(NonFinite, OverflowInsideAnExpertIsReported) {
+  moekit::LayerConfig c = small_config("qwen2_moe", 16, 4, 2, 24);
+  moekit::TopKLayer layer = moekit::random_layer(c, 9);
+  const int64_t T = 5, d = 16;
+  auto x = gaussian(2, static_cast<size_t>(T * d));
+  for (int64_t j = 0; j < d; ++j) x[static_cast<size_t>(2 * d + j)] *= 1e30f;  // finite, but squares overflow
+  std::vector<float> y(x.size());
+  moekit::Workspace ws;
+  for (bool plan : {false, true}) {
+    try {
+      if (plan) {
+        layer.forward_plan(moekit::Batch::single(T, d), x.data(), ws.plan, y.data(), ws, 1);
+      } else {
+        layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);
+      }
+      FAIL() << "expected an error";
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find("out[2, "), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("although the input is finite"), std::string::npos) << e.what();
+    }
+  }
+  layer.set_check_finite(false);
+  layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);
+  EXPECT_GE(moekit::kernels::first_non_finite(y.data() + 2 * d, d), 0) << "the overflow is real";
+  EXPECT_LT(moekit::kernels::first_non_finite(y.data(), 2 * d), 0) << "other rows are finite";
+}
+
 // The layer rejects NaN / Inf in unpadded input rows (naming token and column) before
 // routing, ignores padded rows, and set_check_finite(false) skips the scan; non-finite expert
 // weights and shared gates are refused when the layer is built.

@@ -762,6 +762,12 @@ TEST(TopKCapacity, FormulaMatchesReferenceIncludingRounding) {
     }
   }
   EXPECT_EQ(options(4, 2, 1).capacity(100), -1);  // dropless
+  // A factor past int64's range means "drop nothing", not an out-of-range cast.
+  for (double cf : {6.5e18, 1e300, std::numeric_limits<double>::max()}) {
+    TopKOptions q = options(4, 2, 1);
+    q.capacity_factor = cf;
+    EXPECT_EQ(q.capacity(100), int64_t{1} << 62) << cf;
+  }
 }
 
 // Tokens 0..5, all first choice expert 0; per-token weights grow with t (x = t + 1).

@@ -99,12 +99,15 @@ class SparseLayer {
   /// inside an active parallel region the call runs on the calling thread alone.
   /// The plan is left in `ws.plan`.
   /// Unless set_check_finite(false), a NaN or infinity in an unpadded row of `hidden` is an
-  /// error (moekit::error naming the token and column), found before routing.
+  /// error (moekit::error naming the token and column), found before routing; so is one in an
+  /// unpadded row of `out` afterwards (finite input, non-finite output: an overflow inside an
+  /// expert or the combine), never returned silently.
   void forward(const Batch& batch, const float* hidden, float* out, Workspace& ws, int threads = 0) const {
     batch.validate(hidden_size());
-    if (check_finite_) check_hidden(batch, hidden, "SparseLayer::forward");
+    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward", false);
     router_.route(batch, hidden, ws.plan, ws.router, threads);
     run_plan(batch, hidden, ws.plan, out, ws, threads);
+    if (check_finite_) check_rows(batch, out, "SparseLayer::forward", true);
   }
 
   /// Runs the experts for a given finalised plan (from any router) and combines. Checks
@@ -112,22 +115,29 @@ class SparseLayer {
   void forward_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out,
                     Workspace& ws, int threads = 0) const {
     batch.validate(hidden_size());
-    if (check_finite_) check_hidden(batch, hidden, "SparseLayer::forward_plan");
+    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward_plan", false);
     run_plan(batch, hidden, plan, out, ws, threads);
+    if (check_finite_) check_rows(batch, out, "SparseLayer::forward_plan", true);
   }
 
-  /// The NaN / infinity scan of the input (on by default; a vectorised pass over the unpadded
-  /// rows, well under 1% of a forward). Turn it off only for inputs known to be finite: a
-  /// non-finite value then propagates into the routing and the outputs unchecked.
+  /// The NaN / infinity scans of the input and the output (on by default; a vectorised pass
+  /// over the unpadded rows each, well under 1% of a forward). Turn them off only for inputs
+  /// known to be finite and weights known not to overflow: a non-finite value then propagates
+  /// into the routing and the outputs unchecked.
   void set_check_finite(bool on) noexcept { check_finite_ = on; }
   [[nodiscard]] bool check_finite() const noexcept { return check_finite_; }
 
  private:
-  void check_hidden(const Batch& batch, const float* hidden, const char* who) const {
+  // The scan of `hidden` (before routing) or of `out` (after the combine).
+  void check_rows(const Batch& batch, const float* hidden, const char* who, bool output) const {
     const int64_t d = hidden_size(), T = batch.tokens;
     if (T == 0) return;
     MOEKIT_CHECK(hidden != nullptr, who, ": hidden expected non-null for T = ", T);
     auto report = [&](int64_t t, int64_t j) {
+      if (output)
+        detail::fail(who, ": out[", t, ", ", j, "] is ", hidden[t * d + j],
+                     " although the input is finite: an expert or the combine overflowed f32 "
+                     "(weights or activations too large); set_check_finite(false) skips this check");
       detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", hidden[t * d + j],
                    " (non-finite inputs are rejected; set_check_finite(false) skips this check)");
     };

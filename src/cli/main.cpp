@@ -3,6 +3,7 @@
 // layer, report the CPU and kernels. Its flags, files and exit codes are a contract
 // (docs/cli.md): 0 success, 2 bad input or usage (one line on stderr, no output file),
 // 1 an unexpected internal failure.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +16,8 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -43,6 +46,52 @@ constexpr const char* kUsage =
     "               [--layers L] [--seed S]\n"
     "  moekit info\n"
     "  moekit --version\n";
+
+// A message as one line of stderr: control characters escaped (\n, \t, \xHH; a file name or
+// config string cannot start a new line or send a terminal escape), every double-quoted value
+// longer than 200 characters cut, and the whole at most `max` characters.
+std::string one_line(std::string_view m, std::size_t max = 2000) {
+  constexpr std::size_t kQuoted = 200;
+  std::string out;
+  for (std::size_t i = 0; i < m.size() && out.size() < max; ++i) {
+    const auto c = static_cast<unsigned char>(m[i]);
+    if (c == '"') {  // a quoted value: keep at most kQuoted of its characters
+      const std::size_t close = m.find('"', i + 1);
+      if (close != std::string_view::npos && close - i - 1 > kQuoted) {
+        out += one_line(m.substr(i, kQuoted + 1), max);
+        out += "...\" (" + std::to_string(close - i - 1) + " characters)";
+        i = close;
+        continue;
+      }
+    }
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7F) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += {'\\', 'x', kHex[c >> 4], kHex[c & 15]};
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (out.size() >= max) out = out.substr(0, max) + "...(message cut)";
+  return out;
+}
+
+// Refuses an --output that is one of the run's input files (same device and inode, however
+// the path is spelled: "./a/../x", a hard link or a symlink to it), before anything is written.
+void refuse_output_over_inputs(const std::string& out,
+                               const std::vector<std::pair<std::string, std::string>>& inputs) {
+  struct stat so {};
+  if (::stat(out.c_str(), &so) != 0) return;  // nothing there yet
+  for (const auto& [what, path] : inputs) {
+    struct stat si {};
+    if (::stat(path.c_str(), &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino)
+      fail("--output \"", out, "\" is the same file as ", what, " \"", path,
+           "\": refusing to overwrite an input");
+  }
+}
 
 // Flags of one sub-command: "--name value" pairs, each allowed name at most once.
 std::map<std::string, std::string> parse_flags(int argc, char** argv, int first,
@@ -135,13 +184,18 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
   if (dtype) cfg.pack.type = *dtype;
   std::unique_ptr<moekit::AnyLayer> layer;
+  const std::string in_path = required(f, "input");
+  std::vector<std::pair<std::string, std::string>> inputs = {
+      {"--config", required(f, "config")}, {"--weights", required(f, "weights")}, {"--input", in_path}};
+  refuse_output_over_inputs(out_path, inputs);
   {
     // The weights' mapping is released once the layer holds its own (packed) copy.
     const auto weights = moekit::io::TensorSource::open(required(f, "weights"));
+    for (const std::string& shard : weights.files()) inputs.emplace_back("a weight shard", shard);
+    refuse_output_over_inputs(out_path, inputs);
     layer = moekit::load_any_layer(cfg, weights, prefix);
   }
   const int64_t d = cfg.hidden();
-  const std::string in_path = required(f, "input");
   const Input in = read_input(moekit::io::TensorSource::open(in_path), in_path, d);
   const int64_t T = in.tokens;
   std::vector<float> y(static_cast<size_t>(T * d));
@@ -342,10 +396,11 @@ int moekit_cli_main(int argc, char** argv) {
     }
     fail("unknown command \"", cmd, "\" (expected run, bench or info)");
   } catch (const moekit::error& e) {
-    std::fprintf(stderr, "moekit %s: error: %s\n", cmd.c_str(), e.what());
+    std::fprintf(stderr, "moekit %s: error: %s\n", one_line(cmd, 40).c_str(), one_line(e.what()).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moekit %s: internal error: %s\n", cmd.c_str(), e.what());
+    std::fprintf(stderr, "moekit %s: internal error: %s\n", one_line(cmd, 40).c_str(),
+                 one_line(e.what()).c_str());
     return 1;
   }
 }

@@ -65,6 +65,21 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
 
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
                  const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack) {
+  if (weights != nullptr) {
+    // Validate, then allocate: every expert tensor is found with the configured shape before
+    // the bank (count x 3 x d x f values) is allocated, so memory follows what the file holds.
+    const int64_t d = shape.hidden, f = shape.intermediate;
+    const bool mixtral = names == ExpertNames::mixtral;
+    for (int64_t e = 0; e < count; ++e) {
+      const std::string p = indexed ? base + std::to_string(e) + "." : base;
+      const std::pair<std::string, std::vector<int64_t>> expected[] = {
+          {p + (mixtral ? "w1" : "gate_proj") + ".weight", {f, d}},
+          {p + (mixtral ? "w3" : "up_proj") + ".weight", {f, d}},
+          {p + (mixtral ? "w2" : "down_proj") + ".weight", {d, f}}};
+      for (const auto& [name, want] : expected)
+        if (shape.gated || &name != &expected[0].first) weights->expect_shape(name, want);
+    }
+  }
   FfnBank bank(count, shape, pack);
   std::vector<float> buf;
   for (int64_t e = 0; e < count; ++e)

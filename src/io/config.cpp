@@ -2,20 +2,27 @@
 // Parses HF config.json files and moekit's own layer config into a LayerConfig.
 #include "moekit/io/config.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <fstream>
 #include <set>
+#include <string>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
-#include "moekit/error.hpp"
+#include "files.hpp"
 #include "json_reader.hpp"
+#include "moekit/error.hpp"
 #include "layer_registry.hpp"
 
 namespace moekit {
 namespace {
+
+/// The largest config file read (real HF configs are a few KiB).
+constexpr std::uint64_t kMaxConfigBytes = 16u << 20;
+/// The deepest JSON nesting accepted in a config (HF configs nest 3 or 4 levels).
+constexpr int kMaxConfigDepth = 32;
 
 using json = nlohmann::json;
 using detail::Reader;
@@ -56,6 +63,32 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
   return c;
 }
 
+/// Sizes from a file are hostile until checked: every extent is at most kMaxExtent and the
+/// layer's weight count, summed with overflow checks, at most kMaxLayerValues (2^40 values,
+/// 4 TiB in f32), before anything is allocated or multiplied elsewhere.
+constexpr int64_t kMaxExtent = int64_t{1} << 31;
+constexpr int64_t kMaxLayerValues = int64_t{1} << 40;
+
+void check_sizes(const LayerConfig& c) {
+  const int64_t d = c.hidden(), f = c.experts.intermediate, E = c.router.num_experts;
+  MOEKIT_CHECK(d <= kMaxExtent, "hidden_size: expected <= 2^31, got ", d);
+  MOEKIT_CHECK(f <= kMaxExtent, "intermediate size: expected <= 2^31, got ", f);
+  MOEKIT_CHECK(E <= kMaxExtent, "num_experts: expected <= 2^31, got ", E);
+  int64_t per = 0, total = 0;
+  bool overflow = __builtin_mul_overflow(d, f, &per) || __builtin_mul_overflow(per, 3, &per) ||
+                  __builtin_mul_overflow(per, std::max<int64_t>(E, 1), &total);
+  if (c.shared) {
+    MOEKIT_CHECK(c.shared->intermediate <= kMaxExtent, "shared expert intermediate size: expected <= 2^31, got ",
+                 c.shared->intermediate);
+    int64_t shared = 0;
+    overflow = overflow || __builtin_mul_overflow(d, c.shared->intermediate, &shared) ||
+               __builtin_mul_overflow(shared, 3, &shared) || __builtin_add_overflow(total, shared, &total);
+  }
+  MOEKIT_CHECK(!overflow && total <= kMaxLayerValues, "the layer's weights (num_experts ", E, " x 3 x hidden_size ", d,
+               " x intermediate size ", f, (c.shared ? " plus the shared expert" : ""),
+               ") expected at most 2^40 values, got ", overflow ? std::string("more than 2^63") : std::to_string(total));
+}
+
 void finish(LayerConfig& c, const std::string& where) {
   c.experts.hidden = c.router.hidden;
   try {
@@ -63,6 +96,7 @@ void finish(LayerConfig& c, const std::string& where) {
     else MOEKIT_CHECK(c.hidden() >= 1, "hidden_size: expected >= 1, got ", c.hidden());
     c.experts.validate("experts");
     if (c.shared) MOEKIT_CHECK(c.shared->intermediate >= 1, "shared expert intermediate size expected >= 1, got ", c.shared->intermediate);
+    check_sizes(c);
   } catch (const error& e) {
     detail::fail(where, ": ", e.what());
   }
@@ -114,7 +148,13 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
     const int64_t ns = rd.integer("n_shared_experts", 1);
     MOEKIT_CHECK(ns >= 0, origin, ".n_shared_experts: expected >= 0, got ", ns);
     if (ns == 0) c.shared.reset();
-    else c.shared->intermediate = ns * c.experts.intermediate;
+    else {
+      int64_t f = 0;
+      MOEKIT_CHECK(!__builtin_mul_overflow(ns, c.experts.intermediate, &f), origin,
+                   ".n_shared_experts: ", ns, " x moe_intermediate_size ", c.experts.intermediate,
+                   " overflows int64");
+      c.shared->intermediate = f;
+    }
   }
   finish(c, origin);
   return c;
@@ -240,12 +280,10 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
 }  // namespace
 
 LayerConfig parse_layer_config(const std::string& json_text, const std::string& origin) {
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    detail::fail(origin, ": not valid JSON (", e.what(), ")");
-  }
+  // Duplicate keys are errors (nlohmann keeps the last one silently); linear-time parse.
+  const json j = detail::parse_untrusted_json(origin, json_text.data(),
+                                                  json_text.data() + json_text.size(),
+                                                  kMaxConfigDepth, "not valid JSON");
   MOEKIT_CHECK(j.is_object(), origin, ": expected a JSON object, got ", j.type_name());
   if (j.contains("moekit_config_version")) return parse_moekit(j, origin);
   if (j.contains("model_type")) return parse_hf(j, origin);
@@ -253,11 +291,7 @@ LayerConfig parse_layer_config(const std::string& json_text, const std::string& 
 }
 
 LayerConfig load_layer_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  MOEKIT_CHECK(in.good(), path, ": cannot open the config file");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return parse_layer_config(ss.str(), path);
+  return parse_layer_config(detail::read_regular_file(path, path, kMaxConfigBytes), path);
 }
 
 LayerConfig preset_defaults(const std::string& preset) {

@@ -80,9 +80,9 @@ MoROptions mor_options(const json& j, const LayerConfig& c) {
     o.alpha = r.number("alpha", o.alpha);
     if (r.has("capacity_factors")) {
       const json& a = r.raw("capacity_factors");
-      MOEKIT_CHECK(a.is_array(), "router.capacity_factors: expected an array of numbers, got ", a.dump());
+      MOEKIT_CHECK(a.is_array(), "router.capacity_factors: expected an array of numbers, got ", excerpt(a));
       for (const json& v : a) {
-        MOEKIT_CHECK(v.is_number(), "router.capacity_factors: expected numbers, got ", v.dump());
+        MOEKIT_CHECK(v.is_number(), "router.capacity_factors: expected numbers, got ", excerpt(v));
         o.capacity_factors.push_back(v.get<double>());
       }
     }

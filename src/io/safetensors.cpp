@@ -21,6 +21,7 @@
 #include <string_view>
 #include <utility>
 
+#include "files.hpp"
 #include "moekit/error.hpp"
 #include "moekit/kernels/fp8.hpp"
 
@@ -51,25 +52,8 @@ std::optional<DType> parse_dtype(std::string_view s) {
   return std::nullopt;
 }
 
-/// `s` in single quotes for an error message, control characters escaped (keeps messages on one
-/// line even for hostile tensor names) and long strings shortened.
-std::string q(std::string_view s, std::size_t max_chars = 256) {
-  std::string out = "'";
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (i == max_chars) {
-      out += detail::concat("...(", s.size(), " bytes)");
-      break;
-    }
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7F || c == '\\') {
-      static constexpr char kHex[] = "0123456789abcdef";
-      out += c == '\\' ? std::string("\\\\") : std::string{'\\', 'x', kHex[c >> 4], kHex[c & 15]};
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "'";
-}
+/// `s` quoted for an error message (files.hpp).
+std::string q(std::string_view s, std::size_t max_chars = 256) { return detail::quoted(s, max_chars); }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::ostringstream os;
@@ -86,49 +70,8 @@ std::string describe(const json& v) {
   return detail::concat(v.type_name(), ' ', text);
 }
 
-/// Parses untrusted JSON text, rejecting duplicate object keys (nlohmann silently keeps the last
-/// one) and absurd nesting. `what` names the source in error messages.
 json parse_untrusted_json(const std::string& what, const char* first, const char* last) {
-  // nlohmann stops at a NUL byte as if the input ended there, which would let arbitrary bytes
-  // hide after it. Valid JSON never contains a raw NUL.
-  if (const void* nul = std::memchr(first, 0, static_cast<std::size_t>(last - first))) {
-    fail(what, ": invalid JSON (NUL byte at offset ", static_cast<const char*>(nul) - first, ")");
-  }
-  std::vector<std::set<std::string>> keys_stack;
-  int depth = 0;
-  auto cb = [&](int /*depth*/, json::parse_event_t event, json& parsed) -> bool {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (++depth > kMaxJsonDepth) {
-          fail(what, ": JSON nested deeper than ", kMaxJsonDepth, " levels");
-        }
-        if (event == json::parse_event_t::object_start) keys_stack.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        --depth;
-        keys_stack.pop_back();
-        break;
-      case json::parse_event_t::array_end:
-        --depth;
-        break;
-      case json::parse_event_t::key: {
-        const auto& key = parsed.get_ref<const std::string&>();
-        if (!keys_stack.back().insert(key).second) {
-          fail(what, ": duplicate key ", q(key), " in JSON object at nesting level ", depth);
-        }
-        break;
-      }
-      case json::parse_event_t::value:
-        break;
-    }
-    return true;
-  };
-  try {
-    return json::parse(first, last, cb);
-  } catch (const json::exception& e) {
-    fail(what, ": invalid JSON (", e.what(), ")");
-  }
+  return detail::parse_untrusted_json(what, first, last, kMaxJsonDepth, "invalid JSON");
 }
 
 /// A non-negative JSON integer that fits in int64, or nullopt (negative, float, too big, not a
@@ -381,7 +324,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   if (file.fd < 0) fail(where, ": cannot open for reading: ", errno_str(errno));
   struct stat st {};
   if (::fstat(file.fd, &st) != 0) fail(where, ": cannot stat: ", errno_str(errno));
-  MOEKIT_CHECK(S_ISREG(st.st_mode), where, ": not a regular file");
+  MOEKIT_CHECK(S_ISREG(st.st_mode), where, ": is ", detail::file_kind(st.st_mode),
+               ", expected a regular file");
   const auto size = static_cast<std::uint64_t>(st.st_size);
   MOEKIT_CHECK(size >= 8, where, ": file is ", size,
                " bytes, expected at least 8 (the header length prefix)");
@@ -488,30 +432,6 @@ TensorSource::~TensorSource() = default;
 
 namespace {
 
-std::string read_small_file(const std::string& where, const std::string& path,
-                            std::uint64_t max_bytes) {
-  Fd file;
-  file.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (file.fd < 0) fail(where, ": cannot open for reading: ", errno_str(errno));
-  struct stat st {};
-  if (::fstat(file.fd, &st) != 0) fail(where, ": cannot stat: ", errno_str(errno));
-  MOEKIT_CHECK(S_ISREG(st.st_mode), where, ": not a regular file");
-  const auto size = static_cast<std::uint64_t>(st.st_size);
-  MOEKIT_CHECK(size <= max_bytes, where, ": file is ", size, " bytes, expected at most ",
-               max_bytes);
-  std::string text(static_cast<std::size_t>(size), '\0');
-  std::size_t got = 0;
-  while (got < text.size()) {
-    const ssize_t r = ::read(file.fd, text.data() + got, text.size() - got);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) fail(where, ": read failed: ", errno_str(errno));
-    if (r == 0) break;  // shrank while reading
-    got += static_cast<std::size_t>(r);
-  }
-  text.resize(got);
-  return text;
-}
-
 bool ends_with(const std::string& s, std::string_view suffix) {
   return s.size() >= suffix.size() &&
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -538,7 +458,7 @@ TensorSource TensorSource::open(const std::string& path) {
 
   namespace fs = std::filesystem;
   const std::string where = detail::concat("safetensors index ", q(path, 4096));
-  const std::string text = read_small_file(where, path, kMaxIndexBytes);
+  const std::string text = detail::read_regular_file(where, path, kMaxIndexBytes);
   const json index = parse_untrusted_json(where, text.data(), text.data() + text.size());
   MOEKIT_CHECK(index.is_object(), where, ": content is ", describe(index),
                ", expected a JSON object with a \"weight_map\"");
@@ -574,6 +494,20 @@ TensorSource TensorSource::open(const std::string& path) {
     impl->shard_of.emplace(name, it->second);
   }
   return TensorSource(std::move(impl));
+}
+
+std::vector<std::string> TensorSource::files() const {
+  std::vector<std::string> out = {impl_->path};
+  for (const SafetensorsFile& f : impl_->shards)
+    if (f.path() != impl_->path) out.push_back(f.path());
+  return out;
+}
+
+void TensorSource::expect_shape(const std::string& name, const std::vector<int64_t>& expected) const {
+  const TensorView& v = tensor(name);
+  MOEKIT_CHECK(v.shape == expected, "safetensors file ", q(shard_path(name), 4096), ": tensor ", q(name),
+               " has shape ", shape_str(v.shape), " (", dtype_name(v.dtype), "), expected shape ",
+               shape_str(expected));
 }
 
 bool TensorSource::contains(const std::string& name) const {
@@ -826,11 +760,22 @@ void write_safetensors(const std::string& path, const std::vector<OutTensor>& te
   text.append((8 - text.size() % 8) % 8, ' ');  // data buffer starts 8-byte aligned
   const auto n = static_cast<std::uint64_t>(text.size());
 
-  const std::string tmp = path + ".tmp";
+  // A fresh temporary file beside the destination, created exclusively (mkostemp: never an
+  // existing file, never through a symlink), so concurrent writers each write their own and
+  // the rename below publishes one complete file.
+  const std::filesystem::path dest(path);
+  const std::filesystem::path dir = dest.has_parent_path() ? dest.parent_path() : ".";
+  std::string tmp =
+      (dir / (".moekit-" + dest.filename().string().substr(0, 64) + ".XXXXXX")).string();
   Fd file;
-  file.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (file.fd < 0) fail(where, ": cannot create ", q(tmp, 4096), ": ", errno_str(errno));
+  file.fd = ::mkostemp(tmp.data(), O_CLOEXEC);
+  if (file.fd < 0) {
+    fail(where, ": cannot create a temporary file in ", q(dir.string(), 4096), ": ",
+         errno_str(errno));
+  }
   try {
+    if (::fchmod(file.fd, 0644) != 0)
+      fail(where, ": chmod of ", q(tmp, 4096), " failed: ", errno_str(errno));
     write_all(file.fd, &n, 8, where);  // little-endian u64 (host is little-endian)
     write_all(file.fd, text.data(), text.size(), where);
     for (std::size_t i = 0; i < tensors.size(); ++i) {

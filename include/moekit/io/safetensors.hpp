@@ -55,6 +55,11 @@ class SafetensorsFile {
   const TensorView& tensor(const std::string& name) const;
   /// All tensor names, sorted.
   std::vector<std::string> names() const;
+  /// Every file this source read: the .safetensors file, or the index and each shard.
+  std::vector<std::string> files() const;
+  /// Throws moekit::error (as the readers below word it) unless tensor `name` exists and has
+  /// exactly `expected_shape`; reads no data (to validate a whole layer before allocating it).
+  void expect_shape(const std::string& name, const std::vector<int64_t>& expected_shape) const;
   /// The header's "__metadata__" map (empty if absent).
   const std::map<std::string, std::string>& metadata() const;
 
@@ -87,6 +92,11 @@ class TensorSource {
   const TensorView& tensor(const std::string& name) const;
   /// All tensor names, sorted.
   std::vector<std::string> names() const;
+  /// Every file this source read: the .safetensors file, or the index and each shard.
+  std::vector<std::string> files() const;
+  /// Throws moekit::error (as the readers below word it) unless tensor `name` exists and has
+  /// exactly `expected_shape`; reads no data (to validate a whole layer before allocating it).
+  void expect_shape(const std::string& name, const std::vector<int64_t>& expected_shape) const;
 
   // The readers below check the tensor's shape against `expected_shape` (same rank; an entry of
   // -1 matches any extent) and its dtype, and throw moekit::error naming the tensor, the file,
@@ -126,8 +136,10 @@ struct OutTensor {
   const void* data;
 };
 
-/// Writes a .safetensors file atomically: to `path + ".tmp"`, fsync, then rename over `path`, so a
-/// failed write never leaves a partial file at `path` (nor a leftover ".tmp"). Tensors are laid out
+/// Writes a .safetensors file atomically: to a fresh temporary file in `path`'s folder
+/// (`.moekit-<name>.XXXXXX`, created exclusively, never through a symlink), fsync, then rename
+/// over `path`, so a failed write never leaves a partial file at `path` (nor a leftover
+/// temporary file), and concurrent writers of the same `path` each leave a complete file. Tensors are laid out
 /// in the given order; the header is space-padded so the data buffer starts 8-byte aligned.
 /// Throws moekit::error on invalid tensors (duplicate or empty names, negative extents, null data)
 /// or any I/O failure.

@@ -107,6 +107,9 @@ struct TopKOptions {
     const double c =
         std::ceil((static_cast<double>(routed_tokens * k) / static_cast<double>(num_experts)) *
                   capacity_factor);
+    // A huge factor (1e300) must not reach an out-of-range cast: 2^62 slots already mean
+    // "drop nothing" (an expert holds at most one slot per token).
+    if (!(c < 0x1p62)) return int64_t{1} << 62;
     return std::max<int64_t>(min_capacity, static_cast<int64_t>(c));
   }
 };
