@@ -47,35 +47,48 @@ constexpr const char* kUsage =
     "  moekit info\n"
     "  moekit --version\n";
 
-// A message as one line of stderr: control characters escaped (\n, \t, \xHH; a file name or
-// config string cannot start a new line or send a terminal escape), every double-quoted value
-// longer than 200 characters cut, and the whole at most `max` characters.
-std::string one_line(std::string_view m, std::size_t max = 2000) {
-  constexpr std::size_t kQuoted = 200;
-  std::string out;
-  for (std::size_t i = 0; i < m.size() && out.size() < max; ++i) {
-    const auto c = static_cast<unsigned char>(m[i]);
-    if (c == '"') {  // a quoted value: keep at most kQuoted of its characters
-      const std::size_t close = m.find('"', i + 1);
-      if (close != std::string_view::npos && close - i - 1 > kQuoted) {
-        out += one_line(m.substr(i, kQuoted + 1), max);
-        out += "...\" (" + std::to_string(close - i - 1) + " characters)";
-        i = close;
-        continue;
-      }
-    }
+// `s` with control characters escaped (\n, \t, \xHH) appended to `out`.
+void append_escaped(std::string& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
     if (c == '\n') {
       out += "\\n";
     } else if (c == '\t') {
       out += "\\t";
     } else if (c < 0x20 || c == 0x7F) {
-      static constexpr char kHex[] = "0123456789abcdef";
       out += {'\\', 'x', kHex[c >> 4], kHex[c & 15]};
     } else {
-      out += static_cast<char>(c);
+      out += ch;
     }
   }
-  if (out.size() >= max) out = out.substr(0, max) + "...(message cut)";
+}
+
+// A message as one line of stderr: control characters escaped (a file name or config string
+// cannot start a new line or send a terminal escape), every double-quoted value longer than
+// 200 characters cut, and the whole at most `max` characters.
+std::string one_line(std::string_view m, std::size_t max = 2000) {
+  constexpr std::size_t kQuoted = 200;
+  std::string out;
+  std::size_t i = 0;
+  while (i < m.size() && out.size() < max) {
+    const std::size_t open = m.find('"', i);
+    const std::size_t close = open == std::string_view::npos ? open : m.find('"', open + 1);
+    if (close == std::string_view::npos) {  // no (more) quoted value
+      append_escaped(out, m.substr(i));
+      break;
+    }
+    append_escaped(out, m.substr(i, open + 1 - i));
+    const std::string_view value = m.substr(open + 1, close - open - 1);
+    append_escaped(out, value.substr(0, kQuoted));
+    if (value.size() > kQuoted) {
+      out.append("...\" (").append(std::to_string(value.size())).append(" characters)");
+    } else {
+      out += '"';
+    }
+    i = close + 1;
+  }
+  if (out.size() > max) out = out.substr(0, max) + "...(message cut)";
   return out;
 }
 
