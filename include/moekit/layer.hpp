@@ -129,26 +129,26 @@ class SparseLayer {
 
  private:
   // The scan of `hidden` (before routing) or of `out` (after the combine).
-  void check_rows(const Batch& batch, const float* hidden, const char* who, bool output) const {
+  void check_rows(const Batch& batch, const float* rows, const char* who, bool output) const {
     const int64_t d = hidden_size(), T = batch.tokens;
     if (T == 0) return;
-    MOEKIT_CHECK(hidden != nullptr, who, ": hidden expected non-null for T = ", T);
+    MOEKIT_CHECK(rows != nullptr, who, output ? ": out" : ": hidden", " expected non-null for T = ", T);
     auto report = [&](int64_t t, int64_t j) {
       if (output)
-        detail::fail(who, ": out[", t, ", ", j, "] is ", hidden[t * d + j],
+        detail::fail(who, ": out[", t, ", ", j, "] is ", rows[t * d + j],
                      " although the input is finite: an expert or the combine overflowed f32 "
                      "(weights or activations too large); set_check_finite(false) skips this check");
-      detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", hidden[t * d + j],
+      detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", rows[t * d + j],
                    " (non-finite inputs are rejected; set_check_finite(false) skips this check)");
     };
     if (batch.padding.empty()) {
-      const int64_t i = kernels::first_non_finite(hidden, T * d);
+      const int64_t i = kernels::first_non_finite(rows, T * d);
       if (i >= 0) report(i / d, i % d);
       return;
     }
     for (int64_t t = 0; t < T; ++t) {
       if (batch.is_padding(t)) continue;  // padded rows may hold anything
-      const int64_t j = kernels::first_non_finite(hidden + t * d, d);
+      const int64_t j = kernels::first_non_finite(rows + t * d, d);
       if (j >= 0) report(t, j);
     }
   }

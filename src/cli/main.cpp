@@ -198,14 +198,15 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   if (dtype) cfg.pack.type = *dtype;
   std::unique_ptr<moekit::AnyLayer> layer;
   const std::string in_path = required(f, "input");
-  std::vector<std::pair<std::string, std::string>> inputs = {
-      {"--config", required(f, "config")}, {"--weights", required(f, "weights")}, {"--input", in_path}};
-  refuse_output_over_inputs(out_path, inputs);
+  refuse_output_over_inputs(out_path, {{"--config", required(f, "config")},
+                                       {"--weights", required(f, "weights")},
+                                       {"--input", in_path}});
   {
     // The weights' mapping is released once the layer holds its own (packed) copy.
     const auto weights = moekit::io::TensorSource::open(required(f, "weights"));
-    for (const std::string& shard : weights.files()) inputs.emplace_back("a weight shard", shard);
-    refuse_output_over_inputs(out_path, inputs);
+    std::vector<std::pair<std::string, std::string>> shards;
+    for (const std::string& shard : weights.files()) shards.emplace_back("a weight shard", shard);
+    refuse_output_over_inputs(out_path, shards);
     layer = moekit::load_any_layer(cfg, weights, prefix);
   }
   const int64_t d = cfg.hidden();

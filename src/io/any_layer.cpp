@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The router-family table behind AnyLayer, the shared builder helpers, and the top-k family.
+#include <array>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "layer_registry.hpp"
@@ -41,21 +43,37 @@ FfnShape routed_shape(const LayerConfig& c) {
   return s;
 }
 
+namespace {
+
+// One expert tensor: its name and HF shape.
+struct ExpertTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+// The gate, up and down tensors of the FFN expert under prefix `p` (gate first; a plain FFN
+// has none).
+std::array<ExpertTensor, 3> expert_tensors(const std::string& p, ExpertNames names, int64_t d, int64_t f) {
+  const bool mixtral = names == ExpertNames::mixtral;
+  return {ExpertTensor{p + (mixtral ? "w1" : "gate_proj") + ".weight", {f, d}},
+          ExpertTensor{p + (mixtral ? "w3" : "up_proj") + ".weight", {f, d}},
+          ExpertTensor{p + (mixtral ? "w2" : "down_proj") + ".weight", {d, f}}};
+}
+
+}  // namespace
+
 void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, const std::string& p, ExpertNames names,
                    uint64_t& seed, std::vector<float>& buf) {
   const FfnShape& shape = bank.shape();
   const int64_t d = shape.hidden, f = shape.intermediate;
-  const char* g = names == ExpertNames::mixtral ? "w1" : "gate_proj";
-  const char* u = names == ExpertNames::mixtral ? "w3" : "up_proj";
-  const char* dn = names == ExpertNames::mixtral ? "w2" : "down_proj";
   buf.resize(static_cast<size_t>(3 * f * d));
   float* gate = buf.data();
   float* up = gate + f * d;
   float* down = up + f * d;
   if (weights != nullptr) {
-    if (shape.gated) weights->read_f32_into(p + g + ".weight", {f, d}, gate);
-    weights->read_f32_into(p + u + ".weight", {f, d}, up);
-    weights->read_f32_into(p + dn + ".weight", {d, f}, down);
+    const auto t = expert_tensors(p, names, d, f);
+    float* dst[3] = {gate, up, down};
+    for (int i = shape.gated ? 0 : 1; i < 3; ++i) weights->read_f32_into(t[i].name, t[i].shape, dst[i]);
   } else {
     fill_uniform(gate, 2 * f * d, 1.0 / std::sqrt(static_cast<double>(d)), seed);
     fill_uniform(down, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
@@ -65,20 +83,12 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
 
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
                  const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack) {
-  if (weights != nullptr) {
-    // Validate, then allocate: every expert tensor is found with the configured shape before
-    // the bank (count x 3 x d x f values) is allocated, so memory follows what the file holds.
-    const int64_t d = shape.hidden, f = shape.intermediate;
-    const bool mixtral = names == ExpertNames::mixtral;
-    for (int64_t e = 0; e < count; ++e) {
-      const std::string p = indexed ? base + std::to_string(e) + "." : base;
-      const std::pair<std::string, std::vector<int64_t>> expected[] = {
-          {p + (mixtral ? "w1" : "gate_proj") + ".weight", {f, d}},
-          {p + (mixtral ? "w3" : "up_proj") + ".weight", {f, d}},
-          {p + (mixtral ? "w2" : "down_proj") + ".weight", {d, f}}};
-      for (const auto& [name, want] : expected)
-        if (shape.gated || &name != &expected[0].first) weights->expect_shape(name, want);
-    }
+  // Validate, then allocate: every expert tensor is found with the configured shape before
+  // the bank (count x 3 x d x f values) is allocated, so memory follows what the file holds.
+  for (int64_t e = 0; weights != nullptr && e < count; ++e) {
+    const auto t = expert_tensors(indexed ? base + std::to_string(e) + "." : base, names, shape.hidden,
+                                  shape.intermediate);
+    for (int i = shape.gated ? 0 : 1; i < 3; ++i) weights->expect_shape(t[i].name, t[i].shape);
   }
   FfnBank bank(count, shape, pack);
   std::vector<float> buf;
