@@ -9,7 +9,9 @@
 #include <cfloat>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "kernels/gemm_internal.hpp"
 #include "kernels/rows_internal.hpp"
@@ -87,8 +89,10 @@ struct PackedAccess {
     c.type = W.type_;
     c.gated = W.gated_;
     c.bf16_act = W.bf16_act_;
+    c.pairs = W.type_ == WeightType::bf16 && W.bf16_act_;
     c.n = W.n_;
     c.k = W.k_;
+    c.depth = c.pairs ? W.k_ + (W.k_ & 1) : W.k_;
     c.panel = W.panel();
     c.data = W.data_.data();
     c.strip_bytes = W.strip_bytes_;
@@ -138,10 +142,15 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   MOEKIT_CHECK(opt.type != WeightType::w8a8 || k <= (int64_t{1} << 31) / (127 * 127), who,
                ": w8a8 sums int32 products of int8 values; k expected <= ",
                (int64_t{1} << 31) / (127 * 127), ", got ", k);
-  const GemmKernel* kern = opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel(opt.type);
+  const bool bf16_act = opt.bf16_activations && opt.type != WeightType::w8a8;
+  const GemmKernel* kern =
+      opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel(opt.type, bf16_act);
   MOEKIT_CHECK(gemm_kernel_supported(*kern), who, ": kernel \"", kern->name,
                "\" is compiled in but this CPU cannot run it (kernels it runs: ",
                names(gemm_kernels()), ")");
+  MOEKIT_CHECK(kern->implements(opt.type, bf16_act), who, ": kernel \"", kern->name,
+               "\" does not implement ", to_string(opt.type), " weights with ",
+               bf16_act ? "bf16" : "f32", " activations");
   const int64_t P = kern->panel, half = P / 2, width = gated ? half : P;
   MOEKIT_DEBUG_ASSERT(P % 2 == 0 && kFp8Block % P == 0);
   kernel_ = kern;
@@ -149,11 +158,16 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   k_ = k;
   gated_ = gated;
   type_ = opt.type;
-  bf16_act_ = opt.bf16_activations && opt.type != WeightType::w8a8;
+  bf16_act_ = bf16_act;
   strips_ = (n + width - 1) / width;
   k_blocks_ = type_ == WeightType::fp8 ? (k + kFp8Block - 1) / kFp8Block : 0;
   const int64_t eb = weight_type_bytes(type_);
-  const int64_t k_store = type_ == WeightType::w8a8 ? k + (k & 1) : k;
+  // Depth layouts (see detail::GemmCall): w8a8 in groups of G; bf16 x bf16 in pairs.
+  const int64_t G = kern->int8_group;
+  const bool pairs = type_ == WeightType::bf16 && bf16_act_;
+  const int64_t k_store = type_ == WeightType::w8a8 ? (k + G - 1) / G * G
+                          : pairs                   ? k + (k & 1)
+                                                    : k;
   strip_bytes_ = (k_store * P * eb + 63) / 64 * 64;
   data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
   scales_.clear();
@@ -196,7 +210,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
         case WeightType::bf16:
           for (int64_t p = 0; p < k; ++p) {
             const uint16_t b = detail::bf16_bits(src[p]);
-            std::memcpy(S + (p * P + j) * 2, &b, 2);
+            std::memcpy(S + bf16_index(p, j) * 2, &b, 2);
           }
           break;
         case WeightType::int8:
@@ -204,10 +218,17 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
           const float scale = detail::int8_scale(detail::abs_max(src, k));
           scales_[static_cast<size_t>(s * P + j)] = scale;
           for (int64_t p = 0; p < k; ++p) {
-            const int64_t at =
-                type_ == WeightType::int8 ? p * P + j : (p / 2) * 2 * P + 2 * j + p % 2;
-            S[at] = static_cast<uint8_t>(detail::quantize_s8(src[p], scale));
+            const int8_t q = detail::quantize_s8(src[p], scale);
+            if (type_ == WeightType::int8) {
+              S[p * P + j] = static_cast<uint8_t>(q);
+            } else {  // G = 4 (VNNI) stores q + 128 as an unsigned byte
+              S[(p / G) * G * P + G * j + p % G] =
+                  static_cast<uint8_t>(G == 4 ? q + 128 : static_cast<uint8_t>(q));
+            }
           }
+          // w8a8 with G = 4: the padding depths of a real column must read as 0 (+ 128).
+          if (type_ == WeightType::w8a8 && G == 4)
+            for (int64_t p = k; p < k_store; ++p) S[(p / G) * G * P + G * j + p % G] = 128;
           break;
         }
         case WeightType::fp8:
@@ -221,9 +242,16 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
     }
 }
 
+int64_t PackedMatrix::bf16_index(int64_t p, int64_t j) const noexcept {
+  const int64_t P = panel();
+  if (!bf16_act_) return p * P + j;
+  return kernel_->bf16_pairs ? (p / 2) * 2 * P + 2 * j + p % 2 : (p ^ 1) * P + j;
+}
+
 void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
   const int64_t P = panel(), half = P / 2, width = gated_ ? half : P;
   const int64_t s = r / width, j = r % width + (gated_ && up ? half : 0);
+  const int64_t G = kernel_->int8_group;
   const uint8_t* S = strip_data(s);
   for (int64_t p = 0; p < k_; ++p) {
     switch (type_) {
@@ -232,7 +260,7 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
         break;
       case WeightType::bf16: {
         uint16_t b;
-        std::memcpy(&b, S + (p * P + j) * 2, 2);
+        std::memcpy(&b, S + bf16_index(p, j) * 2, 2);
         dst[p] = detail::bf16_to_float(b);
         break;
       }
@@ -240,10 +268,12 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
         dst[p] = static_cast<float>(static_cast<int8_t>(S[p * P + j])) *
                  scales_[static_cast<size_t>(s * P + j)];
         break;
-      case WeightType::w8a8:
-        dst[p] = static_cast<float>(static_cast<int8_t>(S[(p / 2) * 2 * P + 2 * j + p % 2])) *
-                 scales_[static_cast<size_t>(s * P + j)];
+      case WeightType::w8a8: {
+        const uint8_t b = S[(p / G) * G * P + G * j + p % G];
+        const int q = G == 4 ? int{b} - 128 : int{static_cast<int8_t>(b)};
+        dst[p] = static_cast<float>(q) * scales_[static_cast<size_t>(s * P + j)];
         break;
+      }
       case WeightType::fp8:
         dst[p] = fp8_e4m3_to_float(S[p * P + j]) *
                  scales_[static_cast<size_t>((s * k_blocks_ + p / detail::kFp8Block) * 2 +
@@ -257,14 +287,16 @@ size_t packed_a_floats(int64_t m, int64_t k) noexcept {
   if (m <= 0) return 0;
   const int64_t rows = (std::min(m, detail::kRowChunk) + detail::kMaxTileRows - 1) /
                        detail::kMaxTileRows * detail::kMaxTileRows;
-  return static_cast<size_t>(rows * (k + 1));
+  // Row tiles of k floats (or fewer words), plus a scale and an int32 bias per row.
+  return static_cast<size_t>(rows * (k + 3));
 }
 
 // ---------------------------------------------------------------------- kernel table
 
 namespace {
 
-// One instruction set: its GEMM and row kernels, and what the CPU must have to run them.
+// One kernel: its GEMM, its row kernels (general kernels; null for a specialised one), and
+// what the CPU must have to run it.
 struct KernelEntry {
   const GemmKernel* kernel;
   const RowKernels* rows;
@@ -279,16 +311,25 @@ bool has_avx2() noexcept {
   return f.avx2 && f.fma && f.f16c;
 }
 #endif
-#if defined(MOEKIT_HAVE_KERNEL_AVX512)
+#if defined(MOEKIT_HAVE_KERNEL_AVX512) || defined(MOEKIT_HAVE_KERNEL_AVX512_BF16) || \
+    defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
 bool has_avx512() noexcept {
   const CpuFeatures& f = cpu_features();
   return f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.fma;
 }
 #endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512_BF16)
+bool has_avx512_bf16() noexcept { return has_avx512() && cpu_features().avx512_bf16; }
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
+bool has_avx512_vnni() noexcept { return has_avx512() && cpu_features().avx512_vnni; }
+#endif
 
-// Every compiled kernel, slowest first: the default is the last one the CPU supports. The
-// order is by measured speed, not by the age of the instruction set (docs/architecture.md,
-// "Kernels": AVX-512 is faster than AVX2 for every weight type on the CPUs measured).
+// Every compiled kernel, slowest first: each format runs on the last entry the CPU supports
+// that implements it (and MOEKIT_KERNEL allows). The general kernels are ordered by measured
+// speed, not by the age of the instruction set (docs/architecture.md, "Kernels": AVX-512 is
+// faster than AVX2 for every weight type on the CPUs measured); the specialised ones come
+// last, so they take the formats they implement.
 const KernelEntry kTable[] = {
     {&detail::kGemmScalar, &detail::kRowsScalar, always, "nothing beyond x86-64"},
 #if defined(MOEKIT_HAVE_KERNEL_AVX2)
@@ -296,6 +337,14 @@ const KernelEntry kTable[] = {
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512)
     {&detail::kGemmAvx512, &detail::kRowsAvx512, has_avx512, "AVX-512 F, BW, DQ and VL, and FMA"},
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
+    {&detail::kGemmAvx512Vnni, nullptr, has_avx512_vnni,
+     "AVX-512 F, BW, DQ and VL, FMA, and AVX512-VNNI"},
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512_BF16)
+    {&detail::kGemmAvx512Bf16, nullptr, has_avx512_bf16,
+     "AVX-512 F, BW, DQ and VL, FMA, and AVX512-BF16"},
 #endif
 };
 
@@ -315,52 +364,78 @@ const KernelEntry* entry_of(const GemmKernel& k) noexcept {
   return nullptr;
 }
 
-// The choice (MOEKIT_KERNEL or the best supported entry), or why there is none; read once.
+// The kernels MOEKIT_KERNEL allows (all this CPU runs when unset), or why the variable is
+// wrong; read once. `general` is the best allowed general kernel (f32, the row kernels, and
+// every format no allowed specialised kernel implements).
 struct Choice {
-  const KernelEntry* entry = nullptr;
+  std::vector<const KernelEntry*> allowed;  // slowest first, all supported
+  const KernelEntry* general = nullptr;
   std::string error;
-  std::string why;
+  std::string why;  // how the list was formed, for gemm_kernel_reason()
 };
 
 const Choice& choice() noexcept {
   static const Choice c = [] {
     Choice c;
-    const KernelEntry* best = nullptr;
-    for (const KernelEntry& e : kTable)
-      if (e.supported()) best = &e;
     const char* env = std::getenv("MOEKIT_KERNEL");
-    if (env == nullptr || *env == '\0') {
-      c.entry = best;
-      c.why = std::string("the fastest compiled kernel this CPU runs (it needs ") + best->needs + ")";
+    const std::string want = env != nullptr ? env : "";
+    std::vector<std::string> names_wanted;
+    for (size_t at = 0; !want.empty() && at <= want.size();) {
+      const size_t comma = std::min(want.find(',', at), want.size());
+      names_wanted.push_back(want.substr(at, comma - at));
+      at = comma + 1;
+    }
+    const KernelEntry* best_general = nullptr;
+    for (const KernelEntry& e : kTable)
+      if (e.supported() && e.rows != nullptr) best_general = &e;
+    if (names_wanted.empty()) {
+      for (const KernelEntry& e : kTable)
+        if (e.supported()) c.allowed.push_back(&e);
+      c.general = best_general;
+      c.why = "the fastest compiled kernel this CPU runs that implements it";
       return c;
     }
-    const std::string want = env;
-    if (want == "simd") {
-      if (best != &kTable[0]) {
-        c.entry = best;
-        c.why = "MOEKIT_KERNEL=simd: the fastest SIMD kernel this CPU runs";
-      } else {
-        c.error = "MOEKIT_KERNEL=simd: no SIMD kernel " +
-                  std::string(compiled_gemm_kernels().size() > 1
-                                  ? "compiled into moekit runs on this CPU (compiled: "
-                                  : "is compiled into moekit (compiled: ") +
-                  names(compiled_gemm_kernels()) + ")";
+    c.why = "MOEKIT_KERNEL=" + want;
+    std::vector<bool> take(std::size(kTable), false);
+    for (const std::string& name : names_wanted) {
+      if (name == "simd") {
+        bool any = false;
+        for (size_t i = 1; i < std::size(kTable); ++i)
+          if (kTable[i].supported()) take[i] = any = true;
+        if (!any) {
+          c.error = "MOEKIT_KERNEL=" + want + ": no SIMD kernel " +
+                    std::string(compiled_gemm_kernels().size() > 1
+                                    ? "compiled into moekit runs on this CPU (compiled: "
+                                    : "is compiled into moekit (compiled: ") +
+                    names(compiled_gemm_kernels()) + ")";
+          return c;
+        }
+        continue;
       }
-      return c;
-    }
-    for (const KernelEntry& e : kTable) {
-      if (want != e.kernel->name) continue;
-      if (e.supported()) {
-        c.entry = &e;
-        c.why = "MOEKIT_KERNEL=" + want;
-      } else {
-        c.error = "MOEKIT_KERNEL=" + want + ": this CPU cannot run that kernel (it needs " +
-                  e.needs + "); kernels this CPU runs: " + names(gemm_kernels());
+      size_t i = 0;
+      while (i < std::size(kTable) && name != kTable[i].kernel->name) ++i;
+      if (i == std::size(kTable)) {
+        c.error = "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or compiled kernels' names (" +
+                  names(compiled_gemm_kernels()) + "), comma-separated; got \"" + want + "\"";
+        return c;
       }
-      return c;
+      if (!kTable[i].supported()) {
+        c.error = "MOEKIT_KERNEL=" + want + ": this CPU cannot run " + name + " (it needs " +
+                  kTable[i].needs + "); kernels this CPU runs: " + names(gemm_kernels());
+        return c;
+      }
+      take[i] = true;
     }
-    c.error = "MOEKIT_KERNEL: expected \"scalar\", \"simd\" or one of the compiled kernels (" +
-              names(compiled_gemm_kernels()) + "), got \"" + want + "\"";
+    for (size_t i = 0; i < std::size(kTable); ++i)
+      if (take[i]) {
+        c.allowed.push_back(&kTable[i]);
+        if (kTable[i].rows != nullptr) c.general = &kTable[i];
+      }
+    if (c.general == nullptr) {  // only specialised kernels named: they extend the best general
+      c.general = best_general;
+      c.allowed.insert(c.allowed.begin(), best_general);
+      c.why += " (and " + std::string(best_general->kernel->name) + " for the other formats)";
+    }
     return c;
   }();
   return c;
@@ -378,6 +453,11 @@ bool gemm_kernel_supported(const GemmKernel& kernel) noexcept {
   return e != nullptr && e->supported();
 }
 
+bool gemm_kernel_implements(const GemmKernel& kernel, WeightType type,
+                            bool bf16_activations) noexcept {
+  return kernel.implements(type, bf16_activations && type != WeightType::w8a8);
+}
+
 const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept {
   const KernelEntry* e = entry_of(kernel);
   return e != nullptr ? e->needs : "";
@@ -389,24 +469,38 @@ const std::vector<const GemmKernel*>& gemm_kernels() noexcept {
 }
 
 const GemmKernel& active_gemm_kernel() {
-  MOEKIT_CHECK(choice().entry != nullptr, choice().error);
-  return *choice().entry->kernel;
+  MOEKIT_CHECK(choice().general != nullptr, choice().error);
+  return *choice().general->kernel;
 }
 
-const GemmKernel& active_gemm_kernel(WeightType) { return active_gemm_kernel(); }
+const GemmKernel& active_gemm_kernel(WeightType type, bool bf16_activations) {
+  const Choice& c = choice();
+  MOEKIT_CHECK(c.general != nullptr, c.error);
+  for (auto it = c.allowed.rbegin(); it != c.allowed.rend(); ++it)
+    if (gemm_kernel_implements(*(*it)->kernel, type, bf16_activations)) return *(*it)->kernel;
+  return *c.general->kernel;  // general kernels implement every format
+}
 
-std::string gemm_kernel_reason(WeightType type) {
-  const GemmKernel& k = active_gemm_kernel(type);
-  return std::string(k.name) + " implements " + to_string(type) + "; chosen as " + choice().why;
+std::string gemm_kernel_reason(WeightType type, bool bf16_activations) {
+  const GemmKernel& k = active_gemm_kernel(type, bf16_activations);
+  const KernelEntry* e = entry_of(k);
+  return std::string(k.name) + " implements " + to_string(type) +
+         (bf16_activations && type != WeightType::w8a8 ? " with bf16 activations" : "") +
+         "; chosen as " + choice().why + " (it needs " + (e != nullptr ? e->needs : "?") + ")";
 }
 
 const RowKernels& row_kernels() noexcept {
   const Choice& c = choice();
-  return c.entry != nullptr ? *c.entry->rows : detail::kRowsScalar;
+  return c.general != nullptr ? *c.general->rows : detail::kRowsScalar;
 }
 
 const std::vector<const RowKernels*>& row_kernel_implementations() noexcept {
-  static const auto usable = column(&KernelEntry::rows, true);
+  static const auto usable = [] {
+    std::vector<const RowKernels*> v;
+    for (const KernelEntry& e : kTable)
+      if (e.supported() && e.rows != nullptr) v.push_back(e.rows);
+    return v;
+  }();
   return usable;
 }
 

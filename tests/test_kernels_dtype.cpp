@@ -34,6 +34,26 @@ using moekit::Activation;
 constexpr WeightType kTypes[] = {WeightType::f32, WeightType::bf16, WeightType::int8,
                                  WeightType::w8a8, WeightType::fp8};
 
+// A format: a weight type and whether the activations are rounded to bf16. A kernel implements
+// some of them (general kernels all); bf16 x bf16 sums depth pairs, odd depth first.
+struct Format {
+  WeightType type;
+  bool bf16_act;
+};
+constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false},
+                               {WeightType::bf16, true},  {WeightType::int8, false},
+                               {WeightType::w8a8, false}, {WeightType::fp8, false}};
+
+std::string format_name(const Format& f) {
+  return std::string(mk::to_string(f.type)) + (f.bf16_act ? " x bf16" : "");
+}
+
+bool is_general(const GemmKernel& k) {
+  for (const Format& f : kFormats)
+    if (!mk::gemm_kernel_implements(k, f.type, f.bf16_act)) return false;
+  return true;
+}
+
 // ============================================================ independent reference
 // Plain loops in double precision, sharing no code with the library's quantisers or kernels.
 
@@ -255,6 +275,17 @@ class KernelsDtype : public ::testing::TestWithParam<const GemmKernel*> {
   PackOptions opts(WeightType t, bool bf16_act = false) const {
     return PackOptions{t, bf16_act, GetParam()};
   }
+  PackOptions opts(const Format& f) const { return PackOptions{f.type, f.bf16_act, GetParam()}; }
+  // The formats this kernel implements (the loops below run those only).
+  std::vector<Format> formats() const {
+    std::vector<Format> v;
+    for (const Format& f : kFormats)
+      if (mk::gemm_kernel_implements(*GetParam(), f.type, f.bf16_act)) v.push_back(f);
+    return v;
+  }
+  bool implements(WeightType t, bool bf16_act = false) const {
+    return mk::gemm_kernel_implements(*GetParam(), t, bf16_act);
+  }
 };
 
 // unpack_row returns exactly the independent quantiser's dequantised values, for plain and
@@ -264,12 +295,12 @@ TEST_P(KernelsDtype, PackingRoundTrip) {
   for (const auto& [n, k] :
        {std::pair<int64_t, int64_t>{300, 290}, {1, 1}, {129, 128}, {17, 385}}) {
     auto W = weights(g, n, k), U = weights(g, n, k);
-    for (WeightType t : kTypes) {
-      SCOPED_TRACE(std::string(mk::to_string(t)) + " n=" + std::to_string(n) +
-                   " k=" + std::to_string(k));
+    for (const Format& f : formats()) {
+      const WeightType t = f.type;
+      SCOPED_TRACE(format_name(f) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
       PackedMatrix pw, pg;
-      pw.pack(W.data(), n, k, k, opts(t));
-      pg.pack_gated(W.data(), U.data(), n, k, k, opts(t));
+      pw.pack(W.data(), n, k, k, opts(f));
+      pg.pack_gated(W.data(), U.data(), n, k, k, opts(f));
       EXPECT_EQ(pw.weight_type(), t);
       EXPECT_EQ(pg.strip_columns(), pg.panel() / 2);
       const auto dw = dequantised(t, W.data(), n, k), du = dequantised(t, U.data(), n, k);
@@ -311,16 +342,21 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
   std::copy(row.begin(), row.end(), W.begin());
   std::vector<float> out(static_cast<size_t>(k));
   PackedMatrix p;
-  p.pack(W.data(), 2, k, k, opts(WeightType::bf16));
-  p.unpack_row(0, false, out.data());
-  EXPECT_EQ(out[0], 1.0f);
-  EXPECT_EQ(out[1], from_bits(0x3F820000u));
-  EXPECT_EQ(out[2], from_bits(0x3F810000u));
-  EXPECT_TRUE(std::isnan(out[3]));
-  EXPECT_EQ(out[4], inf);
-  EXPECT_EQ(out[5], -inf);
-  EXPECT_TRUE(out[6] == 0.0f && std::signbit(out[6]));
+  for (const bool act : {false, true}) {
+    if (!implements(WeightType::bf16, act)) continue;
+    SCOPED_TRACE(act ? "bf16 x bf16" : "bf16");
+    p.pack(W.data(), 2, k, k, opts(WeightType::bf16, act));
+    p.unpack_row(0, false, out.data());
+    EXPECT_EQ(out[0], 1.0f);
+    EXPECT_EQ(out[1], from_bits(0x3F820000u));
+    EXPECT_EQ(out[2], from_bits(0x3F810000u));
+    EXPECT_TRUE(std::isnan(out[3]));
+    EXPECT_EQ(out[4], inf);
+    EXPECT_EQ(out[5], -inf);
+    EXPECT_TRUE(out[6] == 0.0f && std::signbit(out[6]));
+  }
   for (WeightType t : {WeightType::int8, WeightType::w8a8, WeightType::fp8}) {
+    if (!implements(t)) continue;
     SCOPED_TRACE(mk::to_string(t));
     p.pack(W.data(), 2, k, k, opts(t));
     p.unpack_row(0, false, out.data());
@@ -349,14 +385,15 @@ TEST_P(KernelsDtype, EveryTypeMatchesReference) {
     const auto A = gaussian(g, static_cast<size_t>(std::max<int64_t>(m, 1) * lda));
     const auto W = weights(g, n, k), U = weights(g, n, k);
     const Activation act = static_cast<Activation>(trial % 4);
-    for (WeightType t : kTypes) {
-      SCOPED_TRACE(std::string(mk::to_string(t)) + " m=" + std::to_string(m) +
-                   " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    for (const Format& f : formats()) {
+      const WeightType t = f.type;
+      SCOPED_TRACE(format_name(f) + " m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                   " k=" + std::to_string(k));
       PackedMatrix pw, pg, pu;
-      pw.pack(W.data(), n, k, k, opts(t));
-      pg.pack_gated(W.data(), U.data(), n, k, k, opts(t));
-      pu.pack(U.data(), n, k, k, opts(t));
-      const auto a = effective_a(t, false, A, m, k, lda);
+      pw.pack(W.data(), n, k, k, opts(f));
+      pg.pack_gated(W.data(), U.data(), n, k, k, opts(f));
+      pu.pack(U.data(), n, k, k, opts(f));
+      const auto a = effective_a(t, f.bf16_act, A, m, k, lda);
       const RefGemm rc = ref_gemm(a, dequantised(t, W.data(), n, k), m, n, k);
       const RefGemm ru = ref_gemm(a, dequantised(t, U.data(), n, k), m, n, k);
       std::vector<float> ap(mk::packed_a_floats(m, k) + 1, -1.0f);
@@ -445,14 +482,15 @@ TEST_P(KernelsDtype, MatchesScalarKernel) {
       for (int64_t k : {1, 127, 129, 300}) {
         const auto A = gaussian(g, static_cast<size_t>(m * k)), W = weights(g, n, k);
         std::vector<float> ap(mk::packed_a_floats(m, k));
-        for (WeightType t : kTypes) {
+        for (const Format& f : formats()) {
+          const WeightType t = f.type;
           PackedMatrix ps, pk;
-          ps.pack(W.data(), n, k, k, PackOptions{t, false, scalar});
-          pk.pack(W.data(), n, k, k, opts(t));
+          ps.pack(W.data(), n, k, k, PackOptions{t, f.bf16_act, scalar});
+          pk.pack(W.data(), n, k, k, opts(f));
           std::vector<float> cs(static_cast<size_t>(m * n)), ck(cs.size());
           mk::gemm_packed(m, A.data(), k, ps, cs.data(), n, ap.data());
           mk::gemm_packed(m, A.data(), k, pk, ck.data(), n, ap.data());
-          ASSERT_EQ(cs, ck) << mk::to_string(t) << " m " << m << " n " << n << " k " << k;
+          ASSERT_EQ(cs, ck) << format_name(f) << " m " << m << " n " << n << " k " << k;
           mk::gemm_packed_act(m, A.data(), k, ps, Activation::gelu, cs.data(), n, ap.data());
           mk::gemm_packed_act(m, A.data(), k, pk, Activation::gelu, ck.data(), n, ap.data());
           for (size_t i = 0; i < cs.size(); ++i)
@@ -470,11 +508,11 @@ TEST_P(KernelsDtype, StripAndRowSplitsAreBitIdentical) {
   const auto A = gaussian(g, static_cast<size_t>(m * k)), W = weights(g, n, k),
              U = weights(g, n, k);
   std::vector<float> ap(mk::packed_a_floats(m, k));
-  for (WeightType t : kTypes) {
-    SCOPED_TRACE(mk::to_string(t));
+  for (const Format& f : formats()) {
+    SCOPED_TRACE(format_name(f));
     PackedMatrix pw, pg;
-    pw.pack(W.data(), n, k, k, opts(t));
-    pg.pack_gated(W.data(), U.data(), n, k, k, opts(t));
+    pw.pack(W.data(), n, k, k, opts(f));
+    pg.pack_gated(W.data(), U.data(), n, k, k, opts(f));
     std::vector<float> all(static_cast<size_t>(m * n)), parts(all.size()), hall(all.size()),
         hparts(all.size());
     mk::gemm_packed(m, A.data(), k, pw, all.data(), n, ap.data());
@@ -506,7 +544,8 @@ TEST_P(KernelsDtype, StripAndRowSplitsAreBitIdentical) {
 }
 
 // bf16 activations: the same as running without them on A rounded to bf16 (w8a8 ignores the
-// option: its activations are int8).
+// option: its activations are int8). bf16 weights are the exception, summed in another order
+// (the pair order, tested below).
 TEST_P(KernelsDtype, Bf16ActivationsRoundA) {
   std::mt19937 g(8);
   for (const auto& [m, n, k] :
@@ -517,6 +556,7 @@ TEST_P(KernelsDtype, Bf16ActivationsRoundA) {
     for (size_t i = 0; i < A.size(); ++i) Ar[i] = ref_bf16(A[i]);
     std::vector<float> ap(mk::packed_a_floats(m, k));
     for (WeightType t : kTypes) {
+      if (t == WeightType::bf16 || !implements(t, true) || !implements(t, false)) continue;
       SCOPED_TRACE(std::string(mk::to_string(t)) + " m=" + std::to_string(m));
       PackedMatrix with, without, gwith, gwithout;
       with.pack(W.data(), n, k, k, opts(t, true));
@@ -540,6 +580,78 @@ TEST_P(KernelsDtype, Bf16ActivationsRoundA) {
       }
     }
   }
+}
+
+// bf16 x bf16 (bf16 weights, bf16 activations) against a transcription of vdpbf16ps's
+// definition (Intel SDM, VDPBF16PS: per lane, srcdest += odd product, then += even product,
+// each rounded to nearest even; a bf16 product is exact in f32): every kernel, plain and
+// gated, odd and even k (an odd k pads a zero pair element), every row path. Bit for bit on
+// normal values; denormals below.
+TEST_P(KernelsDtype, Bf16PairsSumOddDepthFirst) {
+  if (!implements(WeightType::bf16, true)) GTEST_SKIP() << "no bf16 x bf16 here";
+  std::mt19937 g(19);
+  for (int64_t m : {1, 2, 5, 12, 13, 100})
+    for (int64_t n : {3, 40, 77})
+      for (int64_t k : {1, 2, 7, 128, 255, 258, 301}) {
+        SCOPED_TRACE("m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                     " k=" + std::to_string(k));
+        const auto A = gaussian(g, static_cast<size_t>(m * k)), W = weights(g, n, k),
+                   U = weights(g, n, k);
+        std::vector<float> ap(mk::packed_a_floats(m, k));
+        // The definition, on the bf16 values.
+        auto ref = [&](const std::vector<float>& M, int64_t i, int64_t j) {
+          float c = 0.0f;
+          auto at = [&](const std::vector<float>& V, int64_t r, int64_t p) {
+            return p < k ? ref_bf16(V[static_cast<size_t>(r * k + p)]) : 0.0f;
+          };
+          for (int64_t q = 0; 2 * q < k; ++q) {
+            c = std::fma(at(A, i, 2 * q + 1), at(M, j, 2 * q + 1), c);  // exact product: one
+            c = std::fma(at(A, i, 2 * q), at(M, j, 2 * q), c);          // rounding, as an add
+          }
+          return c;
+        };
+        PackedMatrix pw, pg;
+        pw.pack(W.data(), n, k, k, opts(WeightType::bf16, true));
+        pg.pack_gated(W.data(), U.data(), n, k, k, opts(WeightType::bf16, true));
+        std::vector<float> C(static_cast<size_t>(m * n)), H(C.size());
+        mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
+        mk::gemm_packed_gated(m, A.data(), k, pg, Activation::relu, H.data(), n, ap.data());
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            const float c = ref(W, i, j), u = ref(U, i, j);
+            ASSERT_EQ(to_bits(C[i * n + j]), to_bits(c)) << "C at " << i << "," << j;
+            ASSERT_EQ(H[i * n + j], std::max(c, 0.0f) * u) << "H at " << i << "," << j;
+          }
+      }
+}
+
+// Denormals in bf16 x bf16: the AVX512-BF16 kernel flushes denormal inputs and sums to zero
+// (the instruction does), the others keep them; both stay within 2^-126 per term of the exact
+// sum, and normal terms are unaffected.
+TEST_P(KernelsDtype, Bf16PairsDenormals) {
+  if (!implements(WeightType::bf16, true)) GTEST_SKIP() << "no bf16 x bf16 here";
+  const int64_t m = 3, n = 5, k = 9;
+  std::vector<float> A(static_cast<size_t>(m * k)), W(static_cast<size_t>(n * k));
+  for (size_t i = 0; i < A.size(); ++i) A[i] = i % 3 == 0 ? 1e-39f : 1e-20f;  // denormal, tiny
+  // Rows 0, 1: every product denormal or zero; the others mix in normal products.
+  for (size_t i = 0; i < W.size(); ++i)
+    W[i] = i / k < 2 || i % 2 == 0 ? 1e-19f : 0.5f;
+  std::vector<float> ap(mk::packed_a_floats(m, k)), C(static_cast<size_t>(m * n));
+  PackedMatrix pw;
+  pw.pack(W.data(), n, k, k, opts(WeightType::bf16, true));
+  mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
+  const bool flushes = std::string(GetParam()->name) == "avx512_bf16";
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double exact = 0;
+      for (int64_t p = 0; p < k; ++p)
+        exact += double(ref_bf16(A[i * k + p])) * ref_bf16(W[j * k + p]);
+      ASSERT_NEAR(C[i * n + j], exact, k * std::ldexp(1.0, -126)) << i << "," << j;
+      ASSERT_TRUE(std::isfinite(C[i * n + j]));
+      if (flushes && std::fabs(exact) < std::ldexp(1.0, -126)) {
+        EXPECT_EQ(C[i * n + j], 0.0f) << "AVX512-BF16 flushes denormal sums";
+      }
+    }
 }
 
 // The quantisation error itself: relative Frobenius error of A W^T against the exact product
@@ -572,6 +684,7 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
                                                   {WeightType::w8a8, 3e-2},
                                                   {WeightType::fp8, 3.5e-2}};
   for (const auto& [t, bound] : bounds) {
+    if (!implements(t)) continue;
     PackedMatrix pw;
     pw.pack(W.data(), n, k, k, opts(t));
     mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
@@ -586,6 +699,21 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
     if (t != WeightType::f32)
       EXPECT_GT(err, bound / 50) << mk::to_string(t) << ": suspiciously exact, not exercised?";
   }
+  // bf16 x bf16: the activations' rounding adds about as much again (sqrt(2) x 1.6e-3).
+  if (implements(WeightType::bf16, true)) {
+    PackedMatrix pw;
+    pw.pack(W.data(), n, k, k, opts(WeightType::bf16, true));
+    mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < exact.size(); ++i) {
+      num += (C[i] - exact[i]) * (C[i] - exact[i]);
+      den += exact[i] * exact[i];
+    }
+    const double err = std::sqrt(num / den);
+    RecordProperty("rel_frobenius_bf16_x_bf16", std::to_string(err));
+    EXPECT_LE(err, 5e-3);
+    EXPECT_GT(err, 1e-3);
+  }
 }
 
 // bytes() counts the stored values and the scales.
@@ -593,17 +721,40 @@ TEST_P(KernelsDtype, BytesCountValuesAndScales) {
   const int64_t n = 256, k = 512;
   const std::vector<float> W(static_cast<size_t>(n * k), 0.5f);
   PackedMatrix p;
-  p.pack(W.data(), n, k, k, opts(WeightType::f32));
-  const int64_t strips = p.strips();
-  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k * 4));
-  p.pack(W.data(), n, k, k, opts(WeightType::bf16));
-  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k * 2));
-  p.pack(W.data(), n, k, k, opts(WeightType::int8));
-  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + n * 4));
-  p.pack(W.data(), n, k, k, opts(WeightType::w8a8));
-  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + n * 4));
-  p.pack(W.data(), n, k, k, opts(WeightType::fp8));
-  EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + strips * (k / 128) * 2 * 4));
+  for (const Format& f : formats()) {
+    SCOPED_TRACE(format_name(f));
+    p.pack(W.data(), n, k, k, opts(f));
+    switch (f.type) {
+      case WeightType::f32:
+        EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k * 4));
+        break;
+      case WeightType::bf16:
+        EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k * 2));
+        break;
+      case WeightType::int8:
+      case WeightType::w8a8:
+        EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + n * 4));
+        break;
+      case WeightType::fp8:
+        EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + p.strips() * (k / 128) * 2 * 4));
+        break;
+    }
+  }
+}
+
+// A kernel refuses to pack a format it does not implement (it would compute garbage).
+TEST_P(KernelsDtype, RefusesFormatsItDoesNotImplement) {
+  const std::vector<float> W(64, 1.0f);
+  for (const Format& f : kFormats) {
+    if (implements(f.type, f.bf16_act)) continue;
+    PackedMatrix p;
+    try {
+      p.pack(W.data(), 8, 8, 8, opts(f));
+      FAIL() << format_name(f) << " packed";
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find("does not implement"), std::string::npos) << e.what();
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, KernelsDtype, ::testing::ValuesIn(mk::compiled_gemm_kernels()),
@@ -639,9 +790,26 @@ TEST(KernelsDispatch, TableListsSupportedKernelsBestLast) {
   }
 #endif
   if (std::getenv("MOEKIT_KERNEL") == nullptr) {
-    EXPECT_EQ(&mk::active_gemm_kernel(), usable.back());
-    EXPECT_NE(std::string(mk::gemm_backend()).find(usable.back()->name), std::string::npos)
+    // The general kernel is the last general one; each format the last one implementing it.
+    const GemmKernel* general = nullptr;
+    for (const GemmKernel* k : usable)
+      if (is_general(*k)) general = k;
+    ASSERT_NE(general, nullptr);
+    EXPECT_EQ(&mk::active_gemm_kernel(), general);
+    EXPECT_NE(std::string(mk::gemm_backend()).find(general->name), std::string::npos)
         << mk::gemm_backend();
+    for (const Format& f : kFormats) {
+      const GemmKernel* want = nullptr;
+      for (const GemmKernel* k : usable)
+        if (mk::gemm_kernel_implements(*k, f.type, f.bf16_act)) want = k;
+      EXPECT_EQ(&mk::active_gemm_kernel(f.type, f.bf16_act), want) << format_name(f);
+      EXPECT_NE(mk::gemm_kernel_reason(f.type, f.bf16_act).find(want->name), std::string::npos);
+      // New matrices pack for that kernel.
+      const std::vector<float> W(64, 1.0f);
+      PackedMatrix p;
+      p.pack(W.data(), 8, 8, 8, PackOptions{f.type, f.bf16_act});
+      EXPECT_EQ(&p.kernel(), want) << format_name(f);
+    }
   }
 }
 
@@ -659,6 +827,18 @@ TEST(KernelsDispatchChild, ActiveKernelIsTheExpectedOne) {
     }
   } else {
     EXPECT_EQ(mk::active_gemm_kernel().name, want);
+    // "w8a8=avx512_vnni;bf16x=avx512_bf16": the kernel of each format named.
+    const char* per = std::getenv("MOEKIT_TEST_EXPECT_FORMATS");
+    for (const Format& f : kFormats) {
+      const std::string key = std::string(mk::to_string(f.type)) + (f.bf16_act ? "x" : "") + "=";
+      const std::string list = per != nullptr ? std::string(";") + per + ";" : "";
+      const size_t at = list.find(";" + key);
+      const std::string name =
+          at == std::string::npos
+              ? want
+              : list.substr(at + 1 + key.size(), list.find(';', at + 1) - at - 1 - key.size());
+      EXPECT_EQ(mk::active_gemm_kernel(f.type, f.bf16_act).name, name) << format_name(f);
+    }
   }
   std::printf("child-checked\n");
 }
@@ -668,15 +848,41 @@ TEST(KernelsDispatch, EnvironmentVariableForcesKernel) {
   const std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
   if (ec || self.empty()) GTEST_SKIP() << "no /proc/self/exe to re-run this test binary";
   const auto& usable = mk::gemm_kernels();
-  std::vector<std::pair<std::string, std::string>> cases = {
-      {"scalar", "scalar"}, {"bogus", "error:expected \"scalar\", \"simd\""}};
-  for (const GemmKernel* k : usable) cases.emplace_back(k->name, k->name);
-  if (usable.size() > 1) cases.emplace_back("simd", usable.back()->name);
+  // {MOEKIT_KERNEL, the general kernel expected (or "error:..."), formats on other kernels}
+  struct Case {
+    std::string env, expect, formats;
+  };
+  std::vector<Case> cases = {{"scalar", "scalar", ""},
+                             {"bogus", "error:expected \"scalar\", \"simd\"", ""},
+                             {"scalar,bogus", "error:expected \"scalar\", \"simd\"", ""}};
+  const GemmKernel* general = nullptr;
+  std::string specialised;  // every usable specialised kernel's formats
+  for (const GemmKernel* k : usable) {
+    if (is_general(*k)) {
+      general = k;
+      cases.push_back({k->name, k->name, ""});
+    }
+  }
+  ASSERT_NE(general, nullptr);
+  for (const GemmKernel* k : usable) {
+    if (is_general(*k)) continue;
+    std::string mine;
+    for (const Format& f : kFormats)
+      if (mk::gemm_kernel_implements(*k, f.type, f.bf16_act))
+        mine += std::string(mk::to_string(f.type)) + (f.bf16_act ? "x" : "") + "=" + k->name + ";";
+    specialised += mine;
+    // Alone it extends the best general kernel; after "scalar" it extends that one.
+    cases.push_back({k->name, general->name, mine});
+    cases.push_back({std::string("scalar,") + k->name, "scalar", mine});
+  }
+  if (usable.size() > 1) cases.push_back({"simd", general->name, specialised});
   for (const GemmKernel* k : mk::compiled_gemm_kernels())
-    if (!mk::gemm_kernel_supported(*k)) cases.emplace_back(k->name, "error:this CPU cannot run");
-  for (const auto& [env, expect] : cases) {
+    if (!mk::gemm_kernel_supported(*k))
+      cases.push_back({k->name, "error:this CPU cannot run", ""});
+  for (const auto& [env, expect, formats] : cases) {
     const std::string cmd = "MOEKIT_KERNEL='" + env + "' MOEKIT_TEST_EXPECT_KERNEL='" + expect +
-                            "' " + self + " --gtest_filter=KernelsDispatchChild.* 2>&1";
+                            "' MOEKIT_TEST_EXPECT_FORMATS='" + formats + "' " + self +
+                            " --gtest_filter=KernelsDispatchChild.* 2>&1";
     FILE* p = popen(cmd.c_str(), "r");
     ASSERT_NE(p, nullptr);
     std::string out;

@@ -30,8 +30,12 @@ enum class GemmMode : uint8_t {
 /// include no inline member function). Packed layout of strip s (`strip_bytes` apart, each
 /// 64-byte aligned) with panel P, depth p, packed column j in [0, P):
 ///  - f32 / bf16 / int8 / fp8: element (p * P + j), of 4 / 2 / 1 / 1 bytes;
-///  - w8a8: int8 at (p / 2) * 2P + 2j + p % 2 (k padded to even with zeros), so 2P bytes
-///    widen to int16 pairs along k for a 2-MACs-per-lane multiply-add.
+///  - w8a8: int8 at (p / G) * GP + Gj + p % G (k padded to a multiple of G = int8_group with
+///    zeros): G = 2 widens to int16 pairs along k for a 2-MACs-per-lane multiply-add
+///    (vpmaddwd); G = 4 stores w + 128 as unsigned bytes for vpdpbusd (4 MACs per lane).
+///  - bf16 x bf16 (bf16 weights, bf16 activations; `pairs`): k padded to even; with
+///    bf16_pairs at (p / 2) * 2P + 2j + p % 2, else at (p ^ 1) * P + j (each pair's rows
+///    swapped, so a sequential sum over the packed rows takes the odd depth first).
 /// Gated strips hold P/2 gate columns then the same P/2 up columns.
 struct GemmCall {
   // the operation
@@ -48,7 +52,11 @@ struct GemmCall {
   WeightType type;
   bool gated;
   bool bf16_act;
+  /// bf16 x bf16: depths summed in pairs, odd first (see PackOptions::bf16_activations).
+  bool pairs;
   int64_t n, k, panel;
+  /// Packed depth rows the kernel sums over: k, or k rounded up to even for `pairs`.
+  int64_t depth;
   const uint8_t* data;
   int64_t strip_bytes;
   /// int8 / w8a8: scale of each packed column (`[strips, P]`, 0 in the padding).
@@ -74,8 +82,17 @@ extern const GemmKernel kGemmAvx2;
 #if defined(MOEKIT_HAVE_KERNEL_AVX512)
 extern const GemmKernel kGemmAvx512;
 #endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512_BF16)
+extern const GemmKernel kGemmAvx512Bf16;
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
+extern const GemmKernel kGemmAvx512Vnni;
+#endif
 
 namespace {
+
+/// A general kernel's GemmKernel::implements: every format.
+inline bool implements_all(WeightType, bool) noexcept { return true; }
 
 /// Rounds to bfloat16, round to nearest even; NaN stays a (quiet) NaN. Returns the bits.
 inline uint16_t bf16_bits(float x) noexcept {

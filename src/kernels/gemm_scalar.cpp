@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // The portable packed GEMM: plain loops, strips of 16 columns, every weight type. It widens
 // weights to the same f32 values as the SIMD kernels and sums every output with the same fma
-// chain over k, so plain GEMMs agree with them bit for bit (activations within rounding).
+// chain over k (bf16 x bf16: over the packed rows, each depth pair swapped, which is the
+// order of vdpbf16ps), so plain GEMMs agree with them bit for bit (activations within
+// rounding).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -67,14 +69,17 @@ void epilogue(const GemmCall& g, int64_t i, int64_t s, const float (&acc)[kP]) n
 
 template <WeightType T>
 void run_float(const GemmCall& g) noexcept {
-  float* a = g.a_pack;  // the row, rounded to bf16 if asked
+  float* a = g.a_pack;  // the row, rounded to bf16 if asked; bf16 x bf16: pairs swapped
   for (int64_t i = 0; i < g.m; ++i) {
     const float* src = g.A + i * g.lda;
-    for (int64_t p = 0; p < g.k; ++p) a[p] = g.bf16_act ? round_bf16(src[p]) : src[p];
+    for (int64_t p = 0; p < g.depth; ++p) {
+      const int64_t q = g.pairs ? p ^ 1 : p;
+      a[p] = q >= g.k ? 0.0f : g.bf16_act ? round_bf16(src[q]) : src[q];
+    }
     for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
       const uint8_t* S = g.data + s * g.strip_bytes;
       float acc[kP] = {};
-      for (int64_t p = 0; p < g.k; ++p) {
+      for (int64_t p = 0; p < g.depth; ++p) {
         float w[kP];
         load_row<T>(g, S, s, p, w);
         for (int64_t j = 0; j < kP; ++j) acc[j] = std::fma(a[p], w[j], acc[j]);
@@ -132,6 +137,6 @@ void run(const GemmCall& g) noexcept {
 
 }  // namespace
 
-const GemmKernel kGemmScalar{"scalar", kP, 1, &run};
+const GemmKernel kGemmScalar{"scalar", kP, 1, &run, &implements_all};
 
 }  // namespace moekit::kernels::detail

@@ -48,6 +48,16 @@ struct SimdGemm {
   static_assert(kRowChunk % MR == 0 && MR <= kMaxTileRows, "row chunk must hold whole tiles");
   static_assert(KC % kFp8Block == 0 && kFp8Block % P == 0,
                 "fp8 blocks must align with chunks and strips");
+  // w8a8: int8 depths per 32-bit lane, 2 (int16 pairs, vpmaddwd) unless the ISA's ops say 4
+  // (VNNI: Ops::dpbusd on unsigned weight bytes stored + 128).
+  static constexpr int G = [] {
+    if constexpr (requires { Ops::kInt8Group; }) {
+      return Ops::kInt8Group;
+    } else {
+      return 2;
+    }
+  }();
+  static_assert(G == 2 || G == 4, "w8a8 packs 2 or 4 depths per lane");
 
   // ------------------------------------------------------------------ weight sources
   // Each gives the two f32 registers of packed row p (P columns) of a depth chunk.
@@ -115,10 +125,11 @@ struct SimdGemm {
   }
 
   // ------------------------------------------------------------------ w8a8 micro-kernel
-  // `Aw`: the tile's rows quantised to int16 pairs along k (one 32-bit word per pair and row,
-  // `[pairs, MR]`); B: 2P int8 per pair of k. Sums are exact int32.
+  // `Aw`: the tile's rows quantised to int8, G depths per 32-bit word (int16 pairs for G = 2,
+  // signed bytes for G = 4), `[groups, MR]` words; B: G * P bytes per group of k. Sums are
+  // exact int32 (G = 4: modulo 2^32 before the epilogue removes the weights' + 128).
   template <int R>
-  static inline void micro_s8(const float* Aw, const int8_t* B, int64_t pairs, ireg (&c)[MR][2],
+  static inline void micro_s8(const float* Aw, const int8_t* B, int64_t groups, ireg (&c)[MR][2],
                               const int32_t* acc) noexcept {
     // Local accumulators: the intrinsic vector types may alias anything, so sums kept in the
     // caller's array would be stored back on every iteration.
@@ -127,14 +138,25 @@ struct SimdGemm {
       x[i][0] = acc ? Ops::load_i(acc + i * P) : Ops::zero_i();
       x[i][1] = acc ? Ops::load_i(acc + i * P + L) : Ops::zero_i();
     }
-    for (int64_t q = 0; q < pairs; ++q) {
-      const ireg b0 = Ops::widen_s8_pairs(B + q * 2 * P);
-      const ireg b1 = Ops::widen_s8_pairs(B + q * 2 * P + 2 * L);
+    for (int64_t q = 0; q < groups; ++q) {
+      if constexpr (G == 4) {
+        const ireg b0 = Ops::load_i(reinterpret_cast<const int32_t*>(B + q * 4 * P));
+        const ireg b1 = Ops::load_i(reinterpret_cast<const int32_t*>(B + q * 4 * P + 4 * L));
 #pragma GCC unroll 12
-      for (int i = 0; i < R; ++i) {
-        const ireg a = Ops::broadcast_word(Aw + q * MR + i);
-        x[i][0] = Ops::add_i(x[i][0], Ops::madd(a, b0));
-        x[i][1] = Ops::add_i(x[i][1], Ops::madd(a, b1));
+        for (int i = 0; i < R; ++i) {
+          const ireg a = Ops::broadcast_word(Aw + q * MR + i);
+          x[i][0] = Ops::dpbusd(x[i][0], b0, a);
+          x[i][1] = Ops::dpbusd(x[i][1], b1, a);
+        }
+      } else {
+        const ireg b0 = Ops::widen_s8_pairs(B + q * 2 * P);
+        const ireg b1 = Ops::widen_s8_pairs(B + q * 2 * P + 2 * L);
+#pragma GCC unroll 12
+        for (int i = 0; i < R; ++i) {
+          const ireg a = Ops::broadcast_word(Aw + q * MR + i);
+          x[i][0] = Ops::add_i(x[i][0], Ops::madd(a, b0));
+          x[i][1] = Ops::add_i(x[i][1], Ops::madd(a, b1));
+        }
       }
     }
     for (int i = 0; i < R; ++i) {
@@ -144,12 +166,49 @@ struct SimdGemm {
   }
 
   template <int R>
-  static inline void micro_s8_upto(int r, const float* Aw, const int8_t* B, int64_t pairs,
+  static inline void micro_s8_upto(int r, const float* Aw, const int8_t* B, int64_t groups,
                                    ireg (&c)[MR][2], const int32_t* acc) noexcept {
     if constexpr (R > 1) {
-      if (r < R) return micro_s8_upto<R - 1>(r, Aw, B, pairs, c, acc);
+      if (r < R) return micro_s8_upto<R - 1>(r, Aw, B, groups, c, acc);
     }
-    micro_s8<R>(Aw, B, pairs, c, acc);
+    micro_s8<R>(Aw, B, groups, c, acc);
+  }
+
+  // ------------------------------------------------------------------ bf16 x bf16 micro-kernel
+  // `Aw`: the tile's rows as bf16 pairs along k (one 32-bit word per pair and row, `[pairs,
+  // MR]`); B: 2P bf16 per pair, interleaved per column. Ops::dpbf16 adds the odd depth's
+  // product, then the even one's, each rounded (vdpbf16ps).
+  template <int R>
+  static inline void micro_bf16(const float* Aw, const uint16_t* B, int64_t pairs, fb (&c)[MR][2],
+                                const float* acc) noexcept {
+    typename Ops::freg x[R][2];
+    for (int i = 0; i < R; ++i) {
+      x[i][0] = acc ? fb::load_aligned(acc + i * P) : fb(0.0f);
+      x[i][1] = acc ? fb::load_aligned(acc + i * P + L) : fb(0.0f);
+    }
+    for (int64_t q = 0; q < pairs; ++q) {
+      const ireg b0 = Ops::load_i(reinterpret_cast<const int32_t*>(B + q * 2 * P));
+      const ireg b1 = Ops::load_i(reinterpret_cast<const int32_t*>(B + q * 2 * P + 2 * L));
+#pragma GCC unroll 12
+      for (int i = 0; i < R; ++i) {
+        const ireg a = Ops::broadcast_word(Aw + q * MR + i);
+        x[i][0] = Ops::dpbf16(x[i][0], b0, a);
+        x[i][1] = Ops::dpbf16(x[i][1], b1, a);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      c[i][0] = fb(x[i][0]);
+      c[i][1] = fb(x[i][1]);
+    }
+  }
+
+  template <int R>
+  static inline void micro_bf16_upto(int r, const float* Aw, const uint16_t* B, int64_t pairs,
+                                     fb (&c)[MR][2], const float* acc) noexcept {
+    if constexpr (R > 1) {
+      if (r < R) return micro_bf16_upto<R - 1>(r, Aw, B, pairs, c, acc);
+    }
+    micro_bf16<R>(Aw, B, pairs, c, acc);
   }
 
   // ------------------------------------------------------------------ packing A
@@ -160,39 +219,66 @@ struct SimdGemm {
     return tiles == 0 ? MR : (m + tiles - 1) / tiles;
   }
 
-  // Rows [0, m) of A into row tiles of `th` rows, tile t k-major at Ap + t * MR * k
-  // (`[k, MR]`), so the micro-kernel reads one contiguous stream instead of rows 4 KiB apart
-  // (L1 set conflicts).
-  template <bool RoundBf16>
-  static void pack_a(int64_t m, int64_t th, int64_t k, const float* A, int64_t lda,
+  // Rows [0, m) of A into row tiles of `th` rows, tile t k-major at Ap + t * MR * depth
+  // (`[depth, MR]`), so the micro-kernel reads one contiguous stream instead of rows 4 KiB
+  // apart (L1 set conflicts). Swap: packed row p holds depth p ^ 1 (bf16 x bf16 pair order);
+  // rows past k are zero.
+  template <bool RoundBf16, bool Swap>
+  static void pack_a(int64_t m, int64_t th, int64_t k, int64_t depth, const float* A, int64_t lda,
                      float* Ap) noexcept {
     for (int64_t i0 = 0, t = 0; i0 < m; i0 += th, ++t) {
       const int64_t r = imin(th, m - i0);
-      float* dst = Ap + t * MR * k;
+      float* dst = Ap + t * MR * depth;
       for (int64_t i = 0; i < r; ++i) {
         const float* src = A + (i0 + i) * lda;
-        for (int64_t p = 0; p < k; ++p) dst[p * MR + i] = RoundBf16 ? round_bf16(src[p]) : src[p];
+        for (int64_t p = 0; p < depth; ++p) {
+          const int64_t q = Swap ? p ^ 1 : p;
+          dst[p * MR + i] = q >= k ? 0.0f : RoundBf16 ? round_bf16(src[q]) : src[q];
+        }
       }
     }
   }
 
-  // Rows [0, m) quantised per row (over all k) to int8, stored as int16 pairs along k in row
-  // tiles (`[pairs, MR]` words); the row scales go to `scale[0, m)`.
+  // Rows [0, m) rounded to bf16, as words of depth pairs (low half 2q, high half 2q + 1, a zero
+  // pad past k) in row tiles of MR rows (`[depth / 2, MR]` words).
+  static void pack_a_bf16_pairs(int64_t m, int64_t k, int64_t pairs, const float* A, int64_t lda,
+                                float* Aw) noexcept {
+    for (int64_t i = 0; i < m; ++i) {
+      const float* src = A + i * lda;
+      float* dst = Aw + (i - i % MR) * pairs + i % MR;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const uint32_t lo = bf16_bits(src[2 * q]);
+        const uint32_t hi = 2 * q + 1 < k ? bf16_bits(src[2 * q + 1]) : 0u;
+        const uint32_t word = lo | hi << 16;
+        std::memcpy(dst + q * MR, &word, sizeof word);
+      }
+    }
+  }
+
+  // Rows [0, m) quantised per row (over all k) to int8, G depths per 32-bit word in row tiles
+  // (`[groups, MR]` words: int16 pairs for G = 2, bytes for G = 4, zeros past k); the row
+  // scales go to `scale[0, m)`. G = 4 also stores each row's 128 * (sum of its codes), modulo
+  // 2^32, at `bias[0, m)`: what the weights' + 128 adds to its sums.
   static void pack_a_s8(int64_t m, int64_t k, const float* A, int64_t lda, float* Aw,
-                        float* scale) noexcept {
-    const int64_t pairs = (k + 1) / 2;
+                        float* scale, int32_t* bias) noexcept {
+    const int64_t groups = (k + G - 1) / G;
     for (int64_t i = 0; i < m; ++i) {
       const float* src = A + i * lda;
       const float s = int8_scale(abs_max(src, k));
       scale[i] = s;
-      float* dst = Aw + (i - i % MR) * pairs + i % MR;
-      for (int64_t q = 0; q < pairs; ++q) {
-        const int8_t lo = quantize_s8(src[2 * q], s);
-        const int8_t hi = 2 * q + 1 < k ? quantize_s8(src[2 * q + 1], s) : int8_t{0};
-        const uint32_t word = static_cast<uint16_t>(int16_t{lo}) |
-                              static_cast<uint32_t>(static_cast<uint16_t>(int16_t{hi})) << 16;
+      float* dst = Aw + (i - i % MR) * groups + i % MR;
+      int64_t sum = 0;
+      for (int64_t q = 0; q < groups; ++q) {
+        uint32_t word = 0;
+        for (int e = 0; e < G; ++e) {
+          const int8_t v = G * q + e < k ? quantize_s8(src[G * q + e], s) : int8_t{0};
+          sum += v;
+          word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(int16_t{v})) << (16 * e)
+                         : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
+        }
         std::memcpy(dst + q * MR, &word, sizeof word);
       }
+      if constexpr (G == 4) bias[i] = static_cast<int32_t>(static_cast<uint32_t>(sum) * 128u);
     }
   }
 
@@ -356,7 +442,7 @@ struct SimdGemm {
   static void run_strips(const GemmCall& g, int64_t i0, const float* Ap, int64_t s) noexcept {
     fb c[N][R][2];
     alignas(64) float part[N * R * P];
-    const int64_t k = g.k;
+    const int64_t k = g.depth;
     const int64_t eb = weight_type_bytes(g.type);
     const int64_t kcm = g.type == WeightType::fp8 ? kFp8Block : KC;
     const int64_t chunk_bytes = kcm * P * eb;
@@ -443,16 +529,19 @@ struct SimdGemm {
     fb c[MR][2];
     alignas(64) float part[kRowChunk * P];
     alignas(64) float buf[KC * P];
-    const int64_t k = g.k;
+    const int64_t k = g.depth;  // g.k, or rounded up to even for bf16 x bf16 pairs
     const int64_t eb = weight_type_bytes(g.type);
     for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
       const int64_t mc = imin(kRowChunk, g.m - m0);
       float* Ap = g.a_pack;
       const int64_t th = tile_height(mc);
-      if (g.bf16_act) {
-        pack_a<true>(mc, th, k, g.A + m0 * g.lda, g.lda, Ap);
+      const float* A = g.A + m0 * g.lda;
+      if (g.pairs) {
+        pack_a<true, true>(mc, th, g.k, k, A, g.lda, Ap);
+      } else if (g.bf16_act) {
+        pack_a<true, false>(mc, th, g.k, k, A, g.lda, Ap);
       } else {
-        pack_a<false>(mc, th, k, g.A + m0 * g.lda, g.lda, Ap);
+        pack_a<false, false>(mc, th, g.k, k, A, g.lda, Ap);
       }
       if (mc <= kDirectRows) {  // decode: few rows, every strip streamed once
         run_rows_upto<kDirectRows>(static_cast<int>(mc), g, m0, Ap);
@@ -510,34 +599,40 @@ struct SimdGemm {
     ireg c[MR][2];
     fb cf[MR][2];
     alignas(64) int32_t part[kRowChunk * P];
-    const int64_t k = g.k, pairs = (k + 1) / 2;
-    constexpr int64_t kPairChunk = KC / 2;
-    const int64_t chunk_lines = kPairChunk * 2 * P / 64;
+    int32_t bias[kRowChunk];
+    const int64_t k = g.k, groups = (k + G - 1) / G;
+    constexpr int64_t kGroupChunk = KC / G;  // KC * P bytes of weights per chunk
+    const int64_t chunk_lines = kGroupChunk * G * P / 64;
     for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
       const int64_t mc = imin(kRowChunk, g.m - m0);
       const int64_t tiles = (mc + MR - 1) / MR;
       float* Aw = g.a_pack;
-      float* a_scale = Aw + tiles * MR * pairs;
-      pack_a_s8(mc, k, g.A + m0 * g.lda, g.lda, Aw, a_scale);
+      float* a_scale = Aw + tiles * MR * groups;
+      pack_a_s8(mc, k, g.A + m0 * g.lda, g.lda, Aw, a_scale, bias);
       const int64_t lines_per_tile = (chunk_lines + tiles - 1) / tiles;
       for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
         const int8_t* S = reinterpret_cast<const int8_t*>(g.data + s * g.strip_bytes);
         const fb w0 = fb::load_unaligned(g.col_scale + s * P),
                  w1 = fb::load_unaligned(g.col_scale + s * P + L);
-        for (int64_t q0 = 0; q0 < pairs || q0 == 0; q0 += kPairChunk) {
-          const int64_t qc = imin(kPairChunk, pairs - q0);
-          const bool last = q0 + qc >= pairs;
-          const int8_t* B = S + q0 * 2 * P;
-          const char* next = reinterpret_cast<const char*>(B + qc * 2 * P);
+        for (int64_t q0 = 0; q0 < groups || q0 == 0; q0 += kGroupChunk) {
+          const int64_t qc = imin(kGroupChunk, groups - q0);
+          const bool last = q0 + qc >= groups;
+          const int8_t* B = S + q0 * G * P;
+          const char* next = reinterpret_cast<const char*>(B + qc * G * P);
           for (int64_t i = 0; i < mc; i += MR) {
             const int64_t l0 = (i / MR) * lines_per_tile,
                           l1 = imin(chunk_lines, l0 + lines_per_tile);
             for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);
             const int r = static_cast<int>(imin(MR, mc - i));
             const int32_t* acc = q0 == 0 ? nullptr : part + i * P;
-            micro_s8_upto<MR>(r, Aw + i * pairs + q0 * MR, B, qc, c, acc);
+            micro_s8_upto<MR>(r, Aw + i * groups + q0 * MR, B, qc, c, acc);
             if (last) {
               for (int j = 0; j < r; ++j) {
+                if constexpr (G == 4) {  // remove the weights' + 128 (exact modulo 2^32)
+                  const ireg b = Ops::set1_i(bias[i + j]);
+                  c[j][0] = Ops::sub_i(c[j][0], b);
+                  c[j][1] = Ops::sub_i(c[j][1], b);
+                }
                 const fb as(a_scale[i + j]);
                 cf[j][0] = fb(Ops::to_float(c[j][0])) * as * w0;
                 cf[j][1] = fb(Ops::to_float(c[j][1])) * as * w1;
@@ -547,6 +642,49 @@ struct SimdGemm {
               for (int j = 0; j < r; ++j) {
                 Ops::store_i(part + (i + j) * P, c[j][0]);
                 Ops::store_i(part + (i + j) * P + L, c[j][1]);
+              }
+            }
+          }
+          if (groups == 0) break;
+        }
+      }
+    }
+  }
+
+  // bf16 x bf16 on a bf16 dot-product instruction (the kernel's run when its ops have
+  // dpbf16): A rounded to bf16 pairs while packing, f32 sums, pairs odd depth first.
+  static void run_dpbf16(const GemmCall& g) noexcept {
+    fb c[MR][2];
+    alignas(64) float part[kRowChunk * P];
+    const int64_t pairs = g.depth / 2;
+    constexpr int64_t kPairChunk = KC;  // KC pairs x 2P bf16 = 2 * KC * P * 2 bytes
+    const int64_t chunk_lines = kPairChunk * 2 * P * 2 / 64;
+    for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
+      const int64_t mc = imin(kRowChunk, g.m - m0);
+      const int64_t tiles = (mc + MR - 1) / MR;
+      float* Aw = g.a_pack;
+      pack_a_bf16_pairs(mc, g.k, pairs, g.A + m0 * g.lda, g.lda, Aw);
+      const int64_t lines_per_tile = (chunk_lines + tiles - 1) / tiles;
+      for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+        const uint16_t* S = reinterpret_cast<const uint16_t*>(g.data + s * g.strip_bytes);
+        for (int64_t q0 = 0; q0 < pairs || q0 == 0; q0 += kPairChunk) {
+          const int64_t qc = imin(kPairChunk, pairs - q0);
+          const bool last = q0 + qc >= pairs;
+          const uint16_t* B = S + q0 * 2 * P;
+          const char* next = reinterpret_cast<const char*>(B + qc * 2 * P);
+          for (int64_t i = 0; i < mc; i += MR) {
+            const int64_t l0 = (i / MR) * lines_per_tile,
+                          l1 = imin(chunk_lines, l0 + lines_per_tile);
+            for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);
+            const int r = static_cast<int>(imin(MR, mc - i));
+            const float* acc = q0 == 0 ? nullptr : part + i * P;
+            micro_bf16_upto<MR>(r, Aw + i * pairs + q0 * MR, B, qc, c, acc);
+            if (last) {
+              epilogue(g, m0 + i, r, s, c);
+            } else {
+              for (int j = 0; j < r; ++j) {
+                c[j][0].store_aligned(part + (i + j) * P);
+                c[j][1].store_aligned(part + (i + j) * P + L);
               }
             }
           }

@@ -49,20 +49,37 @@ struct PackOptions {
   WeightType type = WeightType::f32;
   /// Round every activation (the A operand) to bf16 before it is multiplied (what a bf16
   /// engine computes); accumulation stays f32. Ignored for w8a8 (activations are int8).
+  /// With bf16 weights ("bf16 x bf16", what vdpbf16ps computes) every product is exact in f32
+  /// and each output sums the depths in pairs, the odd depth first: for q = 0, 1, ...
+  /// `c = (c + a[2q+1] w[2q+1]) + a[2q] w[2q]` (one rounding each; an odd k gets a zero
+  /// pad), on every kernel, so they agree bit for bit; on the AVX512-BF16 kernel denormal
+  /// inputs and sums are flushed to zero (as the instruction does), elsewhere they are kept.
   bool bf16_activations = false;
-  /// Kernel to pack for (one this CPU supports, else pack() throws); null = active_gemm_kernel().
+  /// Kernel to pack for (one this CPU supports and that implements the format, else pack()
+  /// throws); null = active_gemm_kernel(type, bf16_activations).
   const GemmKernel* kernel = nullptr;
 };
 
 /// One compiled implementation of the packed GEMMs (a row of the run-time kernel table).
 /// `panel` is the strip width its packing uses; a PackedMatrix remembers the kernel that
-/// packed it and always runs on it.
+/// packed it and always runs on it. A general kernel implements every weight type; a
+/// specialised one (a bf16 dot-product or VNNI kernel) only the formats `implements` accepts,
+/// and the table chooses per format (see active_gemm_kernel(WeightType, bool)).
 struct GemmKernel {
-  const char* name;   ///< "scalar", or the xsimd arch of a SIMD kernel ("fma3+avx2", "avx512bw")
+  const char* name;   ///< "scalar", the xsimd arch of a general SIMD kernel ("fma3+avx2",
+                      ///< "avx512bw"), or a specialised kernel's ISA ("avx512_bf16", "avx512_vnni")
   int64_t panel;      ///< output columns per packed strip
   int64_t tile_rows;  ///< rows of its register tile (1 for the scalar kernel)
-  /// Runs one GEMM (every weight type and epilogue); internal, use gemm_packed() & co.
+  /// Runs one GEMM (every format it implements, every epilogue); internal, use gemm_packed().
   void (*run)(const detail::GemmCall& call) noexcept;
+  /// Whether it computes weights of `type` with activations rounded to bf16 or not.
+  bool (*implements)(WeightType type, bool bf16_activations) noexcept;
+  /// w8a8 packing: int8 depths per 32-bit lane, 2 (int16 pairs, vpmaddwd) or 4 (VNNI: the
+  /// weights stored + 128 as unsigned bytes for vpdpbusd).
+  int int8_group = 2;
+  /// bf16 weights with bf16 activations: depth pairs interleaved per column (`[k/2, panel, 2]`,
+  /// the operand layout of vdpbf16ps) rather than `[k, panel]` with each pair's rows swapped.
+  bool bf16_pairs = false;
 };
 
 /// The kernels compiled into this build that this CPU can run, best last: the portable scalar
@@ -87,12 +104,21 @@ const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept;
 /// moekit::error for an unknown name or a kernel this CPU cannot run.
 const GemmKernel& active_gemm_kernel();
 
-/// The kernel for weights of type `type` (today the same for every type: every kernel
-/// implements every type, and the fastest one is fastest for each; see `moekit info`).
-const GemmKernel& active_gemm_kernel(WeightType type);
+/// The kernel new matrices of weight type `type` use (with activations rounded to bf16 when
+/// `bf16_activations`): the first kernel of the table, best first, that this CPU runs, that
+/// implements that format and that MOEKIT_KERNEL allows. MOEKIT_KERNEL is "scalar", "simd"
+/// (every SIMD kernel) or a comma-separated list of kernel names; a format no allowed kernel
+/// implements throws moekit::error naming it. On a CPU with AVX512-BF16 the bf16 x bf16 format
+/// runs on "avx512_bf16", with AVX512-VNNI w8a8 on "avx512_vnni"; the rest on the general
+/// kernel active_gemm_kernel() returns.
+const GemmKernel& active_gemm_kernel(WeightType type, bool bf16_activations = false);
 
-/// Why active_gemm_kernel(type) is the kernel it is, in one sentence (for `moekit info`).
-std::string gemm_kernel_reason(WeightType type);
+/// Why active_gemm_kernel(type, bf16_activations) is the kernel it is, in one sentence.
+std::string gemm_kernel_reason(WeightType type, bool bf16_activations = false);
+
+/// Whether `kernel` implements weights of `type` with (or without) bf16 activations.
+bool gemm_kernel_implements(const GemmKernel& kernel, WeightType type,
+                            bool bf16_activations) noexcept;
 
 /// A weight matrix `W [n, k]` (HF `[out, in]` layout) repacked for gemm_packed(): strips of
 /// `panel()` output columns, each stored k-major (`[k, panel]`; w8a8 interleaves pairs of k),
@@ -145,7 +171,8 @@ class PackedMatrix {
   friend struct detail::PackedAccess;
   void pack_impl(const float* W0, const float* W1, int64_t n, int64_t k, int64_t ldw, bool gated,
                  const PackOptions& opt);
-  float weight_scale(int64_t s, int64_t packed_col, int64_t p) const noexcept;
+  // Element index of bf16 depth p, packed column j, within a strip (layout by kernel).
+  int64_t bf16_index(int64_t p, int64_t j) const noexcept;
 
   int64_t n_ = 0, k_ = 0, strips_ = 0;
   int64_t strip_bytes_ = 0;  // bytes from one strip to the next (a multiple of 64)

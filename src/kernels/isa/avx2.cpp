@@ -77,7 +77,7 @@ struct IsaOps<Avx2> {
 
 extern const GemmKernel kGemmAvx2;
 const GemmKernel kGemmAvx2{Avx2::name(), SimdGemm<Avx2>::P, IsaOps<Avx2>::kTileRows,
-                           &SimdGemm<Avx2>::run};
+                           &SimdGemm<Avx2>::run, &implements_all};
 
 extern const RowKernels kRowsAvx2;
 constinit const RowKernels kRowsAvx2 = SimdRows<Avx2>::table(Avx2::name());

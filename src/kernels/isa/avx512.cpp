@@ -1,79 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
 // The packed GEMM and the row kernels for AVX-512 (F, BW, DQ, VL): 12 x 32 register tile. Compiled with
 // AVX-512 flags only (see CMakeLists.txt) and run only on CPUs that report them.
-#include <immintrin.h>
-
-#include "../simd_gemm.hpp"
+#include "avx512_ops.hpp"
 #include "../simd_rows.hpp"
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__) || \
-    !defined(__AVX512VL__)
-#error "avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma"
-#endif
 
 namespace moekit::kernels::detail {
 namespace {
 
-using Avx512 = xsimd::avx512bw;
-
 template <>
-struct IsaOps<Avx512> {
-  // 12 rows x 2 registers = 24 accumulators (of 32 zmm registers).
-  static constexpr int kTileRows = 12;
-  // A depth chunk of a strip: 128 x 32 floats = 16 KiB, half of L1.
-  static constexpr int64_t kDepthChunk = 128;
-  // Chunks of at most this many rows widen reduced weights in registers, not via L1.
-  static constexpr int64_t kDirectRows = 4;
-
-  using freg = __m512;
-  using ireg = __m512i;
-
-  // a * b + c, one rounding.
-  static __m512 fmadd(__m512 a, __m512 b, __m512 c) noexcept { return _mm512_fmadd_ps(a, b, c); }
-
-  // 16 bf16 -> f32.
-  static __m512 widen_bf16(const uint16_t* p) noexcept {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-  }
-  // 16 int8 -> f32.
-  static __m512 widen_s8(const int8_t* p) noexcept {
-    return _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  // 32 e4m3 -> f32 times 2^-8 via fp16 (see avx2.cpp).
-  static __m512 fp8_half(const uint8_t* p) noexcept {
-    const __m256i x = _mm256_slli_epi16(
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8);
-    const __m256i h =
-        _mm256_and_si256(_mm256_srai_epi16(x, 1), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
-    return _mm512_cvtph_ps(h);
-  }
-  static void widen_fp8(const uint8_t* p, __m512& lo, __m512& hi) noexcept {
-    lo = fp8_half(p);
-    hi = fp8_half(p + 16);
-  }
-
-  // 32 int8 (16 columns x 2 depths) -> 16 lanes of int16 (k, k+1) pairs.
-  static __m512i widen_s8_pairs(const int8_t* p) noexcept {
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static __m512i broadcast_word(const float* p) noexcept {
-    return _mm512_castps_si512(_mm512_set1_ps(*p));
-  }
-  static __m512i madd(__m512i a, __m512i b) noexcept { return _mm512_madd_epi16(a, b); }
-  static __m512i add_i(__m512i a, __m512i b) noexcept { return _mm512_add_epi32(a, b); }
-  static __m512i zero_i() noexcept { return _mm512_setzero_si512(); }
-  static __m512i load_i(const int32_t* p) noexcept { return _mm512_load_si512(p); }
-  static void store_i(int32_t* p, __m512i v) noexcept { _mm512_store_si512(p, v); }
-  static __m512 to_float(__m512i v) noexcept { return _mm512_cvtepi32_ps(v); }
-};
+struct IsaOps<Avx512> : Avx512Ops {};
 
 }  // namespace
 
 extern const GemmKernel kGemmAvx512;
 const GemmKernel kGemmAvx512{Avx512::name(), SimdGemm<Avx512>::P, IsaOps<Avx512>::kTileRows,
-                             &SimdGemm<Avx512>::run};
+                             &SimdGemm<Avx512>::run, &implements_all};
 
 extern const RowKernels kRowsAvx512;
 constinit const RowKernels kRowsAvx512 = SimdRows<Avx512>::table(Avx512::name());
