@@ -20,6 +20,7 @@
 // Everything here has internal linkage (anonymous namespace): see gemm_internal.hpp.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <xsimd/xsimd.hpp>
@@ -255,28 +256,73 @@ struct SimdGemm {
     }
   }
 
+  // Largest finite |x[0, k)| (as abs_max(), in SIMD: the maximum does not depend on order).
+  static float abs_max_simd(const float* x, int64_t k) noexcept {
+    fb m(0.0f);
+    const fb big(FLT_MAX);
+    int64_t p = 0;
+    for (; p + L <= k; p += L) {
+      const fb a = xsimd::abs(fb::load_unaligned(x + p));
+      m = xsimd::max(m, xsimd::select(a <= big, a, fb(0.0f)));
+    }
+    alignas(64) float lanes[L];
+    m.store_aligned(lanes);
+    float r = abs_max(x + p, k - p);
+    for (int64_t j = 0; j < L; ++j) r = lanes[j] > r ? lanes[j] : r;
+    return r;
+  }
+
+  // Codes of x[0, n) (n <= L) with scale s > 0, exactly as quantize_s8(): x / s rounded to
+  // nearest even, NaN -> 0, clamped to [-127, 127]; as floats into `out[0, L)`.
+  static void quantize_lanes(const float* x, int64_t n, float s, float* out) noexcept {
+    fb v;
+    if (n == L) {
+      v = fb::load_unaligned(x);
+    } else {
+      alignas(64) float tmp[L] = {};
+      std::memcpy(tmp, x, static_cast<size_t>(n) * sizeof(float));
+      v = fb::load_aligned(tmp);
+    }
+    fb r = xsimd::nearbyint(v / fb(s));
+    r = xsimd::select(r == r, r, fb(0.0f));
+    r = xsimd::min(xsimd::max(r, fb(-127.0f)), fb(127.0f));
+    r.store_aligned(out);
+  }
+
   // Rows [0, m) quantised per row (over all k) to int8, G depths per 32-bit word in row tiles
   // (`[groups, MR]` words: int16 pairs for G = 2, bytes for G = 4, zeros past k); the row
   // scales go to `scale[0, m)`. G = 4 also stores each row's 128 * (sum of its codes), modulo
   // 2^32, at `bias[0, m)`: what the weights' + 128 adds to its sums.
   static void pack_a_s8(int64_t m, int64_t k, const float* A, int64_t lda, float* Aw,
                         float* scale, int32_t* bias) noexcept {
+    static_assert(L % 4 == 0, "a lane block holds whole groups");
     const int64_t groups = (k + G - 1) / G;
+    alignas(64) float q[L];
     for (int64_t i = 0; i < m; ++i) {
       const float* src = A + i * lda;
-      const float s = int8_scale(abs_max(src, k));
+      const float s = int8_scale(abs_max_simd(src, k));
       scale[i] = s;
       float* dst = Aw + (i - i % MR) * groups + i % MR;
       int64_t sum = 0;
-      for (int64_t q = 0; q < groups; ++q) {
-        uint32_t word = 0;
-        for (int e = 0; e < G; ++e) {
-          const int8_t v = G * q + e < k ? quantize_s8(src[G * q + e], s) : int8_t{0};
-          sum += v;
-          word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(int16_t{v})) << (16 * e)
-                         : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
+      for (int64_t p0 = 0; p0 < k; p0 += L) {
+        const int64_t n = imin(L, k - p0);
+        if (s > 0.0f) {
+          quantize_lanes(src + p0, n, s, q);
+        } else {
+          for (int64_t j = 0; j < L; ++j) q[j] = 0.0f;
         }
-        std::memcpy(dst + q * MR, &word, sizeof word);
+        for (int64_t j = n; j < L; ++j) q[j] = 0.0f;  // past k
+        for (int64_t j = 0; j < L; j += G) {
+          if (p0 + j >= k) break;
+          uint32_t word = 0;
+          for (int e = 0; e < G; ++e) {
+            const int v = static_cast<int>(q[j + e]);
+            sum += v;
+            word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(v)) << (16 * e)
+                           : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
+          }
+          std::memcpy(dst + ((p0 + j) / G) * MR, &word, sizeof word);
+        }
       }
       if constexpr (G == 4) bias[i] = static_cast<int32_t>(static_cast<uint32_t>(sum) * 128u);
     }

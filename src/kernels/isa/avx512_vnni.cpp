@@ -21,9 +21,12 @@ namespace {
 template <>
 struct IsaOps<Avx512> : Avx512Ops {
   static constexpr int kInt8Group = 4;
-  // acc + sum over the 4 bytes of each lane of u8(b) * s8(a), wrapping.
+  // acc + sum over the 4 bytes of each lane of u8(b) * s8(a), wrapping. Inline assembly with
+  // the accumulator tied ("+v"): with _mm512_dpbusd_epi32, GCC 12 copied every accumulator
+  // out and back and spilled it to the stack on each step (0.75x the bf16 kernel's speed).
   static __m512i dpbusd(__m512i acc, __m512i b, __m512i a) noexcept {
-    return _mm512_dpbusd_epi32(acc, b, a);
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(b), "v"(a));
+    return acc;
   }
 };
 
