@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
 """Times the same MoE layers in PyTorch eager (the HF-Mixtral-style loop over experts) and in
-moekit (`moekit bench`), f32 and bf16 on both sides (moekit also w8a8), and prints the ratios
-moekit / PyTorch side by side (f32 vs f32, bf16 vs bf16). Optional: needs Debian's python3-torch (and libopenblas0-pthread for a fast sgemm);
+moekit (`moekit bench`), f32 and bf16 on both sides (moekit also bf16 weights with f32
+activations, and w8a8), and prints the ratios moekit / PyTorch side by side (f32 vs f32,
+moekit bf16xbf16 vs PyTorch bf16: both round weights and activations to bf16). Optional: needs Debian's python3-torch (and libopenblas0-pthread for a fast sgemm);
 writes a PNG plot of GFLOP/s against T next to the JSON results when python3-matplotlib is
 installed. Run it with Debian's python: /usr/bin/python3 bench/compare_pytorch.py --moekit PATH
 
@@ -88,25 +89,30 @@ def main():
         sys.exit("compare_pytorch.py needs Debian's python3-torch (run with /usr/bin/python3)")
     torch.set_num_threads(args.threads)
     rows = []
-    print("%-22s %5s %10s %10s %10s %10s %10s %8s %8s" % ("shape (E,k,d,f)", "T", "mk f32", "mk bf16", "mk w8a8",
-                                                         "torch f32", "torch bf16", "x f32", "x bf16"))
+    # "mk bf16": bf16 weights, f32 activations; "mk bf16x": bf16 weights and activations, what
+    # PyTorch's bf16 layer computes (the "x bf16" ratio compares those two).
+    print("%-22s %5s %9s %9s %9s %9s %10s %10s %8s %8s" % ("shape (E,k,d,f)", "T", "mk f32", "mk bf16", "mk bf16x",
+                                                            "mk w8a8", "torch f32", "torch bf16", "x f32", "x bf16"))
     for (E, k, d, f) in ((8, 2, 1024, 2816), (64, 8, 1024, 1408)):
         layers = {dt: torch_layer(torch, E, k, d, f, dt) for dt in (torch.float32, torch.bfloat16)}
         for T in (int(t) for t in args.tokens.split(",")):
             m = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat)
             mb = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat, "bf16")
+            mbx = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat, "bf16xbf16")
             mq = time_moekit(args.moekit, E, k, d, f, T, args.threads, args.repeat, "w8a8")
             flops = m["gflops"] * m["median_ms"] / 1e3 * 1e9  # executed FLOPs of one forward
             tf = time_torch(torch, layers[torch.float32], T, d, torch.float32, args.repeat)
             tb = time_torch(torch, layers[torch.bfloat16], T, d, torch.bfloat16, args.repeat)
             row = {"E": E, "k": k, "d": d, "f": f, "T": T, "moekit_gflops": m["gflops"], "moekit_bf16_gflops": mb["gflops"],
+                   "moekit_bf16xbf16_gflops": mbx["gflops"], "moekit_bf16xbf16_kernel": mbx["kernel"],
                    "moekit_w8a8_gflops": mq["gflops"], "torch_f32_gflops": flops / tf / 1e9,
                    "torch_bf16_gflops": flops / tb / 1e9}
             rows.append(row)
-            print("%-22s %5d %10.1f %10.1f %10.1f %10.1f %10.1f %8.2f %8.2f" % (
-                "(%d,%d,%d,%d)" % (E, k, d, f), T, row["moekit_gflops"], row["moekit_bf16_gflops"], row["moekit_w8a8_gflops"],
-                row["torch_f32_gflops"], row["torch_bf16_gflops"], row["moekit_gflops"] / row["torch_f32_gflops"],
-                row["moekit_bf16_gflops"] / row["torch_bf16_gflops"]))
+            print("%-22s %5d %9.1f %9.1f %9.1f %9.1f %10.1f %10.1f %8.2f %8.2f" % (
+                "(%d,%d,%d,%d)" % (E, k, d, f), T, row["moekit_gflops"], row["moekit_bf16_gflops"],
+                row["moekit_bf16xbf16_gflops"], row["moekit_w8a8_gflops"], row["torch_f32_gflops"],
+                row["torch_bf16_gflops"], row["moekit_gflops"] / row["torch_f32_gflops"],
+                row["moekit_bf16xbf16_gflops"] / row["torch_bf16_gflops"]))
     with open(args.out, "w") as fh:
         json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, fh, indent=1)
     try:
@@ -118,7 +124,7 @@ def main():
             sel = [r for r in rows if r["E"] == E]
             Ts = [r["T"] for r in sel]
             ax.plot(Ts, [r["moekit_gflops"] for r in sel], "o-", label="moekit f32 E=%d k=%d" % (E, k))
-            ax.plot(Ts, [r["moekit_bf16_gflops"] for r in sel], "D-", label="moekit bf16 E=%d k=%d" % (E, k))
+            ax.plot(Ts, [r["moekit_bf16xbf16_gflops"] for r in sel], "D-", label="moekit bf16xbf16 E=%d k=%d" % (E, k))
             ax.plot(Ts, [r["torch_f32_gflops"] for r in sel], "s--", label="PyTorch f32 E=%d k=%d" % (E, k))
             ax.plot(Ts, [r["torch_bf16_gflops"] for r in sel], "^:", label="PyTorch bf16 E=%d k=%d" % (E, k))
         ax.set_xscale("log")

@@ -504,17 +504,26 @@ const std::vector<const RowKernels*>& row_kernel_implementations() noexcept {
   return usable;
 }
 
+namespace {
+std::string backend_label(const GemmKernel& k) {
+  if (k.tile_rows == 1) return std::string(k.name) + "-" + std::to_string(k.panel);
+  return "packed-" + std::to_string(k.tile_rows) + "x" + std::to_string(k.panel) + "-" + k.name;
+}
+}  // namespace
+
 const char* gemm_backend() noexcept {
   static const std::string name = [] {
     try {
-      const GemmKernel& k = active_gemm_kernel();
-      if (k.tile_rows == 1) return std::string(k.name) + "-" + std::to_string(k.panel);
-      return "packed-" + std::to_string(k.tile_rows) + "x" + std::to_string(k.panel) + "-" + k.name;
+      return backend_label(active_gemm_kernel());
     } catch (const error& e) {
       return "invalid MOEKIT_KERNEL (" + std::string(e.what()) + ")";
     }
   }();
   return name.c_str();
+}
+
+std::string gemm_backend(WeightType type, bool bf16_activations) {
+  return backend_label(active_gemm_kernel(type, bf16_activations));
 }
 
 // ---------------------------------------------------------------------- entry points

@@ -138,16 +138,28 @@ const std::string& required(const std::map<std::string, std::string>& f, const s
   return it->second;
 }
 
-// --dtype: the expert weight type that overrides the config's (experts.dtype, default f32).
-// Parsed before any file is opened, so a bad flag is reported as such.
-std::optional<moekit::kernels::WeightType> dtype_flag(const std::map<std::string, std::string>& f) {
+// --dtype: the expert weight type that overrides the config's (experts.dtype, default f32);
+// "bf16xbf16" is bf16 weights with bf16 activations (experts.bf16_activations). Parsed before
+// any file is opened, so a bad flag is reported as such.
+struct DtypeFlag {
+  moekit::kernels::WeightType type;
+  bool bf16_activations;  // set to true by bf16xbf16; the config's otherwise
+};
+std::optional<DtypeFlag> dtype_flag(const std::map<std::string, std::string>& f) {
   auto it = f.find("dtype");
   if (it == f.end()) return std::nullopt;
+  if (it->second == "bf16xbf16") return DtypeFlag{moekit::kernels::WeightType::bf16, true};
   try {
-    return moekit::kernels::parse_weight_type(it->second);
+    return DtypeFlag{moekit::kernels::parse_weight_type(it->second), false};
   } catch (const moekit::error& e) {
-    fail("--dtype: ", e.what());
+    fail("--dtype: ", e.what(), " (or bf16xbf16: bf16 weights and activations)");
   }
+}
+
+void apply_dtype(const std::optional<DtypeFlag>& d, moekit::LayerConfig& cfg) {
+  if (!d) return;
+  cfg.pack.type = d->type;
+  if (d->bf16_activations) cfg.pack.bf16_activations = true;
 }
 
 // ---------------------------------------------------------------------------- run
@@ -195,7 +207,7 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
   moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
-  if (dtype) cfg.pack.type = *dtype;
+  apply_dtype(dtype, cfg);
   std::unique_ptr<moekit::AnyLayer> layer;
   const std::string in_path = required(f, "input");
   refuse_output_over_inputs(out_path, {{"--config", required(f, "config")},
@@ -238,7 +250,7 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
   const int64_t repeat = int_flag(f, "repeat", 10, 1, 1000000);
   const uint64_t seed = static_cast<uint64_t>(int_flag(f, "seed", 1, 0, INT64_MAX));
   moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
-  if (dtype) cfg.pack.type = *dtype;
+  apply_dtype(dtype, cfg);
   // The first instance tells the resident size; more follow only if they fit.
   std::vector<std::unique_ptr<moekit::AnyLayer>> inst;
   const double budget = 0.5 * physical_bytes();
@@ -319,7 +331,7 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
       {"weight_gbps", median(gbps)},
       {"expert_weight_bytes", median(touched)},
       {"resident_weight_bytes_per_layer", layer_bytes},
-      {"kernel", moekit::kernels::gemm_backend()},
+      {"kernel", moekit::kernels::gemm_backend(cfg.pack.type, cfg.pack.bf16_activations)},
   };
   std::printf("%s\n", out.dump().c_str());
   return 0;
@@ -346,6 +358,9 @@ int cmd_info() {
     by_type[moekit::kernels::to_string(t)] = {
         {"kernel", moekit::kernels::active_gemm_kernel(t).name},
         {"why", moekit::kernels::gemm_kernel_reason(t)}};
+  by_type["bf16xbf16"] = {  // bf16 weights with bf16 activations (--dtype bf16xbf16)
+      {"kernel", moekit::kernels::active_gemm_kernel(moekit::kernels::WeightType::bf16, true).name},
+      {"why", moekit::kernels::gemm_kernel_reason(moekit::kernels::WeightType::bf16, true)}};
   json out = {{"version", moekit::version()},
               {"cpu", {{"vendor", f.vendor}, {"brand", f.brand}}},
               {"cpu_features", features},
@@ -374,8 +389,8 @@ int cmd_info() {
                  return o;
                }()},
               {"weight_types", {"f32", "bf16", "int8", "w8a8", "fp8"}},
-              {"kernel_override", "MOEKIT_KERNEL=scalar|simd|<a compiled kernel's name>"},
-              {"dispatch", "run time, from CPUID: the fastest compiled kernel this CPU supports (GEMM and row kernels)"},
+              {"kernel_override", "MOEKIT_KERNEL=scalar|simd|<compiled kernels' names, comma-separated>"},
+              {"dispatch", "run time, from CPUID: per weight type, the fastest compiled kernel this CPU supports that implements it (row kernels: the fastest general one)"},
               {"omp_max_threads", omp_get_max_threads()},
               {"l3_bytes", l3_bytes()}};
   std::printf("%s\n", out.dump(2).c_str());
