@@ -82,9 +82,10 @@ struct GemmKernel {
   bool bf16_pairs = false;
 };
 
-/// The kernels compiled into this build that this CPU can run, best last: the portable scalar
-/// one always, then the SIMD ones (AVX2+FMA, AVX-512) whose instructions the CPU supports
-/// (CPUID, checked once).
+/// The kernels compiled into this build that this CPU can run, in table order: the portable
+/// scalar one always, then the general SIMD ones (AVX2+FMA, AVX-512), then the specialised
+/// ones (AVX512-VNNI, AVX512-BF16), those whose instructions the CPU supports (CPUID, checked
+/// once).
 const std::vector<const GemmKernel*>& gemm_kernels() noexcept;
 
 /// Every kernel compiled into this build, supported by this CPU or not (for `moekit info`).
@@ -97,20 +98,20 @@ bool gemm_kernel_supported(const GemmKernel& kernel) noexcept;
 /// What the CPU needs to run `kernel` (for messages and `moekit info`), e.g. "AVX2, FMA and F16C".
 const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept;
 
-/// The kernel new PackedMatrix objects use: the fastest one this CPU supports (the table is
-/// ordered by measured speed, not by the age of the instruction set), or the one named by the
-/// environment variable MOEKIT_KERNEL ("scalar", "simd" = the best SIMD one, or a kernel's
-/// name), read once. The row kernels (kernels/vector.hpp) follow the same choice. Throws
-/// moekit::error for an unknown name or a kernel this CPU cannot run.
+/// The general kernel (one that implements every format): the one f32 matrices use and whose
+/// row kernels (kernels/vector.hpp) run. The fastest general kernel this CPU supports (the
+/// table is ordered by measured speed, not by the age of the instruction set), within what
+/// the environment variable MOEKIT_KERNEL allows (read once): "scalar", "simd" (every SIMD
+/// kernel) or a comma-separated list of kernel names; a list naming only specialised
+/// kernels extends the fastest general one. Throws moekit::error for an unknown name or a
+/// kernel this CPU cannot run.
 const GemmKernel& active_gemm_kernel();
 
 /// The kernel new matrices of weight type `type` use (with activations rounded to bf16 when
-/// `bf16_activations`): the first kernel of the table, best first, that this CPU runs, that
-/// implements that format and that MOEKIT_KERNEL allows. MOEKIT_KERNEL is "scalar", "simd"
-/// (every SIMD kernel) or a comma-separated list of kernel names; a format no allowed kernel
-/// implements throws moekit::error naming it. On a CPU with AVX512-BF16 the bf16 x bf16 format
-/// runs on "avx512_bf16", with AVX512-VNNI w8a8 on "avx512_vnni"; the rest on the general
-/// kernel active_gemm_kernel() returns.
+/// `bf16_activations`): the last kernel of the table that this CPU runs, that MOEKIT_KERNEL
+/// allows and that implements that format (a general kernel always does). On a CPU with
+/// AVX512-BF16 the bf16 x bf16 format runs on "avx512_bf16", with AVX512-VNNI w8a8 on
+/// "avx512_vnni"; the rest on active_gemm_kernel(). Throws as active_gemm_kernel() does.
 const GemmKernel& active_gemm_kernel(WeightType type, bool bf16_activations = false);
 
 /// Why active_gemm_kernel(type, bf16_activations) is the kernel it is, in one sentence.
@@ -121,8 +122,8 @@ bool gemm_kernel_implements(const GemmKernel& kernel, WeightType type,
                             bool bf16_activations) noexcept;
 
 /// A weight matrix `W [n, k]` (HF `[out, in]` layout) repacked for gemm_packed(): strips of
-/// `panel()` output columns, each stored k-major (`[k, panel]`; w8a8 interleaves pairs of k),
-/// zero-padded past n. A gated pair (gate, up) packs into one matrix whose strips hold
+/// `panel()` output columns, each stored k-major (`[k, panel]`; w8a8 interleaves groups of 2
+/// or 4 depths, bf16 x bf16 pairs, as the kernel packing it needs), zero-padded past n. A gated pair (gate, up) packs into one matrix whose strips hold
 /// `panel()/2` gate columns followed by the same `panel()/2` up columns, so the activation
 /// fuses into the GEMM epilogue.
 /// Packing happens once; the packed copy replaces the HF-layout one.
