@@ -146,6 +146,17 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   for (int64_t i = 0; i < T * d; ++i) ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + mx)) << fam.name << " at " << i;
   EXPECT_GT(layer->executed_flops(), 0.0);
 
+  // A finite input that overflows inside the layer (1e30): exit 2 naming the non-finite value
+  // or the overflow (a router may see it first), nothing written (never an output file of NaN / Inf with exit 0).
+  for (float& v : x) v = v >= 0 ? 1e30f : -1e30f;
+  moekit::io::write_safetensors((dir / "x.safetensors").string(), in);
+  fs::remove(dir / "y.safetensors");
+  EXPECT_EQ(run(args, dir, &err), 2) << fam.name;
+  EXPECT_TRUE(err.find("although the input is finite") != std::string::npos ||
+              err.find("not finite") != std::string::npos || err.find("overflow") != std::string::npos)
+      << fam.name << ": " << err;
+  EXPECT_FALSE(fs::exists(dir / "y.safetensors")) << fam.name;
+
   // A misspelled router key is an error naming it (exit 2, nothing written).
   std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 16, "router": )"
                                 << fam.router.substr(0, fam.router.size() - 1) << R"(, "bogus_key": 1})"

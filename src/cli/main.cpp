@@ -226,6 +226,16 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   const int64_t T = in.tokens;
   std::vector<float> y(static_cast<size_t>(T * d));
   layer->forward(in.batch(d), in.x.data(), y.data(), threads);
+  // Every family's output, scanned once (the top-k layer checks its own; the depth / skip
+  // families do not): a finite input must not give a silently non-finite output file.
+  for (int64_t t = 0; t < T; ++t) {
+    if (!in.padding.empty() && in.padding[static_cast<size_t>(t)] != 0) continue;
+    const int64_t j = moekit::kernels::first_non_finite(y.data() + t * d, d);
+    if (j >= 0)
+      fail("the layer's output hidden_states[", t, ", ", j, "] is ", y[static_cast<size_t>(t * d + j)],
+           " although the input is finite: an expert, block or the combine overflowed f32 (weights or "
+           "activations too large); nothing written");
+  }
   const std::vector<moekit::NamedTensor> extra = layer->outputs();
   std::vector<moekit::io::OutTensor> out = {{"hidden_states", moekit::io::DType::F32, {T, d}, y.data()}};
   for (const auto& t : extra) out.push_back({t.name, t.dtype, t.shape, t.bytes.data()});
