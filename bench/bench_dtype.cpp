@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Expert weight types: the Mixtral-style layer (softmax top-k, SwiGLU) with f32, bf16 (f32 or
-// bf16 activations), int8, w8a8 and fp8 experts, prefill and decode; and the decode column split on and off. Each
+// bf16 activations), int8, w8a8, fp8 and int4 experts, prefill and decode; and the decode column split on and off. Each
 // registration first checks its output against the f32 layer with the same weights (relative
 // Frobenius error within the type's bound) and skips with an error otherwise.
 #include <chrono>
@@ -37,7 +37,8 @@ struct Format {
   bool bf16_act;
 };
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false}, {WeightType::bf16, true},
-                               {WeightType::int8, false}, {WeightType::w8a8, false}, {WeightType::fp8, false}};
+                               {WeightType::int8, false}, {WeightType::w8a8, false}, {WeightType::fp8, false},
+                               {WeightType::int4, false}};
 
 std::string format_name(const Format& f) {
   return std::string(moekit::kernels::to_string(f.t)) + (f.bf16_act ? "xbf16" : "");
@@ -50,6 +51,7 @@ double bound(const Format& f) {
     case WeightType::int8: return 2e-2;
     case WeightType::w8a8: return 3e-2;
     case WeightType::fp8: return 6e-2;
+    case WeightType::int4: return 0.2;  // groups of 32, 16 levels: ~15% at the layer (tests)
   }
   return 0.0;
 }

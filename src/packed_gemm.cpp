@@ -36,28 +36,34 @@ const char* to_string(WeightType t) noexcept {
       return "w8a8";
     case WeightType::fp8:
       return "fp8";
+    case WeightType::int4:
+      return "int4";
   }
   return "?";
 }
 
 WeightType parse_weight_type(std::string_view name) {
-  for (WeightType t :
-       {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8, WeightType::fp8})
+  for (WeightType t : {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8,
+                       WeightType::fp8, WeightType::int4})
     if (name == to_string(t)) return t;
-  moekit::detail::fail("weight type: expected one of f32, bf16, int8, w8a8, fp8; got \"", name,
-                       "\"");
+  moekit::detail::fail("weight type: expected one of f32, bf16, int8, w8a8, fp8, int4; got \"",
+                       name, "\"");
 }
 
-int64_t weight_type_bytes(WeightType t) noexcept {
+int64_t weight_type_bits(WeightType t) noexcept {
   switch (t) {
     case WeightType::f32:
-      return 4;
+      return 32;
     case WeightType::bf16:
-      return 2;
+      return 16;
+    case WeightType::int4:
+      return 4;
     default:
-      return 1;
+      return 8;
   }
 }
+
+int64_t weight_type_bytes(WeightType t) noexcept { return (weight_type_bits(t) + 7) / 8; }
 
 // ---------------------------------------------------------------------- packing
 
@@ -119,6 +125,15 @@ uint8_t fp8_code(float w, float scale) noexcept {
   return float_to_fp8_e4m3(w / scale);
 }
 
+// The int4 code (q + 8) of w with group scale d (either sign): q = clamp(round(w / d), -8,
+// 7), round to nearest even; NaN or d = 0 -> q = 0; infinities saturate.
+uint8_t int4_code(float w, float d) noexcept {
+  if (d == 0.0f || std::isnan(w)) return 8;
+  const float r = std::nearbyint(w / d);
+  if (r != r) return 8;
+  return static_cast<uint8_t>(std::clamp(r, -8.0f, 7.0f) + 8.0f);
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -168,7 +183,11 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   const int64_t k_store = type_ == WeightType::w8a8 ? (k + G - 1) / G * G
                           : pairs                   ? k + (k & 1)
                                                     : k;
-  strip_bytes_ = (k_store * P * eb + 63) / 64 * 64;
+  strip_bytes_ = type_ == WeightType::int4
+                     ? ((k + detail::kInt4Group - 1) / detail::kInt4Group *
+                            detail::int4_group_bytes(P) +
+                        63) / 64 * 64
+                     : (k_store * P * eb + 63) / 64 * 64;
   data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
   scales_.clear();
   if (type_ == WeightType::int8 || type_ == WeightType::w8a8)
@@ -238,6 +257,25 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
             S[p * P + j] = detail::fp8_code(src[p], scale);
           }
           break;
+        case WeightType::int4:
+          for (int64_t p0 = 0; p0 < k; p0 += detail::kInt4Group) {
+            const int64_t p1 = std::min(k, p0 + detail::kInt4Group);
+            uint8_t* block = S + p0 / detail::kInt4Group * detail::int4_group_bytes(P);
+            // d = (the value of largest finite magnitude, signed) / -8, rounded to bf16.
+            float m = 0.0f;
+            for (int64_t p = p0; p < p1; ++p)
+              if (std::fabs(src[p]) <= FLT_MAX && std::fabs(src[p]) > std::fabs(m)) m = src[p];
+            const uint16_t d_bits = detail::bf16_bits(m / -8.0f);
+            const float d = detail::bf16_to_float(d_bits);
+            std::memcpy(block + detail::kInt4Group * half + 2 * j, &d_bits, 2);
+            for (int64_t p = p0; p < p1; ++p) {
+              const uint8_t code = detail::int4_code(src[p], d);
+              uint8_t& byte = block[(p - p0) * half + j % half];
+              byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
+                              : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
+            }
+          }
+          break;
       }
     }
 }
@@ -279,6 +317,15 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
                  scales_[static_cast<size_t>((s * k_blocks_ + p / detail::kFp8Block) * 2 +
                                              (j < half ? 0 : 1))];
         break;
+      case WeightType::int4: {
+        const uint8_t* block = S + p / detail::kInt4Group * detail::int4_group_bytes(P);
+        uint16_t d;
+        std::memcpy(&d, block + detail::kInt4Group * half + 2 * j, 2);
+        const uint8_t byte = block[(p % detail::kInt4Group) * half + j % half];
+        const int q = (j < half ? byte & 0x0F : byte >> 4) - 8;
+        dst[p] = static_cast<float>(q) * detail::bf16_to_float(d);
+        break;
+      }
     }
   }
 }

@@ -31,8 +31,8 @@ using mk::PackOptions;
 using mk::WeightType;
 using moekit::Activation;
 
-constexpr WeightType kTypes[] = {WeightType::f32, WeightType::bf16, WeightType::int8,
-                                 WeightType::w8a8, WeightType::fp8};
+constexpr WeightType kTypes[] = {WeightType::f32,  WeightType::bf16, WeightType::int8,
+                                 WeightType::w8a8, WeightType::fp8,  WeightType::int4};
 
 // A format: a weight type and whether the activations are rounded to bf16. A kernel implements
 // some of them (general kernels all); bf16 x bf16 sums depth pairs, odd depth first.
@@ -42,7 +42,8 @@ struct Format {
 };
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false},
                                {WeightType::bf16, true},  {WeightType::int8, false},
-                               {WeightType::w8a8, false}, {WeightType::fp8, false}};
+                               {WeightType::w8a8, false}, {WeightType::fp8, false},
+                               {WeightType::int4, false}};
 
 std::string format_name(const Format& f) {
   return std::string(mk::to_string(f.type)) + (f.bf16_act ? " x bf16" : "");
@@ -167,6 +168,23 @@ std::vector<float> dequantised(WeightType t, const float* W, int64_t n, int64_t 
         for (int64_t p = 0; p < k; ++p) {
           const float s = fp8_block_amax(W, n, k, r / 128, p / 128) / 448.0f;
           o[p] = s > 0.0f && !std::isnan(w[p]) ? static_cast<float>(ref_e4m3(w[p] / s)) * s : 0.0f;
+        }
+        break;
+      case WeightType::int4:
+        // Q4_0's grid per 32 depths: d = (first value of largest finite magnitude) / -8 in
+        // bf16, q = round(w / d) to nearest even within [-8, 7]; NaN and d = 0 give 0.
+        for (int64_t p0 = 0; p0 < k; p0 += 32) {
+          const int64_t p1 = std::min(k, p0 + 32);
+          float m = 0.0f;
+          for (int64_t p = p0; p < p1; ++p)
+            if (std::isfinite(w[p]) && std::fabs(w[p]) > std::fabs(m)) m = w[p];
+          const float d = ref_bf16(m / -8.0f);
+          for (int64_t p = p0; p < p1; ++p) {
+            const double q = d == 0.0f || std::isnan(w[p])
+                                 ? 0.0
+                                 : std::clamp(std::nearbyint(double(w[p] / d)), -8.0, 7.0);
+            o[p] = static_cast<float>(q) * d;
+          }
         }
         break;
     }
@@ -355,7 +373,7 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
     EXPECT_EQ(out[5], -inf);
     EXPECT_TRUE(out[6] == 0.0f && std::signbit(out[6]));
   }
-  for (WeightType t : {WeightType::int8, WeightType::w8a8, WeightType::fp8}) {
+  for (WeightType t : {WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4}) {
     if (!implements(t)) continue;
     SCOPED_TRACE(mk::to_string(t));
     p.pack(W.data(), 2, k, k, opts(t));
@@ -364,7 +382,11 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
     for (int64_t j = 0; j < k; ++j) EXPECT_EQ(out[j], ref[j]) << j;
     EXPECT_EQ(out[3], 0.0f);    // NaN -> 0
     EXPECT_EQ(out[4], out[9]);  // +inf -> the largest code, like the finite maximum 1e30
-    EXPECT_EQ(out[5], -out[4]);
+    if (t == WeightType::int4) {
+      EXPECT_EQ(out[5], -0.875f * out[4]);  // Q4_0's grid: -8 .. 7 steps of d = -1e30 / 8
+    } else {
+      EXPECT_EQ(out[5], -out[4]);
+    }
     p.unpack_row(1, false, out.data());
     for (int64_t j = 0; j < k; ++j) EXPECT_EQ(out[j], 0.0f);
   }
@@ -665,6 +687,9 @@ TEST_P(KernelsDtype, Bf16PairsDenormals) {
 //  - w8a8: the same again on the activations, ~ sqrt(2) x 7.5e-3 (measured 1.05e-2); bound 3e-2.
 //  - fp8 e4m3 (p = 4): 2.4e-2, a little more as Gaussian values below the block maximum reach
 //    the coarser subnormal range (measured 2.65e-2); bound 3.5e-2.
+//  - int4 (groups of 32, step |m| / 8 with |m| ~ 2.0 sigma for 32 Gaussian values): error
+//    step / sqrt(12) ~ 0.072 sigma, a little more from the asymmetric grid (measured 0.085);
+//    bound 0.1.
 TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
   std::mt19937 g(31);
   const int64_t m = 64, n = 256, k = 512;
@@ -682,7 +707,8 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
                                                   {WeightType::bf16, 5e-3},
                                                   {WeightType::int8, 2e-2},
                                                   {WeightType::w8a8, 3e-2},
-                                                  {WeightType::fp8, 3.5e-2}};
+                                                  {WeightType::fp8, 3.5e-2},
+                                                  {WeightType::int4, 0.1}};
   for (const auto& [t, bound] : bounds) {
     if (!implements(t)) continue;
     PackedMatrix pw;
@@ -737,6 +763,9 @@ TEST_P(KernelsDtype, BytesCountValuesAndScales) {
         break;
       case WeightType::fp8:
         EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + p.strips() * (k / 128) * 2 * 4));
+        break;
+      case WeightType::int4:  // 4.5 bits per weight: a bf16 scale per 32
+        EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k / 2 + n * (k / 32) * 2));
         break;
     }
   }
@@ -903,12 +932,15 @@ TEST(KernelsDtypeArgs, WeightTypeNamesAndBadArguments) {
   EXPECT_EQ(mk::weight_type_bytes(WeightType::int8), 1);
   EXPECT_EQ(mk::weight_type_bytes(WeightType::w8a8), 1);
   EXPECT_EQ(mk::weight_type_bytes(WeightType::fp8), 1);
+  EXPECT_EQ(mk::weight_type_bytes(WeightType::int4), 1);  // rounded up
+  EXPECT_EQ(mk::weight_type_bits(WeightType::int4), 4);
+  EXPECT_EQ(mk::weight_type_bits(WeightType::bf16), 16);
   try {
     (void)mk::parse_weight_type("fp16");
     FAIL() << "fp16 accepted";
   } catch (const moekit::error& e) {
     const std::string msg = e.what();
-    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "\"fp16\""})
+    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "\"fp16\""})
       EXPECT_NE(msg.find(name), std::string::npos)
           << "message does not name " << name << ": " << msg;
   }

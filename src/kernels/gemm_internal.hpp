@@ -36,6 +36,9 @@ enum class GemmMode : uint8_t {
 ///  - bf16 x bf16 (bf16 weights, bf16 activations; `pairs`): k padded to even; with
 ///    bf16_pairs at (p / 2) * 2P + 2j + p % 2, else at (p ^ 1) * P + j (each pair's rows
 ///    swapped, so a sequential sum over the packed rows takes the odd depth first).
+///  - int4: groups of kInt4Group = 32 depths, int4_group_bytes(P) apart: first 32 rows of
+///    P/2 bytes (byte j of depth row p: column j in the low nibble, column j + P/2 in the high
+///    one; code = q + 8), then the group's P bf16 scales; the last group is zero-padded.
 /// Gated strips hold P/2 gate columns then the same P/2 up columns.
 struct GemmCall {
   // the operation
@@ -69,6 +72,9 @@ struct GemmCall {
 
 /// Depth of an FP8 scale block (and of the block grid along n).
 inline constexpr int64_t kFp8Block = 128;
+/// Depths per int4 group (one bf16 scale per group and column).
+inline constexpr int64_t kInt4Group = 32;
+
 /// Rows packed at a time by the SIMD kernels (a multiple of every kernel's row tile).
 inline constexpr int64_t kRowChunk = 96;
 /// The largest row tile of any kernel (packed_a_floats() sizes the scratch for it).
@@ -90,6 +96,9 @@ extern const GemmKernel kGemmAvx512Vnni;
 #endif
 
 namespace {
+
+/// Bytes of one int4 group of a strip of panel P: 32 rows of P/2 code bytes, P bf16 scales.
+constexpr int64_t int4_group_bytes(int64_t P) noexcept { return kInt4Group * (P / 2) + 2 * P; }
 
 /// A general kernel's GemmKernel::implements: every format.
 inline bool implements_all(WeightType, bool) noexcept { return true; }

@@ -37,6 +37,15 @@ inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
     for (int64_t j = 0; j < kP; ++j) w[j] = bf16_to_float(b[j]);
   } else if constexpr (T == WeightType::int8) {
     for (int64_t j = 0; j < kP; ++j) w[j] = static_cast<float>(static_cast<int8_t>(S[p * kP + j]));
+  } else if constexpr (T == WeightType::int4) {
+    const uint8_t* block = S + p / kInt4Group * int4_group_bytes(kP);
+    const uint8_t* row = block + (p % kInt4Group) * kHalf;
+    for (int64_t j = 0; j < kP; ++j) {
+      uint16_t d;
+      std::memcpy(&d, block + kInt4Group * kHalf + 2 * j, 2);
+      const int q = (j < kHalf ? row[j] & 0x0F : row[j - kHalf] >> 4) - 8;
+      w[j] = static_cast<float>(q) * bf16_to_float(d);
+    }
   } else {
     const float* sc = g.fp8_scale + (s * g.k_blocks + p / kFp8Block) * 2;
     for (int64_t j = 0; j < kP; ++j) w[j] = kFp8.v[S[p * kP + j]] * sc[j < kHalf ? 0 : 1];
@@ -128,6 +137,9 @@ void run(const GemmCall& g) noexcept {
       break;
     case WeightType::fp8:
       run_float<WeightType::fp8>(g);
+      break;
+    case WeightType::int4:
+      run_float<WeightType::int4>(g);
       break;
     case WeightType::w8a8:
       run_w8a8(g);

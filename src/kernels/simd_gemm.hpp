@@ -49,6 +49,7 @@ struct SimdGemm {
   static_assert(kRowChunk % MR == 0 && MR <= kMaxTileRows, "row chunk must hold whole tiles");
   static_assert(KC % kFp8Block == 0 && kFp8Block % P == 0,
                 "fp8 blocks must align with chunks and strips");
+  static_assert(KC % kInt4Group == 0, "int4 groups must align with chunks");
   // w8a8: int8 depths per 32-bit lane, 2 (int16 pairs, vpmaddwd) unless the ISA's ops say 4
   // (VNNI: Ops::dpbusd on unsigned weight bytes stored + 128).
   static constexpr int G = [] {
@@ -93,6 +94,31 @@ struct SimdGemm {
       b1 = fb(hi) * s1;
     }
   };
+
+  struct Int4Src {  // one 32-deep group: codes from B, `s0`, `s1` = the columns' scales
+    const uint8_t* B;
+    fb s0, s1;
+    void load(int64_t p, fb& b0, fb& b1) const noexcept {
+      typename Ops::freg lo, hi;
+      Ops::widen_u4(B + p * (P / 2), lo, hi);
+      b0 = fb(lo) * s0;
+      b1 = fb(hi) * s1;
+    }
+  };
+
+  // Byte offset of depth row p within a strip (int4: inside its group).
+  static int64_t depth_offset(const GemmCall& g, int64_t p) noexcept {
+    if (g.type == WeightType::int4)
+      return p / kInt4Group * int4_group_bytes(P) + p % kInt4Group * (P / 2);
+    return p * P * weight_type_bytes(g.type);
+  }
+
+  // The int4 source of the group starting at depth p0 (a multiple of 32) of a strip at S.
+  static Int4Src int4_src(const uint8_t* S, int64_t p0) noexcept {
+    const uint8_t* block = S + p0 / kInt4Group * int4_group_bytes(P);
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(block + kInt4Group * (P / 2));
+    return Int4Src{block, fb(Ops::widen_bf16(sc)), fb(Ops::widen_bf16(sc + L))};
+  }
 
   // ------------------------------------------------------------------ f32 micro-kernel
   // One row tile: `Ap` is the tile's rows packed k-major (`[kc, MR]`); `acc` (`[R, P]`,
@@ -421,6 +447,19 @@ struct SimdGemm {
         }
         break;
       }
+      case WeightType::int4: {
+        for (int64_t g0 = 0; g0 < kc; g0 += kInt4Group) {
+          const int64_t gc = imin(kInt4Group, kc - g0);
+          const Int4Src src = int4_src(S, p0 + g0);
+          for (int64_t p = 0; p < gc; ++p) {
+            fb b0, b1;
+            src.load(p, b0, b1);
+            b0.store_aligned(buf + (g0 + p) * P);
+            b1.store_aligned(buf + (g0 + p) * P + L);
+          }
+        }
+        break;
+      }
       case WeightType::fp8: {
         for (int64_t b0p = 0; b0p < kc; b0p += kFp8Block) {
           const int64_t bc = imin(kFp8Block, kc - b0p);
@@ -489,16 +528,16 @@ struct SimdGemm {
     fb c[N][R][2];
     alignas(64) float part[N * R * P];
     const int64_t k = g.depth;
-    const int64_t eb = weight_type_bytes(g.type);
-    const int64_t kcm = g.type == WeightType::fp8 ? kFp8Block : KC;
-    const int64_t chunk_bytes = kcm * P * eb;
+    const bool int4 = g.type == WeightType::int4;
+    const int64_t kcm = g.type == WeightType::fp8 ? kFp8Block : int4 ? kInt4Group : KC;
+    const int64_t chunk_bytes = int4 ? int4_group_bytes(P) : kcm * P * weight_type_bytes(g.type);
     const uint8_t* S[N];
     for (int t = 0; t < N; ++t) S[t] = g.data + (s + t) * g.strip_bytes;
     for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kcm) {
       const int64_t kc = imin(kcm, k - p0);
       const bool last = p0 + kc >= k;
       for (int t = 0; t < N; ++t) {
-        const char* next = reinterpret_cast<const char*>(S[t] + (p0 + kc) * P * eb);
+        const char* next = reinterpret_cast<const char*>(S[t] + depth_offset(g, p0 + kc));
         for (int64_t l = 0; l < chunk_bytes; l += 64) __builtin_prefetch(next + l, 0, 3);
       }
       const float* a = Ap + p0 * MR;
@@ -522,6 +561,12 @@ struct SimdGemm {
           Int8Src src[N];
           for (int t = 0; t < N; ++t)
             src[t] = Int8Src{reinterpret_cast<const int8_t*>(S[t]) + p0 * P};
+          micro_n<R, N>(a, src, kc, c, acc);
+          break;
+        }
+        case WeightType::int4: {
+          Int4Src src[N];
+          for (int t = 0; t < N; ++t) src[t] = int4_src(S[t], p0);
           micro_n<R, N>(a, src, kc, c, acc);
           break;
         }
@@ -576,7 +621,6 @@ struct SimdGemm {
     alignas(64) float part[kRowChunk * P];
     alignas(64) float buf[KC * P];
     const int64_t k = g.depth;  // g.k, or rounded up to even for bf16 x bf16 pairs
-    const int64_t eb = weight_type_bytes(g.type);
     for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
       const int64_t mc = imin(kRowChunk, g.m - m0);
       float* Ap = g.a_pack;
@@ -596,7 +640,7 @@ struct SimdGemm {
       // Many rows: f32 weights are read in place; reduced ones are widened once per chunk into
       // `buf`, which then serves every row tile from L1.
       const bool direct = g.type == WeightType::f32;
-      const int64_t chunk_lines = KC * P * eb / 64;
+      const int64_t chunk_lines = (depth_offset(g, KC) + 63) / 64;
       const int64_t tiles = (mc + th - 1) / th;
       const int64_t lines_per_tile = (chunk_lines + tiles - 1) / tiles;
       for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
@@ -607,7 +651,7 @@ struct SimdGemm {
           if (!direct) decode_chunk(g, S, s, p0, kc, buf);
           // The next chunk (or strip) starts where this one ends: spread its prefetch over
           // this chunk's row tiles (the weights stream from DRAM once per chunk).
-          const char* next = reinterpret_cast<const char*>(S + (p0 + kc) * P * eb);
+          const char* next = reinterpret_cast<const char*>(S + depth_offset(g, p0 + kc));
           for (int64_t i = 0, t = 0; i < mc; i += th, ++t) {
             const int64_t l0 = t * lines_per_tile, l1 = imin(chunk_lines, l0 + lines_per_tile);
             for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(next + l * 64, 0, 3);

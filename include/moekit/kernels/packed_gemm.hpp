@@ -29,19 +29,27 @@ struct PackedAccess;
 ///  - w8a8: int8 weights as `int8`, and each row of activations quantised on the fly to
 ///          symmetric int8 (scale = max|a_row| / 127); exact int32 dot products, both scales
 ///          applied in the epilogue.
+///  - int4: 4-bit codes in groups of 32 depths per output column, GGUF Q4_0's grid: each group
+///          has a bf16 scale d = m / -8 (m: the group's value of largest finite magnitude,
+///          with its sign; d rounded to bf16) and codes q = clamp(round(w / d), -8, 7), so a
+///          weight is q * d; 4.5 bits per weight. The kernels widen the codes in registers
+///          (decode) or into L1 (prefill).
 ///  - fp8:  FP8 e4m3 (OCP, max 448) with one f32 scale per 128 x 128 block of `[n, k]`
 ///          (scale = max|w_block| / 448; DeepSeek-V3's `weight_scale_inv` layout); for a gated
 ///          pair the gate and up matrices each have their own block grid.
 /// Rounding is to nearest even everywhere. Scales use the largest finite magnitude; an
-/// all-zero row / block gets scale 0. bf16 keeps NaN and infinities; int8 and fp8 store NaN
-/// as 0 and saturate infinities to the extreme code.
-enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8 };
+/// all-zero row / block gets scale 0. bf16 keeps NaN and infinities; int8, int4 and fp8 store
+/// NaN as 0 and saturate infinities to the extreme code.
+enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4 };
 
-/// "f32", "bf16", "int8", "w8a8", "fp8".
+/// "f32", "bf16", "int8", "w8a8", "fp8", "int4".
 const char* to_string(WeightType t) noexcept;
 /// Parses the names above; throws moekit::error naming the accepted ones.
 WeightType parse_weight_type(std::string_view name);
-/// Bytes per stored weight value (4, 2, 1, 1, 1), scales not counted.
+/// Bits per stored weight value (32, 16, 8, 8, 8, 4), scales not counted.
+int64_t weight_type_bits(WeightType t) noexcept;
+/// Bytes per stored weight value rounded up (4, 2, 1, 1, 1, and 1 for int4's half byte);
+/// weight_type_bits() is exact.
 int64_t weight_type_bytes(WeightType t) noexcept;
 
 /// How to pack a matrix.
