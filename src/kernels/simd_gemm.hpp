@@ -95,14 +95,17 @@ struct SimdGemm {
     }
   };
 
-  struct Int4Src {  // one 32-deep group: codes from B, `s0`, `s1` = the columns' scales
+  // One 32-deep group: codes from B, `s0`, `s1` = the columns' scales d, `z0`, `z1` = -8 d.
+  // code * d - 8 d in one fused multiply-add is exactly (code - 8) * d: both products are
+  // exact (4-bit by 8-bit significands) and so is their difference.
+  struct Int4Src {
     const uint8_t* B;
-    fb s0, s1;
+    fb s0, s1, z0, z1;
     void load(int64_t p, fb& b0, fb& b1) const noexcept {
       typename Ops::freg lo, hi;
       Ops::widen_u4(B + p * (P / 2), lo, hi);
-      b0 = fb(lo) * s0;
-      b1 = fb(hi) * s1;
+      b0 = fb(Ops::fmadd(lo, s0, z0));
+      b1 = fb(Ops::fmadd(hi, s1, z1));
     }
   };
 
@@ -117,7 +120,8 @@ struct SimdGemm {
   static Int4Src int4_src(const uint8_t* S, int64_t p0) noexcept {
     const uint8_t* block = S + p0 / kInt4Group * int4_group_bytes(P);
     const uint16_t* sc = reinterpret_cast<const uint16_t*>(block + kInt4Group * (P / 2));
-    return Int4Src{block, fb(Ops::widen_bf16(sc)), fb(Ops::widen_bf16(sc + L))};
+    const fb s0(Ops::widen_bf16(sc)), s1(Ops::widen_bf16(sc + L));
+    return Int4Src{block, s0, s1, s0 * fb(-8.0f), s1 * fb(-8.0f)};
   }
 
   // ------------------------------------------------------------------ f32 micro-kernel

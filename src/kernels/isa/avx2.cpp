@@ -53,15 +53,13 @@ struct IsaOps<Avx2> {
     hi = _mm256_cvtph_ps(h1);
   }
 
-  // 8 bytes of int4 codes -> (code - 8) as f32: low nibbles (columns 0-7) and high ones
+  // 8 bytes of int4 codes -> the codes (0-15) as f32: low nibbles (columns 0-7) and high ones
   // (columns 8-15).
   static void widen_u4(const uint8_t* p, __m256& lo, __m256& hi) noexcept {
     const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     const __m128i m = _mm_set1_epi8(0x0F);
-    const __m256i eight = _mm256_set1_epi32(8);
-    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(v, m)), eight));
-    hi = _mm256_cvtepi32_ps(
-        _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)), eight));
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, m)));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
   // 16 int8 (8 columns x 2 depths) -> 16 int16 = 8 lanes of (k, k+1) pairs.

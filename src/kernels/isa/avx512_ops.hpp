@@ -56,15 +56,13 @@ struct Avx512Ops {
     hi = fp8_half(p + 16);
   }
 
-  // 16 bytes of int4 codes -> (code - 8) as f32: low nibbles (columns 0-15) and high ones
-  // (columns 16-31).
+  // 16 bytes of int4 codes -> the codes (0-15) as f32: low nibbles (columns 0-15) and high
+  // ones (columns 16-31).
   static void widen_u4(const uint8_t* p, __m512& lo, __m512& hi) noexcept {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i m = _mm_set1_epi8(0x0F);
-    const __m512i eight = _mm512_set1_epi32(8);
-    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(v, m)), eight));
-    hi = _mm512_cvtepi32_ps(
-        _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)), eight));
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, m)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
   // 32 int8 (16 columns x 2 depths) -> 16 lanes of int16 (k, k+1) pairs.
