@@ -15,6 +15,7 @@
 
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
+#include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
 
 #ifdef MOEKIT_CLI_PATH
@@ -165,6 +166,42 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   EXPECT_EQ(run(args, dir, &err), 2) << fam.name;
   EXPECT_NE(err.find("bogus_key"), std::string::npos) << err;
   EXPECT_FALSE(fs::exists(dir / "y.safetensors"));
+  fs::remove_all(dir);
+}
+
+// The weight estimate `bench` checks before building (layer_weight_bytes) is what the built
+// layer holds, for every family (f32, sizes that fill whole strips: no padding), and a
+// family with absurd sizes is refused before anything is allocated.
+TEST_P(CliFamilies, WeightEstimateMatchesTheBuiltLayer) {
+  const Family& fam = GetParam();
+  const fs::path dir = fs::path(testing::TempDir()) / ("moekit_est_" + fam.name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 64, "router": )" << fam.router
+                                << R"(, "experts": {"type": "swiglu", "intermediate_size": 96}})";
+  const auto cfg = moekit::load_layer_config((dir / "c.json").string());
+  const double estimate = moekit::layer_weight_bytes(cfg);
+  const auto layer = moekit::random_any_layer(cfg, 3);
+  EXPECT_NEAR(estimate, layer->resident_bytes(), 1e-9 * estimate) << fam.name;
+
+  // 2^30 experts (or a 2^30-wide router; one-block families: a 2^26 x 4096 block, under the
+  // config's 2^40-weight bound): refused by bench from the estimate, exit 2.
+  std::string router = fam.router;
+  const std::string big = "1073741824";
+  for (const char* key : {"\"num_experts\": 4", "\"d_r\": 8", "\"bottleneck\": 6"}) {
+    const size_t at = router.find(key);
+    if (at != std::string::npos) router.replace(at, std::string(key).size(), std::string(key).substr(0, std::string(key).find(':') + 2) + big);
+  }
+  if (router == fam.router) {  // one-block families: a huge block instead
+    std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 67108864, "router": )" << router
+                                  << R"(, "experts": {"type": "swiglu", "intermediate_size": 4096}})";
+  } else {
+    std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 1024, "router": )" << router
+                                  << R"(, "experts": {"type": "swiglu", "intermediate_size": 1024}})";
+  }
+  std::string err;
+  EXPECT_EQ(run("bench --config " + (dir / "c.json").string() + " --tokens 1 --repeat 1", dir, &err), 2) << fam.name;
+  EXPECT_NE(err.find("GB of weights"), std::string::npos) << fam.name << ": " << err;
   fs::remove_all(dir);
 }
 

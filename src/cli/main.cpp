@@ -264,7 +264,7 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
   // The first instance tells the resident size; more follow only if they fit.
   std::vector<std::unique_ptr<moekit::AnyLayer>> inst;
   const double budget = 0.5 * physical_bytes();
-  const double estimate = cfg.router_type == "topk" ? moekit::layer_weight_bytes(cfg) : 0.0;
+  const double estimate = moekit::layer_weight_bytes(cfg);
   if (estimate > budget)
     fail("--config: the layer needs ", estimate / 1e9, " GB of weights, more than half of this machine's ",
          physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");

@@ -97,6 +97,19 @@ FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool 
   return bank;
 }
 
+double routed_expert_bytes(const LayerConfig& c, double count) {
+  return count * static_cast<double>(routed_shape(c).weights_per_expert()) *
+         static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0;
+}
+
+double shared_expert_bytes(const LayerConfig& c) {
+  if (!c.shared) return 0.0;
+  const double d = static_cast<double>(c.hidden());
+  return (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate) *
+             static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0 +
+         (c.shared->gated ? 4.0 * d : 0.0);
+}
+
 std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorSource* weights,
                                          const std::string& prefix, uint64_t& seed) {
   std::vector<SharedExpert> out;
@@ -124,21 +137,24 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
       resident);
 }
 
+double weight_bytes_topk(const nlohmann::json&, const LayerConfig& c) { return layer_weight_bytes(c); }
+
 // The families this build knows. Families other than topk parse their `router` object in
 // `validate`; topk's options are parsed with the presets in config.cpp.
 const RouterFamily kFamilies[] = {
-    {"topk", nullptr, build_topk},
-    {"sinkhorn", validate_sinkhorn, build_sinkhorn_layer},
-    {"selective_sinkhorn", validate_selective_sinkhorn, build_selective_sinkhorn_layer},
-    {"expert_choice", validate_expert_choice, build_expert_choice_layer},
-    {"gru", validate_gru, build_gru_layer},
-    {"mod", validate_mod, build_mod_layer},
-    {"gamma_mod", validate_gamma_mod, build_gamma_mod_layer},
-    {"token_prune", validate_token_prune, build_token_prune_layer},
-    {"drllm", validate_drllm, build_drllm_layer},
-    {"mor", validate_mor, build_mor_layer},
-    {"prototype", validate_prototype, build_prototype_layer},
-    {"centroid", validate_centroid, build_centroid_layer},
+    {"topk", nullptr, build_topk, weight_bytes_topk},
+    {"sinkhorn", validate_sinkhorn, build_sinkhorn_layer, weight_bytes_sinkhorn},
+    {"selective_sinkhorn", validate_selective_sinkhorn, build_selective_sinkhorn_layer,
+     weight_bytes_selective_sinkhorn},
+    {"expert_choice", validate_expert_choice, build_expert_choice_layer, weight_bytes_expert_choice},
+    {"gru", validate_gru, build_gru_layer, weight_bytes_gru},
+    {"mod", validate_mod, build_mod_layer, weight_bytes_mod},
+    {"gamma_mod", validate_gamma_mod, build_gamma_mod_layer, weight_bytes_gamma_mod},
+    {"token_prune", validate_token_prune, build_token_prune_layer, weight_bytes_token_prune},
+    {"drllm", validate_drllm, build_drllm_layer, weight_bytes_drllm},
+    {"mor", validate_mor, build_mor_layer, weight_bytes_mor},
+    {"prototype", validate_prototype, build_prototype_layer, weight_bytes_prototype},
+    {"centroid", validate_centroid, build_centroid_layer, weight_bytes_centroid},
 };
 
 }  // namespace

@@ -30,7 +30,16 @@ struct RouterFamily {
   /// Builds the layer; `weights` null means random weights from `seed`.
   std::unique_ptr<AnyLayer> (*build)(const nlohmann::json& router, const LayerConfig& config,
                                      const io::TensorSource* weights, const std::string& prefix, uint64_t seed);
+  /// Bytes of weights the built layer will hold (f32 router values, experts in the config's
+  /// weight type; scales and strip padding not counted), from the config alone, in double
+  /// (no overflow): what `bench` checks before allocating anything.
+  double (*weight_bytes)(const nlohmann::json& router, const LayerConfig& config);
 };
+
+/// Bytes `count` routed experts hold in the config's weight type (an estimate, as above).
+double routed_expert_bytes(const LayerConfig& config, double count);
+/// Bytes the config's shared expert holds (0 without one), its gate vector included.
+double shared_expert_bytes(const LayerConfig& config);
 
 /// The family of `type`, or null.
 const RouterFamily* find_router_family(const std::string& type);
@@ -131,6 +140,7 @@ inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExp
 // The families' entry points (src/io/layers_*.cpp).
 #define MOEKIT_FAMILY(name)                                                                         \
   void validate_##name(const nlohmann::json& router, const LayerConfig& config);                    \
+  double weight_bytes_##name(const nlohmann::json& router, const LayerConfig& config);              \
   std::unique_ptr<AnyLayer> build_##name##_layer(const nlohmann::json& router, const LayerConfig& c, \
                                                  const io::TensorSource* w, const std::string& prefix, uint64_t seed);
 MOEKIT_FAMILY(sinkhorn)

@@ -252,6 +252,27 @@ void validate_gamma_mod(const json& j, const LayerConfig& c) { (void)gamma_optio
 void validate_token_prune(const json& j, const LayerConfig& c) { (void)prune_options(j, c); }
 void validate_drllm(const json& j, const LayerConfig& c) { (void)drllm_options(j, c); }
 void validate_mor(const json& j, const LayerConfig& c) { (void)mor_options(j, c); }
+// One wrapped block (the routed expert shape) plus the router's rows of d.
+double weight_bytes_mod(const json& j, const LayerConfig& c) {
+  const double rows = mod_options(j, c).mode == MoDMode::aux_predictor ? 2.0 : 1.0;
+  return 4.0 * rows * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+}
+double weight_bytes_gamma_mod(const json& j, const LayerConfig& c) {
+  (void)gamma_options(j, c);
+  return 4.0 * 2.0 * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+}
+double weight_bytes_token_prune(const json& j, const LayerConfig& c) {
+  (void)prune_options(j, c);
+  return 4.0 * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+}
+double weight_bytes_drllm(const json& j, const LayerConfig& c) {
+  const double b = static_cast<double>(drllm_options(j, c).bottleneck), d = static_cast<double>(c.hidden());
+  return 4.0 * (b * d + b + 3.0 * b + 3.0) + routed_expert_bytes(c, 1.0);
+}
+double weight_bytes_mor(const json& j, const LayerConfig& c) {
+  const double r = static_cast<double>(mor_options(j, c).num_recursions);
+  return 4.0 * r * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+}
 std::unique_ptr<AnyLayer> build_mod_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_mod(j, c, w, p, s); }
 std::unique_ptr<AnyLayer> build_gamma_mod_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_gamma(j, c, w, p, s); }
 std::unique_ptr<AnyLayer> build_token_prune_layer(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t s) { return build_prune(j, c, w, p, s); }

@@ -24,6 +24,15 @@ ExpertChoiceOptions ec_options(const json& j, const LayerConfig& c) {
 }  // namespace
 
 void validate_expert_choice(const json& j, const LayerConfig& c) { (void)ec_options(j, c); }
+double weight_bytes_expert_choice(const json& j, const LayerConfig& c) {
+  const ExpertChoiceOptions o = ec_options(j, c);
+  const double E = static_cast<double>(o.num_experts), d = static_cast<double>(c.hidden()),
+               H = static_cast<double>(o.aux_hidden);
+  double router = E * d;
+  if (o.mode == ExpertChoiceMode::predictor) router += H * d + H + E * H + E;
+  if (o.mode == ExpertChoiceMode::threshold) router += E;
+  return 4.0 * router + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+}
 
 std::unique_ptr<AnyLayer> build_expert_choice_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,
                                                     const std::string& p, uint64_t seed) {

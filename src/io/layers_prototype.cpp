@@ -33,6 +33,17 @@ CentroidOptions centroid_options(const json& j, const LayerConfig& c) {
 
 void validate_prototype(const json& j, const LayerConfig& c) { (void)promoe_options(j, c); }
 void validate_centroid(const json& j, const LayerConfig& c) { (void)centroid_options(j, c); }
+double weight_bytes_prototype(const json& j, const LayerConfig& c) {
+  // E routed experts, the unconditional one, and the (ungated) shared expert.
+  const double E = static_cast<double>(promoe_options(j, c).num_experts), d = static_cast<double>(c.hidden());
+  const double shared_f = static_cast<double>(c.shared ? c.shared->intermediate : c.experts.intermediate);
+  return 4.0 * E * d + routed_expert_bytes(c, E + 1) +
+         (c.experts.gated ? 3.0 : 2.0) * d * shared_f * static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0;
+}
+double weight_bytes_centroid(const json& j, const LayerConfig& c) {
+  const double E = static_cast<double>(centroid_options(j, c).num_experts);
+  return 4.0 * E * static_cast<double>(c.hidden()) + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+}
 
 std::unique_ptr<AnyLayer> build_prototype_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,
                                                 const std::string& p, uint64_t seed) {

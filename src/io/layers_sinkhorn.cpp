@@ -83,6 +83,14 @@ std::unique_ptr<AnyLayer> build(R router, const LayerConfig& c, const io::Tensor
 }  // namespace
 
 void validate_sinkhorn(const json& j, const LayerConfig& c) { (void)sinkhorn_options(j, c); }
+double weight_bytes_sinkhorn(const json& j, const LayerConfig& c) {
+  const double E = static_cast<double>(sinkhorn_options(j, c).num_experts);
+  return 4.0 * E * static_cast<double>(c.hidden()) + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+}
+double weight_bytes_selective_sinkhorn(const json& j, const LayerConfig& c) {
+  const double E = static_cast<double>(selective_options(j, c).sinkhorn.num_experts);
+  return 4.0 * E * static_cast<double>(c.hidden()) + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+}
 void validate_selective_sinkhorn(const json& j, const LayerConfig& c) { (void)selective_options(j, c); }
 
 std::unique_ptr<AnyLayer> build_sinkhorn_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,

@@ -33,6 +33,12 @@ TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const st
 TopKLayer random_layer(const LayerConfig& c, uint64_t seed) { return build(c, nullptr, "", seed); }
 
 double layer_weight_bytes(const LayerConfig& c) {
+  if (c.router_type != "topk") {  // the family's own estimate (src/io/layers_*.cpp)
+    const detail::RouterFamily* f = detail::find_router_family(c.router_type);
+    MOEKIT_CHECK(f != nullptr, "router.type: expected one of ", detail::router_family_list(), ", got \"",
+                 c.router_type, "\"");
+    return f->weight_bytes(c.router_json.empty() ? nlohmann::json::object() : nlohmann::json::parse(c.router_json), c);
+  }
   const double d = static_cast<double>(c.hidden());
   const double router = static_cast<double>(c.router.num_experts) * d + (c.shared && c.shared->gated ? d : 0.0);
   double experts = static_cast<double>(c.router.num_experts) * static_cast<double>(detail::routed_shape(c).weights_per_expert());

@@ -30,7 +30,9 @@ TopKLayer load_layer(const LayerConfig& config, const io::TensorSource& weights,
 TopKLayer random_layer(const LayerConfig& config, uint64_t seed);
 
 /// Bytes of weights the layer will hold (f32 router, routed and shared experts stored as
-/// `config.pack.type`, block/channel scales not counted): an estimate made before building.
+/// `config.pack.type`, block/channel scales and strip padding not counted): an estimate made
+/// from the config alone before building, for every router family (`config.router_type`),
+/// computed in double so hostile sizes cannot overflow it.
 double layer_weight_bytes(const LayerConfig& config);
 
 }  // namespace moekit
