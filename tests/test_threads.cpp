@@ -240,6 +240,28 @@ TEST(NonFinite, OverflowInsideAnExpertIsReported) {
       EXPECT_NE(std::string(e.what()).find("although the input is finite"), std::string::npos) << e.what();
     }
   }
+  // The documented alternative: count the bad rows instead of throwing (rows 2 and 4 here,
+  // row 3 padding is not counted), the same for any thread count; 0 for a finite output.
+  for (int64_t j = 0; j < d; ++j) {
+    x[static_cast<size_t>(4 * d + j)] = x[static_cast<size_t>(2 * d + j)];
+    x[static_cast<size_t>(3 * d + j)] = x[static_cast<size_t>(2 * d + j)];
+  }
+  std::vector<uint8_t> padding = {0, 0, 0, 1, 0};
+  moekit::Batch padded = moekit::Batch::single(T, d);
+  padded.padding = padding;
+  layer.set_non_finite_output(moekit::NonFiniteOutput::count);
+  for (int threads : {1, 2, 3}) {
+    layer.forward(padded, x.data(), y.data(), ws, threads);
+    int64_t want = 0;
+    for (int64_t t = 0; t < T; ++t) want += t != 3 && moekit::kernels::first_non_finite(y.data() + t * d, d) >= 0;
+    EXPECT_EQ(want, 2);
+    EXPECT_EQ(ws.non_finite_rows, want) << "threads " << threads;
+  }
+  const auto fine = gaussian(3, static_cast<size_t>(T * d));
+  layer.forward(moekit::Batch::single(T, d), fine.data(), y.data(), ws, 2);
+  EXPECT_EQ(ws.non_finite_rows, 0);
+  layer.set_non_finite_output(moekit::NonFiniteOutput::error);
+
   layer.set_check_finite(false);
   layer.forward(moekit::Batch::single(T, d), x.data(), y.data(), ws, 2);
   EXPECT_GE(moekit::kernels::first_non_finite(y.data() + 2 * d, d), 0) << "the overflow is real";

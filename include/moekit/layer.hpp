@@ -54,6 +54,16 @@ struct Workspace {
   std::vector<size_t> split_hoff;    ///< per task: offset into split_h
   std::vector<const float*> combine_rows;
   std::vector<float> combine_weights;
+  /// After a forward with NonFiniteOutput::count: the unpadded output rows holding a NaN or an
+  /// infinity (0 otherwise, and always 0 when the call threw or checks are off).
+  int64_t non_finite_rows = 0;
+};
+
+/// What SparseLayer does when a finite input gives a non-finite output row (an overflow
+/// inside an expert or the combine).
+enum class NonFiniteOutput : uint8_t {
+  error,  ///< throw moekit::error naming the first bad value (the default)
+  count,  ///< keep the output as computed and count the rows in Workspace::non_finite_rows
 };
 
 /// The generic sparse MoE layer: `y_t = sum_slots w * E_e(x_t) + sum_j g_j(x_t) * S_j(x_t)`
@@ -102,22 +112,26 @@ class SparseLayer {
   /// error (moekit::error naming the token and column), found before routing; so is one in an
   /// unpadded row of `out` afterwards (finite input, non-finite output: an overflow inside an
   /// expert or the combine), never returned silently.
+  /// With set_non_finite_output(NonFiniteOutput::count) such output rows are counted in
+  /// `ws.non_finite_rows` instead.
   void forward(const Batch& batch, const float* hidden, float* out, Workspace& ws, int threads = 0) const {
+    ws.non_finite_rows = 0;
     batch.validate(hidden_size());
-    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward", false);
+    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward", false, ws);
     router_.route(batch, hidden, ws.plan, ws.router, threads);
     run_plan(batch, hidden, ws.plan, out, ws, threads);
-    if (check_finite_) check_rows(batch, out, "SparseLayer::forward", true);
+    if (check_finite_) check_rows(batch, out, "SparseLayer::forward", true, ws);
   }
 
   /// Runs the experts for a given finalised plan (from any router) and combines. Checks
   /// `hidden` for NaN / infinity as forward() does.
   void forward_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out,
                     Workspace& ws, int threads = 0) const {
+    ws.non_finite_rows = 0;
     batch.validate(hidden_size());
-    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward_plan", false);
+    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward_plan", false, ws);
     run_plan(batch, hidden, plan, out, ws, threads);
-    if (check_finite_) check_rows(batch, out, "SparseLayer::forward_plan", true);
+    if (check_finite_) check_rows(batch, out, "SparseLayer::forward_plan", true, ws);
   }
 
   /// The NaN / infinity scans of the input and the output (on by default; a vectorised pass
@@ -127,17 +141,29 @@ class SparseLayer {
   void set_check_finite(bool on) noexcept { check_finite_ = on; }
   [[nodiscard]] bool check_finite() const noexcept { return check_finite_; }
 
+  /// Error (default) or count for a non-finite output row from a finite input (see forward()).
+  void set_non_finite_output(NonFiniteOutput policy) noexcept { non_finite_output_ = policy; }
+  [[nodiscard]] NonFiniteOutput non_finite_output() const noexcept { return non_finite_output_; }
+
  private:
   // The scan of `hidden` (before routing) or of `out` (after the combine).
-  void check_rows(const Batch& batch, const float* rows, const char* who, bool output) const {
+  void check_rows(const Batch& batch, const float* rows, const char* who, bool output, Workspace& ws) const {
     const int64_t d = hidden_size(), T = batch.tokens;
     if (T == 0) return;
     MOEKIT_CHECK(rows != nullptr, who, output ? ": out" : ": hidden", " expected non-null for T = ", T);
+    if (output && non_finite_output_ == NonFiniteOutput::count) {
+      int64_t bad = 0;
+      for (int64_t t = 0; t < T; ++t)
+        bad += !batch.is_padding(t) && kernels::first_non_finite(rows + t * d, d) >= 0;
+      ws.non_finite_rows = bad;
+      return;
+    }
     auto report = [&](int64_t t, int64_t j) {
       if (output)
         detail::fail(who, ": out[", t, ", ", j, "] is ", rows[t * d + j],
                      " although the input is finite: an expert or the combine overflowed f32 "
-                     "(weights or activations too large); set_check_finite(false) skips this check");
+                     "(weights or activations too large); set_non_finite_output(NonFiniteOutput::count) "
+                     "counts such rows instead, set_check_finite(false) skips this check");
       detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", rows[t * d + j],
                    " (non-finite inputs are rejected; set_check_finite(false) skips this check)");
     };
@@ -407,6 +433,7 @@ class SparseLayer {
   std::vector<SharedExpert> shared_;
   bool split_enabled_ = true;
   bool check_finite_ = true;
+  NonFiniteOutput non_finite_output_ = NonFiniteOutput::error;
 };
 
 }  // namespace moekit
