@@ -301,6 +301,19 @@ TEST(MoD, CapacityMatchesReferenceRandom) {
   EXPECT_GT(compared, 3000);
 }
 
+// depth_capacity is public: ratios outside [0, 1] (which the routers refuse) and NaN still
+// give a capacity in [0, tokens], never an out-of-range double -> int64 cast.
+TEST(MoD, DepthCapacityClampsHostileRatios) {
+  const double inf = std::numeric_limits<double>::infinity();
+  EXPECT_EQ(moekit::depth_capacity(1e300, 10), 10);
+  EXPECT_EQ(moekit::depth_capacity(inf, 10), 10);
+  EXPECT_EQ(moekit::depth_capacity(-1e300, 10), 0);
+  EXPECT_EQ(moekit::depth_capacity(std::numeric_limits<double>::quiet_NaN(), 10), 0);
+  EXPECT_EQ(moekit::depth_capacity(0.25, 10), 3);  // ceil(2.5)
+  EXPECT_EQ(moekit::depth_capacity(1.0, int64_t{1} << 62), int64_t{1} << 62);
+  EXPECT_EQ(moekit::depth_capacity(0.5, 0), 0);
+}
+
 TEST(MoD, CapacityZeroAndFullOverSeveralSequences) {
   Rng rng(11);
   Case c;

@@ -33,7 +33,9 @@ namespace moekit {
 /// clamped to [0, tokens] (ROUTING.md section 5).
 [[nodiscard]] inline int64_t depth_capacity(double ratio, int64_t tokens) noexcept {
   const double c = std::ceil(ratio * static_cast<double>(tokens));
-  return std::clamp<int64_t>(static_cast<int64_t>(c), 0, tokens);
+  if (!(c > 0)) return 0;  // also NaN: clamped in double, never an out-of-range cast
+  if (!(c < static_cast<double>(tokens))) return std::max<int64_t>(tokens, 0);
+  return static_cast<int64_t>(c);
 }
 
 /// The `selected` output `[T]` (1 = the token went through the block) of a depth router's plan.
