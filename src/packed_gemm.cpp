@@ -38,16 +38,18 @@ const char* to_string(WeightType t) noexcept {
       return "fp8";
     case WeightType::int4:
       return "int4";
+    case WeightType::int4zp:
+      return "int4zp";
   }
   return "?";
 }
 
 WeightType parse_weight_type(std::string_view name) {
   for (WeightType t : {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8,
-                       WeightType::fp8, WeightType::int4})
+                       WeightType::fp8, WeightType::int4, WeightType::int4zp})
     if (name == to_string(t)) return t;
-  moekit::detail::fail("weight type: expected one of f32, bf16, int8, w8a8, fp8, int4; got \"",
-                       name, "\"");
+  moekit::detail::fail(
+      "weight type: expected one of f32, bf16, int8, w8a8, fp8, int4, int4zp; got \"", name, "\"");
 }
 
 int64_t weight_type_bits(WeightType t) noexcept {
@@ -57,6 +59,7 @@ int64_t weight_type_bits(WeightType t) noexcept {
     case WeightType::bf16:
       return 16;
     case WeightType::int4:
+    case WeightType::int4zp:
       return 4;
     default:
       return 8;
@@ -125,6 +128,15 @@ uint8_t fp8_code(float w, float scale) noexcept {
   return float_to_fp8_e4m3(w / scale);
 }
 
+// The int4zp code of w with scale d (>= 0) and zero point zf: clamp(round(w / d) + z, 0, 15);
+// NaN or d = 0 -> the zero point (the value 0).
+uint8_t int4zp_code(float w, float d, float zf) noexcept {
+  if (!(d > 0.0f) || std::isnan(w)) return static_cast<uint8_t>(zf);
+  const float r = std::nearbyint(w / d);
+  if (r != r) return static_cast<uint8_t>(zf);
+  return static_cast<uint8_t>(std::clamp(r + zf, 0.0f, 15.0f));
+}
+
 // The int4 code (q + 8) of w with group scale d (either sign): q = clamp(round(w / d), -8,
 // 7), round to nearest even; NaN or d = 0 -> q = 0; infinities saturate.
 uint8_t int4_code(float w, float d) noexcept {
@@ -183,11 +195,10 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   const int64_t k_store = type_ == WeightType::w8a8 ? (k + G - 1) / G * G
                           : pairs                   ? k + (k & 1)
                                                     : k;
-  strip_bytes_ = type_ == WeightType::int4
-                     ? ((k + detail::kInt4Group - 1) / detail::kInt4Group *
-                            detail::int4_group_bytes(P) +
-                        63) / 64 * 64
-                     : (k_store * P * eb + 63) / 64 * 64;
+  const bool four = type_ == WeightType::int4 || type_ == WeightType::int4zp;
+  const int64_t group_bytes = detail::int4_group_bytes(P, type_ == WeightType::int4zp);
+  strip_bytes_ = four ? ((k + detail::kInt4Group - 1) / detail::kInt4Group * group_bytes + 63) / 64 * 64
+                      : (k_store * P * eb + 63) / 64 * 64;
   data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
   scales_.clear();
   if (type_ == WeightType::int8 || type_ == WeightType::w8a8)
@@ -257,10 +268,34 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
             S[p * P + j] = detail::fp8_code(src[p], scale);
           }
           break;
+        case WeightType::int4zp:
+          for (int64_t p0 = 0; p0 < k; p0 += detail::kInt4Group) {
+            const int64_t p1 = std::min(k, p0 + detail::kInt4Group);
+            uint8_t* block = S + p0 / detail::kInt4Group * group_bytes;
+            // GPTQ: the finite range widened to include 0; d = range / 15 in bf16; z, q.
+            float lo = 0.0f, hi = 0.0f;
+            for (int64_t p = p0; p < p1; ++p)
+              if (std::fabs(src[p]) <= FLT_MAX) {
+                lo = std::min(lo, src[p]);
+                hi = std::max(hi, src[p]);
+              }
+            const uint16_t d_bits = detail::bf16_bits((hi - lo) / 15.0f);
+            const float d = detail::bf16_to_float(d_bits);
+            const float zf = d > 0.0f ? std::clamp(std::nearbyint(-lo / d), 0.0f, 15.0f) : 0.0f;
+            std::memcpy(block + detail::kInt4Group * half + 2 * j, &d_bits, 2);
+            block[detail::kInt4Group * half + 2 * P + j] = static_cast<uint8_t>(zf);
+            for (int64_t p = p0; p < p1; ++p) {
+              const uint8_t code = detail::int4zp_code(src[p], d, zf);
+              uint8_t& byte = block[(p - p0) * half + j % half];
+              byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
+                              : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
+            }
+          }
+          break;
         case WeightType::int4:
           for (int64_t p0 = 0; p0 < k; p0 += detail::kInt4Group) {
             const int64_t p1 = std::min(k, p0 + detail::kInt4Group);
-            uint8_t* block = S + p0 / detail::kInt4Group * detail::int4_group_bytes(P);
+            uint8_t* block = S + p0 / detail::kInt4Group * group_bytes;
             // d = (the value of largest finite magnitude, signed) / -8, rounded to bf16.
             float m = 0.0f;
             for (int64_t p = p0; p < p1; ++p)
@@ -317,12 +352,15 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
                  scales_[static_cast<size_t>((s * k_blocks_ + p / detail::kFp8Block) * 2 +
                                              (j < half ? 0 : 1))];
         break;
-      case WeightType::int4: {
-        const uint8_t* block = S + p / detail::kInt4Group * detail::int4_group_bytes(P);
+      case WeightType::int4:
+      case WeightType::int4zp: {
+        const bool zp = type_ == WeightType::int4zp;
+        const uint8_t* block = S + p / detail::kInt4Group * detail::int4_group_bytes(P, zp);
         uint16_t d;
         std::memcpy(&d, block + detail::kInt4Group * half + 2 * j, 2);
+        const int z = zp ? block[detail::kInt4Group * half + 2 * P + j] : 8;
         const uint8_t byte = block[(p % detail::kInt4Group) * half + j % half];
-        const int q = (j < half ? byte & 0x0F : byte >> 4) - 8;
+        const int q = (j < half ? byte & 0x0F : byte >> 4) - z;
         dst[p] = static_cast<float>(q) * detail::bf16_to_float(d);
         break;
       }

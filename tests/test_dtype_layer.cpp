@@ -110,6 +110,7 @@ TEST(DtypeLayer, ErrorBoundsAgainstF32OnGaussianData) {
                         {{WeightType::w8a8, false, nullptr}, 3e-2, "w8a8"},
                         {{WeightType::fp8, false, nullptr}, 6e-2, "fp8"},
                         {{WeightType::int4, false, nullptr}, 0.2, "int4"},
+                        {{WeightType::int4zp, false, nullptr}, 0.2, "int4zp"},
                         {{WeightType::bf16, true, nullptr}, 1e-2, "bf16 + bf16 activations"},
                         {{WeightType::f32, true, nullptr}, 1e-2, "f32 + bf16 activations"}};
   // Two shapes: ragged sizes (tails everywhere) and a 128-multiple one (whole FP8 blocks).
@@ -151,7 +152,8 @@ TEST(DtypeLayer, DecodeColumnSplitIsBitIdentical) {
   std::mt19937_64 r(9);
   int compared = 0;
   for (WeightType t :
-       {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4}) {
+       {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4,
+        WeightType::int4zp}) {
     for (bool shared : {false, true}) {
       const Weights w(6, 2, 72, 136, shared, 7 + static_cast<uint64_t>(t));
       Layer layer = w.build({t, false, nullptr});
@@ -178,7 +180,7 @@ TEST(DtypeLayer, DecodeColumnSplitIsBitIdentical) {
       }
     }
   }
-  EXPECT_EQ(compared, 6 * 2 * 4 * 2);
+  EXPECT_EQ(compared, 7 * 2 * 4 * 2);
 }
 
 TEST(DtypeLayer, ConfigDtypeKeys) {

@@ -31,8 +31,8 @@ using mk::PackOptions;
 using mk::WeightType;
 using moekit::Activation;
 
-constexpr WeightType kTypes[] = {WeightType::f32,  WeightType::bf16, WeightType::int8,
-                                 WeightType::w8a8, WeightType::fp8,  WeightType::int4};
+constexpr WeightType kTypes[] = {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8,
+                                 WeightType::fp8, WeightType::int4, WeightType::int4zp};
 
 // A format: a weight type and whether the activations are rounded to bf16. A kernel implements
 // some of them (general kernels all); bf16 x bf16 sums depth pairs, odd depth first.
@@ -43,7 +43,7 @@ struct Format {
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false},
                                {WeightType::bf16, true},  {WeightType::int8, false},
                                {WeightType::w8a8, false}, {WeightType::fp8, false},
-                               {WeightType::int4, false}};
+                               {WeightType::int4, false}, {WeightType::int4zp, false}};
 
 std::string format_name(const Format& f) {
   return std::string(mk::to_string(f.type)) + (f.bf16_act ? " x bf16" : "");
@@ -184,6 +184,26 @@ std::vector<float> dequantised(WeightType t, const float* W, int64_t n, int64_t 
                                  ? 0.0
                                  : std::clamp(std::nearbyint(double(w[p] / d)), -8.0, 7.0);
             o[p] = static_cast<float>(q) * d;
+          }
+        }
+        break;
+      case WeightType::int4zp:
+        // GPTQ's quantiser (gptq quant.py, Quantizer.find_params / quantize, 4 bits, sym =
+        // False) per 32 depths: xmin = min(x, 0), xmax = max(x, 0) over the finite values,
+        // scale = (xmax - xmin) / 15 (stored in bf16), zero = round(-xmin / scale),
+        // q = clamp(round(x / scale) + zero, 0, 15), value (q - zero) * scale; NaN -> 0.
+        for (int64_t p0 = 0; p0 < k; p0 += 32) {
+          const int64_t p1 = std::min(k, p0 + 32);
+          double xmin = 0, xmax = 0;
+          for (int64_t p = p0; p < p1; ++p)
+            if (std::isfinite(w[p])) xmin = std::min(xmin, double(w[p])), xmax = std::max(xmax, double(w[p]));
+          const float scale = ref_bf16((static_cast<float>(xmax) - static_cast<float>(xmin)) / 15.0f);
+          const double zero = scale > 0 ? std::clamp(std::nearbyint(double(-static_cast<float>(xmin) / scale)), 0.0, 15.0) : 0.0;
+          for (int64_t p = p0; p < p1; ++p) {
+            const double q = scale > 0 && !std::isnan(w[p])
+                                 ? std::clamp(std::nearbyint(double(w[p] / scale)) + zero, 0.0, 15.0)
+                                 : zero;
+            o[p] = static_cast<float>(q - zero) * scale;
           }
         }
         break;
@@ -373,7 +393,8 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
     EXPECT_EQ(out[5], -inf);
     EXPECT_TRUE(out[6] == 0.0f && std::signbit(out[6]));
   }
-  for (WeightType t : {WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4}) {
+  for (WeightType t :
+       {WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4, WeightType::int4zp}) {
     if (!implements(t)) continue;
     SCOPED_TRACE(mk::to_string(t));
     p.pack(W.data(), 2, k, k, opts(t));
@@ -384,6 +405,8 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
     EXPECT_EQ(out[4], out[9]);  // +inf -> the largest code, like the finite maximum 1e30
     if (t == WeightType::int4) {
       EXPECT_EQ(out[5], -0.875f * out[4]);  // Q4_0's grid: -8 .. 7 steps of d = -1e30 / 8
+    } else if (t == WeightType::int4zp) {
+      EXPECT_EQ(out[5], 0.0f);  // -inf -> code 0 = the range's bottom, 0 here (zero point 0)
     } else {
       EXPECT_EQ(out[5], -out[4]);
     }
@@ -708,7 +731,8 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
                                                   {WeightType::int8, 2e-2},
                                                   {WeightType::w8a8, 3e-2},
                                                   {WeightType::fp8, 3.5e-2},
-                                                  {WeightType::int4, 0.1}};
+                                                  {WeightType::int4, 0.1},
+                                                  {WeightType::int4zp, 0.1}};
   for (const auto& [t, bound] : bounds) {
     if (!implements(t)) continue;
     PackedMatrix pw;
@@ -766,6 +790,9 @@ TEST_P(KernelsDtype, BytesCountValuesAndScales) {
         break;
       case WeightType::int4:  // 4.5 bits per weight: a bf16 scale per 32
         EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k / 2 + n * (k / 32) * 2));
+        break;
+      case WeightType::int4zp:  // 4.75 bits per weight: a bf16 scale and a zero byte per 32
+        EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k / 2 + n * (k / 32) * 3));
         break;
     }
   }
@@ -934,13 +961,14 @@ TEST(KernelsDtypeArgs, WeightTypeNamesAndBadArguments) {
   EXPECT_EQ(mk::weight_type_bytes(WeightType::fp8), 1);
   EXPECT_EQ(mk::weight_type_bytes(WeightType::int4), 1);  // rounded up
   EXPECT_EQ(mk::weight_type_bits(WeightType::int4), 4);
+  EXPECT_EQ(mk::weight_type_bits(WeightType::int4zp), 4);
   EXPECT_EQ(mk::weight_type_bits(WeightType::bf16), 16);
   try {
     (void)mk::parse_weight_type("fp16");
     FAIL() << "fp16 accepted";
   } catch (const moekit::error& e) {
     const std::string msg = e.what();
-    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "\"fp16\""})
+    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "\"fp16\""})
       EXPECT_NE(msg.find(name), std::string::npos)
           << "message does not name " << name << ": " << msg;
   }

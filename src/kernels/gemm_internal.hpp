@@ -39,6 +39,7 @@ enum class GemmMode : uint8_t {
 ///  - int4: groups of kInt4Group = 32 depths, int4_group_bytes(P) apart: first 32 rows of
 ///    P/2 bytes (byte j of depth row p: column j in the low nibble, column j + P/2 in the high
 ///    one; code = q + 8), then the group's P bf16 scales; the last group is zero-padded.
+///  - int4zp: the same, codes q (value (q - z) d), and after the scales P zero-point bytes z.
 /// Gated strips hold P/2 gate columns then the same P/2 up columns.
 struct GemmCall {
   // the operation
@@ -97,8 +98,11 @@ extern const GemmKernel kGemmAvx512Vnni;
 
 namespace {
 
-/// Bytes of one int4 group of a strip of panel P: 32 rows of P/2 code bytes, P bf16 scales.
-constexpr int64_t int4_group_bytes(int64_t P) noexcept { return kInt4Group * (P / 2) + 2 * P; }
+/// Bytes of one int4 group of a strip of panel P: 32 rows of P/2 code bytes, P bf16 scales,
+/// and for int4zp P zero-point bytes.
+constexpr int64_t int4_group_bytes(int64_t P, bool zero_points = false) noexcept {
+  return kInt4Group * (P / 2) + 2 * P + (zero_points ? P : 0);
+}
 
 /// A general kernel's GemmKernel::implements: every format.
 inline bool implements_all(WeightType, bool) noexcept { return true; }

@@ -37,13 +37,15 @@ inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
     for (int64_t j = 0; j < kP; ++j) w[j] = bf16_to_float(b[j]);
   } else if constexpr (T == WeightType::int8) {
     for (int64_t j = 0; j < kP; ++j) w[j] = static_cast<float>(static_cast<int8_t>(S[p * kP + j]));
-  } else if constexpr (T == WeightType::int4) {
-    const uint8_t* block = S + p / kInt4Group * int4_group_bytes(kP);
+  } else if constexpr (T == WeightType::int4 || T == WeightType::int4zp) {
+    constexpr bool zp = T == WeightType::int4zp;
+    const uint8_t* block = S + p / kInt4Group * int4_group_bytes(kP, zp);
     const uint8_t* row = block + (p % kInt4Group) * kHalf;
     for (int64_t j = 0; j < kP; ++j) {
       uint16_t d;
       std::memcpy(&d, block + kInt4Group * kHalf + 2 * j, 2);
-      const int q = (j < kHalf ? row[j] & 0x0F : row[j - kHalf] >> 4) - 8;
+      const int z = zp ? block[kInt4Group * kHalf + 2 * kP + j] : 8;
+      const int q = (j < kHalf ? row[j] & 0x0F : row[j - kHalf] >> 4) - z;
       w[j] = static_cast<float>(q) * bf16_to_float(d);
     }
   } else {
@@ -140,6 +142,9 @@ void run(const GemmCall& g) noexcept {
       break;
     case WeightType::int4:
       run_float<WeightType::int4>(g);
+      break;
+    case WeightType::int4zp:
+      run_float<WeightType::int4zp>(g);
       break;
     case WeightType::w8a8:
       run_w8a8(g);

@@ -109,19 +109,28 @@ struct SimdGemm {
     }
   };
 
-  // Byte offset of depth row p within a strip (int4: inside its group).
+  static bool is_int4(WeightType t) noexcept {
+    return t == WeightType::int4 || t == WeightType::int4zp;
+  }
+
+  // Byte offset of depth row p within a strip (4-bit types: inside its group).
   static int64_t depth_offset(const GemmCall& g, int64_t p) noexcept {
-    if (g.type == WeightType::int4)
-      return p / kInt4Group * int4_group_bytes(P) + p % kInt4Group * (P / 2);
+    if (is_int4(g.type))
+      return p / kInt4Group * int4_group_bytes(P, g.type == WeightType::int4zp) +
+             p % kInt4Group * (P / 2);
     return p * P * weight_type_bytes(g.type);
   }
 
-  // The int4 source of the group starting at depth p0 (a multiple of 32) of a strip at S.
-  static Int4Src int4_src(const uint8_t* S, int64_t p0) noexcept {
-    const uint8_t* block = S + p0 / kInt4Group * int4_group_bytes(P);
+  // The 4-bit source of the group starting at depth p0 (a multiple of 32) of a strip at S:
+  // int4's zero point is 8, int4zp's the stored byte per column (-z d exact: 4 x 8 bits).
+  static Int4Src int4_src(const GemmCall& g, const uint8_t* S, int64_t p0) noexcept {
+    const bool zp = g.type == WeightType::int4zp;
+    const uint8_t* block = S + p0 / kInt4Group * int4_group_bytes(P, zp);
     const uint16_t* sc = reinterpret_cast<const uint16_t*>(block + kInt4Group * (P / 2));
     const fb s0(Ops::widen_bf16(sc)), s1(Ops::widen_bf16(sc + L));
-    return Int4Src{block, s0, s1, s0 * fb(-8.0f), s1 * fb(-8.0f)};
+    if (!zp) return Int4Src{block, s0, s1, s0 * fb(-8.0f), s1 * fb(-8.0f)};
+    const uint8_t* z = block + kInt4Group * (P / 2) + 2 * P;
+    return Int4Src{block, s0, s1, -(fb(Ops::widen_u8(z)) * s0), -(fb(Ops::widen_u8(z + L)) * s1)};
   }
 
   // ------------------------------------------------------------------ f32 micro-kernel
@@ -451,10 +460,11 @@ struct SimdGemm {
         }
         break;
       }
-      case WeightType::int4: {
+      case WeightType::int4:
+      case WeightType::int4zp: {
         for (int64_t g0 = 0; g0 < kc; g0 += kInt4Group) {
           const int64_t gc = imin(kInt4Group, kc - g0);
-          const Int4Src src = int4_src(S, p0 + g0);
+          const Int4Src src = int4_src(g, S, p0 + g0);
           for (int64_t p = 0; p < gc; ++p) {
             fb b0, b1;
             src.load(p, b0, b1);
@@ -532,9 +542,10 @@ struct SimdGemm {
     fb c[N][R][2];
     alignas(64) float part[N * R * P];
     const int64_t k = g.depth;
-    const bool int4 = g.type == WeightType::int4;
+    const bool int4 = is_int4(g.type);
     const int64_t kcm = g.type == WeightType::fp8 ? kFp8Block : int4 ? kInt4Group : KC;
-    const int64_t chunk_bytes = int4 ? int4_group_bytes(P) : kcm * P * weight_type_bytes(g.type);
+    const int64_t chunk_bytes = int4 ? int4_group_bytes(P, g.type == WeightType::int4zp)
+                                     : kcm * P * weight_type_bytes(g.type);
     const uint8_t* S[N];
     for (int t = 0; t < N; ++t) S[t] = g.data + (s + t) * g.strip_bytes;
     for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kcm) {
@@ -568,9 +579,10 @@ struct SimdGemm {
           micro_n<R, N>(a, src, kc, c, acc);
           break;
         }
-        case WeightType::int4: {
+        case WeightType::int4:
+        case WeightType::int4zp: {
           Int4Src src[N];
-          for (int t = 0; t < N; ++t) src[t] = int4_src(S[t], p0);
+          for (int t = 0; t < N; ++t) src[t] = int4_src(g, S[t], p0);
           micro_n<R, N>(a, src, kc, c, acc);
           break;
         }

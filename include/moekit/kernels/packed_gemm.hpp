@@ -34,21 +34,27 @@ struct PackedAccess;
 ///          with its sign; d rounded to bf16) and codes q = clamp(round(w / d), -8, 7), so a
 ///          weight is q * d; 4.5 bits per weight. The kernels widen the codes in registers
 ///          (decode) or into L1 (prefill).
+///  - int4zp: 4-bit codes with a zero point, GPTQ's quantiser (AutoGPTQ / gptq `quant.py`,
+///          as AWQ stores it): per group of 32 depths and column, the range [min(w, 0),
+///          max(w, 0)] of the finite values gives d = (max - min) / 15 (rounded to bf16),
+///          z = round(-min / d) in [0, 15] and q = clamp(round(w / d) + z, 0, 15), so a
+///          weight is (q - z) * d; 4.75 bits per weight (a bf16 scale and a byte of zero
+///          point per 32). Computed as int4.
 ///  - fp8:  FP8 e4m3 (OCP, max 448) with one f32 scale per 128 x 128 block of `[n, k]`
 ///          (scale = max|w_block| / 448; DeepSeek-V3's `weight_scale_inv` layout); for a gated
 ///          pair the gate and up matrices each have their own block grid.
 /// Rounding is to nearest even everywhere. Scales use the largest finite magnitude; an
 /// all-zero row / block gets scale 0. bf16 keeps NaN and infinities; int8, int4 and fp8 store
 /// NaN as 0 and saturate infinities to the extreme code.
-enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4 };
+enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4, int4zp };
 
-/// "f32", "bf16", "int8", "w8a8", "fp8", "int4".
+/// "f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp".
 const char* to_string(WeightType t) noexcept;
 /// Parses the names above; throws moekit::error naming the accepted ones.
 WeightType parse_weight_type(std::string_view name);
-/// Bits per stored weight value (32, 16, 8, 8, 8, 4), scales not counted.
+/// Bits per stored weight value (32, 16, 8, 8, 8, 4, 4), scales and zero points not counted.
 int64_t weight_type_bits(WeightType t) noexcept;
-/// Bytes per stored weight value rounded up (4, 2, 1, 1, 1, and 1 for int4's half byte);
+/// Bytes per stored weight value rounded up (4, 2, 1, 1, 1, and 1 for the 4-bit types);
 /// weight_type_bits() is exact.
 int64_t weight_type_bytes(WeightType t) noexcept;
 

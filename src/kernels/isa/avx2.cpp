@@ -53,6 +53,11 @@ struct IsaOps<Avx2> {
     hi = _mm256_cvtph_ps(h1);
   }
 
+  // 8 unsigned bytes -> f32.
+  static __m256 widen_u8(const uint8_t* p) noexcept {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   // 8 bytes of int4 codes -> the codes (0-15) as f32: low nibbles (columns 0-7) and high ones
   // (columns 8-15).
   static void widen_u4(const uint8_t* p, __m256& lo, __m256& hi) noexcept {

@@ -56,6 +56,11 @@ struct Avx512Ops {
     hi = fp8_half(p + 16);
   }
 
+  // 16 unsigned bytes -> f32.
+  static __m512 widen_u8(const uint8_t* p) noexcept {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   // 16 bytes of int4 codes -> the codes (0-15) as f32: low nibbles (columns 0-15) and high
   // ones (columns 16-31).
   static void widen_u4(const uint8_t* p, __m512& lo, __m512& hi) noexcept {
