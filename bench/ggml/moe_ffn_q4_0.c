@@ -34,7 +34,9 @@ static void fill_q4_0(struct ggml_tensor* t, int64_t rows, int64_t n_per_row, fl
   for (int64_t r0 = 0; r0 < rows; r0 += 64) {
     const int64_t nr = rows - r0 < 64 ? rows - r0 : 64;
     for (int64_t i = 0; i < nr * n_per_row; ++i) tmp[i] = (float)((uniform() * 2.0 - 1.0) * scale);
-    ggml_quantize_chunk(GGML_TYPE_Q4_0, tmp, t->data, r0 * n_per_row, nr, n_per_row, NULL);
+    // ggml_quantize_chunk reads src + start: quantise the chunk as rows 0.. of its own slice.
+    char* dst = (char*)t->data + (size_t)r0 * ggml_row_size(GGML_TYPE_Q4_0, n_per_row);
+    ggml_quantize_chunk(GGML_TYPE_Q4_0, tmp, dst, 0, nr, n_per_row, NULL);
   }
   free(tmp);
 }
