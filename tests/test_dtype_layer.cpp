@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -287,6 +288,35 @@ TEST(Fp8Convert, EveryCodeRoundTripsAndRoundingIsNearestEven) {
   // Subnormals: 2^-9 is the smallest; half of it rounds to 0 (even).
   EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(std::ldexp(1.0f, -9)), 0x01);
   EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(std::ldexp(1.0f, -10)), 0x00);
+}
+
+// Every rounding boundary of the (bit-arithmetic) encoder: for each pair of adjacent finite
+// codes, the midpoint goes to the even code and its float neighbours to the nearer code, for
+// both signs; beyond 448 everything saturates; infinities saturate, NaN stays NaN.
+TEST(Fp8Convert, EveryMidpointAndItsNeighboursRoundCorrectly) {
+  int checked = 0;
+  for (int c = 0; c < 0x7E; ++c) {
+    const float lo = moekit::kernels::fp8_e4m3_to_float(static_cast<uint8_t>(c)),
+                hi = moekit::kernels::fp8_e4m3_to_float(static_cast<uint8_t>(c + 1));
+    const float mid = static_cast<float>((static_cast<double>(lo) + hi) / 2);  // exact in float
+    ASSERT_EQ(static_cast<double>(mid), (static_cast<double>(lo) + hi) / 2);
+    for (const float sign : {1.0f, -1.0f}) {
+      const auto enc = [&](float v) { return moekit::kernels::float_to_fp8_e4m3(sign * v) & 0x7F; };
+      EXPECT_EQ(enc(mid), (c % 2 == 0 ? c : c + 1)) << "midpoint after code " << c;
+      EXPECT_EQ(enc(std::nextafter(mid, 0.0f)), c) << c;
+      EXPECT_EQ(enc(std::nextafter(mid, 1e9f)), c + 1) << c;
+      EXPECT_EQ(enc(lo), c);
+      checked += 4;
+    }
+  }
+  EXPECT_EQ(checked, 0x7E * 8);
+  for (const float v : {448.0f, 448.5f, 463.99f, 464.0f, 1e30f, std::numeric_limits<float>::infinity()}) {
+    EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(v), 0x7E) << v;
+    EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(-v), 0xFE) << v;
+  }
+  EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(std::numeric_limits<float>::quiet_NaN()) & 0x7F, 0x7F);
+  EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(-0.0f), 0x80);
+  EXPECT_EQ(moekit::kernels::float_to_fp8_e4m3(std::numeric_limits<float>::denorm_min()), 0x00);
 }
 
 }  // namespace
