@@ -507,15 +507,28 @@ struct SimdGemm {
     return n < 1 ? 1 : (n > 4 ? 4 : n);
   }
 
-  template <int R, int N, class Src>
-  static inline void micro_n(const float* Ap, const Src (&src)[N], int64_t kc, fb (&c)[N][R][2],
-                             const float* acc) noexcept {
-    fb x[N][R][2];
+  // The accumulators of R rows x N strips: from `acc` (partial sums of earlier depth chunks)
+  // or zero, and back out to `c`.
+  template <int R, int N>
+  static inline void start_n(fb (&x)[N][R][2], const float* acc) noexcept {
     for (int t = 0; t < N; ++t)
       for (int i = 0; i < R; ++i) {
         x[t][i][0] = acc ? fb::load_aligned(acc + (t * R + i) * P) : fb(0.0f);
         x[t][i][1] = acc ? fb::load_aligned(acc + (t * R + i) * P + L) : fb(0.0f);
       }
+  }
+  template <int R, int N>
+  static inline void finish_n(const fb (&x)[N][R][2], fb (&c)[N][R][2]) noexcept {
+    for (int t = 0; t < N; ++t)
+      for (int i = 0; i < R; ++i) {
+        c[t][i][0] = x[t][i][0];
+        c[t][i][1] = x[t][i][1];
+      }
+  }
+  // x += the kc depth rows of A (row tile at Ap) times the N sources, sequentially over depth.
+  template <int R, int N, class Src>
+  static inline void accumulate_n(const float* Ap, const Src (&src)[N], int64_t kc,
+                                  fb (&x)[N][R][2]) noexcept {
     for (int64_t p = 0; p < kc; ++p) {
 #pragma GCC unroll 4
       for (int t = 0; t < N; ++t) {
@@ -529,67 +542,32 @@ struct SimdGemm {
         }
       }
     }
-    for (int t = 0; t < N; ++t)
-      for (int i = 0; i < R; ++i) {
-        c[t][i][0] = x[t][i][0];
-        c[t][i][1] = x[t][i][1];
-      }
   }
 
-  // The same for 4-bit weights over depth rows [p0, p0 + kc) (p0 a multiple of 32): the
-  // groups' scales and zero points are set up in registers at each group start, and the
-  // accumulators stay in registers across groups (a source object per group, as above, went
-  // through the stack on every group: ~15% of an int4 decode). Same operations, same order.
+  template <int R, int N, class Src>
+  static inline void micro_n(const float* Ap, const Src (&src)[N], int64_t kc, fb (&c)[N][R][2],
+                             const float* acc) noexcept {
+    fb x[N][R][2];
+    start_n<R, N>(x, acc);
+    accumulate_n<R, N>(Ap, src, kc, x);
+    finish_n<R, N>(x, c);
+  }
+
+  // The same for 4-bit weights over depth rows [p0, p0 + kc) (p0 a multiple of 32): one
+  // source per strip and group, built where it is used, and the accumulators kept in
+  // registers across groups (sources built by the caller per group went through the stack:
+  // ~15% of an int4 decode). Same operations, same order.
   template <int R, int N>
   static inline void micro_n_int4(const GemmCall& g, const float* Ap, const uint8_t* const (&S)[N],
                                   int64_t p0, int64_t kc, fb (&c)[N][R][2], const float* acc) noexcept {
-    const bool zp = g.type == WeightType::int4zp;
-    const int64_t gb = int4_group_bytes(P, zp);
     fb x[N][R][2];
-    for (int t = 0; t < N; ++t)
-      for (int i = 0; i < R; ++i) {
-        x[t][i][0] = acc ? fb::load_aligned(acc + (t * R + i) * P) : fb(0.0f);
-        x[t][i][1] = acc ? fb::load_aligned(acc + (t * R + i) * P + L) : fb(0.0f);
-      }
+    start_n<R, N>(x, acc);
     for (int64_t q0 = 0; q0 < kc; q0 += kInt4Group) {
-      const int64_t qc = imin(kInt4Group, kc - q0);
-      const uint8_t* B[N];
-      fb s[N][2], z[N][2];
-      for (int t = 0; t < N; ++t) {
-        B[t] = S[t] + (p0 + q0) / kInt4Group * gb;
-        const uint16_t* sc = reinterpret_cast<const uint16_t*>(B[t] + kInt4Group * (P / 2));
-        s[t][0] = fb(Ops::widen_bf16(sc));
-        s[t][1] = fb(Ops::widen_bf16(sc + L));
-        if (zp) {
-          const uint8_t* zb = B[t] + kInt4Group * (P / 2) + 2 * P;
-          z[t][0] = -(fb(Ops::widen_u8(zb)) * s[t][0]);
-          z[t][1] = -(fb(Ops::widen_u8(zb + L)) * s[t][1]);
-        } else {
-          z[t][0] = s[t][0] * fb(-8.0f);
-          z[t][1] = s[t][1] * fb(-8.0f);
-        }
-      }
-      const float* a = Ap + q0 * MR;
-      for (int64_t p = 0; p < qc; ++p) {
-#pragma GCC unroll 4
-        for (int t = 0; t < N; ++t) {
-          typename Ops::freg lo, hi;
-          Ops::widen_u4(B[t] + p * (P / 2), lo, hi);
-          const fb b0(Ops::fmadd(lo, s[t][0], z[t][0])), b1(Ops::fmadd(hi, s[t][1], z[t][1]));
-#pragma GCC unroll 12
-          for (int i = 0; i < R; ++i) {
-            const fb av(a[p * MR + i]);
-            x[t][i][0] = fb(Ops::fmadd(av, b0, x[t][i][0]));
-            x[t][i][1] = fb(Ops::fmadd(av, b1, x[t][i][1]));
-          }
-        }
-      }
+      Int4Src src[N];
+      for (int t = 0; t < N; ++t) src[t] = int4_src(g, S[t], p0 + q0);
+      accumulate_n<R, N>(Ap + q0 * MR, src, imin(kInt4Group, kc - q0), x);
     }
-    for (int t = 0; t < N; ++t)
-      for (int i = 0; i < R; ++i) {
-        c[t][i][0] = x[t][i][0];
-        c[t][i][1] = x[t][i][1];
-      }
+    finish_n<R, N>(x, c);
   }
 
   // Strips [s, s + N) for the R rows packed at Ap (one row tile), rows i0.. of the output.
