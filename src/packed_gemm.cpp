@@ -233,6 +233,13 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
       const float* src = (h == 0 ? W0 : W1) + r * ldw;
       const int64_t s = r / width, j = r % width + h * half;
       uint8_t* S = data_.data() + s * strip_bytes_;
+      // The 4-bit code of depth row q of a group, packed column j: low nibble in the strip's
+      // first half, high nibble in the second.
+      auto put_nibble = [half, j](uint8_t* block, int64_t q, uint8_t code) {
+        uint8_t& byte = block[q * half + j % half];
+        byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
+                        : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
+      };
       switch (type_) {
         case WeightType::f32:
           for (int64_t p = 0; p < k; ++p) std::memcpy(S + (p * P + j) * 4, src + p, 4);
@@ -285,10 +292,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
             std::memcpy(block + detail::kInt4Group * half + 2 * j, &d_bits, 2);
             block[detail::kInt4Group * half + 2 * P + j] = static_cast<uint8_t>(zf);
             for (int64_t p = p0; p < p1; ++p) {
-              const uint8_t code = detail::int4zp_code(src[p], d, zf);
-              uint8_t& byte = block[(p - p0) * half + j % half];
-              byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
-                              : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
+              put_nibble(block, p - p0, detail::int4zp_code(src[p], d, zf));
             }
           }
           break;
@@ -304,10 +308,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
             const float d = detail::bf16_to_float(d_bits);
             std::memcpy(block + detail::kInt4Group * half + 2 * j, &d_bits, 2);
             for (int64_t p = p0; p < p1; ++p) {
-              const uint8_t code = detail::int4_code(src[p], d);
-              uint8_t& byte = block[(p - p0) * half + j % half];
-              byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
-                              : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
+              put_nibble(block, p - p0, detail::int4_code(src[p], d));
             }
           }
           break;

@@ -726,6 +726,15 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
       exact[i * n + j] = s;
     }
   std::vector<float> ap(mk::packed_a_floats(m, k)), C(static_cast<size_t>(m * n));
+  // Relative Frobenius error of C against `exact`.
+  auto rel_error = [&exact](const std::vector<float>& C) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < exact.size(); ++i) {
+      num += (C[i] - exact[i]) * (C[i] - exact[i]);
+      den += exact[i] * exact[i];
+    }
+    return std::sqrt(num / den);
+  };
   const std::pair<WeightType, double> bounds[] = {{WeightType::f32, 1e-6},
                                                   {WeightType::bf16, 5e-3},
                                                   {WeightType::int8, 2e-2},
@@ -738,12 +747,7 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
     PackedMatrix pw;
     pw.pack(W.data(), n, k, k, opts(t));
     mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < exact.size(); ++i) {
-      num += (C[i] - exact[i]) * (C[i] - exact[i]);
-      den += exact[i] * exact[i];
-    }
-    const double err = std::sqrt(num / den);
+    const double err = rel_error(C);
     RecordProperty(std::string("rel_frobenius_") + mk::to_string(t), std::to_string(err));
     EXPECT_LE(err, bound) << mk::to_string(t);
     if (t != WeightType::f32)
@@ -754,12 +758,7 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
     PackedMatrix pw;
     pw.pack(W.data(), n, k, k, opts(WeightType::bf16, true));
     mk::gemm_packed(m, A.data(), k, pw, C.data(), n, ap.data());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < exact.size(); ++i) {
-      num += (C[i] - exact[i]) * (C[i] - exact[i]);
-      den += exact[i] * exact[i];
-    }
-    const double err = std::sqrt(num / den);
+    const double err = rel_error(C);
     RecordProperty("rel_frobenius_bf16_x_bf16", std::to_string(err));
     EXPECT_LE(err, 5e-3);
     EXPECT_GT(err, 1e-3);

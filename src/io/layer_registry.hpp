@@ -40,6 +40,11 @@ struct RouterFamily {
 double routed_expert_bytes(const LayerConfig& config, double count);
 /// Bytes the config's shared expert holds (0 without one), its gate vector included.
 double shared_expert_bytes(const LayerConfig& config);
+/// A routed layer's estimate: `router_values` f32 router values, `experts` routed experts and
+/// the configured shared expert.
+inline double routed_layer_bytes(const LayerConfig& config, double router_values, double experts) {
+  return 4.0 * router_values + routed_expert_bytes(config, experts) + shared_expert_bytes(config);
+}
 
 /// The family of `type`, or null.
 const RouterFamily* find_router_family(const std::string& type);

@@ -31,7 +31,7 @@ double weight_bytes_expert_choice(const json& j, const LayerConfig& c) {
   double router = E * d;
   if (o.mode == ExpertChoiceMode::predictor) router += H * d + H + E * H + E;
   if (o.mode == ExpertChoiceMode::threshold) router += E;
-  return 4.0 * router + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+  return routed_layer_bytes(c, router, E);
 }
 
 std::unique_ptr<AnyLayer> build_expert_choice_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,

@@ -34,7 +34,7 @@ double weight_bytes_gru(const json& j, const LayerConfig& c) {
   const double E = static_cast<double>(o.num_experts), d = static_cast<double>(c.hidden()),
                dr = static_cast<double>(o.d_r), gates = o.variant == GruVariant::gru ? 3.0 : 1.0;
   const double router = 2.0 * gates * dr * dr + 2.0 * gates * dr + dr * d + E * dr;
-  return 4.0 * router + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+  return routed_layer_bytes(c, router, E);
 }
 
 std::unique_ptr<AnyLayer> build_gru_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,

@@ -42,7 +42,7 @@ double weight_bytes_prototype(const json& j, const LayerConfig& c) {
 }
 double weight_bytes_centroid(const json& j, const LayerConfig& c) {
   const double E = static_cast<double>(centroid_options(j, c).num_experts);
-  return 4.0 * E * static_cast<double>(c.hidden()) + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+  return routed_layer_bytes(c, E * static_cast<double>(c.hidden()), E);
 }
 
 std::unique_ptr<AnyLayer> build_prototype_layer(const json& j, const LayerConfig& c, const io::TensorSource* w,

@@ -85,11 +85,11 @@ std::unique_ptr<AnyLayer> build(R router, const LayerConfig& c, const io::Tensor
 void validate_sinkhorn(const json& j, const LayerConfig& c) { (void)sinkhorn_options(j, c); }
 double weight_bytes_sinkhorn(const json& j, const LayerConfig& c) {
   const double E = static_cast<double>(sinkhorn_options(j, c).num_experts);
-  return 4.0 * E * static_cast<double>(c.hidden()) + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+  return routed_layer_bytes(c, E * static_cast<double>(c.hidden()), E);
 }
 double weight_bytes_selective_sinkhorn(const json& j, const LayerConfig& c) {
   const double E = static_cast<double>(selective_options(j, c).sinkhorn.num_experts);
-  return 4.0 * E * static_cast<double>(c.hidden()) + routed_expert_bytes(c, E) + shared_expert_bytes(c);
+  return routed_layer_bytes(c, E * static_cast<double>(c.hidden()), E);
 }
 void validate_selective_sinkhorn(const json& j, const LayerConfig& c) { (void)selective_options(j, c); }
 
