@@ -38,7 +38,7 @@ struct Format {
 };
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false}, {WeightType::bf16, true},
                                {WeightType::int8, false}, {WeightType::w8a8, false}, {WeightType::fp8, false},
-                               {WeightType::int4, false}, {WeightType::int4zp, false}};
+                               {WeightType::int4, false}, {WeightType::int4zp, false}, {WeightType::w4a8, false}};
 
 std::string format_name(const Format& f) {
   return std::string(moekit::kernels::to_string(f.t)) + (f.bf16_act ? "xbf16" : "");
@@ -52,7 +52,8 @@ double bound(const Format& f) {
     case WeightType::w8a8: return 3e-2;
     case WeightType::fp8: return 6e-2;
     case WeightType::int4:
-    case WeightType::int4zp: return 0.2;  // groups of 32, 16 levels: ~15% at the layer (tests)
+    case WeightType::int4zp:
+    case WeightType::w4a8: return 0.2;  // groups of 32, 16 levels: ~15% at the layer (tests)
   }
   return 0.0;
 }

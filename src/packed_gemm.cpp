@@ -40,16 +40,19 @@ const char* to_string(WeightType t) noexcept {
       return "int4";
     case WeightType::int4zp:
       return "int4zp";
+    case WeightType::w4a8:
+      return "w4a8";
   }
   return "?";
 }
 
 WeightType parse_weight_type(std::string_view name) {
-  for (WeightType t : {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8,
-                       WeightType::fp8, WeightType::int4, WeightType::int4zp})
+  std::string all;
+  for (WeightType t : kWeightTypes) {
     if (name == to_string(t)) return t;
-  moekit::detail::fail(
-      "weight type: expected one of f32, bf16, int8, w8a8, fp8, int4, int4zp; got \"", name, "\"");
+    all += (all.empty() ? "" : ", ") + std::string(to_string(t));
+  }
+  moekit::detail::fail("weight type: expected one of ", all, "; got \"", name, "\"");
 }
 
 int64_t weight_type_bits(WeightType t) noexcept {
@@ -60,6 +63,7 @@ int64_t weight_type_bits(WeightType t) noexcept {
       return 16;
     case WeightType::int4:
     case WeightType::int4zp:
+    case WeightType::w4a8:
       return 4;
     default:
       return 8;
@@ -169,7 +173,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   MOEKIT_CHECK(opt.type != WeightType::w8a8 || k <= (int64_t{1} << 31) / (127 * 127), who,
                ": w8a8 sums int32 products of int8 values; k expected <= ",
                (int64_t{1} << 31) / (127 * 127), ", got ", k);
-  const bool bf16_act = opt.bf16_activations && opt.type != WeightType::w8a8;
+  const bool bf16_act = opt.bf16_activations && !quantises_activations(opt.type);
   const GemmKernel* kern =
       opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel(opt.type, bf16_act);
   MOEKIT_CHECK(gemm_kernel_supported(*kern), who, ": kernel \"", kern->name,
@@ -195,7 +199,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   const int64_t k_store = type_ == WeightType::w8a8 ? (k + G - 1) / G * G
                           : pairs                   ? k + (k & 1)
                                                     : k;
-  const bool four = type_ == WeightType::int4 || type_ == WeightType::int4zp;
+  const bool four = weight_type_bits(type_) == 4;
   const int64_t group_bytes = detail::int4_group_bytes(P, type_ == WeightType::int4zp);
   strip_bytes_ = four ? ((k + detail::kInt4Group - 1) / detail::kInt4Group * group_bytes + 63) / 64 * 64
                       : (k_store * P * eb + 63) / 64 * 64;
@@ -234,9 +238,10 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
       const int64_t s = r / width, j = r % width + h * half;
       uint8_t* S = data_.data() + s * strip_bytes_;
       // The 4-bit code of depth row q of a group, packed column j: low nibble in the strip's
-      // first half, high nibble in the second.
-      auto put_nibble = [half, j](uint8_t* block, int64_t q, uint8_t code) {
-        uint8_t& byte = block[q * half + j % half];
+      // first half, high nibble in the second (w4a8: depths interleaved in groups of G).
+      const int64_t nib_g = type_ == WeightType::w4a8 ? G : 1;
+      auto put_nibble = [half, j, nib_g](uint8_t* block, int64_t q, uint8_t code) {
+        uint8_t& byte = block[detail::nibble_index(q, j % half, half, nib_g)];
         byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
                         : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
       };
@@ -297,6 +302,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
           }
           break;
         case WeightType::int4:
+        case WeightType::w4a8:
           for (int64_t p0 = 0; p0 < k; p0 += detail::kInt4Group) {
             const int64_t p1 = std::min(k, p0 + detail::kInt4Group);
             uint8_t* block = S + p0 / detail::kInt4Group * group_bytes;
@@ -354,13 +360,15 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
                                              (j < half ? 0 : 1))];
         break;
       case WeightType::int4:
-      case WeightType::int4zp: {
+      case WeightType::int4zp:
+      case WeightType::w4a8: {
         const bool zp = type_ == WeightType::int4zp;
         const uint8_t* block = S + p / detail::kInt4Group * detail::int4_group_bytes(P, zp);
         uint16_t d;
         std::memcpy(&d, block + detail::kInt4Group * half + 2 * j, 2);
         const int z = zp ? block[detail::kInt4Group * half + 2 * P + j] : 8;
-        const uint8_t byte = block[(p % detail::kInt4Group) * half + j % half];
+        const uint8_t byte = block[detail::nibble_index(p % detail::kInt4Group, j % half, half,
+                                                        type_ == WeightType::w4a8 ? G : 1)];
         const int q = (j < half ? byte & 0x0F : byte >> 4) - z;
         dst[p] = static_cast<float>(q) * detail::bf16_to_float(d);
         break;
@@ -373,8 +381,10 @@ size_t packed_a_floats(int64_t m, int64_t k) noexcept {
   if (m <= 0) return 0;
   const int64_t rows = (std::min(m, detail::kRowChunk) + detail::kMaxTileRows - 1) /
                        detail::kMaxTileRows * detail::kMaxTileRows;
-  // Row tiles of k floats (or fewer words), plus a scale and an int32 bias per row.
-  return static_cast<size_t>(rows * (k + 3));
+  // Row tiles of k floats (or fewer words), plus a scale and an int32 bias per row; w4a8:
+  // 16 words per 32 depths (k padded to 32) and a scale and a correction per 32.
+  const int64_t groups = (k + detail::kInt4Group - 1) / detail::kInt4Group;
+  return static_cast<size_t>(rows * (std::max(k, 18 * groups) + 3));
 }
 
 // ---------------------------------------------------------------------- kernel table
@@ -541,7 +551,7 @@ bool gemm_kernel_supported(const GemmKernel& kernel) noexcept {
 
 bool gemm_kernel_implements(const GemmKernel& kernel, WeightType type,
                             bool bf16_activations) noexcept {
-  return kernel.implements(type, bf16_activations && type != WeightType::w8a8);
+  return kernel.implements(type, bf16_activations && !quantises_activations(type));
 }
 
 const char* gemm_kernel_needs(const GemmKernel& kernel) noexcept {
@@ -571,7 +581,7 @@ std::string gemm_kernel_reason(WeightType type, bool bf16_activations) {
   const GemmKernel& k = active_gemm_kernel(type, bf16_activations);
   const KernelEntry* e = entry_of(k);
   return std::string(k.name) + " implements " + to_string(type) +
-         (bf16_activations && type != WeightType::w8a8 ? " with bf16 activations" : "") +
+         (bf16_activations && !quantises_activations(type) ? " with bf16 activations" : "") +
          "; chosen as " + choice().why + " (it needs " + (e != nullptr ? e->needs : "?") + ")";
 }
 

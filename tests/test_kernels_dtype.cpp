@@ -31,8 +31,11 @@ using mk::PackOptions;
 using mk::WeightType;
 using moekit::Activation;
 
-constexpr WeightType kTypes[] = {WeightType::f32, WeightType::bf16, WeightType::int8, WeightType::w8a8,
-                                 WeightType::fp8, WeightType::int4, WeightType::int4zp};
+// Every weight type, written out here (not mk::kWeightTypes) so a type added to the library
+// without tests shows up in KernelsDispatch.WeightTypeNames.
+constexpr WeightType kTypes[] = {WeightType::f32,  WeightType::bf16, WeightType::int8,
+                                 WeightType::w8a8, WeightType::fp8,  WeightType::int4,
+                                 WeightType::int4zp, WeightType::w4a8};
 
 // A format: a weight type and whether the activations are rounded to bf16. A kernel implements
 // some of them (general kernels all); bf16 x bf16 sums depth pairs, odd depth first.
@@ -43,7 +46,8 @@ struct Format {
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false},
                                {WeightType::bf16, true},  {WeightType::int8, false},
                                {WeightType::w8a8, false}, {WeightType::fp8, false},
-                               {WeightType::int4, false}, {WeightType::int4zp, false}};
+                               {WeightType::int4, false}, {WeightType::int4zp, false},
+                               {WeightType::w4a8, false}};
 
 std::string format_name(const Format& f) {
   return std::string(mk::to_string(f.type)) + (f.bf16_act ? " x bf16" : "");
@@ -171,6 +175,7 @@ std::vector<float> dequantised(WeightType t, const float* W, int64_t n, int64_t 
         }
         break;
       case WeightType::int4:
+      case WeightType::w4a8:
         // Q4_0's grid per 32 depths: d = (first value of largest finite magnitude) / -8 in
         // bf16, q = round(w / d) to nearest even within [-8, 7]; NaN and d = 0 give 0.
         for (int64_t p0 = 0; p0 < k; p0 += 32) {
@@ -213,7 +218,8 @@ std::vector<float> dequantised(WeightType t, const float* W, int64_t n, int64_t 
 }
 
 // The activations a kernel multiplies by for weights of type t: as given, rounded to bf16,
-// or (w8a8) quantised per row to int8 and dequantised.
+// or quantised to int8 and dequantised: w8a8 per row, w4a8 per row and 32 depths (Q8_0's grid
+// with an f32 scale).
 std::vector<double> effective_a(WeightType t, bool bf16_act, const std::vector<float>& A, int64_t m,
                                 int64_t k, int64_t lda) {
   std::vector<double> a(static_cast<size_t>(m * k));
@@ -223,6 +229,10 @@ std::vector<double> effective_a(WeightType t, bool bf16_act, const std::vector<f
     for (int64_t p = 0; p < k; ++p) {
       if (t == WeightType::w8a8) {
         a[i * k + p] = double(ref_q8(row[p], s)) * s;
+      } else if (t == WeightType::w4a8) {
+        const int64_t p0 = p / 32 * 32;
+        const float sg = finite_amax(row + p0, std::min<int64_t>(32, k - p0)) / 127.0f;
+        a[i * k + p] = double(ref_q8(row[p], sg)) * sg;
       } else {
         a[i * k + p] = bf16_act ? ref_bf16(row[p]) : row[p];
       }
@@ -394,7 +404,8 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
     EXPECT_TRUE(out[6] == 0.0f && std::signbit(out[6]));
   }
   for (WeightType t :
-       {WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4, WeightType::int4zp}) {
+       {WeightType::int8, WeightType::w8a8, WeightType::fp8, WeightType::int4, WeightType::int4zp,
+        WeightType::w4a8}) {
     if (!implements(t)) continue;
     SCOPED_TRACE(mk::to_string(t));
     p.pack(W.data(), 2, k, k, opts(t));
@@ -403,7 +414,7 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
     for (int64_t j = 0; j < k; ++j) EXPECT_EQ(out[j], ref[j]) << j;
     EXPECT_EQ(out[3], 0.0f);    // NaN -> 0
     EXPECT_EQ(out[4], out[9]);  // +inf -> the largest code, like the finite maximum 1e30
-    if (t == WeightType::int4) {
+    if (t == WeightType::int4 || t == WeightType::w4a8) {
       EXPECT_EQ(out[5], -0.875f * out[4]);  // Q4_0's grid: -8 .. 7 steps of d = -1e30 / 8
     } else if (t == WeightType::int4zp) {
       EXPECT_EQ(out[5], 0.0f);  // -inf -> code 0 = the range's bottom, 0 here (zero point 0)
@@ -608,17 +619,18 @@ TEST_P(KernelsDtype, Bf16ActivationsRoundA) {
       without.pack(W.data(), n, k, k, opts(t, false));
       gwith.pack_gated(W.data(), U.data(), n, k, k, opts(t, true));
       gwithout.pack_gated(W.data(), U.data(), n, k, k, opts(t, false));
-      EXPECT_EQ(with.bf16_activations(), t != WeightType::w8a8);
+      const bool quantised = mk::quantises_activations(t);
+      EXPECT_EQ(with.bf16_activations(), !quantised);
       std::vector<float> c1(static_cast<size_t>(m * n)), c2(c1.size());
       mk::gemm_packed(m, A.data(), k, with, c1.data(), n, ap.data());
-      mk::gemm_packed(m, (t == WeightType::w8a8 ? A : Ar).data(), k, without, c2.data(), n,
+      mk::gemm_packed(m, (quantised ? A : Ar).data(), k, without, c2.data(), n,
                       ap.data());
       ASSERT_EQ(c1, c2);
       mk::gemm_packed_gated(m, A.data(), k, gwith, Activation::silu, c1.data(), n, ap.data());
-      mk::gemm_packed_gated(m, (t == WeightType::w8a8 ? A : Ar).data(), k, gwithout,
+      mk::gemm_packed_gated(m, (quantised ? A : Ar).data(), k, gwithout,
                             Activation::silu, c2.data(), n, ap.data());
       ASSERT_EQ(c1, c2);
-      if (t != WeightType::w8a8) {  // and it changed something
+      if (!quantised) {  // and it changed something
         mk::gemm_packed(m, A.data(), k, without, c2.data(), n, ap.data());
         mk::gemm_packed(m, A.data(), k, with, c1.data(), n, ap.data());
         EXPECT_NE(c1, c2);
@@ -713,6 +725,8 @@ TEST_P(KernelsDtype, Bf16PairsDenormals) {
 //  - int4 (groups of 32, step |m| / 8 with |m| ~ 2.0 sigma for 32 Gaussian values): error
 //    step / sqrt(12) ~ 0.072 sigma, a little more from the asymmetric grid (measured 0.085);
 //    bound 0.1.
+//  - w4a8: int4's error plus the activations' per-32 int8 rounding (step ~ 2.3 sigma / 127 per
+//    group, ~ 5e-3 sigma), nearly nothing beside int4's (measured 0.086); bound 0.1.
 TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
   std::mt19937 g(31);
   const int64_t m = 64, n = 256, k = 512;
@@ -741,7 +755,8 @@ TEST_P(KernelsDtype, QuantisationErrorOnGaussianData) {
                                                   {WeightType::w8a8, 3e-2},
                                                   {WeightType::fp8, 3.5e-2},
                                                   {WeightType::int4, 0.1},
-                                                  {WeightType::int4zp, 0.1}};
+                                                  {WeightType::int4zp, 0.1},
+                                                  {WeightType::w4a8, 0.1}};
   for (const auto& [t, bound] : bounds) {
     if (!implements(t)) continue;
     PackedMatrix pw;
@@ -788,6 +803,7 @@ TEST_P(KernelsDtype, BytesCountValuesAndScales) {
         EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k + p.strips() * (k / 128) * 2 * 4));
         break;
       case WeightType::int4:  // 4.5 bits per weight: a bf16 scale per 32
+      case WeightType::w4a8:
         EXPECT_EQ(p.bytes(), static_cast<size_t>(n * k / 2 + n * (k / 32) * 2));
         break;
       case WeightType::int4zp:  // 4.75 bits per weight: a bf16 scale and a zero byte per 32
@@ -961,13 +977,17 @@ TEST(KernelsDtypeArgs, WeightTypeNamesAndBadArguments) {
   EXPECT_EQ(mk::weight_type_bytes(WeightType::int4), 1);  // rounded up
   EXPECT_EQ(mk::weight_type_bits(WeightType::int4), 4);
   EXPECT_EQ(mk::weight_type_bits(WeightType::int4zp), 4);
+  EXPECT_EQ(mk::weight_type_bits(WeightType::w4a8), 4);
   EXPECT_EQ(mk::weight_type_bits(WeightType::bf16), 16);
+  // The library's list of types is this file's (a type added there needs its tests here).
+  ASSERT_EQ(std::size(mk::kWeightTypes), std::size(kTypes));
+  for (size_t i = 0; i < std::size(kTypes); ++i) EXPECT_EQ(mk::kWeightTypes[i], kTypes[i]);
   try {
     (void)mk::parse_weight_type("fp16");
     FAIL() << "fp16 accepted";
   } catch (const moekit::error& e) {
     const std::string msg = e.what();
-    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "\"fp16\""})
+    for (const char* name : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8", "\"fp16\""})
       EXPECT_NE(msg.find(name), std::string::npos)
           << "message does not name " << name << ": " << msg;
   }

@@ -41,8 +41,8 @@ using moekit::detail::fail;
 constexpr const char* kUsage =
     "usage:\n"
     "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
-    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|bf16xbf16]\n"
-    "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|bf16xbf16] [--repeat R]\n"
+    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16]\n"
+    "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16] [--repeat R]\n"
     "               [--layers L] [--seed S]\n"
     "  moekit info\n"
     "  moekit --version\n";
@@ -362,10 +362,9 @@ int cmd_info() {
                          {"amx_tile", f.amx_tile},   {"amx_bf16", f.amx_bf16},
                          {"amx_int8", f.amx_int8}};
   json by_type = json::object();
-  for (const auto t : {moekit::kernels::WeightType::f32, moekit::kernels::WeightType::bf16,
-                       moekit::kernels::WeightType::int8, moekit::kernels::WeightType::w8a8,
-                       moekit::kernels::WeightType::fp8, moekit::kernels::WeightType::int4,
-                       moekit::kernels::WeightType::int4zp})
+  json type_names = json::array();
+  for (const auto t : moekit::kernels::kWeightTypes) type_names.push_back(moekit::kernels::to_string(t));
+  for (const auto t : moekit::kernels::kWeightTypes)
     by_type[moekit::kernels::to_string(t)] = {
         {"kernel", moekit::kernels::active_gemm_kernel(t).name},
         {"why", moekit::kernels::gemm_kernel_reason(t)}};
@@ -399,7 +398,7 @@ int cmd_info() {
                    o[k->name] = moekit::kernels::gemm_kernel_needs(*k);
                  return o;
                }()},
-              {"weight_types", {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp"}},
+              {"weight_types", type_names},
               {"kernel_override", "MOEKIT_KERNEL=scalar|simd|<compiled kernels' names, comma-separated>"},
               {"dispatch", "run time, from CPUID: per weight type, the fastest compiled kernel this CPU supports that implements it (row kernels: the fastest general one)"},
               {"omp_max_threads", omp_get_max_threads()},

@@ -40,6 +40,9 @@ enum class GemmMode : uint8_t {
 ///    P/2 bytes (byte j of depth row p: column j in the low nibble, column j + P/2 in the high
 ///    one; code = q + 8), then the group's P bf16 scales; the last group is zero-padded.
 ///  - int4zp: the same, codes q (value (q - z) d), and after the scales P zero-point bytes z.
+///  - w4a8: int4's groups, the code bytes interleaved in depth groups of G = int8_group:
+///    byte nibble_index(q, j % (P/2), P/2, G) of the group holds depth q's codes (the operand
+///    layout of vpmaddwd on zero-extended bytes, G = 2, or of vpdpbusd, G = 4).
 /// Gated strips hold P/2 gate columns then the same P/2 up columns.
 struct GemmCall {
   // the operation
@@ -102,6 +105,12 @@ namespace {
 /// and for int4zp P zero-point bytes.
 constexpr int64_t int4_group_bytes(int64_t P, bool zero_points = false) noexcept {
   return kInt4Group * (P / 2) + 2 * P + (zero_points ? P : 0);
+}
+
+/// Byte of a 4-bit group's code area holding depth q (< 32) of packed columns c and c + half
+/// (c < half), the depths interleaved in groups of g (1: depth rows of `half` bytes).
+constexpr int64_t nibble_index(int64_t q, int64_t c, int64_t half, int64_t g) noexcept {
+  return (q / g) * g * half + g * c + q % g;
 }
 
 /// A general kernel's GemmKernel::implements: every format.

@@ -4,6 +4,7 @@
 // chain over k (bf16 x bf16: over the packed rows, each depth pair swapped, which is the
 // order of vdpbf16ps), so plain GEMMs agree with them bit for bit (activations within
 // rounding).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -126,6 +127,44 @@ void run_w8a8(const GemmCall& g) noexcept {
   }
 }
 
+// w4a8: the row quantised per 32 depths to int8 (codes as exact floats in a_pack, then the
+// groups' scales), exact int32 sums per group, then c = fma(float(sum), d_w * d_a, c) per
+// group in order, like the SIMD kernels. Codes interleaved in pairs (int8_group 2).
+void run_w4a8(const GemmCall& g) noexcept {
+  const int64_t groups = (g.k + kInt4Group - 1) / kInt4Group;
+  float* q = g.a_pack;
+  float* a_scale = q + g.k;
+  const int64_t group_bytes = int4_group_bytes(kP);
+  for (int64_t i = 0; i < g.m; ++i) {
+    const float* src = g.A + i * g.lda;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t p0 = gi * kInt4Group, len = std::min(kInt4Group, g.k - p0);
+      a_scale[gi] = int8_scale(abs_max(src + p0, len));
+      for (int64_t p = p0; p < p0 + len; ++p) q[p] = quantize_s8(src[p], a_scale[gi]);
+    }
+    for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+      const uint8_t* S = g.data + s * g.strip_bytes;
+      float acc[kP] = {};
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const uint8_t* block = S + gi * group_bytes;
+        const int64_t p0 = gi * kInt4Group, len = std::min(kInt4Group, g.k - p0);
+        for (int64_t j = 0; j < kP; ++j) {
+          int32_t sum = 0;
+          for (int64_t p = 0; p < len; ++p) {
+            const uint8_t byte = block[nibble_index(p, j % kHalf, kHalf, 2)];
+            const int32_t code = j < kHalf ? byte & 0x0F : byte >> 4;
+            sum += (code - 8) * static_cast<int32_t>(q[p0 + p]);
+          }
+          uint16_t d;
+          std::memcpy(&d, block + kInt4Group * kHalf + 2 * j, 2);
+          acc[j] = std::fma(static_cast<float>(sum), bf16_to_float(d) * a_scale[gi], acc[j]);
+        }
+      }
+      epilogue(g, i, s, acc);
+    }
+  }
+}
+
 void run(const GemmCall& g) noexcept {
   switch (g.type) {
     case WeightType::f32:
@@ -148,6 +187,9 @@ void run(const GemmCall& g) noexcept {
       break;
     case WeightType::w8a8:
       run_w8a8(g);
+      break;
+    case WeightType::w4a8:
+      run_w4a8(g);
       break;
   }
 }

@@ -829,9 +829,225 @@ struct SimdGemm {
     }
   }
 
-  static void run(const GemmCall& g) noexcept {
-    if (g.type == WeightType::w8a8) {
+  // ------------------------------------------------------------------ w4a8
+  // int4 weights x activations quantised per row and group of 32 depths: per group an exact
+  // int32 sum (the codes are q + 8 as unsigned nibbles, so each sum starts at -8 * (the sum
+  // of the group's activation codes)), then c = fma(float(sum), d_w * d_a, c). A tile keeps
+  // 2R int32 group sums and 2R f32 sums per strip in registers, so it has at most half the
+  // float kernel's rows.
+  static constexpr int kW4Rows = MR / 2;
+  // Groups of depths per chunk of a strip that row tiles share (prefill): 8 x 32 depths.
+  static constexpr int64_t kW4Chunk = 8;
+  // Strips at once for R rows: all sums in registers (32 zmm or 16 ymm), up to 4.
+  static constexpr int w4_strips(int R) noexcept {
+    constexpr int regs = L == 16 ? 32 : 16;
+    const int n = (regs - 6) / (4 * R);
+    return n < 1 ? 1 : (n > 4 ? 4 : n);
+  }
+  // The code operands of G depths (G * L bytes at p) for the integer dot product: columns
+  // [0, L) (low nibbles) and [L, 2L) (high ones), as int16 pairs (G = 2) or bytes (G = 4).
+  static void u4_operands(const uint8_t* p, ireg& lo, ireg& hi) noexcept {
+    if constexpr (G == 4) {
+      Ops::split_u4_quads(p, lo, hi);
+    } else {
+      Ops::widen_u4_pairs(p, lo, hi);
+    }
+  }
+  static ireg dot_i(ireg x, ireg w, ireg a) noexcept {
+    if constexpr (G == 4) {
+      return Ops::dpbusd(x, w, a);
+    } else {
+      return Ops::add_i(x, Ops::madd(w, a));
+    }
+  }
+
+  // Rows [0, m) quantised per group of 32 depths (codes as quantize_s8 with the group's
+  // scale, zeros past k), G depths per 32-bit word in row tiles of MR rows (`[words, MR]`,
+  // words = groups * 32 / G); the scales to `da` and -8 * (sum of the codes) to `corr`
+  // (`[m, groups]` each).
+  static void pack_a_w4(int64_t m, int64_t k, const float* A, int64_t lda, float* Aw, float* da,
+                        int32_t* corr) noexcept {
+    static_assert(kInt4Group % L == 0, "a group holds whole lane blocks");
+    const int64_t groups = (k + kInt4Group - 1) / kInt4Group, words = groups * (kInt4Group / G);
+    alignas(64) float q[kInt4Group];
+    for (int64_t i = 0; i < m; ++i) {
+      const float* src = A + i * lda;
+      float* dst = Aw + (i - i % MR) * words + i % MR;
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t p0 = gi * kInt4Group, n = imin(kInt4Group, k - p0);
+        const float s = int8_scale(abs_max_simd(src + p0, n));
+        da[i * groups + gi] = s;
+        for (int64_t j0 = 0; j0 < kInt4Group; j0 += L) {
+          if (s > 0.0f && j0 < n) {
+            quantize_lanes(src + p0 + j0, imin(L, n - j0), s, q + j0);
+          } else {
+            for (int64_t j = 0; j < L; ++j) q[j0 + j] = 0.0f;
+          }
+        }
+        int32_t sum = 0;
+        for (int64_t w = 0; w < kInt4Group / G; ++w) {
+          uint32_t word = 0;
+          for (int e = 0; e < G; ++e) {
+            const int v = static_cast<int>(q[w * G + e]);
+            sum += v;
+            word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(v)) << (16 * e)
+                           : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
+          }
+          std::memcpy(dst + (gi * (kInt4Group / G) + w) * MR, &word, sizeof word);
+        }
+        corr[i * groups + gi] = -8 * sum;
+      }
+    }
+  }
+
+  // Groups [g0, g0 + gc) of N strips (code areas at S[t]) for R rows: `Aw` the first row's
+  // words (stride MR), `da` / `corr` its scales and corrections (stride `groups`); f32 sums
+  // from `acc` (`[N * R, P]`) or zero, into c. Prefetches 4 groups ahead when asked.
+  template <int R, int N>
+  static inline void micro_w4(const float* Aw, const float* da, const int32_t* corr,
+                              int64_t groups, const uint8_t* const (&S)[N], int64_t g0, int64_t gc,
+                              fb (&c)[N][R][2], const float* acc, bool prefetch) noexcept {
+    constexpr int64_t W = kInt4Group / G;
+    constexpr int64_t gb = int4_group_bytes(P);
+    fb y[N][R][2];
+    start_n<R, N>(y, acc);
+    for (int64_t q = g0; q < g0 + gc; ++q) {
+      if (prefetch)
+        for (int t = 0; t < N; ++t)
+          for (int64_t l = 0; l < gb; l += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(S[t]) + (q + 4) * gb + l, 0, 3);
+      ireg x[N][R][2];
+      for (int t = 0; t < N; ++t)
+        for (int i = 0; i < R; ++i) x[t][i][0] = x[t][i][1] = Ops::set1_i(corr[i * groups + q]);
+      for (int64_t w = 0; w < W; ++w) {
+#pragma GCC unroll 4
+        for (int t = 0; t < N; ++t) {
+          ireg lo, hi;
+          u4_operands(S[t] + q * gb + w * G * L, lo, hi);
+#pragma GCC unroll 12
+          for (int i = 0; i < R; ++i) {
+            const ireg a = Ops::broadcast_word(Aw + (q * W + w) * MR + i);
+            x[t][i][0] = dot_i(x[t][i][0], lo, a);
+            x[t][i][1] = dot_i(x[t][i][1], hi, a);
+          }
+        }
+      }
+      for (int t = 0; t < N; ++t) {
+        const uint16_t* sc = reinterpret_cast<const uint16_t*>(S[t] + q * gb + kInt4Group * L);
+        const fb ws0(Ops::widen_bf16(sc)), ws1(Ops::widen_bf16(sc + L));
+        for (int i = 0; i < R; ++i) {
+          const fb d(da[i * groups + q]);
+          y[t][i][0] = fb(Ops::fmadd(Ops::to_float(x[t][i][0]), ws0 * d, y[t][i][0]));
+          y[t][i][1] = fb(Ops::fmadd(Ops::to_float(x[t][i][1]), ws1 * d, y[t][i][1]));
+        }
+      }
+    }
+    finish_n<R, N>(y, c);
+  }
+
+  // Few rows (decode): every strip streamed once, N at a time, all groups in registers.
+  template <int R>
+  static void w4_rows(const GemmCall& g, int64_t i0, const float* Aw, const float* da,
+                      const int32_t* corr, int64_t groups) noexcept {
+    constexpr int N = w4_strips(R);
+    int64_t s = g.strip_begin;
+    for (; s + N <= g.strip_end; s += N) w4_block<R, N>(g, i0, Aw, da, corr, groups, s);
+    for (; s < g.strip_end; ++s) w4_block<R, 1>(g, i0, Aw, da, corr, groups, s);
+  }
+  template <int R, int N>
+  static void w4_block(const GemmCall& g, int64_t i0, const float* Aw, const float* da,
+                       const int32_t* corr, int64_t groups, int64_t s) noexcept {
+    fb c[N][R][2];
+    const uint8_t* S[N];
+    for (int t = 0; t < N; ++t) S[t] = g.data + (s + t) * g.strip_bytes;
+    micro_w4<R, N>(Aw, da, corr, groups, S, 0, groups, c, nullptr, true);
+    for (int t = 0; t < N; ++t) epilogue(g, i0, R, s + t, c[t]);
+  }
+  template <int R>
+  static void w4_rows_upto(int r, const GemmCall& g, int64_t i0, const float* Aw, const float* da,
+                           const int32_t* corr, int64_t groups) noexcept {
+    if constexpr (R > 1) {
+      if (r < R) return w4_rows_upto<R - 1>(r, g, i0, Aw, da, corr, groups);
+    }
+    w4_rows<R>(g, i0, Aw, da, corr, groups);
+  }
+
+  // Many rows (prefill): one strip chunk of kW4Chunk groups serves every row tile from L1,
+  // f32 partial sums parked in `part` between chunks. Returns the tile's sums in `c` at the
+  // last chunk (else parks them).
+  template <int R>
+  static void w4_tile(const float* Aw, const float* da, const int32_t* corr, int64_t groups,
+                      const uint8_t* S, int64_t g0, int64_t gc, float* part, bool first_tile,
+                      fb (&c)[1][R][2]) noexcept {
+    const uint8_t* src[1] = {S};
+    micro_w4<R, 1>(Aw, da, corr, groups, src, g0, gc, c, g0 == 0 ? nullptr : part, first_tile);
+  }
+  template <int R>
+  static void w4_tile_upto(int r, const GemmCall& g, int64_t i0, const float* Aw, const float* da,
+                           const int32_t* corr, int64_t groups, int64_t s, int64_t g0, int64_t gc,
+                           float* part, bool first_tile, bool last) noexcept {
+    if constexpr (R > 1) {
+      if (r < R)
+        return w4_tile_upto<R - 1>(r, g, i0, Aw, da, corr, groups, s, g0, gc, part, first_tile,
+                                   last);
+    }
+    fb c[1][R][2];
+    w4_tile<R>(Aw, da, corr, groups, g.data + s * g.strip_bytes, g0, gc, part, first_tile, c);
+    if (last) {
+      epilogue(g, i0, R, s, c[0]);
+    } else {
+      for (int i = 0; i < R; ++i) {
+        c[0][i][0].store_aligned(part + i * P);
+        c[0][i][1].store_aligned(part + i * P + L);
+      }
+    }
+  }
+
+  static void run_w4a8(const GemmCall& g) noexcept {
+    alignas(64) float part[kRowChunk * P];
+    const int64_t k = g.k, groups = (k + kInt4Group - 1) / kInt4Group;
+    const int64_t words = groups * (kInt4Group / G);
+    for (int64_t m0 = 0; m0 < g.m; m0 += kRowChunk) {
+      const int64_t mc = imin(kRowChunk, g.m - m0);
+      const int64_t tiles = (mc + MR - 1) / MR;
+      float* Aw = g.a_pack;
+      float* da = Aw + tiles * MR * words;
+      int32_t* corr = reinterpret_cast<int32_t*>(da + mc * groups);
+      pack_a_w4(mc, k, g.A + m0 * g.lda, g.lda, Aw, da, corr);
+      // Row i's words: its tile's block, then its offset within the tile.
+      auto words_of = [&](int64_t i) { return Aw + (i - i % MR) * words + i % MR; };
+      if (mc <= kW4Rows) {
+        w4_rows_upto<kW4Rows>(static_cast<int>(mc), g, m0, words_of(0), da, corr, groups);
+        continue;
+      }
+      for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+        for (int64_t g0 = 0; g0 < groups || g0 == 0; g0 += kW4Chunk) {
+          const int64_t gc = imin(kW4Chunk, groups - g0);
+          const bool last = g0 + gc >= groups;
+          for (int64_t i = 0; i < mc; i += kW4Rows) {
+            const int r = static_cast<int>(imin(kW4Rows, mc - i));
+            w4_tile_upto<kW4Rows>(r, g, m0 + i, words_of(i), da + i * groups,
+                                  corr + i * groups, groups, s, g0, gc, part + i * P, i == 0,
+                                  last);
+          }
+          if (groups == 0) break;
+        }
+      }
+    }
+  }
+
+  // The formats whose activations are quantised to int8 (a VNNI kernel's run).
+  static void run_quantised(const GemmCall& g) noexcept {
+    if (g.type == WeightType::w4a8) {
+      run_w4a8(g);
+    } else {
       run_w8a8(g);
+    }
+  }
+
+  static void run(const GemmCall& g) noexcept {
+    if (quantises_activations(g.type)) {
+      run_quantised(g);
     } else {
       run_float(g);
     }

@@ -41,7 +41,7 @@ struct FfnShape {
 };
 
 /// E FFN experts of one shape. Weights are packed once, in set_expert(), into the GEMM's
-/// strip layout (kernels::PackedMatrix), stored as `pack.type` (f32, bf16, int8, w8a8, fp8);
+/// strip layout (kernels::PackedMatrix), stored as `pack.type` (kernels::WeightType);
 /// for gated experts gate and up are interleaved so one GEMM computes both and the activation
 /// runs in its epilogue. The packed copy is the only one.
 class FfnBank {
@@ -52,8 +52,8 @@ class FfnBank {
       : shape_(shape), experts_(num_experts), pack_(pack) {
     shape_.validate("FfnBank");
     MOEKIT_CHECK(num_experts >= 1, "FfnBank: num_experts expected >= 1, got ", num_experts);
-    MOEKIT_CHECK(static_cast<unsigned>(pack_.type) <= static_cast<unsigned>(kernels::WeightType::int4zp),
-                 "FfnBank: weight type expected f32, bf16, int8, w8a8, fp8, int4 or int4zp, got enum value ",
+    MOEKIT_CHECK(static_cast<size_t>(pack_.type) < std::size(kernels::kWeightTypes),
+                 "FfnBank: weight type expected one of kernels::kWeightTypes, got enum value ",
                  static_cast<int>(pack_.type));
     in_.resize(static_cast<size_t>(num_experts));
     down_.resize(static_cast<size_t>(num_experts));

@@ -40,19 +40,36 @@ struct PackedAccess;
 ///          z = round(-min / d) in [0, 15] and q = clamp(round(w / d) + z, 0, 15), so a
 ///          weight is (q - z) * d; 4.75 bits per weight (a bf16 scale and a byte of zero
 ///          point per 32). Computed as int4.
+///  - w4a8: int4's weights (the same codes and scales, 4.5 bits per weight), and each row of
+///          activations quantised on the fly per group of 32 depths to symmetric int8 (GGUF
+///          Q8_0's grid with an f32 scale: d_a = max|a_group| / 127, codes as w8a8's): exact
+///          int32 sums per group, then per group g in order
+///          `c = fma(float(sum_g), d_w * d_a, c)` (d_w * d_a rounded to f32), from c = 0. What
+///          llama.cpp computes for Q4_0 weights on a CPU (Q4_0 x Q8_0), summed in this order.
 ///  - fp8:  FP8 e4m3 (OCP, max 448) with one f32 scale per 128 x 128 block of `[n, k]`
 ///          (scale = max|w_block| / 448; DeepSeek-V3's `weight_scale_inv` layout); for a gated
 ///          pair the gate and up matrices each have their own block grid.
 /// Rounding is to nearest even everywhere. Scales use the largest finite magnitude; an
 /// all-zero row / block gets scale 0. bf16 keeps NaN and infinities; int8, int4 and fp8 store
 /// NaN as 0 and saturate infinities to the extreme code.
-enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4, int4zp };
+enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4, int4zp, w4a8 };
 
-/// "f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp".
+/// Every weight type, in enum order (the one list tools and tests iterate).
+inline constexpr WeightType kWeightTypes[] = {WeightType::f32,  WeightType::bf16, WeightType::int8,
+                                              WeightType::w8a8, WeightType::fp8,  WeightType::int4,
+                                              WeightType::int4zp, WeightType::w4a8};
+
+/// Whether activations of this type are quantised to int8 inside the GEMM (w8a8, w4a8): then
+/// PackOptions::bf16_activations does not apply.
+constexpr bool quantises_activations(WeightType t) noexcept {
+  return t == WeightType::w8a8 || t == WeightType::w4a8;
+}
+
+/// "f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8".
 const char* to_string(WeightType t) noexcept;
 /// Parses the names above; throws moekit::error naming the accepted ones.
 WeightType parse_weight_type(std::string_view name);
-/// Bits per stored weight value (32, 16, 8, 8, 8, 4, 4), scales and zero points not counted.
+/// Bits per stored weight value (32, 16, 8, 8, 8, 4, 4, 4), scales and zero points not counted.
 int64_t weight_type_bits(WeightType t) noexcept;
 /// Bytes per stored weight value rounded up (4, 2, 1, 1, 1, and 1 for the 4-bit types);
 /// weight_type_bits() is exact.
@@ -62,7 +79,8 @@ int64_t weight_type_bytes(WeightType t) noexcept;
 struct PackOptions {
   WeightType type = WeightType::f32;
   /// Round every activation (the A operand) to bf16 before it is multiplied (what a bf16
-  /// engine computes); accumulation stays f32. Ignored for w8a8 (activations are int8).
+  /// engine computes); accumulation stays f32. Ignored for w8a8 and w4a8 (activations are
+  /// int8).
   /// With bf16 weights ("bf16 x bf16", what vdpbf16ps computes) every product is exact in f32
   /// and each output sums the depths in pairs, the odd depth first: for q = 0, 1, ...
   /// `c = (c + a[2q+1] w[2q+1]) + a[2q] w[2q]` (one rounding each; an odd k gets a zero
@@ -88,8 +106,8 @@ struct GemmKernel {
   void (*run)(const detail::GemmCall& call) noexcept;
   /// Whether it computes weights of `type` with activations rounded to bf16 or not.
   bool (*implements)(WeightType type, bool bf16_activations) noexcept;
-  /// w8a8 packing: int8 depths per 32-bit lane, 2 (int16 pairs, vpmaddwd) or 4 (VNNI: the
-  /// weights stored + 128 as unsigned bytes for vpdpbusd).
+  /// w8a8 and w4a8 packing: int8 depths per 32-bit lane, 2 (int16 pairs, vpmaddwd) or 4
+  /// (VNNI: w8a8 weights stored + 128 as unsigned bytes for vpdpbusd).
   int int8_group = 2;
   /// bf16 weights with bf16 activations: depth pairs interleaved per column (`[k/2, panel, 2]`,
   /// the operand layout of vdpbf16ps) rather than `[k, panel]` with each pair's rows swapped.
@@ -124,7 +142,7 @@ const GemmKernel& active_gemm_kernel();
 /// The kernel new matrices of weight type `type` use (with activations rounded to bf16 when
 /// `bf16_activations`): the last kernel of the table that this CPU runs, that MOEKIT_KERNEL
 /// allows and that implements that format (a general kernel always does). On a CPU with
-/// AVX512-BF16 the bf16 x bf16 format runs on "avx512_bf16", with AVX512-VNNI w8a8 on
+/// AVX512-BF16 the bf16 x bf16 format runs on "avx512_bf16", with AVX512-VNNI w8a8 and w4a8 on
 /// "avx512_vnni"; the rest on active_gemm_kernel(). Throws as active_gemm_kernel() does.
 const GemmKernel& active_gemm_kernel(WeightType type, bool bf16_activations = false);
 

@@ -67,6 +67,14 @@ struct IsaOps<Avx2> {
     hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
+  // w4a8 codes of 2 depths (16 bytes: byte 2c + e holds depth e of columns c and c + 8) ->
+  // int16 pairs of columns 0-7 (low nibbles) and 8-15 (high ones).
+  static void widen_u4_pairs(const uint8_t* p, __m256i& lo, __m256i& hi) noexcept {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    hi = _mm256_srli_epi16(v, 4);
+  }
+
   // 16 int8 (8 columns x 2 depths) -> 16 int16 = 8 lanes of (k, k+1) pairs.
   static __m256i widen_s8_pairs(const int8_t* p) noexcept {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -78,6 +86,7 @@ struct IsaOps<Avx2> {
   static __m256i madd(__m256i a, __m256i b) noexcept { return _mm256_madd_epi16(a, b); }
   static __m256i add_i(__m256i a, __m256i b) noexcept { return _mm256_add_epi32(a, b); }
   static __m256i zero_i() noexcept { return _mm256_setzero_si256(); }
+  static __m256i set1_i(int32_t v) noexcept { return _mm256_set1_epi32(v); }
   static __m256i load_i(const int32_t* p) noexcept {
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
   }

@@ -70,6 +70,22 @@ struct Avx512Ops {
     hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
+  // w4a8 codes of 2 depths (32 bytes: byte 2c + e holds depth e of columns c and c + 16) ->
+  // int16 pairs of columns 0-15 (low nibbles) and 16-31 (high ones).
+  static void widen_u4_pairs(const uint8_t* p, __m512i& lo, __m512i& hi) noexcept {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    lo = _mm512_and_si512(v, _mm512_set1_epi16(0x0F));
+    hi = _mm512_srli_epi16(v, 4);
+  }
+  // w4a8 codes of 4 depths (64 bytes, byte 4c + e: depth e of columns c and c + 16) ->
+  // unsigned bytes of columns 0-15 (low nibbles) and 16-31 (high ones), for vpdpbusd.
+  static void split_u4_quads(const uint8_t* p, __m512i& lo, __m512i& hi) noexcept {
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i m = _mm512_set1_epi8(0x0F);
+    lo = _mm512_and_si512(v, m);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+  }
+
   // 32 int8 (16 columns x 2 depths) -> 16 lanes of int16 (k, k+1) pairs.
   static __m512i widen_s8_pairs(const int8_t* p) noexcept {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // w8a8 on AVX512-VNNI (vpdpbusd: 4 byte products summed into each int32 lane, 64 multiply-adds
-// per instruction against vpmaddwd's 32 plus an add), 12 x 32 register tile. A specialised
-// kernel: it implements w8a8 only; the table runs every other format on the general AVX-512
+// per instruction against vpmaddwd's 32 plus an add), 12 x 32 register tile (w4a8: 6 x 32). A
+// specialised kernel: it implements w8a8 and w4a8 only; the table runs every other format on the general AVX-512
 // kernel. Compiled with -mavx512vnni on top of the AVX-512 flags (see CMakeLists.txt), run only
 // on CPUs that report AVX512-VNNI.
 //
@@ -9,6 +9,8 @@
 // each activation row's 128 * (sum of its codes) is subtracted in the epilogue. Sums wrap
 // modulo 2^32 on the way (vpdpbusd does not saturate) and the true sum fits int32 (k is
 // bounded at packing), so the result is the exact int32 sum, identical to the other kernels'.
+// w4a8 needs no offset: its codes are unsigned nibbles already (q + 8), and each group's sum
+// starts at -8 * (the sum of the group's activation codes).
 #include "avx512_ops.hpp"
 
 #if !defined(__AVX512VNNI__)
@@ -30,7 +32,9 @@ struct IsaOps<Avx512> : Avx512Ops {
   }
 };
 
-bool implements_w8a8(WeightType type, bool) noexcept { return type == WeightType::w8a8; }
+bool implements_int8_dot(WeightType type, bool) noexcept {
+  return type == WeightType::w8a8 || type == WeightType::w4a8;
+}
 
 }  // namespace
 
@@ -38,8 +42,8 @@ extern const GemmKernel kGemmAvx512Vnni;
 const GemmKernel kGemmAvx512Vnni{"avx512_vnni",
                                  SimdGemm<Avx512>::P,
                                  IsaOps<Avx512>::kTileRows,
-                                 &SimdGemm<Avx512>::run_w8a8,
-                                 &implements_w8a8,
+                                 &SimdGemm<Avx512>::run_quantised,
+                                 &implements_int8_dot,
                                  4,
                                  false};
 
