@@ -838,6 +838,8 @@ struct SimdGemm {
   static constexpr int kW4Rows = MR / 2;
   // Groups of depths per chunk of a strip that row tiles share (prefill): 8 x 32 depths.
   static constexpr int64_t kW4Chunk = 8;
+  // Groups a strip stream prefetches ahead.
+  static constexpr int64_t kW4Ahead = 4;
   // Strips at once for R rows: all sums in registers (32 zmm or 16 ymm), up to 4.
   static constexpr int w4_strips(int R) noexcept {
     constexpr int regs = L == 16 ? 32 : 16;
@@ -915,7 +917,7 @@ struct SimdGemm {
       if (prefetch)
         for (int t = 0; t < N; ++t)
           for (int64_t l = 0; l < gb; l += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(S[t]) + (q + 4) * gb + l, 0, 3);
+            __builtin_prefetch(reinterpret_cast<const char*>(S[t]) + (q + kW4Ahead) * gb + l, 0, 3);
       ireg x[N][R][2];
       for (int t = 0; t < N; ++t)
         for (int i = 0; i < R; ++i) x[t][i][0] = x[t][i][1] = Ops::set1_i(corr[i * groups + q]);
