@@ -13,6 +13,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 #include "kernels/gemm_internal.hpp"
 #include "kernels/rows_internal.hpp"
 #include "moekit/cpu.hpp"
@@ -113,6 +117,11 @@ struct PackedAccess {
         W.type_ == WeightType::int8 || W.type_ == WeightType::w8a8 ? W.scales_.data() : nullptr;
     c.fp8_scale = W.type_ == WeightType::fp8 ? W.scales_.data() : nullptr;
     c.k_blocks = W.k_blocks_;
+#if defined(__SSE__) || defined(__x86_64__)
+    c.daz = (_mm_getcsr() & 0x0040u) != 0;
+#else
+    c.daz = false;
+#endif
     return true;
   }
 };

@@ -5,6 +5,7 @@
 // independence from the strip range and the row split, bf16 activations, the quantisation
 // error on Gaussian data, run-time kernel selection, and bad arguments.
 #include <gtest/gtest.h>
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <cctype>
@@ -554,6 +555,45 @@ TEST_P(KernelsDtype, MatchesScalarKernel) {
                 << mk::to_string(t) << " act at " << i;
         }
       }
+}
+
+// FP8 widening takes integer operations through f32 subnormals on AVX-512 and the F16C path
+// for block scales of 2^8 and more (2^120 * scale would overflow) or when the caller's MXCSR
+// has DAZ set: every case equals the scalar kernel bit for bit, on codes covering every e4m3
+// value (subnormal codes included) in blocks of magnitude ~1e-3, 30 and 1e6.
+TEST_P(KernelsDtype, Fp8WideningExactForAnyScaleAndDaz) {
+  const GemmKernel* scalar = scalar_kernel();
+  ASSERT_NE(scalar, nullptr);
+  if (GetParam() == scalar || !implements(WeightType::fp8)) GTEST_SKIP();
+  const int64_t m = 3, n = 40, k = 384;
+  std::mt19937 g(123);
+  const auto A = gaussian(g, static_cast<size_t>(m * k));
+  std::vector<float> W(static_cast<size_t>(n * k));
+  // Block kb of k holds magnitudes around 10^(4.5 kb - 3) (scales ~2e-6, 0.07, 4e3); within a row, values from the block
+  // maximum down by 2^0 .. 2^-18, so the codes run through the subnormal range.
+  std::uniform_int_distribution<int> e(0, 18), sign(0, 1);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t p = 0; p < k; ++p)
+      W[r * k + p] = static_cast<float>(std::pow(10.0, 4.5 * (p / 128) - 3.0)) *
+                     std::ldexp(1.0f + (p % 7) / 8.0f, -e(g)) * (sign(g) ? -1.0f : 1.0f);
+  std::vector<float> ap(mk::packed_a_floats(m, k));
+  PackedMatrix ps, pk;
+  ps.pack(W.data(), n, k, k, PackOptions{WeightType::fp8, false, scalar});
+  pk.pack(W.data(), n, k, k, opts(WeightType::fp8));
+  const unsigned csr = _mm_getcsr();
+  for (const bool daz : {false, true}) {
+    SCOPED_TRACE(daz ? "DAZ" : "no DAZ");
+    std::vector<float> cs(static_cast<size_t>(m * n)), ck(cs.size());
+    _mm_setcsr(daz ? csr | 0x0040u : csr & ~0x0040u);
+    mk::gemm_packed(m, A.data(), k, ps, cs.data(), n, ap.data());
+    mk::gemm_packed(m, A.data(), k, pk, ck.data(), n, ap.data());
+    _mm_setcsr(csr);
+    ASSERT_EQ(cs, ck);
+    // and the values are right: against the double reference on the dequantised weights
+    const RefGemm r = ref_gemm(effective_a(WeightType::fp8, false, A, m, k, k),
+                               dequantised(WeightType::fp8, W.data(), n, k), m, n, k);
+    for (size_t i = 0; i < ck.size(); ++i) ASSERT_NEAR(ck[i], r.c[i], r.tol[i]) << i;
+  }
 }
 
 // Splitting the columns (strip ranges) or the rows of a GEMM gives bit-identical results, so

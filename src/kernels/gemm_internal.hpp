@@ -72,6 +72,9 @@ struct GemmCall {
   /// covering packed columns [0, P/2), half 1 [P/2, P) (the same block unless gated).
   const float* fp8_scale;
   int64_t k_blocks;
+  /// The caller's MXCSR treats subnormal inputs as zero (DAZ): kernels must not widen
+  /// through f32 subnormals (fp8 then takes the F16C path).
+  bool daz;
 };
 
 /// Depth of an FP8 scale block (and of the block grid along n).

@@ -84,12 +84,25 @@ struct SimdGemm {
       b1 = fb(Ops::widen_s8(B + p * P + L));
     }
   };
-  struct Fp8Src {  // one 128-deep block: `s0`, `s1` = block scales * 256 (see Ops::widen_fp8)
+  // Whether the ISA widens e4m3 in integer operations (Ops::widen_fp8_direct).
+  static constexpr bool kFp8Direct = requires { Ops::kFp8DirectUnscale; };
+  // One 128-deep block: `s0`, `s1` = block scales * 256 (Ops::widen_fp8), or with `direct`
+  // * 2^120 (Ops::widen_fp8_direct). Both give the same values.
+  struct Fp8Src {
     const uint8_t* B;
     fb s0, s1;
+    bool direct;
     void load(int64_t p, fb& b0, fb& b1) const noexcept {
       typename Ops::freg lo, hi;
-      Ops::widen_fp8(B + p * P, lo, hi);
+      if constexpr (kFp8Direct) {
+        if (direct) {
+          Ops::widen_fp8_direct(B + p * P, lo, hi);
+        } else {
+          Ops::widen_fp8(B + p * P, lo, hi);
+        }
+      } else {
+        Ops::widen_fp8(B + p * P, lo, hi);
+      }
       b0 = fb(lo) * s0;
       b1 = fb(hi) * s1;
     }
@@ -495,7 +508,12 @@ struct SimdGemm {
   // The fp8 source of the 128-deep block starting at depth p0 (a multiple of 128) of strip s.
   static Fp8Src fp8_src(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p0) noexcept {
     const float* sc = g.fp8_scale + (s * g.k_blocks + p0 / kFp8Block) * 2;
-    return Fp8Src{S + p0 * P, fb(sc[0] * 256.0f), fb(sc[1] * 256.0f)};
+    if constexpr (kFp8Direct) {
+      const float u = Ops::kFp8DirectUnscale;
+      if (!g.daz && sc[0] * u <= FLT_MAX && sc[1] * u <= FLT_MAX)
+        return Fp8Src{S + p0 * P, fb(sc[0] * u), fb(sc[1] * u), true};
+    }
+    return Fp8Src{S + p0 * P, fb(sc[0] * 256.0f), fb(sc[1] * 256.0f), false};
   }
 
   // ------------------------------------------------------------------ few rows (decode)

@@ -55,6 +55,23 @@ struct Avx512Ops {
     lo = fp8_half(p);
     hi = fp8_half(p + 16);
   }
+  // 16 e4m3 -> f32 times 2^-120, exactly, in three integer operations (no F16C round trip):
+  // each byte S.EEEE.MMM sign-extended and shifted left by 20 puts EEEE.MMM in the low four
+  // exponent bits and the top three mantissa bits, the mask keeps them and the sign: a normal
+  // code becomes 2^(E - 127) (1 + M / 8), a subnormal one the f32 subnormal M 2^-129, both the
+  // code's value times 2^-120. The caller multiplies by 2^120 * scale, which rounds exactly
+  // like fp8_e4m3_to_float(v) * scale while that factor is finite (scales below 2^8), and
+  // only when the MXCSR does not treat subnormal inputs as zero (DAZ).
+  static constexpr float kFp8DirectUnscale = 0x1p120f;
+  static __m512 fp8_direct(const uint8_t* p) noexcept {
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_slli_epi32(v, 20), _mm512_set1_epi32(static_cast<int>(0x87F00000u))));
+  }
+  static void widen_fp8_direct(const uint8_t* p, __m512& lo, __m512& hi) noexcept {
+    lo = fp8_direct(p);
+    hi = fp8_direct(p + 16);
+  }
 
   // 16 unsigned bytes -> f32.
   static __m512 widen_u8(const uint8_t* p) noexcept {
