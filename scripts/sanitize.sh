@@ -33,6 +33,7 @@ run_tsan() {
   archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | sort -V | tail -n 1 || true)
   CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-O1 -DMOEKIT_SANITIZE=thread \
     -DMOEKIT_BUILD_BENCH=OFF -DMOEKIT_BUILD_EXAMPLES=OFF -DMOEKIT_BUILD_CLI=OFF \
+    -DMOEKIT_WITH_ONEDNN=OFF \
     "-DMOEKIT_TEST_ONLY=test_threads.cpp;test_dtype_layer.cpp;test_layer.cpp" >/dev/null
   cmake --build "$build" -j "$jobs" --target moekit_tests
   echo "moekit: tests under TSan (OpenMP tool: ${archer:-none})"

@@ -333,7 +333,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
 
 int64_t PackedMatrix::bf16_index(int64_t p, int64_t j) const noexcept {
   const int64_t P = panel();
-  if (!bf16_act_) return p * P + j;
+  if (!bf16_act_ || kernel_->bf16_plain) return p * P + j;
   return kernel_->bf16_pairs ? (p / 2) * 2 * P + 2 * j + p % 2 : (p ^ 1) * P + j;
 }
 
@@ -400,13 +400,17 @@ size_t packed_a_floats(int64_t m, int64_t k) noexcept {
 
 namespace {
 
-// One kernel: its GEMM, its row kernels (general kernels; null for a specialised one), and
-// what the CPU must have to run it.
+// One kernel: its GEMM, its row kernels (general kernels; null for a specialised one), what
+// the CPU must have to run it, and whether the table takes it without MOEKIT_KERNEL naming it
+// (a library kernel only where it is expected to beat moekit's own).
 struct KernelEntry {
   const GemmKernel* kernel;
   const RowKernels* rows;
   bool (*supported)() noexcept;
   const char* needs;
+  bool (*preferred)(WeightType, bool) noexcept = always_true;
+
+  static bool always_true(WeightType, bool) noexcept { return true; }
 };
 
 bool always() noexcept { return true; }
@@ -451,6 +455,12 @@ const KernelEntry kTable[] = {
     {&detail::kGemmAvx512Bf16, nullptr, has_avx512_bf16,
      "AVX-512 F, BW, DQ and VL, FMA, and AVX512-BF16"},
 #endif
+#if defined(MOEKIT_HAVE_KERNEL_ONEDNN)
+    // oneDNN's matmul (f32, bf16 x bf16, w8a8): taken by default only where AMX is granted
+    // (its AMX kernels beat moekit's AVX-512 ones); elsewhere when MOEKIT_KERNEL names it.
+    {&detail::kGemmOneDnn, nullptr, always, "nothing beyond x86-64 (oneDNN picks its own ISA)",
+     detail::onednn_preferred},
+#endif
 };
 
 // One member of every table entry, in table order (of the entries this CPU supports only,
@@ -474,6 +484,9 @@ const KernelEntry* entry_of(const GemmKernel& k) noexcept {
 // every format no allowed specialised kernel implements).
 struct Choice {
   std::vector<const KernelEntry*> allowed;  // slowest first, all supported
+  // Entries MOEKIT_KERNEL names: they take every format they implement; the others only
+  // those they are preferred for (KernelEntry::preferred).
+  std::vector<const KernelEntry*> named;
   const KernelEntry* general = nullptr;
   std::string error;
   std::string why;  // how the list was formed, for gemm_kernel_reason()
@@ -530,6 +543,7 @@ const Choice& choice() noexcept {
         return c;
       }
       take[i] = true;
+      c.named.push_back(&kTable[i]);
     }
     for (size_t i = 0; i < std::size(kTable); ++i)
       if (take[i]) {
@@ -558,6 +572,12 @@ bool gemm_kernel_supported(const GemmKernel& kernel) noexcept {
   return e != nullptr && e->supported();
 }
 
+bool gemm_kernel_by_default(const GemmKernel& kernel, WeightType type,
+                            bool bf16_activations) noexcept {
+  const KernelEntry* e = entry_of(kernel);
+  return e != nullptr && e->preferred(type, bf16_activations && !quantises_activations(type));
+}
+
 bool gemm_kernel_implements(const GemmKernel& kernel, WeightType type,
                             bool bf16_activations) noexcept {
   return kernel.implements(type, bf16_activations && !quantises_activations(type));
@@ -581,8 +601,13 @@ const GemmKernel& active_gemm_kernel() {
 const GemmKernel& active_gemm_kernel(WeightType type, bool bf16_activations) {
   const Choice& c = choice();
   MOEKIT_CHECK(c.general != nullptr, c.error);
-  for (auto it = c.allowed.rbegin(); it != c.allowed.rend(); ++it)
-    if (gemm_kernel_implements(*(*it)->kernel, type, bf16_activations)) return *(*it)->kernel;
+  const bool act = bf16_activations && !quantises_activations(type);
+  for (auto it = c.allowed.rbegin(); it != c.allowed.rend(); ++it) {
+    const KernelEntry* e = *it;
+    const bool named = std::find(c.named.begin(), c.named.end(), e) != c.named.end();
+    if (gemm_kernel_implements(*e->kernel, type, act) && (named || e->preferred(type, act)))
+      return *e->kernel;
+  }
   return *c.general->kernel;  // general kernels implement every format
 }
 

@@ -101,6 +101,16 @@ extern const GemmKernel kGemmAvx512Bf16;
 #if defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
 extern const GemmKernel kGemmAvx512Vnni;
 #endif
+#if defined(MOEKIT_HAVE_KERNEL_ONEDNN)
+extern const GemmKernel kGemmOneDnn;
+/// Whether oneDNN is expected to beat moekit's own kernels for the format on this CPU (AMX
+/// granted: bf16 x bf16 with AMX-BF16, w8a8 with AMX-INT8), so the table gives it the format
+/// without MOEKIT_KERNEL naming it.
+bool onednn_preferred(WeightType type, bool bf16_activations) noexcept;
+/// Whether this CPU has the integer dot-product instructions oneDNN's int8 matmul needs to
+/// sum exactly (VNNI; without them it multiplies in saturating int16 pairs).
+bool onednn_int8_exact() noexcept;
+#endif
 
 namespace {
 
@@ -114,6 +124,33 @@ constexpr int64_t int4_group_bytes(int64_t P, bool zero_points = false) noexcept
 /// (c < half), the depths interleaved in groups of g (1: depth rows of `half` bytes).
 constexpr int64_t nibble_index(int64_t q, int64_t c, int64_t half, int64_t g) noexcept {
   return (q / g) * g * half + g * c + q % g;
+}
+
+/// Writes the finished sums `acc[0, P)` of output row i, strip s (panel P) as the call's mode
+/// says (the portable kernels' epilogue; gated: act(gate) * up over the strip's halves).
+inline void epilogue_row(const GemmCall& g, int64_t i, int64_t s, const float* acc,
+                         int64_t P) noexcept {
+  float* row = g.out + i * g.ldo;
+  const int64_t half = P / 2;
+  if (g.mode == GemmMode::gated) {
+    for (int64_t j = 0; j < half && s * half + j < g.n; ++j)
+      row[s * half + j] = activate(g.act, acc[j]) * acc[half + j];
+    return;
+  }
+  for (int64_t j = 0; j < P && s * P + j < g.n; ++j) {
+    float& c = row[s * P + j];
+    switch (g.mode) {
+      case GemmMode::accumulate:
+        c = acc[j] + c;
+        break;
+      case GemmMode::act:
+        c = activate(g.act, acc[j]);
+        break;
+      default:
+        c = acc[j];
+        break;
+    }
+  }
 }
 
 /// A general kernel's GemmKernel::implements: every format.

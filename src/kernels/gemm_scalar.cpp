@@ -55,28 +55,8 @@ inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
   }
 }
 
-// Writes one finished row-strip `acc` (output row i, strip s) as the call's mode says.
 void epilogue(const GemmCall& g, int64_t i, int64_t s, const float (&acc)[kP]) noexcept {
-  float* row = g.out + i * g.ldo;
-  if (g.mode == GemmMode::gated) {
-    for (int64_t j = 0; j < kHalf && s * kHalf + j < g.n; ++j)
-      row[s * kHalf + j] = activate(g.act, acc[j]) * acc[kHalf + j];
-    return;
-  }
-  for (int64_t j = 0; j < kP && s * kP + j < g.n; ++j) {
-    float& c = row[s * kP + j];
-    switch (g.mode) {
-      case GemmMode::accumulate:
-        c = acc[j] + c;
-        break;
-      case GemmMode::act:
-        c = activate(g.act, acc[j]);
-        break;
-      default:
-        c = acc[j];
-        break;
-    }
-  }
+  epilogue_row(g, i, s, acc, kP);
 }
 
 template <WeightType T>

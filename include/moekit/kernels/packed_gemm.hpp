@@ -112,6 +112,14 @@ struct GemmKernel {
   /// bf16 weights with bf16 activations: depth pairs interleaved per column (`[k/2, panel, 2]`,
   /// the operand layout of vdpbf16ps) rather than `[k, panel]` with each pair's rows swapped.
   bool bf16_pairs = false;
+  /// bf16 weights with bf16 activations stored plain, `[k, panel]` in depth order (a library
+  /// kernel that sums in its own order); overrides bf16_pairs.
+  bool bf16_plain = false;
+  /// Plain GEMMs equal the scalar kernel's bit for bit (every moekit kernel: they sum each
+  /// output sequentially over k). False for a library kernel (oneDNN), which sums in its own
+  /// order: its f32 and bf16 results agree within float rounding, its w8a8 ones exactly
+  /// (integer sums).
+  bool bit_exact = true;
 };
 
 /// The kernels compiled into this build that this CPU can run, in table order: the portable
@@ -148,6 +156,12 @@ const GemmKernel& active_gemm_kernel(WeightType type, bool bf16_activations = fa
 
 /// Why active_gemm_kernel(type, bf16_activations) is the kernel it is, in one sentence.
 std::string gemm_kernel_reason(WeightType type, bool bf16_activations = false);
+
+/// Whether the table gives `kernel` the format (when it implements it) without MOEKIT_KERNEL
+/// naming it: true for moekit's own kernels; for a library kernel (oneDNN) only where it is
+/// expected to beat them (bf16 x bf16 with AMX-BF16, w8a8 with AMX-INT8, AMX granted).
+bool gemm_kernel_by_default(const GemmKernel& kernel, WeightType type,
+                            bool bf16_activations) noexcept;
 
 /// Whether `kernel` implements weights of `type` with (or without) bf16 activations.
 bool gemm_kernel_implements(const GemmKernel& kernel, WeightType type,

@@ -1,0 +1,193 @@
+// SPDX-License-Identifier: Apache-2.0
+// The packed GEMM on oneDNN's matmul (Debian's libdnnl-dev; built when MOEKIT_WITH_ONEDNN finds
+// it): a library implementation in moekit's kernel table beside its own kernels, for f32,
+// bf16 x bf16 and w8a8 (the latter where the CPU sums int8 exactly: VNNI or AMX). Strips of
+// 128 output columns stored plain (`[k, 128]`, depth-major: oneDNN's "ab" weights), so the
+// packed matrix is the same bytes any kernel's unpack_row reads. Each strip is one
+// single-threaded matmul (M = rows of a chunk, K = k, N = 128) into a scratch tile, then moekit's
+// epilogue (store, accumulate, activation, gated product); w8a8 gets exact int32 sums and
+// applies (float(sum) * row scale) * column scale as every other kernel does.
+//
+// Threads: moekit parallelises over (expert, row block, strip range) tasks itself; oneDNN runs
+// with one OpenMP thread per call (omp_set_num_threads(1) around primitive creation and
+// execution, restored after), so results do not depend on the thread count. Primitives are
+// created once per (format, M, K, row stride) on each thread and kept.
+//
+// oneDNN sums in its own order, so f32 and bf16 x bf16 agree with the moekit kernels within
+// float rounding only (GemmKernel::bit_exact is false); w8a8 agrees bit for bit.
+#include <omp.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <new>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tuple>
+#include <vector>
+
+#include "../gemm_internal.hpp"
+#include "moekit/cpu.hpp"
+
+namespace moekit::kernels::detail {
+namespace {
+
+constexpr int64_t kP = 128;
+constexpr int64_t kChunk = kRowChunk;  // rows per matmul (the a_pack scratch holds this many)
+
+using dt = dnnl::memory::data_type;
+
+// Sets the calling thread's OpenMP thread count to 1 for the scope (oneDNN then runs
+// sequentially inside it), and back.
+struct OneThread {
+  int saved = omp_get_max_threads();
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(saved); }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+};
+
+struct Context {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{engine};
+  // (source type, M, K, source row stride) -> matmul with `[K, kP]` plain weights.
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, dnnl::matmul> prims;
+  std::vector<float> tile;  // [kChunk, kP] f32 or s32 sums
+};
+
+Context& context() {
+  thread_local Context c;
+  return c;
+}
+
+const dnnl::matmul& matmul_for(Context& c, dt src, int64_t M, int64_t K, int64_t lda) {
+  const auto key = std::make_tuple(static_cast<int>(src), M, K, lda);
+  auto it = c.prims.find(key);
+  if (it != c.prims.end()) return it->second;
+  const dt wei = src == dt::u8 || src == dt::s8 ? dt::s8 : src;
+  const dt dst = src == dt::s8 ? dt::s32 : dt::f32;
+  const dnnl::memory::desc a({M, K}, src, dnnl::memory::dims{lda, 1});
+  const dnnl::memory::desc b({K, kP}, wei, dnnl::memory::dims{kP, 1});
+  const dnnl::memory::desc d({M, kP}, dst, dnnl::memory::dims{kP, 1});
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, d), c.engine);
+  return c.prims.emplace(key, dnnl::matmul(pd)).first->second;
+}
+
+// Rows [m0, m0 + mc) of the call against every strip of its range.
+void run_chunk(const GemmCall& g, Context& c, int64_t m0, int64_t mc) {
+  const int64_t k = g.k;
+  if (k == 0) {  // empty sums (oneDNN has no zero-depth matmul)
+    const float zeros[kP] = {};
+    for (int64_t s = g.strip_begin; s < g.strip_end; ++s)
+      for (int64_t i = 0; i < mc; ++i) epilogue_row(g, m0 + i, s, zeros, kP);
+    return;
+  }
+  const void* src = nullptr;
+  int64_t lda = k;
+  dt type = dt::f32;
+  const float* a_scale = nullptr;
+  switch (g.type) {
+    case WeightType::f32:
+      src = g.A + m0 * g.lda;
+      lda = g.lda;
+      break;
+    case WeightType::bf16: {  // bf16 x bf16: the rows rounded to bf16, in a_pack
+      type = dt::bf16;
+      auto* a = reinterpret_cast<uint16_t*>(g.a_pack);
+      for (int64_t i = 0; i < mc; ++i)
+        for (int64_t p = 0; p < k; ++p) a[i * k + p] = bf16_bits(g.A[(m0 + i) * g.lda + p]);
+      src = a;
+      break;
+    }
+    default: {  // w8a8: each row quantised to int8 (as quantize_s8), its scale after the rows
+      type = dt::s8;
+      auto* q = reinterpret_cast<int8_t*>(g.a_pack);
+      float* scales = g.a_pack + (mc * k + 3) / 4;
+      for (int64_t i = 0; i < mc; ++i) {
+        const float* row = g.A + (m0 + i) * g.lda;
+        scales[i] = int8_scale(abs_max(row, k));
+        for (int64_t p = 0; p < k; ++p) q[i * k + p] = quantize_s8(row[p], scales[i]);
+      }
+      src = q;
+      a_scale = scales;
+      break;
+    }
+  }
+  const dnnl::matmul& mm = matmul_for(c, type, mc, k, lda);
+  const dnnl::memory::desc a_md({mc, k}, type, dnnl::memory::dims{lda, 1});
+  const dt wei = type == dt::s8 ? dt::s8 : type;
+  const dnnl::memory::desc b_md({k, kP}, wei, dnnl::memory::dims{kP, 1});
+  const dnnl::memory::desc d_md({mc, kP}, type == dt::s8 ? dt::s32 : dt::f32,
+                                dnnl::memory::dims{kP, 1});
+  dnnl::memory a_mem(a_md, c.engine, const_cast<void*>(src));
+  dnnl::memory d_mem(d_md, c.engine, c.tile.data());
+  float sums[kP];
+  for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
+    dnnl::memory b_mem(b_md, c.engine, const_cast<uint8_t*>(g.data + s * g.strip_bytes));
+    mm.execute(c.stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, d_mem}});
+    c.stream.wait();
+    for (int64_t i = 0; i < mc; ++i) {
+      const float* acc = c.tile.data() + i * kP;
+      if (a_scale != nullptr) {
+        const auto* sum = reinterpret_cast<const int32_t*>(acc);
+        for (int64_t j = 0; j < kP; ++j)
+          sums[j] = static_cast<float>(sum[j]) * a_scale[i] * g.col_scale[s * kP + j];
+        acc = sums;
+      }
+      epilogue_row(g, m0 + i, s, acc, kP);
+    }
+  }
+}
+
+void run(const GemmCall& g) noexcept {
+  // oneDNN reports failures (out of memory, an unsupported shape) by exception; a GEMM has no
+  // error channel, so they end the process with the reason, as an allocation failure would.
+  try {
+    OneThread one;
+    Context& c = context();
+    c.tile.resize(static_cast<size_t>(kChunk * kP));
+    for (int64_t m0 = 0; m0 < g.m; m0 += kChunk) run_chunk(g, c, m0, g.m - m0 < kChunk ? g.m - m0 : kChunk);
+  } catch (const dnnl::error& e) {
+    std::fprintf(stderr, "moekit: oneDNN matmul failed: %s (status %d)\n", e.what(),
+                 static_cast<int>(e.status));
+    std::abort();
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "moekit: out of memory in the oneDNN GEMM\n");
+    std::abort();
+  }
+}
+
+bool implements(WeightType type, bool bf16_act) noexcept {
+  switch (type) {
+    case WeightType::f32:
+      return !bf16_act;
+    case WeightType::bf16:
+      return bf16_act;
+    case WeightType::w8a8:
+      return onednn_int8_exact();
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+bool onednn_int8_exact() noexcept {
+  const CpuFeatures& f = cpu_features();
+  return f.avx512_vnni || f.avx_vnni || f.amx_int8;
+}
+
+bool onednn_preferred(WeightType type, bool bf16_act) noexcept {
+  const CpuFeatures& f = cpu_features();
+  const bool format = (type == WeightType::bf16 && bf16_act && f.amx_bf16) ||
+                      (type == WeightType::w8a8 && f.amx_int8);
+  return format && request_amx_permission() == AmxPermission::granted;
+}
+
+extern const GemmKernel kGemmOneDnn;
+const GemmKernel kGemmOneDnn{"onednn", kP, 1, &run, &implements,
+                             /*int8_group=*/1, /*bf16_pairs=*/false, /*bf16_plain=*/true,
+                             /*bit_exact=*/false};
+
+}  // namespace moekit::kernels::detail
