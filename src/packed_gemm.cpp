@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Packed-weight GEMM: packing and quantisation of the weights (f32, bf16, int8, w8a8, fp8),
-// the run-time kernel table (scalar always; AVX2+FMA and AVX-512 when compiled in and the CPU
+// Packed-weight GEMM: packing the weights (the loop over columns; each format's quantiser and
+// layout is a row of the format table, src/kernels/formats/), the run-time kernel table (scalar always; AVX2+FMA and AVX-512 when compiled in and the CPU
 // has them; each entry carries the GEMM and the row kernels of its instruction set), and the
 // public entry points. The kernels live in src/kernels/.
 #include "moekit/kernels/packed_gemm.hpp"
@@ -17,6 +17,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "kernels/formats/formats.hpp"
 #include "kernels/gemm_internal.hpp"
 #include "kernels/rows_internal.hpp"
 #include "moekit/cpu.hpp"
@@ -29,25 +30,7 @@ namespace moekit::kernels {
 // ---------------------------------------------------------------------- weight types
 
 const char* to_string(WeightType t) noexcept {
-  switch (t) {
-    case WeightType::f32:
-      return "f32";
-    case WeightType::bf16:
-      return "bf16";
-    case WeightType::int8:
-      return "int8";
-    case WeightType::w8a8:
-      return "w8a8";
-    case WeightType::fp8:
-      return "fp8";
-    case WeightType::int4:
-      return "int4";
-    case WeightType::int4zp:
-      return "int4zp";
-    case WeightType::w4a8:
-      return "w4a8";
-  }
-  return "?";
+  return detail::is_weight_type(t) ? detail::weight_format(t).name : "?";
 }
 
 WeightType parse_weight_type(std::string_view name) {
@@ -59,20 +42,7 @@ WeightType parse_weight_type(std::string_view name) {
   moekit::detail::fail("weight type: expected one of ", all, "; got \"", name, "\"");
 }
 
-int64_t weight_type_bits(WeightType t) noexcept {
-  switch (t) {
-    case WeightType::f32:
-      return 32;
-    case WeightType::bf16:
-      return 16;
-    case WeightType::int4:
-    case WeightType::int4zp:
-    case WeightType::w4a8:
-      return 4;
-    default:
-      return 8;
-  }
-}
+int64_t weight_type_bits(WeightType t) noexcept { return detail::weight_format(t).bits; }
 
 int64_t weight_type_bytes(WeightType t) noexcept { return (weight_type_bits(t) + 7) / 8; }
 
@@ -113,10 +83,10 @@ struct PackedAccess {
     c.panel = W.panel();
     c.data = W.data_.data();
     c.strip_bytes = W.strip_bytes_;
-    c.col_scale =
-        W.type_ == WeightType::int8 || W.type_ == WeightType::w8a8 ? W.scales_.data() : nullptr;
-    c.fp8_scale = W.type_ == WeightType::fp8 ? W.scales_.data() : nullptr;
-    c.k_blocks = W.k_blocks_;
+    const ScaleKind scales = weight_format(W.type_).scales;
+    c.col_scale = scales == ScaleKind::per_column ? W.scales_.data() : nullptr;
+    c.fp8_scale = scales == ScaleKind::fp8_blocks ? W.scales_.data() : nullptr;
+    c.k_blocks = scales == ScaleKind::fp8_blocks ? (W.k_ + kFp8Block - 1) / kFp8Block : 0;
 #if defined(__SSE__) || defined(__x86_64__)
     c.daz = (_mm_getcsr() & 0x0040u) != 0;
 #else
@@ -124,40 +94,16 @@ struct PackedAccess {
 #endif
     return true;
   }
+
+  /// Where W's values are (the formats' view).
+  static PackLayout layout(const PackedMatrix& W) noexcept {
+    const int64_t P = W.panel();
+    return PackLayout{W.n_, W.k_, P, W.gated_ ? P / 2 : P, W.strips_, W.gated_, W.bf16_act_,
+                      W.kernel_};
+  }
 };
 
 namespace {
-
-/// Largest finite magnitude of the block rows [r0, r1) x depths [p0, p1) of `W` (stride ldw).
-float block_abs_max(const float* W, int64_t ldw, int64_t r0, int64_t r1, int64_t p0,
-                    int64_t p1) noexcept {
-  float m = 0.0f;
-  for (int64_t r = r0; r < r1; ++r) m = std::max(m, abs_max(W + r * ldw + p0, p1 - p0));
-  return m;
-}
-
-uint8_t fp8_code(float w, float scale) noexcept {
-  if (!(scale > 0.0f) || std::isnan(w)) return 0;
-  return float_to_fp8_e4m3(w / scale);
-}
-
-// The int4zp code of w with scale d (>= 0) and zero point zf: clamp(round(w / d) + z, 0, 15);
-// NaN or d = 0 -> the zero point (the value 0).
-uint8_t int4zp_code(float w, float d, float zf) noexcept {
-  if (!(d > 0.0f) || std::isnan(w)) return static_cast<uint8_t>(zf);
-  const float r = std::nearbyint(w / d);
-  if (r != r) return static_cast<uint8_t>(zf);
-  return static_cast<uint8_t>(std::clamp(r + zf, 0.0f, 15.0f));
-}
-
-// The int4 code (q + 8) of w with group scale d (either sign): q = clamp(round(w / d), -8,
-// 7), round to nearest even; NaN or d = 0 -> q = 0; infinities saturate.
-uint8_t int4_code(float w, float d) noexcept {
-  if (d == 0.0f || std::isnan(w)) return 8;
-  const float r = std::nearbyint(w / d);
-  if (r != r) return 8;
-  return static_cast<uint8_t>(std::clamp(r, -8.0f, 7.0f) + 8.0f);
-}
 
 }  // namespace
 }  // namespace detail
@@ -173,8 +119,9 @@ void PackedMatrix::pack_gated(const float* G, const float* U, int64_t f, int64_t
 
 void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_t k, int64_t ldw,
                              bool gated, const PackOptions& opt) {
-  using detail::kFp8Block;
   const char* who = gated ? "PackedMatrix::pack_gated" : "PackedMatrix::pack";
+  MOEKIT_CHECK(detail::is_weight_type(opt.type), who, ": weight type expected one of kWeightTypes, got enum value ",
+               static_cast<int>(opt.type));
   MOEKIT_CHECK(n >= 0 && k >= 0, who, ": shape expected >= 0, got [", n, ", ", k, "]");
   MOEKIT_CHECK(n == 0 || ldw >= k, who, ": row stride expected >= k = ", k, ", got ", ldw);
   MOEKIT_CHECK(n * k == 0 || (W0 != nullptr && (!gated || W1 != nullptr)), who,
@@ -191,8 +138,8 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   MOEKIT_CHECK(kern->implements(opt.type, bf16_act), who, ": kernel \"", kern->name,
                "\" does not implement ", to_string(opt.type), " weights with ",
                bf16_act ? "bf16" : "f32", " activations");
-  const int64_t P = kern->panel, half = P / 2, width = gated ? half : P;
-  MOEKIT_DEBUG_ASSERT(P % 2 == 0 && kFp8Block % P == 0);
+  const int64_t P = kern->panel, width = gated ? P / 2 : P;
+  MOEKIT_DEBUG_ASSERT(P % 2 == 0 && detail::kFp8Block % P == 0);
   kernel_ = kern;
   n_ = n;
   k_ = k;
@@ -200,190 +147,24 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   type_ = opt.type;
   bf16_act_ = bf16_act;
   strips_ = (n + width - 1) / width;
-  k_blocks_ = type_ == WeightType::fp8 ? (k + kFp8Block - 1) / kFp8Block : 0;
-  const int64_t eb = weight_type_bytes(type_);
-  // Depth layouts (see detail::GemmCall): w8a8 in groups of G; bf16 x bf16 in pairs.
-  const int64_t G = kern->int8_group;
-  const bool pairs = type_ == WeightType::bf16 && bf16_act_;
-  const int64_t k_store = type_ == WeightType::w8a8 ? (k + G - 1) / G * G
-                          : pairs                   ? k + (k & 1)
-                                                    : k;
-  const bool four = weight_type_bits(type_) == 4;
-  const int64_t group_bytes = detail::int4_group_bytes(P, type_ == WeightType::int4zp);
-  strip_bytes_ = four ? ((k + detail::kInt4Group - 1) / detail::kInt4Group * group_bytes + 63) / 64 * 64
-                      : (k_store * P * eb + 63) / 64 * 64;
+  const detail::WeightFormat& format = detail::weight_format(type_);
+  const detail::PackLayout L = detail::PackedAccess::layout(*this);
+  strip_bytes_ = (format.strip_bytes(L) + 63) / 64 * 64;
   data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
   scales_.clear();
-  if (type_ == WeightType::int8 || type_ == WeightType::w8a8)
-    scales_.assign(static_cast<size_t>(strips_ * P), 0.0f);
-
-  // FP8 block grids of the original matrices ([row blocks, k blocks] each; gate, then up).
-  const int64_t row_blocks = (n + kFp8Block - 1) / kFp8Block;
-  std::vector<float> grid;
-  if (type_ == WeightType::fp8) {
-    grid.assign(static_cast<size_t>((gated ? 2 : 1) * row_blocks * k_blocks_), 0.0f);
-    for (int h = 0; h < (gated ? 2 : 1); ++h)
-      for (int64_t rb = 0; rb < row_blocks; ++rb)
-        for (int64_t kb = 0; kb < k_blocks_; ++kb)
-          grid[static_cast<size_t>((h * row_blocks + rb) * k_blocks_ + kb)] =
-              detail::block_abs_max(h == 0 ? W0 : W1, ldw, rb * kFp8Block,
-                                    std::min(n, (rb + 1) * kFp8Block), kb * kFp8Block,
-                                    std::min(k, (kb + 1) * kFp8Block)) /
-              kFp8E4m3Max;
-    // The kernel's copy: per (strip, k block, strip half); a strip half lies in one row block.
-    scales_.assign(static_cast<size_t>(strips_ * k_blocks_ * 2), 0.0f);
-    for (int64_t s = 0; s < strips_; ++s)
-      for (int64_t kb = 0; kb < k_blocks_; ++kb)
-        for (int64_t hh = 0; hh < 2; ++hh) {
-          const int64_t h = gated ? hh : 0, rb = (gated ? s * half : s * P + hh * half) / kFp8Block;
-          scales_[static_cast<size_t>((s * k_blocks_ + kb) * 2 + hh)] =
-              grid[static_cast<size_t>((h * row_blocks + rb) * k_blocks_ + kb)];
-        }
-  }
-
+  if (format.prepare != nullptr) format.prepare(L, W0, W1, ldw, scales_);
   for (int h = 0; h < (gated ? 2 : 1); ++h)
     for (int64_t r = 0; r < n; ++r) {
-      const float* src = (h == 0 ? W0 : W1) + r * ldw;
-      const int64_t s = r / width, j = r % width + h * half;
-      uint8_t* S = data_.data() + s * strip_bytes_;
-      // The 4-bit code of depth row q of a group, packed column j: low nibble in the strip's
-      // first half, high nibble in the second (w4a8: depths interleaved in groups of G).
-      const int64_t nib_g = type_ == WeightType::w4a8 ? G : 1;
-      auto put_nibble = [half, j, nib_g](uint8_t* block, int64_t q, uint8_t code) {
-        uint8_t& byte = block[detail::nibble_index(q, j % half, half, nib_g)];
-        byte = j < half ? static_cast<uint8_t>((byte & 0xF0u) | code)
-                        : static_cast<uint8_t>((byte & 0x0Fu) | code << 4);
-      };
-      switch (type_) {
-        case WeightType::f32:
-          for (int64_t p = 0; p < k; ++p) std::memcpy(S + (p * P + j) * 4, src + p, 4);
-          break;
-        case WeightType::bf16:
-          for (int64_t p = 0; p < k; ++p) {
-            const uint16_t b = detail::bf16_bits(src[p]);
-            std::memcpy(S + bf16_index(p, j) * 2, &b, 2);
-          }
-          break;
-        case WeightType::int8:
-        case WeightType::w8a8: {
-          const float scale = detail::int8_scale(detail::abs_max(src, k));
-          scales_[static_cast<size_t>(s * P + j)] = scale;
-          for (int64_t p = 0; p < k; ++p) {
-            const int8_t q = detail::quantize_s8(src[p], scale);
-            if (type_ == WeightType::int8) {
-              S[p * P + j] = static_cast<uint8_t>(q);
-            } else {  // G = 4 (VNNI) stores q + 128 as an unsigned byte
-              S[(p / G) * G * P + G * j + p % G] =
-                  static_cast<uint8_t>(G == 4 ? q + 128 : static_cast<uint8_t>(q));
-            }
-          }
-          // w8a8 with G = 4: the padding depths of a real column must read as 0 (+ 128).
-          if (type_ == WeightType::w8a8 && G == 4)
-            for (int64_t p = k; p < k_store; ++p) S[(p / G) * G * P + G * j + p % G] = 128;
-          break;
-        }
-        case WeightType::fp8:
-          for (int64_t p = 0; p < k; ++p) {
-            const float scale = scales_[static_cast<size_t>((s * k_blocks_ + p / kFp8Block) * 2 +
-                                                            (j < half ? 0 : 1))];
-            S[p * P + j] = detail::fp8_code(src[p], scale);
-          }
-          break;
-        case WeightType::int4zp:
-          for (int64_t p0 = 0; p0 < k; p0 += detail::kInt4Group) {
-            const int64_t p1 = std::min(k, p0 + detail::kInt4Group);
-            uint8_t* block = S + p0 / detail::kInt4Group * group_bytes;
-            // GPTQ: the finite range widened to include 0; d = range / 15 in bf16; z, q.
-            float lo = 0.0f, hi = 0.0f;
-            for (int64_t p = p0; p < p1; ++p)
-              if (std::fabs(src[p]) <= FLT_MAX) {
-                lo = std::min(lo, src[p]);
-                hi = std::max(hi, src[p]);
-              }
-            const uint16_t d_bits = detail::bf16_bits((hi - lo) / 15.0f);
-            const float d = detail::bf16_to_float(d_bits);
-            const float zf = d > 0.0f ? std::clamp(std::nearbyint(-lo / d), 0.0f, 15.0f) : 0.0f;
-            std::memcpy(block + detail::kInt4Group * half + 2 * j, &d_bits, 2);
-            block[detail::kInt4Group * half + 2 * P + j] = static_cast<uint8_t>(zf);
-            for (int64_t p = p0; p < p1; ++p) {
-              put_nibble(block, p - p0, detail::int4zp_code(src[p], d, zf));
-            }
-          }
-          break;
-        case WeightType::int4:
-        case WeightType::w4a8:
-          for (int64_t p0 = 0; p0 < k; p0 += detail::kInt4Group) {
-            const int64_t p1 = std::min(k, p0 + detail::kInt4Group);
-            uint8_t* block = S + p0 / detail::kInt4Group * group_bytes;
-            // d = (the value of largest finite magnitude, signed) / -8, rounded to bf16.
-            float m = 0.0f;
-            for (int64_t p = p0; p < p1; ++p)
-              if (std::fabs(src[p]) <= FLT_MAX && std::fabs(src[p]) > std::fabs(m)) m = src[p];
-            const uint16_t d_bits = detail::bf16_bits(m / -8.0f);
-            const float d = detail::bf16_to_float(d_bits);
-            std::memcpy(block + detail::kInt4Group * half + 2 * j, &d_bits, 2);
-            for (int64_t p = p0; p < p1; ++p) {
-              put_nibble(block, p - p0, detail::int4_code(src[p], d));
-            }
-          }
-          break;
-      }
+      const int64_t s = r / width, j = r % width + h * (P / 2);
+      format.pack_column(L, (h == 0 ? W0 : W1) + r * ldw, data_.data() + s * strip_bytes_, s, j,
+                         scales_);
     }
-}
-
-int64_t PackedMatrix::bf16_index(int64_t p, int64_t j) const noexcept {
-  const int64_t P = panel();
-  if (!bf16_act_ || kernel_->bf16_plain) return p * P + j;
-  return kernel_->bf16_pairs ? (p / 2) * 2 * P + 2 * j + p % 2 : (p ^ 1) * P + j;
 }
 
 void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
-  const int64_t P = panel(), half = P / 2, width = gated_ ? half : P;
-  const int64_t s = r / width, j = r % width + (gated_ && up ? half : 0);
-  const int64_t G = kernel_->int8_group;
-  const uint8_t* S = strip_data(s);
-  for (int64_t p = 0; p < k_; ++p) {
-    switch (type_) {
-      case WeightType::f32:
-        std::memcpy(dst + p, S + (p * P + j) * 4, 4);
-        break;
-      case WeightType::bf16: {
-        uint16_t b;
-        std::memcpy(&b, S + bf16_index(p, j) * 2, 2);
-        dst[p] = detail::bf16_to_float(b);
-        break;
-      }
-      case WeightType::int8:
-        dst[p] = static_cast<float>(static_cast<int8_t>(S[p * P + j])) *
-                 scales_[static_cast<size_t>(s * P + j)];
-        break;
-      case WeightType::w8a8: {
-        const uint8_t b = S[(p / G) * G * P + G * j + p % G];
-        const int q = G == 4 ? int{b} - 128 : int{static_cast<int8_t>(b)};
-        dst[p] = static_cast<float>(q) * scales_[static_cast<size_t>(s * P + j)];
-        break;
-      }
-      case WeightType::fp8:
-        dst[p] = fp8_e4m3_to_float(S[p * P + j]) *
-                 scales_[static_cast<size_t>((s * k_blocks_ + p / detail::kFp8Block) * 2 +
-                                             (j < half ? 0 : 1))];
-        break;
-      case WeightType::int4:
-      case WeightType::int4zp:
-      case WeightType::w4a8: {
-        const bool zp = type_ == WeightType::int4zp;
-        const uint8_t* block = S + p / detail::kInt4Group * detail::int4_group_bytes(P, zp);
-        uint16_t d;
-        std::memcpy(&d, block + detail::kInt4Group * half + 2 * j, 2);
-        const int z = zp ? block[detail::kInt4Group * half + 2 * P + j] : 8;
-        const uint8_t byte = block[detail::nibble_index(p % detail::kInt4Group, j % half, half,
-                                                        type_ == WeightType::w4a8 ? G : 1)];
-        const int q = (j < half ? byte & 0x0F : byte >> 4) - z;
-        dst[p] = static_cast<float>(q) * detail::bf16_to_float(d);
-        break;
-      }
-    }
-  }
+  const detail::PackLayout L = detail::PackedAccess::layout(*this);
+  const int64_t s = r / L.width, j = r % L.width + (gated_ && up ? L.half() : 0);
+  detail::weight_format(type_).unpack_column(L, strip_data(s), scales_.data(), s, j, dst);
 }
 
 size_t packed_a_floats(int64_t m, int64_t k) noexcept {

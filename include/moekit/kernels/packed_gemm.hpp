@@ -218,12 +218,9 @@ class PackedMatrix {
   friend struct detail::PackedAccess;
   void pack_impl(const float* W0, const float* W1, int64_t n, int64_t k, int64_t ldw, bool gated,
                  const PackOptions& opt);
-  // Element index of bf16 depth p, packed column j, within a strip (layout by kernel).
-  int64_t bf16_index(int64_t p, int64_t j) const noexcept;
 
   int64_t n_ = 0, k_ = 0, strips_ = 0;
   int64_t strip_bytes_ = 0;  // bytes from one strip to the next (a multiple of 64)
-  int64_t k_blocks_ = 0;     // fp8: 128-deep blocks along k
   bool gated_ = false;
   WeightType type_ = WeightType::f32;
   bool bf16_act_ = false;
