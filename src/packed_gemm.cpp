@@ -149,22 +149,41 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   strips_ = (n + width - 1) / width;
   const detail::WeightFormat& format = detail::weight_format(type_);
   const detail::PackLayout L = detail::PackedAccess::layout(*this);
-  strip_bytes_ = (format.strip_bytes(L) + 63) / 64 * 64;
-  data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
+  const int64_t plain_bytes = (format.strip_bytes(L) + 63) / 64 * 64;
+  // A kernel with its own layout: the format packs into a plain copy, converted per strip.
+  const bool own = kern->to_own != nullptr;
+  strip_bytes_ = own ? (kern->own_strip_bytes(type_, bf16_act_, k, P) + 63) / 64 * 64 : plain_bytes;
+  std::vector<uint8_t, xsimd::aligned_allocator<uint8_t, 64>> plain;
+  plain.assign(static_cast<size_t>(strips_ * plain_bytes), 0);
   scales_.clear();
   if (format.prepare != nullptr) format.prepare(L, W0, W1, ldw, scales_);
   for (int h = 0; h < (gated ? 2 : 1); ++h)
     for (int64_t r = 0; r < n; ++r) {
       const int64_t s = r / width, j = r % width + h * (P / 2);
-      format.pack_column(L, (h == 0 ? W0 : W1) + r * ldw, data_.data() + s * strip_bytes_, s, j,
+      format.pack_column(L, (h == 0 ? W0 : W1) + r * ldw, plain.data() + s * plain_bytes, s, j,
                          scales_);
     }
+  if (!own) {
+    data_ = std::move(plain);
+    return;
+  }
+  data_.assign(static_cast<size_t>(strips_ * strip_bytes_), 0);
+  for (int64_t s = 0; s < strips_; ++s)
+    kern->to_own(type_, bf16_act_, k, plain.data() + s * plain_bytes, data_.data() + s * strip_bytes_);
 }
 
 void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
   const detail::PackLayout L = detail::PackedAccess::layout(*this);
   const int64_t s = r / L.width, j = r % L.width + (gated_ && up ? L.half() : 0);
-  detail::weight_format(type_).unpack_column(L, strip_data(s), scales_.data(), s, j, dst);
+  const detail::WeightFormat& format = detail::weight_format(type_);
+  if (kernel_->from_own == nullptr) {
+    format.unpack_column(L, strip_data(s), scales_.data(), s, j, dst);
+    return;
+  }
+  // The kernel's own layout: back to the format's for this strip (tests and I/O only).
+  std::vector<uint8_t> plain(static_cast<size_t>(format.strip_bytes(L)));
+  kernel_->from_own(type_, bf16_act_, k_, strip_data(s), plain.data());
+  format.unpack_column(L, plain.data(), scales_.data(), s, j, dst);
 }
 
 size_t packed_a_floats(int64_t m, int64_t k) noexcept {

@@ -120,6 +120,15 @@ struct GemmKernel {
   /// order: its f32 and bf16 results agree within float rounding, its w8a8 ones exactly
   /// (integer sums).
   bool bit_exact = true;
+  /// A kernel that keeps its strips in a layout of its own (a library's blocked weights):
+  /// the bytes of one strip (type, bf16 activations, depth k, panel), and the conversion of
+  /// one strip from the format's layout to its own and back. Null: the format's layout.
+  /// `to_own` may throw moekit::error (packing reports it).
+  int64_t (*own_strip_bytes)(WeightType type, bool bf16_act, int64_t k, int64_t panel) = nullptr;
+  void (*to_own)(WeightType type, bool bf16_act, int64_t k, const uint8_t* plain,
+                 uint8_t* own) = nullptr;
+  void (*from_own)(WeightType type, bool bf16_act, int64_t k, const uint8_t* own,
+                   uint8_t* plain) noexcept = nullptr;
 };
 
 /// The kernels compiled into this build that this CPU can run, in table order: the portable

@@ -2,16 +2,18 @@
 // The packed GEMM on oneDNN's matmul (Debian's libdnnl-dev; built when MOEKIT_WITH_ONEDNN finds
 // it): a library implementation in moekit's kernel table beside its own kernels, for f32,
 // bf16 x bf16 and w8a8 (the latter where the CPU sums int8 exactly: VNNI or AMX). Strips of
-// 128 output columns stored plain (`[k, 128]`, depth-major: oneDNN's "ab" weights), so the
-// packed matrix is the same bytes any kernel's unpack_row reads. Each strip is one
-// single-threaded matmul (M = rows of a chunk, K = k, N = 128) into a scratch tile, then moekit's
-// epilogue (store, accumulate, activation, gated product); w8a8 gets exact int32 sums and
-// applies (float(sum) * row scale) * column scale as every other kernel does.
+// 128 output columns, each reordered once at packing from the format's plain `[k, 128]` into
+// the blocked layout oneDNN's matmul chooses for it (GemmKernel::to_own; its size may differ:
+// padding, and int8 compensation). Each strip is one single-threaded matmul (M = rows of a
+// chunk, K = k, N = 128) into a scratch tile, then moekit's epilogue (store, accumulate,
+// activation, gated product); w8a8 gets exact int32 sums and applies (float(sum) * row scale)
+// * column scale as every other kernel does.
 //
 // Threads: moekit parallelises over (expert, row block, strip range) tasks itself; oneDNN runs
 // with one OpenMP thread per call (omp_set_num_threads(1) around primitive creation and
 // execution, restored after), so results do not depend on the thread count. Primitives are
-// created once per (format, M, K, row stride) on each thread and kept.
+// created once per (format, M, K, row stride) on each thread and kept; the weights' layout
+// once per (format, K) and process.
 //
 // oneDNN sums in its own order, so f32 and bf16 x bf16 agree with the moekit kernels within
 // float rounding only (GemmKernel::bit_exact is false); w8a8 agrees bit for bit.
@@ -22,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <new>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
@@ -29,6 +32,7 @@
 
 #include "../gemm_internal.hpp"
 #include "moekit/cpu.hpp"
+#include "moekit/error.hpp"
 
 namespace moekit::kernels::detail {
 namespace {
@@ -48,8 +52,83 @@ struct OneThread {
   OneThread& operator=(const OneThread&) = delete;
 };
 
+// oneDNN's types for a format: activations (src) and weights.
+dt src_type(WeightType type) noexcept {
+  return type == WeightType::w8a8 ? dt::s8 : type == WeightType::bf16 ? dt::bf16 : dt::f32;
+}
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+// The plain `[K, kP]` weights of one strip.
+dnnl::memory::desc plain_weights(dt type, int64_t K) {
+  return dnnl::memory::desc({K, kP}, type, dnnl::memory::dims{kP, 1});
+}
+
+// The blocked layout oneDNN's matmul wants for `[K, kP]` weights of this type (asked once per
+// (type, K), with a representative M; the matmuls for every M are created with it).
+dnnl::memory::desc blocked_weights(dt type, int64_t K) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int64_t>, dnnl::memory::desc> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(type), K);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  OneThread one;
+  const int64_t M = kChunk;
+  const dnnl::memory::desc a({M, K}, type, dnnl::memory::dims{K, 1});
+  const dnnl::memory::desc b({K, kP}, type, dnnl::memory::format_tag::any);
+  const dnnl::memory::desc d({M, kP}, type == dt::s8 ? dt::s32 : dt::f32, dnnl::memory::dims{kP, 1});
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, d), engine());
+  return cache.emplace(key, pd.weights_desc()).first->second;
+}
+
+// Reorders one strip between two layouts, single-threaded.
+void reorder_strip(const dnnl::memory::desc& from, const void* src, const dnnl::memory::desc& to,
+                   void* dst) {
+  OneThread one;
+  dnnl::stream stream(engine());
+  dnnl::memory s(from, engine(), const_cast<void*>(src)), d(to, engine(), dst);
+  dnnl::reorder(s, d).execute(stream, s, d);
+  stream.wait();
+}
+
+int64_t own_strip_bytes(WeightType type, bool, int64_t k, int64_t) {
+  if (k == 0) return 0;
+  try {
+    return static_cast<int64_t>(blocked_weights(src_type(type), k).get_size());
+  } catch (const dnnl::error& e) {
+    moekit::detail::fail("oneDNN: no matmul weights layout for ", to_string(type), " with k = ", k,
+                         ": ", e.what());
+  }
+}
+
+void to_own(WeightType type, bool, int64_t k, const uint8_t* plain, uint8_t* own) {
+  if (k == 0) return;
+  try {
+    const dt t = src_type(type);
+    reorder_strip(plain_weights(t, k), plain, blocked_weights(t, k), own);
+  } catch (const dnnl::error& e) {
+    moekit::detail::fail("oneDNN: reordering ", to_string(type), " weights with k = ", k,
+                         " failed: ", e.what());
+  }
+}
+
+void from_own(WeightType type, bool, int64_t k, const uint8_t* own, uint8_t* plain) noexcept {
+  if (k == 0) return;
+  try {
+    const dt t = src_type(type);
+    reorder_strip(blocked_weights(t, k), own, plain_weights(t, k), plain);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moekit: oneDNN reorder to plain weights failed: %s\n", e.what());
+    std::abort();
+  }
+}
+
 struct Context {
-  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::engine engine = moekit::kernels::detail::engine();
   dnnl::stream stream{engine};
   // (source type, M, K, source row stride) -> matmul with `[K, kP]` plain weights.
   std::map<std::tuple<int, int64_t, int64_t, int64_t>, dnnl::matmul> prims;
@@ -65,10 +144,9 @@ const dnnl::matmul& matmul_for(Context& c, dt src, int64_t M, int64_t K, int64_t
   const auto key = std::make_tuple(static_cast<int>(src), M, K, lda);
   auto it = c.prims.find(key);
   if (it != c.prims.end()) return it->second;
-  const dt wei = src == dt::u8 || src == dt::s8 ? dt::s8 : src;
   const dt dst = src == dt::s8 ? dt::s32 : dt::f32;
   const dnnl::memory::desc a({M, K}, src, dnnl::memory::dims{lda, 1});
-  const dnnl::memory::desc b({K, kP}, wei, dnnl::memory::dims{kP, 1});
+  const dnnl::memory::desc b = blocked_weights(src, K);
   const dnnl::memory::desc d({M, kP}, dst, dnnl::memory::dims{kP, 1});
   const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, d), c.engine);
   return c.prims.emplace(key, dnnl::matmul(pd)).first->second;
@@ -116,8 +194,7 @@ void run_chunk(const GemmCall& g, Context& c, int64_t m0, int64_t mc) {
   }
   const dnnl::matmul& mm = matmul_for(c, type, mc, k, lda);
   const dnnl::memory::desc a_md({mc, k}, type, dnnl::memory::dims{lda, 1});
-  const dt wei = type == dt::s8 ? dt::s8 : type;
-  const dnnl::memory::desc b_md({k, kP}, wei, dnnl::memory::dims{kP, 1});
+  const dnnl::memory::desc b_md = blocked_weights(type, k);
   const dnnl::memory::desc d_md({mc, kP}, type == dt::s8 ? dt::s32 : dt::f32,
                                 dnnl::memory::dims{kP, 1});
   dnnl::memory a_mem(a_md, c.engine, const_cast<void*>(src));
@@ -186,8 +263,17 @@ bool onednn_preferred(WeightType type, bool bf16_act) noexcept {
 }
 
 extern const GemmKernel kGemmOneDnn;
-const GemmKernel kGemmOneDnn{"onednn", kP, 1, &run, &implements,
-                             /*int8_group=*/1, /*bf16_pairs=*/false, /*bf16_plain=*/true,
-                             /*bit_exact=*/false};
+const GemmKernel kGemmOneDnn{"onednn",
+                             kP,
+                             1,
+                             &run,
+                             &implements,
+                             /*int8_group=*/1,
+                             /*bf16_pairs=*/false,
+                             /*bf16_plain=*/true,
+                             /*bit_exact=*/false,
+                             &own_strip_bytes,
+                             &to_own,
+                             &from_own};
 
 }  // namespace moekit::kernels::detail
