@@ -447,6 +447,44 @@ TEST_P(KernelsDtype, PackingSpecialValues) {
   }
 }
 
+// The quantisers round to nearest, ties to even, also exactly at the ties: with scale 1 (a
+// row whose largest magnitude is 127 for int8 / w8a8, a group whose largest-magnitude value
+// is -8 for the Q4_0 grid) the codes are the rounded values themselves.
+TEST_P(KernelsDtype, QuantisersRoundTiesToEven) {
+  std::vector<float> ties;
+  for (int i = -126; i <= 126; ++i) ties.push_back(static_cast<float>(i) + 0.5f);
+  for (float x : {0.49999997f, 0.50000006f, 1.4999999f, 2.5000002f, -0.49999997f, -2.4999998f})
+    ties.push_back(x);
+  std::vector<float> row = {127.0f};
+  row.insert(row.end(), ties.begin(), ties.end());
+  const int64_t k = static_cast<int64_t>(row.size());
+  std::vector<float> out(static_cast<size_t>(k));
+  for (WeightType t : {WeightType::int8, WeightType::w8a8}) {
+    if (!implements(t)) continue;
+    PackedMatrix p;
+    p.pack(row.data(), 1, k, k, opts(t));
+    p.unpack_row(0, false, out.data());
+    for (int64_t i = 1; i < k; ++i)
+      ASSERT_EQ(out[i], static_cast<float>(std::nearbyint(double(row[i])))) << mk::to_string(t) << " " << row[i];
+  }
+  for (WeightType t : {WeightType::int4, WeightType::w4a8}) {
+    if (!implements(t)) continue;
+    // groups of 32: -8 first (d = 1), then ties within [-8, 7]
+    std::vector<float> g4;
+    for (int grp = 0; grp < 4; ++grp) {
+      g4.push_back(-8.0f);
+      for (int i = 0; i < 31; ++i) g4.push_back(-7.5f + static_cast<float>((i + grp * 5) % 15));
+    }
+    const int64_t k4 = static_cast<int64_t>(g4.size());
+    std::vector<float> o4(static_cast<size_t>(k4));
+    PackedMatrix p;
+    p.pack(g4.data(), 1, k4, k4, opts(t));
+    p.unpack_row(0, false, o4.data());
+    for (int64_t i = 0; i < k4; ++i)
+      ASSERT_EQ(o4[i], static_cast<float>(std::nearbyint(double(g4[i])))) << mk::to_string(t) << " " << g4[i];
+  }
+}
+
 // Every type and epilogue against the double reference on random shapes with every row,
 // column and depth tail, random strip ranges (columns outside stay untouched), accumulate.
 TEST_P(KernelsDtype, EveryTypeMatchesReference) {
