@@ -6,9 +6,7 @@
 #include "moekit/kernels/packed_gemm.hpp"
 
 #include <algorithm>
-#include <cfloat>
 #include <cstdlib>
-#include <cstring>
 #include <iterator>
 #include <string>
 #include <vector>
@@ -22,7 +20,6 @@
 #include "kernels/rows_internal.hpp"
 #include "moekit/cpu.hpp"
 #include "moekit/error.hpp"
-#include "moekit/kernels/fp8.hpp"
 #include "moekit/kernels/gemm.hpp"
 
 namespace moekit::kernels {
@@ -87,8 +84,9 @@ struct PackedAccess {
     c.col_scale = scales == ScaleKind::per_column ? W.scales_.data() : nullptr;
     c.fp8_scale = scales == ScaleKind::fp8_blocks ? W.scales_.data() : nullptr;
     c.k_blocks = scales == ScaleKind::fp8_blocks ? (W.k_ + kFp8Block - 1) / kFp8Block : 0;
+    // Only fp8 widening depends on it (GemmCall::daz): no MXCSR read for the other formats.
 #if defined(__SSE__) || defined(__x86_64__)
-    c.daz = (_mm_getcsr() & 0x0040u) != 0;
+    c.daz = scales == ScaleKind::fp8_blocks && (_mm_getcsr() & 0x0040u) != 0;
 #else
     c.daz = false;
 #endif

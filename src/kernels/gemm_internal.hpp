@@ -107,9 +107,6 @@ extern const GemmKernel kGemmOneDnn;
 /// granted: bf16 x bf16 with AMX-BF16, w8a8 with AMX-INT8), so the table gives it the format
 /// without MOEKIT_KERNEL naming it.
 bool onednn_preferred(WeightType type, bool bf16_activations) noexcept;
-/// Whether this CPU has the integer dot-product instructions oneDNN's int8 matmul needs to
-/// sum exactly (VNNI; without them it multiplies in saturating int16 pairs).
-bool onednn_int8_exact() noexcept;
 #endif
 
 namespace {
@@ -195,6 +192,15 @@ inline float abs_max(const float* x, int64_t k) noexcept {
     m = a > m && a <= FLT_MAX ? a : m;
   }
   return m;
+}
+
+/// Quantises x[0, n) with its own symmetric int8 scale (returned) into out[0, n): the codes
+/// as int8, or as exact floats for the portable kernels.
+template <class T>
+inline float quantize_row(const float* x, int64_t n, T* out) noexcept {
+  const float s = int8_scale(abs_max(x, n));
+  for (int64_t p = 0; p < n; ++p) out[p] = static_cast<T>(quantize_s8(x[p], s));
+  return s;
 }
 
 }  // namespace

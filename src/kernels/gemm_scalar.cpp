@@ -89,8 +89,7 @@ void run_w8a8(const GemmCall& g) noexcept {
   float* q = g.a_pack;
   for (int64_t i = 0; i < g.m; ++i) {
     const float* src = g.A + i * g.lda;
-    const float a_scale = int8_scale(abs_max(src, g.k));
-    for (int64_t p = 0; p < g.k; ++p) q[p] = quantize_s8(src[p], a_scale);
+    const float a_scale = quantize_row(src, g.k, q);
     for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
       const int8_t* S = reinterpret_cast<const int8_t*>(g.data + s * g.strip_bytes);
       int32_t sum[kP] = {};
@@ -119,8 +118,7 @@ void run_w4a8(const GemmCall& g) noexcept {
     const float* src = g.A + i * g.lda;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const int64_t p0 = gi * kInt4Group, len = std::min(kInt4Group, g.k - p0);
-      a_scale[gi] = int8_scale(abs_max(src + p0, len));
-      for (int64_t p = p0; p < p0 + len; ++p) q[p] = quantize_s8(src[p], a_scale[gi]);
+      a_scale[gi] = quantize_row(src + p0, len, q + p0);
     }
     for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
       const uint8_t* S = g.data + s * g.strip_bytes;

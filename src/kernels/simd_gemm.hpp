@@ -341,6 +341,19 @@ struct SimdGemm {
     r.store_aligned(out);
   }
 
+  // G int8 codes (exact floats at q) as one 32-bit word of the integer dot product's operand
+  // (int16 pairs for G = 2, bytes for G = 4); adds them to `sum`.
+  static uint32_t code_word(const float* q, int64_t& sum) noexcept {
+    uint32_t word = 0;
+    for (int e = 0; e < G; ++e) {
+      const int v = static_cast<int>(q[e]);
+      sum += v;
+      word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(v)) << (16 * e)
+                     : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
+    }
+    return word;
+  }
+
   // Rows [0, m) quantised per row (over all k) to int8, G depths per 32-bit word in row tiles
   // (`[groups, MR]` words: int16 pairs for G = 2, bytes for G = 4, zeros past k); the row
   // scales go to `scale[0, m)`. G = 4 also stores each row's 128 * (sum of its codes), modulo
@@ -366,13 +379,7 @@ struct SimdGemm {
         for (int64_t j = n; j < L; ++j) q[j] = 0.0f;  // past k
         for (int64_t j = 0; j < L; j += G) {
           if (p0 + j >= k) break;
-          uint32_t word = 0;
-          for (int e = 0; e < G; ++e) {
-            const int v = static_cast<int>(q[j + e]);
-            sum += v;
-            word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(v)) << (16 * e)
-                           : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
-          }
+          const uint32_t word = code_word(q + j, sum);
           std::memcpy(dst + ((p0 + j) / G) * MR, &word, sizeof word);
         }
       }
@@ -904,18 +911,12 @@ struct SimdGemm {
             for (int64_t j = 0; j < L; ++j) q[j0 + j] = 0.0f;
           }
         }
-        int32_t sum = 0;
+        int64_t sum = 0;  // at most 32 x 127
         for (int64_t w = 0; w < kInt4Group / G; ++w) {
-          uint32_t word = 0;
-          for (int e = 0; e < G; ++e) {
-            const int v = static_cast<int>(q[w * G + e]);
-            sum += v;
-            word |= G == 2 ? static_cast<uint32_t>(static_cast<uint16_t>(v)) << (16 * e)
-                           : static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e);
-          }
+          const uint32_t word = code_word(q + w * G, sum);
           std::memcpy(dst + (gi * (kInt4Group / G) + w) * MR, &word, sizeof word);
         }
-        corr[i * groups + gi] = -8 * sum;
+        corr[i * groups + gi] = static_cast<int32_t>(-8 * sum);
       }
     }
   }

@@ -67,6 +67,15 @@ dnnl::memory::desc plain_weights(dt type, int64_t K) {
   return dnnl::memory::desc({K, kP}, type, dnnl::memory::dims{kP, 1});
 }
 
+// The matmul `[M, K] (rows lda apart) x [K, kP]` of a source type (weights of the same type,
+// int32 sums for int8, else f32), its weights in the layout `b`.
+dnnl::matmul::primitive_desc matmul_desc(dt type, int64_t M, int64_t K, int64_t lda,
+                                         const dnnl::memory::desc& b) {
+  const dnnl::memory::desc a({M, K}, type, dnnl::memory::dims{lda, 1});
+  const dnnl::memory::desc d({M, kP}, type == dt::s8 ? dt::s32 : dt::f32, dnnl::memory::dims{kP, 1});
+  return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, d), engine());
+}
+
 // The blocked layout oneDNN's matmul wants for `[K, kP]` weights of this type (asked once per
 // (type, K), with a representative M; the matmuls for every M are created with it).
 dnnl::memory::desc blocked_weights(dt type, int64_t K) {
@@ -77,12 +86,8 @@ dnnl::memory::desc blocked_weights(dt type, int64_t K) {
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   OneThread one;
-  const int64_t M = kChunk;
-  const dnnl::memory::desc a({M, K}, type, dnnl::memory::dims{K, 1});
-  const dnnl::memory::desc b({K, kP}, type, dnnl::memory::format_tag::any);
-  const dnnl::memory::desc d({M, kP}, type == dt::s8 ? dt::s32 : dt::f32, dnnl::memory::dims{kP, 1});
-  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, d), engine());
-  return cache.emplace(key, pd.weights_desc()).first->second;
+  const dnnl::memory::desc any({K, kP}, type, dnnl::memory::format_tag::any);
+  return cache.emplace(key, matmul_desc(type, kChunk, K, K, any).weights_desc()).first->second;
 }
 
 // Reorders one strip between two layouts, single-threaded.
@@ -127,11 +132,17 @@ void from_own(WeightType type, bool, int64_t k, const uint8_t* own, uint8_t* pla
   }
 }
 
+// A matmul and the layouts of its operands (the memory objects of each call are made from
+// them).
+struct Matmul {
+  dnnl::matmul prim;
+  dnnl::memory::desc a, b, d;
+};
+
 struct Context {
-  dnnl::engine engine = moekit::kernels::detail::engine();
-  dnnl::stream stream{engine};
-  // (source type, M, K, source row stride) -> matmul with `[K, kP]` plain weights.
-  std::map<std::tuple<int, int64_t, int64_t, int64_t>, dnnl::matmul> prims;
+  dnnl::stream stream{engine()};
+  // (source type, M, K, source row stride) -> matmul with blocked `[K, kP]` weights.
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, Matmul> prims;
   std::vector<float> tile;  // [kChunk, kP] f32 or s32 sums
 };
 
@@ -140,16 +151,13 @@ Context& context() {
   return c;
 }
 
-const dnnl::matmul& matmul_for(Context& c, dt src, int64_t M, int64_t K, int64_t lda) {
+const Matmul& matmul_for(Context& c, dt src, int64_t M, int64_t K, int64_t lda) {
   const auto key = std::make_tuple(static_cast<int>(src), M, K, lda);
   auto it = c.prims.find(key);
   if (it != c.prims.end()) return it->second;
-  const dt dst = src == dt::s8 ? dt::s32 : dt::f32;
-  const dnnl::memory::desc a({M, K}, src, dnnl::memory::dims{lda, 1});
-  const dnnl::memory::desc b = blocked_weights(src, K);
-  const dnnl::memory::desc d({M, kP}, dst, dnnl::memory::dims{kP, 1});
-  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, d), c.engine);
-  return c.prims.emplace(key, dnnl::matmul(pd)).first->second;
+  const auto pd = matmul_desc(src, M, K, lda, blocked_weights(src, K));
+  return c.prims.emplace(key, Matmul{dnnl::matmul(pd), pd.src_desc(), pd.weights_desc(), pd.dst_desc()})
+      .first->second;
 }
 
 // Rows [m0, m0 + mc) of the call against every strip of its range.
@@ -182,27 +190,19 @@ void run_chunk(const GemmCall& g, Context& c, int64_t m0, int64_t mc) {
       type = dt::s8;
       auto* q = reinterpret_cast<int8_t*>(g.a_pack);
       float* scales = g.a_pack + (mc * k + 3) / 4;
-      for (int64_t i = 0; i < mc; ++i) {
-        const float* row = g.A + (m0 + i) * g.lda;
-        scales[i] = int8_scale(abs_max(row, k));
-        for (int64_t p = 0; p < k; ++p) q[i * k + p] = quantize_s8(row[p], scales[i]);
-      }
+      for (int64_t i = 0; i < mc; ++i) scales[i] = quantize_row(g.A + (m0 + i) * g.lda, k, q + i * k);
       src = q;
       a_scale = scales;
       break;
     }
   }
-  const dnnl::matmul& mm = matmul_for(c, type, mc, k, lda);
-  const dnnl::memory::desc a_md({mc, k}, type, dnnl::memory::dims{lda, 1});
-  const dnnl::memory::desc b_md = blocked_weights(type, k);
-  const dnnl::memory::desc d_md({mc, kP}, type == dt::s8 ? dt::s32 : dt::f32,
-                                dnnl::memory::dims{kP, 1});
-  dnnl::memory a_mem(a_md, c.engine, const_cast<void*>(src));
-  dnnl::memory d_mem(d_md, c.engine, c.tile.data());
+  const Matmul& mm = matmul_for(c, type, mc, k, lda);
+  dnnl::memory a_mem(mm.a, engine(), const_cast<void*>(src));
+  dnnl::memory d_mem(mm.d, engine(), c.tile.data());
   float sums[kP];
   for (int64_t s = g.strip_begin; s < g.strip_end; ++s) {
-    dnnl::memory b_mem(b_md, c.engine, const_cast<uint8_t*>(g.data + s * g.strip_bytes));
-    mm.execute(c.stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, d_mem}});
+    dnnl::memory b_mem(mm.b, engine(), const_cast<uint8_t*>(g.data + s * g.strip_bytes));
+    mm.prim.execute(c.stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, d_mem}});
     c.stream.wait();
     for (int64_t i = 0; i < mc; ++i) {
       const float* acc = c.tile.data() + i * kP;
@@ -235,6 +235,13 @@ void run(const GemmCall& g) noexcept {
   }
 }
 
+// Whether this CPU has the integer dot-product instructions oneDNN's int8 matmul needs to sum
+// exactly (VNNI or AMX-INT8; without them it multiplies in saturating int16 pairs).
+bool onednn_int8_exact() noexcept {
+  const CpuFeatures& f = cpu_features();
+  return f.avx512_vnni || f.avx_vnni || f.amx_int8;
+}
+
 bool implements(WeightType type, bool bf16_act) noexcept {
   switch (type) {
     case WeightType::f32:
@@ -249,11 +256,6 @@ bool implements(WeightType type, bool bf16_act) noexcept {
 }
 
 }  // namespace
-
-bool onednn_int8_exact() noexcept {
-  const CpuFeatures& f = cpu_features();
-  return f.avx512_vnni || f.avx_vnni || f.amx_int8;
-}
 
 bool onednn_preferred(WeightType type, bool bf16_act) noexcept {
   const CpuFeatures& f = cpu_features();
