@@ -23,6 +23,7 @@ namespace {
 
 using moekit::Batch;
 using moekit::DropPolicy;
+using moekit::GroupScore;
 using moekit::RouterScratch;
 using moekit::RoutingPlan;
 using moekit::ScoreFunc;
@@ -62,6 +63,9 @@ ref::TopKParams to_ref(const TopKOptions& o, const std::vector<float>& bias) {
   p.bias.assign(bias.begin(), bias.end());
   p.n_group = o.n_group;
   p.topk_group = o.topk_group;
+  p.group_score = o.group_score == GroupScore::top2_sum ? ref::GroupScore::top2_sum
+                  : o.group_score == GroupScore::max    ? ref::GroupScore::max
+                                                        : ref::GroupScore::topk_sum;
   p.capacity_factor = o.capacity_factor;
   p.min_capacity = o.min_capacity;
   p.drop_policy = o.drop_policy == DropPolicy::score      ? ref::DropPolicy::score
@@ -138,6 +142,9 @@ RouteCase random_case(Rng& rng, const Knobs& kn = {}) {
     o.n_group = G;
     o.topk_group = rng.integer(1, G);
     o.k = rng.integer(1, std::min<int64_t>(o.topk_group * g, rng.coin(0.6) ? 8 : 64));
+    o.group_score = std::vector<GroupScore>{GroupScore::top2_sum, GroupScore::max,
+                                            GroupScore::topk_sum}[static_cast<size_t>(rng.integer(0, 2))];
+    if (o.group_score == GroupScore::topk_sum && o.k < o.topk_group) o.group_score = GroupScore::max;
   } else {
     o.num_experts = rng.integer(1, 64);
     o.k = rng.integer(1, std::min<int64_t>(o.num_experts, rng.coin(0.6) ? 8 : 64));
@@ -353,6 +360,16 @@ TEST(TopKReference, HandComputedGroupsBiasAndCapacity) {
   EXPECT_EQ(r.token[0].slots[1].expert, 4);
   EXPECT_NEAR(r.token[0].slots[0].weight, s(1.0), 1e-15);
   EXPECT_EQ(r.token[0].group_order[0], 2);
+  // DeepSeek-V2's rule (group score = best member): g0 = s(1) = .731, g1 = s(2) = .881,
+  // g2 = s(.5) = .622, g3 = s(-2) + .5 = .619 -> groups 1 and 0; experts 2, 1.
+  c.opt.group_score = GroupScore::max;
+  ref::TopKParams pm = to_ref(c.opt, {});
+  pm.bias = p.bias;
+  const ref::Routing rm = ref::route_topk(pm, c.W.data(), c.x.data(), 1);
+  EXPECT_EQ(rm.token[0].slots[0].expert, 2);
+  EXPECT_EQ(rm.token[0].slots[1].expert, 1);
+  EXPECT_EQ(rm.token[0].group_order[0], 1);
+  EXPECT_EQ(rm.token[0].group_order[1], 0);
   // Capacity: 5 identical tokens, k = 1, E = 2, factor 1 -> C = ceil(2.5) = 3.
   ref::TopKParams q = to_ref(options(2, 1, 1), {});
   q.capacity_factor = 1.0;
@@ -588,6 +605,8 @@ TEST(TopKGroups, EachGroupCountMatchesReference) {
       c.opt.n_group = G;
       c.opt.topk_group = rng.integer(1, G);
       c.opt.k = rng.integer(1, c.opt.topk_group * g);
+      c.opt.group_score = i % 3 == 0 ? GroupScore::top2_sum : i % 3 == 1 ? GroupScore::max : GroupScore::topk_sum;
+      if (c.opt.group_score == GroupScore::topk_sum) c.opt.k = std::max(c.opt.k, c.opt.topk_group);
       c.opt.topk_then_softmax = false;
       c.opt.score_func = rng.coin(0.6) ? ScoreFunc::sigmoid : ScoreFunc::softmax;
       c.W = rng.vec(static_cast<size_t>(c.opt.num_experts * c.opt.hidden), 3.0 / std::sqrt(double(c.opt.hidden)));

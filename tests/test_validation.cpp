@@ -177,6 +177,16 @@ TEST(ValidateTopK, KAboveKeptGroups) {
   expect_error([&] { make_topk(o); }, {"k expected <= topk_group * E / n_group = 2", "got 3"});
 }
 
+TEST(ValidateTopK, TopkSumNeedsKAtLeastTopkGroup) {
+  TopKOptions o = topk_options(8, 1, 3);
+  o.n_group = 4;
+  o.topk_group = 2;
+  o.group_score = GroupScore::topk_sum;
+  expect_error([&] { make_topk(o); }, {"group_score topk_sum", "k expected >= topk_group = 2", "got 1"});
+  o.group_score = static_cast<GroupScore>(7);
+  expect_error([&] { make_topk(o); }, {"group_score expected top2_sum, max or topk_sum", "got 7"});
+}
+
 TEST(ValidateTopK, NegativeNGroup) {
   TopKOptions o = topk_options(8, 1, 3);
   o.n_group = -1;

@@ -27,7 +27,7 @@ constexpr int kMaxConfigDepth = 32;
 using json = nlohmann::json;
 using detail::Reader;
 
-const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch";
+const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch";
 
 // The HF config-class defaults of each model type (transformers' configuration_*.py).
 LayerConfig defaults_for(const std::string& preset, const std::string& where) {
@@ -47,10 +47,14 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
     r.hidden = 2048; c.experts.intermediate = 768; r.num_experts = 128; r.k = 8;
   } else if (preset == "olmoe") {  // OlmoeConfig
     r.hidden = 2048; c.experts.intermediate = 2048; r.num_experts = 64; r.k = 8;
+  } else if (preset == "deepseek_v2") {  // DeepseekV2Config (num_experts_per_tok: V2's 6)
+    r.hidden = 4096; c.experts.intermediate = 1407; r.num_experts = 64; r.k = 6;
+    r.group_score = GroupScore::max;
+    c.shared = SharedExpertConfig{2 * 1407, false, "shared_experts."};
   } else if (preset == "deepseek_v3") {  // DeepseekV3Config
     r.hidden = 7168; c.experts.intermediate = 2048; r.num_experts = 256; r.k = 8;
     r.score_func = ScoreFunc::sigmoid; r.norm_topk_prob = true; r.routed_scaling_factor = 2.5f;
-    r.n_group = 8; r.topk_group = 4;
+    r.n_group = 8; r.topk_group = 4; r.group_score = GroupScore::top2_sum;
     c.router_bias = true;
     c.shared = SharedExpertConfig{2048, false, "shared_experts."};
   } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
@@ -102,11 +106,69 @@ void finish(LayerConfig& c, const std::string& where) {
   }
 }
 
+// Shared experts of n_shared x moe_intermediate_size (DeepSeek V2 / V3); 0: none; missing or
+// null: `dflt` (DeepseekV2Moe builds none for None).
+void deepseek_shared(Reader& rd, LayerConfig& c, const std::string& origin, int64_t dflt) {
+  const int64_t ns = rd.integer("n_shared_experts", dflt);
+  MOEKIT_CHECK(ns >= 0, origin, ".n_shared_experts: expected >= 0, got ", ns);
+  if (ns == 0) {
+    c.shared.reset();
+    return;
+  }
+  int64_t f = 0;
+  MOEKIT_CHECK(!__builtin_mul_overflow(ns, c.experts.intermediate, &f), origin, ".n_shared_experts: ", ns,
+               " x moe_intermediate_size ", c.experts.intermediate, " overflows int64");
+  if (!c.shared) c.shared = SharedExpertConfig{f, false, "shared_experts."};
+  c.shared->intermediate = f;
+}
+
+// DeepseekV2Moe (HF modeling_deepseek_v2.py): softmax scores in f32; topk_method "greedy"
+// (plain top-k) or "group_limited_greedy" (group score = the group's best score); weights
+// = the chosen scores x routed_scaling_factor, never renormalised (HF's DeepseekV2Moe reads
+// no norm_topk_prob; DeepSeek's own modeling code normalises instead of scaling when it is
+// true, so a config with true is ambiguous and refused); shared experts always added.
+void parse_deepseek_v2(Reader& rd, const json& j, LayerConfig& c, const std::string& origin) {
+  TopKOptions& r = c.router;
+  const bool norm = rd.boolean("norm_topk_prob", false);
+  MOEKIT_CHECK(!norm, origin,
+               ".norm_topk_prob: expected false for deepseek_v2 (HF's DeepseekV2Moe ignores it and scales by "
+               "routed_scaling_factor; DeepSeek's modeling_deepseek.py renormalises without scaling), got true");
+  const std::string sf = rd.string("scoring_func", "softmax");
+  MOEKIT_CHECK(sf == "softmax", origin, ".scoring_func: expected \"softmax\" for deepseek_v2 (DeepseekV2Moe), got \"",
+               sf, "\"");
+  MOEKIT_CHECK(!rd.boolean("mlp_bias", false), origin,
+               ".mlp_bias: expected false (moekit's experts have no biases), got true");
+  r.routed_scaling_factor = static_cast<float>(rd.number("routed_scaling_factor", r.routed_scaling_factor));
+  const std::string tm = rd.string("topk_method", "greedy");
+  MOEKIT_CHECK(tm == "greedy" || tm == "group_limited_greedy", origin,
+               ".topk_method: expected greedy or group_limited_greedy for deepseek_v2, got \"", tm, "\"");
+  // n_group / topk_group default to None in DeepseekV2Config and are read only by
+  // group_limited_greedy.
+  const int64_t ng = rd.integer("n_group", 0), tg = rd.integer("topk_group", 0);
+  if (tm == "group_limited_greedy") {
+    MOEKIT_CHECK(ng >= 1 && tg >= 1, origin,
+                 ".n_group / .topk_group: expected integers >= 1 with topk_method group_limited_greedy, got ", ng,
+                 " / ", tg);
+    r.n_group = ng;
+    r.topk_group = tg;
+    r.group_score = GroupScore::max;
+  } else {
+    r.n_group = 0;
+  }
+  r.norm_topk_prob = false;
+  r.score_func = ScoreFunc::softmax;
+  const bool null_shared = j.contains("n_shared_experts") && j["n_shared_experts"].is_null();
+  deepseek_shared(rd, c, origin, null_shared ? 0 : 2);
+}
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
-  static const std::set<std::string> hf_types = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"};
-  MOEKIT_CHECK(hf_types.count(mt) != 0, origin, ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, got \"", mt, "\"");
+  static const std::set<std::string> hf_types = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                                  "deepseek_v3"};
+  MOEKIT_CHECK(hf_types.count(mt) != 0, origin,
+               ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, got \"",
+               mt, "\"");
   LayerConfig c = defaults_for(mt, origin + ".model_type");
   c.origin = "hf";
   TopKOptions& r = c.router;
@@ -122,12 +184,17 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
   } else if (mt == "qwen2_moe" || mt == "qwen3_moe") {
     c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
     r.num_experts = rd.integer("num_experts", r.num_experts);
-  } else {  // deepseek_v3
+  } else {  // deepseek_v2, deepseek_v3
     c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
     r.num_experts = rd.integer("n_routed_experts", r.num_experts);
   }
+  // DeepseekV2Config has no default for num_experts_per_tok (None): a V2 config must set it.
+  MOEKIT_CHECK(mt != "deepseek_v2" || (j.contains("num_experts_per_tok") && !j["num_experts_per_tok"].is_null()),
+               origin, ".num_experts_per_tok: expected an integer (DeepseekV2Config has no default), got ",
+               j.contains("num_experts_per_tok") ? "null" : "no such key");
   r.k = rd.integer("num_experts_per_tok", r.k);
-  if (mt != "mixtral") r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
+  if (mt != "mixtral" && mt != "deepseek_v2") r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
+  if (mt == "deepseek_v2") parse_deepseek_v2(rd, j, c, origin);
   if (mt == "qwen2_moe") {
     c.shared->intermediate = rd.integer("shared_expert_intermediate_size", c.shared->intermediate);
     if (c.shared->intermediate == 0) c.shared.reset();
@@ -145,16 +212,8 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
                  ".topk_method: expected noaux_tc or greedy, got \"", tm, "\"");
     c.router_bias = tm == "noaux_tc";
     if (tm == "greedy") r.n_group = 0;
-    const int64_t ns = rd.integer("n_shared_experts", 1);
-    MOEKIT_CHECK(ns >= 0, origin, ".n_shared_experts: expected >= 0, got ", ns);
-    if (ns == 0) c.shared.reset();
-    else {
-      int64_t f = 0;
-      MOEKIT_CHECK(!__builtin_mul_overflow(ns, c.experts.intermediate, &f), origin,
-                   ".n_shared_experts: ", ns, " x moe_intermediate_size ", c.experts.intermediate,
-                   " overflows int64");
-      c.shared->intermediate = f;
-    }
+    r.group_score = GroupScore::top2_sum;
+    deepseek_shared(rd, c, origin, 1);
   }
   finish(c, origin);
   return c;
@@ -181,6 +240,21 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
   r.n_group = rr.integer("n_group", r.n_group);
   r.topk_group = rr.integer("topk_group", r.topk_group);
+  if (rr.has("group_score")) {
+    const std::string gs = rr.string("group_score", "");
+    if (gs == "top2_sum") r.group_score = GroupScore::top2_sum;
+    else if (gs == "max") r.group_score = GroupScore::max;
+    else if (gs == "topk_sum") r.group_score = GroupScore::topk_sum;
+    else detail::fail(rr.where(), ".group_score: expected \"top2_sum\", \"max\" or \"topk_sum\", got \"", gs, "\"");
+  } else {
+    // Each model's rule differs (DeepSeek-V3 top2_sum with its bias, DeepSeek-V2 max, Megatron
+    // topk_sum): groups without a preset that fixes the rule, or a bias that implies V3's, must
+    // say which.
+    const bool preset_rule = c.preset == "deepseek_v2" || c.preset == "deepseek_v3";
+    MOEKIT_CHECK(r.n_group <= 1 || preset_rule || c.router_bias, rr.where(),
+                 ".group_score: required with n_group > 1 and no e_score_correction_bias: \"top2_sum\" "
+                 "(DeepSeek-V3), \"max\" (DeepSeek-V2) or \"topk_sum\" (Megatron)");
+  }
   r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
   r.min_capacity = rr.integer("min_capacity", r.min_capacity);
   rr.mark("drop_policy");

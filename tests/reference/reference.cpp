@@ -114,7 +114,19 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
       for (int64_t gi = 0; gi < G; ++gi) {
         std::vector<double> members(sel.begin() + gi * g, sel.begin() + (gi + 1) * g);
         std::sort(members.begin(), members.end(), std::greater<>());
-        tr.group_scores[static_cast<size_t>(gi)] = g == 1 ? members[0] : members[0] + members[1];
+        double gs = 0.0;
+        switch (p.group_score) {
+          case GroupScore::top2_sum:
+            gs = g == 1 ? members[0] : members[0] + members[1];
+            break;
+          case GroupScore::max:
+            gs = members[0];
+            break;
+          case GroupScore::topk_sum:
+            for (int64_t i = 0; i < std::min(p.k / p.topk_group, g); ++i) gs += members[static_cast<size_t>(i)];
+            break;
+        }
+        tr.group_scores[static_cast<size_t>(gi)] = gs;
       }
       tr.group_order = descending_order(tr.group_scores);
       for (int64_t j = p.topk_group; j < G; ++j) {

@@ -20,6 +20,9 @@ namespace ref {
 // ------------------------------------------------------------------------ routing
 enum class ScoreFunc { softmax, sigmoid };
 enum class DropPolicy { score, position, position_slot_major };
+/// Group score: sum of the best two (DeepSeek-V3), the best (DeepSeek-V2), the sum of the best
+/// k / topk_group (Megatron).
+enum class GroupScore { top2_sum, max, topk_sum };
 
 /// Mirrors ROUTING.md section 1 (all in double).
 struct TopKParams {
@@ -33,6 +36,7 @@ struct TopKParams {
   std::vector<double> bias;         ///< [E] selection-only bias; empty = none
   int64_t n_group = 0;              ///< <= 1: no groups
   int64_t topk_group = 0;
+  GroupScore group_score = GroupScore::top2_sum;
   double capacity_factor = 0.0;     ///< 0 = dropless
   int64_t min_capacity = 0;
   DropPolicy drop_policy = DropPolicy::score;

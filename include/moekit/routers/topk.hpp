@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -21,6 +22,12 @@ namespace moekit {
 
 /// How router logits become scores.
 enum class ScoreFunc { softmax, sigmoid };
+
+/// How group-limited selection scores a group (from its experts' selection scores, bias
+/// included): DeepSeek-V3 the sum of its two best (a one-expert group: that expert),
+/// DeepSeek-V2 (`group_limited_greedy`) its best, Megatron (`moe_router_group_topk`) the sum
+/// of its best k / topk_group.
+enum class GroupScore { top2_sum, max, topk_sum };
 
 /// Training-time router noise (ROUTING.md section 1); never on for inference.
 enum class TrainingNoise {
@@ -46,6 +53,7 @@ struct TopKOptions {
   /// n_group <= 1 disables it.
   int64_t n_group = 0;
   int64_t topk_group = 0;
+  GroupScore group_score = GroupScore::top2_sum;
   /// Capacity factor; 0 means dropless. C = max(min_capacity, ceil((T k / E) * factor)).
   double capacity_factor = 0.0;
   int64_t min_capacity = 0;
@@ -81,6 +89,14 @@ struct TopKOptions {
       MOEKIT_CHECK(k <= topk_group * (num_experts / n_group),
                    "topk router: k expected <= topk_group * E / n_group = ",
                    topk_group * (num_experts / n_group), ", got ", k);
+      MOEKIT_CHECK(group_score == GroupScore::top2_sum || group_score == GroupScore::max ||
+                       group_score == GroupScore::topk_sum,
+                   "topk router: group_score expected top2_sum, max or topk_sum, got ",
+                   static_cast<int>(group_score));
+      MOEKIT_CHECK(group_score != GroupScore::topk_sum || k >= topk_group,
+                   "topk router: group_score topk_sum sums each group's best k / topk_group "
+                   "scores: k expected >= topk_group = ",
+                   topk_group, ", got ", k);
     } else {
       MOEKIT_CHECK(n_group >= 0, "topk router: n_group expected >= 0, got ", n_group);
     }
@@ -264,7 +280,7 @@ class TopKRouter {
       }
       for (int64_t e = 0; e < E; ++e) sel[e] = score[e] + (bias_.empty() ? 0.0f : bias_[static_cast<size_t>(e)]);
     }
-    if (opt_.grouped()) mask_groups(sel, buf + 3 * E, idx + E);
+    if (opt_.grouped()) mask_groups(sel, buf + 3 * E, idx + E, buf + 2 * E);
     for (int64_t e = 0; e < E; ++e) idx[e] = static_cast<int32_t>(e);
     std::partial_sort(idx, idx + k, idx + E, [sel](int32_t a, int32_t b) {
       return sel[a] > sel[b] || (sel[a] == sel[b] && a < b);
@@ -301,34 +317,54 @@ class TopKRouter {
   }
 
  private:
-  // Keeps the topk_group best groups (group score: sum of the top-2 selection scores, a
-  // one-expert group scores that expert; ties to the lower group) and sets the others to -inf.
-  void mask_groups(float* sel, float* gscore, int32_t* gidx) const noexcept {
+  // Keeps the topk_group best groups (group score: opt_.group_score over the selection
+  // scores; ties to the lower group) and sets the others to -inf. `tmp` holds E / n_group
+  // floats (topk_sum).
+  void mask_groups(float* sel, float* gscore, int32_t* gidx, float* tmp) const noexcept {
     const int64_t G = opt_.n_group, g = opt_.num_experts / G;
+    const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t gi = 0; gi < G; ++gi) {
       const float* s = sel + gi * g;
-      if (g == 1) {
-        gscore[gi] = s[0];
-        continue;
-      }
-      float a = -std::numeric_limits<float>::infinity(), b = a;  // a >= b: top-2
-      for (int64_t i = 0; i < g; ++i) {
-        if (s[i] > a) {
-          b = a;
-          a = s[i];
-        } else if (s[i] > b) {
-          b = s[i];
+      switch (opt_.group_score) {
+        case GroupScore::max: {
+          float a = s[0];
+          for (int64_t i = 1; i < g; ++i) a = std::max(a, s[i]);
+          gscore[gi] = a;
+          break;
+        }
+        case GroupScore::topk_sum: {  // best m = k / topk_group, summed in descending order
+          const int64_t m = std::min<int64_t>(opt_.k / opt_.topk_group, g);
+          std::copy(s, s + g, tmp);
+          std::partial_sort(tmp, tmp + m, tmp + g, std::greater<float>());
+          float sum = 0.0f;
+          for (int64_t i = 0; i < m; ++i) sum += tmp[i];
+          gscore[gi] = sum;
+          break;
+        }
+        default: {
+          if (g == 1) {
+            gscore[gi] = s[0];
+            break;
+          }
+          float a = ninf, b = ninf;  // a >= b: top-2
+          for (int64_t i = 0; i < g; ++i) {
+            if (s[i] > a) {
+              b = a;
+              a = s[i];
+            } else if (s[i] > b) {
+              b = s[i];
+            }
+          }
+          gscore[gi] = a + b;
         }
       }
-      gscore[gi] = a + b;
-      gidx[gi] = static_cast<int32_t>(gi);
     }
     for (int64_t gi = 0; gi < G; ++gi) gidx[gi] = static_cast<int32_t>(gi);
     std::partial_sort(gidx, gidx + opt_.topk_group, gidx + G, [gscore](int32_t a, int32_t b) {
       return gscore[a] > gscore[b] || (gscore[a] == gscore[b] && a < b);
     });
     for (int64_t j = opt_.topk_group; j < G; ++j)
-      std::fill(sel + gidx[j] * g, sel + (gidx[j] + 1) * g, -std::numeric_limits<float>::infinity());
+      std::fill(sel + gidx[j] * g, sel + (gidx[j] + 1) * g, ninf);
   }
 
   TopKOptions opt_;
