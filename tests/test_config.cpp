@@ -55,6 +55,69 @@ TEST(ConfigHf, DefaultsAreTheHfConfigClassDefaults) {
   EXPECT_EQ(c.hidden(), 64);
 }
 
+// DeepSeek-V2-Lite's config.json as published (deepseek-ai/DeepSeek-V2-Lite), untouched but for
+// auto_map and rope_scaling, which moekit does not read.
+const char* kDeepseekV2Lite = R"({
+  "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "ep_size": 1,
+  "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+  "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+  "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+  "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": false, "num_attention_heads": 16,
+  "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1,
+  "q_lora_rank": null, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+  "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": true,
+  "tie_word_embeddings": false, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+  "transformers_version": "4.33.1", "use_cache": true, "v_head_dim": 128, "vocab_size": 102400})";
+
+TEST(ConfigHf, DeepseekV2) {
+  auto c = parse_layer_config(kDeepseekV2Lite);
+  EXPECT_EQ(c.hidden(), 2048); EXPECT_EQ(c.experts.intermediate, 1408); EXPECT_EQ(c.router.num_experts, 64);
+  EXPECT_EQ(c.router.k, 6); EXPECT_EQ(c.router.n_group, 0); EXPECT_FALSE(c.router.norm_topk_prob);
+  EXPECT_EQ(c.router.score_func, moekit::ScoreFunc::softmax); EXPECT_FALSE(c.router_bias);
+  EXPECT_FLOAT_EQ(c.router.routed_scaling_factor, 1.0f);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 2 * 1408); EXPECT_FALSE(c.shared->gated);
+  EXPECT_EQ(c.shared->names, "shared_experts.");
+  // DeepSeek-V2 (236B) routing keys: group_limited_greedy, the group's max, scaling 16.
+  c = parse_layer_config(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "n_routed_experts": 160,
+      "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "routed_scaling_factor": 16.0,
+      "n_shared_experts": 2, "moe_intermediate_size": 1536, "hidden_size": 5120})");
+  EXPECT_EQ(c.router.n_group, 8); EXPECT_EQ(c.router.topk_group, 3);
+  EXPECT_EQ(c.router.group_score, moekit::GroupScore::max);
+  EXPECT_FLOAT_EQ(c.router.routed_scaling_factor, 16.0f); EXPECT_EQ(c.shared->intermediate, 3072);
+  // Class defaults (hidden 4096, 64 experts of 1407, 2 shared), null shared experts: none.
+  c = parse_layer_config(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 4, "n_shared_experts": null})");
+  EXPECT_EQ(c.hidden(), 4096); EXPECT_EQ(c.experts.intermediate, 1407); EXPECT_FALSE(c.shared);
+  expect_error(R"({"model_type": "deepseek_v2"})", "num_experts_per_tok: expected an integer (DeepseekV2Config has no default)");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": null})", "num_experts_per_tok");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "norm_topk_prob": true})", "norm_topk_prob: expected false");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "topk_method": "noaux_tc"})", "topk_method");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "scoring_func": "sigmoid"})", "scoring_func");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "mlp_bias": true})", "mlp_bias");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "topk_method": "group_limited_greedy"})",
+               "n_group / .topk_group: expected integers >= 1");
+  expect_error(R"({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "topk_method": "group_limited_greedy",
+      "n_group": 5, "topk_group": 2})", "divisible by n_group");
+}
+
+TEST(ConfigMoekit, GroupScoreIsNamedUnlessImplied) {
+  const std::string head = R"({"moekit_config_version": 1, "hidden_size": 8, "experts": {"intermediate_size": 4},
+      "router": {"type": "topk", "num_experts": 8, "k": 2, "n_group": 4, "topk_group": 2)";
+  auto c = parse_layer_config(head + R"(, "group_score": "topk_sum"}})");
+  EXPECT_EQ(c.router.group_score, moekit::GroupScore::topk_sum);
+  c = parse_layer_config(head + R"(, "group_score": "max"}})");
+  EXPECT_EQ(c.router.group_score, moekit::GroupScore::max);
+  // With the selection bias: DeepSeek-V3's rule, as before.
+  c = parse_layer_config(head + R"(, "score_func": "sigmoid", "e_score_correction_bias": true}})");
+  EXPECT_EQ(c.router.group_score, moekit::GroupScore::top2_sum);
+  expect_error(head + "}}", "group_score: required with n_group > 1 and no e_score_correction_bias");
+  expect_error(head + R"(, "group_score": "mean"}})", "group_score: expected \"top2_sum\", \"max\" or \"topk_sum\"");
+  // The DeepSeek presets fix their rule.
+  c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "deepseek_v2", "hidden_size": 8,
+      "router": {"num_experts": 8, "k": 2, "n_group": 4, "topk_group": 2}, "experts": {"intermediate_size": 4}})");
+  EXPECT_EQ(c.router.group_score, moekit::GroupScore::max);
+}
+
 TEST(ConfigHf, ErrorsNameTheKey) {
   expect_error(R"({"model_type": "llama"})", "model_type");
   expect_error(R"({"model_type": "mixtral", "num_experts_per_tok": 9})", "k expected in [1, E = 8], got 9");

@@ -56,6 +56,13 @@ CASES = [
     dict(name="deepseek_v3_negbias", preset="deepseek_v3", T=8, d=16, f=16, E=8, k=3,
          n_group=4, topk_group=2, n_shared=1, scaling=1.5, norm_topk_prob=False,
          bias="negative_odd", dtype="F32", prefix="model.layers.3.mlp."),
+    # DeepSeek-V2-Lite's routing: greedy softmax top-k, no renormalisation, scaling 1.0.
+    dict(name="deepseek_v2_greedy", preset="deepseek_v2", T=15, d=32, f=16, E=16, k=6,
+         topk_method="greedy", n_shared=2, scaling=1.0, dtype="BF16", prefix="model.layers.1.mlp."),
+    # DeepSeek-V2's: group_limited_greedy (group score = the group's best), scaling 16.
+    dict(name="deepseek_v2_grouped", preset="deepseek_v2", T=23, d=24, f=16, E=16, k=3,
+         topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared=1, scaling=16.0,
+         dtype="F32", prefix="model.layers.5.mlp."),
     # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
     dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
          capacity_factor=1.12, dtype="F32", prefix=""),
@@ -172,6 +179,29 @@ def generate(out_dir):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * scaling, choice, group_scores
 
+    # Follows DeepseekV2Moe.route_tokens_to_experts (modeling_deepseek_v2.py, transformers commit
+    # 0233e509531ace915c8241b4c16c8032a583279c): float32 softmax; "greedy" = top-k of the scores;
+    # "group_limited_greedy" = group score is the group's max, the topk_group best groups kept,
+    # the others filled with 0.0, top-k of that; weights = chosen scores * routed_scaling_factor
+    # (no renormalisation). HF's topk is unsorted: the slots are written in descending score
+    # (moekit's slot order; the sum does not depend on it).
+    def deepseek_v2_route(x, w_router, k, method, n_group, topk_group, scaling):
+        T, E = x.shape[0], w_router.shape[0]
+        scores = F.linear(x.float(), w_router.float()).softmax(dim=-1, dtype=torch.float32)
+        if method == "greedy":
+            weights, ids = torch.topk(scores, k=k, dim=-1, sorted=False)
+        else:
+            group_scores = scores.view(T, n_group, -1).max(dim=-1).values
+            group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores)
+            group_mask.scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, -1)
+            tmp = scores.masked_fill(~score_mask.bool(), 0.0)
+            weights, ids = torch.topk(tmp, k=k, dim=-1, sorted=False)
+        weights = weights * scaling
+        order = torch.argsort(weights, dim=-1, descending=True)
+        return ids.gather(1, order), weights.gather(1, order)
+
     def margin_ok(sorted_desc, k):
         """Relative gap between entry k-1 and entry k of a descending float64 row."""
         if k >= len(sorted_desc) or not np.isfinite(sorted_desc[k]):
@@ -283,6 +313,37 @@ def generate(out_dir):
                     ok = ok and changed > 0
                 else:
                     ok = ok and zero_fill == T
+            elif preset == "deepseek_v2":
+                method = case["topk_method"]
+                G, TG = case.get("n_group", 1), case.get("topk_group", 1)
+                ids, weights = deepseek_v2_route(x, w_router, k, method, G, TG, case["scaling"])
+                y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
+                sf = case["n_shared"] * f
+                sg = add("shared_experts.gate_proj.weight", (sf, d), expert_scale((sf, d)))
+                su = add("shared_experts.up_proj.weight", (sf, d), expert_scale((sf, d)))
+                sd = add("shared_experts.down_proj.weight", (d, sf), expert_scale((d, sf)))
+                # Follows DeepseekV2Moe.forward: routed sum plus the shared experts.
+                y = y + swiglu(x, sg, su, sd)
+                p64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
+                if method == "greedy":
+                    ok = all(margin_ok(np.sort(r)[::-1], k) for r in p64)
+                    notes = {}
+                else:
+                    g64 = p64.reshape(T, G, E // G).max(-1)
+                    ok = all(margin_ok(np.sort(r)[::-1], TG) for r in g64)
+                    masked64 = p64.copy()
+                    v3_rule = 0
+                    for t in range(T):
+                        kept = sorted(range(G), key=lambda g: (-g64[t, g], g))[:TG]
+                        top2 = np.sort(p64[t].reshape(G, E // G), axis=-1)[:, ::-1][:, :2].sum(-1)
+                        v3_rule += set(kept) != set(sorted(range(G), key=lambda g: (-top2[g], g))[:TG])
+                        for g in range(G):
+                            if g not in kept:
+                                masked64[t, g * (E // G):(g + 1) * (E // G)] = -np.inf
+                    ok = ok and all(margin_ok(np.sort(r)[::-1], k) for r in masked64)
+                    # The case must tell V2's rule from V3's (sum of the best two).
+                    notes = {"tokens whose kept groups differ under the top-2 sum": v3_rule}
+                    ok = ok and v3_rule > 0
             elif preset == "switch":
                 # moekit's switch preset (ROUTING.md section 1; Switch Transformer, arXiv 2101.03961;
                 # capacity as Megatron get_capacity): top-1 softmax, weight = top-1 probability,
@@ -387,6 +448,16 @@ def make_config(case):
                 "routed_scaling_factor": case["scaling"], "n_shared_experts": case["n_shared"],
                 "norm_topk_prob": case["norm_topk_prob"], "scoring_func": "sigmoid",
                 "topk_method": "noaux_tc", "hidden_act": "silu"}
+    if p == "deepseek_v2":
+        cfg = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": d,
+               "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
+               "moe_intermediate_size": f, "n_routed_experts": E, "num_experts_per_tok": k,
+               "n_shared_experts": case["n_shared"], "routed_scaling_factor": case["scaling"],
+               "topk_method": case["topk_method"], "norm_topk_prob": False, "scoring_func": "softmax",
+               "hidden_act": "silu"}
+        if case["topk_method"] == "group_limited_greedy":
+            cfg["n_group"], cfg["topk_group"] = case["n_group"], case["topk_group"]
+        return cfg
     raise ValueError(p)
 
 
@@ -465,6 +536,9 @@ def ref_case(cfg, W, x):
     elif preset == "deepseek_v3":
         k = cfg.get("num_experts_per_tok", 8)
         assert cfg["n_routed_experts"] == E
+    elif preset == "deepseek_v2":
+        k = cfg["num_experts_per_tok"]
+        assert cfg["n_routed_experts"] == E
     else:
         k = cfg["num_experts_per_tok"]
         assert cfg["num_experts"] == E
@@ -487,6 +561,18 @@ def ref_case(cfg, W, x):
                 s = sum(w) + 1e-20
                 w = [v / s for v in w]
             w = [v * cfg.get("routed_scaling_factor", 2.5) for v in w]
+        elif preset == "deepseek_v2":
+            m = max(logits)
+            ex = [math.exp(l - m) for l in logits]
+            prob = [v / sum(ex) for v in ex]
+            cand = list(range(E))
+            if cfg.get("topk_method", "greedy") == "group_limited_greedy":
+                G, TG = cfg["n_group"], cfg["topk_group"]
+                per = E // G
+                gscore = [max(prob[g * per:(g + 1) * per]) for g in range(G)]
+                cand = [e for g in ranked(gscore, range(G))[:TG] for e in range(g * per, (g + 1) * per)]
+            chosen = ranked(prob, cand)[:k]
+            w = [prob[e] * cfg.get("routed_scaling_factor", 1.0) for e in chosen]
         else:
             m = max(logits)
             ex = [math.exp(l - m) for l in logits]
@@ -531,9 +617,10 @@ def ref_case(cfg, W, x):
             g = 1.0 / (1.0 + math.exp(-float(np.dot(W["shared_expert_gate.weight"][0], x[t]))))
             y[t] += g * ref_swiglu(x[t], W["shared_expert.gate_proj.weight"],
                                    W["shared_expert.up_proj.weight"], W["shared_expert.down_proj.weight"])
-        if preset == "deepseek_v3":
+        if preset in ("deepseek_v2", "deepseek_v3"):
             sw = W["shared_experts.gate_proj.weight"]
-            assert sw.shape[0] == cfg.get("n_shared_experts", 1) * cfg["moe_intermediate_size"]
+            dflt = 1 if preset == "deepseek_v3" else 2
+            assert sw.shape[0] == cfg.get("n_shared_experts", dflt) * cfg["moe_intermediate_size"]
             y[t] += ref_swiglu(x[t], sw, W["shared_experts.up_proj.weight"], W["shared_experts.down_proj.weight"])
     return y, ids, wts
 
