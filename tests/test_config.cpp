@@ -100,6 +100,53 @@ TEST(ConfigHf, DeepseekV2) {
       "n_group": 5, "topk_group": 2})", "divisible by n_group");
 }
 
+// GLM-4.5-Air's and Qwen3-Next-80B-A3B's config.json as published (zai-org/GLM-4.5-Air,
+// Qwen/Qwen3-Next-80B-A3B-Instruct), keys moekit does not read included.
+const char* kGlm45Air = R"({
+  "architectures": ["Glm4MoeForCausalLM"], "attention_bias": true, "attention_dropout": 0.0,
+  "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+  "hidden_size": 4096, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+  "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408,
+  "norm_topk_prob": true, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+  "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+  "num_hidden_layers": 46, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": null,
+  "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.54.0", "use_cache": true, "use_qk_norm": false, "vocab_size": 151552})";
+const char* kQwen3Next = R"({
+  "architectures": ["Qwen3NextForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "full_attention_interval": 4,
+  "head_dim": 256, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+  "intermediate_size": 5120, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+  "linear_num_value_heads": 32, "linear_value_head_dim": 128, "max_position_embeddings": 262144,
+  "mlp_only_layers": [], "model_type": "qwen3_next", "moe_intermediate_size": 512, "norm_topk_prob": true,
+  "num_attention_heads": 16, "num_experts": 512, "num_experts_per_tok": 10, "num_hidden_layers": 48,
+  "num_key_value_heads": 2, "output_router_logits": false, "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06,
+  "rope_scaling": null, "rope_theta": 10000000, "router_aux_loss_coef": 0.001,
+  "shared_expert_intermediate_size": 512, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.57.0.dev0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936})";
+
+TEST(ConfigHf, Glm4MoeAndQwen3Next) {
+  auto c = parse_layer_config(kGlm45Air);
+  EXPECT_EQ(c.hidden(), 4096); EXPECT_EQ(c.experts.intermediate, 1408); EXPECT_EQ(c.router.num_experts, 128);
+  EXPECT_EQ(c.router.k, 8); EXPECT_EQ(c.router.score_func, moekit::ScoreFunc::sigmoid); EXPECT_TRUE(c.router_bias);
+  EXPECT_TRUE(c.router.norm_topk_prob); EXPECT_FALSE(c.router.grouped());
+  EXPECT_FLOAT_EQ(c.router.routed_scaling_factor, 1.0f);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 1408); EXPECT_FALSE(c.shared->gated);
+  // Class defaults; num_local_experts is an alias of n_routed_experts; groups use V3's rule.
+  c = parse_layer_config(R"({"model_type": "glm4_moe", "num_local_experts": 64, "n_group": 8, "topk_group": 2})");
+  EXPECT_EQ(c.router.num_experts, 64); EXPECT_EQ(c.router.n_group, 8);
+  EXPECT_EQ(c.router.group_score, moekit::GroupScore::top2_sum); EXPECT_EQ(c.router.k, 8);
+  c = parse_layer_config(kQwen3Next);
+  EXPECT_EQ(c.hidden(), 2048); EXPECT_EQ(c.experts.intermediate, 512); EXPECT_EQ(c.router.num_experts, 512);
+  EXPECT_EQ(c.router.k, 10); EXPECT_TRUE(c.router.norm_topk_prob); EXPECT_FALSE(c.router_bias);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 512); EXPECT_TRUE(c.shared->gated);
+  EXPECT_EQ(c.shared->names, "shared_expert.");
+  c = parse_layer_config(R"({"model_type": "qwen3_next", "shared_expert_intermediate_size": 0})");
+  EXPECT_FALSE(c.shared); EXPECT_TRUE(c.router.norm_topk_prob);
+  expect_error(R"({"model_type": "glm4_moe", "n_routed_experts": 100, "n_group": 8, "topk_group": 2})",
+               "divisible by n_group");
+}
+
 TEST(ConfigMoekit, GroupScoreIsNamedUnlessImplied) {
   const std::string head = R"({"moekit_config_version": 1, "hidden_size": 8, "experts": {"intermediate_size": 4},
       "router": {"type": "topk", "num_experts": 8, "k": 2, "n_group": 4, "topk_group": 2)";

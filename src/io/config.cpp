@@ -27,7 +27,7 @@ constexpr int kMaxConfigDepth = 32;
 using json = nlohmann::json;
 using detail::Reader;
 
-const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch";
+const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, switch";
 
 // The HF config-class defaults of each model type (transformers' configuration_*.py).
 LayerConfig defaults_for(const std::string& preset, const std::string& where) {
@@ -43,6 +43,10 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
   } else if (preset == "qwen2_moe") {  // Qwen2MoeConfig
     r.hidden = 2048; c.experts.intermediate = 1408; r.num_experts = 60; r.k = 4;
     c.shared = SharedExpertConfig{5632, true, "shared_expert."};
+  } else if (preset == "qwen3_next") {  // Qwen3NextConfig (its MoE block is Qwen2-MoE's)
+    r.hidden = 2048; c.experts.intermediate = 512; r.num_experts = 512; r.k = 10;
+    r.norm_topk_prob = true;
+    c.shared = SharedExpertConfig{512, true, "shared_expert."};
   } else if (preset == "qwen3_moe") {  // Qwen3MoeConfig
     r.hidden = 2048; c.experts.intermediate = 768; r.num_experts = 128; r.k = 8;
   } else if (preset == "olmoe") {  // OlmoeConfig
@@ -57,6 +61,12 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
     r.n_group = 8; r.topk_group = 4; r.group_score = GroupScore::top2_sum;
     c.router_bias = true;
     c.shared = SharedExpertConfig{2048, false, "shared_experts."};
+  } else if (preset == "glm4_moe") {  // Glm4MoeConfig (DeepSeek-V3's router and block)
+    r.hidden = 4096; c.experts.intermediate = 1408; r.num_experts = 128; r.k = 8;
+    r.score_func = ScoreFunc::sigmoid; r.norm_topk_prob = true; r.routed_scaling_factor = 1.0f;
+    r.n_group = 1; r.topk_group = 1; r.group_score = GroupScore::top2_sum;
+    c.router_bias = true;
+    c.shared = SharedExpertConfig{1408, false, "shared_experts."};
   } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
     r.hidden = 768; c.experts.intermediate = 2048; r.num_experts = 8; r.k = 1;
     r.capacity_factor = 1.0; r.drop_policy = DropPolicy::position;
@@ -164,10 +174,11 @@ void parse_deepseek_v2(Reader& rd, const json& j, LayerConfig& c, const std::str
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
-  static const std::set<std::string> hf_types = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-                                                  "deepseek_v3"};
+  static const std::set<std::string> hf_types = {"mixtral",     "qwen2_moe",   "qwen3_moe", "qwen3_next", "olmoe",
+                                                  "deepseek_v2", "deepseek_v3", "glm4_moe"};
   MOEKIT_CHECK(hf_types.count(mt) != 0, origin,
-               ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, got \"",
+               ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, "
+               "glm4_moe, got \"",
                mt, "\"");
   LayerConfig c = defaults_for(mt, origin + ".model_type");
   c.origin = "hf";
@@ -181,12 +192,14 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
     c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
     // OlmoeConfig maps num_local_experts onto num_experts (attribute_map).
     r.num_experts = rd.integer("num_experts", rd.integer("num_local_experts", r.num_experts));
-  } else if (mt == "qwen2_moe" || mt == "qwen3_moe") {
+  } else if (mt == "qwen2_moe" || mt == "qwen3_moe" || mt == "qwen3_next") {
     c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
     r.num_experts = rd.integer("num_experts", r.num_experts);
-  } else {  // deepseek_v2, deepseek_v3
+  } else {  // deepseek_v2, deepseek_v3, glm4_moe
     c.experts.intermediate = rd.integer("moe_intermediate_size", c.experts.intermediate);
-    r.num_experts = rd.integer("n_routed_experts", r.num_experts);
+    // Glm4MoeConfig maps num_local_experts onto n_routed_experts (attribute_map).
+    r.num_experts = rd.integer("n_routed_experts", mt == "glm4_moe" ? rd.integer("num_local_experts", r.num_experts)
+                                                                    : r.num_experts);
   }
   // DeepseekV2Config has no default for num_experts_per_tok (None): a V2 config must set it.
   MOEKIT_CHECK(mt != "deepseek_v2" || (j.contains("num_experts_per_tok") && !j["num_experts_per_tok"].is_null()),
@@ -195,7 +208,7 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
   r.k = rd.integer("num_experts_per_tok", r.k);
   if (mt != "mixtral" && mt != "deepseek_v2") r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
   if (mt == "deepseek_v2") parse_deepseek_v2(rd, j, c, origin);
-  if (mt == "qwen2_moe") {
+  if (mt == "qwen2_moe" || mt == "qwen3_next") {
     c.shared->intermediate = rd.integer("shared_expert_intermediate_size", c.shared->intermediate);
     if (c.shared->intermediate == 0) c.shared.reset();
   }
@@ -213,6 +226,12 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
     c.router_bias = tm == "noaux_tc";
     if (tm == "greedy") r.n_group = 0;
     r.group_score = GroupScore::top2_sum;
+    deepseek_shared(rd, c, origin, 1);
+  }
+  if (mt == "glm4_moe") {  // Glm4MoeTopkRouter is DeepseekV3TopkRouter: always sigmoid + bias
+    r.n_group = rd.integer("n_group", r.n_group);
+    r.topk_group = rd.integer("topk_group", r.topk_group);
+    r.routed_scaling_factor = static_cast<float>(rd.number("routed_scaling_factor", r.routed_scaling_factor));
     deepseek_shared(rd, c, origin, 1);
   }
   finish(c, origin);
@@ -250,7 +269,7 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
     // Each model's rule differs (DeepSeek-V3 top2_sum with its bias, DeepSeek-V2 max, Megatron
     // topk_sum): groups without a preset that fixes the rule, or a bias that implies V3's, must
     // say which.
-    const bool preset_rule = c.preset == "deepseek_v2" || c.preset == "deepseek_v3";
+    const bool preset_rule = c.preset == "deepseek_v2" || c.preset == "deepseek_v3" || c.preset == "glm4_moe";
     MOEKIT_CHECK(r.n_group <= 1 || preset_rule || c.router_bias, rr.where(),
                  ".group_score: required with n_group > 1 and no e_score_correction_bias: \"top2_sum\" "
                  "(DeepSeek-V3), \"max\" (DeepSeek-V2) or \"topk_sum\" (Megatron)");

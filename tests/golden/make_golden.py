@@ -63,6 +63,13 @@ CASES = [
     dict(name="deepseek_v2_grouped", preset="deepseek_v2", T=23, d=24, f=16, E=16, k=3,
          topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared=1, scaling=16.0,
          dtype="F32", prefix="model.layers.5.mlp."),
+    # GLM-4.5's routing (Glm4MoeTopkRouter = DeepseekV3TopkRouter): sigmoid + bias, one group.
+    dict(name="glm4_moe_basic", preset="glm4_moe", T=14, d=32, f=16, E=16, k=4,
+         n_group=1, topk_group=1, n_shared=1, scaling=1.0, norm_topk_prob=True,
+         bias="random", dtype="BF16", prefix="model.layers.2.mlp."),
+    # Qwen3-Next's MoE block (Qwen2MoeSparseMoeBlock): renormalised top-k + gated shared expert.
+    dict(name="qwen3_next_shared", preset="qwen3_next", T=12, d=32, f=16, E=16, k=5,
+         shared_f=24, norm_topk_prob=True, dtype="F32", prefix="model.layers.3.mlp."),
     # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
     dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
          capacity_factor=1.12, dtype="F32", prefix=""),
@@ -258,11 +265,11 @@ def generate(out_dir):
             x = make_tensor(gen, (T, d), 1.0)
 
             notes = {}
-            if preset in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+            if preset in ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe"):
                 renorm = True if preset == "mixtral" else bool(case.get("norm_topk_prob"))
                 ids, weights = softmax_topk(x, w_router, k, renorm)
                 y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
-                if preset == "qwen2_moe":
+                if preset in ("qwen2_moe", "qwen3_next"):
                     sf = case["shared_f"]
                     sg = add("shared_expert.gate_proj.weight", (sf, d), expert_scale((sf, d)))
                     su = add("shared_expert.up_proj.weight", (sf, d), expert_scale((sf, d)))
@@ -273,7 +280,7 @@ def generate(out_dir):
                     y = y + torch.sigmoid(F.linear(x, sgate)) * swiglu(x, sg, su, sd)
                 sel64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
                 ok = all(margin_ok(np.sort(r)[::-1], k) for r in sel64)
-            elif preset == "deepseek_v3":
+            elif preset in ("deepseek_v3", "glm4_moe"):
                 G, TG = case["n_group"], case["topk_group"]
                 if case["bias"] == "random":
                     bias = make_tensor(gen, (E,), 0.1)
@@ -425,13 +432,15 @@ def make_config(case):
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": d,
                 "intermediate_size": f, "num_local_experts": E, "num_experts_per_tok": k,
                 "hidden_act": "silu"}
-    if p in ("qwen2_moe", "qwen3_moe"):
-        cfg = {"architectures": ["Qwen2MoeForCausalLM" if p == "qwen2_moe" else "Qwen3MoeForCausalLM"],
+    if p in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
+        arch = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "qwen3_next": "Qwen3NextForCausalLM"}[p]
+        cfg = {"architectures": [arch],
                "model_type": p, "hidden_size": d,
                "intermediate_size": 4 * d,  # dense-MLP width in HF; unused by the MoE block
                "moe_intermediate_size": f, "num_experts": E, "num_experts_per_tok": k,
                "norm_topk_prob": case["norm_topk_prob"], "hidden_act": "silu"}
-        if p == "qwen2_moe":
+        if p in ("qwen2_moe", "qwen3_next"):
             cfg["shared_expert_intermediate_size"] = case["shared_f"]
         return cfg
     if p == "olmoe":
@@ -448,6 +457,13 @@ def make_config(case):
                 "routed_scaling_factor": case["scaling"], "n_shared_experts": case["n_shared"],
                 "norm_topk_prob": case["norm_topk_prob"], "scoring_func": "sigmoid",
                 "topk_method": "noaux_tc", "hidden_act": "silu"}
+    if p == "glm4_moe":
+        return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": d,
+                "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
+                "moe_intermediate_size": f, "n_routed_experts": E, "num_experts_per_tok": k,
+                "n_group": case["n_group"], "topk_group": case["topk_group"],
+                "routed_scaling_factor": case["scaling"], "n_shared_experts": case["n_shared"],
+                "norm_topk_prob": case["norm_topk_prob"], "first_k_dense_replace": 1, "hidden_act": "silu"}
     if p == "deepseek_v2":
         cfg = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": d,
                "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
@@ -533,7 +549,7 @@ def ref_case(cfg, W, x):
     elif preset == "mixtral":
         k = cfg["num_experts_per_tok"]
         assert cfg["num_local_experts"] == E
-    elif preset == "deepseek_v3":
+    elif preset in ("deepseek_v3", "glm4_moe"):
         k = cfg.get("num_experts_per_tok", 8)
         assert cfg["n_routed_experts"] == E
     elif preset == "deepseek_v2":
@@ -546,9 +562,10 @@ def ref_case(cfg, W, x):
     wts = np.zeros((T, k))
     for t in range(T):
         logits = [float(np.dot(wr[e], x[t])) for e in range(E)]
-        if preset == "deepseek_v3":
+        if preset in ("deepseek_v3", "glm4_moe"):
             bias = W.get("gate.e_score_correction_bias", np.zeros(E))
-            G, TG = cfg.get("n_group", 8), cfg.get("topk_group", 4)
+            v3 = preset == "deepseek_v3"  # class defaults: DeepseekV3Config / Glm4MoeConfig
+            G, TG = cfg.get("n_group", 8 if v3 else 1), cfg.get("topk_group", 4 if v3 else 1)
             per = E // G
             score = [1.0 / (1.0 + math.exp(-l)) for l in logits]
             sel = [score[e] + bias[e] for e in range(E)]
@@ -560,7 +577,7 @@ def ref_case(cfg, W, x):
             if cfg.get("norm_topk_prob", True):
                 s = sum(w) + 1e-20
                 w = [v / s for v in w]
-            w = [v * cfg.get("routed_scaling_factor", 2.5) for v in w]
+            w = [v * cfg.get("routed_scaling_factor", 2.5 if v3 else 1.0) for v in w]
         elif preset == "deepseek_v2":
             m = max(logits)
             ex = [math.exp(l - m) for l in logits]
@@ -581,7 +598,7 @@ def ref_case(cfg, W, x):
             chosen = ranked(prob, range(E))[:k]
             w = [prob[e] for e in chosen]
             norm = True if preset == "mixtral" else (False if preset == "switch"
-                                                     else cfg.get("norm_topk_prob", False))
+                                                     else cfg.get("norm_topk_prob", preset == "qwen3_next"))
             if norm:
                 s = sum(w)
                 w = [v / s for v in w]
@@ -613,13 +630,13 @@ def ref_case(cfg, W, x):
                 out = ref_swiglu(x[t], W[f"experts.{e}.gate_proj.weight"], W[f"experts.{e}.up_proj.weight"],
                                  W[f"experts.{e}.down_proj.weight"])
             y[t] += wts[t, s] * out
-        if preset == "qwen2_moe":
+        if preset in ("qwen2_moe", "qwen3_next"):
             g = 1.0 / (1.0 + math.exp(-float(np.dot(W["shared_expert_gate.weight"][0], x[t]))))
             y[t] += g * ref_swiglu(x[t], W["shared_expert.gate_proj.weight"],
                                    W["shared_expert.up_proj.weight"], W["shared_expert.down_proj.weight"])
-        if preset in ("deepseek_v2", "deepseek_v3"):
+        if preset in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
             sw = W["shared_experts.gate_proj.weight"]
-            dflt = 1 if preset == "deepseek_v3" else 2
+            dflt = 2 if preset == "deepseek_v2" else 1
             assert sw.shape[0] == cfg.get("n_shared_experts", dflt) * cfg["moe_intermediate_size"]
             y[t] += ref_swiglu(x[t], sw, W["shared_experts.up_proj.weight"], W["shared_experts.down_proj.weight"])
     return y, ids, wts

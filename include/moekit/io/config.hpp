@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Layer configurations: HF config.json (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)
+// Layer configurations: HF config.json (mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2,
+// deepseek_v3, glm4_moe)
 // and moekit's own JSON format (docs/config.md). Implemented in src/io/config.cpp.
 #pragma once
 
@@ -31,7 +32,7 @@ struct SharedExpertConfig {
 /// Everything needed to build a top-k MoE layer, whichever file it came from.
 struct LayerConfig {
   std::string origin;            ///< "hf" or "moekit"
-  std::string preset;            ///< mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch, or ""
+  std::string preset;            ///< an HF model type above, switch, or ""
   std::string router_type = "topk";  ///< the router family (docs/routers.md)
   /// The `router` object as JSON text, for router families other than topk (validated when
   /// parsed; the family's builder reads it).
