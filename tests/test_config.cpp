@@ -147,6 +147,63 @@ TEST(ConfigHf, Glm4MoeAndQwen3Next) {
                "divisible by n_group");
 }
 
+// databricks/dbrx-instruct and ibm-granite/granite-3.0-1b-a400m-instruct config.json as
+// published (auto_map left out).
+const char* kDbrx = R"({
+  "architectures": ["DbrxForCausalLM"], "attn_config": {"clip_qkv": 8, "kv_n_heads": 8, "model_type": "",
+  "rope_theta": 500000}, "d_model": 6144, "emb_pdrop": 0.0, "ffn_config": {"ffn_hidden_size": 10752,
+  "model_type": "", "moe_jitter_eps": 0.01, "moe_loss_weight": 0.05, "moe_num_experts": 16, "moe_top_k": 4},
+  "initializer_range": 0.02, "max_seq_len": 32768, "model_type": "dbrx", "n_heads": 48, "n_layers": 40,
+  "output_router_logits": false, "resid_pdrop": 0.0, "router_aux_loss_coef": 0.05, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.38.2", "use_cache": true, "vocab_size": 100352})";
+const char* kGraniteMoe = R"({
+  "architectures": ["GraniteMoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.1,
+  "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+  "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 512,
+  "logits_scaling": 6.0, "max_position_embeddings": 4096, "model_type": "granitemoe", "num_attention_heads": 16,
+  "num_experts_per_tok": 8, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+  "pad_token_id": 0, "residual_multiplier": 0.22, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 10000,
+  "router_aux_loss_coef": 0.01, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+  "transformers_version": "4.46.0.dev0", "use_cache": true, "vocab_size": 49155})";
+
+TEST(ConfigHf, DbrxAndGraniteMoe) {
+  auto c = parse_layer_config(kDbrx);
+  EXPECT_EQ(c.hidden(), 6144); EXPECT_EQ(c.experts.intermediate, 10752); EXPECT_EQ(c.router.num_experts, 16);
+  EXPECT_EQ(c.router.k, 4); EXPECT_DOUBLE_EQ(c.router.norm_p, 1.0); EXPECT_FALSE(c.router.norm_topk_prob);
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::dbrx); EXPECT_FALSE(c.shared);
+  EXPECT_STREQ(moekit::router_weight_name(c.expert_names), "router.layer.weight");
+  c = parse_layer_config(R"({"model_type": "dbrx"})");  // DbrxConfig / DbrxFFNConfig defaults
+  EXPECT_EQ(c.hidden(), 2048); EXPECT_EQ(c.experts.intermediate, 3584); EXPECT_EQ(c.router.num_experts, 4);
+  EXPECT_EQ(c.router.k, 1);
+  c = parse_layer_config(R"({"model_type": "dbrx", "ffn_config": {"moe_normalize_expert_weights": null,
+      "ffn_act_fn": {"name": "gelu"}}})");
+  EXPECT_EQ(c.router.norm_p, 0.0); EXPECT_EQ(c.experts.act, moekit::Activation::gelu);
+  expect_error(R"({"model_type": "dbrx", "ffn_config": {"moe_normalize_expert_weights": 0}})",
+               "ffn_config.moe_normalize_expert_weights: expected a number > 0");
+  expect_error(R"({"model_type": "dbrx", "ffn_config": {"moe_top_k": 5}})", "k expected in [1, E = 4], got 5");
+  expect_error(R"({"model_type": "dbrx", "ffn_config": 3})", "ffn_config: expected a JSON object");
+  c = parse_layer_config(kGraniteMoe);
+  EXPECT_EQ(c.hidden(), 1024); EXPECT_EQ(c.experts.intermediate, 512); EXPECT_EQ(c.router.num_experts, 32);
+  EXPECT_EQ(c.router.k, 8); EXPECT_TRUE(c.router.topk_then_softmax); EXPECT_FALSE(c.router.norm_topk_prob);
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::granite);
+  c = parse_layer_config(R"({"model_type": "granitemoe"})");
+  EXPECT_EQ(c.hidden(), 4096); EXPECT_EQ(c.experts.intermediate, 11008); EXPECT_EQ(c.router.num_experts, 8);
+  EXPECT_EQ(c.router.k, 2);
+}
+
+TEST(ConfigMoekit, FusedExpertNames) {
+  auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "granitemoe", "hidden_size": 8,
+      "experts": {"intermediate_size": 4}})");
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::granite);  // an experts object keeps the preset's layout
+  c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "mixtral", "hidden_size": 8,
+      "experts": {"intermediate_size": 4, "names": "llama4"}})");
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::llama4);
+  expect_error(R"({"moekit_config_version": 1, "preset": "switch", "experts": {"names": "dbrx"}})",
+               "fused expert tensors (\"dbrx\") expected with router type topk and gated experts");
+  expect_error(R"({"moekit_config_version": 1, "preset": "mixtral", "experts": {"names": "fused"}})",
+               "experts.names: expected \"hf\", \"mixtral\", \"granite\", \"llama4\" or \"dbrx\"");
+}
+
 TEST(ConfigMoekit, GroupScoreIsNamedUnlessImplied) {
   const std::string head = R"({"moekit_config_version": 1, "hidden_size": 8, "experts": {"intermediate_size": 4},
       "router": {"type": "topk", "num_experts": 8, "k": 2, "n_group": 4, "topk_group": 2)";

@@ -387,6 +387,23 @@ TEST_F(SafetensorsReaders, I64OutOfInt32RangeIsAnError) {
   EXPECT_NE(msg.find(std::to_string(-(1LL << 40))), std::string::npos) << msg;
 }
 
+TEST_F(SafetensorsReaders, RangesReadOneSliceOrNameTheOverrun) {
+  std::vector<float> dst(6, -1.0f);
+  src_->read_f32_range_into("layers.0.w", {2, 3}, 3, 3, dst.data());  // row 1 of [2, 3]
+  EXPECT_EQ(std::vector<float>(dst.begin(), dst.begin() + 3), (std::vector<float>{4, 5, 6}));
+  EXPECT_EQ(dst[3], -1.0f);
+  src_->read_f32_range_into("layers.0.w", {2, 3}, 6, 0, nullptr);  // empty at the end
+  for (auto [first, count] : {std::pair<int64_t, int64_t>{4, 3}, {-1, 2}, {0, 7}, {7, 0}, {2, INT64_MAX}}) {
+    const std::string msg = error_of([&] { src_->read_f32_range_into("layers.0.w", {2, 3}, first, count, dst.data()); });
+    EXPECT_NE(msg.find("expected inside the tensor's 6"), std::string::npos) << msg;
+  }
+  EXPECT_NE(error_of([&] { src_->read_f32_range_into("layers.0.w", {3, 2}, 0, 1, dst.data()); }).find("[2, 3]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { src_->read_f32_range_into("ids", {2}, 0, 1, dst.data()); }).find("I32"), std::string::npos);
+  EXPECT_NE(error_of([&] { src_->read_f32_range_into("layers.0.w", {2, 3}, 0, 1, nullptr); }).find("null"),
+            std::string::npos);
+}
+
 TEST_F(SafetensorsReaders, MissingTensorNamesTensorAndFile) {
   const std::string a = error_of([&] { (void)src_->tensor("layers.1.w"); });
   EXPECT_NE(a.find("layers.1.w"), std::string::npos) << a;

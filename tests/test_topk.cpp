@@ -59,6 +59,7 @@ ref::TopKParams to_ref(const TopKOptions& o, const std::vector<float>& bias) {
   p.score_func = o.score_func == ScoreFunc::softmax ? ref::ScoreFunc::softmax : ref::ScoreFunc::sigmoid;
   p.topk_then_softmax = o.topk_then_softmax;
   p.norm_topk_prob = o.norm_topk_prob;
+  p.norm_p = o.norm_p;
   p.routed_scaling_factor = o.routed_scaling_factor;
   p.bias.assign(bias.begin(), bias.end());
   p.n_group = o.n_group;
@@ -153,6 +154,8 @@ RouteCase random_case(Rng& rng, const Knobs& kn = {}) {
   if (rng.coin(kn.p_sigmoid)) o.score_func = ScoreFunc::sigmoid;
   else if (rng.coin(kn.p_tts)) o.topk_then_softmax = true;
   o.norm_topk_prob = rng.coin(0.5);
+  if (!o.norm_topk_prob && !o.topk_then_softmax && rng.coin(0.3))
+    o.norm_p = std::vector<double>{1.0, 2.0, 0.5}[static_cast<size_t>(rng.integer(0, 2))];
   if (rng.coin(0.4)) o.routed_scaling_factor = static_cast<float>(rng.uniform(0.5, 3.0));
   if (rng.coin(kn.p_capacity)) {
     const double cfs[] = {0.5, 1.0, 1.25, 2.0, rng.uniform(0.1, 3.0)};
@@ -454,8 +457,9 @@ TEST(TopKEdge, KEqualsOneAndKEqualsE) {
           std::vector<int32_t> ids = experts_of(plan, t);
           std::sort(ids.begin(), ids.end());
           for (int64_t e = 0; e < E; ++e) ASSERT_EQ(ids[static_cast<size_t>(e)], e);
-          if (c.opt.norm_topk_prob || c.opt.topk_then_softmax ||
-              (c.opt.score_func == ScoreFunc::softmax)) {
+          // (a p-norm other than 1 normalises another sum)
+          if (c.opt.norm_topk_prob || c.opt.topk_then_softmax || c.opt.norm_p == 1.0 ||
+              (c.opt.score_func == ScoreFunc::softmax && c.opt.norm_p == 0.0)) {
             double sum = 0;
             for (float w : weights_of(plan, t)) sum += w;
             EXPECT_NEAR(sum, c.opt.routed_scaling_factor, 1e-5 * c.opt.routed_scaling_factor);

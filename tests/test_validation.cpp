@@ -187,6 +187,15 @@ TEST(ValidateTopK, TopkSumNeedsKAtLeastTopkGroup) {
   expect_error([&] { make_topk(o); }, {"group_score expected top2_sum, max or topk_sum", "got 7"});
 }
 
+TEST(ValidateTopK, NormP) {
+  TopKOptions o = topk_options(8, 2, 3);
+  o.norm_p = -1;
+  expect_error([&] { make_topk(o); }, {"norm_p expected finite and >= 0", "got -1"});
+  o.norm_p = 1;
+  o.norm_topk_prob = true;
+  expect_error([&] { make_topk(o); }, {"norm_p expected 0 with norm_topk_prob or topk_then_softmax", "got 1"});
+}
+
 TEST(ValidateTopK, NegativeNGroup) {
   TopKOptions o = topk_options(8, 1, 3);
   o.n_group = -1;

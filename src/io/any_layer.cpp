@@ -60,6 +60,56 @@ std::array<ExpertTensor, 3> expert_tensors(const std::string& p, ExpertNames nam
           ExpertTensor{p + (mixtral ? "w2" : "down_proj") + ".weight", {d, f}}};
 }
 
+// A fused layout's tensors under block prefix `p` for E experts: gate (or gate + up), up
+// (empty when fused with the gate), down; with their full shapes.
+std::array<ExpertTensor, 3> fused_tensors(const std::string& p, ExpertNames names, int64_t E, int64_t d, int64_t f) {
+  switch (names) {
+    case ExpertNames::granite:
+      return {ExpertTensor{p + "input_linear.weight", {E, 2 * f, d}}, ExpertTensor{},
+              ExpertTensor{p + "output_linear.weight", {E, d, f}}};
+    case ExpertNames::llama4:
+      return {ExpertTensor{p + "experts.gate_up_proj", {E, d, 2 * f}}, ExpertTensor{},
+              ExpertTensor{p + "experts.down_proj", {E, f, d}}};
+    default:  // dbrx
+      return {ExpertTensor{p + "experts.mlp.w1", {E * f, d}}, ExpertTensor{p + "experts.mlp.v1", {E * f, d}},
+              ExpertTensor{p + "experts.mlp.w2", {E * f, d}}};
+  }
+}
+
+// dst [r, c] = src [c, r] for src [c, r] read with row stride `lda` from column offset `c0`.
+void transpose_into(const float* src, int64_t rows_src, int64_t lda, int64_t c0, int64_t cols, float* dst) {
+  for (int64_t i = 0; i < rows_src; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows_src + i] = src[i * lda + c0 + j];
+}
+
+// Expert e of a fused layout into gate [f, d], up [f, d], down [d, f] (HF's [out, in]).
+void load_fused(const io::TensorSource& w, const std::string& p, ExpertNames names, int64_t E, int64_t e, int64_t d,
+                int64_t f, float* gate, float* up, float* down, std::vector<float>& tmp) {
+  const auto t = fused_tensors(p, names, E, d, f);
+  const int64_t fd = f * d;
+  switch (names) {
+    case ExpertNames::granite:  // rows [0, f) gate, [f, 2f) up: contiguous
+      w.read_f32_range_into(t[0].name, t[0].shape, e * 2 * fd, 2 * fd, gate);  // up follows gate
+      w.read_f32_range_into(t[2].name, t[2].shape, e * fd, fd, down);
+      break;
+    case ExpertNames::llama4:  // x [1, d] @ gate_up [d, 2f]; h [1, f] @ down [f, d]
+      tmp.resize(static_cast<size_t>(2 * fd));
+      w.read_f32_range_into(t[0].name, t[0].shape, e * 2 * fd, 2 * fd, tmp.data());
+      transpose_into(tmp.data(), d, 2 * f, 0, f, gate);
+      transpose_into(tmp.data(), d, 2 * f, f, f, up);
+      w.read_f32_range_into(t[2].name, t[2].shape, e * fd, fd, tmp.data());
+      transpose_into(tmp.data(), f, d, 0, d, down);
+      break;
+    default:  // dbrx: w1 / v1 rows e f.. are gate / up [f, d]; w2's are down transposed
+      w.read_f32_range_into(t[0].name, t[0].shape, e * fd, fd, gate);
+      w.read_f32_range_into(t[1].name, t[1].shape, e * fd, fd, up);
+      tmp.resize(static_cast<size_t>(fd));
+      w.read_f32_range_into(t[2].name, t[2].shape, e * fd, fd, tmp.data());
+      transpose_into(tmp.data(), f, d, 0, d, down);
+      break;
+  }
+}
+
 }  // namespace
 
 void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, const std::string& p, ExpertNames names,
@@ -83,6 +133,26 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
 
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
                  const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack) {
+  if (fused_experts(names)) {  // `base` is the block prefix; all gated (checked by the config)
+    const int64_t d = shape.hidden, f = shape.intermediate;
+    MOEKIT_CHECK(shape.gated && indexed, "fused expert tensors hold gated experts only");
+    if (weights != nullptr)
+      for (const ExpertTensor& t : fused_tensors(base, names, count, d, f))
+        if (!t.name.empty()) weights->expect_shape(t.name, t.shape);
+    FfnBank bank(count, shape, pack);
+    std::vector<float> buf(static_cast<size_t>(3 * f * d)), tmp;
+    for (int64_t e = 0; e < count; ++e) {
+      float* gate = buf.data();
+      if (weights != nullptr) {
+        load_fused(*weights, base, names, count, e, d, f, gate, gate + f * d, gate + 2 * f * d, tmp);
+      } else {
+        fill_uniform(gate, 2 * f * d, 1.0 / std::sqrt(static_cast<double>(d)), seed);
+        fill_uniform(gate + 2 * f * d, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
+      }
+      bank.set_expert(e, gate, gate + f * d, gate + 2 * f * d);
+    }
+    return bank;
+  }
   // Validate, then allocate: every expert tensor is found with the configured shape before
   // the bank (count x 3 x d x f values) is allocated, so memory follows what the file holds.
   for (int64_t e = 0; weights != nullptr && e < count; ++e) {

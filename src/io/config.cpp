@@ -27,7 +27,7 @@ constexpr int kMaxConfigDepth = 32;
 using json = nlohmann::json;
 using detail::Reader;
 
-const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, switch";
+const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, dbrx, switch";
 
 // The HF config-class defaults of each model type (transformers' configuration_*.py).
 LayerConfig defaults_for(const std::string& preset, const std::string& where) {
@@ -67,6 +67,14 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
     r.n_group = 1; r.topk_group = 1; r.group_score = GroupScore::top2_sum;
     c.router_bias = true;
     c.shared = SharedExpertConfig{1408, false, "shared_experts."};
+  } else if (preset == "granitemoe") {  // GraniteMoeConfig: top-k on the logits, softmax over the k
+    r.hidden = 4096; c.experts.intermediate = 11008; r.num_experts = 8; r.k = 2;
+    r.topk_then_softmax = true;
+    c.expert_names = ExpertNames::granite;
+  } else if (preset == "dbrx") {  // DbrxConfig / DbrxFFNConfig: softmax top-k, weights / their 1-norm
+    r.hidden = 2048; c.experts.intermediate = 3584; r.num_experts = 4; r.k = 1;
+    r.norm_p = 1.0;
+    c.expert_names = ExpertNames::dbrx;
   } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
     r.hidden = 768; c.experts.intermediate = 2048; r.num_experts = 8; r.k = 1;
     r.capacity_factor = 1.0; r.drop_policy = DropPolicy::position;
@@ -171,21 +179,59 @@ void parse_deepseek_v2(Reader& rd, const json& j, LayerConfig& c, const std::str
   deepseek_shared(rd, c, origin, null_shared ? 0 : 2);
 }
 
+// DBRX (HF modeling_dbrx.py): d_model, and the MoE keys nested in ffn_config; DbrxRouter:
+// softmax in f32, top-k, weights divided by their moe_normalize_expert_weights-norm (null: not
+// divided); DbrxExpertGLU: down(act(x w1^T) * (x v1^T)) with w1, v1, w2 fused [E f, d].
+LayerConfig parse_dbrx(Reader& rd, const json& j, const std::string& origin) {
+  LayerConfig c = defaults_for("dbrx", origin + ".model_type");
+  c.origin = "hf";
+  TopKOptions& r = c.router;
+  r.hidden = rd.integer("d_model", r.hidden);
+  if (!rd.has("ffn_config")) {
+    rd.mark("ffn_config");
+  } else {
+    Reader ff(rd.raw("ffn_config"), origin + ".ffn_config");
+    c.experts.intermediate = ff.integer("ffn_hidden_size", c.experts.intermediate);
+    r.num_experts = ff.integer("moe_num_experts", r.num_experts);
+    r.k = ff.integer("moe_top_k", r.k);
+    const json& fj = j["ffn_config"];
+    if (fj.contains("moe_normalize_expert_weights") && fj["moe_normalize_expert_weights"].is_null()) {
+      ff.mark("moe_normalize_expert_weights");
+      r.norm_p = 0.0;
+    } else {
+      r.norm_p = ff.number("moe_normalize_expert_weights", r.norm_p);
+      MOEKIT_CHECK(std::isfinite(r.norm_p) && r.norm_p > 0, ff.where(),
+                   ".moe_normalize_expert_weights: expected a number > 0 (the p of the p-norm) or null, got ", r.norm_p);
+    }
+    std::string act = "silu";
+    if (ff.has("ffn_act_fn")) {
+      Reader fa(ff.raw("ffn_act_fn"), ff.where() + ".ffn_act_fn");
+      act = fa.string("name", "silu");
+    } else {
+      ff.mark("ffn_act_fn");
+    }
+    c.experts.act = parse_activation(act);
+  }
+  finish(c, origin);
+  return c;
+}
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
   static const std::set<std::string> hf_types = {"mixtral",     "qwen2_moe",   "qwen3_moe", "qwen3_next", "olmoe",
-                                                  "deepseek_v2", "deepseek_v3", "glm4_moe"};
+                                                  "deepseek_v2", "deepseek_v3", "glm4_moe",  "granitemoe", "dbrx"};
   MOEKIT_CHECK(hf_types.count(mt) != 0, origin,
                ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, "
-               "glm4_moe, got \"",
+               "glm4_moe, granitemoe, dbrx, got \"",
                mt, "\"");
+  if (mt == "dbrx") return parse_dbrx(rd, j, origin);
   LayerConfig c = defaults_for(mt, origin + ".model_type");
   c.origin = "hf";
   TopKOptions& r = c.router;
   r.hidden = rd.integer("hidden_size", r.hidden);
   c.experts.act = parse_activation(rd.string("hidden_act", "silu"));
-  if (mt == "mixtral") {
+  if (mt == "mixtral" || mt == "granitemoe") {
     c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
     r.num_experts = rd.integer("num_local_experts", r.num_experts);
   } else if (mt == "olmoe") {
@@ -206,7 +252,8 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
                origin, ".num_experts_per_tok: expected an integer (DeepseekV2Config has no default), got ",
                j.contains("num_experts_per_tok") ? "null" : "no such key");
   r.k = rd.integer("num_experts_per_tok", r.k);
-  if (mt != "mixtral" && mt != "deepseek_v2") r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
+  if (mt != "mixtral" && mt != "deepseek_v2" && mt != "granitemoe")
+    r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
   if (mt == "deepseek_v2") parse_deepseek_v2(rd, j, c, origin);
   if (mt == "qwen2_moe" || mt == "qwen3_next") {
     c.shared->intermediate = rd.integer("shared_expert_intermediate_size", c.shared->intermediate);
@@ -238,6 +285,23 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
   return c;
 }
 
+const char* expert_names_string(ExpertNames n) {
+  switch (n) {
+    case ExpertNames::mixtral: return "mixtral";
+    case ExpertNames::granite: return "granite";
+    case ExpertNames::llama4: return "llama4";
+    case ExpertNames::dbrx: return "dbrx";
+    default: return "hf";
+  }
+}
+
+ExpertNames parse_expert_names(const std::string& s, const std::string& where) {
+  for (ExpertNames n : {ExpertNames::hf, ExpertNames::mixtral, ExpertNames::granite, ExpertNames::llama4,
+                        ExpertNames::dbrx})
+    if (s == expert_names_string(n)) return n;
+  detail::fail(where, ": expected \"hf\", \"mixtral\", \"granite\", \"llama4\" or \"dbrx\", got \"", s, "\"");
+}
+
 DropPolicy parse_drop_policy(const std::string& s, const std::string& where) {
   if (s == "score") return DropPolicy::score;
   if (s == "position") return DropPolicy::position;
@@ -255,6 +319,7 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   r.score_func = sf == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
   r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
   r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
+  r.norm_p = rr.number("norm_p", r.norm_p);
   r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
   c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
   r.n_group = rr.integer("n_group", r.n_group);
@@ -332,9 +397,7 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     else if (type == "relu") { c.experts.gated = false; c.experts.act = Activation::relu; }
     else detail::fail(re.where(), ".type: expected swiglu, geglu, gelu, gelu_tanh or relu, got \"", type, "\"");
     c.experts.intermediate = re.integer("intermediate_size", c.experts.intermediate);
-    const std::string names = re.string("names", c.expert_names == ExpertNames::mixtral ? "mixtral" : "hf");
-    MOEKIT_CHECK(names == "hf" || names == "mixtral", re.where(), ".names: expected \"hf\" or \"mixtral\", got \"", names, "\"");
-    c.expert_names = names == "hf" ? ExpertNames::hf : ExpertNames::mixtral;
+    c.expert_names = parse_expert_names(re.string("names", expert_names_string(c.expert_names)), re.where() + ".names");
     const std::string dtype = re.string("dtype", kernels::to_string(c.pack.type));
     try {
       c.pack.type = kernels::parse_weight_type(dtype);
@@ -358,6 +421,10 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     c.shared.reset();
   }
   rd.reject_unknown();
+  MOEKIT_CHECK(!fused_experts(c.expert_names) || (c.router_type == "topk" && c.experts.gated), origin,
+               ".experts.names: fused expert tensors (\"", expert_names_string(c.expert_names),
+               "\") expected with router type topk and gated experts, got router type \"", c.router_type, "\"",
+               c.experts.gated ? "" : " and ungated experts");
   finish(c, origin);
   if (c.router_type != "topk") {
     const detail::RouterFamily* f = detail::find_router_family(c.router_type);

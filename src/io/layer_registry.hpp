@@ -60,7 +60,8 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
                    uint64_t& seed, std::vector<float>& buf);
 
 /// `count` FFN experts of `shape` named `{base}{i}.{gate,up,down}...` (or `{base}` alone when
-/// `indexed` is false), from weights or random.
+/// `indexed` is false), from weights or random. With a fused layout (fused_experts(names))
+/// `base` is the MoE block's prefix and the experts are slices of its 3-D tensors.
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
                  const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack);
 

@@ -15,11 +15,13 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
   const int64_t E = c.router.num_experts, d = c.hidden();
   uint64_t state = detail::splitmix64(seed);
   std::vector<float> gate =
-      detail::tensor_or_random(weights, prefix + "gate.weight", {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
+      detail::tensor_or_random(weights, prefix + router_weight_name(c.expert_names), {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
   std::vector<float> bias;
   if (c.router_bias) bias = detail::tensor_or_random(weights, prefix + "gate.e_score_correction_bias", {E}, state, 0.01);
   TopKRouter router(c.router, std::move(gate), std::move(bias));
-  FfnBank bank = detail::ffn_bank(weights, prefix + "experts.", true, E, detail::routed_shape(c), c.expert_names, state, c.pack);
+  // Fused layouts name their tensors from the block prefix (ffn_bank).
+  FfnBank bank = detail::ffn_bank(weights, fused_experts(c.expert_names) ? prefix : prefix + "experts.", true, E,
+                                  detail::routed_shape(c), c.expert_names, state, c.pack);
   std::vector<SharedExpert> shared = detail::shared_experts(c, weights, prefix, state);
   return TopKLayer(std::move(router), std::move(bank), std::move(shared));
 }

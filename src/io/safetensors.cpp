@@ -666,6 +666,23 @@ void TensorSource::read_f32_into(const std::string& name,
   read_f32_into_checked(name, expected_shape, dst, nullptr, "read_f32_into");
 }
 
+void TensorSource::read_f32_range_into(const std::string& name, const std::vector<int64_t>& expected_shape,
+                                       int64_t first, int64_t count, float* dst) const {
+  const std::string& file = shard_path(name);
+  const TensorView& v = checked_view(tensor(name), file, expected_shape, kFloatDtypes, "read_f32_range_into");
+  MOEKIT_CHECK(first >= 0 && count >= 0 && first <= v.numel() && count <= v.numel() - first,
+               "read_f32_range_into(", q(name), "): elements [", first, ", ", first, " + ", count,
+               ") expected inside the tensor's ", v.numel());
+  MOEKIT_CHECK(dst != nullptr || count == 0, "read_f32_range_into(", q(name), "): dst is null, expected room for ",
+               count, " floats");
+  TensorView part = v;
+  const std::size_t size = dtype_size(v.dtype);
+  part.data = v.data + static_cast<std::size_t>(first) * size;
+  part.nbytes = static_cast<std::size_t>(count) * size;
+  part.shape = {count};
+  to_f32(part, dst);
+}
+
 std::vector<int32_t> TensorSource::read_i32(const std::string& name,
                                             const std::vector<int64_t>& expected_shape) const {
   const std::string& file = shard_path(name);

@@ -70,6 +70,14 @@ CASES = [
     # Qwen3-Next's MoE block (Qwen2MoeSparseMoeBlock): renormalised top-k + gated shared expert.
     dict(name="qwen3_next_shared", preset="qwen3_next", T=12, d=32, f=16, E=16, k=5,
          shared_f=24, norm_topk_prob=True, dtype="F32", prefix="model.layers.3.mlp."),
+    # Granite MoE: fused input_linear [E, 2f, d] / output_linear [E, d, f], top-k on the logits
+    # then softmax over the k.
+    dict(name="granitemoe_fused", preset="granitemoe", T=13, d=24, f=16, E=8, k=3,
+         dtype="BF16", prefix="model.layers.4.block_sparse_moe."),
+    # DBRX: fused w1 / v1 / w2 [E f, d], weights divided by their p-norm (p = 1 in DBRX; 2 here
+    # so that the norm is not the plain sum).
+    dict(name="dbrx_pnorm", preset="dbrx", T=11, d=32, f=16, E=8, k=4, norm_p=2.0,
+         dtype="F32", prefix="transformer.blocks.1.ffn."),
     # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
     dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
          capacity_factor=1.12, dtype="F32", prefix=""),
@@ -245,9 +253,17 @@ def generate(out_dir):
                 params[pname] = (stored(make_tensor(gen, shape, scale), dt), dt)
                 return params[pname][0]
 
-            w_router = add("gate.weight", (E, d), GATE_SCALE)
+            rname = {"granitemoe": "router.layer.weight", "dbrx": "router.layer.weight"}.get(preset, "gate.weight")
+            w_router = add(rname, (E, d), GATE_SCALE)
             experts = []
-            for e in range(E):
+            if preset == "granitemoe":
+                w_in = add("input_linear.weight", (E, 2 * f, d), expert_scale((f, d)))
+                w_out = add("output_linear.weight", (E, d, f), expert_scale((d, f)))
+            if preset == "dbrx":
+                w1 = add("experts.mlp.w1", (E * f, d), expert_scale((f, d)))
+                v1 = add("experts.mlp.v1", (E * f, d), expert_scale((f, d)))
+                w2 = add("experts.mlp.w2", (E * f, d), WEIGHT_SCALE / math.sqrt(f))
+            for e in range(E if preset not in ("granitemoe", "dbrx") else 0):
                 if preset == "mixtral":
                     wg = add(f"experts.{e}.w1.weight", (f, d), expert_scale((f, d)))
                     wu = add(f"experts.{e}.w3.weight", (f, d), expert_scale((f, d)))
@@ -351,6 +367,36 @@ def generate(out_dir):
                     # The case must tell V2's rule from V3's (sum of the best two).
                     notes = {"tokens whose kept groups differ under the top-2 sum": v3_rule}
                     ok = ok and v3_rule > 0
+            elif preset == "granitemoe":
+                # Follows GraniteMoeTopKGating.forward (modeling_granitemoe.py): float logits,
+                # top-k of the logits, softmax over the k; GraniteMoeMoE.forward: per expert
+                # input_linear (F.linear with weight[e] [2f, d]), chunk(2): act(first) * second,
+                # output_linear (weight[e] [d, f]), times the gate, index_add_.
+                logits = F.linear(x, w_router).float()
+                top_logits, ids = logits.topk(k, dim=1)
+                weights = torch.softmax(top_logits, dim=1)
+
+                def granite_expert(e, rows):
+                    h = F.linear(rows, w_in[e])
+                    g, u = h.chunk(2, dim=-1)
+                    return F.linear(F.silu(g) * u, w_out[e])
+                y = combine(x, ids, weights, granite_expert, E)
+                l64 = (x.double() @ w_router.double().T).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in l64)
+            elif preset == "dbrx":
+                # Follows DbrxRouter.forward (modeling_dbrx.py): softmax in float32, top-k,
+                # divided by torch.norm(p = moe_normalize_expert_weights); DbrxExpertGLU:
+                # act(x w1[e]^T) * (x v1[e]^T) @ w2[e], w1/v1/w2 viewed as [E, f, d].
+                probs = F.linear(x, w_router).softmax(dim=-1, dtype=torch.float32)
+                top_w, ids = torch.topk(probs, k, dim=-1)
+                weights = top_w / torch.norm(top_w, p=case["norm_p"], dim=-1, keepdim=True)
+                w1e, v1e, w2e = w1.view(E, f, d), v1.view(E, f, d), w2.view(E, f, d)
+
+                def dbrx_expert(e, rows):
+                    return (F.silu(rows.matmul(w1e[e].t())) * rows.matmul(v1e[e].t())).matmul(w2e[e])
+                y = combine(x, ids, weights, dbrx_expert, E)
+                p64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in p64)
             elif preset == "switch":
                 # moekit's switch preset (ROUTING.md section 1; Switch Transformer, arXiv 2101.03961;
                 # capacity as Megatron get_capacity): top-1 softmax, weight = top-1 probability,
@@ -386,7 +432,7 @@ def generate(out_dir):
         # Tolerance sanity: a kernel that rounds the expert activations to the weight dtype
         # (BF16/FP16 dot products) must still pass the tolerances written to cases.json.
         lowp_dev = 0.0  # worst |dy| / (tolerance_abs + tolerance_rel |y|) of such a kernel
-        if dtype != "F32" and preset != "switch":
+        if dtype != "F32" and preset not in ("switch", "granitemoe", "dbrx"):
             rnd = (lambda t: t.to(torch.bfloat16).float()) if dtype == "BF16" else (lambda t: t.half().float())
 
             def swiglu_lowp(rows, wg, wu, wd):
@@ -457,6 +503,15 @@ def make_config(case):
                 "routed_scaling_factor": case["scaling"], "n_shared_experts": case["n_shared"],
                 "norm_topk_prob": case["norm_topk_prob"], "scoring_func": "sigmoid",
                 "topk_method": "noaux_tc", "hidden_act": "silu"}
+    if p == "granitemoe":
+        return {"architectures": ["GraniteMoeForCausalLM"], "model_type": "granitemoe", "hidden_size": d,
+                "intermediate_size": f, "num_local_experts": E, "num_experts_per_tok": k, "hidden_act": "silu",
+                "residual_multiplier": 0.22, "embedding_multiplier": 12.0}  # outside the MoE block
+    if p == "dbrx":
+        return {"architectures": ["DbrxForCausalLM"], "model_type": "dbrx", "d_model": d,
+                "ffn_config": {"ffn_hidden_size": f, "moe_num_experts": E, "moe_top_k": k,
+                               "moe_normalize_expert_weights": case["norm_p"], "moe_jitter_eps": 0.01,
+                               "ffn_act_fn": {"name": "silu"}}}
     if p == "glm4_moe":
         return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": d,
                 "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
@@ -541,7 +596,7 @@ def ref_case(cfg, W, x):
     """Returns (y [T, d], ids [T, k], weights [T, k]) in float64."""
     T, d = x.shape
     preset = cfg.get("model_type") or cfg.get("preset")
-    wr = W["gate.weight"]
+    wr = W["router.layer.weight"] if preset in ("granitemoe", "dbrx") else W["gate.weight"]
     E = wr.shape[0]
     if preset == "switch":
         k = 1
@@ -555,6 +610,12 @@ def ref_case(cfg, W, x):
     elif preset == "deepseek_v2":
         k = cfg["num_experts_per_tok"]
         assert cfg["n_routed_experts"] == E
+    elif preset == "granitemoe":
+        k = cfg["num_experts_per_tok"]
+        assert cfg["num_local_experts"] == E
+    elif preset == "dbrx":
+        k = cfg["ffn_config"]["moe_top_k"]
+        assert cfg["ffn_config"]["moe_num_experts"] == E
     else:
         k = cfg["num_experts_per_tok"]
         assert cfg["num_experts"] == E
@@ -578,6 +639,19 @@ def ref_case(cfg, W, x):
                 s = sum(w) + 1e-20
                 w = [v / s for v in w]
             w = [v * cfg.get("routed_scaling_factor", 2.5 if v3 else 1.0) for v in w]
+        elif preset == "granitemoe":
+            chosen = ranked(logits, range(E))[:k]
+            m = max(logits[e] for e in chosen)
+            ex = [math.exp(logits[e] - m) for e in chosen]
+            w = [v / sum(ex) for v in ex]
+        elif preset == "dbrx":
+            m = max(logits)
+            ex = [math.exp(l - m) for l in logits]
+            prob = [v / sum(ex) for v in ex]
+            chosen = ranked(prob, range(E))[:k]
+            pn = cfg["ffn_config"].get("moe_normalize_expert_weights", 1.0)
+            norm = sum(prob[e] ** pn for e in chosen) ** (1.0 / pn)
+            w = [prob[e] / norm for e in chosen]
         elif preset == "deepseek_v2":
             m = max(logits)
             ex = [math.exp(l - m) for l in logits]
@@ -626,6 +700,14 @@ def ref_case(cfg, W, x):
             elif preset == "mixtral":
                 out = ref_swiglu(x[t], W[f"experts.{e}.w1.weight"], W[f"experts.{e}.w3.weight"],
                                  W[f"experts.{e}.w2.weight"])
+            elif preset == "granitemoe":
+                wi, f2 = W["input_linear.weight"][e], W["input_linear.weight"].shape[1] // 2
+                out = ref_swiglu(x[t], wi[:f2], wi[f2:], W["output_linear.weight"][e])
+            elif preset == "dbrx":
+                f = cfg["ffn_config"]["ffn_hidden_size"]
+                rows = slice(e * f, (e + 1) * f)
+                out = ref_swiglu(x[t], W["experts.mlp.w1"][rows], W["experts.mlp.v1"][rows],
+                                 W["experts.mlp.w2"][rows].T)
             else:
                 out = ref_swiglu(x[t], W[f"experts.{e}.gate_proj.weight"], W[f"experts.{e}.up_proj.weight"],
                                  W[f"experts.{e}.down_proj.weight"])

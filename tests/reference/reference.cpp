@@ -147,6 +147,12 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
         double sum = 0.0;
         for (double v : w) sum += v;
         for (double& v : w) v /= (sum + 1e-20);
+      } else if (p.norm_p > 0) {
+        double sum = 0.0;
+        for (double v : w) sum += std::pow(v, p.norm_p);
+        const double norm = std::pow(sum, 1.0 / p.norm_p);
+        if (norm > 0)
+          for (double& v : w) v /= norm;
       }
     }
     for (double& v : w) v *= p.routed_scaling_factor;

@@ -32,6 +32,7 @@ struct TopKParams {
   ScoreFunc score_func = ScoreFunc::softmax;
   bool topk_then_softmax = false;   ///< select on L (+ bias), weights softmax(L[I])
   bool norm_topk_prob = false;      ///< w / (sum w + 1e-20)
+  double norm_p = 0.0;              ///< > 0: w / (sum w^p)^(1/p)
   double routed_scaling_factor = 1.0;
   std::vector<double> bias;         ///< [E] selection-only bias; empty = none
   int64_t n_group = 0;              ///< <= 1: no groups

@@ -20,7 +20,24 @@ inline constexpr int kConfigVersion = 1;
 enum class ExpertNames {
   hf,       ///< experts.{i}.gate_proj / up_proj / down_proj.weight
   mixtral,  ///< experts.{i}.w1 (gate) / w3 (up) / w2 (down).weight
+  /// Fused 3-D tensors (HF config.json only), named from the block prefix:
+  granite,  ///< input_linear.weight [E, 2f, d] (gate rows, then up rows), output_linear.weight [E, d, f]
+  llama4,   ///< experts.gate_up_proj [E, d, 2f] (gate columns, then up), experts.down_proj [E, f, d]
+  dbrx,     ///< experts.mlp.w1 (gate) / v1 (up) / w2 (down, transposed), each [E f, d]
 };
+
+/// Whether the routed experts are read from fused 3-D tensors (granite, llama4, dbrx).
+[[nodiscard]] inline bool fused_experts(ExpertNames n) noexcept {
+  return n == ExpertNames::granite || n == ExpertNames::llama4 || n == ExpertNames::dbrx;
+}
+
+/// The router weight `[E, d]` after the block prefix, which goes with the experts' layout:
+/// "gate.weight", or "router.layer.weight" (granite, dbrx), "router.weight" (llama4).
+[[nodiscard]] inline const char* router_weight_name(ExpertNames n) noexcept {
+  return n == ExpertNames::granite || n == ExpertNames::dbrx ? "router.layer.weight"
+         : n == ExpertNames::llama4                          ? "router.weight"
+                                                             : "gate.weight";
+}
 
 /// A shared (always-on) expert as configured.
 struct SharedExpertConfig {

@@ -111,6 +111,11 @@ class TensorSource {
   /// As read_f32, into `dst`, which must hold numel() floats.
   void read_f32_into(const std::string& name, const std::vector<int64_t>& expected_shape,
                      float* dst) const;
+  /// Elements [first, first + count) of the tensor in row-major order, converted as read_f32
+  /// (F32, F16, BF16, F64; not block-scaled FP8), into `dst`: one expert of a fused 3-D
+  /// expert tensor. The range must lie inside the tensor.
+  void read_f32_range_into(const std::string& name, const std::vector<int64_t>& expected_shape, int64_t first,
+                           int64_t count, float* dst) const;
   /// Reads I32, or I64 with every value range-checked into int32.
   std::vector<int32_t> read_i32(const std::string& name,
                                 const std::vector<int64_t>& expected_shape) const;

@@ -47,6 +47,9 @@ struct TopKOptions {
   bool topk_then_softmax = false;
   /// Renormalise the k chosen weights to sum to 1 (HF `norm_topk_prob`).
   bool norm_topk_prob = false;
+  /// If > 0: divide the k weights by their p-norm `(sum |w|^p)^(1/p)` (DBRX
+  /// `moe_normalize_expert_weights`; p = 1 is the sum without norm_topk_prob's 1e-20).
+  double norm_p = 0.0;
   /// Multiplies the final weights (DeepSeek-V3 `routed_scaling_factor`).
   float routed_scaling_factor = 1.0f;
   /// Group-limited selection: E split into n_group equal groups, the topk_group best kept.
@@ -78,6 +81,11 @@ struct TopKOptions {
     MOEKIT_CHECK(score_func == ScoreFunc::softmax || score_func == ScoreFunc::sigmoid,
                  "topk router: score_func expected softmax or sigmoid, got ",
                  static_cast<int>(score_func));
+    MOEKIT_CHECK(std::isfinite(norm_p) && norm_p >= 0, "topk router: norm_p expected finite and >= 0 (0 = off), got ",
+                 norm_p);
+    MOEKIT_CHECK(norm_p == 0 || (!norm_topk_prob && !topk_then_softmax),
+                 "topk router: norm_p expected 0 with norm_topk_prob or topk_then_softmax (one normalisation), got ",
+                 norm_p);
     MOEKIT_CHECK(!topk_then_softmax || score_func == ScoreFunc::softmax,
                  "topk router: topk_then_softmax expected with score_func softmax, got sigmoid");
     if (grouped()) {
@@ -297,6 +305,12 @@ class TopKRouter {
         for (int64_t j = 0; j < k; ++j) sum += w[j];
         const float inv = sum + 1e-20f;
         for (int64_t j = 0; j < k; ++j) w[j] /= inv;
+      } else if (opt_.norm_p > 0) {  // in double, then one rounding; weights are >= 0
+        double sum = 0.0;
+        for (int64_t j = 0; j < k; ++j) sum += opt_.norm_p == 1.0 ? double(w[j]) : std::pow(double(w[j]), opt_.norm_p);
+        const auto norm = static_cast<float>(opt_.norm_p == 1.0 ? sum : std::pow(sum, 1.0 / opt_.norm_p));
+        if (norm > 0.0f)
+          for (int64_t j = 0; j < k; ++j) w[j] /= norm;
       }
     }
     if (opt_.routed_scaling_factor != 1.0f)
