@@ -191,6 +191,40 @@ TEST(ConfigHf, DbrxAndGraniteMoe) {
   EXPECT_EQ(c.router.k, 2);
 }
 
+// meta-llama/Llama-4-Scout-17B-16E-Instruct's config.json as published (vision_config shortened).
+const char* kLlama4Scout = R"({
+  "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080, "eoi_token_index": 200081,
+  "image_token_index": 200092, "model_type": "llama4",
+  "text_config": {"_attn_implementation_autoset": true, "attention_bias": false, "attention_chunk_size": 8192,
+    "attention_dropout": 0.0, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+    "for_llm_compressor": false, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+    "initializer_range": 0.02, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+    "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760, "model_type": "llama4_text",
+    "no_rope_layers": [], "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48,
+    "num_key_value_heads": 8, "num_local_experts": 16, "output_router_logits": false, "pad_token_id": 200018,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192, "rope_type": "llama3"}, "rope_theta": 500000.0,
+    "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "torch_dtype": "bfloat16", "use_cache": true,
+    "use_qk_norm": true, "vocab_size": 202048},
+  "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0.dev0",
+  "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408, "num_hidden_layers": 34}})";
+
+TEST(ConfigHf, Llama4) {
+  auto c = parse_layer_config(kLlama4Scout);
+  EXPECT_EQ(c.hidden(), 5120); EXPECT_EQ(c.experts.intermediate, 8192); EXPECT_EQ(c.router.num_experts, 16);
+  EXPECT_EQ(c.router.k, 1); EXPECT_EQ(c.router.score_func, moekit::ScoreFunc::sigmoid);
+  EXPECT_TRUE(c.router.select_on_logits); EXPECT_FALSE(c.router.norm_topk_prob); EXPECT_TRUE(c.weight_on_input);
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::llama4);
+  EXPECT_STREQ(moekit::router_weight_name(c.expert_names), "router.weight");
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 8192); EXPECT_FALSE(c.shared->gated);
+  EXPECT_EQ(c.shared->names, "shared_expert.");
+  c = parse_layer_config(R"({"model_type": "llama4_text", "hidden_size": 64, "intermediate_size": 32,
+      "num_local_experts": 128, "num_experts_per_tok": 1})");  // Maverick-like, flat
+  EXPECT_EQ(c.router.num_experts, 128); EXPECT_EQ(c.shared->intermediate, 32);
+  expect_error(R"({"model_type": "llama4"})", "text_config: expected the text model's object");
+  expect_error(R"({"model_type": "llama4", "text_config": {"num_experts_per_tok": 17}})", "k expected in [1, E = 16]");
+}
+
 TEST(ConfigMoekit, FusedExpertNames) {
   auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "granitemoe", "hidden_size": 8,
       "experts": {"intermediate_size": 4}})");

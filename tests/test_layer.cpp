@@ -22,6 +22,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/reference.hpp"
+#include "support/topk_params.hpp"
 
 namespace {
 
@@ -71,26 +72,7 @@ ref::Activation to_ref(Activation a) {
   return ref::Activation::silu;
 }
 
-ref::TopKParams to_ref(const TopKOptions& o, const std::vector<float>& bias) {
-  ref::TopKParams p;
-  p.num_experts = o.num_experts;
-  p.k = o.k;
-  p.hidden = o.hidden;
-  p.score_func = o.score_func == ScoreFunc::softmax ? ref::ScoreFunc::softmax : ref::ScoreFunc::sigmoid;
-  p.topk_then_softmax = o.topk_then_softmax;
-  p.norm_topk_prob = o.norm_topk_prob;
-  p.routed_scaling_factor = o.routed_scaling_factor;
-  p.bias.assign(bias.begin(), bias.end());
-  p.n_group = o.n_group;
-  p.topk_group = o.topk_group;
-  p.capacity_factor = o.capacity_factor;
-  p.min_capacity = o.min_capacity;
-  p.drop_policy = o.drop_policy == DropPolicy::score      ? ref::DropPolicy::score
-                  : o.drop_policy == DropPolicy::position ? ref::DropPolicy::position
-                                                          : ref::DropPolicy::position_slot_major;
-  p.renormalize_after_drop = o.renormalize_after_drop;
-  return p;
-}
+using moekit_test::to_ref;
 
 // Random FFN weights, variance 1/fan_in (uniform), HF layout.
 ref::Ffn random_ffn(Rng& rng, int64_t d, int64_t f, bool gated, Activation act) {
@@ -121,6 +103,7 @@ struct LayerSpec {
   FfnShape shape;
   std::vector<SharedSpec> shared;
   bool bias = false;
+  bool weight_on_input = false;
 };
 
 // A library layer and the same weights for the reference.
@@ -130,6 +113,7 @@ struct Built {
   std::vector<float> W, bias;
   std::vector<ref::Ffn> experts;
   std::vector<ref::Shared> shared;
+  bool weight_on_input = false;
 };
 
 Built build(LayerSpec spec, Rng& rng, double logit_std = 2.0) {
@@ -158,6 +142,8 @@ Built build(LayerSpec spec, Rng& rng, double logit_std = 2.0) {
   }
   b.params = to_ref(o, b.bias);
   b.layer = std::make_unique<Layer>(TopKRouter(o, b.W, b.bias), std::move(bank), std::move(shared));
+  b.layer->set_weight_on_input(spec.weight_on_input);
+  b.weight_on_input = spec.weight_on_input;
   return b;
 }
 
@@ -234,6 +220,7 @@ LayerSpec random_spec(Rng& rng, const Knobs& kn = {}) {
     o.renormalize_after_drop = rng.coin(0.5);
   }
   s.bias = rng.coin(kn.p_bias);
+  s.weight_on_input = rng.coin(0.2);
   s.shape.intermediate = rng.integer(1, 80);
   s.shape.gated = rng.coin(0.6);
   s.shape.act = static_cast<Activation>(rng.integer(0, 3));
@@ -249,13 +236,14 @@ std::string describe(const LayerSpec& s, const Input& in) {
   char buf[480];
   std::snprintf(buf, sizeof buf,
                 "T=%lld E=%lld k=%lld d=%lld f=%lld %s act=%d %s%s norm=%d scale=%g bias=%d groups=%lld/%lld "
-                "cap=%g min=%lld policy=%d renorm=%d shared=%zu padded=%d seqs=%zu",
+                "cap=%g min=%lld policy=%d renorm=%d shared=%zu padded=%d seqs=%zu weight_on_input=%d",
                 (long long)in.T, (long long)o.num_experts, (long long)o.k, (long long)o.hidden,
                 (long long)s.shape.intermediate, s.shape.gated ? "gated" : "plain", static_cast<int>(s.shape.act),
                 o.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid", o.topk_then_softmax ? "+tts" : "",
                 o.norm_topk_prob, o.routed_scaling_factor, s.bias, (long long)o.n_group, (long long)o.topk_group,
                 o.capacity_factor, (long long)o.min_capacity, static_cast<int>(o.drop_policy), o.renormalize_after_drop,
-                s.shared.size(), !in.pad.empty(), in.offsets.empty() ? size_t{1} : in.offsets.size() - 1);
+                s.shared.size(), !in.pad.empty(), in.offsets.empty() ? size_t{1} : in.offsets.size() - 1,
+                s.weight_on_input);
   return buf;
 }
 
@@ -298,12 +286,13 @@ Result check_layer(const Built& b, const Input& in, int threads = 1, Workspace* 
   r.rep = ref::compare_routing(want, view, co);
   EXPECT_TRUE(r.rep.errors.empty()) << "routing:" << join(r.rep.errors);
 
-  const std::vector<double> y = ref::moe_forward(want, b.experts, b.shared, in.x.data(), T, d);
+  const std::vector<double> y = ref::moe_forward(want, b.experts, b.shared, in.x.data(), T, d, b.weight_on_input);
   r.ref_max = ref::max_abs(y);
   const auto e1 = ref::compare_values(y, r.out.data(), d, kRel, kFloorFrac, r.rep.excluded);
   EXPECT_TRUE(e1.empty()) << "output vs reference:" << join(e1);
   const std::vector<double> y_plan =
-      ref::moe_forward(ref::routing_from_view(view, in.pad_ptr()), b.experts, b.shared, in.x.data(), T, d);
+      ref::moe_forward(ref::routing_from_view(view, in.pad_ptr()), b.experts, b.shared, in.x.data(), T, d,
+                       b.weight_on_input);
   const auto e2 = ref::compare_values(y_plan, r.out.data(), d, kRel, kFloorFrac);
   EXPECT_TRUE(e2.empty()) << "output vs reference on the library's plan:" << join(e2);
 

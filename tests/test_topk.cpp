@@ -18,6 +18,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/reference.hpp"
+#include "support/topk_params.hpp"
 
 namespace {
 
@@ -51,30 +52,7 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-ref::TopKParams to_ref(const TopKOptions& o, const std::vector<float>& bias) {
-  ref::TopKParams p;
-  p.num_experts = o.num_experts;
-  p.k = o.k;
-  p.hidden = o.hidden;
-  p.score_func = o.score_func == ScoreFunc::softmax ? ref::ScoreFunc::softmax : ref::ScoreFunc::sigmoid;
-  p.topk_then_softmax = o.topk_then_softmax;
-  p.norm_topk_prob = o.norm_topk_prob;
-  p.norm_p = o.norm_p;
-  p.routed_scaling_factor = o.routed_scaling_factor;
-  p.bias.assign(bias.begin(), bias.end());
-  p.n_group = o.n_group;
-  p.topk_group = o.topk_group;
-  p.group_score = o.group_score == GroupScore::top2_sum ? ref::GroupScore::top2_sum
-                  : o.group_score == GroupScore::max    ? ref::GroupScore::max
-                                                        : ref::GroupScore::topk_sum;
-  p.capacity_factor = o.capacity_factor;
-  p.min_capacity = o.min_capacity;
-  p.drop_policy = o.drop_policy == DropPolicy::score      ? ref::DropPolicy::score
-                  : o.drop_policy == DropPolicy::position ? ref::DropPolicy::position
-                                                          : ref::DropPolicy::position_slot_major;
-  p.renormalize_after_drop = o.renormalize_after_drop;
-  return p;
-}
+using moekit_test::to_ref;
 
 // One routing problem: options, weights, hidden states and batch layout.
 struct RouteCase {
@@ -102,12 +80,12 @@ std::string describe(const RouteCase& c) {
   const TopKOptions& o = c.opt;
   char buf[400];
   std::snprintf(buf, sizeof buf,
-                "T=%lld E=%lld k=%lld d=%lld %s%s norm=%d scale=%g bias=%d groups=%lld/%lld cap=%g min=%lld "
-                "policy=%d renorm=%d padded=%d seqs=%zu",
+                "T=%lld E=%lld k=%lld d=%lld %s%s%s norm=%d norm_p=%g scale=%g bias=%d groups=%lld/%lld/%d cap=%g "
+                "min=%lld policy=%d renorm=%d padded=%d seqs=%zu",
                 (long long)c.T, (long long)o.num_experts, (long long)o.k, (long long)o.hidden,
                 o.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid", o.topk_then_softmax ? "+topk_then_softmax" : "",
-                o.norm_topk_prob, o.routed_scaling_factor, !c.bias.empty(), (long long)o.n_group,
-                (long long)o.topk_group, o.capacity_factor, (long long)o.min_capacity, static_cast<int>(o.drop_policy),
+                o.select_on_logits ? "+select_on_logits" : "", o.norm_topk_prob, o.norm_p, o.routed_scaling_factor, !c.bias.empty(), (long long)o.n_group,
+                (long long)o.topk_group, static_cast<int>(o.group_score), o.capacity_factor, (long long)o.min_capacity, static_cast<int>(o.drop_policy),
                 o.renormalize_after_drop, !c.pad.empty(), c.offsets.empty() ? size_t{1} : c.offsets.size() - 1);
   return buf;
 }
@@ -154,7 +132,9 @@ RouteCase random_case(Rng& rng, const Knobs& kn = {}) {
   if (rng.coin(kn.p_sigmoid)) o.score_func = ScoreFunc::sigmoid;
   else if (rng.coin(kn.p_tts)) o.topk_then_softmax = true;
   o.norm_topk_prob = rng.coin(0.5);
-  if (!o.norm_topk_prob && !o.topk_then_softmax && rng.coin(0.3))
+  o.select_on_logits = !o.topk_then_softmax && rng.coin(0.2);
+  // (k >= 2: with one slot every p-norm weight is exactly 1, all capacity decisions ties)
+  if (!o.norm_topk_prob && !o.topk_then_softmax && o.k >= 2 && rng.coin(0.3))
     o.norm_p = std::vector<double>{1.0, 2.0, 0.5}[static_cast<size_t>(rng.integer(0, 2))];
   if (rng.coin(0.4)) o.routed_scaling_factor = static_cast<float>(rng.uniform(0.5, 3.0));
   if (rng.coin(kn.p_capacity)) {
@@ -343,6 +323,20 @@ TEST(TopKReference, HandComputedSoftmaxTop2) {
   r = ref::route_topk(p, c.W.data(), c.x.data(), 1);
   EXPECT_NEAR(r.token[0].slots[0].weight, 2.0 / (1.0 + std::exp(-1.0)), 1e-14);
   EXPECT_NEAR(r.token[0].slots[1].weight, 2.0 * std::exp(-1.0) / (1.0 + std::exp(-1.0)), 1e-14);
+}
+
+TEST(TopKSelectOnLogits, SaturatedSigmoidStillPicksTheLargerLogit) {
+  // sigmoid(17) and sigmoid(20) are both 1.0f: on the scores the tie goes to expert 0, on the
+  // logits (Llama 4's top-k) expert 1 wins; the weight is 1 either way.
+  RouteCase c = exact_logits_case({17.0f, 20.0f, -3.0f}, 1);
+  c.opt.score_func = ScoreFunc::sigmoid;
+  ASSERT_EQ(1.0f / (1.0f + std::exp(-17.0f)), 1.0f);
+  EXPECT_EQ(experts_of(route(c), 0), std::vector<int32_t>{0});
+  c.opt.select_on_logits = true;
+  const RoutingPlan plan = route(c);
+  EXPECT_EQ(experts_of(plan, 0), std::vector<int32_t>{1});
+  EXPECT_EQ(weights_of(plan, 0), std::vector<float>{1.0f});
+  check_route(c);
 }
 
 TEST(TopKReference, HandComputedGroupsBiasAndCapacity) {

@@ -251,7 +251,7 @@ class SparseLayer {
       const int64_t rows = task.end - task.begin;
       try {
         if (task.expert >= 0) {
-          kernels::gather_rows(hidden, d, tokens.data() + task.begin, rows, rows_block);
+          gather_expert_rows(hidden, plan, task.begin, rows, rows_block);
           float* dst = ws.expert_out.data() + static_cast<int64_t>(task.begin) * d;
           if constexpr (ContextAwareBank<B>) {
             const BlockContext ctx{&batch, tokens.subspan(static_cast<size_t>(task.begin), static_cast<size_t>(rows))};
@@ -298,7 +298,7 @@ class SparseLayer {
         const int32_t p = pos[static_cast<size_t>(s)];
         if (p < 0) continue;  // dropped: contributes nothing
         rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
-        w[n++] = weight[static_cast<size_t>(s)];
+        w[n++] = weight_on_input_ ? 1.0f : weight[static_cast<size_t>(s)];
       }
       const int64_t r = padded ? ws.row_of_token[static_cast<size_t>(t)] : t;
       for (size_t j = 0; j < shared_.size(); ++j) {
@@ -312,6 +312,12 @@ class SparseLayer {
   }
 
  public:
+  /// Where the routing weight applies: to the expert's output (default, `y = sum_j w_j E_j(x)`)
+  /// or to its input (`y = sum_j E_j(w_j x)`, Llama 4; vLLM's apply_router_weight_on_input).
+  /// Shared experts are not affected.
+  void set_weight_on_input(bool on) noexcept { weight_on_input_ = on; }
+  [[nodiscard]] bool weight_on_input() const noexcept { return weight_on_input_; }
+
   /// Turns the decode column split on (default) or off, e.g. to compare both in a benchmark.
   /// Results are bit-identical either way.
   void set_decode_split(bool on) noexcept { split_enabled_ = on; }
@@ -359,6 +365,20 @@ class SparseLayer {
     if (ws.pieces.capacity() < pieces) ws.pieces.reserve(pieces);
   }
 
+  // Rows [begin, begin + n) of the plan's expert order into `block`, times their slot's
+  // weight when the weight applies to the expert's input.
+  void gather_expert_rows(const float* hidden, const RoutingPlan& plan, int64_t begin, int64_t n,
+                          float* block) const noexcept {
+    const int64_t d = hidden_size();
+    const int32_t* rows = plan.expert_tokens().data() + begin;
+    if (weight_on_input_) {
+      kernels::gather_rows_scaled(hidden, d, rows, plan.expert_slots().data() + begin, plan.slot_weight().data(), n,
+                                  block);
+    } else {
+      kernels::gather_rows(hidden, d, rows, n, block);
+    }
+  }
+
   // The decode path: gather every task's rows once, then two parallel stages over pieces
   // (task, strip range): the first matrices into split_h, then the down matrices into
   // expert_out / shared_out. Each piece computes whole output columns with the same kernels,
@@ -367,9 +387,8 @@ class SparseLayer {
     requires SplittableBank<B>
   {
     const int64_t d = hidden_size(), kept = plan.num_kept();
-    const auto tokens = plan.expert_tokens();
     grow(ws.split_in, static_cast<size_t>((kept + (shared_.empty() ? 0 : Tr)) * d));
-    if (kept > 0) kernels::gather_rows(hidden, d, tokens.data(), kept, ws.split_in.data());
+    if (kept > 0) gather_expert_rows(hidden, plan, 0, kept, ws.split_in.data());
     const float* shared_in = hidden;
     if (!shared_.empty() && padded) {
       kernels::gather_rows(hidden, d, ws.unpadded.data(), Tr, ws.split_in.data() + kept * d);
@@ -432,6 +451,7 @@ class SparseLayer {
   B experts_;
   std::vector<SharedExpert> shared_;
   bool split_enabled_ = true;
+  bool weight_on_input_ = false;
   bool check_finite_ = true;
   NonFiniteOutput non_finite_output_ = NonFiniteOutput::error;
 };

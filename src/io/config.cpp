@@ -27,7 +27,7 @@ constexpr int kMaxConfigDepth = 32;
 using json = nlohmann::json;
 using detail::Reader;
 
-const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, dbrx, switch";
+const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, dbrx, llama4, switch";
 
 // The HF config-class defaults of each model type (transformers' configuration_*.py).
 LayerConfig defaults_for(const std::string& preset, const std::string& where) {
@@ -75,6 +75,12 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
     r.hidden = 2048; c.experts.intermediate = 3584; r.num_experts = 4; r.k = 1;
     r.norm_p = 1.0;
     c.expert_names = ExpertNames::dbrx;
+  } else if (preset == "llama4") {  // Llama4TextConfig: sigmoid top-k of the logits, weight on the input
+    r.hidden = 5120; c.experts.intermediate = 8192; r.num_experts = 16; r.k = 1;
+    r.score_func = ScoreFunc::sigmoid; r.select_on_logits = true;
+    c.expert_names = ExpertNames::llama4;
+    c.weight_on_input = true;
+    c.shared = SharedExpertConfig{8192, false, "shared_expert."};
   } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
     r.hidden = 768; c.experts.intermediate = 2048; r.num_experts = 8; r.k = 1;
     r.capacity_factor = 1.0; r.drop_policy = DropPolicy::position;
@@ -216,16 +222,46 @@ LayerConfig parse_dbrx(Reader& rd, const json& j, const std::string& origin) {
   return c;
 }
 
+// Llama 4 (HF modeling_llama4.py Llama4TextMoe): the text model's keys, at the top level
+// (llama4_text) or in text_config (llama4, the released multimodal config.json).
+// Llama4Router: top-k of the logits, weight sigmoid(logit); each chosen expert runs on its
+// weight times the input; the shared expert (width intermediate_size) is added unweighted.
+LayerConfig parse_llama4(Reader& top, const std::string& mt, const std::string& origin) {
+  LayerConfig c = defaults_for("llama4", origin + ".model_type");
+  c.origin = "hf";
+  auto read = [&](Reader& rd) {
+    TopKOptions& r = c.router;
+    r.hidden = rd.integer("hidden_size", r.hidden);
+    c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
+    r.num_experts = rd.integer("num_local_experts", r.num_experts);
+    r.k = rd.integer("num_experts_per_tok", r.k);
+    c.experts.act = parse_activation(rd.string("hidden_act", "silu"));
+    c.shared->intermediate = c.experts.intermediate;  // Llama4TextMLP(config): the same width
+  };
+  if (mt == "llama4_text") {
+    read(top);
+  } else {
+    MOEKIT_CHECK(top.has("text_config"), origin,
+                 ".text_config: expected the text model's object (a llama4 config.json nests it), got nothing");
+    Reader tc(top.raw("text_config"), origin + ".text_config");
+    read(tc);
+  }
+  finish(c, origin);
+  return c;
+}
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
   static const std::set<std::string> hf_types = {"mixtral",     "qwen2_moe",   "qwen3_moe", "qwen3_next", "olmoe",
-                                                  "deepseek_v2", "deepseek_v3", "glm4_moe",  "granitemoe", "dbrx"};
+                                                  "deepseek_v2", "deepseek_v3", "glm4_moe",  "granitemoe", "dbrx",
+                                                  "llama4",      "llama4_text"};
   MOEKIT_CHECK(hf_types.count(mt) != 0, origin,
                ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, "
-               "glm4_moe, granitemoe, dbrx, got \"",
+               "glm4_moe, granitemoe, dbrx, llama4, llama4_text, got \"",
                mt, "\"");
   if (mt == "dbrx") return parse_dbrx(rd, j, origin);
+  if (mt == "llama4" || mt == "llama4_text") return parse_llama4(rd, mt, origin);
   LayerConfig c = defaults_for(mt, origin + ".model_type");
   c.origin = "hf";
   TopKOptions& r = c.router;
@@ -320,6 +356,8 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
   r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
   r.norm_p = rr.number("norm_p", r.norm_p);
+  r.select_on_logits = rr.boolean("select_on_logits", r.select_on_logits);
+  c.weight_on_input = rr.boolean("weight_on_input", c.weight_on_input);
   r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
   c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
   r.n_group = rr.integer("n_group", r.n_group);

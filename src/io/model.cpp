@@ -23,7 +23,9 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
   FfnBank bank = detail::ffn_bank(weights, fused_experts(c.expert_names) ? prefix : prefix + "experts.", true, E,
                                   detail::routed_shape(c), c.expert_names, state, c.pack);
   std::vector<SharedExpert> shared = detail::shared_experts(c, weights, prefix, state);
-  return TopKLayer(std::move(router), std::move(bank), std::move(shared));
+  TopKLayer layer(std::move(router), std::move(bank), std::move(shared));
+  layer.set_weight_on_input(c.weight_on_input);
+  return layer;
 }
 
 }  // namespace

@@ -78,6 +78,10 @@ CASES = [
     # so that the norm is not the plain sum).
     dict(name="dbrx_pnorm", preset="dbrx", T=11, d=32, f=16, E=8, k=4, norm_p=2.0,
          dtype="F32", prefix="transformer.blocks.1.ffn."),
+    # Llama 4: fused gate_up_proj [E, d, 2f] / down_proj [E, f, d], sigmoid top-k of the logits,
+    # the weight multiplying the expert's input, an unweighted shared expert.
+    dict(name="llama4_weight_on_input", preset="llama4", T=10, d=32, f=16, E=8, k=2,
+         dtype="F32", prefix="language_model.model.layers.1.feed_forward."),
     # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
     dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
          capacity_factor=1.12, dtype="F32", prefix=""),
@@ -253,7 +257,8 @@ def generate(out_dir):
                 params[pname] = (stored(make_tensor(gen, shape, scale), dt), dt)
                 return params[pname][0]
 
-            rname = {"granitemoe": "router.layer.weight", "dbrx": "router.layer.weight"}.get(preset, "gate.weight")
+            rname = {"granitemoe": "router.layer.weight", "dbrx": "router.layer.weight",
+                     "llama4": "router.weight"}.get(preset, "gate.weight")
             w_router = add(rname, (E, d), GATE_SCALE)
             experts = []
             if preset == "granitemoe":
@@ -263,7 +268,10 @@ def generate(out_dir):
                 w1 = add("experts.mlp.w1", (E * f, d), expert_scale((f, d)))
                 v1 = add("experts.mlp.v1", (E * f, d), expert_scale((f, d)))
                 w2 = add("experts.mlp.w2", (E * f, d), WEIGHT_SCALE / math.sqrt(f))
-            for e in range(E if preset not in ("granitemoe", "dbrx") else 0):
+            if preset == "llama4":
+                gate_up = add("experts.gate_up_proj", (E, d, 2 * f), expert_scale((f, d)))
+                down_p = add("experts.down_proj", (E, f, d), WEIGHT_SCALE / math.sqrt(f))
+            for e in range(E if preset not in ("granitemoe", "dbrx", "llama4") else 0):
                 if preset == "mixtral":
                     wg = add(f"experts.{e}.w1.weight", (f, d), expert_scale((f, d)))
                     wu = add(f"experts.{e}.w3.weight", (f, d), expert_scale((f, d)))
@@ -383,6 +391,28 @@ def generate(out_dir):
                 y = combine(x, ids, weights, granite_expert, E)
                 l64 = (x.double() @ w_router.double().T).numpy()
                 ok = all(margin_ok(np.sort(r)[::-1], k) for r in l64)
+            elif preset == "llama4":
+                # Follows Llama4TextMoe.forward and Llama4Router.forward (modeling_llama4.py):
+                # top-k of the logits, scores = sigmoid of the chosen logits (-inf elsewhere, so
+                # 0), every expert applied to x * its score (bmm with gate_up_proj, chunk(2):
+                # up * silu(gate), bmm with down_proj), summed over experts, plus the shared
+                # expert (Llama4TextMLP).
+                logits = F.linear(x, w_router)
+                top_v, top_i = torch.topk(logits, k, dim=1)
+                scores = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v).transpose(0, 1)
+                scores = torch.sigmoid(scores.float())
+                routed_in = x.repeat(E, 1) * scores.reshape(-1, 1)
+                gu = torch.bmm(routed_in.view(E, -1, d), gate_up)
+                g_, u_ = gu.chunk(2, dim=-1)
+                routed_out = torch.bmm(u_ * F.silu(g_), down_p).view(-1, d)
+                sg = add("shared_expert.gate_proj.weight", (f, d), expert_scale((f, d)))
+                su = add("shared_expert.up_proj.weight", (f, d), expert_scale((f, d)))
+                sd = add("shared_expert.down_proj.weight", (d, f), expert_scale((d, f)))
+                y = swiglu(x, sg, su, sd) + routed_out.view(E, -1, d).sum(dim=0)
+                ids = top_i
+                weights = torch.sigmoid(top_v)
+                l64 = (x.double() @ w_router.double().T).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in l64)
             elif preset == "dbrx":
                 # Follows DbrxRouter.forward (modeling_dbrx.py): softmax in float32, top-k,
                 # divided by torch.norm(p = moe_normalize_expert_weights); DbrxExpertGLU:
@@ -432,7 +462,7 @@ def generate(out_dir):
         # Tolerance sanity: a kernel that rounds the expert activations to the weight dtype
         # (BF16/FP16 dot products) must still pass the tolerances written to cases.json.
         lowp_dev = 0.0  # worst |dy| / (tolerance_abs + tolerance_rel |y|) of such a kernel
-        if dtype != "F32" and preset not in ("switch", "granitemoe", "dbrx"):
+        if dtype != "F32" and preset not in ("switch", "granitemoe", "dbrx", "llama4"):
             rnd = (lambda t: t.to(torch.bfloat16).float()) if dtype == "BF16" else (lambda t: t.half().float())
 
             def swiglu_lowp(rows, wg, wu, wd):
@@ -512,6 +542,12 @@ def make_config(case):
                 "ffn_config": {"ffn_hidden_size": f, "moe_num_experts": E, "moe_top_k": k,
                                "moe_normalize_expert_weights": case["norm_p"], "moe_jitter_eps": 0.01,
                                "ffn_act_fn": {"name": "silu"}}}
+    if p == "llama4":  # the released multimodal config nests the text model
+        return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+                "text_config": {"model_type": "llama4_text", "hidden_size": d, "intermediate_size": f,
+                                "intermediate_size_mlp": 4 * f,  # dense layers; unused by the MoE block
+                                "num_local_experts": E, "num_experts_per_tok": k, "hidden_act": "silu",
+                                "interleave_moe_layer_step": 1}}
     if p == "glm4_moe":
         return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": d,
                 "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
@@ -596,7 +632,10 @@ def ref_case(cfg, W, x):
     """Returns (y [T, d], ids [T, k], weights [T, k]) in float64."""
     T, d = x.shape
     preset = cfg.get("model_type") or cfg.get("preset")
-    wr = W["router.layer.weight"] if preset in ("granitemoe", "dbrx") else W["gate.weight"]
+    wr = (W["router.layer.weight"] if preset in ("granitemoe", "dbrx")
+          else W["router.weight"] if preset == "llama4" else W["gate.weight"])
+    if preset == "llama4":
+        cfg = cfg["text_config"]
     E = wr.shape[0]
     if preset == "switch":
         k = 1
@@ -610,6 +649,9 @@ def ref_case(cfg, W, x):
     elif preset == "deepseek_v2":
         k = cfg["num_experts_per_tok"]
         assert cfg["n_routed_experts"] == E
+    elif preset == "llama4":
+        k = cfg["num_experts_per_tok"]
+        assert cfg["num_local_experts"] == E
     elif preset == "granitemoe":
         k = cfg["num_experts_per_tok"]
         assert cfg["num_local_experts"] == E
@@ -639,6 +681,9 @@ def ref_case(cfg, W, x):
                 s = sum(w) + 1e-20
                 w = [v / s for v in w]
             w = [v * cfg.get("routed_scaling_factor", 2.5 if v3 else 1.0) for v in w]
+        elif preset == "llama4":
+            chosen = ranked(logits, range(E))[:k]
+            w = [1.0 / (1.0 + math.exp(-logits[e])) for e in chosen]
         elif preset == "granitemoe":
             chosen = ranked(logits, range(E))[:k]
             m = max(logits[e] for e in chosen)
@@ -700,6 +745,10 @@ def ref_case(cfg, W, x):
             elif preset == "mixtral":
                 out = ref_swiglu(x[t], W[f"experts.{e}.w1.weight"], W[f"experts.{e}.w3.weight"],
                                  W[f"experts.{e}.w2.weight"])
+            elif preset == "llama4":  # weight on the input: E(w x), added unweighted
+                gu, f2 = W["experts.gate_up_proj"][e], W["experts.gate_up_proj"].shape[2] // 2
+                y[t] += ref_swiglu(wts[t, s] * x[t], gu[:, :f2].T, gu[:, f2:].T, W["experts.down_proj"][e].T)
+                continue
             elif preset == "granitemoe":
                 wi, f2 = W["input_linear.weight"][e], W["input_linear.weight"].shape[1] // 2
                 out = ref_swiglu(x[t], wi[:f2], wi[f2:], W["output_linear.weight"][e])
@@ -712,6 +761,9 @@ def ref_case(cfg, W, x):
                 out = ref_swiglu(x[t], W[f"experts.{e}.gate_proj.weight"], W[f"experts.{e}.up_proj.weight"],
                                  W[f"experts.{e}.down_proj.weight"])
             y[t] += wts[t, s] * out
+        if preset == "llama4":
+            y[t] += ref_swiglu(x[t], W["shared_expert.gate_proj.weight"], W["shared_expert.up_proj.weight"],
+                               W["shared_expert.down_proj.weight"])
         if preset in ("qwen2_moe", "qwen3_next"):
             g = 1.0 / (1.0 + math.exp(-float(np.dot(W["shared_expert_gate.weight"][0], x[t]))))
             y[t] += g * ref_swiglu(x[t], W["shared_expert.gate_proj.weight"],

@@ -105,7 +105,7 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
     sel.resize(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) {
       const auto i = static_cast<size_t>(e);
-      sel[i] = (p.topk_then_softmax ? L[i] : score[i]) + (p.bias.empty() ? 0.0 : p.bias[i]);
+      sel[i] = (p.topk_then_softmax || p.select_on_logits ? L[i] : score[i]) + (p.bias.empty() ? 0.0 : p.bias[i]);
     }
     // Group-limited selection.
     if (grouped) {
@@ -285,7 +285,7 @@ std::vector<double> ffn_forward(const Ffn& f, const std::vector<double>& x) {
 }
 
 std::vector<double> moe_forward(const Routing& r, const ExpertFn& experts, const std::vector<Shared>& shared,
-                                const float* x, int64_t T, int64_t d) {
+                                const float* x, int64_t T, int64_t d, bool weight_on_input) {
   std::vector<double> y(static_cast<size_t>(T * d), 0.0);
   for (int64_t t = 0; t < T; ++t) {
     const TokenRouting& tr = r.token[static_cast<size_t>(t)];
@@ -294,6 +294,14 @@ std::vector<double> moe_forward(const Routing& r, const ExpertFn& experts, const
     double* yt = y.data() + t * d;
     for (const Slot& s : tr.slots) {
       if (s.dropped) continue;
+      if (weight_on_input) {
+        std::vector<double> xs(static_cast<size_t>(d));
+        for (int64_t i = 0; i < d; ++i)
+          xs[static_cast<size_t>(i)] = static_cast<float>(static_cast<float>(s.weight) * x[t * d + i]);
+        const std::vector<double> o = experts(s.expert, xs);
+        for (int64_t i = 0; i < d; ++i) yt[i] += o[static_cast<size_t>(i)];
+        continue;
+      }
       const std::vector<double> o = experts(s.expert, xt);
       for (int64_t i = 0; i < d; ++i) yt[i] += s.weight * o[static_cast<size_t>(i)];
     }
@@ -307,10 +315,10 @@ std::vector<double> moe_forward(const Routing& r, const ExpertFn& experts, const
 }
 
 std::vector<double> moe_forward(const Routing& r, const std::vector<Ffn>& experts, const std::vector<Shared>& shared,
-                                const float* x, int64_t T, int64_t d) {
+                                const float* x, int64_t T, int64_t d, bool weight_on_input) {
   return moe_forward(
       r, [&](int64_t e, const std::vector<double>& xt) { return ffn_forward(experts[static_cast<size_t>(e)], xt); },
-      shared, x, T, d);
+      shared, x, T, d, weight_on_input);
 }
 
 // ---------------------------------------------------------------------------- comparison

@@ -31,6 +31,7 @@ struct TopKParams {
   int64_t hidden = 0;       ///< d
   ScoreFunc score_func = ScoreFunc::softmax;
   bool topk_then_softmax = false;   ///< select on L (+ bias), weights softmax(L[I])
+  bool select_on_logits = false;    ///< sel = L + b, weights still the scores
   bool norm_topk_prob = false;      ///< w / (sum w + 1e-20)
   double norm_p = 0.0;              ///< > 0: w / (sum w^p)^(1/p)
   double routed_scaling_factor = 1.0;
@@ -118,12 +119,14 @@ std::vector<double> ffn_forward(const Ffn& f, const std::vector<double>& x);
 using ExpertFn = std::function<std::vector<double>(int64_t expert, const std::vector<double>& x)>;
 
 /// y_t = sum over kept slots of w * E_e(x_t) + shared experts; 0 for padded tokens. [T, d].
+/// With `weight_on_input`: sum of E_e(fl(w x_t)) (the weight applied to the expert's input,
+/// the product rounded to float as the layer computes it).
 std::vector<double> moe_forward(const Routing& r, const ExpertFn& experts,
                                 const std::vector<Shared>& shared, const float* x, int64_t T,
-                                int64_t d);
+                                int64_t d, bool weight_on_input = false);
 std::vector<double> moe_forward(const Routing& r, const std::vector<Ffn>& experts,
                                 const std::vector<Shared>& shared, const float* x, int64_t T,
-                                int64_t d);
+                                int64_t d, bool weight_on_input = false);
 
 // ------------------------------------------------------------------------ comparison support
 /// A library plan copied into plain vectors (see view_of).

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Layer configurations: HF config.json (mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2,
-// deepseek_v3, glm4_moe)
+// deepseek_v3, glm4_moe, granitemoe, dbrx, llama4)
 // and moekit's own JSON format (docs/config.md). Implemented in src/io/config.cpp.
 #pragma once
 
@@ -56,6 +56,9 @@ struct LayerConfig {
   std::string router_json;
   TopKOptions router;            ///< top-k router options; also hidden (d) for every family
   bool router_bias = false;      ///< reads gate.e_score_correction_bias [E]
+  /// The routing weight multiplies the expert's input, not its output (Llama 4;
+  /// SparseLayer::set_weight_on_input).
+  bool weight_on_input = false;
   FfnShape experts;              ///< routed experts' shape
   ExpertNames expert_names = ExpertNames::hf;
   std::optional<SharedExpertConfig> shared;

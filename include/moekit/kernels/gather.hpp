@@ -14,4 +14,16 @@ inline void gather_rows(const float* src, int64_t d, const int32_t* rows, int64_
   for (int64_t i = 0; i < n; ++i) copy_row(src + static_cast<int64_t>(rows[i]) * d, block + i * d, d);
 }
 
+/// `block[i, :] = src[rows[i], :] * weight[slots[i]]` for i < n (one f32 multiply per value):
+/// the expert inputs of a layer that applies the routing weight before the expert.
+inline void gather_rows_scaled(const float* src, int64_t d, const int32_t* rows, const int32_t* slots,
+                               const float* weight, int64_t n, float* block) noexcept {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* s = src + static_cast<int64_t>(rows[i]) * d;
+    const float w = weight[slots[i]];
+    float* b = block + i * d;
+    for (int64_t j = 0; j < d; ++j) b[j] = s[j] * w;
+  }
+}
+
 }  // namespace moekit::kernels

@@ -45,6 +45,10 @@ struct TopKOptions {
   ScoreFunc score_func = ScoreFunc::softmax;
   /// Select on the logits, then softmax over the k chosen (Megatron's default, gpt-oss).
   bool topk_then_softmax = false;
+  /// Select on the logits (+ bias) rather than on the scores, weights still the scores of the
+  /// chosen (Llama 4: top-k of the logits, weight sigmoid(logit)). Picks the same experts as
+  /// selecting on the scores except where f32 scores saturate (sigmoid(17) == sigmoid(20)).
+  bool select_on_logits = false;
   /// Renormalise the k chosen weights to sum to 1 (HF `norm_topk_prob`).
   bool norm_topk_prob = false;
   /// If > 0: divide the k weights by their p-norm `(sum |w|^p)^(1/p)` (DBRX
@@ -286,7 +290,8 @@ class TopKRouter {
       } else {
         for (int64_t e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + std::exp(-L[e]));
       }
-      for (int64_t e = 0; e < E; ++e) sel[e] = score[e] + (bias_.empty() ? 0.0f : bias_[static_cast<size_t>(e)]);
+      const float* base = opt_.select_on_logits ? L : score;
+      for (int64_t e = 0; e < E; ++e) sel[e] = base[e] + (bias_.empty() ? 0.0f : bias_[static_cast<size_t>(e)]);
     }
     if (opt_.grouped()) mask_groups(sel, buf + 3 * E, idx + E, buf + 2 * E);
     for (int64_t e = 0; e < E; ++e) idx[e] = static_cast<int32_t>(e);
