@@ -2,6 +2,7 @@
 // Auxiliary routing quantities against plain double-precision formulas.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -64,6 +65,70 @@ TEST(AuxLosses, LoadBalancingAndZLossMatchFormulas) {
   }
 }
 
+// Megatron-LM's aux, seq and global losses (moe_utils.py switch_load_balancing_loss_func over
+// compute_routing_scores_for_aux_loss), transcribed in double: scores, their own top-k map.
+double megatron_formula(const std::vector<float>& L, int64_t E, int64_t k, const std::vector<int64_t>& toks,
+                        moekit::ScoreFunc sf, const std::vector<double>* counts = nullptr) {
+  std::vector<double> P(E, 0), C(E, 0);
+  for (int64_t t : toks) {
+    std::vector<double> s(E);
+    double m = -1e300, z = 0;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<double>(L[t * E + e]));
+    for (int64_t e = 0; e < E; ++e)
+      z += (s[e] = sf == moekit::ScoreFunc::softmax ? std::exp(L[t * E + e] - m)
+                                                    : 1 / (1 + std::exp(-static_cast<double>(L[t * E + e]))));
+    for (int64_t e = 0; e < E; ++e) P[e] += s[e] / z;
+    std::vector<int64_t> idx(E);
+    for (int64_t e = 0; e < E; ++e) idx[e] = e;
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return s[a] > s[b]; });
+    for (int64_t j = 0; j < k; ++j) C[idx[j]] += 1;
+  }
+  const double n = static_cast<double>(toks.size());
+  double sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += P[e] * (counts ? (*counts)[e] : C[e]);
+  return sum * E / (k * n * n);
+}
+
+TEST(AuxLosses, MegatronAuxSeqAndGlobalLosses) {
+  for (auto sf : {moekit::ScoreFunc::softmax, moekit::ScoreFunc::sigmoid}) {
+    const int64_t T = 30, E = 7, k = 2, d = 11;
+    std::vector<uint8_t> pad(T, 0);
+    pad[3] = pad[17] = 1;
+    const std::vector<int32_t> offsets = {0, 12, 12, 30};  // an empty sequence in the middle
+    moekit::Batch b = moekit::Batch::single(T, d);
+    b.padding = pad;
+    b.sequence_offsets = offsets;
+    Routed r = route(T, E, k, d, sf, b, 11);
+    const auto& L = r.scratch.logits;
+    std::vector<int64_t> all, s0, s2;
+    for (int64_t t = 0; t < T; ++t)
+      if (!pad[t]) (all.push_back(t), (t < 12 ? s0 : s2).push_back(t));
+    EXPECT_NEAR(moekit::megatron_aux_loss(L, E, k, b, sf), megatron_formula(L, E, k, all, sf), 1e-12);
+    const double seq = (megatron_formula(L, E, k, s0, sf) + megatron_formula(L, E, k, s2, sf)) / 2;
+    EXPECT_NEAR(moekit::megatron_aux_loss(L, E, k, b, sf, true), seq, 1e-12);
+    EXPECT_NE(seq, megatron_formula(L, E, k, all, sf));
+    // Global: the second call weighs its scores with the mean of both calls' counts.
+    moekit::MegatronGlobalAuxLoss g;
+    const double first = g.add(L, E, k, b, sf);
+    EXPECT_NEAR(first, megatron_formula(L, E, k, all, sf), 1e-12);
+    Routed r2 = route(T, E, k, d, sf, b, 12);
+    std::vector<double> mean(E, 0);
+    for (const auto* rr : {&r, &r2})
+      for (int64_t t : all) {
+        std::vector<int64_t> idx(E);
+        for (int64_t e = 0; e < E; ++e) idx[e] = e;
+        const auto& LL = rr->scratch.logits;
+        std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t c) { return LL[t * E + a] > LL[t * E + c]; });
+        for (int64_t j = 0; j < k; ++j) mean[idx[j]] += 0.5;
+      }
+    EXPECT_NEAR(g.add(r2.scratch.logits, E, k, b, sf), megatron_formula(r2.scratch.logits, E, k, all, sf, &mean), 1e-12);
+    EXPECT_EQ(g.calls(), 2);
+    g.reset();
+    EXPECT_EQ(g.calls(), 0);
+    EXPECT_THROW((void)moekit::megatron_aux_loss(L, E, E + 1, b, sf), moekit::error);
+  }
+}
+
 TEST(AuxLosses, BalancedUniformRoutingGivesOne) {
   // All logits equal: p = 1/E; each token picks experts 0..k-1 (ties to the lower id), so
   // f is concentrated: loss = E * sum_{i<k} (1/k) * (1/E) = 1.
@@ -106,6 +171,32 @@ TEST(AuxLosses, DropRateCountsDroppedSlots) {
   EXPECT_EQ(plan.num_kept(), 3);
   EXPECT_NEAR(st.drop_rate, 0.7, 1e-12);
   EXPECT_EQ(st.entropy, 0.0);
+  // Bias update: both counts lower expert 0 here (selected 10 of 10 above the mean 5, kept
+  // 3 above 1.5); BiasUpdateCountsSelectedSlots shows where they differ.
+  EXPECT_EQ(moekit::update_selection_bias({}, plan, 1.0f), (std::vector<float>{-1.0f, 1.0f}));
+  EXPECT_EQ(moekit::update_selection_bias({}, plan, 1.0f, moekit::BiasLoad::kept), (std::vector<float>{-1.0f, 1.0f}));
+}
+
+// Selected and kept loads disagree when an expert's drops move it across the mean.
+TEST(AuxLosses, BiasUpdateCountsSelectedSlots) {
+  moekit::RoutingPlan plan;
+  // Hand-built plan: 4 tokens, E = 2, k = 1; expert 0 chosen by 3 tokens of which 2 dropped,
+  // expert 1 by 1 token kept. Selected loads 3 / 1 (mean 2): expert 0 down. Kept 1 / 1: no change.
+  plan.reset(4, 2, [](int64_t) { return 1; });
+  const int32_t ids[4] = {0, 0, 0, 1};
+  for (int64_t t = 0; t < 4; ++t) {
+    plan.token_experts(t)[0] = ids[t];
+    plan.token_weights(t)[0] = 1.0f;
+  }
+  plan.token_dropped(1)[0] = 1;
+  plan.token_dropped(2)[0] = 1;
+  plan.token_weights(1)[0] = 0.0f;
+  plan.token_weights(2)[0] = 0.0f;
+  plan.finalize();
+  ASSERT_EQ(plan.kept_of(0), 1);
+  ASSERT_EQ(plan.dropped_of(0), 2);
+  EXPECT_EQ(moekit::update_selection_bias({}, plan, 1.0f), (std::vector<float>{-1.0f, 1.0f}));
+  EXPECT_EQ(moekit::update_selection_bias({}, plan, 1.0f, moekit::BiasLoad::kept), (std::vector<float>{0.0f, 0.0f}));
 }
 
 }  // namespace

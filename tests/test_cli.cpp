@@ -225,6 +225,61 @@ TEST_F(Cli, MalformedInputsExitTwoWithOneLine) {
   expect_error(run_args("") + " --dtype int3", "--dtype");
 }
 
+// --model DIR --layer N finds the config, the weights and the block's prefix; bad layers and
+// prefixes name the blocks the checkpoint has.
+TEST_F(Cli, ModelFolderAndLayerFindTheBlock) {
+  // Two MoE blocks (layers 1 and 2) in one model.safetensors: layer 2 holds layer 1's values
+  // times -0.5.
+  write_mixtral("model.layers.1.block_sparse_moe.", DType::F32);
+  std::vector<moekit::io::OutTensor> all;
+  std::map<std::string, std::vector<float>> vals;
+  {
+    const auto a = moekit::io::TensorSource::open((dir_ / "w.safetensors").string());
+    for (const std::string& n : a.names()) {
+      const auto& v = a.tensor(n);
+      vals[n] = a.read_f32(n, v.shape);
+      std::string n2 = n;
+      if (n2.rfind("model.layers.1.", 0) == 0) {
+        n2.replace(13, 1, "2");
+        vals[n2] = vals[n];
+        for (float& x : vals[n2]) x *= -0.5f;
+      }
+    }
+    for (auto& [n, b] : vals) all.push_back({n, DType::F32, a.tensor(n.rfind("model.layers.2.", 0) == 0
+                                                                         ? "model.layers.1." + n.substr(15)
+                                                                         : n).shape, b.data()});
+  }
+  fs::create_directories(dir_ / "m");
+  moekit::io::write_safetensors((dir_ / "w.safetensors").string(), all);
+  fs::copy_file(dir_ / "w.safetensors", dir_ / "m" / "model.safetensors");
+  fs::copy_file(dir_ / "config.json", dir_ / "m" / "config.json");
+  write_input(5, 24);
+  const std::string io = " --input " + (dir_ / "x.safetensors").string() + " --output " + (dir_ / "y.safetensors").string();
+  for (int layer : {1, 2}) {
+    const std::string prefix = "model.layers." + std::to_string(layer) + ".block_sparse_moe.";
+    ASSERT_EQ(run_cli(dir_, run_args(prefix)).code, 0);
+    const auto want = moekit::io::TensorSource::open((dir_ / "y.safetensors").string()).read_f32("hidden_states", {5, 24});
+    fs::remove(dir_ / "y.safetensors");
+    const Result r = run_cli(dir_, "run --model " + (dir_ / "m").string() + " --layer " + std::to_string(layer) + io);
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(moekit::io::TensorSource::open((dir_ / "y.safetensors").string()).read_f32("hidden_states", {5, 24}), want);
+    fs::remove(dir_ / "y.safetensors");
+  }
+  const std::string m = "run --model " + (dir_ / "m").string();
+  expect_error(m + " --layer 3" + io,
+               "--layer 3: no MoE block in that layer; the checkpoint's MoE blocks: \"model.layers.1.block_sparse_moe.\", "
+               "\"model.layers.2.block_sparse_moe.\" (2 blocks, layers 1-2)");
+  expect_error(m + io, "--layer: required, the checkpoint has");
+  expect_error(m + " --prefix x." + io, "--model and --prefix exclude each other");
+  expect_error(run_args("") + " --layer 1", "--layer needs --model");
+  expect_error("run --model " + (dir_ / "nope").string() + io, "expected a model folder");
+  fs::create_directories(dir_ / "empty");
+  expect_error("run --model " + (dir_ / "empty").string() + io, "no config.json");
+  // A prefix that names no block: the closest one is suggested.
+  expect_error(run_args("model.layers.2.block_sparse_moe"),
+               "did you mean \"model.layers.2.block_sparse_moe.\"? The checkpoint's MoE blocks");
+}
+
 // --output naming an input file (however spelled) is refused before anything is written, and
 // the input survives.
 TEST_F(Cli, OutputThatIsAnInputIsRefused) {

@@ -31,6 +31,8 @@ struct Family {
   int64_t experts;                                       // routed FFN experts experts.{i}
   bool uncond = false, shared = false;                   // ProMoE's extra experts
   std::vector<std::pair<std::string, std::vector<int64_t>>> outputs;  // besides hidden_states
+  std::string type = "";                                 // router type when not the name
+  [[nodiscard]] const std::string& router_type() const { return type.empty() ? name : type; }
 };
 
 constexpr int64_t T = 11, d = 16, f = 12, E = 4, k = 2, dr = 8;
@@ -50,6 +52,13 @@ std::vector<Family> families() {
        false, false, {{"expert_token_ids", {E, 5}}, {"expert_token_weights", {E, 5}}}},
       {"mod", R"({"type": "mod", "ratio": 0.5, "activation": "sigmoid"})", {{"router.weight", {1, d}}}, 1, false, false,
        {{"selected", {T}}, {"router_weights", {T}}}},
+      {"mod_mlp", R"({"type": "mod", "mode": "aux_predictor", "aux_hidden": 5})",
+       {{"router.weight", {1, d}}, {"router.aux.0.weight", {5, d}}, {"router.aux.0.bias", {5}}, {"router.aux.2.weight", {1, 5}},
+        {"router.aux.2.bias", {1}}},
+       1, false, false, {{"selected", {T}}, {"router_weights", {T}}}, "mod"},
+      {"sinkhorn_megatron", R"({"type": "sinkhorn", "num_experts": 4, "k": 2, "mode": "megatron"})", {{"gate.weight", {E, d}}},
+       E, false, false, {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}, {"sinkhorn_iterations", {1}}, {"sinkhorn_error", {1}}},
+       "sinkhorn"},
       {"gamma_mod", R"({"type": "gamma_mod", "ratio": 0.25})", {{"router.weight", {2, d}}}, 1, false, false,
        {{"selected", {T}}, {"router_weights", {T}}}},
       {"token_prune", R"({"type": "token_prune", "sparsity": 0.5})", {{"router.weight", {1, d}}}, 1, false, false,
@@ -132,7 +141,7 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
 
   // Same result in-process, through the public AnyLayer.
   const auto cfg = moekit::load_layer_config((dir / "c.json").string());
-  EXPECT_EQ(cfg.router_type, fam.name);
+  EXPECT_EQ(cfg.router_type, fam.router_type());
   const auto src = moekit::io::TensorSource::open((dir / "w.safetensors").string());
   auto layer = moekit::load_any_layer(cfg, src, prefix);
   moekit::Batch b = moekit::Batch::single(T, d);

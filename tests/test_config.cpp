@@ -9,6 +9,7 @@
 #include <fstream>
 #include <string>
 
+#include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
 
 namespace {
@@ -225,6 +226,67 @@ TEST(ConfigHf, Llama4) {
   expect_error(R"({"model_type": "llama4", "text_config": {"num_experts_per_tok": 17}})", "k expected in [1, E = 16]");
 }
 
+// baidu/ERNIE-4.5-21B-A3B-PT and tencent/Hunyuan-A13B-Instruct config.json as published
+// (rope and token keys shortened).
+const char* kErnie45 = R"({
+  "architectures": ["Ernie4_5_MoeForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+  "hidden_size": 2560, "intermediate_size": 12288, "max_position_embeddings": 131072, "model_type": "ernie4_5_moe",
+  "num_attention_heads": 20, "num_key_value_heads": 4, "num_hidden_layers": 28, "pad_token_id": 0,
+  "rms_norm_eps": 1e-05, "use_cache": false, "vocab_size": 103424, "rope_theta": 500000, "use_bias": false,
+  "moe_num_experts": 64, "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_intermediate_size": 1536,
+  "moe_capacity": [64, 64, 64], "moe_gate": "topk", "moe_k": 6, "moe_layer_interval": 1, "moe_use_aux_free": true,
+  "tie_word_embeddings": true, "torch_dtype": "bfloat16"})";
+const char* kHunyuanA13B = R"({
+  "architectures": ["HunYuanMoEV1ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 1, "eos_token_id": 127960, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+  "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 32768,
+  "model_type": "hunyuan_v1_moe", "moe_drop_tokens": false, "moe_intermediate_size": [3072, 3072, 3072, 3072],
+  "moe_layer_num_skipped": 0, "moe_random_routing_dropped_token": false, "moe_topk": [8, 8, 8, 8],
+  "num_attention_heads": 32, "num_experts": 64, "num_hidden_layers": 4, "num_key_value_heads": 8,
+  "num_shared_expert": [1, 1, 1, 1], "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true,
+  "torch_dtype": "bfloat16", "use_cache": true, "use_mixed_mlp_moe": true, "use_qk_norm": true,
+  "vocab_size": 128167})";
+
+TEST(ConfigHf, Ernie45AndHunyuan) {
+  auto c = parse_layer_config(kErnie45);
+  EXPECT_EQ(c.hidden(), 2560); EXPECT_EQ(c.experts.intermediate, 1536); EXPECT_EQ(c.router.num_experts, 64);
+  EXPECT_EQ(c.router.k, 6); EXPECT_TRUE(c.router.norm_topk_prob); EXPECT_TRUE(c.router_bias);
+  EXPECT_TRUE(c.router_bias_ernie); EXPECT_EQ(c.router.score_func, moekit::ScoreFunc::softmax);
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 3072); EXPECT_FALSE(c.shared->gated);
+  c = parse_layer_config(R"({"model_type": "ernie4_5_moe", "num_experts": 8, "num_experts_per_tok": 2,
+      "moe_num_shared_experts": 0})");  // attribute_map aliases
+  EXPECT_EQ(c.router.num_experts, 8); EXPECT_EQ(c.router.k, 2); EXPECT_FALSE(c.shared);
+  expect_error(R"({"model_type": "ernie4_5_moe", "use_bias": true})", "use_bias: expected false");
+  expect_error(R"({"model_type": "ernie4_5_moe", "moe_norm_min": 0.1})", "moe_norm_min: expected a number in [0, 1e-10]");
+  c = parse_layer_config(kHunyuanA13B);
+  EXPECT_EQ(c.hidden(), 4096); EXPECT_EQ(c.experts.intermediate, 3072); EXPECT_EQ(c.router.num_experts, 64);
+  EXPECT_EQ(c.router.k, 8); EXPECT_TRUE(c.router.norm_topk_prob); EXPECT_EQ(c.router_weight, "gate.wg.weight");
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->intermediate, 3072); EXPECT_EQ(c.shared->names, "shared_mlp.");
+  c = parse_layer_config(R"({"model_type": "hunyuan_v1_moe"})");  // class defaults: one expert, top-1
+  EXPECT_EQ(c.router.num_experts, 1); EXPECT_EQ(c.router.k, 1); EXPECT_EQ(c.experts.intermediate, 11008);
+  expect_error(R"({"model_type": "hunyuan_v1_moe", "num_experts": 8, "moe_topk": [2, 4]})",
+               "moe_topk: a per-layer list whose values differ (2 at layer 0, 4 at layer 1) is not supported");
+  expect_error(R"({"model_type": "hunyuan_v1_moe", "num_experts": 8, "moe_topk": []})", "non-empty per-layer list");
+  expect_error(R"({"model_type": "hunyuan_v1_moe", "num_experts": 8, "moe_topk": ["2"]})", "moe_topk[0]: expected an integer");
+  expect_error(R"({"model_type": "hunyuan_v1_moe", "intermediate_size": 64, "moe_intermediate_size": 32})",
+               "moe_intermediate_size: expected 64");
+  expect_error(R"({"model_type": "hunyuan_v1_moe", "num_shared_expert": 2})", "num_shared_expert: expected 1");
+  expect_error(R"({"model_type": "hunyuan_v1_moe", "moe_drop_tokens": true})", "moe_drop_tokens: expected false");
+}
+
+TEST(ConfigHf, Phimoe) {
+  // microsoft/Phi-3.5-MoE-instruct's MoE keys (the rest of its config.json is not read).
+  auto c = parse_layer_config(R"({"architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe",
+      "hidden_size": 4096, "intermediate_size": 6400, "num_local_experts": 16, "num_experts_per_tok": 2,
+      "router_jitter_noise": 0.01, "input_jitter_noise": 0.01, "hidden_act": "silu", "lm_head_bias": true,
+      "attention_bias": true, "rope_scaling": {"type": "longrope"}, "sliding_window": 131072})");
+  EXPECT_EQ(c.router.k, 2); EXPECT_DOUBLE_EQ(c.router.sparsemixer_eps, 0.01);
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::mixtral); EXPECT_FALSE(c.shared);
+  EXPECT_FALSE(c.router.norm_topk_prob);
+  expect_error(R"({"model_type": "phimoe", "num_experts_per_tok": 3})", "num_experts_per_tok: expected 2");
+  expect_error(R"({"model_type": "phimoe", "router_jitter_noise": 0})", "router_jitter_noise: expected a number > 0");
+}
+
 TEST(ConfigMoekit, FusedExpertNames) {
   auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "granitemoe", "hidden_size": 8,
       "experts": {"intermediate_size": 4}})");
@@ -236,6 +298,37 @@ TEST(ConfigMoekit, FusedExpertNames) {
                "fused expert tensors (\"dbrx\") expected with router type topk and gated experts");
   expect_error(R"({"moekit_config_version": 1, "preset": "mixtral", "experts": {"names": "fused"}})",
                "experts.names: expected \"hf\", \"mixtral\", \"granite\", \"llama4\" or \"dbrx\"");
+}
+
+TEST(ConfigMoekit, PrototypeSharedExpert) {
+  const std::string head = R"({"moekit_config_version": 1, "hidden_size": 8, "experts": {"intermediate_size": 4},
+      "router": {"type": "prototype", "num_experts": 4, "k": 1})";
+  auto c = parse_layer_config(head + "}");  // no key: the family's default (routed width)
+  EXPECT_FALSE(c.shared); EXPECT_FALSE(c.shared_null);
+  c = parse_layer_config(head + R"(, "shared_expert": {"intermediate_size": 6}})");
+  ASSERT_TRUE(c.shared); EXPECT_EQ(c.shared->names, "shared_expert.");  // ProMoE's name, as documented
+  c = parse_layer_config(head + R"(, "shared_expert": null})");
+  EXPECT_FALSE(c.shared); EXPECT_TRUE(c.shared_null);
+  expect_error(head + R"(, "shared_expert": {"gated": true}})",
+               "shared_expert.gated: expected false for the prototype router");
+  // The layers built: shared width 4 (default), 6, none.
+  const auto bytes = [&](const std::string& tail) {
+    return moekit::random_any_layer(parse_layer_config(head + tail), 1)->resident_bytes();
+  };
+  const double none = bytes(R"(, "shared_expert": null})"), dflt = bytes("}"), six = bytes(R"(, "shared_expert": {"intermediate_size": 6}})");
+  EXPECT_LT(none, dflt);
+  EXPECT_LT(dflt, six);
+}
+
+TEST(ConfigMoekit, SinkhornModes) {
+  const std::string head = R"({"moekit_config_version": 1, "hidden_size": 8, "experts": {"intermediate_size": 4},
+      "router": {"type": ")";
+  (void)parse_layer_config(head + R"(sinkhorn", "num_experts": 4, "k": 2, "mode": "megatron"}})");
+  (void)parse_layer_config(head + R"(sinkhorn", "num_experts": 4, "k": 2, "mode": "always"}})");
+  expect_error(head + R"(sinkhorn", "num_experts": 4, "k": 2, "mode": "train"}})",
+               "router.mode: expected one of always, megatron; got \"train\"");
+  expect_error(head + R"(selective_sinkhorn", "num_experts": 4, "k": 2, "mode": "megatron"}})",
+               "mode: expected \"always\" for selective_sinkhorn");
 }
 
 TEST(ConfigMoekit, GroupScoreIsNamedUnlessImplied) {

@@ -21,6 +21,7 @@
 #include "moekit/expert.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/routers/depth.hpp"
+#include "moekit/routers/mor.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/depth_ref.hpp"
 
@@ -314,6 +315,24 @@ TEST(MoD, DepthCapacityClampsHostileRatios) {
   EXPECT_EQ(moekit::depth_capacity(0.5, 0), 0);
 }
 
+// Capacities are not moved by floating-point error (ROUTING.md section 5): a product within
+// 1e-9 of an integer is that integer before the ceiling / floor.
+TEST(MoD, CapacitiesSnapProductsThatAreIntegers) {
+  ASSERT_GT((1.0 - 0.7) * 10.0, 3.0);                   // 3.0000000000000004 in double
+  EXPECT_EQ(moekit::depth_capacity(1.0 - 0.7, 10), 3);  // token pruning, sparsity 0.7: prunes 70%
+  EXPECT_EQ(moekit::depth_capacity(0.3, 10), 3);
+  EXPECT_EQ(moekit::depth_capacity(0.30000001, 10), 4);  // 3.0000001: a real fraction rounds up
+  EXPECT_EQ(moekit::depth_capacity(0.125, 12), 2);       // ceil(1.5)
+  moekit::MoROptions m;
+  m.hidden = 1;
+  m.num_recursions = 2;
+  m.capacity_factors = {1.0, 0.29};
+  ASSERT_LT(0.29 * 100.0, 29.0);       // 28.999999999999996
+  EXPECT_EQ(m.capacity(1, 100), 29);   // floor after snapping
+  m.capacity_factors = {1.0, 0.2899999};
+  EXPECT_EQ(m.capacity(1, 100), 28);   // 28.99999: not an integer
+}
+
 TEST(MoD, CapacityZeroAndFullOverSeveralSequences) {
   Rng rng(11);
   Case c;
@@ -417,6 +436,49 @@ TEST(MoD, ThresholdAndAuxPredictorModes) {
   EXPECT_GT(compared, 2000);
   EXPECT_GT(selected, 500);
   EXPECT_GT(unselected, 500);
+}
+
+// The MoD paper's auxiliary predictor MLP (Linear(d, h) -> ReLU -> Linear(h, 1)).
+TEST(MoD, AuxPredictorMlpMatchesReference) {
+  Rng rng(0xA0C);
+  int64_t compared = 0, selected = 0, unselected = 0;
+  for (int i = 0; i < 60; ++i) {
+    Case c = random_case(rng);
+    MoDOptions o = random_mod(rng, c.L.hidden, MoDMode::aux_predictor);
+    o.aux_hidden = rng.integer(1, 20);
+    const int64_t h = o.aux_hidden, d = c.L.hidden;
+    const auto w = router_weight(rng, 1, d, 2.0);
+    moekit::MoDAuxMlp mlp{router_weight(rng, h, d, 2.0), rng.vec(static_cast<size_t>(h), 0.5),
+                          rng.vec(static_cast<size_t>(h), 1.5 / std::sqrt(double(h))), {static_cast<float>(rng.uniform(-0.5, 0.5))}};
+    depth_ref::ModParams p = to_ref(o);
+    p.mlp_h = h;
+    p.mlp_w1 = mlp.w1;
+    p.mlp_b1 = mlp.b1;
+    p.mlp_w2 = mlp.w2;
+    p.mlp_b2 = mlp.b2[0];
+    MoDRouter r(o, w, mlp);
+    RoutingPlan plan;
+    RouterScratch scratch;
+    route_both(r, c, plan, scratch, "mod mlp case " + std::to_string(i));
+    const auto want = depth_ref::mod(c.L, c.x.data(), w, {}, p);
+    compared += check_decisions(c, want, plan, scratch, "mod mlp case " + std::to_string(i)).compared;
+    for (int64_t t = 0; t < c.L.tokens; ++t)
+      if (!c.L.padded(t)) (plan.slots_of(t) ? selected : unselected)++;
+  }
+  EXPECT_GT(compared, 800);
+  EXPECT_GT(selected, 100);
+  EXPECT_GT(unselected, 100);
+  // Shapes and options are checked.
+  const int64_t d = 4;
+  MoDOptions o{.hidden = d, .mode = MoDMode::aux_predictor, .aux_hidden = 3};
+  moekit::MoDAuxMlp ok{std::vector<float>(12, 0.1f), std::vector<float>(3), std::vector<float>(3, 0.1f), {0.0f}};
+  moekit::MoDAuxMlp bad = ok;
+  bad.b1.resize(2);
+  expect_error([&] { MoDRouter(o, std::vector<float>(d, 0.1f), bad); }, "router.aux.0.bias");
+  expect_error([&] { MoDRouter(o, std::vector<float>(d, 0.1f), std::vector<float>(d, 0.1f)); },
+               "needs the MLP predictor");
+  o.mode = MoDMode::threshold;
+  expect_error([&] { MoDRouter(o, std::vector<float>(d, 0.1f), ok); }, "aux_hidden expected 0 unless mode is aux_predictor");
 }
 
 TEST(MoD, ThresholdModeIsCausal) {

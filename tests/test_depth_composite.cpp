@@ -207,6 +207,7 @@ struct DrLlmSetup {
     o.hidden = params.hidden;
     o.bottleneck = params.bottleneck;
     o.windows = params.windows;
+    if (params.penalty) o.router_penalty = params.router_penalty;
     return DrLlmRouter(o, params.w0, params.b0, params.w2, params.b2);
   }
 };
@@ -331,6 +332,37 @@ TEST(DrLlm, MatchesReferenceOnRandomLayouts) {
   EXPECT_LE(tally.near_tie * 20, tally.compared + 20);
   // The MLP (no forcing bias) chose every action somewhere.
   for (int a = 0; a < 3; ++a) EXPECT_GT(tally.actions[a], 0) << "action " << a << " never chosen";
+}
+
+// The official code's router_penalty blend (continuous_router_decision): -1 always skips,
+// 0.5 (the released default) always executes, 1 always repeats, -0.5 is the router alone.
+TEST(DrLlm, RouterPenaltyMatchesTheOfficialBlend) {
+  for (double pen : {-1.0, -0.75, -0.5, -0.2, 0.0, 0.3, 0.5, 0.8, 1.0}) {
+    Tally tally;
+    Rng rng(0x9E7 + static_cast<uint64_t>((pen + 1.0) * 100));
+    const int64_t d = 16;
+    const Blocks blocks = random_blocks(rng, d, 2 * d);
+    DrLlmSetup setup = random_drllm(rng, d, {0, 0, 0}, 32, 4);
+    setup.params.penalty = true;
+    setup.params.router_penalty = pen;
+    const Input in = make_input(rng, random_lengths(rng, 12, 30), d, 0.0, 1.5);
+    with_bank(blocks, kKinds[0], [&](auto bank) {
+      const DrLlmLayer layer(setup.router(), std::move(bank));
+      const std::vector<int32_t> r =
+          check_drllm(layer, setup, ref_block(blocks, kKinds[0], in), in, 1, tally, "penalty " + std::to_string(pen));
+      for (int64_t s = 0; s < in.sequences(); ++s) {
+        if (in.seq_end(s) == in.seq_begin(s)) continue;
+        if (pen == -1.0) EXPECT_EQ(r[static_cast<size_t>(s)], 0);
+        if (pen == 0.5) EXPECT_EQ(r[static_cast<size_t>(s)], 1);
+        if (pen == 1.0) EXPECT_EQ(r[static_cast<size_t>(s)], 2);
+      }
+    });
+    EXPECT_GT(tally.compared, 5) << "penalty " << pen;
+  }
+  DrLlmOptions bad;
+  bad.hidden = 4;
+  bad.router_penalty = 1.5;
+  EXPECT_THROW(bad.validate(), moekit::error);
 }
 
 TEST(DrLlm, ForcedActionsByBias) {

@@ -627,6 +627,57 @@ TEST(SinkhornModes, WeightFormulas) {
 
 // ------------------------------------------------------------------------ convergence
 
+// Megatron-LM runs Sinkhorn only in training; at inference its router takes the top k of
+// sigmoid(L) (k = 1) or softmax(L) (k > 1) with those scores as weights (router.py
+// sinkhorn_load_balancing, training = False). Checked against plain double loops.
+TEST(SinkhornModes, MegatronInferenceIsTopKOfTheActivation) {
+  Rng rng(0x3E6A);
+  for (int64_t k : {1, 2, 3}) {
+    for (int rep = 0; rep < 4; ++rep) {
+      const int64_t E = rng.integer(k, 24), d = rng.integer(1, 40), T = rng.integer(0, 30);
+      SinkhornOptions o = options(E, k, d);
+      o.mode = moekit::SinkhornMode::megatron;
+      const std::vector<float> W = rng.vec(static_cast<size_t>(E * d), 1.5 / std::sqrt(double(d)));
+      const std::vector<float> x = rng.vec(static_cast<size_t>(T * d), 1.0);
+      const SinkhornRouter r(o, W);
+      RoutingPlan plan;
+      RouterScratch scratch;
+      scratch.iterations = 9;
+      r.route(Batch::single(T, d), x.data(), plan, scratch, 1 + rep % 2);
+      EXPECT_EQ(scratch.iterations, 0);
+      EXPECT_TRUE(SinkhornRouter::log_plan(scratch).empty());
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<double> L(static_cast<size_t>(E)), a(static_cast<size_t>(E));
+        double mx = -1e300, z = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          double v = 0;
+          for (int64_t i = 0; i < d; ++i) v += double(x[static_cast<size_t>(t * d + i)]) * W[static_cast<size_t>(e * d + i)];
+          L[static_cast<size_t>(e)] = v;
+          mx = std::max(mx, v);
+        }
+        for (int64_t e = 0; e < E; ++e) z += std::exp(L[static_cast<size_t>(e)] - mx);
+        for (int64_t e = 0; e < E; ++e)
+          a[static_cast<size_t>(e)] = k == 1 ? 1.0 / (1.0 + std::exp(-L[static_cast<size_t>(e)]))
+                                             : std::exp(L[static_cast<size_t>(e)] - mx) / z;
+        std::vector<int32_t> order(static_cast<size_t>(E));
+        for (int64_t e = 0; e < E; ++e) order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t p, int32_t q) { return a[size_t(p)] > a[size_t(q)]; });
+        const auto ids = experts_of(plan, t);
+        const auto w = weights_of(plan, t);
+        ASSERT_EQ(ids.size(), static_cast<size_t>(k));
+        for (int64_t j = 0; j < k; ++j) {
+          EXPECT_EQ(ids[static_cast<size_t>(j)], order[static_cast<size_t>(j)]) << "token " << t << " slot " << j;
+          EXPECT_NEAR(w[static_cast<size_t>(j)], a[static_cast<size_t>(order[static_cast<size_t>(j)])], 1e-6);
+        }
+      }
+    }
+  }
+  // An invalid mode is refused.
+  SinkhornOptions bad = options(4, 1, 2);
+  bad.mode = static_cast<moekit::SinkhornMode>(5);
+  EXPECT_THROW(SinkhornRouter(bad, std::vector<float>(8, 0.1f)), moekit::error);
+}
+
 TEST(SinkhornConvergence, StopsBeforeMaxItersOnWellConditionedInputs) {
   Rng rng(41);
   for (int i = 0; i < 30; ++i) {

@@ -339,6 +339,39 @@ TEST(TopKSelectOnLogits, SaturatedSigmoidStillPicksTheLargerLogit) {
   check_route(c);
 }
 
+TEST(TopKSparseMixer, HandComputedAndRandomAgainstReference) {
+  // Logits 2, 1.9, 1.0, -1 with eps 0.05 (2 eps = 0.1): pick 1 = expert 0 (m = 2): expert 1
+  // is within (2 - 1.9) / 2 = 0.05, expert 2 not (0.5): w1 = 1 / (1 + e^-0.1). Pick 2 = expert
+  // 1 (m = 1.9), candidates without expert 0: expert 2 is (0.9 / 1.9) away: w2 = 1.
+  RouteCase c = exact_logits_case({2.0f, 1.9f, 1.0f, -1.0f}, 2);
+  c.opt.sparsemixer_eps = 0.05;
+  const RoutingPlan plan = route(c);
+  EXPECT_EQ(experts_of(plan, 0), (std::vector<int32_t>{0, 1}));
+  const auto w = weights_of(plan, 0);
+  EXPECT_NEAR(w[0], 1.0 / (1.0 + std::exp(-0.1)), 1e-6);
+  EXPECT_EQ(w[1], 1.0f);
+  check_route(c);
+  // Random problems: the double reference transcribes the same rule independently.
+  Rng rng(0x5A7);
+  for (int i = 0; i < 200; ++i) {
+    Knobs kn;
+    kn.p_group = 0.0;
+    kn.p_tts = 0.0;
+    kn.p_sigmoid = 0.0;
+    RouteCase r = random_case(rng, kn);
+    r.opt.num_experts = rng.integer(2, 40);
+    r.opt.k = 2;
+    r.opt.norm_topk_prob = false;
+    r.opt.norm_p = 0.0;
+    r.opt.select_on_logits = false;
+    r.opt.sparsemixer_eps = std::vector<double>{0.01, 0.1, 0.5, 3.0}[static_cast<size_t>(i % 4)];
+    r.bias.clear();
+    r.W = rng.vec(static_cast<size_t>(r.opt.num_experts * r.opt.hidden), 3.0 / std::sqrt(double(r.opt.hidden)));
+    check_route(r);
+    if (HasFailure()) return;
+  }
+}
+
 TEST(TopKReference, HandComputedGroupsBiasAndCapacity) {
   // Sigmoid + bias, 4 groups of 2, keep 2 groups, k = 2.
   const std::vector<float> L = {0.0f, 1.0f, 2.0f, -1.0f, 0.5f, 0.5f, -2.0f, 3.0f};

@@ -196,6 +196,21 @@ TEST(ValidateTopK, NormP) {
   expect_error([&] { make_topk(o); }, {"norm_p expected 0 with norm_topk_prob or topk_then_softmax", "got 1"});
 }
 
+TEST(ValidateTopK, SparseMixer) {
+  TopKOptions o = topk_options(8, 3, 3);
+  o.sparsemixer_eps = 0.01;
+  expect_error([&] { make_topk(o); }, {"sparsemixer_eps (PhiMoE's SparseMixer) expected with k = 2", "got k = 3"});
+  o.k = 2;
+  o.norm_topk_prob = true;
+  expect_error([&] { make_topk(o); }, {"sparsemixer_eps", "norm_topk_prob"});
+  o.norm_topk_prob = false;
+  o.sparsemixer_eps = -1;
+  expect_error([&] { make_topk(o); }, {"sparsemixer_eps expected finite and >= 0", "got -1"});
+  o.sparsemixer_eps = 0.01;
+  expect_error([&] { TopKRouter(o, std::vector<float>(24, 0.1f), std::vector<float>(8, 0.0f)); },
+               {"selection bias expected empty with sparsemixer_eps", "got 8 values"});
+}
+
 TEST(ValidateTopK, NegativeNGroup) {
   TopKOptions o = topk_options(8, 1, 3);
   o.n_group = -1;

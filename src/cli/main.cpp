@@ -3,6 +3,7 @@
 // layer, report the CPU and kernels. Its flags, files and exit codes are a contract
 // (docs/cli.md): 0 success, 2 bad input or usage (one line on stderr, no output file),
 // 1 an unexpected internal failure.
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,6 +43,7 @@ constexpr const char* kUsage =
     "usage:\n"
     "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
     "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16]\n"
+    "  moekit run --model DIR [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
     "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16] [--repeat R]\n"
     "               [--layers L] [--seed S]\n"
     "  moekit info\n"
@@ -201,24 +203,178 @@ Input read_input(const moekit::io::TensorSource& input, const std::string& in_pa
   return in;
 }
 
+// ---------------------------------------------------------------------------- finding a layer
+// The router weight's name inside a top-k MoE block of this config.
+std::string router_tensor(const moekit::LayerConfig& c) {
+  return c.router_weight.empty() ? std::string(moekit::router_weight_name(c.expert_names)) : c.router_weight;
+}
+
+// The MoE block prefixes of a checkpoint: every tensor name ending in the router weight's name,
+// that suffix removed (sorted by name).
+std::vector<std::string> moe_block_prefixes(const moekit::io::TensorSource& w, const std::string& router) {
+  std::vector<std::string> out;
+  for (const std::string& n : w.names())
+    if (n == router || (n.size() > router.size() && n.compare(n.size() - router.size(), router.size(), router) == 0 &&
+                        n[n.size() - router.size() - 1] == '.'))
+      out.push_back(n.substr(0, n.size() - router.size()));
+  return out;
+}
+
+// The layer number inside a block prefix: the component after "layers", "blocks", "h" or
+// "layer" ("model.layers.12.mlp." -> 12), or -1.
+int64_t layer_of(const std::string& prefix) {
+  std::vector<std::string> parts;
+  size_t b = 0;
+  for (size_t i = 0; i <= prefix.size(); ++i)
+    if (i == prefix.size() || prefix[i] == '.') {
+      parts.push_back(prefix.substr(b, i - b));
+      b = i + 1;
+    }
+  for (size_t i = 0; i + 1 < parts.size(); ++i) {
+    const std::string& p = parts[i];
+    const std::string& n = parts[i + 1];
+    if ((p == "layers" || p == "blocks" || p == "h" || p == "layer") && !n.empty() && n.size() <= 9 &&
+        n.find_first_not_of("0123456789") == std::string::npos)
+      return std::stoll(n);
+  }
+  return -1;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// "a, b, ... (N blocks: layers x-y)": the prefixes a message lists (at most 6 named).
+std::string list_prefixes(const std::vector<std::string>& ps) {
+  std::string s;
+  for (size_t i = 0; i < ps.size() && i < 6; ++i) s += (i ? ", \"" : "\"") + ps[i] + "\"";
+  if (ps.size() > 6) s += ", ...";
+  int64_t lo = -1, hi = -1;
+  for (const std::string& p : ps) {
+    const int64_t l = layer_of(p);
+    if (l >= 0) {
+      lo = lo < 0 ? l : std::min(lo, l);
+      hi = std::max(hi, l);
+    }
+  }
+  s += " (" + std::to_string(ps.size()) + (ps.size() == 1 ? " block" : " blocks");
+  if (lo >= 0) s += ", layers " + std::to_string(lo) + "-" + std::to_string(hi);
+  return s + ")";
+}
+
+// A --prefix under which the router weight is missing: fail naming the blocks the checkpoint
+// has and the closest one.
+void check_prefix(const moekit::io::TensorSource& w, const std::string& weights_path, const moekit::LayerConfig& c,
+                  const std::string& prefix) {
+  if (c.router_type != "topk") return;  // other families name their tensors themselves
+  const std::string router = router_tensor(c);
+  if (w.contains(prefix + router)) return;
+  const std::vector<std::string> blocks = moe_block_prefixes(w, router);
+  if (blocks.empty())
+    fail("--prefix \"", prefix, "\": no tensor \"", prefix + router, "\" in ", weights_path, ", and no tensor there ends in \".",
+         router, "\" (the router weight of this config's layout): is it the checkpoint of this config?");
+  const std::string* best = &blocks.front();
+  for (const std::string& b : blocks)
+    if (edit_distance(b, prefix) < edit_distance(*best, prefix)) best = &b;
+  fail("--prefix \"", prefix, "\": no tensor \"", prefix + router, "\" in ", weights_path, "; did you mean \"", *best,
+       "\"? The checkpoint's MoE blocks: ", list_prefixes(blocks));
+}
+
+// --model DIR: config.json, the weights (model.safetensors.index.json, model.safetensors, or
+// the folder's only .safetensors file).
+struct ModelDir {
+  std::string config, weights;
+};
+ModelDir model_dir(const std::string& dir) {
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) fail("--model \"", dir, "\": expected a model folder");
+  const std::string base = dir.empty() || dir.back() == '/' ? dir : dir + "/";
+  auto exists = [](const std::string& p) {
+    struct stat s {};
+    return ::stat(p.c_str(), &s) == 0;
+  };
+  ModelDir m{base + "config.json", ""};
+  if (!exists(m.config)) fail("--model \"", dir, "\": no config.json in the folder");
+  if (exists(base + "model.safetensors.index.json")) {
+    m.weights = base + "model.safetensors.index.json";
+  } else if (exists(base + "model.safetensors")) {
+    m.weights = base + "model.safetensors";
+  } else {
+    std::vector<std::string> found;
+    if (DIR* d = ::opendir(dir.c_str())) {
+      while (const dirent* e = ::readdir(d)) {
+        const std::string n = e->d_name;
+        if (n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0) found.push_back(n);
+        if (found.size() > 2) break;
+      }
+      ::closedir(d);
+    }
+    if (found.size() != 1)
+      fail("--model \"", dir, "\": expected model.safetensors.index.json, model.safetensors or one .safetensors file, found ",
+           found.empty() ? "none" : "several .safetensors files and no index");
+    m.weights = base + found.front();
+  }
+  return m;
+}
+
+// The block prefix of --layer N (or of the only MoE block when --layer is not given).
+std::string layer_prefix(const moekit::io::TensorSource& w, const std::string& weights_path,
+                         const moekit::LayerConfig& c, int64_t layer) {
+  MOEKIT_CHECK(c.router_type == "topk", "--model: expected an HF config.json (top-k MoE), got router type \"",
+               c.router_type, "\"; use --config / --weights / --prefix");
+  const std::vector<std::string> blocks = moe_block_prefixes(w, router_tensor(c));
+  if (blocks.empty())
+    fail("--model: no MoE block in ", weights_path, ": no tensor ends in \".", router_tensor(c), "\"");
+  if (layer < 0) {
+    if (blocks.size() == 1) return blocks.front();
+    fail("--layer: required, the checkpoint has ", list_prefixes(blocks));
+  }
+  std::vector<std::string> hits;
+  for (const std::string& b : blocks)
+    if (layer_of(b) == layer) hits.push_back(b);
+  if (hits.size() == 1) return hits.front();
+  if (hits.empty()) fail("--layer ", layer, ": no MoE block in that layer; the checkpoint's MoE blocks: ", list_prefixes(blocks));
+  fail("--layer ", layer, ": several MoE blocks in that layer: ", list_prefixes(hits), "; use --config / --weights / --prefix");
+}
+
 int cmd_run(const std::map<std::string, std::string>& f) {
   const auto dtype = dtype_flag(f);
-  const std::string prefix = f.count("prefix") ? f.at("prefix") : "";
+  const bool by_model = f.count("model") != 0;
+  if (by_model) {
+    for (const char* k : {"config", "weights", "prefix"})
+      if (f.count(k)) fail("--model and --", k, " exclude each other (--model finds the config, weights and prefix)");
+  } else if (f.count("layer")) {
+    fail("--layer needs --model (with --config / --weights, name the block with --prefix)");
+  }
+  const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
-  moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
+  const ModelDir md = by_model ? model_dir(f.at("model")) : ModelDir{required(f, "config"), required(f, "weights")};
+  moekit::LayerConfig cfg = moekit::load_layer_config(md.config);
   apply_dtype(dtype, cfg);
   std::unique_ptr<moekit::AnyLayer> layer;
   const std::string in_path = required(f, "input");
-  refuse_output_over_inputs(out_path, {{"--config", required(f, "config")},
-                                       {"--weights", required(f, "weights")},
-                                       {"--input", in_path}});
+  refuse_output_over_inputs(out_path, {{"--config", md.config}, {"--weights", md.weights}, {"--input", in_path}});
   {
     // The weights' mapping is released once the layer holds its own (packed) copy.
-    const auto weights = moekit::io::TensorSource::open(required(f, "weights"));
+    const auto weights = moekit::io::TensorSource::open(md.weights);
     std::vector<std::pair<std::string, std::string>> shards;
     for (const std::string& shard : weights.files()) shards.emplace_back("a weight shard", shard);
     refuse_output_over_inputs(out_path, shards);
+    const std::string prefix =
+        by_model ? layer_prefix(weights, md.weights, cfg, layer_no) : (f.count("prefix") ? f.at("prefix") : "");
+    check_prefix(weights, md.weights, cfg, prefix);
     layer = moekit::load_any_layer(cfg, weights, prefix);
   }
   const int64_t d = cfg.hidden();
@@ -418,7 +574,8 @@ int moekit_cli_main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "run")
-      return cmd_run(parse_flags(argc, argv, 2, {"config", "weights", "input", "output", "prefix", "threads", "dtype"}));
+      return cmd_run(parse_flags(argc, argv, 2,
+                                 {"config", "weights", "input", "output", "prefix", "threads", "dtype", "model", "layer"}));
     if (cmd == "bench")
       return cmd_bench(parse_flags(argc, argv, 2, {"config", "tokens", "threads", "dtype", "repeat", "layers", "seed"}));
     if (cmd == "info") {

@@ -27,7 +27,9 @@ constexpr int kMaxConfigDepth = 32;
 using json = nlohmann::json;
 using detail::Reader;
 
-const char* kPresets = "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, dbrx, llama4, switch";
+const char* kPresets =
+    "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, dbrx, llama4, "
+    "ernie4_5_moe, hunyuan_v1_moe, phimoe, switch";
 
 // The HF config-class defaults of each model type (transformers' configuration_*.py).
 LayerConfig defaults_for(const std::string& preset, const std::string& where) {
@@ -81,6 +83,21 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
     c.expert_names = ExpertNames::llama4;
     c.weight_on_input = true;
     c.shared = SharedExpertConfig{8192, false, "shared_expert."};
+  } else if (preset == "ernie4_5_moe") {  // Ernie4_5_MoeConfig: softmax + bias selection, renormalised
+    r.hidden = 2560; c.experts.intermediate = 1536; r.num_experts = 64; r.k = 6;
+    r.norm_topk_prob = true;
+    c.router_bias = true;
+    c.router_bias_ernie = true;
+    c.shared = SharedExpertConfig{2 * 1536, false, "shared_experts."};
+  } else if (preset == "hunyuan_v1_moe") {  // HunYuanMoEV1Config: softmax top-k, renormalised
+    r.hidden = 4096; c.experts.intermediate = 11008; r.num_experts = 1; r.k = 1;
+    r.norm_topk_prob = true;
+    c.router_weight = "gate.wg.weight";
+    c.shared = SharedExpertConfig{11008, false, "shared_mlp."};
+  } else if (preset == "phimoe") {  // PhimoeConfig: SparseMixer top-2, Mixtral's tensors
+    r.hidden = 4096; c.experts.intermediate = 6400; r.num_experts = 16; r.k = 2;
+    r.sparsemixer_eps = 0.01;
+    c.expert_names = ExpertNames::mixtral;
   } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
     r.hidden = 768; c.experts.intermediate = 2048; r.num_experts = 8; r.k = 1;
     r.capacity_factor = 1.0; r.drop_policy = DropPolicy::position;
@@ -130,17 +147,19 @@ void finish(LayerConfig& c, const std::string& where) {
   }
 }
 
-// Shared experts of n_shared x moe_intermediate_size (DeepSeek V2 / V3); 0: none; missing or
-// null: `dflt` (DeepseekV2Moe builds none for None).
-void deepseek_shared(Reader& rd, LayerConfig& c, const std::string& origin, int64_t dflt) {
-  const int64_t ns = rd.integer("n_shared_experts", dflt);
-  MOEKIT_CHECK(ns >= 0, origin, ".n_shared_experts: expected >= 0, got ", ns);
+// Shared experts of `key` (a count) x moe_intermediate_size, ungated `shared_experts.*`
+// (DeepSeek V2 / V3, GLM-4.5, ERNIE 4.5); 0: none; missing or null: `dflt` (DeepseekV2Moe
+// builds none for None).
+void counted_shared(Reader& rd, LayerConfig& c, const std::string& origin, int64_t dflt,
+                    const char* key = "n_shared_experts") {
+  const int64_t ns = rd.integer(key, dflt);
+  MOEKIT_CHECK(ns >= 0, origin, ".", key, ": expected >= 0, got ", ns);
   if (ns == 0) {
     c.shared.reset();
     return;
   }
   int64_t f = 0;
-  MOEKIT_CHECK(!__builtin_mul_overflow(ns, c.experts.intermediate, &f), origin, ".n_shared_experts: ", ns,
+  MOEKIT_CHECK(!__builtin_mul_overflow(ns, c.experts.intermediate, &f), origin, ".", key, ": ", ns,
                " x moe_intermediate_size ", c.experts.intermediate, " overflows int64");
   if (!c.shared) c.shared = SharedExpertConfig{f, false, "shared_experts."};
   c.shared->intermediate = f;
@@ -182,7 +201,7 @@ void parse_deepseek_v2(Reader& rd, const json& j, LayerConfig& c, const std::str
   r.norm_topk_prob = false;
   r.score_func = ScoreFunc::softmax;
   const bool null_shared = j.contains("n_shared_experts") && j["n_shared_experts"].is_null();
-  deepseek_shared(rd, c, origin, null_shared ? 0 : 2);
+  counted_shared(rd, c, origin, null_shared ? 0 : 2);
 }
 
 // DBRX (HF modeling_dbrx.py): d_model, and the MoE keys nested in ffn_config; DbrxRouter:
@@ -250,16 +269,98 @@ LayerConfig parse_llama4(Reader& top, const std::string& mt, const std::string& 
   return c;
 }
 
+// An HF model type's preset with the keys every such config has: hidden_size, hidden_act and
+// the expert width under `width_key`.
+LayerConfig hf_start(const char* preset, Reader& rd, const std::string& origin, const char* width_key) {
+  LayerConfig c = defaults_for(preset, origin + ".model_type");
+  c.origin = "hf";
+  c.router.hidden = rd.integer("hidden_size", c.router.hidden);
+  c.experts.act = parse_activation(rd.string("hidden_act", "silu"));
+  c.experts.intermediate = rd.integer(width_key, c.experts.intermediate);
+  return c;
+}
+
+// ERNIE 4.5 (HF modeling_ernie4_5_moe.py Ernie4_5_MoeSparseMoeBlock): f32 logits, softmax,
+// top-k of softmax + moe_statics bias, weights = the chosen softmax values / max(their sum,
+// moe_norm_min), shared experts of moe_num_shared_experts x moe_intermediate_size.
+LayerConfig parse_ernie(Reader& rd, const std::string& origin) {
+  LayerConfig c = hf_start("ernie4_5_moe", rd, origin, "moe_intermediate_size");
+  TopKOptions& r = c.router;
+  // attribute_map: num_experts -> moe_num_experts, num_experts_per_tok -> moe_k
+  r.num_experts = rd.integer("moe_num_experts", rd.integer("num_experts", r.num_experts));
+  r.k = rd.integer("moe_k", rd.integer("num_experts_per_tok", r.k));
+  MOEKIT_CHECK(!rd.boolean("use_bias", false), origin,
+               ".use_bias: expected false (moekit's experts have no biases), got true");
+  // The top-k sum of a softmax is >= k / E >= 2^-31: a floor at or below 1e-10 never binds,
+  // and dividing by the sum (+ 1e-20, norm_topk_prob) is then the same in f32.
+  const double norm_min = rd.number("moe_norm_min", 1e-12);
+  MOEKIT_CHECK(std::isfinite(norm_min) && norm_min >= 0 && norm_min <= 1e-10, origin,
+               ".moe_norm_min: expected a number in [0, 1e-10] (a larger floor could bind; not supported), got ",
+               norm_min);
+  counted_shared(rd, c, origin, 2, "moe_num_shared_experts");
+  finish(c, origin);
+  return c;
+}
+
+// An integer that a config may also give per layer as a list: a list whose entries are all
+// equal stands for that value; a list that differs between layers needs the layer, which a
+// config.json alone does not name.
+int64_t per_layer_integer(Reader& rd, const json& j, const std::string& key, int64_t def, const std::string& origin) {
+  if (!j.contains(key) || !j[key].is_array()) return rd.integer(key, def);
+  rd.mark(key);
+  const json& a = j[key];
+  MOEKIT_CHECK(!a.empty() && a.size() <= 1000000, origin, ".", key, ": expected an integer or a non-empty per-layer list, got ",
+               a.empty() ? "an empty list" : "a list of over a million entries");
+  int64_t v = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    MOEKIT_CHECK(a[i].is_number_integer(), origin, ".", key, "[", i, "]: expected an integer, got ", a[i].dump().substr(0, 40));
+    const int64_t x = a[i].get<int64_t>();
+    MOEKIT_CHECK(i == 0 || x == v, origin, ".", key, ": a per-layer list whose values differ (", v, " at layer 0, ", x,
+                 " at layer ", i, ") is not supported: moekit loads one layer from config.json alone; write that "
+                 "layer's value");
+    v = x;
+  }
+  return v;
+}
+
+// HunYuan (HF modeling_hunyuan_v1_moe.py HunYuanMoEV1Moe): f32 router gate.wg, softmax,
+// top-k, divided by the sum; every expert and the one shared_mlp have intermediate_size.
+LayerConfig parse_hunyuan(Reader& rd, const json& j, const std::string& origin) {
+  LayerConfig c = hf_start("hunyuan_v1_moe", rd, origin, "intermediate_size");
+  TopKOptions& r = c.router;
+  c.shared->intermediate = c.experts.intermediate;
+  r.num_experts = per_layer_integer(rd, j, "num_experts", r.num_experts, origin);
+  r.k = per_layer_integer(rd, j, "moe_topk", r.k, origin);
+  // Keys of Tencent's own code that HF's HunYuanMoEV1Moe does not read: refused where they
+  // would say something else than what HF builds.
+  if (j.contains("moe_intermediate_size")) {
+    const int64_t mf = per_layer_integer(rd, j, "moe_intermediate_size", c.experts.intermediate, origin);
+    MOEKIT_CHECK(mf == c.experts.intermediate, origin, ".moe_intermediate_size: expected ", c.experts.intermediate,
+                 " (HF's HunYuanMoEV1Moe builds every expert with intermediate_size), got ", mf);
+  }
+  if (j.contains("num_shared_expert")) {
+    const int64_t ns = per_layer_integer(rd, j, "num_shared_expert", 1, origin);
+    MOEKIT_CHECK(ns == 1, origin, ".num_shared_expert: expected 1 (HF's HunYuanMoEV1Moe builds one shared_mlp), got ",
+                 ns);
+  }
+  MOEKIT_CHECK(!rd.boolean("moe_drop_tokens", false), origin,
+               ".moe_drop_tokens: expected false (HF's HunYuanMoEV1Moe is dropless), got true");
+  finish(c, origin);
+  return c;
+}
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
   static const std::set<std::string> hf_types = {"mixtral",     "qwen2_moe",   "qwen3_moe", "qwen3_next", "olmoe",
                                                   "deepseek_v2", "deepseek_v3", "glm4_moe",  "granitemoe", "dbrx",
-                                                  "llama4",      "llama4_text"};
+                                                  "llama4",      "llama4_text", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe"};
   MOEKIT_CHECK(hf_types.count(mt) != 0, origin,
                ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, "
-               "glm4_moe, granitemoe, dbrx, llama4, llama4_text, got \"",
+               "glm4_moe, granitemoe, dbrx, llama4, llama4_text, ernie4_5_moe, hunyuan_v1_moe, phimoe, got \"",
                mt, "\"");
+  if (mt == "ernie4_5_moe") return parse_ernie(rd, origin);
+  if (mt == "hunyuan_v1_moe") return parse_hunyuan(rd, j, origin);
   if (mt == "dbrx") return parse_dbrx(rd, j, origin);
   if (mt == "llama4" || mt == "llama4_text") return parse_llama4(rd, mt, origin);
   LayerConfig c = defaults_for(mt, origin + ".model_type");
@@ -267,7 +368,7 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
   TopKOptions& r = c.router;
   r.hidden = rd.integer("hidden_size", r.hidden);
   c.experts.act = parse_activation(rd.string("hidden_act", "silu"));
-  if (mt == "mixtral" || mt == "granitemoe") {
+  if (mt == "mixtral" || mt == "granitemoe" || mt == "phimoe") {
     c.experts.intermediate = rd.integer("intermediate_size", c.experts.intermediate);
     r.num_experts = rd.integer("num_local_experts", r.num_experts);
   } else if (mt == "olmoe") {
@@ -288,8 +389,15 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
                origin, ".num_experts_per_tok: expected an integer (DeepseekV2Config has no default), got ",
                j.contains("num_experts_per_tok") ? "null" : "no such key");
   r.k = rd.integer("num_experts_per_tok", r.k);
-  if (mt != "mixtral" && mt != "deepseek_v2" && mt != "granitemoe")
+  if (mt != "mixtral" && mt != "deepseek_v2" && mt != "granitemoe" && mt != "phimoe")
     r.norm_topk_prob = rd.boolean("norm_topk_prob", r.norm_topk_prob);
+  if (mt == "phimoe") {  // PhimoeTopKRouter: sparsemixer(logits, jitter_eps = router_jitter_noise)
+    r.sparsemixer_eps = rd.number("router_jitter_noise", r.sparsemixer_eps);
+    MOEKIT_CHECK(std::isfinite(r.sparsemixer_eps) && r.sparsemixer_eps > 0, origin,
+                 ".router_jitter_noise: expected a number > 0 (SparseMixer's eps), got ", r.sparsemixer_eps);
+    MOEKIT_CHECK(r.k == 2, origin, ".num_experts_per_tok: expected 2 (PhiMoE's sparsemixer supports top-2 only), got ",
+                 r.k);
+  }
   if (mt == "deepseek_v2") parse_deepseek_v2(rd, j, c, origin);
   if (mt == "qwen2_moe" || mt == "qwen3_next") {
     c.shared->intermediate = rd.integer("shared_expert_intermediate_size", c.shared->intermediate);
@@ -309,13 +417,13 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
     c.router_bias = tm == "noaux_tc";
     if (tm == "greedy") r.n_group = 0;
     r.group_score = GroupScore::top2_sum;
-    deepseek_shared(rd, c, origin, 1);
+    counted_shared(rd, c, origin, 1);
   }
   if (mt == "glm4_moe") {  // Glm4MoeTopkRouter is DeepseekV3TopkRouter: always sigmoid + bias
     r.n_group = rd.integer("n_group", r.n_group);
     r.topk_group = rd.integer("topk_group", r.topk_group);
     r.routed_scaling_factor = static_cast<float>(rd.number("routed_scaling_factor", r.routed_scaling_factor));
-    deepseek_shared(rd, c, origin, 1);
+    counted_shared(rd, c, origin, 1);
   }
   finish(c, origin);
   return c;
@@ -357,6 +465,7 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
   r.norm_p = rr.number("norm_p", r.norm_p);
   r.select_on_logits = rr.boolean("select_on_logits", r.select_on_logits);
+  r.sparsemixer_eps = rr.number("sparsemixer_eps", r.sparsemixer_eps);
   c.weight_on_input = rr.boolean("weight_on_input", c.weight_on_input);
   r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
   c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
@@ -435,6 +544,7 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     else if (type == "relu") { c.experts.gated = false; c.experts.act = Activation::relu; }
     else detail::fail(re.where(), ".type: expected swiglu, geglu, gelu, gelu_tanh or relu, got \"", type, "\"");
     c.experts.intermediate = re.integer("intermediate_size", c.experts.intermediate);
+    if (re.has("names")) c.router_weight.clear();  // the router weight goes with the named layout
     c.expert_names = parse_expert_names(re.string("names", expert_names_string(c.expert_names)), re.where() + ".names");
     const std::string dtype = re.string("dtype", kernels::to_string(c.pack.type));
     try {
@@ -450,13 +560,18 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     SharedExpertConfig s = c.shared.value_or(SharedExpertConfig{0, false, ""});
     s.intermediate = rs.integer("intermediate_size", s.intermediate);
     s.gated = rs.boolean("gated", s.gated);
-    s.names = rs.string("names", s.names.empty() ? (s.gated ? "shared_expert." : "shared_experts.") : s.names);
+    // ProMoE's shared expert is `shared_expert.*` (ungated, docs/routers.md).
+    const bool promoe = c.router_type == "prototype";
+    MOEKIT_CHECK(!promoe || !s.gated, rs.where(),
+                 ".gated: expected false for the prototype router (ProMoE's shared expert has no gate), got true");
+    s.names = rs.string("names", s.names.empty() ? (s.gated || promoe ? "shared_expert." : "shared_experts.") : s.names);
     MOEKIT_CHECK(!s.names.empty() && s.names.back() == '.', rs.where(), ".names: expected a tensor prefix ending in '.', got \"", s.names, "\"");
     rs.reject_unknown();
     c.shared = s;
   } else if (j.contains("shared_expert")) {
-    rd.mark("shared_expert");  // null: no shared expert, even if the preset has one
+    rd.mark("shared_expert");  // null: no shared expert, even if the preset or family has one
     c.shared.reset();
+    c.shared_null = true;
   }
   rd.reject_unknown();
   MOEKIT_CHECK(!fused_experts(c.expert_names) || (c.router_type == "topk" && c.experts.gated), origin,

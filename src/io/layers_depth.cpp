@@ -41,6 +41,7 @@ MoDOptions mod_options(const json& j, const LayerConfig& c) {
     o.mode = parse_enum(r, "mode", o.mode,
                         {{"capacity", MoDMode::capacity}, {"threshold", MoDMode::threshold}, {"aux_predictor", MoDMode::aux_predictor}});
     o.threshold = r.number("threshold", o.threshold);
+    o.aux_hidden = r.integer("aux_hidden", o.aux_hidden);
   });
 }
 
@@ -69,6 +70,8 @@ DrLlmOptions drllm_options(const json& j, const LayerConfig& c) {
     o.hidden = c.hidden();
     o.bottleneck = r.integer("bottleneck", o.bottleneck);
     o.windows = r.integer("windows", o.windows);
+    if (r.has("router_penalty")) o.router_penalty = r.number("router_penalty", 0.0);
+    r.mark("router_penalty");
   });
 }
 
@@ -118,6 +121,16 @@ std::unique_ptr<AnyLayer> build_mod(const json& j, const LayerConfig& c, const i
   const MoDOptions o = mod_options(j, c);
   uint64_t s = splitmix64(seed);
   auto weight = tensor_or_random(w, p + "router.weight", {1, c.hidden()}, s, scale_of(c));
+  if (o.aux_hidden > 0) {  // the MoD paper's MLP predictor, nn.Sequential(Linear, ReLU, Linear)
+    const int64_t h = o.aux_hidden;
+    MoDAuxMlp mlp;
+    mlp.w1 = tensor_or_random(w, p + "router.aux.0.weight", {h, c.hidden()}, s, scale_of(c));
+    mlp.b1 = tensor_or_random(w, p + "router.aux.0.bias", {h}, s, 0.1);
+    mlp.w2 = tensor_or_random(w, p + "router.aux.2.weight", {1, h}, s, 1.0 / std::sqrt(static_cast<double>(h)));
+    mlp.b2 = tensor_or_random(w, p + "router.aux.2.bias", {1}, s, 0.1);
+    const double rv = static_cast<double>(weight.size() + mlp.w1.size() + mlp.b1.size() + mlp.w2.size() + 1);
+    return sparse_depth(c, MoDRouter(o, std::move(weight), std::move(mlp)), block_of(c, w, p, s), rv);
+  }
   std::vector<float> aux;
   if (o.mode == MoDMode::aux_predictor) aux = tensor_or_random(w, p + "router.aux.weight", {1, c.hidden()}, s, scale_of(c));
   const double rv = static_cast<double>(weight.size() + aux.size());
@@ -254,8 +267,11 @@ void validate_drllm(const json& j, const LayerConfig& c) { (void)drllm_options(j
 void validate_mor(const json& j, const LayerConfig& c) { (void)mor_options(j, c); }
 // One wrapped block (the routed expert shape) plus the router's rows of d.
 double weight_bytes_mod(const json& j, const LayerConfig& c) {
-  const double rows = mod_options(j, c).mode == MoDMode::aux_predictor ? 2.0 : 1.0;
-  return 4.0 * rows * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+  const MoDOptions o = mod_options(j, c);
+  const double d = static_cast<double>(c.hidden()), h = static_cast<double>(o.aux_hidden);
+  const double rows = o.mode == MoDMode::aux_predictor && o.aux_hidden == 0 ? 2.0 : 1.0;
+  const double mlp = h > 0 ? h * (d + 2.0) + 1.0 : 0.0;  // W1, b1, w2, b2
+  return 4.0 * (rows * d + mlp) + routed_expert_bytes(c, 1.0);
 }
 double weight_bytes_gamma_mod(const json& j, const LayerConfig& c) {
   (void)gamma_options(j, c);

@@ -36,7 +36,8 @@ void validate_centroid(const json& j, const LayerConfig& c) { (void)centroid_opt
 double weight_bytes_prototype(const json& j, const LayerConfig& c) {
   // E routed experts, the unconditional one, and the (ungated) shared expert.
   const double E = static_cast<double>(promoe_options(j, c).num_experts), d = static_cast<double>(c.hidden());
-  const double shared_f = static_cast<double>(c.shared ? c.shared->intermediate : c.experts.intermediate);
+  const double shared_f =
+      c.shared_null ? 0.0 : static_cast<double>(c.shared ? c.shared->intermediate : c.experts.intermediate);
   return 4.0 * E * d + routed_expert_bytes(c, E + 1) +
          (c.experts.gated ? 3.0 : 2.0) * d * shared_f * static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0;
 }
@@ -56,13 +57,12 @@ std::unique_ptr<AnyLayer> build_prototype_layer(const json& j, const LayerConfig
   std::vector<float> buf;
   for (int64_t e = 0; e < E; ++e) load_ffn_into(bank, e, w, p + "experts." + std::to_string(e) + ".", c.expert_names, s, buf);
   load_ffn_into(bank, E, w, p + "uncond_expert.", c.expert_names, s, buf);
-  // The always-on shared expert: `shared_expert.*` (ungated), width from the config's
-  // shared_expert or the routed width.
+  // The always-on shared expert: `shared_expert.*` (ungated; a gated one is refused when the
+  // config is parsed), width from the config's shared_expert or, without the key, the routed
+  // width; `"shared_expert": null` removes it.
   LayerConfig sc = c;
-  SharedExpertConfig se = c.shared.value_or(SharedExpertConfig{c.experts.intermediate, false, "shared_expert."});
-  se.gated = false;
-  if (!c.shared) se.names = "shared_expert.";
-  sc.shared = se;
+  if (!c.shared_null)
+    sc.shared = c.shared.value_or(SharedExpertConfig{c.experts.intermediate, false, "shared_expert."});
   std::vector<SharedExpert> shared = shared_experts(sc, w, p, s);
   const double resident = resident_bytes_of(bank, shared, static_cast<double>(protos.size()));
   using L = SparseLayer<ProMoERouter, FfnBank>;

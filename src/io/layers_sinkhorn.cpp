@@ -12,6 +12,8 @@ namespace {
 
 void read_sinkhorn(Reader& r, SinkhornOptions& o, const LayerConfig& c) {
   o.hidden = c.hidden();
+  o.mode = r.choice("mode", "always", {"always", "megatron"}) == "megatron" ? SinkhornMode::megatron
+                                                                          : SinkhornMode::always;
   o.num_experts = r.integer("num_experts", 0);
   o.k = r.integer("k", 0);
   o.max_iters = r.integer("max_iters", o.max_iters);
@@ -35,6 +37,9 @@ SinkhornOptions sinkhorn_options(const json& j, const LayerConfig& c) {
 SelectiveSinkhornOptions selective_options(const json& j, const LayerConfig& c) {
   return parse_router_options<SelectiveSinkhornOptions>(j, [&](Reader& r, SelectiveSinkhornOptions& o) {
     read_sinkhorn(r, o.sinkhorn, c);
+    MOEKIT_CHECK(o.sinkhorn.mode == SinkhornMode::always, r.where(),
+                 ".mode: expected \"always\" for selective_sinkhorn (it chooses per step between Sinkhorn and "
+                 "top-k itself), got \"megatron\"");
     o.p = r.number("p", o.p);
     // Unsigned in the options: a negative JSON value would wrap around silently.
     const auto non_negative = [&r](const char* key) {

@@ -15,9 +15,13 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
   const int64_t E = c.router.num_experts, d = c.hidden();
   uint64_t state = detail::splitmix64(seed);
   std::vector<float> gate =
-      detail::tensor_or_random(weights, prefix + router_weight_name(c.expert_names), {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
+      detail::tensor_or_random(weights, prefix + (c.router_weight.empty() ? std::string(router_weight_name(c.expert_names)) : c.router_weight), {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
   std::vector<float> bias;
-  if (c.router_bias) bias = detail::tensor_or_random(weights, prefix + "gate.e_score_correction_bias", {E}, state, 0.01);
+  if (c.router_bias) {
+    bias = c.router_bias_ernie
+               ? detail::tensor_or_random(weights, prefix + "moe_statics.e_score_correction_bias", {1, E}, state, 0.01)
+               : detail::tensor_or_random(weights, prefix + "gate.e_score_correction_bias", {E}, state, 0.01);
+  }
   TopKRouter router(c.router, std::move(gate), std::move(bias));
   // Fused layouts name their tensors from the block prefix (ffn_bank).
   FfnBank bank = detail::ffn_bank(weights, fused_experts(c.expert_names) ? prefix : prefix + "experts.", true, E,

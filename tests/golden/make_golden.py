@@ -82,6 +82,17 @@ CASES = [
     # the weight multiplying the expert's input, an unweighted shared expert.
     dict(name="llama4_weight_on_input", preset="llama4", T=10, d=32, f=16, E=8, k=2,
          dtype="F32", prefix="language_model.model.layers.1.feed_forward."),
+    # ERNIE 4.5: top-k of softmax + moe_statics bias [1, E], renormalised, 2 shared experts.
+    dict(name="ernie4_5_moe_bias", preset="ernie4_5_moe", T=12, d=32, f=16, E=16, k=4, n_shared=2,
+         dtype="BF16", prefix="model.layers.1.mlp."),
+    # HunYuan (HunYuanMoEV1Moe): softmax top-k renormalised, gate.wg router, one shared_mlp;
+    # Tencent's per-layer lists in config.json.
+    dict(name="hunyuan_v1_moe_lists", preset="hunyuan_v1_moe", T=9, d=24, f=16, E=8, k=3,
+         dtype="F32", prefix="model.layers.0.mlp."),
+    # PhiMoE: SparseMixer top-2 at inference; eps 0.2 (PhiMoE ships 0.01) so that the masked
+    # softmaxes hold several experts.
+    dict(name="phimoe_sparsemixer", preset="phimoe", T=16, d=32, f=16, E=8, k=2, eps=0.2,
+         dtype="F32", prefix="model.layers.0.block_sparse_moe."),
     # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
     dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
          capacity_factor=1.12, dtype="F32", prefix=""),
@@ -257,8 +268,15 @@ def generate(out_dir):
                 params[pname] = (stored(make_tensor(gen, shape, scale), dt), dt)
                 return params[pname][0]
 
+            def shared_swiglu(names, width):
+                """Adds the SwiGLU FFN `names`{gate,up,down}_proj.weight [width]; returns its output on x."""
+                sg = add(names + "gate_proj.weight", (width, d), expert_scale((width, d)))
+                su = add(names + "up_proj.weight", (width, d), expert_scale((width, d)))
+                sd = add(names + "down_proj.weight", (d, width), expert_scale((d, width)))
+                return swiglu(x, sg, su, sd)
+
             rname = {"granitemoe": "router.layer.weight", "dbrx": "router.layer.weight",
-                     "llama4": "router.weight"}.get(preset, "gate.weight")
+                     "llama4": "router.weight", "hunyuan_v1_moe": "gate.wg.weight"}.get(preset, "gate.weight")
             w_router = add(rname, (E, d), GATE_SCALE)
             experts = []
             if preset == "granitemoe":
@@ -272,7 +290,7 @@ def generate(out_dir):
                 gate_up = add("experts.gate_up_proj", (E, d, 2 * f), expert_scale((f, d)))
                 down_p = add("experts.down_proj", (E, f, d), WEIGHT_SCALE / math.sqrt(f))
             for e in range(E if preset not in ("granitemoe", "dbrx", "llama4") else 0):
-                if preset == "mixtral":
+                if preset in ("mixtral", "phimoe"):
                     wg = add(f"experts.{e}.w1.weight", (f, d), expert_scale((f, d)))
                     wu = add(f"experts.{e}.w3.weight", (f, d), expert_scale((f, d)))
                     wd = add(f"experts.{e}.w2.weight", (d, f), expert_scale((d, f)))
@@ -294,14 +312,11 @@ def generate(out_dir):
                 ids, weights = softmax_topk(x, w_router, k, renorm)
                 y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
                 if preset in ("qwen2_moe", "qwen3_next"):
-                    sf = case["shared_f"]
-                    sg = add("shared_expert.gate_proj.weight", (sf, d), expert_scale((sf, d)))
-                    su = add("shared_expert.up_proj.weight", (sf, d), expert_scale((sf, d)))
-                    sd = add("shared_expert.down_proj.weight", (d, sf), expert_scale((d, sf)))
+                    shared_out = shared_swiglu("shared_expert.", case["shared_f"])
                     sgate = add("shared_expert_gate.weight", (1, d), GATE_SCALE)
                     # Follows the tail of Qwen2MoeSparseMoeBlock.forward: the shared expert,
                     # scaled by sigmoid(shared_expert_gate(x)), added to the routed sum.
-                    y = y + torch.sigmoid(F.linear(x, sgate)) * swiglu(x, sg, su, sd)
+                    y = y + torch.sigmoid(F.linear(x, sgate)) * shared_out
                 sel64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
                 ok = all(margin_ok(np.sort(r)[::-1], k) for r in sel64)
             elif preset in ("deepseek_v3", "glm4_moe"):
@@ -315,12 +330,9 @@ def generate(out_dir):
                 ids, weights, choice, gscores = deepseek_route(
                     x, w_router, bias, k, G, TG, case["norm_topk_prob"], case["scaling"], float("-inf"))
                 y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
-                sf = case["n_shared"] * f
-                sg = add("shared_experts.gate_proj.weight", (sf, d), expert_scale((sf, d)))
-                su = add("shared_experts.up_proj.weight", (sf, d), expert_scale((sf, d)))
-                sd = add("shared_experts.down_proj.weight", (d, sf), expert_scale((d, sf)))
+                shared_out = shared_swiglu("shared_experts.", case["n_shared"] * f)
                 # Follows DeepseekV3MoE.forward: routed sum plus the ungated shared experts.
-                y = y + swiglu(x, sg, su, sd)
+                y = y + shared_out
                 # Margins (float64) on group choice and on the masked selection.
                 s64 = 1.0 / (1.0 + np.exp(-(x.double() @ w_router.double().T).numpy()))
                 c64 = s64 + bias.double().numpy()
@@ -349,12 +361,9 @@ def generate(out_dir):
                 G, TG = case.get("n_group", 1), case.get("topk_group", 1)
                 ids, weights = deepseek_v2_route(x, w_router, k, method, G, TG, case["scaling"])
                 y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
-                sf = case["n_shared"] * f
-                sg = add("shared_experts.gate_proj.weight", (sf, d), expert_scale((sf, d)))
-                su = add("shared_experts.up_proj.weight", (sf, d), expert_scale((sf, d)))
-                sd = add("shared_experts.down_proj.weight", (d, sf), expert_scale((d, sf)))
+                shared_out = shared_swiglu("shared_experts.", case["n_shared"] * f)
                 # Follows DeepseekV2Moe.forward: routed sum plus the shared experts.
-                y = y + swiglu(x, sg, su, sd)
+                y = y + shared_out
                 p64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
                 if method == "greedy":
                     ok = all(margin_ok(np.sort(r)[::-1], k) for r in p64)
@@ -391,6 +400,66 @@ def generate(out_dir):
                 y = combine(x, ids, weights, granite_expert, E)
                 l64 = (x.double() @ w_router.double().T).numpy()
                 ok = all(margin_ok(np.sort(r)[::-1], k) for r in l64)
+            elif preset == "phimoe":
+                # Follows sparsemixer(..., training=False) and PhimoeSparseMoeBlock.forward
+                # (modeling_phimoe.py): per pick, the max logit, the softmax over the logits within
+                # a relative 2 eps (the second pick without the first), read at the pick.
+                scores = F.linear(x, w_router)
+                eps = case["eps"]
+                thr, max_ind = scores.max(dim=-1, keepdim=True)
+                factor = scores.abs().clamp(min=thr)
+                mask = ((thr - scores) / factor) > (2 * eps)
+                g1 = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+                w1 = g1.gather(dim=-1, index=max_ind)
+                masked_scores = torch.scatter(scores, -1, max_ind, float("-inf"))
+                thr2, max_ind2 = masked_scores.max(dim=-1, keepdim=True)
+                factor2 = scores.abs().clamp(min=thr2)
+                mask2 = ((thr2 - scores) / factor2) > (2 * eps)
+                g2 = torch.softmax(masked_scores.masked_fill(mask2, float("-inf")), dim=-1)
+                w2 = g2.gather(dim=-1, index=max_ind2)
+                weights = torch.cat((w1, w2), dim=-1)
+                ids = torch.cat((max_ind, max_ind2), dim=-1)
+                y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
+                l64 = (x.double() @ w_router.double().T).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], 2) for r in l64)
+                # Thresholds away from the boundary (float vs double), and a few multi-expert softmaxes.
+                for t in range(T):
+                    for m_, fac in ((thr[t, 0], factor[t]), (thr2[t, 0], factor2[t])):
+                        rel = ((float(m_) - l64[t]) / fac.double().numpy())
+                        ok = ok and bool(np.all(np.abs(rel - 2 * eps) > 1e-4))
+                multi = int((~mask).sum(-1).gt(1).sum() + (~mask2).sum(-1).gt(2).sum())
+                notes = {"picks whose softmax holds > 1 expert": multi}
+                ok = ok and multi > 0
+            elif preset == "hunyuan_v1_moe":
+                # Follows HunYuanMoEV1Moe.forward (modeling_hunyuan_v1_moe.py): f32 logits of
+                # gate.wg, softmax, top-k, divided by their sum; shared_mlp added.
+                probs = F.softmax(F.linear(x.float(), w_router.float()), dim=1, dtype=torch.float)
+                weights, ids = torch.topk(probs, k, dim=-1)
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+                y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
+                shared_out = shared_swiglu("shared_mlp.", f)
+                y = y + shared_out
+                p64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in p64)
+            elif preset == "ernie4_5_moe":
+                # Follows Ernie4_5_MoeSparseMoeBlock.forward (modeling_ernie4_5_moe.py): f32 logits,
+                # softmax, top-k of softmax + moe_statics.e_score_correction_bias, the chosen
+                # softmax values / clamp(sum, min=moe_norm_min); shared experts added.
+                bias = make_tensor(gen, (1, E), 0.05)
+                params["moe_statics.e_score_correction_bias"] = (bias, "F32")
+                probs = F.softmax(F.linear(x.float(), w_router.float()), dim=1, dtype=torch.float)
+                _, ids = torch.topk(probs + bias.squeeze(), k, dim=-1)
+                weights = torch.gather(probs, dim=-1, index=ids)
+                weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=1e-12)
+                y = combine(x, ids, weights, lambda e, rows: swiglu(rows, *experts[e]), E)
+                shared_out = shared_swiglu("shared_experts.", case["n_shared"] * f)
+                y = y + shared_out
+                p64 = torch.softmax(F.linear(x.double(), w_router.double()), dim=1).numpy() + bias.double().numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in p64)
+                plain = torch.topk(probs, k, dim=-1).indices
+                changed = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, plain))
+                notes = {"tokens changed by bias": changed}
+                ok = ok and changed > 0
             elif preset == "llama4":
                 # Follows Llama4TextMoe.forward and Llama4Router.forward (modeling_llama4.py):
                 # top-k of the logits, scores = sigmoid of the chosen logits (-inf elsewhere, so
@@ -405,10 +474,8 @@ def generate(out_dir):
                 gu = torch.bmm(routed_in.view(E, -1, d), gate_up)
                 g_, u_ = gu.chunk(2, dim=-1)
                 routed_out = torch.bmm(u_ * F.silu(g_), down_p).view(-1, d)
-                sg = add("shared_expert.gate_proj.weight", (f, d), expert_scale((f, d)))
-                su = add("shared_expert.up_proj.weight", (f, d), expert_scale((f, d)))
-                sd = add("shared_expert.down_proj.weight", (d, f), expert_scale((d, f)))
-                y = swiglu(x, sg, su, sd) + routed_out.view(E, -1, d).sum(dim=0)
+                shared_out = shared_swiglu("shared_expert.", f)
+                y = shared_out + routed_out.view(E, -1, d).sum(dim=0)
                 ids = top_i
                 weights = torch.sigmoid(top_v)
                 l64 = (x.double() @ w_router.double().T).numpy()
@@ -542,6 +609,21 @@ def make_config(case):
                 "ffn_config": {"ffn_hidden_size": f, "moe_num_experts": E, "moe_top_k": k,
                                "moe_normalize_expert_weights": case["norm_p"], "moe_jitter_eps": 0.01,
                                "ffn_act_fn": {"name": "silu"}}}
+    if p == "phimoe":
+        return {"architectures": ["PhimoeForCausalLM"], "model_type": "phimoe", "hidden_size": d,
+                "intermediate_size": f, "num_local_experts": E, "num_experts_per_tok": k,
+                "router_jitter_noise": case["eps"], "input_jitter_noise": 0.01, "hidden_act": "silu"}
+    if p == "hunyuan_v1_moe":
+        return {"architectures": ["HunYuanMoEV1ForCausalLM"], "model_type": "hunyuan_v1_moe", "hidden_size": d,
+                "intermediate_size": f, "num_experts": E, "moe_topk": [k, k, k],
+                "moe_intermediate_size": [f, f, f], "num_shared_expert": [1, 1, 1], "num_hidden_layers": 3,
+                "use_mixed_mlp_moe": True, "moe_drop_tokens": False, "hidden_act": "silu"}
+    if p == "ernie4_5_moe":
+        return {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "hidden_size": d,
+                "intermediate_size": 4 * d,  # dense layers; unused by the MoE block
+                "moe_intermediate_size": f, "moe_num_experts": E, "moe_k": k,
+                "moe_num_shared_experts": case["n_shared"], "moe_norm_min": 1e-12, "use_bias": False,
+                "hidden_act": "silu", "moe_layer_start_index": 1}
     if p == "llama4":  # the released multimodal config nests the text model
         return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
                 "text_config": {"model_type": "llama4_text", "hidden_size": d, "intermediate_size": f,
@@ -633,14 +715,15 @@ def ref_case(cfg, W, x):
     T, d = x.shape
     preset = cfg.get("model_type") or cfg.get("preset")
     wr = (W["router.layer.weight"] if preset in ("granitemoe", "dbrx")
-          else W["router.weight"] if preset == "llama4" else W["gate.weight"])
+          else W["router.weight"] if preset == "llama4"
+          else W["gate.wg.weight"] if preset == "hunyuan_v1_moe" else W["gate.weight"])
     if preset == "llama4":
         cfg = cfg["text_config"]
     E = wr.shape[0]
     if preset == "switch":
         k = 1
         assert cfg["hidden_size"] == d and cfg["router"]["num_experts"] == E
-    elif preset == "mixtral":
+    elif preset in ("mixtral", "phimoe"):
         k = cfg["num_experts_per_tok"]
         assert cfg["num_local_experts"] == E
     elif preset in ("deepseek_v3", "glm4_moe"):
@@ -652,6 +735,12 @@ def ref_case(cfg, W, x):
     elif preset == "llama4":
         k = cfg["num_experts_per_tok"]
         assert cfg["num_local_experts"] == E
+    elif preset == "hunyuan_v1_moe":
+        k = cfg["moe_topk"][0] if isinstance(cfg["moe_topk"], list) else cfg["moe_topk"]
+        assert cfg["num_experts"] == E
+    elif preset == "ernie4_5_moe":
+        k = cfg.get("moe_k", 6)
+        assert cfg.get("moe_num_experts", 64) == E
     elif preset == "granitemoe":
         k = cfg["num_experts_per_tok"]
         assert cfg["num_local_experts"] == E
@@ -681,6 +770,22 @@ def ref_case(cfg, W, x):
                 s = sum(w) + 1e-20
                 w = [v / s for v in w]
             w = [v * cfg.get("routed_scaling_factor", 2.5 if v3 else 1.0) for v in w]
+        elif preset == "phimoe":
+            eps = cfg.get("router_jitter_noise", 0.01)
+            chosen = ranked(logits, range(E))[:2]
+            w = []
+            for j, m in enumerate(logits[e] for e in chosen):
+                cand = [e for e in range(E) if not (j == 1 and e == chosen[0])
+                        and not ((m - logits[e]) / max(abs(logits[e]), m) > 2 * eps)]
+                w.append(1.0 / sum(math.exp(logits[e] - m) for e in cand))
+        elif preset == "ernie4_5_moe":
+            m = max(logits)
+            ex = [math.exp(l - m) for l in logits]
+            prob = [v / sum(ex) for v in ex]
+            b = W["moe_statics.e_score_correction_bias"][0]
+            chosen = ranked([prob[e] + b[e] for e in range(E)], range(E))[:k]
+            ssum = max(sum(prob[e] for e in chosen), cfg.get("moe_norm_min", 1e-12))
+            w = [prob[e] / ssum for e in chosen]
         elif preset == "llama4":
             chosen = ranked(logits, range(E))[:k]
             w = [1.0 / (1.0 + math.exp(-logits[e])) for e in chosen]
@@ -716,7 +821,7 @@ def ref_case(cfg, W, x):
             prob = [v / z for v in ex]
             chosen = ranked(prob, range(E))[:k]
             w = [prob[e] for e in chosen]
-            norm = True if preset == "mixtral" else (False if preset == "switch"
+            norm = True if preset in ("mixtral", "hunyuan_v1_moe") else (False if preset == "switch"
                                                      else cfg.get("norm_topk_prob", preset == "qwen3_next"))
             if norm:
                 s = sum(w)
@@ -742,7 +847,7 @@ def ref_case(cfg, W, x):
                 continue
             if preset == "switch":
                 out = ref_relu_ffn(x[t], W[f"experts.{e}.up_proj.weight"], W[f"experts.{e}.down_proj.weight"])
-            elif preset == "mixtral":
+            elif preset in ("mixtral", "phimoe"):
                 out = ref_swiglu(x[t], W[f"experts.{e}.w1.weight"], W[f"experts.{e}.w3.weight"],
                                  W[f"experts.{e}.w2.weight"])
             elif preset == "llama4":  # weight on the input: E(w x), added unweighted
@@ -761,6 +866,9 @@ def ref_case(cfg, W, x):
                 out = ref_swiglu(x[t], W[f"experts.{e}.gate_proj.weight"], W[f"experts.{e}.up_proj.weight"],
                                  W[f"experts.{e}.down_proj.weight"])
             y[t] += wts[t, s] * out
+        if preset == "hunyuan_v1_moe":
+            y[t] += ref_swiglu(x[t], W["shared_mlp.gate_proj.weight"], W["shared_mlp.up_proj.weight"],
+                               W["shared_mlp.down_proj.weight"])
         if preset == "llama4":
             y[t] += ref_swiglu(x[t], W["shared_expert.gate_proj.weight"], W["shared_expert.up_proj.weight"],
                                W["shared_expert.down_proj.weight"])
@@ -768,10 +876,13 @@ def ref_case(cfg, W, x):
             g = 1.0 / (1.0 + math.exp(-float(np.dot(W["shared_expert_gate.weight"][0], x[t]))))
             y[t] += g * ref_swiglu(x[t], W["shared_expert.gate_proj.weight"],
                                    W["shared_expert.up_proj.weight"], W["shared_expert.down_proj.weight"])
-        if preset in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        if preset in ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe"):
             sw = W["shared_experts.gate_proj.weight"]
-            dflt = 2 if preset == "deepseek_v2" else 1
-            assert sw.shape[0] == cfg.get("n_shared_experts", dflt) * cfg["moe_intermediate_size"]
+            if preset == "ernie4_5_moe":
+                assert sw.shape[0] == cfg.get("moe_num_shared_experts", 2) * cfg["moe_intermediate_size"]
+            else:
+                dflt = 2 if preset == "deepseek_v2" else 1
+                assert sw.shape[0] == cfg.get("n_shared_experts", dflt) * cfg["moe_intermediate_size"]
             y[t] += ref_swiglu(x[t], sw, W["shared_experts.up_proj.weight"], W["shared_experts.down_proj.weight"])
     return y, ids, wts
 

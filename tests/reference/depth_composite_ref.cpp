@@ -145,12 +145,35 @@ DrLlmDecision drllm_decide(const DrLlmParams& p, const float* x, const Layout& L
       for (int a = 0; a < 3; ++a) z[a] += y[a] + p.b2[a];
     }
     for (double& v : z) v /= static_cast<double>(W);
+    // The decision values: z, or the official continuous_router_decision blend (parameterlab
+    // dr-llm models/modeling_qwen2.py, commit af41f28) of softmax(z) with one-hot choices.
+    std::array<double, 3> v = z;
+    if (p.penalty) {
+      const double m = std::max({z[0], z[1], z[2]});
+      double sum = 0.0;
+      std::array<double, 3> r{};
+      for (int a = 0; a < 3; ++a) sum += (r[a] = std::exp(z[a] - m));
+      for (double& q : r) q /= sum;
+      const double pp = p.router_penalty;
+      for (int a = 0; a < 3; ++a) {
+        if (pp <= -0.5) {
+          const double t = (pp + 1.0) / 0.5;
+          v[a] = (1 - t) * (a == 0) + t * r[a];
+        } else if (pp <= 0.5) {
+          const double t = pp + 0.5;
+          v[a] = (1 - t) * r[a] + t * (a == 1);
+        } else {
+          const double t = (pp - 0.5) / 0.5;
+          v[a] = (1 - t) * (a == 1) + t * (a == 2);
+        }
+      }
+    }
     int best = 0;
     for (int a = 1; a < 3; ++a)
-      if (z[a] > z[best]) best = a;
+      if (v[a] > v[best]) best = a;
     double margin = std::numeric_limits<double>::infinity();
     for (int a = 0; a < 3; ++a)
-      if (a != best) margin = std::min(margin, relative_gap(z[best], z[a]));
+      if (a != best) margin = std::min(margin, relative_gap(v[best], v[a]));
     out.repeats.push_back(best);
     out.logits.push_back(z);
     out.margin.push_back(margin);
@@ -219,10 +242,10 @@ MoRResult mor_forward(const MoRParams& p, const Block& block, const float* x0, c
       int64_t cap = 0;
       if (length > 0) {
         // cf_r = (N - r) / N exactly (integers), or the given factor.
-        cap = p.capacity_factors.empty()
-                  ? ((N - r) * length) / N
-                  : static_cast<int64_t>(
-                        std::floor(p.capacity_factors[r] * static_cast<double>(length)));
+        // A given factor: cf * length snapped to an integer within 1e-9 (ROUTING.md section 5).
+        double x = p.capacity_factors.empty() ? 0.0 : p.capacity_factors[r] * static_cast<double>(length);
+        if (std::fabs(x - std::round(x)) <= 1e-9) x = std::round(x);
+        cap = p.capacity_factors.empty() ? ((N - r) * length) / N : static_cast<int64_t>(std::floor(x));
         cap = std::max<int64_t>(1, cap);
       }
       const int64_t k = std::min<int64_t>(cap, static_cast<int64_t>(cand.size()));

@@ -67,6 +67,8 @@ Block attention_block(AttentionWeights w, Layout layout);
 struct DrLlmParams {
   int64_t hidden = 0, bottleneck = 128, windows = 8;
   std::vector<float> w0, b0, w2, b2;  ///< [H, d], [H], [3, H], [3]
+  bool penalty = false;               ///< apply the official router_penalty blend
+  double router_penalty = 0.0;
 };
 
 struct DrLlmDecision {

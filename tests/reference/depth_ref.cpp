@@ -79,7 +79,10 @@ void select_capacity(const Layout& L, int64_t s, double ratio, const std::vector
       cand.push_back(t);
     }
   }
-  const int64_t C = static_cast<int64_t>(std::ceil(ratio * static_cast<double>(S)));
+  // ROUTING.md section 5: ratio * S snapped to an integer within 1e-9 before the ceiling.
+  double x = ratio * static_cast<double>(S);
+  if (std::fabs(x - std::round(x)) <= 1e-9) x = std::round(x);
+  const int64_t C = static_cast<int64_t>(std::ceil(x));
   int64_t want = std::max<int64_t>(0, std::min<int64_t>(C, S) - kept);
   want = std::min<int64_t>(want, static_cast<int64_t>(cand.size()));
   std::stable_sort(cand.begin(), cand.end(),
@@ -115,7 +118,19 @@ Decision mod(const Layout& L, const float* x, const std::vector<float>& w,
     if (p.act == Act::raw) dec.weight[t] = r[t];
     if (p.act == Act::sigmoid) dec.weight[t] = sigmoid(r[t]);
     if (p.act == Act::tanh) dec.weight[t] = p.alpha * std::tanh(r[t]);
-    if (p.mode == ModMode::aux_predictor) dot(x + t * d, aux.data(), d, a[t], ascale[t]);
+    if (p.mode == ModMode::aux_predictor && p.mlp_h == 0) dot(x + t * d, aux.data(), d, a[t], ascale[t]);
+    if (p.mode == ModMode::aux_predictor && p.mlp_h > 0) {
+      a[t] = p.mlp_b2;
+      ascale[t] = std::fabs(p.mlp_b2);
+      for (int64_t j = 0; j < p.mlp_h; ++j) {
+        double u = 0.0, us = 0.0;
+        dot(x + t * d, p.mlp_w1.data() + j * d, d, u, us);
+        const double hj = std::max(0.0, u + p.mlp_b1[static_cast<size_t>(j)]);
+        a[t] += p.mlp_w2[static_cast<size_t>(j)] * hj;
+        // scale of the sum: |w2_j| times the hidden unit's own scale
+        ascale[t] += std::fabs(p.mlp_w2[static_cast<size_t>(j)]) * (us + std::fabs(p.mlp_b1[static_cast<size_t>(j)]));
+      }
+    }
   }
   if (p.mode == ModMode::capacity) {
     const std::vector<uint8_t> none(T, 0);

@@ -55,6 +55,10 @@ struct ModParams {
   ModMode mode = ModMode::capacity;
   double threshold = 0.5;
   double tie_rel = 1e-6;
+  /// aux_predictor with the MoD paper's MLP when mlp_h > 0: a = w2 . relu(W1 x + b1) + b2.
+  int64_t mlp_h = 0;
+  std::vector<float> mlp_w1, mlp_b1, mlp_w2;
+  float mlp_b2 = 0.0f;
 };
 /// MoD: r_t = w . x_t; capacity: top ceil(ratio S) per sequence by r (ties lower index);
 /// threshold: sigmoid(r) > threshold; aux: sigmoid(aux . x) > threshold. Weight act(r).

@@ -105,7 +105,8 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
     sel.resize(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) {
       const auto i = static_cast<size_t>(e);
-      sel[i] = (p.topk_then_softmax || p.select_on_logits ? L[i] : score[i]) + (p.bias.empty() ? 0.0 : p.bias[i]);
+      sel[i] = (p.topk_then_softmax || p.select_on_logits || p.sparsemixer_eps > 0 ? L[i] : score[i]) +
+               (p.bias.empty() ? 0.0 : p.bias[i]);
     }
     // Group-limited selection.
     if (grouped) {
@@ -137,7 +138,23 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
     // Top-k: descending selection score, ties to the lower expert id.
     tr.order = descending_order(sel);
     std::vector<double> w(static_cast<size_t>(k));
-    if (p.topk_then_softmax) {
+    if (p.sparsemixer_eps > 0) {
+      // PhiMoE sparsemixer (HF modeling_phimoe.py, inference): pick j is the j-th largest
+      // logit m; its weight is exp(0) / sum of exp(L_e - m) over the candidates e (all but
+      // the earlier pick) with (m - L_e) / max(|L_e|, m) <= 2 eps.
+      for (int64_t j = 0; j < 2; ++j) {
+        const double m = L[static_cast<size_t>(tr.order[static_cast<size_t>(j)])];
+        double sum = 0.0;
+        for (int64_t e = 0; e < E; ++e) {
+          const double le = L[static_cast<size_t>(e)];
+          if (j == 1 && e == tr.order[0]) continue;
+          const double factor = std::max(std::fabs(le), m);
+          if ((m - le) / factor > 2.0 * p.sparsemixer_eps) continue;
+          sum += std::exp(le - m);
+        }
+        w[static_cast<size_t>(j)] = 1.0 / sum;
+      }
+    } else if (p.topk_then_softmax) {
       std::vector<double> picked(static_cast<size_t>(k));
       for (int64_t j = 0; j < k; ++j) picked[static_cast<size_t>(j)] = L[static_cast<size_t>(tr.order[static_cast<size_t>(j)])];
       w = softmax(picked);

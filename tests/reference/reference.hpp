@@ -34,6 +34,7 @@ struct TopKParams {
   bool select_on_logits = false;    ///< sel = L + b, weights still the scores
   bool norm_topk_prob = false;      ///< w / (sum w + 1e-20)
   double norm_p = 0.0;              ///< > 0: w / (sum w^p)^(1/p)
+  double sparsemixer_eps = 0.0;     ///< > 0: PhiMoE SparseMixer (k = 2), see reference.cpp
   double routed_scaling_factor = 1.0;
   std::vector<double> bias;         ///< [E] selection-only bias; empty = none
   int64_t n_group = 0;              ///< <= 1: no groups

@@ -22,6 +22,7 @@ inline ref::TopKParams to_ref(const moekit::TopKOptions& o, const std::vector<fl
   p.select_on_logits = o.select_on_logits;
   p.norm_topk_prob = o.norm_topk_prob;
   p.norm_p = o.norm_p;
+  p.sparsemixer_eps = o.sparsemixer_eps;
   p.routed_scaling_factor = o.routed_scaling_factor;
   p.bias.assign(bias.begin(), bias.end());
   p.n_group = o.n_group;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Layer configurations: HF config.json (mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2,
-// deepseek_v3, glm4_moe, granitemoe, dbrx, llama4)
+// deepseek_v3, glm4_moe, granitemoe, dbrx, llama4, ernie4_5_moe, hunyuan_v1_moe)
 // and moekit's own JSON format (docs/config.md). Implemented in src/io/config.cpp.
 #pragma once
 
@@ -55,13 +55,21 @@ struct LayerConfig {
   /// parsed; the family's builder reads it).
   std::string router_json;
   TopKOptions router;            ///< top-k router options; also hidden (d) for every family
-  bool router_bias = false;      ///< reads gate.e_score_correction_bias [E]
+  bool router_bias = false;      ///< reads the selection bias: gate.e_score_correction_bias [E]
+  /// ERNIE 4.5 keeps its selection bias as moe_statics.e_score_correction_bias [1, E].
+  bool router_bias_ernie = false;
+  /// The router weight's name after the block prefix when it is not the layout's
+  /// (router_weight_name): "gate.wg.weight" for hunyuan_v1_moe; empty = the layout's.
+  std::string router_weight;
   /// The routing weight multiplies the expert's input, not its output (Llama 4;
   /// SparseLayer::set_weight_on_input).
   bool weight_on_input = false;
   FfnShape experts;              ///< routed experts' shape
   ExpertNames expert_names = ExpertNames::hf;
   std::optional<SharedExpertConfig> shared;
+  /// moekit configs: `"shared_expert": null` was given (no shared expert, also for families
+  /// that otherwise add one by default, e.g. prototype).
+  bool shared_null = false;
   /// How expert weights (routed and shared) are stored and computed: `experts.dtype` and
   /// `experts.bf16_activations` in moekit configs, `--dtype` on the command line.
   kernels::PackOptions pack;

@@ -90,6 +90,101 @@ inline double load_balancing_loss(const RoutingPlan& plan, std::span<const float
   return hf_mixtral_scale ? loss * static_cast<double>(k) : loss;
 }
 
+namespace detail {
+// Megatron's aux-loss scores over the unpadded tokens of [b, e): adds each token's score
+// distribution to P [E] and its top-k map (ties: lower expert) to C [E]; returns the count.
+inline int64_t megatron_scores(std::span<const float> logits, int64_t E, int64_t k, const Batch& batch, int64_t b,
+                               int64_t en, ScoreFunc score_func, std::vector<double>& P, std::vector<double>& C) {
+  std::vector<double> p(static_cast<size_t>(E));
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  int64_t n = 0;
+  for (int64_t t = b; t < en; ++t) {
+    if (batch.is_padding(t)) continue;
+    ++n;
+    score_distribution(logits.data() + t * E, E, score_func, p.data());
+    for (int64_t e = 0; e < E; ++e) {
+      P[static_cast<size_t>(e)] += p[static_cast<size_t>(e)];
+      order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+    }
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&p](int32_t x, int32_t y) {
+      return p[size_t(x)] > p[size_t(y)] || (p[size_t(x)] == p[size_t(y)] && x < y);
+    });
+    for (int64_t j = 0; j < k; ++j) C[static_cast<size_t>(order[static_cast<size_t>(j)])] += 1.0;
+  }
+  return n;
+}
+// E / (k n^2) * sum_e P_e * C_e (switch_load_balancing_loss_func without the coefficient).
+inline double megatron_switch_loss(const std::vector<double>& P, const std::vector<double>& C, double scale,
+                                   int64_t k, int64_t n) {
+  double sum = 0;
+  for (size_t e = 0; e < P.size(); ++e) sum += P[e] * C[e] * scale;
+  return sum * static_cast<double>(P.size()) / (static_cast<double>(k) * static_cast<double>(n) * static_cast<double>(n));
+}
+}  // namespace detail
+
+/// Megatron-LM's load-balancing losses (moe_utils.py `switch_load_balancing_loss_func` on
+/// `compute_routing_scores_for_aux_loss`), without the coefficient: scores `s = softmax(L)`
+/// or `sigmoid(L) / sum sigmoid(L)`; the loss's routing map is the top k of s per token (ties:
+/// lower expert), not the layer's plan (a bias, groups or drops do not enter it); then
+/// `E / (k N^2) * sum_e (sum_t s_te) * count_e` over a token set of N unpadded tokens.
+/// `aux_loss` (`per_sequence` false): over all unpadded tokens of the call; `seq_aux_loss`
+/// (`per_sequence` true): over each sequence of `batch.sequence_offsets` alone, averaged over
+/// the sequences with a token (Megatron: summed over the batch and divided by its size).
+inline double megatron_aux_loss(std::span<const float> logits, int64_t E, int64_t k, const Batch& batch,
+                                ScoreFunc score_func, bool per_sequence = false) {
+  MOEKIT_CHECK(E >= 1 && k >= 1 && k <= E, "megatron_aux_loss: expected 1 <= k <= E, got k = ", k, ", E = ", E);
+  MOEKIT_CHECK(batch.padding.empty() || static_cast<int64_t>(batch.padding.size()) == batch.tokens,
+               "megatron_aux_loss: Batch.padding expected ", batch.tokens, " entries, got ", batch.padding.size());
+  if (per_sequence) batch.validate(batch.hidden > 0 ? batch.hidden : 1);
+  detail::check_logits(logits, batch.tokens, E, batch, "megatron_aux_loss");
+  std::vector<double> P(static_cast<size_t>(E)), C(static_cast<size_t>(E));
+  const int64_t S = per_sequence ? batch.num_sequences() : 1;
+  double total = 0;
+  int64_t counted = 0;
+  for (int64_t q = 0; q < S; ++q) {
+    const int64_t b = per_sequence ? batch.sequence_begin(q) : 0, en = per_sequence ? batch.sequence_end(q) : batch.tokens;
+    std::fill(P.begin(), P.end(), 0.0);
+    std::fill(C.begin(), C.end(), 0.0);
+    const int64_t n = detail::megatron_scores(logits, E, k, batch, b, en, score_func, P, C);
+    if (n == 0) continue;
+    total += detail::megatron_switch_loss(P, C, 1.0, k, n);
+    ++counted;
+  }
+  return counted == 0 ? 0.0 : total / static_cast<double>(counted);
+}
+
+/// Megatron's `global_aux_loss`: per-expert counts (the top-k map above) accumulated over the
+/// calls since reset(), averaged over them, against this call's scores:
+/// `E / (k N^2) * sum_e (sum_t s_te) * (global_count_e / calls)`.
+class MegatronGlobalAuxLoss {
+ public:
+  /// Adds this call's counts, then returns the loss of this call.
+  double add(std::span<const float> logits, int64_t E, int64_t k, const Batch& batch, ScoreFunc score_func) {
+    MOEKIT_CHECK(E >= 1 && k >= 1 && k <= E, "megatron global aux loss: expected 1 <= k <= E, got k = ", k, ", E = ", E);
+    MOEKIT_CHECK(global_.empty() || static_cast<int64_t>(global_.size()) == E,
+                 "megatron global aux loss: E expected ", global_.size(), " (as in earlier calls), got ", E);
+    MOEKIT_CHECK(batch.padding.empty() || static_cast<int64_t>(batch.padding.size()) == batch.tokens,
+                 "megatron global aux loss: Batch.padding expected ", batch.tokens, " entries, got ", batch.padding.size());
+    detail::check_logits(logits, batch.tokens, E, batch, "megatron global aux loss");
+    global_.resize(static_cast<size_t>(E), 0.0);
+    std::vector<double> P(static_cast<size_t>(E), 0.0);
+    const int64_t n = detail::megatron_scores(logits, E, k, batch, 0, batch.tokens, score_func, P, global_);
+    ++calls_;
+    if (n == 0) return 0.0;
+    return detail::megatron_switch_loss(P, global_, 1.0 / static_cast<double>(calls_), k, n);
+  }
+  /// Forgets the accumulated counts (Megatron: reset_global_aux_loss_tracker, per step).
+  void reset() noexcept {
+    global_.clear();
+    calls_ = 0;
+  }
+  [[nodiscard]] int64_t calls() const noexcept { return calls_; }
+
+ private:
+  std::vector<double> global_;
+  int64_t calls_ = 0;
+};
+
 /// ST-MoE router z-loss `mean_t (logsumexp_j L_tj)^2` over unpadded tokens.
 inline double router_z_loss(std::span<const float> logits, int64_t E, const Batch& batch) {
   MOEKIT_CHECK(E >= 1, "router_z_loss: E expected >= 1, got ", E);
@@ -114,10 +209,17 @@ inline double router_z_loss(std::span<const float> logits, int64_t E, const Batc
   return n == 0 ? 0.0 : sum / static_cast<double>(n);
 }
 
+/// Which slots an aux-loss-free bias update counts as an expert's load.
+enum class BiasLoad {
+  selected,  ///< every slot the router chose, kept or dropped by capacity (DeepSeek-V3)
+  kept,      ///< only the kept slots (Megatron counts its routing map after token dropping)
+};
+
 /// DeepSeek-V3 aux-loss-free balancing: `b_i += u * sign(mean_j load_j - load_i)` with load
-/// the kept slots per expert of `plan`. Returns the updated bias (empty input = zeros).
+/// the slots per expert of `plan` (`load`: selected by default, as DeepSeek-V3). Returns the
+/// updated bias (empty input = zeros).
 inline std::vector<float> update_selection_bias(std::vector<float> bias, const RoutingPlan& plan,
-                                                float u = 1e-3f) {
+                                                float u = 1e-3f, BiasLoad load = BiasLoad::selected) {
   const int64_t E = plan.num_experts();
   MOEKIT_CHECK(plan.finalized(),
                "update_selection_bias: plan expected finalized, got a plan without finalize()");
@@ -126,9 +228,10 @@ inline std::vector<float> update_selection_bias(std::vector<float> bias, const R
   detail::check_finite(bias, "update_selection_bias", "bias");
   MOEKIT_CHECK(std::isfinite(u), "update_selection_bias: u expected finite, got ", u);
   bias.resize(static_cast<size_t>(E), 0.0f);
-  const double mean = static_cast<double>(plan.num_kept()) / static_cast<double>(E);
+  const bool sel = load == BiasLoad::selected;
+  const double mean = static_cast<double>(sel ? plan.num_slots() : plan.num_kept()) / static_cast<double>(E);
   for (int64_t e = 0; e < E; ++e) {
-    const double diff = mean - static_cast<double>(plan.kept_of(e));
+    const double diff = mean - static_cast<double>(plan.kept_of(e) + (sel ? plan.dropped_of(e) : 0));
     bias[static_cast<size_t>(e)] += u * static_cast<float>((diff > 0) - (diff < 0));
   }
   return bias;

@@ -29,10 +29,18 @@
 
 namespace moekit {
 
-/// Capacity of a sequence of `tokens` unpadded tokens: `ceil(ratio * tokens)` in double,
-/// clamped to [0, tokens] (ROUTING.md section 5).
+/// `x` moved to the nearest integer when it lies within 1e-9 of it: capacities must not be
+/// moved by floating-point error (ROUTING.md section 5: (1 - 0.7) * 10 is 3.0000000000000004
+/// in double, whose ceiling would keep 4 tokens instead of 3).
+[[nodiscard]] inline double snap_integer(double x) noexcept {
+  const double r = std::nearbyint(x);
+  return std::fabs(x - r) <= 1e-9 ? r : x;
+}
+
+/// Capacity of a sequence of `tokens` unpadded tokens: `ceil(ratio * tokens)` in double after
+/// snap_integer(), clamped to [0, tokens] (ROUTING.md section 5).
 [[nodiscard]] inline int64_t depth_capacity(double ratio, int64_t tokens) noexcept {
-  const double c = std::ceil(ratio * static_cast<double>(tokens));
+  const double c = std::ceil(snap_integer(ratio * static_cast<double>(tokens)));
   if (!(c > 0)) return 0;  // also NaN: clamped in double, never an out-of-range cast
   if (!(c < static_cast<double>(tokens))) return std::max<int64_t>(tokens, 0);
   return static_cast<int64_t>(c);
@@ -147,6 +155,9 @@ struct MoDOptions {
   double alpha = 1.0;  ///< scale of the tanh activation
   MoDMode mode = MoDMode::capacity;
   double threshold = 0.5;  ///< on sigmoid(r) / sigmoid(aux . x) (threshold modes)
+  /// aux_predictor: 0 = the predictor is one row `a . x` (`router.aux.weight [1, d]`); h > 0 =
+  /// the MoD paper's MLP `w2 . relu(W1 x + b1) + b2` with h hidden units (MoDAuxMlp).
+  int64_t aux_hidden = 0;
 
   void validate() const {
     MOEKIT_CHECK(hidden >= 1, "mod router: hidden size (d) expected >= 1, got ", hidden);
@@ -163,7 +174,20 @@ struct MoDOptions {
         static_cast<int>(mode));
     MOEKIT_CHECK(threshold > 0 && threshold < 1, "mod router: threshold expected in (0, 1), got ",
                  threshold);
+    MOEKIT_CHECK(aux_hidden >= 0 && aux_hidden <= (int64_t{1} << 20),
+                 "mod router: aux_hidden expected in [0, 2^20] (0 = one linear row), got ", aux_hidden);
+    MOEKIT_CHECK(aux_hidden == 0 || mode == MoDMode::aux_predictor,
+                 "mod router: aux_hidden expected 0 unless mode is aux_predictor, got ", aux_hidden);
   }
+};
+
+/// The MoD paper's auxiliary predictor MLP (arXiv 2404.02258 section 3.5: `Linear(d, h) ->
+/// ReLU -> Linear(h, 1)`, PyTorch nn.Sequential names `router.aux.0.*`, `router.aux.2.*`).
+struct MoDAuxMlp {
+  std::vector<float> w1;  ///< [h, d] (`router.aux.0.weight`)
+  std::vector<float> b1;  ///< [h] (`router.aux.0.bias`)
+  std::vector<float> w2;  ///< [1, h] (`router.aux.2.weight`)
+  std::vector<float> b2;  ///< [1] (`router.aux.2.bias`)
 };
 
 /// Mixture-of-Depths router (arXiv 2404.02258): `r_t = w . x_t` (`router.weight [1, d]`);
@@ -176,6 +200,28 @@ class MoDRouter {
   MoDRouter(MoDOptions options, std::vector<float> weight, std::vector<float> aux_weight = {})
       : opt_(options), w_(std::move(weight)), aux_(std::move(aux_weight)) {
     opt_.validate();
+    MOEKIT_CHECK(opt_.aux_hidden == 0, "mod router: aux_hidden ", opt_.aux_hidden,
+                 " needs the MLP predictor (the MoDAuxMlp constructor), got one row");
+    check();
+  }
+  /// Mode aux_predictor with the MLP predictor of `options.aux_hidden` units.
+  MoDRouter(MoDOptions options, std::vector<float> weight, MoDAuxMlp mlp)
+      : opt_(options), w_(std::move(weight)), mlp_(std::move(mlp)) {
+    opt_.validate();
+    MOEKIT_CHECK(opt_.mode == MoDMode::aux_predictor && opt_.aux_hidden > 0,
+                 "mod router: an MLP predictor expected with mode aux_predictor and aux_hidden > 0, got aux_hidden ",
+                 opt_.aux_hidden);
+    const auto h = static_cast<size_t>(opt_.aux_hidden);
+    detail::depth::check_weight(w_, 1, opt_.hidden, "mod router", "router.weight");
+    detail::depth::check_weight(mlp_.w1, opt_.aux_hidden, opt_.hidden, "mod router", "router.aux.0.weight");
+    detail::depth::check_weight(mlp_.b1, 1, opt_.aux_hidden, "mod router", "router.aux.0.bias");
+    detail::depth::check_weight(mlp_.w2, 1, opt_.aux_hidden, "mod router", "router.aux.2.weight");
+    detail::depth::check_weight(mlp_.b2, 1, 1, "mod router", "router.aux.2.bias");
+    (void)h;
+  }
+
+ private:
+  void check() const {
     detail::depth::check_weight(w_, 1, opt_.hidden, "mod router", "router.weight");
     if (opt_.mode == MoDMode::aux_predictor) {
       detail::depth::check_weight(aux_, 1, opt_.hidden, "mod router",
@@ -187,14 +233,18 @@ class MoDRouter {
     }
   }
 
+ public:
+
   [[nodiscard]] int64_t num_experts() const noexcept { return 1; }
   [[nodiscard]] int64_t hidden_size() const noexcept { return opt_.hidden; }
   [[nodiscard]] const MoDOptions& options() const noexcept { return opt_; }
   [[nodiscard]] const std::vector<float>& weight() const noexcept { return w_; }
   [[nodiscard]] const std::vector<float>& aux_weight() const noexcept { return aux_; }
+  [[nodiscard]] const MoDAuxMlp& aux_mlp() const noexcept { return mlp_; }
   /// Router FLOPs per unpadded token.
   [[nodiscard]] double flops_per_token() const noexcept {
-    return 2.0 * static_cast<double>(opt_.hidden) * (aux_.empty() ? 1.0 : 2.0);
+    const double d = static_cast<double>(opt_.hidden), h = static_cast<double>(opt_.aux_hidden);
+    return 2.0 * d * (aux_.empty() ? 1.0 : 2.0) + 2.0 * h * (d + 1.0);
   }
 
   /// The weight on f(x_t) for router logit r.
@@ -221,9 +271,10 @@ class MoDRouter {
     const int nt = detail::resolve_threads(threads);
     detail::depth::scalar_logits(batch, hidden, w_, 1, scratch.logits, nt, "mod router",
                                  "router.weight");
-    if (opt_.mode == MoDMode::aux_predictor)
+    if (opt_.mode == MoDMode::aux_predictor && opt_.aux_hidden == 0)
       detail::depth::scalar_logits(batch, hidden, aux_, 1, scratch.buffer, nt, "mod router",
                                    "router.aux.weight");
+    if (opt_.aux_hidden > 0) aux_mlp_logits(batch, hidden, scratch.buffer, scratch.values, nt);
     scratch.values.resize(static_cast<size_t>(T));
     scratch.index.resize(static_cast<size_t>(2 * T));
     int32_t* mask = scratch.index.data();
@@ -248,9 +299,34 @@ class MoDRouter {
   }
 
  private:
+  // The MLP predictor's logit per token into `out [T]` (0 for padding): h = W1 x (fixed order)
+  // + b1, relu, then w2 . h + b2 summed in unit order. `hid` holds nt * h floats of scratch.
+  void aux_mlp_logits(const Batch& batch, const float* hidden, std::vector<float>& out, std::vector<float>& hid,
+                      int nt) const {
+    const int64_t T = batch.tokens, d = opt_.hidden, h = opt_.aux_hidden;
+    out.resize(static_cast<size_t>(T));
+    hid.resize(static_cast<size_t>(h) * static_cast<size_t>(nt));
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T * h * d >= (int64_t{1} << 19))
+    for (int64_t t = 0; t < T; ++t) {
+      if (batch.is_padding(t)) {
+        out[static_cast<size_t>(t)] = 0.0f;
+        continue;
+      }
+      float* u = hid.data() + static_cast<int64_t>(omp_get_thread_num()) * h;
+      kernels::matvec_rows(hidden + t * d, mlp_.w1.data(), h, d, u);
+      float a = mlp_.b2[0];
+      for (int64_t j = 0; j < h; ++j) a += mlp_.w2[static_cast<size_t>(j)] * std::max(0.0f, u[j] + mlp_.b1[static_cast<size_t>(j)]);
+      out[static_cast<size_t>(t)] = a;
+    }
+    if (const int64_t i = kernels::first_non_finite(out.data(), T); i >= 0)
+      detail::fail("mod router: aux predictor logit of token ", i, " expected finite, got ", out[static_cast<size_t>(i)],
+                   " (NaN or Inf in hidden_states or router.aux.*, or an overflow)");
+  }
+
   MoDOptions opt_;
   std::vector<float> w_;
   std::vector<float> aux_;
+  MoDAuxMlp mlp_;
 };
 
 static_assert(Router<MoDRouter>);

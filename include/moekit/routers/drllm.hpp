@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
@@ -32,12 +33,19 @@ struct DrLlmOptions {
   int64_t hidden = 0;        ///< d
   int64_t bottleneck = 128;  ///< width of the router MLP (`router.0.weight` is [bottleneck, d])
   int64_t windows = 8;  ///< at most this many pooling windows per sequence (W = min(windows, T_s))
+  /// The official code's `router_penalty` p in [-1, 1] (`continuous_router_decision`): the
+  /// action is the argmax of softmax(z) blended with fixed choices (p <= -0.5: skip and router,
+  /// up to 0.5: router and execute, above: execute and repeat). Unset: argmax z (the router
+  /// alone, what p = -0.5 gives). The released code sets 0.5: always execute.
+  std::optional<double> router_penalty{};
 
   /// Throws moekit::error naming the first invalid parameter.
   void validate() const {
     MOEKIT_CHECK(hidden >= 1, "drllm router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(bottleneck >= 1, "drllm router: bottleneck expected >= 1, got ", bottleneck);
     MOEKIT_CHECK(windows >= 1, "drllm router: windows expected >= 1, got ", windows);
+    MOEKIT_CHECK(!router_penalty || (std::isfinite(*router_penalty) && *router_penalty >= -1 && *router_penalty <= 1),
+                 "drllm router: router_penalty expected in [-1, 1], got ", router_penalty.value_or(0.0));
   }
 };
 
@@ -182,13 +190,41 @@ class DrLlmRouter {
       int32_t best = 0;
       if (W > 0) {
         for (int64_t a = 0; a < 3; ++a) mz[a] /= static_cast<float>(W);
-        for (int32_t a = 1; a < 3; ++a)
-          if (mz[a] > mz[best]) best = a;
+        best = opt_.router_penalty ? penalised_action(mz, *opt_.router_penalty) : argmax3(mz);
       }
       idx[static_cast<size_t>(s)] = best;
     }
     fill_values(batch, std::span<const int32_t>(idx.data(), static_cast<size_t>(S)),
                 scratch.values);
+  }
+
+  /// The first of the largest of three values.
+  static int32_t argmax3(const float* v) noexcept {
+    int32_t best = 0;
+    for (int32_t a = 1; a < 3; ++a)
+      if (v[a] > v[best]) best = a;
+    return best;
+  }
+
+  /// The official `continuous_router_decision(z, p)` (deterministic), in f32: softmax of z
+  /// blended with one-hot choices, argmax (first of equals).
+  static int32_t penalised_action(const float* z, double p) noexcept {
+    const float m = std::max({z[0], z[1], z[2]});
+    float r[3], sum = 0.0f;
+    for (int a = 0; a < 3; ++a) sum += (r[a] = std::exp(z[a] - m));
+    for (float& v : r) v /= sum;
+    float f[3];
+    if (p <= -0.5) {
+      const auto t = static_cast<float>((p + 1.0) / 0.5);
+      for (int a = 0; a < 3; ++a) f[a] = (1 - t) * (a == 0 ? 1.0f : 0.0f) + t * r[a];
+    } else if (p <= 0.5) {
+      const auto t = static_cast<float>((p + 0.5) / 1.0);
+      for (int a = 0; a < 3; ++a) f[a] = (1 - t) * r[a] + t * (a == 1 ? 1.0f : 0.0f);
+    } else {
+      const auto t = static_cast<float>((p - 0.5) / 0.5);
+      for (int a = 0; a < 3; ++a) f[a] = (1 - t) * (a == 1 ? 1.0f : 0.0f) + t * (a == 2 ? 1.0f : 0.0f);
+    }
+    return argmax3(f);
   }
 
   /// Decides and writes the first-pass plan (E = 1; tokens of executing and repeating

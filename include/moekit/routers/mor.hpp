@@ -22,6 +22,7 @@
 #include "moekit/kernels/vector.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/router.hpp"
+#include "moekit/routers/depth.hpp"
 #include "moekit/routing_plan.hpp"
 
 namespace moekit {
@@ -72,14 +73,15 @@ struct MoROptions {
 
   /// Tokens chosen at recursion r in a sequence of `length` unpadded tokens, before the cap
   /// by the candidates: max(1, floor(cf_r * length)), 0 for an empty sequence. The default
-  /// cf_r = (N_r - r) / N_r is evaluated exactly in integers; given factors in double.
+  /// cf_r = (N_r - r) / N_r is evaluated exactly in integers; given factors in double, the
+  /// product snapped to an integer within 1e-9 (snap_integer).
   [[nodiscard]] int64_t capacity(int64_t r, int64_t length) const noexcept {
     if (length <= 0) return 0;
     const int64_t c =
         capacity_factors.empty()
             ? (num_recursions - r) * length / num_recursions
-            : static_cast<int64_t>(std::floor(capacity_factors[static_cast<size_t>(r)] *
-                                              static_cast<double>(length)));
+            : static_cast<int64_t>(std::floor(snap_integer(capacity_factors[static_cast<size_t>(r)] *
+                                                           static_cast<double>(length))));
     return std::max<int64_t>(1, c);
   }
 };

@@ -48,7 +48,14 @@ enum class SinkhornWeightMode {
 };
 
 /// Parameters of the Sinkhorn router (ROUTING.md section 2). Field names are the JSON keys.
+/// When the Sinkhorn iterations run. `always`: at every route (moekit's default, the SSR
+/// wrapper, users who want balanced inference routing). `megatron`: as Megatron-LM's router
+/// (`sinkhorn_load_balancing`) does at inference, where Sinkhorn runs only in training: the
+/// top k of sigmoid(L) (k = 1) or softmax(L) (k > 1), weighted by those scores.
+enum class SinkhornMode { always, megatron };
+
 struct SinkhornOptions {
+  SinkhornMode mode = SinkhornMode::always;
   int64_t num_experts = 0;  ///< E
   int64_t k = 0;            ///< experts per token
   int64_t hidden = 0;       ///< d
@@ -79,6 +86,8 @@ struct SinkhornOptions {
     MOEKIT_CHECK(k >= 1 && k <= num_experts, "sinkhorn router: k expected in [1, E = ", num_experts,
                  "], got ", k);
     MOEKIT_CHECK(hidden >= 1, "sinkhorn router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(mode == SinkhornMode::always || mode == SinkhornMode::megatron,
+                 "sinkhorn router: mode expected always or megatron, got ", static_cast<int>(mode));
     MOEKIT_CHECK(max_iters >= 1, "sinkhorn router: max_iters expected >= 1, got ", max_iters);
     MOEKIT_CHECK(std::isfinite(tolerance) && tolerance >= 0,
                  "sinkhorn router: tolerance expected finite and >= 0, got ", tolerance);
@@ -132,6 +141,17 @@ class SinkhornRouter {
     opt_.validate();
     detail::check_weight(weight_, "sinkhorn router", "gate.weight",
                          static_cast<size_t>(opt_.num_experts), static_cast<size_t>(opt_.hidden));
+    if (opt_.mode == SinkhornMode::megatron) inference_.emplace(megatron_inference(opt_), weight_);
+  }
+
+  /// The top-k options Megatron routes a Sinkhorn-trained layer with at inference.
+  [[nodiscard]] static TopKOptions megatron_inference(const SinkhornOptions& o) {
+    TopKOptions t;
+    t.num_experts = o.num_experts;
+    t.k = o.k;
+    t.hidden = o.hidden;
+    t.score_func = o.k == 1 ? ScoreFunc::sigmoid : ScoreFunc::softmax;
+    return t;
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return opt_.num_experts; }
@@ -146,7 +166,8 @@ class SinkhornRouter {
     return 2.0 * static_cast<double>(opt_.num_experts) * static_cast<double>(opt_.hidden);
   }
 
-  /// The `[T, E]` log transport plan of the last route() with this scratch (padded rows -inf).
+  /// The `[T, E]` log transport plan of the last route() with this scratch (padded rows -inf);
+  /// empty in SinkhornMode::megatron.
   [[nodiscard]] static std::span<const float> log_plan(const RouterScratch& scratch) noexcept {
     return scratch.values;
   }
@@ -157,6 +178,13 @@ class SinkhornRouter {
              int threads = 0) const {
     using detail::sinkhorn::kNegInf;
     using kernels::kRowLanes;
+    if (inference_) {  // SinkhornMode::megatron: no iterations at inference
+      inference_->route(batch, hidden, plan, scratch, threads);
+      scratch.values.clear();  // no transport plan: log_plan() is empty
+      scratch.iterations = 0;
+      scratch.error = 0.0;
+      return;
+    }
     batch.validate(opt_.hidden);
     const int64_t T = batch.tokens, E = opt_.num_experts, d = opt_.hidden, k = opt_.k;
     MOEKIT_CHECK(T == 0 || hidden != nullptr,
@@ -320,6 +348,7 @@ class SinkhornRouter {
  private:
   SinkhornOptions opt_;
   std::vector<float> weight_;
+  std::optional<TopKRouter> inference_;  // SinkhornMode::megatron
 };
 
 static_assert(Router<SinkhornRouter>);

@@ -67,6 +67,11 @@ struct TopKOptions {
   DropPolicy drop_policy = DropPolicy::score;
   /// After dropping, rescale each token's surviving weights to sum to routed_scaling_factor.
   bool renormalize_after_drop = false;
+  /// If > 0: PhiMoE's SparseMixer selection at inference (k = 2 only), with this jitter eps
+  /// (`router_jitter_noise`): expert 1 is the largest logit, weighted by the softmax over the
+  /// logits within a relative 2 eps of it; expert 2 the largest of the others, weighted by the
+  /// softmax over the others within 2 eps of it (ROUTING.md; docs/routers.md).
+  double sparsemixer_eps = 0.0;
   TrainingNoise noise = TrainingNoise::none;
   float noise_eps = 1e-2f;   ///< jitter half-width
   uint64_t noise_seed = 0;   ///< noise is a pure function of (seed, token, index)
@@ -124,6 +129,12 @@ struct TopKOptions {
                      noise == TrainingNoise::noisy_topk,
                  "topk router: noise expected none, jitter or noisy_topk, got ",
                  static_cast<int>(noise));
+    MOEKIT_CHECK(std::isfinite(sparsemixer_eps) && sparsemixer_eps >= 0,
+                 "topk router: sparsemixer_eps expected finite and >= 0 (0 = off), got ", sparsemixer_eps);
+    MOEKIT_CHECK(sparsemixer_eps == 0 || (k == 2 && !grouped() && !topk_then_softmax && !select_on_logits &&
+                                          !norm_topk_prob && norm_p == 0),
+                 "topk router: sparsemixer_eps (PhiMoE's SparseMixer) expected with k = 2 and without groups, "
+                 "topk_then_softmax, select_on_logits, norm_topk_prob or norm_p; got k = ", k);
     MOEKIT_CHECK(std::isfinite(noise_eps) && noise_eps >= 0 && noise_eps < 1,
                  "topk router: noise_eps expected in [0, 1), got ", noise_eps);
   }
@@ -173,6 +184,8 @@ class TopKRouter {
     const auto E = static_cast<size_t>(opt_.num_experts), d = static_cast<size_t>(opt_.hidden);
     detail::check_weight(weight_, "topk router", "gate.weight", E, d);
     if (!bias_.empty()) detail::check_weight(bias_, "topk router", "e_score_correction_bias", E);
+    MOEKIT_CHECK(bias_.empty() || opt_.sparsemixer_eps == 0,
+                 "topk router: a selection bias expected empty with sparsemixer_eps, got ", bias_.size(), " values");
     if (opt_.noise == TrainingNoise::noisy_topk) {
       MOEKIT_CHECK(noise_weight_.size() == E * d, "topk router: noisy_topk needs a noise weight [",
                    E, ", ", d, "], got ", noise_weight_.size(), " values");
@@ -280,6 +293,12 @@ class TopKRouter {
   /// `buf` holds 3E + n_group floats, `idx` E + n_group ints.
   void route_token(const float* L, float* buf, int32_t* idx, int32_t* ids, float* w) const noexcept {
     const int64_t E = opt_.num_experts, k = opt_.k;
+    if (opt_.sparsemixer_eps > 0) {
+      sparsemixer(L, ids, w);
+      if (opt_.routed_scaling_factor != 1.0f)
+        for (int64_t j = 0; j < k; ++j) w[j] *= opt_.routed_scaling_factor;
+      return;
+    }
     float* score = buf;     // weight score
     float* sel = buf + E;   // selection score
     if (opt_.topk_then_softmax) {
@@ -336,6 +355,31 @@ class TopKRouter {
   }
 
  private:
+  // PhiMoE's sparsemixer at inference (HF modeling_phimoe.py, training = False), in f32: for
+  // each of the two picks, the largest logit m of the candidates (ties: lower id), then the
+  // softmax over the candidates e with (m - L_e) / max(|L_e|, m) <= 2 eps, read at the pick.
+  // The second pick's candidates exclude the first; its threshold still divides by
+  // max(|L_e|, m) of the original logits.
+  void sparsemixer(const float* L, int32_t* ids, float* w) const noexcept {
+    const int64_t E = opt_.num_experts;
+    const auto eps2 = static_cast<float>(2.0 * opt_.sparsemixer_eps);
+    int64_t first = -1;
+    for (int j = 0; j < 2; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (e != first && (best < 0 || L[e] > L[best])) best = e;
+      const float m = L[best];
+      float sum = 0.0f;
+      for (int64_t e = 0; e < E; ++e) {  // softmax over the kept candidates (max subtracted)
+        if (e == first || (m - L[e]) / std::max(std::fabs(L[e]), m) > eps2) continue;
+        sum += std::exp(L[e] - m);
+      }
+      ids[j] = static_cast<int32_t>(best);
+      w[j] = 1.0f / sum;  // exp(m - m) / sum
+      first = best;
+    }
+  }
+
   // Keeps the topk_group best groups (group score: opt_.group_score over the selection
   // scores; ties to the lower group) and sets the others to -inf. `tmp` holds E / n_group
   // floats (topk_sum).
