@@ -11,6 +11,7 @@
 
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
+#include "moekit/io/model.hpp"
 
 namespace {
 
@@ -318,6 +319,21 @@ TEST(ConfigMoekit, PrototypeSharedExpert) {
   const double none = bytes(R"(, "shared_expert": null})"), dflt = bytes("}"), six = bytes(R"(, "shared_expert": {"intermediate_size": 6}})");
   EXPECT_LT(none, dflt);
   EXPECT_LT(dflt, six);
+}
+
+TEST(ConfigMoekit, ResidualCoefficient) {
+  const std::string head = R"({"moekit_config_version": 1, "preset": "mixtral", "hidden_size": 8,
+      "experts": {"intermediate_size": 4}, "shared_expert": {"intermediate_size": 6)";
+  auto c = parse_layer_config(head + R"(, "residual_coefficient": true}})");
+  ASSERT_TRUE(c.shared); EXPECT_TRUE(c.shared->residual_coefficient); EXPECT_FALSE(c.shared->gated);
+  // The built layer holds the [2, d] coefficient and its bias.
+  const double with = moekit::random_any_layer(c, 1)->resident_bytes();
+  const double without = moekit::random_any_layer(parse_layer_config(head + "}}"), 1)->resident_bytes();
+  EXPECT_DOUBLE_EQ(with - without, 4.0 * (2 * 8 + 2));
+  EXPECT_DOUBLE_EQ(moekit::layer_weight_bytes(c) - moekit::layer_weight_bytes(parse_layer_config(head + "}}")),
+                   4.0 * (2 * 8 + 2));
+  expect_error(head + R"(, "residual_coefficient": true, "gated": true}})",
+               "residual_coefficient: expected false with gated");
 }
 
 TEST(ConfigMoekit, SinkhornModes) {

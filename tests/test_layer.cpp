@@ -95,6 +95,7 @@ void load(FfnBank& bank, int64_t e, const ref::Ffn& f) {
 struct SharedSpec {
   int64_t intermediate;
   bool gated;
+  bool residual = false;  // DeepSpeed PR-MoE coefficient
 };
 
 // What a layer is made of: router options, expert shape, shared experts.
@@ -133,9 +134,13 @@ Built build(LayerSpec spec, Rng& rng, double logit_std = 2.0) {
     ref::Shared rs;
     rs.ffn = random_ffn(rng, d, s.intermediate, spec.shape.gated, spec.shape.act);
     if (s.gated) rs.gate = rng.vec(static_cast<size_t>(d), std::sqrt(3.0 / double(d)));
+    if (s.residual) {
+      rs.coefficient = rng.vec(static_cast<size_t>(2 * d), 2.0 * std::sqrt(3.0 / double(d)));
+      rs.coefficient_bias = rng.vec(2, 0.5);
+    }
     FfnShape sh = spec.shape;
     sh.intermediate = s.intermediate;
-    moekit::SharedExpert se{FfnBank(1, sh), rs.gate};
+    moekit::SharedExpert se{FfnBank(1, sh), rs.gate, rs.coefficient, rs.coefficient_bias};
     load(se.ffn, 0, rs.ffn);
     shared.push_back(std::move(se));
     b.shared.push_back(std::move(rs));
@@ -227,6 +232,7 @@ LayerSpec random_spec(Rng& rng, const Knobs& kn = {}) {
   if (rng.coin(kn.p_shared)) {
     const int64_t n = rng.integer(1, 2);
     for (int64_t j = 0; j < n; ++j) s.shared.push_back({rng.integer(1, 80), rng.coin(0.5)});
+    if (!s.shared[0].gated && rng.coin(0.5)) s.shared[0].residual = true;
   }
   return s;
 }
@@ -792,6 +798,16 @@ TEST(LayerErrors, MismatchedPartsThrow) {
   expect_error([&] { Layer l(TopKRouter(o, W), FfnBank(4, sh), bad_gate); }, "gate");
   std::vector<moekit::SharedExpert> two{{FfnBank(2, sh), {}}};
   expect_error([&] { Layer l(TopKRouter(o, W), FfnBank(4, sh), two); }, "one-expert");
+  // PR-MoE residual coefficient: [2, d] and [2], no gate, at most one per layer.
+  const std::vector<float> c16(16, 0.1f), c2(2, 0.0f);
+  std::vector<moekit::SharedExpert> short_coef{{FfnBank(1, sh), {}, std::vector<float>(15, 0.1f), c2}};
+  expect_error([&] { Layer l(TopKRouter(o, W), FfnBank(4, sh), short_coef); }, "residual coefficient expected [2, 8]");
+  std::vector<moekit::SharedExpert> gated_coef{{FfnBank(1, sh), std::vector<float>(8, 0.1f), c16, c2}};
+  expect_error([&] { Layer l(TopKRouter(o, W), FfnBank(4, sh), gated_coef); }, "a residual coefficient and a gate");
+  std::vector<moekit::SharedExpert> both;
+  both.push_back({FfnBank(1, sh), {}, c16, c2});
+  both.push_back({FfnBank(1, sh), {}, c16, c2});
+  expect_error([&] { Layer l(TopKRouter(o, W), FfnBank(4, sh), both); }, "both have a residual coefficient");
 }
 
 }  // namespace

@@ -95,6 +95,19 @@ class SparseLayer {
                    "SparseLayer: shared expert ", j, " gate expected [", hidden_size(), "], got ",
                    shared_[j].gate.size(), " values");
       detail::check_finite(shared_[j].gate, "SparseLayer", "shared expert gate");
+      if (shared_[j].coefficient.empty() && shared_[j].coefficient_bias.empty()) continue;
+      MOEKIT_CHECK(residual_ < 0, "SparseLayer: shared experts ", residual_, " and ", j,
+                   " both have a residual coefficient, expected at most one");
+      MOEKIT_CHECK(shared_[j].gate.empty(), "SparseLayer: shared expert ", j,
+                   " has a residual coefficient and a gate, expected one of them");
+      MOEKIT_CHECK(static_cast<int64_t>(shared_[j].coefficient.size()) == 2 * hidden_size() &&
+                       shared_[j].coefficient_bias.size() == 2,
+                   "SparseLayer: shared expert ", j, " residual coefficient expected [2, ", hidden_size(),
+                   "] and bias [2], got ", shared_[j].coefficient.size(), " and ", shared_[j].coefficient_bias.size(),
+                   " values");
+      detail::check_finite(shared_[j].coefficient, "SparseLayer", "residual coefficient.weight");
+      detail::check_finite(shared_[j].coefficient_bias, "SparseLayer", "residual coefficient.bias");
+      residual_ = static_cast<int64_t>(j);
     }
   }
 
@@ -293,17 +306,29 @@ class SparseLayer {
       const size_t base = width * static_cast<size_t>(omp_get_thread_num());
       const float** rows = ws.combine_rows.data() + base;
       float* w = ws.combine_weights.data() + base;
+      // PR-MoE's residual coefficient c = softmax(W_c x + b_c): c_0 on every routed slot,
+      // c_1 on its shared expert.
+      float c0 = 1.0f, c1 = 1.0f;
+      if (residual_ >= 0) {
+        const SharedExpert& se = shared_[static_cast<size_t>(residual_)];
+        const float z0 = kernels::dot(hidden + t * d, se.coefficient.data(), d) + se.coefficient_bias[0];
+        const float z1 = kernels::dot(hidden + t * d, se.coefficient.data() + d, d) + se.coefficient_bias[1];
+        const float m = std::max(z0, z1), e0 = std::exp(z0 - m), e1 = std::exp(z1 - m);
+        c0 = e0 / (e0 + e1);
+        c1 = e1 / (e0 + e1);
+      }
       int64_t n = 0;
       for (int32_t s = slot_offsets[static_cast<size_t>(t)]; s < slot_offsets[static_cast<size_t>(t) + 1]; ++s) {
         const int32_t p = pos[static_cast<size_t>(s)];
         if (p < 0) continue;  // dropped: contributes nothing
         rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
-        w[n++] = weight_on_input_ ? 1.0f : weight[static_cast<size_t>(s)];
+        w[n++] = (weight_on_input_ ? 1.0f : weight[static_cast<size_t>(s)]) * c0;
       }
       const int64_t r = padded ? ws.row_of_token[static_cast<size_t>(t)] : t;
       for (size_t j = 0; j < shared_.size(); ++j) {
         rows[n] = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + r) * d;
-        w[n++] = shared_[j].gate.empty()
+        w[n++] = static_cast<int64_t>(j) == residual_ ? c1
+                 : shared_[j].gate.empty()
                      ? 1.0f
                      : 1.0f / (1.0f + std::exp(-kernels::dot(hidden + t * d, shared_[j].gate.data(), d)));
       }
@@ -452,6 +477,7 @@ class SparseLayer {
   std::vector<SharedExpert> shared_;
   bool split_enabled_ = true;
   bool weight_on_input_ = false;
+  int64_t residual_ = -1;  // the shared expert with PR-MoE's residual coefficient, or -1
   bool check_finite_ = true;
   NonFiniteOutput non_finite_output_ = NonFiniteOutput::error;
 };

@@ -177,7 +177,7 @@ double shared_expert_bytes(const LayerConfig& c) {
   const double d = static_cast<double>(c.hidden());
   return (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate) *
              static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0 +
-         (c.shared->gated ? 4.0 * d : 0.0);
+         (c.shared->gated ? 4.0 * d : 0.0) + (c.shared->residual_coefficient ? 4.0 * (2.0 * d + 2.0) : 0.0);
 }
 
 std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorSource* weights,
@@ -189,6 +189,11 @@ std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorS
   if (c.shared->gated)
     se.gate = tensor_or_random(weights, prefix + "shared_expert_gate.weight", {1, c.hidden()}, seed,
                                1.0 / std::sqrt(static_cast<double>(c.hidden())));
+  if (c.shared->residual_coefficient) {  // DeepSpeed PR-MoE: nn.Linear(d, 2) `coefficient`
+    se.coefficient = tensor_or_random(weights, prefix + "coefficient.weight", {2, c.hidden()}, seed,
+                                      1.0 / std::sqrt(static_cast<double>(c.hidden())));
+    se.coefficient_bias = tensor_or_random(weights, prefix + "coefficient.bias", {2}, seed, 0.1);
+  }
   out.push_back(std::move(se));
   return out;
 }

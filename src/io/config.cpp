@@ -565,6 +565,9 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
     MOEKIT_CHECK(!promoe || !s.gated, rs.where(),
                  ".gated: expected false for the prototype router (ProMoE's shared expert has no gate), got true");
     s.names = rs.string("names", s.names.empty() ? (s.gated || promoe ? "shared_expert." : "shared_experts.") : s.names);
+    s.residual_coefficient = rs.boolean("residual_coefficient", s.residual_coefficient);
+    MOEKIT_CHECK(!s.residual_coefficient || !s.gated, rs.where(),
+                 ".residual_coefficient: expected false with gated (PR-MoE's coefficient replaces the gate), got true");
     MOEKIT_CHECK(!s.names.empty() && s.names.back() == '.', rs.where(), ".names: expected a tensor prefix ending in '.', got \"", s.names, "\"");
     rs.reject_unknown();
     c.shared = s;

@@ -139,7 +139,9 @@ inline std::vector<NamedTensor> topk_outputs(const RoutingPlan& plan, int64_t k)
 /// Resident bytes of a bank (as packed) plus shared experts plus `router_values` f32 router weights.
 inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExpert>& shared, double router_values) {
   double b = static_cast<double>(bank.num_experts()) * bank.weight_bytes_per_expert() + 4.0 * router_values;
-  for (const SharedExpert& s : shared) b += s.ffn.weight_bytes_per_expert() + 4.0 * static_cast<double>(s.gate.size());
+  for (const SharedExpert& s : shared)
+    b += s.ffn.weight_bytes_per_expert() +
+         4.0 * static_cast<double>(s.gate.size() + s.coefficient.size() + s.coefficient_bias.size());
   return b;
 }
 

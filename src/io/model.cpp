@@ -48,7 +48,8 @@ double layer_weight_bytes(const LayerConfig& c) {
     return f->weight_bytes(c.router_json.empty() ? nlohmann::json::object() : nlohmann::json::parse(c.router_json), c);
   }
   const double d = static_cast<double>(c.hidden());
-  const double router = static_cast<double>(c.router.num_experts) * d + (c.shared && c.shared->gated ? d : 0.0);
+  const double router = static_cast<double>(c.router.num_experts) * d + (c.shared && c.shared->gated ? d : 0.0) +
+                        (c.shared && c.shared->residual_coefficient ? 2.0 * d + 2.0 : 0.0);
   double experts = static_cast<double>(c.router.num_experts) * static_cast<double>(detail::routed_shape(c).weights_per_expert());
   if (c.shared) experts += (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate);
   return 4.0 * router + static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0 * experts;

@@ -309,6 +309,18 @@ std::vector<double> moe_forward(const Routing& r, const ExpertFn& experts, const
     if (tr.padded) continue;
     std::vector<double> xt(x + t * d, x + (t + 1) * d);
     double* yt = y.data() + t * d;
+    // PR-MoE: the routed part is scaled by c_0 (computed here), the residual expert by c_1.
+    double c0 = 1.0, c1 = 1.0;
+    for (const Shared& sh : shared) {
+      if (sh.coefficient.empty()) continue;
+      const double z0 = dot(x + t * d, sh.coefficient.data(), d) + sh.coefficient_bias[0];
+      const double z1 = dot(x + t * d, sh.coefficient.data() + d, d) + sh.coefficient_bias[1];
+      const double m = std::max(z0, z1);
+      c0 = std::exp(z0 - m) / (std::exp(z0 - m) + std::exp(z1 - m));
+      c1 = 1.0 - c0;
+    }
+    std::vector<double> routed(static_cast<size_t>(d), 0.0);
+    double* yr = routed.data();
     for (const Slot& s : tr.slots) {
       if (s.dropped) continue;
       if (weight_on_input) {
@@ -316,14 +328,15 @@ std::vector<double> moe_forward(const Routing& r, const ExpertFn& experts, const
         for (int64_t i = 0; i < d; ++i)
           xs[static_cast<size_t>(i)] = static_cast<float>(static_cast<float>(s.weight) * x[t * d + i]);
         const std::vector<double> o = experts(s.expert, xs);
-        for (int64_t i = 0; i < d; ++i) yt[i] += o[static_cast<size_t>(i)];
+        for (int64_t i = 0; i < d; ++i) yr[i] += o[static_cast<size_t>(i)];
         continue;
       }
       const std::vector<double> o = experts(s.expert, xt);
-      for (int64_t i = 0; i < d; ++i) yt[i] += s.weight * o[static_cast<size_t>(i)];
+      for (int64_t i = 0; i < d; ++i) yr[i] += s.weight * o[static_cast<size_t>(i)];
     }
+    for (int64_t i = 0; i < d; ++i) yt[i] += c0 * yr[i];
     for (const Shared& sh : shared) {
-      const double g = sh.gate.empty() ? 1.0 : sigmoid(dot(x + t * d, sh.gate.data(), d));
+      const double g = !sh.coefficient.empty() ? c1 : sh.gate.empty() ? 1.0 : sigmoid(dot(x + t * d, sh.gate.data(), d));
       const std::vector<double> o = ffn_forward(sh.ffn, xt);
       for (int64_t i = 0; i < d; ++i) yt[i] += g * o[static_cast<size_t>(i)];
     }

@@ -112,6 +112,9 @@ struct Ffn {
 struct Shared {
   Ffn ffn;
   std::vector<float> gate;  ///< [d] or empty
+  /// DeepSpeed PR-MoE residual coefficient [2, d] and bias [2] (empty: none): c = softmax(W x + b),
+  /// the routed sum times c_0 plus this expert times c_1.
+  std::vector<float> coefficient{}, coefficient_bias{};
 };
 
 std::vector<double> ffn_forward(const Ffn& f, const std::vector<double>& x);

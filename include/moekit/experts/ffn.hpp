@@ -189,9 +189,15 @@ static_assert(SplittableBank<FfnBank>);
 
 /// A shared (always-on) expert: an FFN applied to every unpadded token, optionally gated by
 /// `sigmoid(gate . x)` (Qwen2-MoE's `shared_expert_gate`, `[1, d]`); ungated as DeepSeek-V3.
+/// With `coefficient` (DeepSpeed PR-MoE's residual MoE, `use_residual`): per token
+/// `c = softmax(coefficient x + coefficient_bias)` and the layer returns
+/// `c_0 * (routed sum) + c_1 * ffn(x)` (at most one shared expert of a layer has it, and it
+/// has no `gate`).
 struct SharedExpert {
   FfnBank ffn;               ///< a one-expert bank
   std::vector<float> gate;   ///< `[d]`, empty for ungated
+  std::vector<float> coefficient{};       ///< `[2, d]` (`coefficient.weight`), empty for none
+  std::vector<float> coefficient_bias{};  ///< `[2]` (`coefficient.bias`), with `coefficient`
 };
 
 }  // namespace moekit

@@ -44,6 +44,9 @@ struct SharedExpertConfig {
   int64_t intermediate = 0;  ///< width of the shared FFN
   bool gated = false;        ///< multiply by sigmoid(shared_expert_gate . x) (Qwen2-MoE)
   std::string names;         ///< tensor prefix: "shared_expert." (Qwen2-MoE) or "shared_experts." (DeepSeek-V3)
+  /// DeepSpeed PR-MoE's residual coefficient: `coefficient.weight [2, d]`, `coefficient.bias [2]`
+  /// (SharedExpert::coefficient); not with `gated`.
+  bool residual_coefficient = false;
 };
 
 /// Everything needed to build a top-k MoE layer, whichever file it came from.
