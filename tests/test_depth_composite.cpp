@@ -633,6 +633,7 @@ struct MoRSetup {
                                                   : MoRActivation::raw;
     o.alpha = params.alpha;
     o.capacity_factors = params.capacity_factors;
+    o.block_residual = params.block_residual;
     return MoRRouter(o, params.theta);
   }
 };
@@ -728,7 +729,8 @@ TEST(MoR, MatchesReferenceOnRandomLayouts) {
     std::vector<double> cf;
     if (seed % 3 == 2)
       for (int64_t r = 0; r < N; ++r) cf.push_back(rng.uniform(0.2, 1.0));
-    const MoRSetup setup = random_mor(rng, d, N, act, seed % 5 == 0 ? 0.5 : 1.0, cf);
+    MoRSetup setup = random_mor(rng, d, N, act, seed % 5 == 0 ? 0.5 : 1.0, cf);
+    setup.params.block_residual = seed % 2 == 0;  // both combines
     std::vector<int64_t> lengths = random_lengths(rng, rng.integer(1, 6), 48);
     lengths.push_back(1);
     const Input in = make_input(rng, lengths, d, seed % 2 ? 0.2 : 0.0);
@@ -806,6 +808,7 @@ TEST(MoR, SelectionIsHierarchical) {
   Rng rng(22);
   const int64_t d = 16, T = 30;
   MoRSetup setup = random_mor(rng, d, 2);
+  setup.params.block_residual = false;  // x + g f(x): a zero block leaves x as it is
   for (int64_t c = 0; c < d; ++c) setup.params.theta[d + c] = -setup.params.theta[c];
   FfnBank zero(1, FfnShape{d, 8, true, moekit::Activation::silu});
   const MoRLayer layer(setup.router(), std::move(zero));

@@ -81,6 +81,7 @@ MoROptions mor_options(const json& j, const LayerConfig& c) {
     o.num_recursions = r.integer("num_recursions", o.num_recursions);
     o.act = parse_enum(r, "act", o.act, {{"sigmoid", MoRActivation::sigmoid}, {"tanh", MoRActivation::tanh}, {"raw", MoRActivation::raw}});
     o.alpha = r.number("alpha", o.alpha);
+    o.block_residual = r.boolean("block_residual", o.block_residual);
     if (r.has("capacity_factors")) {
       const json& a = r.raw("capacity_factors");
       MOEKIT_CHECK(a.is_array(), "router.capacity_factors: expected an array of numbers, got ", excerpt(a));

@@ -278,7 +278,7 @@ MoRResult mor_forward(const MoRParams& p, const Block& block, const float* x0, c
       else if (p.act == MoRAct::tanh)
         a = std::tanh(z[t]);
       const double g = p.alpha * a;
-      for (int64_t c = 0; c < d; ++c) x[t][c] += g * f[i][c];
+      for (int64_t c = 0; c < d; ++c) x[t][c] += g * (f[i][c] + (p.block_residual ? x[t][c] : 0.0));
       ++res.depth[t];
       res.router_weights[t] = g;
     }

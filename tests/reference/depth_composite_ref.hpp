@@ -93,9 +93,12 @@ enum class MoRAct { sigmoid, tanh, raw };
 struct MoRParams {
   int64_t hidden = 0, num_recursions = 3;
   MoRAct act = MoRAct::sigmoid;
-  double alpha = 1.0;
+  double alpha = 0.1;
   std::vector<double> capacity_factors;  ///< empty: (N_r - r) / N_r
   std::vector<float> theta;              ///< [N_r, d]
+  /// The official combine (raymin0223/mixture_of_recursions model/mor_model/expert_choice_router.py,
+  /// commit 82c97f2, STEP 5): x <- x + g * block(x) with block(x) = x + f(x); false: x + g f(x).
+  bool block_residual = true;
 };
 
 struct MoRResult {
@@ -109,7 +112,7 @@ struct MoRResult {
 
 /// Recursions r = 0..N_r-1: z = theta_r . x on the current x of the candidates, per sequence
 /// the top min(max(1, floor(cf_r * S_s)), candidates) by z (ties: lower token), g = alpha act(z),
-/// x += g f(x) for them. With `forced` ([N_r][T]), the chosen sets are taken from it instead.
+/// x += g (x + f(x)) (block_residual) or g f(x) for them. With `forced` ([N_r][T]), the chosen sets are taken from it instead.
 MoRResult mor_forward(const MoRParams& p, const Block& block, const float* x, const Layout& layout,
                       const std::vector<std::vector<uint8_t>>* forced = nullptr);
 

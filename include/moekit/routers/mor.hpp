@@ -47,9 +47,14 @@ struct MoROptions {
   int64_t hidden = 0;          ///< d
   int64_t num_recursions = 3;  ///< N_r, the most times a token runs the block
   MoRActivation act = MoRActivation::sigmoid;
-  double alpha = 1.0;  ///< scale of the router weight g (1 = the plain activation)
+  /// Scale of the router weight g; 0.1 as in the released MoR configs (`mor.expert.alpha`).
+  double alpha = 0.1;
   /// cf_r for r = 0..N_r-1, each in (0, 1]; empty = the default (N_r - r) / N_r.
   std::vector<double> capacity_factors;
+  /// The block's output includes its own residual, as the official code's decoder layers do:
+  /// a chosen token becomes `x + g * (x + f(x))` (expert_choice_router.py STEP 5:
+  /// `scatter_add(x, block(x) * g)`). false: `x + g * f(x)` (the block's delta alone).
+  bool block_residual = true;
 
   /// Throws moekit::error naming the first invalid parameter.
   void validate() const {
@@ -218,9 +223,10 @@ struct MoRWorkspace {
   int64_t recursions_run = 0;         ///< recursions with at least one chosen token
 };
 
-/// The MoR layer: a MoRRouter and one shared block (a one-expert ExpertBank) run through
-/// SparseLayer::forward_plan once per recursion: `x <- x + g * f(x)` for the chosen tokens.
-/// Returns `x_final - x` (0 for padded tokens); the caller adds the residual.
+/// The MoR layer: a MoRRouter and one shared block (a one-expert ExpertBank, returning its
+/// delta f(x)) run through SparseLayer::forward_plan once per recursion: for the chosen tokens
+/// `x <- x + g * (x + f(x))` (MoROptions::block_residual, the official combine) or
+/// `x <- x + g * f(x)`. Returns `x_final - x` (0 for padded tokens); the caller adds the residual.
 template <ExpertBank B>
 class MoRLayer {
  public:
@@ -265,11 +271,13 @@ class MoRLayer {
                           threads);  // g f(x)
       const auto toks = ws.layer.plan.expert_tokens();
       const auto n = static_cast<int64_t>(toks.size());
+      const bool residual = router().options().block_residual;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n > 1)
-      for (int64_t i = 0; i < n; ++i) {  // out += g f(x); x = hidden + out
+      for (int64_t i = 0; i < n; ++i) {  // out += g f(x) (+ g x); x = hidden + out
         const int64_t t = toks[static_cast<size_t>(i)];
         float* o = out + t * d;
         kernels::axpy_row(1.0f, ws.delta.data() + t * d, o, d);
+        if (residual) kernels::axpy_row(ws.layer.router.values[static_cast<size_t>(t)], ws.x.data() + t * d, o, d);
         kernels::copy_row(hidden + t * d, ws.x.data() + t * d, d);
         kernels::axpy_row(1.0f, o, ws.x.data() + t * d, d);
         ++ws.depth[static_cast<size_t>(t)];
