@@ -809,9 +809,24 @@ TEST(ARank, AttentionMapsMeanOverSamplesAndHeads) {
   double want = 0;
   for (int64_t r : want_rank) want += static_cast<double>(r);
   want /= static_cast<double>(N * H);
-  EXPECT_DOUBLE_EQ(moekit::arank(std::span<const float>(maps), N, H, S, S), want);
+  EXPECT_DOUBLE_EQ(moekit::arank(std::span<const float>(maps), N, H, S, S, false), want);
   const std::vector<double> md(maps.begin(), maps.end());
   EXPECT_DOUBLE_EQ(depth_ref::arank(md, N * H, S, S, std::numeric_limits<float>::epsilon()), want);
+  // The official ARank (gamma-MoD llava_llama.py compute_attention_rank, commit 0cdca4c): causal
+  // mask, then the diagonal set to 0, then the rank; the reference gets the masked maps.
+  std::vector<double> strict(md.size());
+  for (int64_t m = 0; m < N * H; ++m)
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t j = 0; j < S; ++j) strict[m * S * S + i * S + j] = j < i ? md[m * S * S + i * S + j] : 0.0;
+  const double official = depth_ref::arank(strict, N * H, S, S, std::numeric_limits<float>::epsilon());
+  EXPECT_DOUBLE_EQ(moekit::arank(std::span<const float>(maps), N, H, S, S), official);
+  // A causal softmax map (kind 0 above: lower triangular with a dominant diagonal) has full
+  // rank S as given and S - 1 once the diagonal is gone.
+  const std::span<const float> first(maps.data(), static_cast<size_t>(S * S));
+  EXPECT_DOUBLE_EQ(moekit::arank(first, 1, 1, S, S, false), static_cast<double>(S));
+  EXPECT_DOUBLE_EQ(moekit::arank(first, 1, 1, S, S), static_cast<double>(S - 1));
+  expect_error([&] { (void)moekit::arank(std::span<const float>(maps), N, H * S, 1, S); },
+               "strictly_causal expected square maps");
   // Random maps of random rank: library == reference.
   for (int i = 0; i < 10; ++i) {
     const int64_t rows = rng.integer(1, 30), cols = rng.integer(1, 30),
@@ -820,7 +835,7 @@ TEST(ARank, AttentionMapsMeanOverSamplesAndHeads) {
     EXPECT_EQ(moekit::numerical_rank(A.data(), rows, cols),
               depth_ref::matrix_rank(A, rows, cols, std::numeric_limits<double>::epsilon()));
   }
-  expect_error([&] { (void)moekit::arank(std::span<const float>(maps), N, H, S, S + 1); }, "arank: maps expected");
+  expect_error([&] { (void)moekit::arank(std::span<const float>(maps), N, H, S, S + 1, false); }, "arank: maps expected");
   expect_error([&] { (void)moekit::arank(std::span<const float>(maps), 0, H, S, S); }, "samples");
 }
 

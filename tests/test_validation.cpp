@@ -1129,8 +1129,10 @@ TEST(ValidateArank, Arguments) {
                {"numerical_rank: rows and cols expected >= 0", "got -1 x 2"});
   expect_error([&] { (void)arank(std::span<const float>(a), 0, 1, 2, 2); },
                {"arank: samples expected >= 1", "got 0"});
-  expect_error([&] { (void)arank(std::span<const float>(a), 1, 1, 3, 2); },
+  expect_error([&] { (void)arank(std::span<const float>(a), 1, 1, 3, 2, false); },
                {"arank: maps expected [1, 1, 3, 2] = 6 values", "got 4"});
+  expect_error([&] { (void)arank(std::span<const float>(a), 1, 1, 3, 2); },
+               {"arank: strictly_causal expected square maps", "got 3 x 2"});
 }
 
 // ============================================================================== config and weights

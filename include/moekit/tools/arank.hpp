@@ -16,9 +16,14 @@ namespace moekit {
 [[nodiscard]] int64_t numerical_rank(const double* A, int64_t rows, int64_t cols);
 
 /// ARank of one layer: the mean over samples and heads of numerical_rank of the attention
-/// maps `maps [samples, heads, rows, cols]` (row-major, usually rows = cols = S). Low-ARank
-/// layers are the candidates for MoD.
-[[nodiscard]] double arank(std::span<const float> maps, int64_t samples, int64_t heads, int64_t rows, int64_t cols);
-[[nodiscard]] double arank(std::span<const double> maps, int64_t samples, int64_t heads, int64_t rows, int64_t cols);
+/// maps `maps [samples, heads, rows, cols]` (row-major). Low-ARank layers are the candidates
+/// for MoD. With `strictly_causal` (the default; square maps only) each map keeps only its
+/// entries below the diagonal first, as gamma-MoD's official `compute_attention_rank`
+/// (llava_llama.py: causal mask, then the diagonal set to 0): a causal softmax map always has
+/// a non-zero diagonal and would otherwise be of full rank whatever the layer does.
+[[nodiscard]] double arank(std::span<const float> maps, int64_t samples, int64_t heads, int64_t rows, int64_t cols,
+                           bool strictly_causal = true);
+[[nodiscard]] double arank(std::span<const double> maps, int64_t samples, int64_t heads, int64_t rows, int64_t cols,
+                           bool strictly_causal = true);
 
 }  // namespace moekit
