@@ -142,6 +142,7 @@ depth_ref::GammaParams to_ref(const GammaModOptions& o) {
                                                 : depth_ref::GammaPhase::decode;
   p.prefill_threshold = o.prefill_threshold;
   p.decode_threshold = o.decode_threshold;
+  p.must_keep_at_inference = o.must_keep_at_inference;
   return p;
 }
 depth_ref::PruneParams to_ref(const TokenPruneOptions& o) {
@@ -570,7 +571,8 @@ TEST(GammaMoD, MatchesReferenceAllPhases) {
        {GammaModPhase::capacity, GammaModPhase::prefill, GammaModPhase::decode}) {
     for (int i = 0; i < 100; ++i) {
       Case c = random_case(rng);
-      const GammaModOptions o = random_gamma(rng, c.L.hidden, phase);
+      GammaModOptions o = random_gamma(rng, c.L.hidden, phase);
+      o.must_keep_at_inference = phase != GammaModPhase::capacity && i % 2 == 1;
       const auto W = router_weight(rng, 2, c.L.hidden, rng.uniform(1.0, 5.0));
       GammaModRouter r(o, W);
       RoutingPlan plan;
@@ -580,10 +582,12 @@ TEST(GammaMoD, MatchesReferenceAllPhases) {
       route_both(r, c, plan, scratch, what);
       const auto want = depth_ref::gamma_mod(c.L, c.x.data(), W, to_ref(o));
       compared += check_decisions(c, want, plan, scratch, what).compared;
-      for (int64_t t = 0; t < c.L.tokens; ++t)  // must-keep tokens always selected
-        if (!c.L.padded(t) && !c.L.token_types.empty() && c.L.token_types[t] != 0) {
-          EXPECT_EQ(plan.slots_of(t), 1) << what << " must-keep token " << t;
-        }
+      // must-keep tokens: always selected in training (capacity), at inference only if asked
+      if (phase == GammaModPhase::capacity || o.must_keep_at_inference)
+        for (int64_t t = 0; t < c.L.tokens; ++t)
+          if (!c.L.padded(t) && !c.L.token_types.empty() && c.L.token_types[t] != 0) {
+            EXPECT_EQ(plan.slots_of(t), 1) << what << " must-keep token " << t;
+          }
       if (phase == GammaModPhase::capacity)
         for (int64_t s = 0; s < c.L.num_sequences(); ++s) {
           int64_t S = 0, M = 0, n = 0;
@@ -633,9 +637,21 @@ TEST(GammaMoD, MoreMustKeepThanCapacity) {
   for (int64_t t = 12; t < 20; ++t) n1 += sel[t];
   EXPECT_EQ(n1, 2);
   EXPECT_EQ(sel[15], 1);
-  // Thresholds keep must-keep tokens too, whatever p.
+  // At inference the official code has no must-keep mask: every token by the threshold alone
+  // (the reference agrees; at decode's 0.5 some must-keep tokens fall below it here); with
+  // must_keep_at_inference the must-keep tokens are processed whatever p.
   for (GammaModPhase ph : {GammaModPhase::prefill, GammaModPhase::decode}) {
-    GammaModRouter rt({.hidden = d, .phase = ph}, W);
+    GammaModRouter official({.hidden = d, .phase = ph}, W);
+    official.route(c.batch(), c.x.data(), plan, scratch);
+    check_decisions(c, depth_ref::gamma_mod(c.L, c.x.data(), W, to_ref(official.options())), plan, scratch,
+                    "official inference");
+    const auto s1 = selected_of(plan);
+    int64_t must_skipped = 0;
+    for (int64_t t = 0; t < T; ++t) must_skipped += !c.L.padded(t) && c.L.token_types[t] != 0 && s1[t] == 0;
+    if (ph == GammaModPhase::decode) {
+      EXPECT_GT(must_skipped, 0);
+    }
+    GammaModRouter rt({.hidden = d, .phase = ph, .must_keep_at_inference = true}, W);
     rt.route(c.batch(), c.x.data(), plan, scratch);
     const auto s2 = selected_of(plan);
     for (int64_t t = 0; t < T; ++t)

@@ -53,6 +53,7 @@ GammaModOptions gamma_options(const json& j, const LayerConfig& c) {
                          {{"capacity", GammaModPhase::capacity}, {"prefill", GammaModPhase::prefill}, {"decode", GammaModPhase::decode}});
     o.prefill_threshold = r.number("prefill_threshold", o.prefill_threshold);
     o.decode_threshold = r.number("decode_threshold", o.decode_threshold);
+    o.must_keep_at_inference = r.boolean("must_keep_at_inference", o.must_keep_at_inference);
   });
 }
 

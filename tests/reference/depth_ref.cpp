@@ -179,8 +179,10 @@ Decision gamma_mod(const Layout& L, const float* x, const std::vector<float>& W,
     const double z = std::log(thr / (1.0 - thr));
     for (int64_t t = 0; t < T; ++t) {
       if (L.padded(t)) continue;
-      dec.selected[t] = must[t] || prob[t] > thr;
-      if (!must[t] && near(margin[t], z, scale[t], p.tie_rel)) dec.ambiguous[t] = 1;
+      // Official gamma-MoD: no must-keep mask at inference (unless asked).
+      const bool keep = p.must_keep_at_inference && must[t];
+      dec.selected[t] = keep || prob[t] > thr;
+      if (!keep && near(margin[t], z, scale[t], p.tie_rel)) dec.ambiguous[t] = 1;
     }
     mark_sequences(L, dec);
   }

@@ -72,6 +72,7 @@ struct GammaParams {
   double prefill_threshold = 0.005;
   double decode_threshold = 0.5;
   double tie_rel = 1e-6;
+  bool must_keep_at_inference = false;  ///< phases: must-keep also selected
 };
 /// gamma-MoD: p_t = softmax(W x_t)[1], W [2, d]; must-keep (token_types != 0) always selected;
 /// capacity: the rest of ceil(ratio S) to the top p of the others; phases: p > threshold.

@@ -333,11 +333,11 @@ static_assert(Router<MoDRouter>);
 
 // ================================================================== gamma-MoD
 
-/// Which tokens gamma-MoD processes (besides the must-keep ones, always processed).
+/// Which tokens gamma-MoD processes.
 enum class GammaModPhase {
-  capacity,  ///< top-C by p per sequence, C = max(ceil(ratio * S), must-keep count)
-  prefill,   ///< p_t > prefill_threshold
-  decode,    ///< p_t > decode_threshold
+  capacity,  ///< must-keep tokens plus top-C by p per sequence, C = max(ceil(ratio * S), must-keep count)
+  prefill,   ///< p_t > prefill_threshold (must-keep tokens too with must_keep_at_inference)
+  decode,    ///< p_t > decode_threshold (must-keep tokens too with must_keep_at_inference)
 };
 
 /// Parameters of GammaModRouter (ROUTING.md section 5); field names are the JSON keys.
@@ -347,6 +347,9 @@ struct GammaModOptions {
   GammaModPhase phase = GammaModPhase::capacity;
   double prefill_threshold = 0.005;
   double decode_threshold = 0.5;
+  /// The prefill / decode phases also process the must-keep tokens. The official code applies
+  /// the must-keep mask in training only (false, the default); true keeps them at inference too.
+  bool must_keep_at_inference = false;
 
   void validate() const {
     MOEKIT_CHECK(hidden >= 1, "gamma_mod router: hidden size (d) expected >= 1, got ", hidden);
@@ -365,8 +368,9 @@ struct GammaModOptions {
 
 /// gamma-MoD router (arXiv 2410.13859): two-class router `p_t = softmax(W_r x_t)[1]`
 /// (`router.weight [2, d]`), weight p_t. Must-keep tokens (`Batch::token_types[t] != 0`, e.g.
-/// text tokens among image tokens) are always processed; the rest of the capacity (or the
-/// threshold, in the prefill / decode phases) decides the others. Selection uses the margin
+/// text tokens among image tokens) are always processed in the capacity phase (training), the
+/// rest of the capacity decides the others; the prefill / decode phases decide every token by
+/// the threshold (must-keep tokens too only with must_keep_at_inference). Selection uses the margin
 /// `z_t = L_t1 - L_t0` (`p_t = sigmoid(z_t)`, same order, no saturation ties).
 class GammaModRouter {
  public:
@@ -406,8 +410,9 @@ class GammaModRouter {
                       scratch.logits[static_cast<size_t>(2 * t)];
       scratch.buffer[static_cast<size_t>(t)] = z;
       scratch.values[static_cast<size_t>(t)] = pad ? 0.0f : 1.0f / (1.0f + std::exp(-z));
-      mask[t] =
-          !pad && !batch.token_types.empty() && batch.token_types[static_cast<size_t>(t)] != 0;
+      // Must-keep tokens: always in the capacity phase, at inference only if asked.
+      const bool keep = opt_.phase == GammaModPhase::capacity || opt_.must_keep_at_inference;
+      mask[t] = keep && !pad && !batch.token_types.empty() && batch.token_types[static_cast<size_t>(t)] != 0;
     }
     if (opt_.phase == GammaModPhase::capacity) {
       detail::depth::select_top_per_sequence(
