@@ -19,6 +19,7 @@
 #include "moekit/io/model.hpp"
 #include "moekit/layer.hpp"
 #include "reference/reference.hpp"
+#include "support/topk_params.hpp"
 
 namespace moekit_bench {
 namespace {
@@ -113,28 +114,6 @@ std::map<std::string, std::string>& verdicts() {
   return v;
 }
 
-ref::TopKParams reference_params(const moekit::TopKRouter& r) {
-  const moekit::TopKOptions& o = r.options();
-  ref::TopKParams p;
-  p.num_experts = o.num_experts;
-  p.k = o.k;
-  p.hidden = o.hidden;
-  p.score_func = o.score_func == moekit::ScoreFunc::softmax ? ref::ScoreFunc::softmax : ref::ScoreFunc::sigmoid;
-  p.topk_then_softmax = o.topk_then_softmax;
-  p.norm_topk_prob = o.norm_topk_prob;
-  p.routed_scaling_factor = o.routed_scaling_factor;
-  p.bias.assign(r.bias().begin(), r.bias().end());
-  p.n_group = o.n_group;
-  p.topk_group = o.topk_group;
-  p.capacity_factor = o.capacity_factor;
-  p.min_capacity = o.min_capacity;
-  p.drop_policy = o.drop_policy == moekit::DropPolicy::score      ? ref::DropPolicy::score
-                  : o.drop_policy == moekit::DropPolicy::position ? ref::DropPolicy::position
-                                                                  : ref::DropPolicy::position_slot_major;
-  p.renormalize_after_drop = o.renormalize_after_drop;
-  return p;
-}
-
 ref::Activation reference_activation(moekit::Activation a) {
   switch (a) {
     case moekit::Activation::silu: return ref::Activation::silu;
@@ -176,7 +155,7 @@ std::string check_layer(const moekit::TopKLayer& layer, const float* x, int64_t 
   std::vector<float> out(static_cast<size_t>(T * d));
   layer.forward(moekit::Batch::single(T, d), x, out.data(), ws, threads);
 
-  const ref::Routing want = ref::route_topk(reference_params(layer.router()), layer.router().weight().data(), x, T);
+  const ref::Routing want = ref::route_topk(moekit_test::to_ref(layer.router().options(), layer.router().bias()), layer.router().weight().data(), x, T);
   const ref::PlanView got = ref::view_of(ws.plan);
   if (auto errs = ref::plan_invariant_errors(got, nullptr, k); !errs.empty())
     return "plan invariants: " + first_errors(errs);

@@ -204,19 +204,12 @@ Input read_input(const moekit::io::TensorSource& input, const std::string& in_pa
 }
 
 // ---------------------------------------------------------------------------- finding a layer
-// The router weight's name inside a top-k MoE block of this config.
-std::string router_tensor(const moekit::LayerConfig& c) {
-  return c.router_weight.empty() ? std::string(moekit::router_weight_name(c.expert_names)) : c.router_weight;
-}
-
 // The MoE block prefixes of a checkpoint: every tensor name ending in the router weight's name,
 // that suffix removed (sorted by name).
 std::vector<std::string> moe_block_prefixes(const moekit::io::TensorSource& w, const std::string& router) {
   std::vector<std::string> out;
   for (const std::string& n : w.names())
-    if (n == router || (n.size() > router.size() && n.compare(n.size() - router.size(), router.size(), router) == 0 &&
-                        n[n.size() - router.size() - 1] == '.'))
-      out.push_back(n.substr(0, n.size() - router.size()));
+    if (n == router || n.ends_with("." + router)) out.push_back(n.substr(0, n.size() - router.size()));
   return out;
 }
 
@@ -278,7 +271,7 @@ std::string list_prefixes(const std::vector<std::string>& ps) {
 void check_prefix(const moekit::io::TensorSource& w, const std::string& weights_path, const moekit::LayerConfig& c,
                   const std::string& prefix) {
   if (c.router_type != "topk") return;  // other families name their tensors themselves
-  const std::string router = router_tensor(c);
+  const std::string router = c.router_weight_tensor();
   if (w.contains(prefix + router)) return;
   const std::vector<std::string> blocks = moe_block_prefixes(w, router);
   if (blocks.empty())
@@ -333,9 +326,9 @@ std::string layer_prefix(const moekit::io::TensorSource& w, const std::string& w
                          const moekit::LayerConfig& c, int64_t layer) {
   MOEKIT_CHECK(c.router_type == "topk", "--model: expected an HF config.json (top-k MoE), got router type \"",
                c.router_type, "\"; use --config / --weights / --prefix");
-  const std::vector<std::string> blocks = moe_block_prefixes(w, router_tensor(c));
+  const std::vector<std::string> blocks = moe_block_prefixes(w, c.router_weight_tensor());
   if (blocks.empty())
-    fail("--model: no MoE block in ", weights_path, ": no tensor ends in \".", router_tensor(c), "\"");
+    fail("--model: no MoE block in ", weights_path, ": no tensor ends in \".", c.router_weight_tensor(), "\"");
   if (layer < 0) {
     if (blocks.size() == 1) return blocks.front();
     fail("--layer: required, the checkpoint has ", list_prefixes(blocks));

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <set>
 #include <string>
 #include <sstream>
 
@@ -352,13 +351,14 @@ LayerConfig parse_hunyuan(Reader& rd, const json& j, const std::string& origin) 
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
-  static const std::set<std::string> hf_types = {"mixtral",     "qwen2_moe",   "qwen3_moe", "qwen3_next", "olmoe",
-                                                  "deepseek_v2", "deepseek_v3", "glm4_moe",  "granitemoe", "dbrx",
-                                                  "llama4",      "llama4_text", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe"};
-  MOEKIT_CHECK(hf_types.count(mt) != 0, origin,
-               ".model_type: expected one of mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, "
-               "glm4_moe, granitemoe, dbrx, llama4, llama4_text, ernie4_5_moe, hunyuan_v1_moe, phimoe, got \"",
-               mt, "\"");
+  static constexpr const char* kHfTypes[] = {"mixtral",     "qwen2_moe",   "qwen3_moe",    "qwen3_next",     "olmoe",
+                                             "deepseek_v2", "deepseek_v3", "glm4_moe",     "granitemoe",     "dbrx",
+                                             "llama4",      "llama4_text", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe"};
+  if (std::find(std::begin(kHfTypes), std::end(kHfTypes), mt) == std::end(kHfTypes)) {
+    std::string list;
+    for (const char* t : kHfTypes) list += (list.empty() ? "" : ", ") + std::string(t);
+    detail::fail(origin, ".model_type: expected one of ", list, ", got \"", mt, "\"");
+  }
   if (mt == "ernie4_5_moe") return parse_ernie(rd, origin);
   if (mt == "hunyuan_v1_moe") return parse_hunyuan(rd, j, origin);
   if (mt == "dbrx") return parse_dbrx(rd, j, origin);

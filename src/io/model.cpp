@@ -15,7 +15,7 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
   const int64_t E = c.router.num_experts, d = c.hidden();
   uint64_t state = detail::splitmix64(seed);
   std::vector<float> gate =
-      detail::tensor_or_random(weights, prefix + (c.router_weight.empty() ? std::string(router_weight_name(c.expert_names)) : c.router_weight), {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
+      detail::tensor_or_random(weights, prefix + c.router_weight_tensor(), {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
   std::vector<float> bias;
   if (c.router_bias) {
     bias = c.router_bias_ernie

@@ -705,6 +705,14 @@ def ref_relu_ffn(x, wu, wd):
     return np.array([sum(wd[i, j] * h[j] for j in range(f)) for i in range(wd.shape[0])])
 
 
+def ref_softmax(logits):
+    """Softmax of a list of floats in float64 (max subtracted)."""
+    m = max(logits)
+    ex = [math.exp(l - m) for l in logits]
+    z = sum(ex)
+    return [v / z for v in ex]
+
+
 def ranked(values, candidates):
     """Candidates in descending value, ties to the lower index (ROUTING.md section 0)."""
     return sorted(candidates, key=lambda e: (-values[e], e))
@@ -779,9 +787,7 @@ def ref_case(cfg, W, x):
                         and not ((m - logits[e]) / max(abs(logits[e]), m) > 2 * eps)]
                 w.append(1.0 / sum(math.exp(logits[e] - m) for e in cand))
         elif preset == "ernie4_5_moe":
-            m = max(logits)
-            ex = [math.exp(l - m) for l in logits]
-            prob = [v / sum(ex) for v in ex]
+            prob = ref_softmax(logits)
             b = W["moe_statics.e_score_correction_bias"][0]
             chosen = ranked([prob[e] + b[e] for e in range(E)], range(E))[:k]
             ssum = max(sum(prob[e] for e in chosen), cfg.get("moe_norm_min", 1e-12))
@@ -791,21 +797,15 @@ def ref_case(cfg, W, x):
             w = [1.0 / (1.0 + math.exp(-logits[e])) for e in chosen]
         elif preset == "granitemoe":
             chosen = ranked(logits, range(E))[:k]
-            m = max(logits[e] for e in chosen)
-            ex = [math.exp(logits[e] - m) for e in chosen]
-            w = [v / sum(ex) for v in ex]
+            w = ref_softmax([logits[e] for e in chosen])
         elif preset == "dbrx":
-            m = max(logits)
-            ex = [math.exp(l - m) for l in logits]
-            prob = [v / sum(ex) for v in ex]
+            prob = ref_softmax(logits)
             chosen = ranked(prob, range(E))[:k]
             pn = cfg["ffn_config"].get("moe_normalize_expert_weights", 1.0)
             norm = sum(prob[e] ** pn for e in chosen) ** (1.0 / pn)
             w = [prob[e] / norm for e in chosen]
         elif preset == "deepseek_v2":
-            m = max(logits)
-            ex = [math.exp(l - m) for l in logits]
-            prob = [v / sum(ex) for v in ex]
+            prob = ref_softmax(logits)
             cand = list(range(E))
             if cfg.get("topk_method", "greedy") == "group_limited_greedy":
                 G, TG = cfg["n_group"], cfg["topk_group"]
@@ -815,10 +815,7 @@ def ref_case(cfg, W, x):
             chosen = ranked(prob, cand)[:k]
             w = [prob[e] * cfg.get("routed_scaling_factor", 1.0) for e in chosen]
         else:
-            m = max(logits)
-            ex = [math.exp(l - m) for l in logits]
-            z = sum(ex)
-            prob = [v / z for v in ex]
+            prob = ref_softmax(logits)
             chosen = ranked(prob, range(E))[:k]
             w = [prob[e] for e in chosen]
             norm = True if preset in ("mixtral", "hunyuan_v1_moe") else (False if preset == "switch"

@@ -78,6 +78,10 @@ struct LayerConfig {
   kernels::PackOptions pack;
 
   [[nodiscard]] int64_t hidden() const noexcept { return router.hidden; }
+  /// The router weight's name after the block prefix: `router_weight`, else the layout's.
+  [[nodiscard]] std::string router_weight_tensor() const {
+    return router_weight.empty() ? std::string(router_weight_name(expert_names)) : router_weight;
+  }
 };
 
 /// Parses a config from JSON text; `origin` names the file in error messages. Detects the

@@ -380,47 +380,24 @@ class TopKRouter {
     }
   }
 
-  // Keeps the topk_group best groups (group score: opt_.group_score over the selection
-  // scores; ties to the lower group) and sets the others to -inf. `tmp` holds E / n_group
-  // floats (topk_sum).
+  // Keeps the topk_group best groups and sets the others to -inf. A group scores the sum of
+  // its best m selection scores, m = 2 (top2_sum; a one-expert group: that expert), 1 (max)
+  // or k / topk_group (topk_sum), capped at the group size; ties to the lower group. `tmp`
+  // holds E / n_group floats.
   void mask_groups(float* sel, float* gscore, int32_t* gidx, float* tmp) const noexcept {
     const int64_t G = opt_.n_group, g = opt_.num_experts / G;
     const float ninf = -std::numeric_limits<float>::infinity();
+    const int64_t best = opt_.group_score == GroupScore::max        ? 1
+                         : opt_.group_score == GroupScore::topk_sum ? opt_.k / opt_.topk_group
+                                                                    : 2;
+    const int64_t m = std::min(best, g);
     for (int64_t gi = 0; gi < G; ++gi) {
       const float* s = sel + gi * g;
-      switch (opt_.group_score) {
-        case GroupScore::max: {
-          float a = s[0];
-          for (int64_t i = 1; i < g; ++i) a = std::max(a, s[i]);
-          gscore[gi] = a;
-          break;
-        }
-        case GroupScore::topk_sum: {  // best m = k / topk_group, summed in descending order
-          const int64_t m = std::min<int64_t>(opt_.k / opt_.topk_group, g);
-          std::copy(s, s + g, tmp);
-          std::partial_sort(tmp, tmp + m, tmp + g, std::greater<float>());
-          float sum = 0.0f;
-          for (int64_t i = 0; i < m; ++i) sum += tmp[i];
-          gscore[gi] = sum;
-          break;
-        }
-        default: {
-          if (g == 1) {
-            gscore[gi] = s[0];
-            break;
-          }
-          float a = ninf, b = ninf;  // a >= b: top-2
-          for (int64_t i = 0; i < g; ++i) {
-            if (s[i] > a) {
-              b = a;
-              a = s[i];
-            } else if (s[i] > b) {
-              b = s[i];
-            }
-          }
-          gscore[gi] = a + b;
-        }
-      }
+      std::copy(s, s + g, tmp);  // the best m, summed in descending order
+      std::partial_sort(tmp, tmp + m, tmp + g, std::greater<float>());
+      float sum = 0.0f;
+      for (int64_t q = 0; q < m; ++q) sum += tmp[q];
+      gscore[gi] = sum;
     }
     for (int64_t gi = 0; gi < G; ++gi) gidx[gi] = static_cast<int32_t>(gi);
     std::partial_sort(gidx, gidx + opt_.topk_group, gidx + G, [gscore](int32_t a, int32_t b) {
