@@ -471,9 +471,25 @@ void gemm_packed(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, 
   W.kernel().run(c);
 }
 
-void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W,
-                       Activation act, float* H, int64_t ldh, float* a_pack, int64_t strip_begin,
-                       int64_t strip_end) noexcept {
+void gemm_packed_bias(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, const float* bias, float* C,
+                      int64_t ldc, float* a_pack, int64_t strip_begin, int64_t strip_end) noexcept {
+  MOEKIT_DEBUG_ASSERT(!W.gated());
+  detail::GemmCall c{};
+  if (!detail::PackedAccess::describe(W, m, strip_begin, strip_end, c)) return;
+  c.A = A;
+  c.lda = lda;
+  c.out = C;
+  c.ldo = ldc;
+  c.a_pack = a_pack;
+  c.mode = detail::GemmMode::store;
+  c.bias = bias;
+  W.kernel().run(c);
+}
+
+namespace {
+void run_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, detail::GemmMode mode, Activation act,
+               ClampedSwiglu glu, const float* gate_bias, const float* up_bias, float* H, int64_t ldh, float* a_pack,
+               int64_t strip_begin, int64_t strip_end) noexcept {
   MOEKIT_DEBUG_ASSERT(W.gated());
   detail::GemmCall c{};
   if (!detail::PackedAccess::describe(W, m, strip_begin, strip_end, c)) return;
@@ -482,14 +498,36 @@ void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatri
   c.out = H;
   c.ldo = ldh;
   c.a_pack = a_pack;
-  c.mode = detail::GemmMode::gated;
+  c.mode = mode;
   c.act = act;
+  c.glu = glu;
+  c.bias = gate_bias;
+  c.bias_up = up_bias;
   W.kernel().run(c);
 }
+}  // namespace
 
-void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
-                     float* H, int64_t ldh, float* a_pack, int64_t strip_begin,
-                     int64_t strip_end) noexcept {
+void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                       int64_t ldh, float* a_pack, int64_t strip_begin, int64_t strip_end) noexcept {
+  run_gated(m, A, lda, W, detail::GemmMode::gated, act, {}, nullptr, nullptr, H, ldh, a_pack, strip_begin, strip_end);
+}
+
+void gemm_packed_gated_bias(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                            const float* gate_bias, const float* up_bias, float* H, int64_t ldh, float* a_pack,
+                            int64_t strip_begin, int64_t strip_end) noexcept {
+  run_gated(m, A, lda, W, detail::GemmMode::gated, act, {}, gate_bias, up_bias, H, ldh, a_pack, strip_begin,
+            strip_end);
+}
+
+void gemm_packed_gated_clamped(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, ClampedSwiglu glu,
+                               const float* gate_bias, const float* up_bias, float* H, int64_t ldh, float* a_pack,
+                               int64_t strip_begin, int64_t strip_end) noexcept {
+  run_gated(m, A, lda, W, detail::GemmMode::gated_clamped, Activation::silu, glu, gate_bias, up_bias, H, ldh, a_pack,
+            strip_begin, strip_end);
+}
+
+void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act, float* H,
+                     int64_t ldh, float* a_pack, int64_t strip_begin, int64_t strip_end, const float* bias) noexcept {
   MOEKIT_DEBUG_ASSERT(!W.gated());
   detail::GemmCall c{};
   if (!detail::PackedAccess::describe(W, m, strip_begin, strip_end, c)) return;
@@ -500,6 +538,7 @@ void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix&
   c.a_pack = a_pack;
   c.mode = detail::GemmMode::act;
   c.act = act;
+  c.bias = bias;
   W.kernel().run(c);
 }
 

@@ -584,6 +584,77 @@ TEST_P(KernelsDtype, EveryTypeMatchesReference) {
   EXPECT_GT(checked, 10000) << "too few outputs compared: the random shapes degenerated";
 }
 
+// Biases (gpt-oss experts) and the clamped SwiGLU in every epilogue: store + bias, act(. + b),
+// act(gate + b_g) * (up + b_u), and clamped_swiglu(gate + b_g, up + b_u) against double
+// references, over random shapes and strip ranges; inputs scaled so the clamps at +-limit bite.
+TEST_P(KernelsDtype, BiasesAndClampedSwiglu) {
+  std::mt19937 g(4711);
+  std::uniform_int_distribution<int> pick_m(1, 40), pick_n(1, 150), pick_k(1, 200);
+  const moekit::ClampedSwiglu glu{1.702f, 7.0f};
+  auto clamped_ref = [&](double gv, double uv) {
+    gv = std::min(gv, 7.0);
+    uv = std::clamp(uv, -7.0, 7.0);
+    return (uv + 1.0) * gv / (1.0 + std::exp(-1.702 * gv));
+  };
+  int clamped_hits = 0;
+  for (int trial = 0; trial < 8; ++trial) {
+    const int64_t m = trial == 0 ? 1 : pick_m(g), n = pick_n(g), k = pick_k(g);
+    auto A = gaussian(g, static_cast<size_t>(m * k));
+    for (float& v : A) v *= 4.0f;
+    const auto W = weights(g, n, k), U = weights(g, n, k);
+    const auto bg = gaussian(g, static_cast<size_t>(n)), bu = gaussian(g, static_cast<size_t>(n));
+    const Activation act = static_cast<Activation>(trial % 4);
+    for (const Format& f : formats()) {
+      const WeightType t = f.type;
+      SCOPED_TRACE(format_name(f) + " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+      PackedMatrix pw, pg;
+      pw.pack(W.data(), n, k, k, opts(f));
+      pg.pack_gated(W.data(), U.data(), n, k, k, opts(f));
+      const auto a = effective_a(t, f.bf16_act, A, m, k, k);
+      const RefGemm rc = ref_gemm(a, dequantised(t, W.data(), n, k), m, n, k);
+      const RefGemm ru = ref_gemm(a, dequantised(t, U.data(), n, k), m, n, k);
+      std::vector<float> ap(mk::packed_a_floats(m, k));
+      std::vector<float> C(static_cast<size_t>(m * n), 7.5f), H(C.size(), 7.5f), Hb(C.size(), 7.5f),
+          Hc(C.size(), 7.5f), Hn(C.size(), 7.5f), Ha(C.size(), 7.5f);
+      std::uniform_int_distribution<int64_t> pick_s(0, pg.strips());
+      int64_t sb = pick_s(g), se = pick_s(g);
+      if (sb > se) std::swap(sb, se);
+      const int64_t h0 = sb * pg.strip_columns(), h1 = std::min(n, se * pg.strip_columns());
+      mk::gemm_packed_bias(m, A.data(), k, pw, bg.data(), C.data(), n, ap.data());
+      mk::gemm_packed_act(m, A.data(), k, pw, act, Ha.data(), n, ap.data(), 0, -1, bg.data());
+      mk::gemm_packed_gated_bias(m, A.data(), k, pg, act, bg.data(), bu.data(), Hb.data(), n, ap.data());
+      mk::gemm_packed_gated_clamped(m, A.data(), k, pg, glu, bg.data(), bu.data(), Hc.data(), n, ap.data(), sb, se);
+      mk::gemm_packed_gated_clamped(m, A.data(), k, pg, glu, nullptr, nullptr, Hn.data(), n, ap.data());
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          const size_t at = static_cast<size_t>(i * n + j);
+          const double gv = rc.c[at] + bg[j], uv = ru.c[at] + bu[j];
+          const double gt = rc.tol[at] + 1e-6 * std::fabs(gv), ut = ru.tol[at] + 1e-6 * std::fabs(uv);
+          ASSERT_NEAR(C[at], gv, gt) << "bias at " << i << "," << j;
+          ASSERT_NEAR(Ha[at], act_ref(act, gv), 1.2 * gt + 4e-6 * std::fabs(act_ref(act, gv)) + 1e-6) << "act+bias";
+          const double wb = act_ref(act, gv) * uv;
+          ASSERT_NEAR(Hb[at], wb, 1.2 * std::fabs(uv) * gt + std::fabs(act_ref(act, gv)) * ut + 4e-6 * std::fabs(wb) + 1e-6)
+              << "gated+bias at " << i << "," << j;
+          // d/dg of (u + 1) g sigmoid(a g) is at most ~1.1 |u + 1| (a = 1.702); d/du is |glu|.
+          auto check_clamped = [&](const std::vector<float>& out, double gvv, double uvv, const char* what) {
+            const double want = clamped_ref(gvv, uvv);
+            const double tol = 1.2 * std::fabs(std::clamp(uvv, -7.0, 7.0) + 1.0) * (gt + 1e-6) +
+                               std::fabs(clamped_ref(gvv, 0.0)) * ut + 4e-6 * std::fabs(want) + 1e-6;
+            ASSERT_NEAR(out[at], want, tol) << what << " at " << i << "," << j;
+          };
+          if (j >= h0 && j < h1) {
+            check_clamped(Hc, gv, uv, "clamped+bias");
+            if (gv > 7.0 || std::fabs(uv) > 7.0) ++clamped_hits;
+          } else {
+            ASSERT_EQ(Hc[at], 7.5f) << "clamped wrote outside strips [" << sb << ", " << se << ")";
+          }
+          check_clamped(Hn, rc.c[at], ru.c[at], "clamped, no bias");
+        }
+    }
+  }
+  EXPECT_GT(clamped_hits, 100) << "the clamps were never exercised";
+}
+
 // The kernel against the scalar one: plain GEMMs bit for bit (same widened values, same fma
 // chain over k, same epilogue multiply order), activations within float rounding. Shapes
 // cover the decode (few rows), buffered and multi-chunk paths and FP8 block edges.

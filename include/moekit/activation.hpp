@@ -2,6 +2,7 @@
 // Activations of FFN experts, scalar and SIMD.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -62,6 +63,29 @@ inline B activate(Activation a, const B& x) noexcept {
     case Activation::relu: return xsimd::max(x, B(0.0f));
   }
   return x;
+}
+
+/// gpt-oss's clamped SwiGLU (HF `GptOssExperts`): with gate g and up u (biases included),
+/// `g' = min(g, limit)`, `u' = clamp(u, -limit, limit)`,
+/// `h = (u' + 1) * g' * sigmoid(alpha * g')`. Released models: alpha 1.702, limit 7.
+struct ClampedSwiglu {
+  float alpha = 1.702f;
+  float limit = 7.0f;
+};
+
+/// The clamped SwiGLU of one (gate, up) pair.
+inline float clamped_swiglu(const ClampedSwiglu& c, float g, float u) noexcept {
+  g = std::min(g, c.limit);
+  u = std::min(std::max(u, -c.limit), c.limit);
+  return (u + 1.0f) * (g * (1.0f / (1.0f + std::exp(-(g * c.alpha)))));
+}
+
+/// The clamped SwiGLU of SIMD batches (same formula as the scalar one).
+template <class B>
+inline B clamped_swiglu(const ClampedSwiglu& c, B g, B u) noexcept {
+  g = xsimd::min(g, B(c.limit));
+  u = xsimd::min(xsimd::max(u, B(-c.limit)), B(c.limit));
+  return (u + B(1.0f)) * (g * (B(1.0f) / (B(1.0f) + xsimd::exp(-(g * B(c.alpha))))));
 }
 
 }  // namespace moekit

@@ -24,6 +24,7 @@ enum class GemmMode : uint8_t {
   accumulate,  ///< C += A W^T
   act,         ///< H = act(A W^T)
   gated,       ///< H = act(A G^T) * (A U^T), W packed gated
+  gated_clamped,  ///< H = clamped_swiglu(A G^T + b_g, A U^T + b_u), W packed gated (gpt-oss)
 };
 
 /// One GEMM call as plain data (the kernels never see PackedMatrix, so the per-ISA units
@@ -55,6 +56,11 @@ struct GemmCall {
   GemmMode mode;
   Activation act;
   int64_t strip_begin, strip_end;  // resolved: 0 <= begin < end <= strips
+  /// Biases added to the sums before the epilogue, each `[n]` or null (none): `bias` on the
+  /// output column (gated: on the gate), `bias_up` on the up half of a gated matrix.
+  const float* bias;
+  const float* bias_up;
+  ClampedSwiglu glu;  ///< gated_clamped's constants
   // the packed matrix
   WeightType type;
   bool gated;
@@ -129,22 +135,27 @@ inline void epilogue_row(const GemmCall& g, int64_t i, int64_t s, const float* a
                          int64_t P) noexcept {
   float* row = g.out + i * g.ldo;
   const int64_t half = P / 2;
-  if (g.mode == GemmMode::gated) {
-    for (int64_t j = 0; j < half && s * half + j < g.n; ++j)
-      row[s * half + j] = activate(g.act, acc[j]) * acc[half + j];
+  if (g.mode == GemmMode::gated || g.mode == GemmMode::gated_clamped) {
+    for (int64_t j = 0; j < half && s * half + j < g.n; ++j) {
+      const int64_t col = s * half + j;
+      const float gv = g.bias ? acc[j] + g.bias[col] : acc[j];
+      const float uv = g.bias_up ? acc[half + j] + g.bias_up[col] : acc[half + j];
+      row[col] = g.mode == GemmMode::gated ? activate(g.act, gv) * uv : clamped_swiglu(g.glu, gv, uv);
+    }
     return;
   }
   for (int64_t j = 0; j < P && s * P + j < g.n; ++j) {
     float& c = row[s * P + j];
+    const float v = g.bias ? acc[j] + g.bias[s * P + j] : acc[j];
     switch (g.mode) {
       case GemmMode::accumulate:
-        c = acc[j] + c;
+        c = v + c;
         break;
       case GemmMode::act:
-        c = activate(g.act, acc[j]);
+        c = activate(g.act, v);
         break;
       default:
-        c = acc[j];
+        c = v;
         break;
     }
   }

@@ -426,30 +426,54 @@ struct SimdGemm {
     }
   }
 
-  // Writes the finished tile `c` (rows [i0, i0 + rows) of strip s) as the call's mode says.
+  __attribute__((flatten, noinline)) static fb clamped_batch(const ClampedSwiglu& c, const fb& g,
+                                                              const fb& u) noexcept {
+    return clamped_swiglu(c, g, u);
+  }
+
+  // `width` (<= L) leading values of v from src (0 past them, or everywhere for a null src).
+  static fb load_lanes(const float* src, int64_t width) noexcept {
+    if (src == nullptr || width <= 0) return fb(0.0f);
+    if (width == L) return fb::load_unaligned(src);
+    alignas(64) float tmp[L] = {};
+    std::memcpy(tmp, src, static_cast<size_t>(width) * sizeof(float));
+    return fb::load_aligned(tmp);
+  }
+
+  // Writes the finished tile `c` (rows [i0, i0 + rows) of strip s) as the call's mode says,
+  // biases (GemmCall::bias, bias_up) added first where given.
   static void epilogue(const GemmCall& g, int64_t i0, int64_t rows, int64_t s,
                        const fb (*c)[2]) noexcept {
-    if (g.mode == GemmMode::gated) {
+    if (g.mode == GemmMode::gated || g.mode == GemmMode::gated_clamped) {
       const int64_t col = s * L, w = imin(L, g.n - col);
-      for (int64_t i = 0; i < rows; ++i)
-        store_lanes(act_batch(g.act, c[i][0]) * c[i][1], g.out + (i0 + i) * g.ldo + col, w);
+      const bool biased = g.bias != nullptr || g.bias_up != nullptr;
+      const fb bg = load_lanes(g.bias ? g.bias + col : nullptr, w);
+      const fb bu = load_lanes(g.bias_up ? g.bias_up + col : nullptr, w);
+      for (int64_t i = 0; i < rows; ++i) {
+        const fb gv = biased ? c[i][0] + bg : c[i][0], uv = biased ? c[i][1] + bu : c[i][1];
+        store_lanes(g.mode == GemmMode::gated ? act_batch(g.act, gv) * uv : clamped_batch(g.glu, gv, uv),
+                    g.out + (i0 + i) * g.ldo + col, w);
+      }
       return;
     }
     const int64_t col = s * P, w0 = imin(L, g.n - col), w1 = imin(L, g.n - col - L);
+    const fb b0 = load_lanes(g.bias ? g.bias + col : nullptr, w0);
+    const fb b1 = load_lanes(g.bias ? g.bias + col + L : nullptr, w1);
     for (int64_t i = 0; i < rows; ++i) {
       float* dst = g.out + (i0 + i) * g.ldo + col;
+      const fb v0 = g.bias ? c[i][0] + b0 : c[i][0], v1 = g.bias ? c[i][1] + b1 : c[i][1];
       switch (g.mode) {
         case GemmMode::accumulate:
-          add_lanes(c[i][0], dst, w0);
-          if (w1 > 0) add_lanes(c[i][1], dst + L, w1);
+          add_lanes(v0, dst, w0);
+          if (w1 > 0) add_lanes(v1, dst + L, w1);
           break;
         case GemmMode::act:
-          store_lanes(act_batch(g.act, c[i][0]), dst, w0);
-          if (w1 > 0) store_lanes(act_batch(g.act, c[i][1]), dst + L, w1);
+          store_lanes(act_batch(g.act, v0), dst, w0);
+          if (w1 > 0) store_lanes(act_batch(g.act, v1), dst + L, w1);
           break;
         default:
-          store_lanes(c[i][0], dst, w0);
-          if (w1 > 0) store_lanes(c[i][1], dst + L, w1);
+          store_lanes(v0, dst, w0);
+          if (w1 > 0) store_lanes(v1, dst + L, w1);
           break;
       }
     }

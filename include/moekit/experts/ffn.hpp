@@ -23,12 +23,23 @@ struct FfnShape {
   int64_t intermediate = 0;  ///< f
   bool gated = true;
   Activation act = Activation::silu;
+  /// Gated only: gpt-oss's clamped SwiGLU `clamped_swiglu(glu, gate x, up x)` (activation.hpp)
+  /// instead of `act(gate x) * up x` (`act` is then unused).
+  bool clamped = false;
+  ClampedSwiglu glu{};
+  /// Biases on the first projection(s) and on down (gpt-oss): zero until
+  /// FfnBank::set_expert_bias() sets them; added to the sums before the activation.
+  bool bias = false;
 
   void validate(const char* who) const {
     MOEKIT_CHECK(hidden >= 1, who, ": hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(intermediate >= 1, who, ": intermediate size (f) expected >= 1, got ", intermediate);
     MOEKIT_CHECK(static_cast<int>(act) >= 0 && static_cast<int>(act) <= static_cast<int>(Activation::relu), who,
                  ": activation expected silu, gelu, gelu_tanh or relu, got enum value ", static_cast<int>(act));
+    MOEKIT_CHECK(!clamped || gated, who, ": the clamped SwiGLU expected with gated experts");
+    MOEKIT_CHECK(!clamped || (std::isfinite(glu.alpha) && std::isfinite(glu.limit) && glu.limit > 0), who,
+                 ": clamped SwiGLU alpha expected finite and limit finite and > 0, got alpha ", glu.alpha,
+                 ", limit ", glu.limit);
   }
   /// FLOPs of one row through one expert.
   [[nodiscard]] double flops_per_row() const noexcept {
@@ -37,6 +48,10 @@ struct FfnShape {
   /// Weight values of one expert.
   [[nodiscard]] int64_t weights_per_expert() const noexcept {
     return hidden * intermediate * (gated ? 3 : 2);
+  }
+  /// Bias values of one expert (0 without `bias`).
+  [[nodiscard]] int64_t biases_per_expert() const noexcept {
+    return bias ? intermediate * (gated ? 2 : 1) + hidden : 0;
   }
 };
 
@@ -57,6 +72,7 @@ class FfnBank {
                  static_cast<int>(pack_.type));
     in_.resize(static_cast<size_t>(num_experts));
     down_.resize(static_cast<size_t>(num_experts));
+    if (shape_.bias) biases_.assign(static_cast<size_t>(num_experts * shape_.biases_per_expert()), 0.0f);
     const std::vector<float> zero(static_cast<size_t>(shape_.hidden * shape_.intermediate), 0.0f);
     for (int64_t e = 0; e < num_experts; ++e) set_expert(e, zero.data(), zero.data(), zero.data());
   }
@@ -95,6 +111,36 @@ class FfnBank {
     down_[static_cast<size_t>(e)].pack(down_w, d, f, f, pack_);
   }
 
+  /// Sets expert e's biases (shape().bias only): `gate_b [f]` (gated only, else ignored and may
+  /// be null), `up_b [f]`, `down_b [d]`; kept in f32.
+  void set_expert_bias(int64_t e, const float* gate_b, const float* up_b, const float* down_b) {
+    MOEKIT_CHECK(shape_.bias, "FfnBank::set_expert_bias: the bank was built without biases (FfnShape::bias)");
+    MOEKIT_CHECK(e >= 0 && e < experts_, "FfnBank::set_expert_bias: expert expected in [0, ", experts_, "), got ", e);
+    MOEKIT_CHECK((!shape_.gated || gate_b != nullptr) && up_b != nullptr && down_b != nullptr,
+                 "FfnBank::set_expert_bias: expert ", e, " needs every bias (gate, up, down)");
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
+    auto put = [&](const float* src, int64_t n, float* dst, const char* name) {
+      const int64_t i = kernels::first_non_finite(src, n);
+      if (i >= 0) detail::fail("FfnBank::set_expert_bias: expert ", e, " ", name, "[", i, "] expected finite, got ", src[i]);
+      std::copy(src, src + n, dst);
+    };
+    if (shape_.gated) put(gate_b, f, bias_gate(e), "gate bias");
+    put(up_b, f, bias_up(e), "up bias");
+    put(down_b, d, bias_down(e), "down bias");
+  }
+
+  /// Expert e's biases (null without shape().bias): `[f]` gate (gated only), `[f]` up, `[d]` down.
+  [[nodiscard]] const float* gate_bias(int64_t e) const noexcept {
+    return shape_.bias && shape_.gated ? biases_.data() + e * shape_.biases_per_expert() : nullptr;
+  }
+  [[nodiscard]] const float* up_bias(int64_t e) const noexcept {
+    return shape_.bias ? biases_.data() + e * shape_.biases_per_expert() + (shape_.gated ? shape_.intermediate : 0)
+                       : nullptr;
+  }
+  [[nodiscard]] const float* down_bias(int64_t e) const noexcept {
+    return shape_.bias ? biases_.data() + (e + 1) * shape_.biases_per_expert() - shape_.hidden : nullptr;
+  }
+
   /// How the weights are stored (type, bf16 activations, kernel).
   [[nodiscard]] const kernels::PackOptions& pack_options() const noexcept { return pack_; }
   [[nodiscard]] kernels::WeightType weight_type() const noexcept { return pack_.type; }
@@ -113,15 +159,10 @@ class FfnBank {
   /// Runs expert e on `in [rows, d]` into `out [rows, d]`; scratch holds scratch_floats(rows).
   void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const noexcept {
     const int64_t d = shape_.hidden, f = shape_.intermediate;
-    const auto& w_in = in_[static_cast<size_t>(e)];
     float* h = scratch;
     float* a_pack = scratch + rows * f;
-    if (shape_.gated) {
-      kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, h, f, a_pack);
-    } else {
-      kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, h, f, a_pack);
-    }
-    kernels::gemm_packed(rows, h, f, down_[static_cast<size_t>(e)], out, d, a_pack);
+    first_half(e, in, rows, h, a_pack, 0, -1);
+    kernels::gemm_packed_bias(rows, h, f, down_[static_cast<size_t>(e)], down_bias(e), out, d, a_pack);
   }
 
   // ---- Column-split execution (decode): threads share one expert's work. Stage 0 writes
@@ -146,31 +187,51 @@ class FfnBank {
   void run_split(int stage, int64_t e, const float* in, int64_t rows, float* h, float* out, float* a_pack,
                  int64_t s0, int64_t s1) const noexcept {
     const int64_t d = shape_.hidden, f = shape_.intermediate;
+    (void)d;
     if (stage == 0) {
-      const auto& w_in = in_[static_cast<size_t>(e)];
-      if (shape_.gated) {
-        kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, h, f, a_pack, s0, s1);
-      } else {
-        kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, h, f, a_pack, s0, s1);
-      }
+      first_half(e, in, rows, h, a_pack, s0, s1);
     } else {
-      kernels::gemm_packed(rows, h, f, down_[static_cast<size_t>(e)], out, d, a_pack, false, s0, s1);
+      kernels::gemm_packed_bias(rows, h, f, down_[static_cast<size_t>(e)], down_bias(e), out, d, a_pack, s0, s1);
     }
   }
 
   /// FLOPs of one row through one expert.
   [[nodiscard]] double flops_per_row() const noexcept { return shape_.flops_per_row(); }
-  /// Bytes of one expert's weights as stored after packing (values and scales).
+  /// Bytes of one expert's weights as stored after packing (values, scales and biases).
   [[nodiscard]] double weight_bytes_per_expert() const noexcept {
-    return experts_ == 0 ? 0.0 : static_cast<double>(in_[0].bytes() + down_[0].bytes());
+    return experts_ == 0 ? 0.0
+                         : static_cast<double>(in_[0].bytes() + down_[0].bytes()) +
+                               4.0 * static_cast<double>(shape_.biases_per_expert());
   }
 
  private:
+  float* bias_gate(int64_t e) noexcept { return const_cast<float*>(gate_bias(e)); }
+  float* bias_up(int64_t e) noexcept { return const_cast<float*>(up_bias(e)); }
+  float* bias_down(int64_t e) noexcept { return const_cast<float*>(down_bias(e)); }
+
+  // `h [rows, f]` = the activated first projection(s) of expert e, strips [s0, s1).
+  void first_half(int64_t e, const float* in, int64_t rows, float* h, float* a_pack, int64_t s0,
+                  int64_t s1) const noexcept {
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
+    const auto& w_in = in_[static_cast<size_t>(e)];
+    if (shape_.clamped) {
+      kernels::gemm_packed_gated_clamped(rows, in, d, w_in, shape_.glu, gate_bias(e), up_bias(e), h, f, a_pack, s0, s1);
+    } else if (shape_.gated) {
+      if (shape_.bias)
+        kernels::gemm_packed_gated_bias(rows, in, d, w_in, shape_.act, gate_bias(e), up_bias(e), h, f, a_pack, s0, s1);
+      else
+        kernels::gemm_packed_gated(rows, in, d, w_in, shape_.act, h, f, a_pack, s0, s1);
+    } else {
+      kernels::gemm_packed_act(rows, in, d, w_in, shape_.act, h, f, a_pack, s0, s1, up_bias(e));
+    }
+  }
+
   FfnShape shape_{};
   int64_t experts_ = 0;
   kernels::PackOptions pack_{};
   std::vector<kernels::PackedMatrix> in_;
   std::vector<kernels::PackedMatrix> down_;
+  std::vector<float> biases_;  // per expert: [f] gate (gated), [f] up, [d] down; empty without bias
 };
 
 static_assert(ExpertBank<FfnBank>);

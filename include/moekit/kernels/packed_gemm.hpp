@@ -261,9 +261,22 @@ void gemm_packed_gated(int64_t m, const float* A, int64_t lda, const PackedMatri
                        Activation act, float* H, int64_t ldh, float* a_pack,
                        int64_t strip_begin = 0, int64_t strip_end = -1) noexcept;
 
-/// `H[m, n] = act(A W^T)` for plain packed W (a non-gated FFN's first half).
+/// `C[m, n] = A W^T + bias` (bias `[n]` added to every row; null = gemm_packed) for plain W.
+void gemm_packed_bias(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, const float* bias, float* C,
+                      int64_t ldc, float* a_pack, int64_t strip_begin = 0, int64_t strip_end = -1) noexcept;
+/// gemm_packed_gated with biases added to the gate and up sums first (`[f]` each, null = none).
+void gemm_packed_gated_bias(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
+                            const float* gate_bias, const float* up_bias, float* H, int64_t ldh, float* a_pack,
+                            int64_t strip_begin = 0, int64_t strip_end = -1) noexcept;
+/// `H[m, f] = clamped_swiglu(A G^T + gate_bias, A U^T + up_bias)` for gated packed (G, U):
+/// gpt-oss's expert first half (activation.hpp ClampedSwiglu); null biases are zero.
+void gemm_packed_gated_clamped(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, ClampedSwiglu glu,
+                               const float* gate_bias, const float* up_bias, float* H, int64_t ldh, float* a_pack,
+                               int64_t strip_begin = 0, int64_t strip_end = -1) noexcept;
+/// `H[m, n] = act(A W^T + bias)` for plain packed W (a non-gated FFN's first half; bias `[n]`,
+/// null = none).
 void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix& W, Activation act,
                      float* H, int64_t ldh, float* a_pack, int64_t strip_begin = 0,
-                     int64_t strip_end = -1) noexcept;
+                     int64_t strip_end = -1, const float* bias = nullptr) noexcept;
 
 }  // namespace moekit::kernels
