@@ -288,6 +288,38 @@ TEST(ConfigHf, Phimoe) {
   expect_error(R"({"model_type": "phimoe", "router_jitter_noise": 0})", "router_jitter_noise: expected a number > 0");
 }
 
+TEST(ConfigHf, GptOss) {
+  // openai/gpt-oss-20b's config.json MoE keys (attention, rope and the rest are not read).
+  auto c = parse_layer_config(R"({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+      "hidden_size": 2880, "intermediate_size": 2880, "num_local_experts": 32, "num_experts_per_tok": 4,
+      "experts_per_token": 4, "swiglu_limit": 7.0, "router_aux_loss_coef": 0.9, "hidden_act": "silu",
+      "num_hidden_layers": 24, "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"],
+      "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.mlp.router"]}})");
+  EXPECT_EQ(c.router.num_experts, 32); EXPECT_EQ(c.router.k, 4); EXPECT_EQ(c.hidden(), 2880);
+  EXPECT_EQ(c.experts.intermediate, 2880);
+  EXPECT_TRUE(c.router.topk_then_softmax); EXPECT_TRUE(c.router_logit_bias); EXPECT_FALSE(c.router_bias);
+  EXPECT_TRUE(c.experts.clamped); EXPECT_TRUE(c.experts.bias); EXPECT_TRUE(c.experts.gated);
+  EXPECT_FLOAT_EQ(c.experts.glu.limit, 7.0f); EXPECT_FLOAT_EQ(c.experts.glu.alpha, 1.702f);
+  EXPECT_EQ(c.expert_names, moekit::ExpertNames::gpt_oss); EXPECT_FALSE(c.shared);
+  EXPECT_EQ(c.router_weight_tensor(), "router.weight");
+  // The released alias alone, and the attribute_map alias of num_local_experts.
+  c = parse_layer_config(R"({"model_type": "gpt_oss", "num_experts": 16, "experts_per_token": 2, "swiglu_limit": 5})");
+  EXPECT_EQ(c.router.num_experts, 16); EXPECT_EQ(c.router.k, 2); EXPECT_FLOAT_EQ(c.experts.glu.limit, 5.0f);
+  expect_error(R"({"model_type": "gpt_oss", "swiglu_limit": 0})", "limit finite and > 0");
+  expect_error(R"({"model_type": "gpt_oss", "num_experts_per_tok": 200})", "k expected in [1, E = 128]");
+  // moekit's format: the preset, and the same pieces spelled out.
+  auto m = parse_layer_config(R"({"moekit_config_version": 1, "hidden_size": 64,
+      "router": {"num_experts": 8, "k": 2, "topk_then_softmax": true, "logit_bias": true},
+      "experts": {"type": "swiglu_clamped", "intermediate_size": 32, "bias": true, "swiglu_limit": 3.5,
+                  "names": "gpt_oss"}})");
+  EXPECT_TRUE(m.router_logit_bias); EXPECT_TRUE(m.experts.clamped); EXPECT_TRUE(m.experts.bias);
+  EXPECT_FLOAT_EQ(m.experts.glu.limit, 3.5f); EXPECT_EQ(m.expert_names, moekit::ExpertNames::gpt_oss);
+  m = parse_layer_config(R"({"moekit_config_version": 1, "preset": "gpt_oss", "experts": {"type": "swiglu"}})");
+  EXPECT_FALSE(m.experts.clamped);
+  expect_error(R"({"moekit_config_version": 1, "preset": "gpt_oss", "experts": {"type": "relu"}})",
+               "fused expert tensors");
+}
+
 TEST(ConfigMoekit, FusedExpertNames) {
   auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "granitemoe", "hidden_size": 8,
       "experts": {"intermediate_size": 4}})");

@@ -404,6 +404,46 @@ TEST_F(SafetensorsReaders, RangesReadOneSliceOrNameTheOverrun) {
             std::string::npos);
 }
 
+// MXFP4 (gpt-oss): every byte value in every nibble position, scales from 2^-127 to overflow,
+// against a decode of the e2m1 bits (sign, 2-bit exponent with bias 1, 1-bit mantissa).
+TEST(SafetensorsMxfp4, RowsDecodeEveryCodeAndScale) {
+  ScratchDir dir;
+  const std::string path = dir / "m.safetensors";
+  const int64_t E = 2, R = 3, G = 8;  // 2 x 3 rows of 256 values: every byte twice per expert
+  std::vector<uint8_t> blocks(static_cast<size_t>(E * R * G * 16)), scales(static_cast<size_t>(E * R * G));
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = static_cast<uint8_t>((i * 37 + 11) % 256);
+  const uint8_t kScales[] = {0, 1, 100, 126, 127, 128, 200, 254, 255};
+  for (size_t i = 0; i < scales.size(); ++i) scales[i] = kScales[i % std::size(kScales)];
+  moekit::io::write_safetensors(path, {{"w_blocks", DType::U8, {E, R, G, 16}, blocks.data()},
+                                       {"w_scales", DType::U8, {E, R, G}, scales.data()}});
+  const TensorSource src = TensorSource::open(path);
+  auto e2m1 = [](int c) {
+    const double sign = (c & 8) ? -1.0 : 1.0;
+    const int e = (c >> 1) & 3, m = c & 1;
+    return sign * (e == 0 ? 0.5 * m : (1.0 + 0.5 * m) * std::ldexp(1.0, e - 1));
+  };
+  std::vector<float> got(static_cast<size_t>(2 * G * 32), -7.0f);
+  src.read_mxfp4_rows_into("w", {E, R, G, 16}, 3, 2, got.data());  // rows 3, 4 of 6
+  for (int64_t r = 0; r < 2; ++r)
+    for (int64_t k = 0; k < G * 32; ++k) {
+      const int64_t blk = (3 + r) * G + k / 32, byte = blk * 16 + (k % 32) / 2;
+      const int code = k % 2 == 0 ? blocks[static_cast<size_t>(byte)] & 15 : blocks[static_cast<size_t>(byte)] >> 4;
+      // in double, then rounded: 6 x 2^128 overflows to an infinity, 0 x 2^128 stays 0
+      const auto want = static_cast<float>(e2m1(code) * std::ldexp(1.0, scales[static_cast<size_t>(blk)] - 127));
+      const float g = got[static_cast<size_t>(r * G * 32 + k)];
+      ASSERT_TRUE(g == want) << "row " << r << " col " << k << ": " << g << " vs " << want;
+      ASSERT_EQ(std::signbit(g), std::signbit(want)) << "row " << r << " col " << k;
+    }
+  EXPECT_NE(error_of([&] { src.read_mxfp4_rows_into("w", {E, R, G, 16}, 5, 2, got.data()); })
+                .find("expected inside the tensor's 6"), std::string::npos);
+  EXPECT_NE(error_of([&] { src.read_mxfp4_rows_into("w", {E, R, G + 1, 16}, 0, 1, got.data()); }).find("w_blocks"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { src.read_mxfp4_rows_into("v", {E, R, G, 16}, 0, 1, got.data()); }).find("v_blocks"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { src.read_mxfp4_rows_into("w", {E, R, G, 8}, 0, 1, got.data()); }).find("[..., R, G, 16]"),
+            std::string::npos);
+}
+
 TEST_F(SafetensorsReaders, MissingTensorNamesTensorAndFile) {
   const std::string a = error_of([&] { (void)src_->tensor("layers.1.w"); });
   EXPECT_NE(a.find("layers.1.w"), std::string::npos) << a;

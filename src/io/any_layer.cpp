@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "layer_registry.hpp"
@@ -70,9 +71,29 @@ std::array<ExpertTensor, 3> fused_tensors(const std::string& p, ExpertNames name
     case ExpertNames::llama4:
       return {ExpertTensor{p + "experts.gate_up_proj", {E, d, 2 * f}}, ExpertTensor{},
               ExpertTensor{p + "experts.down_proj", {E, f, d}}};
+    case ExpertNames::gpt_oss:
+      return {ExpertTensor{p + "experts.gate_up_proj", {E, d, 2 * f}}, ExpertTensor{},
+              ExpertTensor{p + "experts.down_proj", {E, f, d}}};
     default:  // dbrx
       return {ExpertTensor{p + "experts.mlp.w1", {E * f, d}}, ExpertTensor{p + "experts.mlp.v1", {E * f, d}},
               ExpertTensor{p + "experts.mlp.w2", {E * f, d}}};
+  }
+}
+
+// gpt-oss's MXFP4 form: `<name>_blocks` [E, rows, cols / 32, 16] for gate_up (rows 2f, cols d)
+// and down (rows d, cols f).
+std::vector<int64_t> mxfp4_blocks_shape(int64_t E, int64_t rows, int64_t cols) { return {E, rows, cols / 32, 16}; }
+
+// Whether the gpt-oss experts under block prefix `p` are stored as MXFP4 (the released form).
+bool gpt_oss_mxfp4(const io::TensorSource& w, const std::string& p) {
+  return w.contains(p + "experts.gate_up_proj_blocks");
+}
+
+// Splits gpt-oss's interleaved pairs: v [2f] (gate 2j, up 2j + 1) into gate [f], up [f].
+void deinterleave(const float* v, int64_t f, float* gate, float* up) {
+  for (int64_t j = 0; j < f; ++j) {
+    gate[j] = v[2 * j];
+    up[j] = v[2 * j + 1];
   }
 }
 
@@ -100,6 +121,27 @@ void load_fused(const io::TensorSource& w, const std::string& p, ExpertNames nam
       w.read_f32_range_into(t[2].name, t[2].shape, e * fd, fd, tmp.data());
       transpose_into(tmp.data(), f, d, 0, d, down);
       break;
+    case ExpertNames::gpt_oss:
+      tmp.resize(static_cast<size_t>(2 * fd));
+      if (gpt_oss_mxfp4(w, p)) {  // rows are outputs: row 2j gate unit j, row 2j + 1 up unit j
+        w.read_mxfp4_rows_into(p + "experts.gate_up_proj", mxfp4_blocks_shape(E, 2 * f, d), e * 2 * f, 2 * f,
+                               tmp.data());
+        for (int64_t j = 0; j < f; ++j) {
+          std::copy_n(tmp.data() + 2 * j * d, d, gate + j * d);
+          std::copy_n(tmp.data() + (2 * j + 1) * d, d, up + j * d);
+        }
+        w.read_mxfp4_rows_into(p + "experts.down_proj", mxfp4_blocks_shape(E, d, f), e * d, d, down);
+      } else {  // x [1, d] @ gate_up [d, 2f] (columns interleaved); h [1, f] @ down [f, d]
+        w.read_f32_range_into(t[0].name, t[0].shape, e * 2 * fd, 2 * fd, tmp.data());
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < f; ++j) {
+            gate[j * d + i] = tmp[static_cast<size_t>(i * 2 * f + 2 * j)];
+            up[j * d + i] = tmp[static_cast<size_t>(i * 2 * f + 2 * j + 1)];
+          }
+        w.read_f32_range_into(t[2].name, t[2].shape, e * fd, fd, tmp.data());
+        transpose_into(tmp.data(), f, d, 0, d, down);
+      }
+      break;
     default:  // dbrx: w1 / v1 rows e f.. are gate / up [f, d]; w2's are down transposed
       w.read_f32_range_into(t[0].name, t[0].shape, e * fd, fd, gate);
       w.read_f32_range_into(t[1].name, t[1].shape, e * fd, fd, up);
@@ -108,6 +150,45 @@ void load_fused(const io::TensorSource& w, const std::string& p, ExpertNames nam
       transpose_into(tmp.data(), f, d, 0, d, down);
       break;
   }
+}
+
+// The bias tensors of expert e (HF names; fused gpt-oss: the [E, 2f] / [E, d] stacks) with
+// their shapes: gate (or gate + up interleaved), up (empty when interleaved), down.
+std::array<ExpertTensor, 3> bias_tensors(const std::string& p, ExpertNames names, int64_t E, int64_t d, int64_t f) {
+  if (names == ExpertNames::gpt_oss)
+    return {ExpertTensor{p + "experts.gate_up_proj_bias", {E, 2 * f}}, ExpertTensor{},
+            ExpertTensor{p + "experts.down_proj_bias", {E, d}}};
+  const bool mixtral = names == ExpertNames::mixtral;
+  return {ExpertTensor{p + (mixtral ? "w1" : "gate_proj") + ".bias", {f}},
+          ExpertTensor{p + (mixtral ? "w3" : "up_proj") + ".bias", {f}},
+          ExpertTensor{p + (mixtral ? "w2" : "down_proj") + ".bias", {d}}};
+}
+
+// Reads (or draws) expert e's biases into the bank (shape().bias only); `p` is the expert's
+// prefix, or the block prefix for gpt-oss's stacks.
+void load_biases(FfnBank& bank, int64_t e, const io::TensorSource* weights, const std::string& p, ExpertNames names,
+                 uint64_t& seed) {
+  const FfnShape& sh = bank.shape();
+  if (!sh.bias) return;
+  const int64_t d = sh.hidden, f = sh.intermediate, E = bank.num_experts();
+  std::vector<float> gate(static_cast<size_t>(f)), up(static_cast<size_t>(f)), down(static_cast<size_t>(d));
+  if (weights == nullptr) {
+    fill_uniform(gate.data(), f, 0.1, seed);
+    fill_uniform(up.data(), f, 0.1, seed);
+    fill_uniform(down.data(), d, 0.1, seed);
+  } else if (names == ExpertNames::gpt_oss) {
+    const auto t = bias_tensors(p, names, E, d, f);
+    std::vector<float> both(static_cast<size_t>(2 * f));
+    weights->read_f32_range_into(t[0].name, t[0].shape, e * 2 * f, 2 * f, both.data());
+    deinterleave(both.data(), f, gate.data(), up.data());
+    weights->read_f32_range_into(t[2].name, t[2].shape, e * d, d, down.data());
+  } else {
+    const auto t = bias_tensors(p, names, E, d, f);
+    if (sh.gated) weights->read_f32_into(t[0].name, t[0].shape, gate.data());
+    weights->read_f32_into(t[1].name, t[1].shape, up.data());
+    weights->read_f32_into(t[2].name, t[2].shape, down.data());
+  }
+  bank.set_expert_bias(e, gate.data(), up.data(), down.data());
 }
 
 }  // namespace
@@ -129,6 +210,7 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
     fill_uniform(down, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
   }
   bank.set_expert(e, gate, up, down);
+  load_biases(bank, e, weights, p, names, seed);
 }
 
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
@@ -136,9 +218,22 @@ FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool 
   if (fused_experts(names)) {  // `base` is the block prefix; all gated (checked by the config)
     const int64_t d = shape.hidden, f = shape.intermediate;
     MOEKIT_CHECK(shape.gated && indexed, "fused expert tensors hold gated experts only");
-    if (weights != nullptr)
+    if (weights != nullptr && names == ExpertNames::gpt_oss && gpt_oss_mxfp4(*weights, base)) {
+      MOEKIT_CHECK(d % 32 == 0 && f % 32 == 0, "gpt-oss MXFP4 experts: hidden size ", d, " and intermediate size ", f,
+                   " expected multiples of 32 (the block size)");
+      for (const auto& [name, rows, cols] : {std::tuple{std::string("experts.gate_up_proj"), 2 * f, d},
+                                             std::tuple{std::string("experts.down_proj"), d, f}}) {
+        const auto bs = mxfp4_blocks_shape(count, rows, cols);
+        weights->expect_shape(base + name + "_blocks", bs);
+        weights->expect_shape(base + name + "_scales", {bs[0], bs[1], bs[2]});
+      }
+    } else if (weights != nullptr) {
       for (const ExpertTensor& t : fused_tensors(base, names, count, d, f))
         if (!t.name.empty()) weights->expect_shape(t.name, t.shape);
+    }
+    if (weights != nullptr && shape.bias)
+      for (const ExpertTensor& t : bias_tensors(base, names, count, d, f))
+        if (!t.name.empty() && names == ExpertNames::gpt_oss) weights->expect_shape(t.name, t.shape);
     FfnBank bank(count, shape, pack);
     std::vector<float> buf(static_cast<size_t>(3 * f * d)), tmp;
     for (int64_t e = 0; e < count; ++e) {
@@ -150,6 +245,7 @@ FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool 
         fill_uniform(gate + 2 * f * d, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
       }
       bank.set_expert(e, gate, gate + f * d, gate + 2 * f * d);
+      load_biases(bank, e, weights, base, names, seed);
     }
     return bank;
   }
@@ -205,7 +301,8 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
                                      const std::string& prefix, uint64_t seed) {
   TopKLayer layer = weights != nullptr ? load_layer(c, *weights, prefix) : random_layer(c, seed);
   const int64_t k = c.router.k;
-  const double router_values = static_cast<double>(c.router.num_experts * (c.hidden() + (c.router_bias ? 1 : 0)));
+  const double router_values =
+      static_cast<double>(c.router.num_experts * (c.hidden() + (c.router_bias ? 1 : 0) + (c.router_logit_bias ? 1 : 0)));
   const double resident = resident_bytes_of(layer.experts(), layer.shared_experts(), router_values);
   return std::make_unique<SparseAnyLayer<TopKRouter, FfnBank>>(
       c, std::move(layer), [k](const TopKLayer&, const Workspace& ws, const Batch&) { return topk_outputs(ws.plan, k); },

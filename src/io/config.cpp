@@ -28,7 +28,7 @@ using detail::Reader;
 
 const char* kPresets =
     "mixtral, qwen2_moe, qwen3_moe, qwen3_next, olmoe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, dbrx, llama4, "
-    "ernie4_5_moe, hunyuan_v1_moe, phimoe, switch";
+    "ernie4_5_moe, hunyuan_v1_moe, phimoe, gpt_oss, switch";
 
 // The HF config-class defaults of each model type (transformers' configuration_*.py).
 LayerConfig defaults_for(const std::string& preset, const std::string& where) {
@@ -97,6 +97,13 @@ LayerConfig defaults_for(const std::string& preset, const std::string& where) {
     r.hidden = 4096; c.experts.intermediate = 6400; r.num_experts = 16; r.k = 2;
     r.sparsemixer_eps = 0.01;
     c.expert_names = ExpertNames::mixtral;
+  } else if (preset == "gpt_oss") {  // GptOssConfig: biased router, top-k of the logits, softmax over the k
+    r.hidden = 2880; c.experts.intermediate = 2880; r.num_experts = 128; r.k = 4;
+    r.topk_then_softmax = true;
+    c.router_logit_bias = true;
+    c.expert_names = ExpertNames::gpt_oss;
+    c.experts.clamped = true; c.experts.bias = true;
+    c.experts.glu = ClampedSwiglu{1.702f, 7.0f};
   } else if (preset == "switch") {  // moekit's Switch Transformer preset (ROUTING.md section 1)
     r.hidden = 768; c.experts.intermediate = 2048; r.num_experts = 8; r.k = 1;
     r.capacity_factor = 1.0; r.drop_policy = DropPolicy::position;
@@ -348,18 +355,35 @@ LayerConfig parse_hunyuan(Reader& rd, const json& j, const std::string& origin) 
   return c;
 }
 
+// gpt-oss (HF modeling_gpt_oss.py GptOssMLP): logits x W^T + b, top-k of the logits, softmax
+// over the k; experts with biases and the clamped SwiGLU; no shared expert. The MXFP4 form of the
+// released checkpoints is found from the tensors (ExpertNames::gpt_oss).
+LayerConfig parse_gpt_oss(Reader& rd, const std::string& origin) {
+  LayerConfig c = hf_start("gpt_oss", rd, origin, "intermediate_size");
+  TopKOptions& r = c.router;
+  // attribute_map: num_experts -> num_local_experts; experts_per_token is a released alias.
+  r.num_experts = rd.integer("num_local_experts", rd.integer("num_experts", r.num_experts));
+  r.k = rd.integer("num_experts_per_tok", rd.integer("experts_per_token", r.k));
+  c.experts.glu.limit = static_cast<float>(rd.number("swiglu_limit", c.experts.glu.limit));
+  c.experts.glu.alpha = static_cast<float>(rd.number("swiglu_alpha", c.experts.glu.alpha));
+  finish(c, origin);
+  return c;
+}
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
   static constexpr const char* kHfTypes[] = {"mixtral",     "qwen2_moe",   "qwen3_moe",    "qwen3_next",     "olmoe",
                                              "deepseek_v2", "deepseek_v3", "glm4_moe",     "granitemoe",     "dbrx",
-                                             "llama4",      "llama4_text", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe"};
+                                             "llama4",      "llama4_text", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe",
+                                             "gpt_oss"};
   if (std::find(std::begin(kHfTypes), std::end(kHfTypes), mt) == std::end(kHfTypes)) {
     std::string list;
     for (const char* t : kHfTypes) list += (list.empty() ? "" : ", ") + std::string(t);
     detail::fail(origin, ".model_type: expected one of ", list, ", got \"", mt, "\"");
   }
   if (mt == "ernie4_5_moe") return parse_ernie(rd, origin);
+  if (mt == "gpt_oss") return parse_gpt_oss(rd, origin);
   if (mt == "hunyuan_v1_moe") return parse_hunyuan(rd, j, origin);
   if (mt == "dbrx") return parse_dbrx(rd, j, origin);
   if (mt == "llama4" || mt == "llama4_text") return parse_llama4(rd, mt, origin);
@@ -435,15 +459,16 @@ const char* expert_names_string(ExpertNames n) {
     case ExpertNames::granite: return "granite";
     case ExpertNames::llama4: return "llama4";
     case ExpertNames::dbrx: return "dbrx";
+    case ExpertNames::gpt_oss: return "gpt_oss";
     default: return "hf";
   }
 }
 
 ExpertNames parse_expert_names(const std::string& s, const std::string& where) {
   for (ExpertNames n : {ExpertNames::hf, ExpertNames::mixtral, ExpertNames::granite, ExpertNames::llama4,
-                        ExpertNames::dbrx})
+                        ExpertNames::dbrx, ExpertNames::gpt_oss})
     if (s == expert_names_string(n)) return n;
-  detail::fail(where, ": expected \"hf\", \"mixtral\", \"granite\", \"llama4\" or \"dbrx\", got \"", s, "\"");
+  detail::fail(where, ": expected \"hf\", \"mixtral\", \"granite\", \"llama4\", \"dbrx\" or \"gpt_oss\", got \"", s, "\"");
 }
 
 DropPolicy parse_drop_policy(const std::string& s, const std::string& where) {
@@ -469,6 +494,7 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   c.weight_on_input = rr.boolean("weight_on_input", c.weight_on_input);
   r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
   c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
+  c.router_logit_bias = rr.boolean("logit_bias", c.router_logit_bias);
   r.n_group = rr.integer("n_group", r.n_group);
   r.topk_group = rr.integer("topk_group", r.topk_group);
   if (rr.has("group_score")) {
@@ -536,13 +562,17 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
   }
   if (rd.has("experts")) {
     Reader re(rd.raw("experts"), origin + ".experts");
-    std::string type = re.string("type", c.experts.gated ? (c.experts.act == Activation::silu ? "swiglu" : "geglu") : activation_name(c.experts.act));
-    if (type == "swiglu") { c.experts.gated = true; c.experts.act = Activation::silu; }
+    std::string type = re.string("type", c.experts.clamped ? "swiglu_clamped" : c.experts.gated ? (c.experts.act == Activation::silu ? "swiglu" : "geglu") : activation_name(c.experts.act));
+    c.experts.clamped = type == "swiglu_clamped";
+    if (type == "swiglu" || type == "swiglu_clamped") { c.experts.gated = true; c.experts.act = Activation::silu; }
     else if (type == "geglu") { c.experts.gated = true; c.experts.act = Activation::gelu; }
     else if (type == "gelu") { c.experts.gated = false; c.experts.act = Activation::gelu; }
     else if (type == "gelu_tanh") { c.experts.gated = false; c.experts.act = Activation::gelu_tanh; }
     else if (type == "relu") { c.experts.gated = false; c.experts.act = Activation::relu; }
-    else detail::fail(re.where(), ".type: expected swiglu, geglu, gelu, gelu_tanh or relu, got \"", type, "\"");
+    else detail::fail(re.where(), ".type: expected swiglu, swiglu_clamped, geglu, gelu, gelu_tanh or relu, got \"", type, "\"");
+    c.experts.glu.alpha = static_cast<float>(re.number("swiglu_alpha", c.experts.glu.alpha));
+    c.experts.glu.limit = static_cast<float>(re.number("swiglu_limit", c.experts.glu.limit));
+    c.experts.bias = re.boolean("bias", c.experts.bias);
     c.experts.intermediate = re.integer("intermediate_size", c.experts.intermediate);
     if (re.has("names")) c.router_weight.clear();  // the router weight goes with the named layout
     c.expert_names = parse_expert_names(re.string("names", expert_names_string(c.expert_names)), re.where() + ".names");

@@ -23,6 +23,8 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
                : detail::tensor_or_random(weights, prefix + "gate.e_score_correction_bias", {E}, state, 0.01);
   }
   TopKRouter router(c.router, std::move(gate), std::move(bias));
+  if (c.router_logit_bias)
+    router.set_logit_bias(detail::tensor_or_random(weights, prefix + "router.bias", {E}, state, 0.1));
   // Fused layouts name their tensors from the block prefix (ffn_bank).
   FfnBank bank = detail::ffn_bank(weights, fused_experts(c.expert_names) ? prefix : prefix + "experts.", true, E,
                                   detail::routed_shape(c), c.expert_names, state, c.pack);
@@ -48,11 +50,13 @@ double layer_weight_bytes(const LayerConfig& c) {
     return f->weight_bytes(c.router_json.empty() ? nlohmann::json::object() : nlohmann::json::parse(c.router_json), c);
   }
   const double d = static_cast<double>(c.hidden());
-  const double router = static_cast<double>(c.router.num_experts) * d + (c.shared && c.shared->gated ? d : 0.0) +
+  const double router = static_cast<double>(c.router.num_experts) * (d + (c.router_logit_bias ? 1.0 : 0.0)) +
+                        (c.shared && c.shared->gated ? d : 0.0) +
                         (c.shared && c.shared->residual_coefficient ? 2.0 * d + 2.0 : 0.0);
   double experts = static_cast<double>(c.router.num_experts) * static_cast<double>(detail::routed_shape(c).weights_per_expert());
+  const double biases = static_cast<double>(c.router.num_experts) * static_cast<double>(detail::routed_shape(c).biases_per_expert());
   if (c.shared) experts += (c.experts.gated ? 3.0 : 2.0) * d * static_cast<double>(c.shared->intermediate);
-  return 4.0 * router + static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0 * experts;
+  return 4.0 * (router + biases) + static_cast<double>(kernels::weight_type_bits(c.pack.type)) / 8.0 * experts;
 }
 
 }  // namespace moekit

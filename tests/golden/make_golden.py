@@ -93,6 +93,15 @@ CASES = [
     # softmaxes hold several experts.
     dict(name="phimoe_sparsemixer", preset="phimoe", T=16, d=32, f=16, E=8, k=2, eps=0.2,
          dtype="F32", prefix="model.layers.0.block_sparse_moe."),
+    # gpt-oss: router with a logit bias, top-k of the logits then softmax over the k; experts with
+    # biases, gate/up interleaved in gate_up_proj [E, d, 2f], the clamped SwiGLU (weights scaled
+    # so that the clamps at +-7 bite). HF's bf16 (dequantised) layout ...
+    dict(name="gpt_oss_biased", preset="gpt_oss", T=11, d=32, f=16, E=8, k=4,
+         dtype="BF16", prefix="model.layers.0.mlp."),
+    # ... and the released MXFP4 layout: gate_up_proj_blocks U8 [E, 2f, d/32, 16] + _scales
+    # [E, 2f, d/32], down_proj likewise (e2m1 codes, e8m0 scales), biases and router in BF16.
+    dict(name="gpt_oss_mxfp4", preset="gpt_oss", T=9, d=64, f=32, E=8, k=4, mxfp4=True,
+         dtype="BF16", prefix="model.layers.3.mlp."),
     # (25/4)*1.12 = 7.000000000000001 in double, so C = 8 (exact arithmetic or float32 give 7).
     dict(name="switch_drop", preset="switch", T=25, d=32, f=64, E=4, k=1,
          capacity_factor=1.12, dtype="F32", prefix=""),
@@ -123,6 +132,8 @@ def encode(a, dtype):
         return bf16_bits(a).astype("<u2").tobytes()
     if dtype == "I32":
         return np.ascontiguousarray(a, dtype="<i4").tobytes()
+    if dtype == "U8":
+        return np.ascontiguousarray(a, dtype=np.uint8).tobytes()
     raise ValueError(dtype)
 
 
@@ -275,8 +286,8 @@ def generate(out_dir):
                 sd = add(names + "down_proj.weight", (d, width), expert_scale((d, width)))
                 return swiglu(x, sg, su, sd)
 
-            rname = {"granitemoe": "router.layer.weight", "dbrx": "router.layer.weight",
-                     "llama4": "router.weight", "hunyuan_v1_moe": "gate.wg.weight"}.get(preset, "gate.weight")
+            rname = {"granitemoe": "router.layer.weight", "dbrx": "router.layer.weight", "llama4": "router.weight",
+                     "gpt_oss": "router.weight", "hunyuan_v1_moe": "gate.wg.weight"}.get(preset, "gate.weight")
             w_router = add(rname, (E, d), GATE_SCALE)
             experts = []
             if preset == "granitemoe":
@@ -289,7 +300,35 @@ def generate(out_dir):
             if preset == "llama4":
                 gate_up = add("experts.gate_up_proj", (E, d, 2 * f), expert_scale((f, d)))
                 down_p = add("experts.down_proj", (E, f, d), WEIGHT_SCALE / math.sqrt(f))
-            for e in range(E if preset not in ("granitemoe", "dbrx", "llama4") else 0):
+            if preset == "gpt_oss":
+                r_bias = add("router.bias", (E,), GATE_SCALE)
+                if case.get("mxfp4"):
+                    # Follows convert_moe_packed_tensors (transformers integrations/mxfp4.py):
+                    # per row, byte j of a 16-byte block holds element 2j (low nibble) and
+                    # 2j + 1 (high nibble) of the block's 32; value = FP4_VALUES[code] *
+                    # 2^(scale - 127); [E, rows, K] transposed to [E, K, rows].
+                    fp4 = torch.tensor([+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+                                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+                    def mxfp4(base, rows, cols, scale_lo, scale_hi):
+                        blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
+                        scales = torch.randint(scale_lo, scale_hi + 1, (E, rows, cols // 32), generator=gen,
+                                               dtype=torch.uint8)
+                        params[base + "_blocks"] = (blocks, "U8")
+                        params[base + "_scales"] = (scales, "U8")
+                        lo, hi = fp4[(blocks & 0x0F).long()], fp4[(blocks >> 4).long()]
+                        vals = torch.stack([lo, hi], dim=-1).reshape(E, rows, cols // 32, 32)
+                        vals = torch.ldexp(vals, scales.to(torch.int32).unsqueeze(-1) - 127)
+                        return vals.reshape(E, rows, cols).transpose(1, 2).contiguous()
+                    # |code| ~ 2.6 on average: 2^-3..2^-2 keeps gate/up of O(1..10) (clamps bite)
+                    gate_up = mxfp4("experts.gate_up_proj", 2 * f, d, 124, 125)
+                    down_p = mxfp4("experts.down_proj", d, f, 121, 122)
+                else:
+                    gate_up = add("experts.gate_up_proj", (E, d, 2 * f), 6.0 / math.sqrt(d))
+                    down_p = add("experts.down_proj", (E, f, d), WEIGHT_SCALE / math.sqrt(f))
+                gu_bias = add("experts.gate_up_proj_bias", (E, 2 * f), 1.0)
+                dn_bias = add("experts.down_proj_bias", (E, d), 0.3)
+            for e in range(E if preset not in ("granitemoe", "dbrx", "llama4", "gpt_oss") else 0):
                 if preset in ("mixtral", "phimoe"):
                     wg = add(f"experts.{e}.w1.weight", (f, d), expert_scale((f, d)))
                     wu = add(f"experts.{e}.w3.weight", (f, d), expert_scale((f, d)))
@@ -460,6 +499,31 @@ def generate(out_dir):
                 changed = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, plain))
                 notes = {"tokens changed by bias": changed}
                 ok = ok and changed > 0
+            elif preset == "gpt_oss":
+                # Follows GptOssTopKRouter.forward and GptOssExperts.forward (modeling_gpt_oss.py,
+                # transformers 6edf5b3): logits = x W^T + b; top-k (sorted) of the logits;
+                # softmax over the k; per chosen expert gate_up = x @ gate_up_proj[e] + bias,
+                # gate = [..., ::2], up = [..., 1::2], gate.clamp(max=7), up.clamp(-7, 7),
+                # glu = gate * sigmoid(1.702 gate), (up + 1) * glu @ down_proj[e] + bias, times the
+                # routing weight, summed.
+                logits = F.linear(x, w_router, r_bias)
+                top_v, top_i = torch.topk(logits, k, dim=-1, sorted=True)
+                top_w = torch.softmax(top_v, dim=1)
+                y = torch.zeros_like(x)
+                for t in range(T):
+                    for j in range(k):
+                        e = int(top_i[t, j])
+                        gu = x[t] @ gate_up[e] + gu_bias[e]
+                        g_, u_ = gu[::2].clamp(min=None, max=7.0), gu[1::2].clamp(min=-7.0, max=7.0)
+                        glu = g_ * torch.sigmoid(g_ * 1.702)
+                        y[t] += top_w[t, j] * (((u_ + 1) * glu) @ down_p[e] + dn_bias[e])
+                ids, weights = top_i, top_w
+                l64 = (x.double() @ w_router.double().T + r_bias.double()).numpy()
+                ok = all(margin_ok(np.sort(r)[::-1], k) for r in l64)
+                g_all = torch.einsum("td,edf->tef", x, gate_up) + gu_bias
+                clamped = int((g_all[..., ::2] > 7).sum() + (g_all[..., 1::2].abs() > 7).sum())
+                notes = {"gate/up values beyond the clamp": clamped}
+                ok = ok and clamped > 0
             elif preset == "llama4":
                 # Follows Llama4TextMoe.forward and Llama4Router.forward (modeling_llama4.py):
                 # top-k of the logits, scores = sigmoid of the chosen logits (-inf elsewhere, so
@@ -529,7 +593,7 @@ def generate(out_dir):
         # Tolerance sanity: a kernel that rounds the expert activations to the weight dtype
         # (BF16/FP16 dot products) must still pass the tolerances written to cases.json.
         lowp_dev = 0.0  # worst |dy| / (tolerance_abs + tolerance_rel |y|) of such a kernel
-        if dtype != "F32" and preset not in ("switch", "granitemoe", "dbrx", "llama4"):
+        if dtype != "F32" and preset not in ("switch", "granitemoe", "dbrx", "llama4", "gpt_oss"):
             rnd = (lambda t: t.to(torch.bfloat16).float()) if dtype == "BF16" else (lambda t: t.half().float())
 
             def swiglu_lowp(rows, wg, wu, wd):
@@ -630,6 +694,14 @@ def make_config(case):
                                 "intermediate_size_mlp": 4 * f,  # dense layers; unused by the MoE block
                                 "num_local_experts": E, "num_experts_per_tok": k, "hidden_act": "silu",
                                 "interleave_moe_layer_step": 1}}
+    if p == "gpt_oss":  # the released config.json's keys (gpt-oss-20b), sizes of the case
+        cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": d,
+               "intermediate_size": f, "num_local_experts": E, "num_experts_per_tok": k, "experts_per_token": k,
+               "swiglu_limit": 7.0, "router_aux_loss_coef": 0.9, "hidden_act": "silu"}
+        if case.get("mxfp4"):
+            cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        return cfg
     if p == "glm4_moe":
         return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": d,
                 "intermediate_size": 4 * d,  # dense-layer width in HF; unused by the MoE block
@@ -661,7 +733,7 @@ def read_safetensors(path):
     assert hlen % 8 == 0, f"{path}: header length {hlen} not a multiple of 8"
     header = json.loads(blob[8:8 + hlen].decode("utf-8"))
     body = blob[8 + hlen:]
-    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1}
     out, spans = {}, []
     for name, meta in header.items():
         if name == "__metadata__":
@@ -676,6 +748,8 @@ def read_safetensors(path):
             a = np.frombuffer(raw, dtype="<f2").astype(np.float64)
         elif meta["dtype"] == "BF16":
             a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        elif meta["dtype"] == "U8":
+            a = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
         else:
             a = np.frombuffer(raw, dtype="<i4").astype(np.int64)
         out[name] = a.reshape(meta["shape"])
@@ -718,12 +792,44 @@ def ranked(values, candidates):
     return sorted(candidates, key=lambda e: (-values[e], e))
 
 
+def ref_e2m1(code):
+    """An OCP MX FP4 (e2m1) code as a float, from its bits: sign, 2-bit exponent (bias 1), mantissa."""
+    sign = -1.0 if code & 8 else 1.0
+    e, m = (code >> 1) & 3, code & 1
+    return sign * (m * 0.5 if e == 0 else (1.0 + 0.5 * m) * 2.0 ** (e - 1))
+
+
+def ref_mxfp4_rows(blocks, scales):
+    """[E, R, G, 16] codes + [E, R, G] e8m0 scales -> [E, R, 32 G] float64 (element 2j: low nibble)."""
+    E, R, G, _ = blocks.shape
+    out = np.zeros((E, R, 32 * G))
+    for e in range(E):
+        for r in range(R):
+            for g in range(G):
+                s = 2.0 ** (int(scales[e, r, g]) - 127)
+                for j in range(16):
+                    b = int(blocks[e, r, g, j])
+                    out[e, r, 32 * g + 2 * j] = ref_e2m1(b & 15) * s
+                    out[e, r, 32 * g + 2 * j + 1] = ref_e2m1(b >> 4) * s
+    return out
+
+
+def ref_gpt_oss_expert(x, wg, wu, bg, bu, wd, bd, alpha=1.702, limit=7.0):
+    """gpt-oss expert: wg, wu [f, d] (HF [out, in]), wd [d, f], biases; the clamped SwiGLU."""
+    h = []
+    for j in range(wg.shape[0]):
+        g = min(float(np.dot(wg[j], x)) + bg[j], limit)
+        u = min(max(float(np.dot(wu[j], x)) + bu[j], -limit), limit)
+        h.append((u + 1.0) * g / (1.0 + math.exp(-alpha * g)))
+    return np.array([sum(wd[i, j] * h[j] for j in range(len(h))) + bd[i] for i in range(wd.shape[0])])
+
+
 def ref_case(cfg, W, x):
     """Returns (y [T, d], ids [T, k], weights [T, k]) in float64."""
     T, d = x.shape
     preset = cfg.get("model_type") or cfg.get("preset")
     wr = (W["router.layer.weight"] if preset in ("granitemoe", "dbrx")
-          else W["router.weight"] if preset == "llama4"
+          else W["router.weight"] if preset in ("llama4", "gpt_oss")
           else W["gate.wg.weight"] if preset == "hunyuan_v1_moe" else W["gate.weight"])
     if preset == "llama4":
         cfg = cfg["text_config"]
@@ -740,7 +846,7 @@ def ref_case(cfg, W, x):
     elif preset == "deepseek_v2":
         k = cfg["num_experts_per_tok"]
         assert cfg["n_routed_experts"] == E
-    elif preset == "llama4":
+    elif preset in ("llama4", "gpt_oss"):
         k = cfg["num_experts_per_tok"]
         assert cfg["num_local_experts"] == E
     elif preset == "hunyuan_v1_moe":
@@ -795,6 +901,10 @@ def ref_case(cfg, W, x):
         elif preset == "llama4":
             chosen = ranked(logits, range(E))[:k]
             w = [1.0 / (1.0 + math.exp(-logits[e])) for e in chosen]
+        elif preset == "gpt_oss":  # the router's bias enters selection and weights
+            logits = [logits[e] + W["router.bias"][e] for e in range(E)]
+            chosen = ranked(logits, range(E))[:k]
+            w = ref_softmax([logits[e] for e in chosen])
         elif preset == "granitemoe":
             chosen = ranked(logits, range(E))[:k]
             w = ref_softmax([logits[e] for e in chosen])
@@ -836,6 +946,14 @@ def ref_case(cfg, W, x):
                     taken[e] += 1
                 else:
                     ids[t, 0], wts[t, 0] = -1, 0.0
+    if preset == "gpt_oss":  # HF layout [E, d, 2f] (gate_up) / [E, f, d] (down), or MXFP4 rows
+        if "experts.gate_up_proj_blocks" in W:
+            gu_rows = ref_mxfp4_rows(W["experts.gate_up_proj_blocks"], W["experts.gate_up_proj_scales"])
+            dn_rows = ref_mxfp4_rows(W["experts.down_proj_blocks"], W["experts.down_proj_scales"])
+        else:
+            gu_rows = W["experts.gate_up_proj"].transpose(0, 2, 1)
+            dn_rows = W["experts.down_proj"].transpose(0, 2, 1)
+        gub, dnb = W["experts.gate_up_proj_bias"], W["experts.down_proj_bias"]
     y = np.zeros((T, d))
     for t in range(T):
         for s in range(k):
@@ -851,6 +969,9 @@ def ref_case(cfg, W, x):
                 gu, f2 = W["experts.gate_up_proj"][e], W["experts.gate_up_proj"].shape[2] // 2
                 y[t] += ref_swiglu(wts[t, s] * x[t], gu[:, :f2].T, gu[:, f2:].T, W["experts.down_proj"][e].T)
                 continue
+            elif preset == "gpt_oss":  # rows 2j gate, 2j + 1 up
+                out = ref_gpt_oss_expert(x[t], gu_rows[e][0::2], gu_rows[e][1::2], gub[e][0::2], gub[e][1::2],
+                                         dn_rows[e], dnb[e])
             elif preset == "granitemoe":
                 wi, f2 = W["input_linear.weight"][e], W["input_linear.weight"].shape[1] // 2
                 out = ref_swiglu(x[t], wi[:f2], wi[f2:], W["output_linear.weight"][e])

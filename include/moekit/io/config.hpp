@@ -24,19 +24,25 @@ enum class ExpertNames {
   granite,  ///< input_linear.weight [E, 2f, d] (gate rows, then up rows), output_linear.weight [E, d, f]
   llama4,   ///< experts.gate_up_proj [E, d, 2f] (gate columns, then up), experts.down_proj [E, f, d]
   dbrx,     ///< experts.mlp.w1 (gate) / v1 (up) / w2 (down, transposed), each [E f, d]
+  /// gpt-oss: experts.gate_up_proj [E, d, 2f] (gate and up columns interleaved: gate 2j, up
+  /// 2j + 1), experts.down_proj [E, f, d], biases experts.gate_up_proj_bias [E, 2f] and
+  /// experts.down_proj_bias [E, d]; or the released MXFP4 form, experts.gate_up_proj_blocks
+  /// U8 [E, 2f, d/32, 16] + _scales U8 [E, 2f, d/32] and down_proj_blocks [E, d, f/32, 16] +
+  /// _scales [E, d, f/32] (rows = outputs, gate rows 2j, up rows 2j + 1)
+  gpt_oss,
 };
 
 /// Whether the routed experts are read from fused 3-D tensors (granite, llama4, dbrx).
 [[nodiscard]] inline bool fused_experts(ExpertNames n) noexcept {
-  return n == ExpertNames::granite || n == ExpertNames::llama4 || n == ExpertNames::dbrx;
+  return n == ExpertNames::granite || n == ExpertNames::llama4 || n == ExpertNames::dbrx || n == ExpertNames::gpt_oss;
 }
 
 /// The router weight `[E, d]` after the block prefix, which goes with the experts' layout:
-/// "gate.weight", or "router.layer.weight" (granite, dbrx), "router.weight" (llama4).
+/// "gate.weight", or "router.layer.weight" (granite, dbrx), "router.weight" (llama4, gpt_oss).
 [[nodiscard]] inline const char* router_weight_name(ExpertNames n) noexcept {
-  return n == ExpertNames::granite || n == ExpertNames::dbrx ? "router.layer.weight"
-         : n == ExpertNames::llama4                          ? "router.weight"
-                                                             : "gate.weight";
+  return n == ExpertNames::granite || n == ExpertNames::dbrx                        ? "router.layer.weight"
+         : n == ExpertNames::llama4 || n == ExpertNames::gpt_oss ? "router.weight"
+                                                                                    : "gate.weight";
 }
 
 /// A shared (always-on) expert as configured.
@@ -59,6 +65,9 @@ struct LayerConfig {
   std::string router_json;
   TopKOptions router;            ///< top-k router options; also hidden (d) for every family
   bool router_bias = false;      ///< reads the selection bias: gate.e_score_correction_bias [E]
+  /// The router has a linear-layer bias `router.bias [E]` added to the logits (gpt-oss;
+  /// TopKRouter::set_logit_bias).
+  bool router_logit_bias = false;
   /// ERNIE 4.5 keeps its selection bias as moe_statics.e_score_correction_bias [1, E].
   bool router_bias_ernie = false;
   /// The router weight's name after the block prefix when it is not the layout's

@@ -116,6 +116,13 @@ class TensorSource {
   /// expert tensor. The range must lie inside the tensor.
   void read_f32_range_into(const std::string& name, const std::vector<int64_t>& expected_shape, int64_t first,
                            int64_t count, float* dst) const;
+  /// Rows [first_row, first_row + rows) of an MXFP4 matrix (gpt-oss's released experts):
+  /// `base + "_blocks"` U8 `blocks_shape` = [..., R, G, 16] and `base + "_scales"` U8
+  /// [..., R, G], rows counted over all leading axes; row r's K = 32 G values go to
+  /// dst [r, K]: byte j of a block holds element 2j (low nibble) and 2j + 1 (high nibble),
+  /// e2m1 codes (+-{0, 0.5, 1, 1.5, 2, 3, 4, 6}, bit 3 the sign) times 2^(scale byte - 127).
+  void read_mxfp4_rows_into(const std::string& base, const std::vector<int64_t>& blocks_shape, int64_t first_row,
+                            int64_t rows, float* dst) const;
   /// Reads I32, or I64 with every value range-checked into int32.
   std::vector<int32_t> read_i32(const std::string& name,
                                 const std::vector<int64_t>& expected_shape) const;

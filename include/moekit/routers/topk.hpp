@@ -211,6 +211,13 @@ class TopKRouter {
                            static_cast<size_t>(opt_.num_experts));
     bias_ = std::move(bias);
   }
+  /// The router's linear-layer bias `[E]` (gpt-oss `router.bias`), added to every logit
+  /// before scores, selection and weights (unlike the selection-only bias); empty for none.
+  void set_logit_bias(std::vector<float> b) {
+    if (!b.empty()) detail::check_weight(b, "topk router", "router.bias", static_cast<size_t>(opt_.num_experts));
+    logit_bias_ = std::move(b);
+  }
+  [[nodiscard]] const std::vector<float>& logit_bias() const noexcept { return logit_bias_; }
   /// Changes the training-noise seed (e.g. per step).
   void set_noise_seed(uint64_t seed) noexcept { opt_.noise_seed = seed; }
 
@@ -252,6 +259,8 @@ class TopKRouter {
         x = xj;
       }
       kernels::matvec_rows(x, weight_.data(), E, d, L);
+      if (!logit_bias_.empty())
+        for (int64_t e = 0; e < E; ++e) L[e] += logit_bias_[static_cast<size_t>(e)];
       if (opt_.noise == TrainingNoise::noisy_topk) {
         for (int64_t e = 0; e < E; ++e) {
           const float z = kernels::dot(x, noise_weight_.data() + e * d, d);
@@ -411,6 +420,7 @@ class TopKRouter {
   std::vector<float> weight_;
   std::vector<float> bias_;
   std::vector<float> noise_weight_;
+  std::vector<float> logit_bias_;
 };
 
 static_assert(Router<TopKRouter>);
