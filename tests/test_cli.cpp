@@ -18,6 +18,10 @@
 #include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/kernels/fp8.hpp"
+#include "moekit/io/any_layer.hpp"
+#include "moekit/io/gguf.hpp"
+#include "moekit/io/model.hpp"
+#include "support/gguf_writer.hpp"
 
 #ifdef MOEKIT_CLI_PATH
 namespace {
@@ -278,6 +282,47 @@ TEST_F(Cli, ModelFolderAndLayerFindTheBlock) {
   // A prefix that names no block: the closest one is suggested.
   expect_error(run_args("model.layers.2.block_sparse_moe"),
                "did you mean \"model.layers.2.block_sparse_moe.\"? The checkpoint's MoE blocks");
+}
+
+// --gguf FILE --layer N runs the GGUF file's MoE layer as the library builds it; a missing or
+// wrong layer names the layers there are, and --gguf excludes the safetensors flags.
+TEST_F(Cli, GgufFileAndLayer) {
+  using namespace moekit_test;
+  std::mt19937 g(5);
+  const int64_t d = 64, f = 32, E = 8;
+  std::vector<GgufKv> kv = {kv_str("general.architecture", "qwen2moe"), kv_u32("qwen2moe.expert_used_count", 2),
+                            kv_u32("qwen2moe.expert_count", 8)};
+  std::vector<GgufOut> ts;
+  for (int layer : {1, 4}) {
+    const std::string p = "blk." + std::to_string(layer) + ".";
+    ts.push_back(gguf_tensor(p + "ffn_gate_inp.weight", kF32, {d, E}, g, 0.2f));
+    ts.push_back(gguf_tensor(p + "ffn_gate_exps.weight", kQ8_0, {d, f, E}, g, 0.1f));
+    ts.push_back(gguf_tensor(p + "ffn_up_exps.weight", kQ4_0, {d, f, E}, g, 0.1f));
+    ts.push_back(gguf_tensor(p + "ffn_down_exps.weight", kF16, {f, d, E}, g, 0.1f));
+  }
+  const std::vector<std::byte> bytes = gguf_bytes(kv, ts);
+  std::ofstream(dir_ / "m.gguf", std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                                         static_cast<std::streamsize>(bytes.size()));
+  write_input(6, d);
+  const std::string io = " --input " + (dir_ / "x.safetensors").string() + " --output " + (dir_ / "y.safetensors").string();
+  const std::string gg = "run --gguf " + (dir_ / "m.gguf").string();
+  const Result r = run_cli(dir_, gg + " --layer 4 --threads 2" + io);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto file = moekit::io::GgufFile::open((dir_ / "m.gguf").string());
+  const auto layer = moekit::load_any_layer_gguf(file, 4, moekit::gguf_layer_config(file, 4));
+  std::vector<float> want(x_.size());
+  layer->forward(moekit::Batch::single(6, d), x_.data(), want.data(), 1);
+  const auto out = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
+  EXPECT_EQ(out.read_f32("hidden_states", {6, d}), want);
+  EXPECT_EQ(out.read_i32("topk_ids", {6, 2}).size(), 12u);
+  fs::remove(dir_ / "y.safetensors");
+  expect_error(gg + io, "--layer: required, " + (dir_ / "m.gguf").string() + " has MoE layers 1, 4");
+  expect_error(gg + " --layer 2" + io, "layer 2 has no MoE block (no tensor \"blk.2.ffn_gate_inp.weight\"); MoE layers: 1, 4");
+  expect_error(gg + " --layer 1 --prefix x." + io, "--gguf and --prefix exclude each other");
+  expect_error(gg + " --model " + dir_.string() + io, "--model and --gguf exclude each other");
+  expect_error("run --gguf " + (dir_ / "x.safetensors").string() + io, "not a GGUF file");
+  expect_error("run --gguf " + (dir_ / "m.gguf").string() + " --layer 1 --input " + (dir_ / "x.safetensors").string() +
+                   " --output " + (dir_ / "m.gguf").string(), "--output");
 }
 
 // --output naming an input file (however spelled) is refused before anything is written, and

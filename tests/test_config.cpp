@@ -330,7 +330,7 @@ TEST(ConfigMoekit, FusedExpertNames) {
   expect_error(R"({"moekit_config_version": 1, "preset": "switch", "experts": {"names": "dbrx"}})",
                "fused expert tensors (\"dbrx\") expected with router type topk and gated experts");
   expect_error(R"({"moekit_config_version": 1, "preset": "mixtral", "experts": {"names": "fused"}})",
-               "experts.names: expected \"hf\", \"mixtral\", \"granite\", \"llama4\" or \"dbrx\"");
+               "experts.names: expected \"hf\", \"mixtral\", \"granite\", \"llama4\", \"dbrx\" or \"gpt_oss\"");
 }
 
 TEST(ConfigMoekit, PrototypeSharedExpert) {

@@ -44,6 +44,7 @@ constexpr const char* kUsage =
     "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
     "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16]\n"
     "  moekit run --model DIR [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
+    "  moekit run --gguf F.gguf [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
     "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16] [--repeat R]\n"
     "               [--layers L] [--seed S]\n"
     "  moekit info\n"
@@ -341,25 +342,52 @@ std::string layer_prefix(const moekit::io::TensorSource& w, const std::string& w
   fail("--layer ", layer, ": several MoE blocks in that layer: ", list_prefixes(hits), "; use --config / --weights / --prefix");
 }
 
+// --gguf FILE [--layer N]: the GGUF file's MoE layer N (or its only one).
+std::unique_ptr<moekit::AnyLayer> gguf_layer(const std::string& path, int64_t layer_no,
+                                             const std::optional<DtypeFlag>& dtype, moekit::LayerConfig& cfg) {
+  const moekit::io::GgufFile g = moekit::io::GgufFile::open(path);
+  if (layer_no < 0) {
+    const std::vector<int64_t> layers = moekit::gguf_moe_layers(g);
+    if (layers.size() != 1) {
+      std::string list;
+      for (size_t i = 0; i < layers.size() && i < 8; ++i) list += (i ? ", " : "") + std::to_string(layers[i]);
+      if (layers.size() > 8) list += ", ... (" + std::to_string(layers.size()) + " layers)";
+      fail("--layer: required, ", path, " has ",
+           layers.empty() ? "no MoE layer (no blk.N.ffn_gate_inp.weight)" : "MoE layers " + list);
+    }
+    layer_no = layers.front();
+  }
+  cfg = moekit::gguf_layer_config(g, layer_no);
+  apply_dtype(dtype, cfg);
+  return moekit::load_any_layer_gguf(g, layer_no, cfg);
+}
+
 int cmd_run(const std::map<std::string, std::string>& f) {
   const auto dtype = dtype_flag(f);
-  const bool by_model = f.count("model") != 0;
-  if (by_model) {
+  const bool by_model = f.count("model") != 0, by_gguf = f.count("gguf") != 0;
+  if (by_model && by_gguf) fail("--model and --gguf exclude each other");
+  if (by_model || by_gguf) {
     for (const char* k : {"config", "weights", "prefix"})
-      if (f.count(k)) fail("--model and --", k, " exclude each other (--model finds the config, weights and prefix)");
+      if (f.count(k))
+        fail(by_model ? "--model" : "--gguf", " and --", k, " exclude each other (",
+             by_model ? "--model finds the config, weights and prefix)" : "the GGUF file holds the config and weights)");
   } else if (f.count("layer")) {
-    fail("--layer needs --model (with --config / --weights, name the block with --prefix)");
+    fail("--layer needs --model or --gguf (with --config / --weights, name the block with --prefix)");
   }
   const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
-  const ModelDir md = by_model ? model_dir(f.at("model")) : ModelDir{required(f, "config"), required(f, "weights")};
-  moekit::LayerConfig cfg = moekit::load_layer_config(md.config);
-  apply_dtype(dtype, cfg);
   std::unique_ptr<moekit::AnyLayer> layer;
   const std::string in_path = required(f, "input");
-  refuse_output_over_inputs(out_path, {{"--config", md.config}, {"--weights", md.weights}, {"--input", in_path}});
-  {
+  moekit::LayerConfig cfg;
+  if (by_gguf) {
+    refuse_output_over_inputs(out_path, {{"--gguf", f.at("gguf")}, {"--input", in_path}});
+    layer = gguf_layer(f.at("gguf"), layer_no, dtype, cfg);
+  } else {
+    const ModelDir md = by_model ? model_dir(f.at("model")) : ModelDir{required(f, "config"), required(f, "weights")};
+    cfg = moekit::load_layer_config(md.config);
+    apply_dtype(dtype, cfg);
+    refuse_output_over_inputs(out_path, {{"--config", md.config}, {"--weights", md.weights}, {"--input", in_path}});
     // The weights' mapping is released once the layer holds its own (packed) copy.
     const auto weights = moekit::io::TensorSource::open(md.weights);
     std::vector<std::pair<std::string, std::string>> shards;
@@ -568,7 +596,7 @@ int moekit_cli_main(int argc, char** argv) {
   try {
     if (cmd == "run")
       return cmd_run(parse_flags(argc, argv, 2,
-                                 {"config", "weights", "input", "output", "prefix", "threads", "dtype", "model", "layer"}));
+                                 {"config", "weights", "input", "output", "prefix", "threads", "dtype", "model", "layer", "gguf"}));
     if (cmd == "bench")
       return cmd_bench(parse_flags(argc, argv, 2, {"config", "tokens", "threads", "dtype", "repeat", "layers", "seed"}));
     if (cmd == "info") {

@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "files.hpp"
+#include "mxfp4.hpp"
 #include "moekit/error.hpp"
 #include "moekit/kernels/fp8.hpp"
 
@@ -697,24 +698,12 @@ void TensorSource::read_mxfp4_rows_into(const std::string& base, const std::vect
                q(base), "): rows [", first_row, ", ", first_row, " + ", rows, ") expected inside the tensor's ",
                total_rows);
   MOEKIT_CHECK(dst != nullptr || rows == 0, reader, "(", q(base), "): dst is null");
-  // e2m1 values (sign bit 3) times 2^(scale - 127): exact in f32, or an infinity for non-zero
-  // codes with scales near 255 (OCP's NaN scale), which the expert bank then refuses.
-  static constexpr float kE2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t gi = 0; gi < G; ++gi) {
       const int64_t blk = (first_row + r) * G + gi;
-      // value = ldexp(code value, scale - 127), per code (0 stays 0 even where 2^(s - 127)
-      // alone would overflow)
-      float lut[16];
-      const int ex = static_cast<int>(static_cast<std::uint8_t>(sc.data[blk])) - 127;
-      for (int c = 0; c < 16; ++c) lut[c] = std::ldexp(kE2m1[c], ex);
-      const std::uint8_t* bytes = reinterpret_cast<const std::uint8_t*>(b.data) + blk * 16;
-      float* out = dst + r * G * 32 + gi * 32;
-      for (int j = 0; j < 16; ++j) {  // low nibble: element 2j; high nibble: 2j + 1
-        out[2 * j] = lut[bytes[j] & 0x0F];
-        out[2 * j + 1] = lut[bytes[j] >> 4];
-      }
+      detail::mxfp4_block_to_f32(reinterpret_cast<const std::uint8_t*>(b.data) + blk * 16,
+                                 static_cast<std::uint8_t>(sc.data[blk]), detail::Mxfp4Order::pairs,
+                                 dst + r * G * 32 + gi * 32);
     }
 }
 

@@ -12,6 +12,7 @@
 
 #include "moekit/batch.hpp"
 #include "moekit/io/config.hpp"
+#include "moekit/io/gguf.hpp"
 #include "moekit/io/safetensors.hpp"
 
 namespace moekit {
@@ -53,6 +54,9 @@ class AnyLayer {
 /// Builds the layer `config` describes from `weights` (tensor names after `prefix`).
 std::unique_ptr<AnyLayer> load_any_layer(const LayerConfig& config, const io::TensorSource& weights,
                                          const std::string& prefix = "");
+
+/// A GGUF file's MoE layer `layer` as an AnyLayer (`config` from gguf_layer_config()).
+std::unique_ptr<AnyLayer> load_any_layer_gguf(const io::GgufFile& file, int64_t layer, const LayerConfig& config);
 
 /// The same layer with random weights from `seed` (benchmarks).
 std::unique_ptr<AnyLayer> random_any_layer(const LayerConfig& config, uint64_t seed);

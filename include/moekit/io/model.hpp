@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "moekit/experts/ffn.hpp"
 #include "moekit/io/config.hpp"
@@ -14,6 +15,7 @@ namespace moekit {
 
 namespace io {
 class TensorSource;
+class GgufFile;
 }
 
 /// The layer type every LayerConfig builds: top-k router, FFN experts, shared experts.
@@ -28,6 +30,21 @@ TopKLayer load_layer(const LayerConfig& config, const io::TensorSource& weights,
 /// A layer with random weights (uniform, variance 1/fan_in) from a fixed seed: for
 /// benchmarks and tests. Deterministic for a given seed.
 TopKLayer random_layer(const LayerConfig& config, uint64_t seed);
+
+/// The layers of a GGUF file that hold an MoE block (`blk.N.ffn_gate_inp.weight`), ascending.
+std::vector<int64_t> gguf_moe_layers(const io::GgufFile& file);
+
+/// The config of a GGUF file's MoE layer `layer`, from its metadata (`general.architecture`,
+/// `<arch>.expert_used_count`, `expert_gating_func`, `expert_weights_norm` / `_scale`,
+/// `expert_group_count`, ...) and tensor shapes, with llama.cpp's semantics per architecture
+/// (docs/config.md, "GGUF files"); `origin` "gguf", `preset` the architecture. Throws
+/// moekit::error naming the key or tensor; a layer without an MoE block names those that have one.
+LayerConfig gguf_layer_config(const io::GgufFile& file, int64_t layer);
+
+/// Builds that layer from the file's tensors (any GgufFile::read_rows_f32 type, dequantised
+/// to f32 one expert at a time, then packed as `config.pack`); `config` is gguf_layer_config's,
+/// its `pack` may be changed.
+TopKLayer load_gguf_layer(const io::GgufFile& file, int64_t layer, const LayerConfig& config);
 
 /// Bytes of weights the layer will hold (f32 router, routed and shared experts stored as
 /// `config.pack.type`, block/channel scales and strip padding not counted): an estimate made
