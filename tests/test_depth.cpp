@@ -1242,3 +1242,98 @@ TEST(DepthErrors, BadOptionsAndInputsThrowNamingTheArgument) {
 }
 
 }  // namespace
+
+// gamma-MoD's official routed decoder layer (Gamma-MOD llava_llama_mod.py,
+// MoDLlamaDecoderLayer_forward_inference at 5de27f2), transcribed in double per sequence: the
+// router reads input_layernorm(x); selected tokens (p > threshold, prefill) run
+// h = x + attn(ln1 x) among themselves (causal), y = h + p * mlp(ln2 h); the others y = x.
+// moekit: GammaModRouter with set_input_norm + GammaModBlock (only the MLP weighted by p).
+TEST(GammaMod, OfficialDecoderLayerWeightsOnlyTheMlp) {
+  Rng rng(2026);
+  int compared = 0, weighted = 0;
+  for (int trial = 0; trial < 6; ++trial) {
+    const int64_t d = rng.integer(4, 24), f = rng.integer(4, 40);
+    Case c;
+    c.L.tokens = rng.integer(6, 40);
+    c.L.hidden = d;
+    const int64_t T = c.L.tokens, cut = rng.integer(1, T - 1);
+    c.L.offsets = {0, static_cast<int32_t>(cut), static_cast<int32_t>(T)};
+    c.x = rng.vec(T * d, 1.5);
+    const auto ffn = random_ffn(rng, d, f);
+    const auto att = random_attention(rng, d);
+    std::vector<float> ln1 = rng.vec(d, 0.5), ln2 = rng.vec(d, 0.5);
+    for (float& v : ln1) v += 1.0f;
+    for (float& v : ln2) v += 1.0f;
+    const auto wr = rng.vec(2 * d, 0.8);
+    const double eps = 1e-5, threshold = 0.45;
+    // Reference.
+    auto rms = [&](const float* x, const std::vector<float>& g) {
+      double ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += double(x[i]) * x[i];
+      const double inv = 1.0 / std::sqrt(ss / d + eps);
+      std::vector<float> o(d);
+      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<float>(g[i] * (x[i] * inv));
+      return o;
+    };
+    std::vector<double> want(c.x.begin(), c.x.end());
+    std::vector<double> p(T);
+    for (int64_t s = 0; s < 2; ++s) {
+      const int64_t b = c.L.offsets[s], e = c.L.offsets[s + 1];
+      std::vector<int64_t> sel, pos;
+      std::vector<float> n1;
+      for (int64_t t = b; t < e; ++t) {
+        const auto n = rms(c.x.data() + t * d, ln1);
+        double l0 = 0, l1 = 0;
+        for (int64_t i = 0; i < d; ++i) l0 += wr[i] * double(n[i]), l1 += wr[d + i] * double(n[i]);
+        p[t] = 1.0 / (1.0 + std::exp(l0 - l1));  // softmax(logits)[1]
+        if (p[t] > threshold) {
+          sel.push_back(t);
+          pos.push_back(t - b);
+          n1.insert(n1.end(), n.begin(), n.end());
+        }
+      }
+      if (sel.empty()) continue;
+      const auto a = depth_ref::attention(att, n1.data(), static_cast<int64_t>(sel.size()), pos);
+      for (size_t r = 0; r < sel.size(); ++r) {
+        const int64_t t = sel[r];
+        std::vector<float> h(d);
+        for (int64_t i = 0; i < d; ++i) h[i] = static_cast<float>(c.x[t * d + i] + a[r * d + i]);
+        const auto m = depth_ref::ffn_row(ffn, rms(h.data(), ln2).data());
+        for (int64_t i = 0; i < d; ++i) want[t * d + i] = double(h[i]) + p[t] * m[i];
+      }
+    }
+    // moekit.
+    GammaModOptions o;
+    o.hidden = d;
+    o.phase = GammaModPhase::prefill;
+    o.prefill_threshold = threshold;
+    o.rms_norm_eps = eps;
+    GammaModRouter router(o, wr);
+    router.set_input_norm(ln1);
+    std::vector<moekit::GammaModBlock> blocks;
+    blocks.emplace_back(ln1, make_attention(att), ln2, make_ffn(ffn), eps);
+    moekit::SparseLayer<GammaModRouter, FunctorBank<moekit::GammaModBlock>> layer(std::move(router),
+                                                                                 FunctorBank(std::move(blocks)));
+    for (int threads : {1, 2}) {
+      std::vector<float> y(T * d);
+      moekit::Workspace ws;
+      layer.forward(c.batch(), c.x.data(), y.data(), ws, threads);
+      std::vector<uint8_t> skip_near(T, 0);
+      for (int64_t t = 0; t < T; ++t) {
+        skip_near[t] = std::fabs(p[t] - threshold) < 1e-5;  // a rounding could flip it
+        ASSERT_NEAR(ws.router.values[t], p[t], 1e-5) << "router p with the input norm, token " << t;
+        for (int64_t i = 0; i < d; ++i) y[t * d + i] += c.x[t * d + i];  // the layer returns the delta
+        weighted += !skip_near[t] && p[t] > threshold && p[t] < 0.99;
+      }
+      // A sequence holding a near-tie changes the others' attention: skip it whole.
+      for (int64_t s = 0; s < 2; ++s) {
+        bool near = false;
+        for (int64_t t = c.L.offsets[s]; t < c.L.offsets[s + 1]; ++t) near |= skip_near[t] != 0;
+        for (int64_t t = c.L.offsets[s]; near && t < c.L.offsets[s + 1]; ++t) skip_near[t] = 1;
+      }
+      compared += compare_rows(want, y.data(), d, skip_near, "gamma-MoD official layer", 2e-4, 2e-5);
+    }
+  }
+  EXPECT_GT(compared, 60);
+  EXPECT_GT(weighted, 20) << "too few tokens with 0 < p < 1: the MLP-only weighting was not exercised";
+}

@@ -239,4 +239,91 @@ static_assert(Expert<CausalAttentionBlock>);
 static_assert(ContextAwareExpert<CausalAttentionBlock>);
 static_assert(whole_blocks_v<CausalAttentionBlock>);
 
+/// LLaMA's RMSNorm of `rows` rows: `out = g * (x / sqrt(mean(x^2) + eps))` (the mean in
+/// double, the scale rounded to f32 once per row; HF LlamaRMSNorm in f32).
+inline void rms_norm_rows(const float* x, int64_t rows, int64_t d, const float* g, double eps, float* out) noexcept {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const auto inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = g[i] * (xr[i] * inv);
+  }
+}
+
+/// gamma-MoD's routed decoder layer as the official inference code runs it (Gamma-MOD
+/// `llava_llama_mod.py`, MoDLlamaDecoderLayer_forward_inference, commit 5de27f2) on the tokens
+/// its router selected: with `ln1`, `ln2` the layer's RMSNorms (`input_layernorm.weight`,
+/// `post_attention_layernorm.weight`, `[d]`) and p the token's routing weight,
+///
+///     a = attn(ln1(x))      (attention among the selected tokens only, causal)
+///     h = x + a
+///     f(x) = a + p * mlp(ln2(h))        (the layer adds x back: y = h + p mlp(ln2(h)))
+///
+/// Only the MLP is weighted by p (applies_weight: the layer passes p in BlockContext::weights
+/// and adds f unweighted); unselected tokens skip the whole layer. The attention is
+/// CausalAttentionBlock (one head, no positional encoding): the official layer's multi-head
+/// rotary attention is the engine's (compacted positions, selected tokens only).
+class GammaModBlock {
+ public:
+  static constexpr bool whole_blocks = true;
+  static constexpr bool applies_weight = true;
+
+  GammaModBlock(std::vector<float> ln1, CausalAttentionBlock attn, std::vector<float> ln2, FfnBlock mlp,
+                double rms_norm_eps = 1e-6)
+      : ln1_(std::move(ln1)), ln2_(std::move(ln2)), attn_(std::move(attn)), mlp_(std::move(mlp)), eps_(rms_norm_eps) {
+    const int64_t d = attn_.d_in();
+    MOEKIT_CHECK(mlp_.d_in() == d, "GammaModBlock: mlp width expected ", d, " (the attention's), got ", mlp_.d_in());
+    MOEKIT_CHECK(static_cast<int64_t>(ln1_.size()) == d && static_cast<int64_t>(ln2_.size()) == d,
+                 "GammaModBlock: input_layernorm / post_attention_layernorm weights expected [", d, "], got [",
+                 ln1_.size(), "] and [", ln2_.size(), "]");
+    MOEKIT_CHECK(std::isfinite(eps_) && eps_ > 0 && eps_ < 1, "GammaModBlock: rms_norm_eps expected in (0, 1), got ", eps_);
+    detail::check_finite(ln1_, "GammaModBlock", "input_layernorm.weight");
+    detail::check_finite(ln2_, "GammaModBlock", "post_attention_layernorm.weight");
+  }
+
+  [[nodiscard]] int64_t d_in() const noexcept { return attn_.d_in(); }
+  [[nodiscard]] int64_t d_out() const noexcept { return attn_.d_in(); }
+  /// ln1(x) / ln2(h), a, h, the MLP's output (`[rows, d]` each), then the larger of the two
+  /// blocks' scratch.
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
+    return static_cast<size_t>(4 * rows * d_in()) + std::max(attn_.scratch_floats(rows), mlp_.scratch_floats(rows));
+  }
+
+  /// The rows as one sequence, weight 1.
+  void operator()(const float* in, int64_t rows, float* out, float* scratch) const {
+    (*this)(in, rows, out, scratch, BlockContext{});
+  }
+  void operator()(const float* in, int64_t rows, float* out, float* scratch, const BlockContext& ctx) const {
+    if (rows <= 0) return;
+    const int64_t d = d_in(), n = rows * d;
+    MOEKIT_CHECK(ctx.weights.empty() || static_cast<int64_t>(ctx.weights.size()) == rows,
+                 "GammaModBlock: ctx.weights expected ", rows, " entries (one per row), got ", ctx.weights.size());
+    float* normed = scratch;
+    float* a = scratch + n;
+    float* h = scratch + 2 * n;
+    float* m = scratch + 3 * n;
+    float* inner = scratch + 4 * n;
+    rms_norm_rows(in, rows, d, ln1_.data(), eps_, normed);
+    attn_(normed, rows, a, inner, ctx);
+    for (int64_t i = 0; i < n; ++i) h[i] = in[i] + a[i];
+    rms_norm_rows(h, rows, d, ln2_.data(), eps_, normed);
+    mlp_(normed, rows, m, inner);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = ctx.weights.empty() ? 1.0f : ctx.weights[static_cast<size_t>(r)];
+      for (int64_t i = 0; i < d; ++i) out[r * d + i] = a[r * d + i] + p * m[r * d + i];
+    }
+  }
+
+ private:
+  std::vector<float> ln1_, ln2_;
+  CausalAttentionBlock attn_;
+  FfnBlock mlp_;
+  double eps_;
+};
+
+static_assert(Expert<GammaModBlock>);
+static_assert(ContextAwareExpert<GammaModBlock>);
+static_assert(whole_blocks_v<GammaModBlock> && applies_weight_v<GammaModBlock>);
+
 }  // namespace moekit

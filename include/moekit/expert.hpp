@@ -30,7 +30,16 @@ concept Expert = requires(const F& f, const float* in, int64_t rows, float* out,
 struct BlockContext {
   const Batch* batch = nullptr;
   std::span<const int32_t> tokens{};
+  /// The routing weight of each row (the plan's slot weight), for blocks that apply it
+  /// themselves (applies_weight_v); empty when the caller has none (then 1).
+  std::span<const float> weights{};
 };
+
+/// A bank (or block) that applies the routing weight itself, inside the block, from
+/// BlockContext::weights (e.g. gamma-MoD's decoder layer, which weights only its MLP): declares
+/// `static constexpr bool applies_weight = true;`. The layer then adds its output unweighted.
+template <class B>
+inline constexpr bool applies_weight_v = requires { requires B::applies_weight; };
 
 /// A bank whose run() also takes the BlockContext; the layer then calls that overload.
 template <class B>
@@ -64,11 +73,13 @@ concept ContextAwareExpert = requires(const F& f, const float* in, int64_t rows,
 };
 
 /// A bank of user-written experts of one type F (see examples/custom_expert.cpp). Forwards
-/// the BlockContext to context-aware functors and F::whole_blocks to the layer.
+/// the BlockContext to context-aware functors, and F::whole_blocks and F::applies_weight to
+/// the layer.
 template <Expert F>
 class FunctorBank {
  public:
   static constexpr bool whole_blocks = whole_blocks_v<F>;
+  static constexpr bool applies_weight = applies_weight_v<F>;
 
   explicit FunctorBank(std::vector<F> experts) : experts_(std::move(experts)) {
     MOEKIT_CHECK(!experts_.empty(), "FunctorBank: expected at least one expert, got 0");

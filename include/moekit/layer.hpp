@@ -43,6 +43,7 @@ struct Workspace {
   std::vector<int32_t> unpadded;     ///< unpadded token ids (when the batch has padding)
   std::vector<int32_t> row_of_token; ///< token -> row in the unpadded list, -1 for padding
   std::vector<float> thread_scratch; ///< per thread: gather block + expert scratch
+  std::vector<float> row_weights;    ///< `[S_kept]` routing weight of each expert row (context-aware banks)
   // Decode (column-split) path.
   struct Piece {
     int32_t task;   ///< index into tasks
@@ -243,6 +244,12 @@ class SparseLayer {
     grow(ws.shared_out, shared_.size() * static_cast<size_t>(Tr * d));
 
     const auto tokens = plan.expert_tokens();
+    if constexpr (ContextAwareBank<B>) {  // each row's routing weight, for BlockContext::weights
+      const auto slots = plan.expert_slots();
+      const auto sw = plan.slot_weight();
+      grow(ws.row_weights, slots.size());
+      for (size_t r = 0; r < slots.size(); ++r) ws.row_weights[r] = sw[static_cast<size_t>(slots[r])];
+    }
     std::exception_ptr failure;
     const auto ntasks = static_cast<int64_t>(ws.tasks.size());
     bool split = false;
@@ -267,7 +274,8 @@ class SparseLayer {
           gather_expert_rows(hidden, plan, task.begin, rows, rows_block);
           float* dst = ws.expert_out.data() + static_cast<int64_t>(task.begin) * d;
           if constexpr (ContextAwareBank<B>) {
-            const BlockContext ctx{&batch, tokens.subspan(static_cast<size_t>(task.begin), static_cast<size_t>(rows))};
+            const BlockContext ctx{&batch, tokens.subspan(static_cast<size_t>(task.begin), static_cast<size_t>(rows)),
+                                   std::span<const float>(ws.row_weights.data() + task.begin, static_cast<size_t>(rows))};
             experts_.run(task.expert, rows_block, rows, dst, scratch, ctx);
           } else {
             experts_.run(task.expert, rows_block, rows, dst, scratch);
@@ -322,7 +330,7 @@ class SparseLayer {
         const int32_t p = pos[static_cast<size_t>(s)];
         if (p < 0) continue;  // dropped: contributes nothing
         rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
-        w[n++] = (weight_on_input_ ? 1.0f : weight[static_cast<size_t>(s)]) * c0;
+        w[n++] = (weight_on_input_ || applies_weight_v<B> ? 1.0f : weight[static_cast<size_t>(s)]) * c0;
       }
       const int64_t r = padded ? ws.row_of_token[static_cast<size_t>(t)] : t;
       for (size_t j = 0; j < shared_.size(); ++j) {

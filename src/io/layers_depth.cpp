@@ -45,8 +45,13 @@ MoDOptions mod_options(const json& j, const LayerConfig& c) {
   });
 }
 
-GammaModOptions gamma_options(const json& j, const LayerConfig& c) {
+// `input_norm` (the router reads input_layernorm(x)) is not an option of the router itself
+// (GammaModRouter::set_input_norm takes the weight): returned through `input_norm`.
+GammaModOptions gamma_options(const json& j, const LayerConfig& c, bool* input_norm = nullptr) {
   return parse_router_options<GammaModOptions>(j, [&](Reader& r, GammaModOptions& o) {
+    const bool in = r.boolean("input_norm", false);
+    if (input_norm) *input_norm = in;
+    o.rms_norm_eps = r.number("rms_norm_eps", o.rms_norm_eps);
     o.hidden = c.hidden();
     o.ratio = r.number("ratio", o.ratio);
     o.phase = parse_enum(r, "phase", o.phase,
@@ -140,11 +145,14 @@ std::unique_ptr<AnyLayer> build_mod(const json& j, const LayerConfig& c, const i
 }
 
 std::unique_ptr<AnyLayer> build_gamma(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
-  const GammaModOptions o = gamma_options(j, c);
+  bool input_norm = false;
+  const GammaModOptions o = gamma_options(j, c, &input_norm);
   uint64_t s = splitmix64(seed);
   auto weight = tensor_or_random(w, p + "router.weight", {2, c.hidden()}, s, scale_of(c));
-  const double rv = static_cast<double>(weight.size());
-  return sparse_depth(c, GammaModRouter(o, std::move(weight)), block_of(c, w, p, s), rv);
+  const double rv = static_cast<double>(weight.size()) + (input_norm ? static_cast<double>(c.hidden()) : 0.0);
+  GammaModRouter router(o, std::move(weight));
+  if (input_norm) router.set_input_norm(tensor_or_random(w, p + "input_layernorm.weight", {c.hidden()}, s, 0.5));
+  return sparse_depth(c, std::move(router), block_of(c, w, p, s), rv);
 }
 
 std::unique_ptr<AnyLayer> build_prune(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
@@ -276,8 +284,9 @@ double weight_bytes_mod(const json& j, const LayerConfig& c) {
   return 4.0 * (rows * d + mlp) + routed_expert_bytes(c, 1.0);
 }
 double weight_bytes_gamma_mod(const json& j, const LayerConfig& c) {
-  (void)gamma_options(j, c);
-  return 4.0 * 2.0 * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+  bool input_norm = false;
+  (void)gamma_options(j, c, &input_norm);
+  return 4.0 * (input_norm ? 3.0 : 2.0) * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
 }
 double weight_bytes_token_prune(const json& j, const LayerConfig& c) {
   (void)prune_options(j, c);

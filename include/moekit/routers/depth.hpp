@@ -350,9 +350,14 @@ struct GammaModOptions {
   /// The prefill / decode phases also process the must-keep tokens. The official code applies
   /// the must-keep mask in training only (false, the default); true keeps them at inference too.
   bool must_keep_at_inference = false;
+  /// eps of the router's input RMSNorm (GammaModRouter::set_input_norm; HF LlamaConfig
+  /// `rms_norm_eps`, default 1e-6).
+  double rms_norm_eps = 1e-6;
 
   void validate() const {
     MOEKIT_CHECK(hidden >= 1, "gamma_mod router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0 && rms_norm_eps < 1,
+                 "gamma_mod router: rms_norm_eps expected in (0, 1), got ", rms_norm_eps);
     MOEKIT_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1,
                  "gamma_mod router: ratio expected in [0, 1], got ", ratio);
     MOEKIT_CHECK(phase == GammaModPhase::capacity || phase == GammaModPhase::prefill ||
@@ -388,6 +393,21 @@ class GammaModRouter {
   [[nodiscard]] double flops_per_token() const noexcept {
     return 4.0 * static_cast<double>(opt_.hidden);
   }
+  /// The official router reads the decoder layer's `input_layernorm(x)` (LLaMA's RMSNorm:
+  /// `g * x / sqrt(mean(x^2) + eps)`, `g` = `input_layernorm.weight [d]`, eps =
+  /// options().rms_norm_eps), not x: set g to route on it (the layer's input stays x). Computed
+  /// as `W (g x) / sqrt(mean(x^2) + eps)` (the mean in double); empty g = none.
+  void set_input_norm(std::vector<float> g) {
+    if (g.empty()) {
+      wn_.clear();
+      return;
+    }
+    detail::depth::check_weight(g, 1, opt_.hidden, "gamma_mod router", "input_layernorm.weight");
+    wn_ = w_;
+    for (size_t r = 0; r < 2; ++r)
+      for (size_t i = 0; i < g.size(); ++i) wn_[r * g.size() + i] *= g[i];
+  }
+  [[nodiscard]] bool has_input_norm() const noexcept { return !wn_.empty(); }
 
   /// Routes `hidden [T, d]`. After: `scratch.logits [T, 2]`, `scratch.values [T]` = p_t (0 for
   /// padding), `scratch.buffer [T]` = the margins z_t.
@@ -398,8 +418,18 @@ class GammaModRouter {
     MOEKIT_CHECK(T == 0 || hidden != nullptr,
                  "gamma_mod router: hidden states pointer is null for T = ", T);
     const int nt = detail::resolve_threads(threads);
-    detail::depth::scalar_logits(batch, hidden, w_, 2, scratch.logits, nt, "gamma_mod router",
+    detail::depth::scalar_logits(batch, hidden, wn_.empty() ? w_ : wn_, 2, scratch.logits, nt, "gamma_mod router",
                                  "router.weight");
+    if (!wn_.empty())  // RMSNorm's 1 / sqrt(mean(x^2) + eps) per token
+      for (int64_t t = 0; t < T; ++t) {
+        if (batch.is_padding(t)) continue;
+        const float* x = hidden + t * opt_.hidden;
+        double ss = 0.0;
+        for (int64_t i = 0; i < opt_.hidden; ++i) ss += static_cast<double>(x[i]) * x[i];
+        const auto inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(opt_.hidden) + opt_.rms_norm_eps));
+        scratch.logits[static_cast<size_t>(2 * t)] *= inv;
+        scratch.logits[static_cast<size_t>(2 * t + 1)] *= inv;
+      }
     scratch.values.resize(static_cast<size_t>(T));
     scratch.buffer.resize(static_cast<size_t>(T));
     scratch.index.resize(static_cast<size_t>(2 * T));
@@ -432,6 +462,7 @@ class GammaModRouter {
  private:
   GammaModOptions opt_;
   std::vector<float> w_;
+  std::vector<float> wn_;  // W with the input norm's g folded in ([2, d]); empty: no norm
 };
 
 static_assert(Router<GammaModRouter>);
