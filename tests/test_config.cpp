@@ -320,6 +320,14 @@ TEST(ConfigHf, GptOss) {
                "fused expert tensors");
 }
 
+TEST(ConfigMoekit, SharedExpertScale) {
+  const auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "qwen2_moe",
+      "shared_expert": {"intermediate_size": 8, "gated": true, "scale": 0.25}})");
+  ASSERT_TRUE(c.shared);
+  EXPECT_FLOAT_EQ(c.shared->scale, 0.25f);
+  expect_error(R"({"moekit_config_version": 1, "preset": "qwen2_moe", "shared_expert": {"scale": "x"}})", "scale");
+}
+
 TEST(ConfigMoekit, FusedExpertNames) {
   auto c = parse_layer_config(R"({"moekit_config_version": 1, "preset": "granitemoe", "hidden_size": 8,
       "experts": {"intermediate_size": 4}})");

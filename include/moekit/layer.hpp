@@ -96,6 +96,8 @@ class SparseLayer {
                    "SparseLayer: shared expert ", j, " gate expected [", hidden_size(), "], got ",
                    shared_[j].gate.size(), " values");
       detail::check_finite(shared_[j].gate, "SparseLayer", "shared expert gate");
+      MOEKIT_CHECK(std::isfinite(shared_[j].scale), "SparseLayer: shared expert ", j, " scale expected finite, got ",
+                   shared_[j].scale);
       if (shared_[j].coefficient.empty() && shared_[j].coefficient_bias.empty()) continue;
       MOEKIT_CHECK(residual_ < 0, "SparseLayer: shared experts ", residual_, " and ", j,
                    " both have a residual coefficient, expected at most one");
@@ -335,12 +337,15 @@ class SparseLayer {
       const int64_t r = padded ? ws.row_of_token[static_cast<size_t>(t)] : t;
       for (size_t j = 0; j < shared_.size(); ++j) {
         rows[n] = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + r) * d;
-        w[n++] = static_cast<int64_t>(j) == residual_ ? c1
-                 : shared_[j].gate.empty()
-                     ? 1.0f
-                     : 1.0f / (1.0f + std::exp(-kernels::dot(hidden + t * d, shared_[j].gate.data(), d)));
+        w[n++] = shared_[j].scale *
+                 (static_cast<int64_t>(j) == residual_ ? c1
+                  : shared_[j].gate.empty()
+                      ? 1.0f
+                      : 1.0f / (1.0f + std::exp(-kernels::dot(hidden + t * d, shared_[j].gate.data(), d))));
       }
       kernels::weighted_sum_rows(rows, w, n, d, y);
+      if (!output_bias_.empty())
+        for (int64_t i = 0; i < d; ++i) y[i] += output_bias_[static_cast<size_t>(i)];
     }
   }
 
@@ -350,6 +355,16 @@ class SparseLayer {
   /// Shared experts are not affected.
   void set_weight_on_input(bool on) noexcept { weight_on_input_ = on; }
   [[nodiscard]] bool weight_on_input() const noexcept { return weight_on_input_; }
+
+  /// A bias `[d]` added to every unpadded token's output after the combine (RMoE's
+  /// `add_moe_bias`); empty for none.
+  void set_output_bias(std::vector<float> bias) {
+    MOEKIT_CHECK(bias.empty() || static_cast<int64_t>(bias.size()) == hidden_size(), "SparseLayer: output bias expected [",
+                 hidden_size(), "], got ", bias.size(), " values");
+    detail::check_finite(bias, "SparseLayer", "output bias");
+    output_bias_ = std::move(bias);
+  }
+  [[nodiscard]] const std::vector<float>& output_bias() const noexcept { return output_bias_; }
 
   /// Turns the decode column split on (default) or off, e.g. to compare both in a benchmark.
   /// Results are bit-identical either way.
@@ -485,6 +500,7 @@ class SparseLayer {
   std::vector<SharedExpert> shared_;
   bool split_enabled_ = true;
   bool weight_on_input_ = false;
+  std::vector<float> output_bias_;
   int64_t residual_ = -1;  // the shared expert with PR-MoE's residual coefficient, or -1
   bool check_finite_ = true;
   NonFiniteOutput non_finite_output_ = NonFiniteOutput::error;

@@ -282,6 +282,7 @@ std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorS
   if (!c.shared) return out;
   const FfnShape s{c.hidden(), c.shared->intermediate, c.experts.gated, c.experts.act};
   SharedExpert se{ffn_bank(weights, prefix + c.shared->names, false, 1, s, ExpertNames::hf, seed, c.pack), {}};
+  se.scale = c.shared->scale;
   if (c.shared->gated)
     se.gate = tensor_or_random(weights, prefix + "shared_expert_gate.weight", {1, c.hidden()}, seed,
                                1.0 / std::sqrt(static_cast<double>(c.hidden())));

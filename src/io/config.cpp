@@ -370,13 +370,68 @@ LayerConfig parse_gpt_oss(Reader& rd, const std::string& origin) {
   return c;
 }
 
+// RMoE's official model (qiuzh20/RMoE llama_moe_rnn/llama_moe_modeling.py at 9913a7f,
+// MixtralSparseMoeBlock with the recurrent router): the layerwise GRU (or RNN) router on its
+// official tensor names (layout "rmoe": block_sparse_moe.weight1 / weight2, the cell
+// model.rnn_router.weight_ir ... bias_hn), Mixtral's softmax top-k renormalised, experts
+// w1 / w3 / w2; with add_moe_share_expert, y = moe_weight * (MoE + bias) + share_weight *
+// mlp_share(x); add_moe_bias adds block_sparse_moe.bias to the MoE output.
+LayerConfig parse_llama_moe_rnn(Reader& rd, const std::string& origin) {
+  LayerConfig c;
+  c.origin = "hf";
+  c.preset = "llama_moe_rnn";
+  c.router.hidden = rd.integer("hidden_size", 4096);
+  c.experts.gated = true;
+  c.experts.act = parse_activation(rd.string("hidden_act", "silu"));
+  const int64_t dense_f = rd.integer("intermediate_size", 11008);
+  c.experts.intermediate = rd.integer("moe_expert_intermediate_size", dense_f);  // None: the dense width
+  c.expert_names = ExpertNames::mixtral;
+  const int64_t E = rd.integer("num_local_experts", 8), k = rd.integer("num_experts_per_tok", 2);
+  const std::string type = rd.string("moe_router_type", "gru");
+  const bool share = rd.boolean("add_moe_share_expert", false);
+  const double moe_weight = rd.number("moe_weight", 0.5), share_weight = rd.number("share_weight", 0.5);
+  const bool bias = rd.boolean("add_moe_bias", false);
+  (void)rd.integer("moe_num_layers", 32);
+  if (share) {
+    MOEKIT_CHECK(std::isfinite(moe_weight) && moe_weight > 0 && std::isfinite(share_weight), origin,
+                 ".moe_weight / share_weight: expected finite numbers (moe_weight > 0), got ", moe_weight, " and ",
+                 share_weight);
+    c.shared = SharedExpertConfig{rd.integer("moe_share_expert_intermediate_size", dense_f), false, "mlp_share."};
+    c.shared->scale = static_cast<float>(share_weight);
+  }
+  const double routed_scale = share ? moe_weight : 1.0;
+  if (type == "gru" || type == "rnn") {
+    c.router_type = "gru";
+    json r = {{"type", "gru"}, {"num_experts", E}, {"k", k}, {"d_r", rd.integer("moe_router_rnn_hidden_size", 256)},
+              {"variant", type}, {"layout", "rmoe"}, {"routed_scaling_factor", routed_scale}, {"output_bias", bias}};
+    c.router_json = r.dump();
+    c.router.num_experts = E;
+    c.router.k = k;
+  } else {  // a plain gate: block_sparse_moe.gate.weight, Mixtral's routing
+    MOEKIT_CHECK(!bias, origin, ".add_moe_bias: supported with moe_router_type gru or rnn only, got \"", type, "\"");
+    c.router.num_experts = E;
+    c.router.k = k;
+    c.router.norm_topk_prob = true;
+    c.router.routed_scaling_factor = static_cast<float>(routed_scale);
+  }
+  finish(c, origin);
+  if (c.router_type != "topk") {
+    try {
+      detail::find_router_family("gru")->validate(json::parse(c.router_json), c);
+    } catch (const error& e) {
+      detail::fail(origin, ": ", e.what());
+    }
+  }
+  return c;
+}
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
   static constexpr const char* kHfTypes[] = {"mixtral",     "qwen2_moe",   "qwen3_moe",    "qwen3_next",     "olmoe",
                                              "deepseek_v2", "deepseek_v3", "glm4_moe",     "granitemoe",     "dbrx",
                                              "llama4",      "llama4_text", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe",
-                                             "gpt_oss"};
+                                             "gpt_oss",     "llama_moe_rnn"};
   if (std::find(std::begin(kHfTypes), std::end(kHfTypes), mt) == std::end(kHfTypes)) {
     std::string list;
     for (const char* t : kHfTypes) list += (list.empty() ? "" : ", ") + std::string(t);
@@ -384,6 +439,7 @@ LayerConfig parse_hf(const json& j, const std::string& origin) {
   }
   if (mt == "ernie4_5_moe") return parse_ernie(rd, origin);
   if (mt == "gpt_oss") return parse_gpt_oss(rd, origin);
+  if (mt == "llama_moe_rnn") return parse_llama_moe_rnn(rd, origin);
   if (mt == "hunyuan_v1_moe") return parse_hunyuan(rd, j, origin);
   if (mt == "dbrx") return parse_dbrx(rd, j, origin);
   if (mt == "llama4" || mt == "llama4_text") return parse_llama4(rd, mt, origin);
@@ -596,6 +652,8 @@ LayerConfig parse_moekit(const json& j, const std::string& origin) {
                  ".gated: expected false for the prototype router (ProMoE's shared expert has no gate), got true");
     s.names = rs.string("names", s.names.empty() ? (s.gated || promoe ? "shared_expert." : "shared_experts.") : s.names);
     s.residual_coefficient = rs.boolean("residual_coefficient", s.residual_coefficient);
+    s.scale = static_cast<float>(rs.number("scale", s.scale));
+    MOEKIT_CHECK(std::isfinite(s.scale), rs.where(), ".scale: expected a finite number, got ", s.scale);
     MOEKIT_CHECK(!s.residual_coefficient || !s.gated, rs.where(),
                  ".residual_coefficient: expected false with gated (PR-MoE's coefficient replaces the gate), got true");
     MOEKIT_CHECK(!s.names.empty() && s.names.back() == '.', rs.where(), ".names: expected a tensor prefix ending in '.', got \"", s.names, "\"");

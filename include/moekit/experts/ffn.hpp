@@ -253,12 +253,14 @@ static_assert(SplittableBank<FfnBank>);
 /// With `coefficient` (DeepSpeed PR-MoE's residual MoE, `use_residual`): per token
 /// `c = softmax(coefficient x + coefficient_bias)` and the layer returns
 /// `c_0 * (routed sum) + c_1 * ffn(x)` (at most one shared expert of a layer has it, and it
-/// has no `gate`).
+/// has no `gate`). `scale` multiplies its contribution (1 by default).
 struct SharedExpert {
   FfnBank ffn;               ///< a one-expert bank
   std::vector<float> gate;   ///< `[d]`, empty for ungated
   std::vector<float> coefficient{};       ///< `[2, d]` (`coefficient.weight`), empty for none
   std::vector<float> coefficient_bias{};  ///< `[2]` (`coefficient.bias`), with `coefficient`
+  /// Multiplies the shared expert's (gated) output (RMoE's `share_weight`); finite.
+  float scale = 1.0f;
 };
 
 }  // namespace moekit

@@ -53,6 +53,8 @@ struct SharedExpertConfig {
   /// DeepSpeed PR-MoE's residual coefficient: `coefficient.weight [2, d]`, `coefficient.bias [2]`
   /// (SharedExpert::coefficient); not with `gated`.
   bool residual_coefficient = false;
+  /// Multiplies the shared expert's output (SharedExpert::scale; RMoE's `share_weight`).
+  float scale = 1.0f;
 };
 
 /// Everything needed to build a top-k MoE layer, whichever file it came from.

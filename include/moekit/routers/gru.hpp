@@ -140,6 +140,9 @@ struct GruRouterOptions {
   int64_t hidden = 0;                    ///< d
   int64_t d_r = 256;                     ///< router state width
   GruVariant variant = GruVariant::gru;  ///< the shared cell's kind
+  /// Multiplies the k renormalised weights (RMoE's `moe_weight` when the model has a shared
+  /// expert); finite and > 0.
+  float routed_scaling_factor = 1.0f;
 
   /// Throws moekit::error naming the first invalid parameter.
   void validate() const {
@@ -148,6 +151,8 @@ struct GruRouterOptions {
                  "], got ", k);
     MOEKIT_CHECK(hidden >= 1, "gru router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(d_r >= 1, "gru router: d_r expected >= 1, got ", d_r);
+    MOEKIT_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0,
+                 "gru router: routed_scaling_factor expected finite and > 0, got ", routed_scaling_factor);
     MOEKIT_CHECK(variant == GruVariant::gru || variant == GruVariant::rnn,
                  "gru router: variant expected gru or rnn, got ", static_cast<int>(variant));
   }
@@ -298,6 +303,7 @@ class GruRouter {
     t.hidden = o.d_r;
     t.score_func = ScoreFunc::softmax;
     t.norm_topk_prob = true;  // the Mixtral rule
+    t.routed_scaling_factor = o.routed_scaling_factor;
     return TopKRouter(t, std::move(w));
   }
 
