@@ -64,6 +64,9 @@ std::vector<Family> families() {
       {"gamma_mod_norm", R"({"type": "gamma_mod", "phase": "prefill", "prefill_threshold": 0.3, "input_norm": true, "rms_norm_eps": 1e-5})",
        {{"router.weight", {2, d}}, {"input_layernorm.weight", {d}}}, 1, false, false,
        {{"selected", {T}}, {"router_weights", {T}}}, "gamma_mod"},
+      {"token_prune_features", R"({"type": "token_prune", "input": "features", "feature_hidden": 8, "tau": 0.4})",
+       {{"router.mlp.0.weight", {8, 4}}, {"router.mlp.0.bias", {8}}, {"router.mlp.2.weight", {1, 8}}, {"router.mlp.2.bias", {1}}},
+       1, false, false, {{"selected", {T}}, {"router_weights", {T}}}, "token_prune"},
       {"token_prune", R"({"type": "token_prune", "sparsity": 0.5})", {{"router.weight", {1, d}}}, 1, false, false,
        {{"selected", {T}}, {"router_weights", {T}}}},
       {"drllm", R"({"type": "drllm", "bottleneck": 6})",
@@ -120,13 +123,15 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   if (fam.shared) add_ffn("shared_expert.");
   moekit::io::write_safetensors((dir / "w.safetensors").string(), w);
 
-  std::vector<float> x(T * d), state(T * dr, 0.1f);
+  std::vector<float> x(T * d), state(T * dr, 0.1f), scores(T);
+  for (int64_t t = 0; t < T; ++t) scores[t] = static_cast<float>((t * 7) % 5) * 0.2f;  // FTP's attention scores
   for (float& v : x) v = n(g) * 2.5f;
   std::vector<int32_t> offsets = {0, 6, T}, types(T, 0);
   types[3] = types[8] = 1;  // ProMoE: unconditional; gamma-MoD: must keep
   std::vector<moekit::io::OutTensor> in = {{"hidden_states", DType::F32, {T, d}, x.data()},
                                            {"sequence_offsets", DType::I32, {3}, offsets.data()},
-                                           {"token_types", DType::I32, {T}, types.data()}};
+                                           {"token_types", DType::I32, {T}, types.data()},
+                                           {"token_scores", DType::F32, {T}, scores.data()}};
   if (fam.name == "gru") in.push_back({"router_state", DType::F32, {T, dr}, state.data()});
   moekit::io::write_safetensors((dir / "x.safetensors").string(), in);
 
@@ -150,6 +155,7 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   moekit::Batch b = moekit::Batch::single(T, d);
   b.sequence_offsets = offsets;
   b.token_types = types;
+  b.token_scores = scores;
   if (fam.name == "gru") b.router_state = state;
   std::vector<float> ref(T * d);
   layer->forward(b, x.data(), ref.data(), 1);

@@ -1337,3 +1337,93 @@ TEST(GammaMod, OfficialDecoderLayerWeightsOnlyTheMlp) {
   EXPECT_GT(compared, 60);
   EXPECT_GT(weighted, 20) << "too few tokens with 0 < p < 1: the MLP-only weighting was not exercised";
 }
+
+// FTP's feature router (moekit's reading of arXiv 2412.11494: position, attention score, its
+// rank and the block's sparsity through a [4 -> h -> 1] ReLU MLP), against a transcription in
+// double over random batches with padding, several sequences, tied scores and both decision
+// modes.
+TEST(TokenPrune, FeatureRouterMatchesReference) {
+  Rng rng(77);
+  int decided = 0, sparsity_trials = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    int near = 0;  // near-ties of the top-C order in this trial
+    Case c = random_case(rng, 60, 8);
+    const int64_t T = c.L.tokens, h = rng.integer(1, 16);
+    const moekit::Batch probe = c.batch();
+    std::vector<float> scores(T);
+    for (float& v : scores) v = static_cast<float>(rng.integer(0, 6)) * 0.125f;  // ties on purpose
+    TokenPruneOptions o;
+    o.hidden = c.L.hidden;
+    o.input = moekit::TokenPruneInput::features;
+    o.feature_hidden = h;
+    if (trial % 2) o.sparsity = rng.uniform(0.0, 1.0);
+    else o.feature_sparsity = rng.uniform(0.0, 1.0);
+    const auto w1 = rng.vec(h * 4, 1.0), b1 = rng.vec(h, 0.5), w2 = rng.vec(h, 1.0), b2 = rng.vec(1, 0.2);
+    const TokenPruneRouter router(o, w1, b1, w2, b2);
+    moekit::Batch b = probe;
+    b.token_scores = scores;
+    RoutingPlan plan;
+    RouterScratch sc;
+    router.route(b, c.x.data(), plan, sc, 2);
+    // Reference: features and logits per sequence, then the decision.
+    std::vector<double> z(T, 0.0);
+    std::vector<uint8_t> want(T, 0);
+    for (int64_t s = 0; s < b.num_sequences(); ++s) {
+      std::vector<int64_t> toks;
+      for (int64_t t = b.sequence_begin(s); t < b.sequence_end(s); ++t)
+        if (!b.is_padding(t)) toks.push_back(t);
+      const int64_t S = static_cast<int64_t>(toks.size());
+      const double span = std::max<int64_t>(S - 1, 1);
+      for (int64_t i = 0; i < S; ++i) {
+        int64_t rank = 0;
+        for (int64_t j = 0; j < S; ++j)
+          rank += scores[toks[j]] > scores[toks[i]] || (scores[toks[j]] == scores[toks[i]] && j < i);
+        const double f[4] = {i / span, scores[toks[i]], rank / span, o.block_sparsity()};
+        double zz = b2[0];
+        for (int64_t u = 0; u < h; ++u) {
+          double v = b1[u];
+          for (int k = 0; k < 4; ++k) v += w1[u * 4 + k] * f[k];
+          zz += w2[u] * std::max(v, 0.0);
+        }
+        z[toks[i]] = zz;
+        EXPECT_NEAR(sc.logits[toks[i]], zz, 1e-5 * (1 + std::fabs(zz))) << "trial " << trial << " token " << toks[i];
+      }
+      if (o.sparsity) {  // top ceil((1 - sparsity) S) by z, ties to the lower token
+        const int64_t C = moekit::depth_capacity(1.0 - *o.sparsity, S);
+        std::vector<int64_t> ord = toks;
+        std::stable_sort(ord.begin(), ord.end(), [&](int64_t a, int64_t bb) { return z[a] > z[bb]; });
+        for (int64_t r = 0; r < C && r < S; ++r) want[ord[r]] = 1;
+        for (int64_t r = 1; r < S; ++r) near += std::fabs(z[ord[r]] - z[ord[r - 1]]) < 1e-5;
+      } else {
+        for (int64_t t : toks) want[t] = 1.0 / (1.0 + std::exp(-z[t])) > o.tau;
+      }
+    }
+    std::vector<uint8_t> sel(T);
+    moekit::depth_selected(plan, sel);
+    for (int64_t t = 0; t < T; ++t) {
+      if (std::fabs(z[t]) < 1e-5 && !o.sparsity) continue;  // at the threshold: rounding decides
+      if (o.sparsity && near) continue;
+      EXPECT_EQ(sel[t], want[t]) << "trial " << trial << " token " << t;
+      ++decided;
+      sparsity_trials += o.sparsity && t == 0;
+    }
+  }
+  EXPECT_GT(decided, 400);
+  EXPECT_GT(sparsity_trials, 5) << "the top-C mode was hardly compared";
+  // Without token_scores the feature router names what it needs.
+  TokenPruneOptions o;
+  o.hidden = 4;
+  o.input = moekit::TokenPruneInput::features;
+  o.feature_hidden = 2;
+  const TokenPruneRouter r(o, std::vector<float>(8, 0.1f), std::vector<float>(2), std::vector<float>(2, 1.0f),
+                           std::vector<float>(1));
+  RoutingPlan plan;
+  RouterScratch sc;
+  std::vector<float> x(12, 1.0f);
+  try {
+    r.route(moekit::Batch::single(3, 4), x.data(), plan, sc);
+    ADD_FAILURE() << "no error without token_scores";
+  } catch (const moekit::error& e) {
+    EXPECT_NE(std::string(e.what()).find("token_scores"), std::string::npos) << e.what();
+  }
+}

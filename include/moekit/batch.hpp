@@ -2,6 +2,7 @@
 // Batch: the metadata that travels beside the flat hidden states [T, d].
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <span>
 
@@ -27,6 +28,9 @@ struct Batch {
   /// Optional recurrent router state from the previous MoE layer `[T, d_r]` (RMoE); empty
   /// means zeros. The new state is left in RouterScratch::state.
   std::span<const float> router_state{};
+  /// Optional per-token attention score `[T]` the engine computed (FTP's feature router reads
+  /// it: the attention each token receives); finite.
+  std::span<const float> token_scores{};
 
   /// One unpadded sequence of `tokens` rows of width `hidden`.
   static Batch single(int64_t tokens, int64_t hidden) noexcept {
@@ -83,6 +87,10 @@ struct Batch {
                  "Batch.padding: expected ", tokens, " entries, got ", padding.size());
     MOEKIT_CHECK(token_types.empty() || static_cast<int64_t>(token_types.size()) == tokens,
                  "Batch.token_types: expected ", tokens, " entries, got ", token_types.size());
+    MOEKIT_CHECK(token_scores.empty() || static_cast<int64_t>(token_scores.size()) == tokens,
+                 "Batch.token_scores: expected ", tokens, " entries, got ", token_scores.size());
+    for (size_t i = 0; i < token_scores.size(); ++i)
+      MOEKIT_CHECK(std::isfinite(token_scores[i]), "Batch.token_scores[", i, "]: expected finite, got ", token_scores[i]);
   }
 };
 

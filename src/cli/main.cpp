@@ -172,7 +172,7 @@ struct Input {
   std::vector<float> x;
   std::vector<int32_t> offsets, positions, types;
   std::vector<uint8_t> padding;
-  std::vector<float> state;
+  std::vector<float> state, scores;
 
   // A Batch viewing these arrays (valid while this object lives); an absent tensor is an
   // empty array, which Batch reads as "not given".
@@ -183,6 +183,7 @@ struct Input {
     b.padding = padding;
     b.token_types = types;
     b.router_state = state;
+    b.token_scores = scores;
     return b;
   }
 };
@@ -199,6 +200,7 @@ Input read_input(const moekit::io::TensorSource& input, const std::string& in_pa
   if (input.contains("padding_mask")) in.padding = input.read_u8("padding_mask", {T});
   if (input.contains("token_types")) in.types = input.read_i32("token_types", {T});
   if (input.contains("router_state")) in.state = input.read_f32("router_state", {T, -1});
+  if (input.contains("token_scores")) in.scores = input.read_f32("token_scores", {T});
   const int64_t bad = moekit::kernels::first_non_finite(in.x.data(), static_cast<int64_t>(in.x.size()));
   if (bad >= 0) fail(in_path, ": hidden_states[", bad / d, ", ", bad % d, "] is not finite (", in.x[static_cast<size_t>(bad)], ")");
   return in;

@@ -68,6 +68,10 @@ TokenPruneOptions prune_options(const json& j, const LayerConfig& c) {
     o.tau = r.number("tau", o.tau);
     if (r.has("sparsity")) o.sparsity = r.number("sparsity", 0.0);
     r.mark("sparsity");
+    o.input = parse_enum(r, "input", o.input, {{"hidden", TokenPruneInput::hidden}, {"features", TokenPruneInput::features}});
+    o.feature_hidden = r.integer("feature_hidden", o.feature_hidden);
+    if (r.has("feature_sparsity")) o.feature_sparsity = r.number("feature_sparsity", 0.0);
+    r.mark("feature_sparsity");
   });
 }
 
@@ -158,6 +162,16 @@ std::unique_ptr<AnyLayer> build_gamma(const json& j, const LayerConfig& c, const
 std::unique_ptr<AnyLayer> build_prune(const json& j, const LayerConfig& c, const io::TensorSource* w, const std::string& p, uint64_t seed) {
   const TokenPruneOptions o = prune_options(j, c);
   uint64_t s = splitmix64(seed);
+  if (o.input == TokenPruneInput::features) {  // FTP's feature router: a [4 -> h -> 1] MLP
+    const int64_t h = o.feature_hidden;
+    auto w1 = tensor_or_random(w, p + "router.mlp.0.weight", {h, 4}, s, 0.5);
+    auto b1 = tensor_or_random(w, p + "router.mlp.0.bias", {h}, s, 0.5);
+    auto w2 = tensor_or_random(w, p + "router.mlp.2.weight", {1, h}, s, 1.0 / std::sqrt(static_cast<double>(h)));
+    auto b2 = tensor_or_random(w, p + "router.mlp.2.bias", {1}, s, 0.1);
+    const double rv = static_cast<double>(6 * h + 1);
+    return sparse_depth(c, TokenPruneRouter(o, std::move(w1), std::move(b1), std::move(w2), std::move(b2)),
+                        block_of(c, w, p, s), rv);
+  }
   auto weight = tensor_or_random(w, p + "router.weight", {1, c.hidden()}, s, scale_of(c));
   const double rv = static_cast<double>(weight.size());
   return sparse_depth(c, TokenPruneRouter(o, std::move(weight)), block_of(c, w, p, s), rv);
@@ -289,8 +303,10 @@ double weight_bytes_gamma_mod(const json& j, const LayerConfig& c) {
   return 4.0 * (input_norm ? 3.0 : 2.0) * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
 }
 double weight_bytes_token_prune(const json& j, const LayerConfig& c) {
-  (void)prune_options(j, c);
-  return 4.0 * static_cast<double>(c.hidden()) + routed_expert_bytes(c, 1.0);
+  const TokenPruneOptions o = prune_options(j, c);
+  const double router = o.input == TokenPruneInput::features ? 6.0 * static_cast<double>(o.feature_hidden) + 1.0
+                                                             : static_cast<double>(c.hidden());
+  return 4.0 * router + routed_expert_bytes(c, 1.0);
 }
 double weight_bytes_drllm(const json& j, const LayerConfig& c) {
   const double b = static_cast<double>(drllm_options(j, c).bottleneck), d = static_cast<double>(c.hidden());

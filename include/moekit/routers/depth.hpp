@@ -470,30 +470,81 @@ static_assert(Router<GammaModRouter>);
 // ================================================================== token-wise pruning
 
 /// Parameters of TokenPruneRouter (ROUTING.md section 5); field names are the JSON keys.
+/// What the token-pruning router reads.
+enum class TokenPruneInput {
+  hidden,    ///< `r_t = w . x_t` (`router.weight [1, d]`)
+  features,  ///< FTP's four features through a small MLP (TokenPruneRouter::features)
+};
+
 struct TokenPruneOptions {
   int64_t hidden = 0;  ///< d
   double tau = 0.5;    ///< gate threshold on sigmoid(r) when no sparsity is given
   std::optional<double> sparsity =
       std::nullopt;  ///< target pruned fraction: top-C, C = ceil((1 - sparsity) * S)
+  TokenPruneInput input = TokenPruneInput::hidden;
+  int64_t feature_hidden = 64;  ///< features: the MLP's hidden width h
+  /// features: the block's required sparsity, the fourth feature; unset = `sparsity`, else 0.
+  std::optional<double> feature_sparsity = std::nullopt;
 
   void validate() const {
     MOEKIT_CHECK(hidden >= 1, "token_prune router: hidden size (d) expected >= 1, got ", hidden);
     MOEKIT_CHECK(tau > 0 && tau < 1, "token_prune router: tau expected in (0, 1), got ", tau);
     MOEKIT_CHECK(!sparsity || (std::isfinite(*sparsity) && *sparsity >= 0 && *sparsity <= 1),
                  "token_prune router: sparsity expected in [0, 1], got ", sparsity.value_or(0.0));
+    MOEKIT_CHECK(input == TokenPruneInput::hidden || input == TokenPruneInput::features,
+                 "token_prune router: input expected hidden or features, got ", static_cast<int>(input));
+    MOEKIT_CHECK(feature_hidden >= 1 && feature_hidden <= (int64_t{1} << 20),
+                 "token_prune router: feature_hidden expected in [1, 2^20], got ", feature_hidden);
+    MOEKIT_CHECK(!feature_sparsity ||
+                     (std::isfinite(*feature_sparsity) && *feature_sparsity >= 0 && *feature_sparsity <= 1),
+                 "token_prune router: feature_sparsity expected in [0, 1], got ", feature_sparsity.value_or(0.0));
   }
+  /// The fourth feature's value.
+  [[nodiscard]] double block_sparsity() const noexcept { return feature_sparsity.value_or(sparsity.value_or(0.0)); }
 };
 
 /// Token-wise pruning router (FTP, arXiv 2412.11494): `r_t = w . x_t` (`router.weight [1, d]`);
 /// a token runs the block iff `sigmoid(r_t) > tau`, or, with a target sparsity, iff it is among
 /// the top `ceil((1 - sparsity) * S)` of its sequence by r (ties: lower index). The weight is
 /// always 1 (a hard gate: a processed token gets the block's full delta).
+///
+/// With `input` features (FTP's router, which reads four low-dimensional features instead of
+/// the hidden state), per unpadded token t of a sequence with S unpadded tokens, i its index
+/// among them and a_t = Batch::token_scores[t] (the attention the token receives, computed by
+/// the engine):
+///
+///     f = [ i / max(S - 1, 1),                       position
+///           a_t,                                      attention score
+///           rank_t / max(S - 1, 1),                   rank of a_t in the sequence (0 = highest;
+///                                                     ties to the lower index)
+///           block_sparsity() ]                        the block's required sparsity
+///     r_t = w2 . relu(W1 f + b1) + b2                 (`router.mlp.0.weight [h, 4]`, `.0.bias [h]`,
+///                                                     `.2.weight [1, h]`, `.2.bias [1]`)
+///
+/// then the same decision. FTP's code and weights are not public: the feature formulas,
+/// their order and the tensor names are moekit's reading of the paper (docs/routers.md). The
+/// features look at the whole sequence (a prefill-time router).
 class TokenPruneRouter {
  public:
   TokenPruneRouter(TokenPruneOptions options, std::vector<float> weight)
       : opt_(options), w_(std::move(weight)) {
     opt_.validate();
+    MOEKIT_CHECK(opt_.input == TokenPruneInput::hidden, "token_prune router: input features needs the MLP's "
+                 "weights (the five-argument constructor)");
     detail::depth::check_weight(w_, 1, opt_.hidden, "token_prune router", "router.weight");
+  }
+  /// The feature router (`input` features): `w1 [h, 4]`, `b1 [h]`, `w2 [1, h]`, `b2 [1]`.
+  TokenPruneRouter(TokenPruneOptions options, std::vector<float> w1, std::vector<float> b1, std::vector<float> w2,
+                   std::vector<float> b2)
+      : opt_(options), w1_(std::move(w1)), b1_(std::move(b1)), w2_(std::move(w2)), b2_(std::move(b2)) {
+    opt_.validate();
+    MOEKIT_CHECK(opt_.input == TokenPruneInput::features,
+                 "token_prune router: the MLP's weights expected with input features");
+    const int64_t h = opt_.feature_hidden;
+    detail::depth::check_weight(w1_, h, 4, "token_prune router", "router.mlp.0.weight");
+    detail::depth::check_weight(b1_, 1, h, "token_prune router", "router.mlp.0.bias");
+    detail::depth::check_weight(w2_, 1, h, "token_prune router", "router.mlp.2.weight");
+    detail::depth::check_weight(b2_, 1, 1, "token_prune router", "router.mlp.2.bias");
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return 1; }
@@ -501,7 +552,8 @@ class TokenPruneRouter {
   [[nodiscard]] const TokenPruneOptions& options() const noexcept { return opt_; }
   [[nodiscard]] const std::vector<float>& weight() const noexcept { return w_; }
   [[nodiscard]] double flops_per_token() const noexcept {
-    return 2.0 * static_cast<double>(opt_.hidden);
+    return opt_.input == TokenPruneInput::features ? 10.0 * static_cast<double>(opt_.feature_hidden)
+                                                   : 2.0 * static_cast<double>(opt_.hidden);
   }
 
   /// Routes `hidden [T, d]`. After: `scratch.logits [T]` = r_t, `scratch.values [T]` = 1 (0 for
@@ -513,10 +565,13 @@ class TokenPruneRouter {
     MOEKIT_CHECK(T == 0 || hidden != nullptr,
                  "token_prune router: hidden states pointer is null for T = ", T);
     const int nt = detail::resolve_threads(threads);
-    detail::depth::scalar_logits(batch, hidden, w_, 1, scratch.logits, nt, "token_prune router",
-                                 "router.weight");
-    scratch.values.resize(static_cast<size_t>(T));
     scratch.index.resize(static_cast<size_t>(2 * T));
+    if (opt_.input == TokenPruneInput::features) {
+      feature_logits(batch, scratch);
+    } else {
+      detail::depth::scalar_logits(batch, hidden, w_, 1, scratch.logits, nt, "token_prune router", "router.weight");
+    }
+    scratch.values.resize(static_cast<size_t>(T));
     int32_t* mask = scratch.index.data();
     for (int64_t t = 0; t < T; ++t) {
       scratch.values[static_cast<size_t>(t)] = batch.is_padding(t) ? 0.0f : 1.0f;
@@ -537,8 +592,48 @@ class TokenPruneRouter {
   }
 
  private:
+  // FTP's features and MLP, per sequence (serial: decisions never depend on the thread count).
+  void feature_logits(const Batch& batch, RouterScratch& scratch) const {
+    const int64_t T = batch.tokens, h = opt_.feature_hidden;
+    MOEKIT_CHECK(static_cast<int64_t>(batch.token_scores.size()) == T, "token_prune router: input features needs "
+                 "Batch::token_scores (the `token_scores` input tensor) [", T, "], got ", batch.token_scores.size(),
+                 " values");
+    scratch.logits.assign(static_cast<size_t>(T), 0.0f);
+    int32_t* order = scratch.index.data();      // the sequence's unpadded tokens
+    int32_t* by_score = scratch.index.data() + T;  // their indices i, by score (descending)
+    const auto& score = batch.token_scores;
+    for (int64_t s = 0; s < batch.num_sequences(); ++s) {
+      int64_t S = 0;
+      for (int64_t t = batch.sequence_begin(s); t < batch.sequence_end(s); ++t)
+        if (!batch.is_padding(t)) order[S++] = static_cast<int32_t>(t);
+      for (int64_t i = 0; i < S; ++i) by_score[i] = static_cast<int32_t>(i);
+      std::sort(by_score, by_score + S, [&](int32_t a, int32_t b) {
+        const float x = score[static_cast<size_t>(order[a])], y = score[static_cast<size_t>(order[b])];
+        return x > y || (x == y && a < b);
+      });
+      // rank_t = the place of token i in by_score: kept in the logits slot until overwritten
+      for (int64_t r = 0; r < S; ++r) scratch.logits[static_cast<size_t>(order[by_score[r]])] = static_cast<float>(r);
+      const double span = static_cast<double>(std::max<int64_t>(S - 1, 1));
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t t = order[i];
+        const float f[4] = {static_cast<float>(static_cast<double>(i) / span), score[static_cast<size_t>(t)],
+                            static_cast<float>(static_cast<double>(scratch.logits[static_cast<size_t>(t)]) / span),
+                            static_cast<float>(opt_.block_sparsity())};
+        float z = b2_[0];
+        for (int64_t u = 0; u < h; ++u) {
+          float v = b1_[static_cast<size_t>(u)];
+          for (int c = 0; c < 4; ++c) v += w1_[static_cast<size_t>(u * 4 + c)] * f[c];
+          z += w2_[static_cast<size_t>(u)] * std::max(v, 0.0f);
+        }
+        MOEKIT_CHECK(std::isfinite(z), "token_prune router: feature logit of token ", t, " expected finite, got ", z);
+        scratch.logits[static_cast<size_t>(t)] = z;
+      }
+    }
+  }
+
   TokenPruneOptions opt_;
   std::vector<float> w_;
+  std::vector<float> w1_, b1_, w2_, b2_;  // features: the MLP
 };
 
 static_assert(Router<TokenPruneRouter>);
