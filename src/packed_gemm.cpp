@@ -73,6 +73,7 @@ struct PackedAccess {
     c.type = W.type_;
     c.gated = W.gated_;
     c.bf16_act = W.bf16_act_;
+    c.f16_scales = W.f16_scales_;
     c.pairs = W.type_ == WeightType::bf16 && W.bf16_act_;
     c.n = W.n_;
     c.k = W.k_;
@@ -97,7 +98,7 @@ struct PackedAccess {
   static PackLayout layout(const PackedMatrix& W) noexcept {
     const int64_t P = W.panel();
     return PackLayout{W.n_, W.k_, P, W.gated_ ? P / 2 : P, W.strips_, W.gated_, W.bf16_act_,
-                      W.kernel_};
+                      W.kernel_, W.f16_scales_};
   }
 };
 
@@ -127,6 +128,8 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   MOEKIT_CHECK(opt.type != WeightType::w8a8 || k <= (int64_t{1} << 31) / (127 * 127), who,
                ": w8a8 sums int32 products of int8 values; k expected <= ",
                (int64_t{1} << 31) / (127 * 127), ", got ", k);
+  MOEKIT_CHECK(!opt.f16_scales || opt.type == WeightType::int4 || opt.type == WeightType::w4a8, who,
+               ": f16_scales expected with int4 or w4a8 weights, got ", to_string(opt.type));
   const bool bf16_act = opt.bf16_activations && !quantises_activations(opt.type);
   const GemmKernel* kern =
       opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel(opt.type, bf16_act);
@@ -144,6 +147,7 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   gated_ = gated;
   type_ = opt.type;
   bf16_act_ = bf16_act;
+  f16_scales_ = opt.f16_scales;
   strips_ = (n + width - 1) / width;
   const detail::WeightFormat& format = detail::weight_format(type_);
   const detail::PackLayout L = detail::PackedAccess::layout(*this);

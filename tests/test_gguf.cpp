@@ -424,6 +424,40 @@ TEST_P(GgufLayer, MatchesLlamaCppSemantics) {
 INSTANTIATE_TEST_SUITE_P(Archs, GgufLayer, testing::ValuesIn(arch_cases()),
                          [](const testing::TestParamInfo<ArchCase>& i) { return i.param.name; });
 
+// Q4_0 experts packed as int4 or w4a8 keep their blocks: the bank's weights are the file's
+// dequantised values exactly (f16 group scales), where bf16 scales would round them.
+TEST(GgufLayer, Q4_0ExpertsKeepTheirBlocksAsInt4) {
+  std::mt19937 g(31);
+  ArchCase c;
+  c.arch = "llama";
+  c.norm = true;
+  c.expert_type = kQ4_0;
+  c.shared = true;
+  Built b = build_case(c, 0, g);
+  for (auto& t : b.t)  // the shared expert in Q4_0 too
+    if (t.name.find("shexp") != std::string::npos) t = gguf_tensor(t.name, kQ4_0, t.ne, g, 0.2f);
+  const GgufFile f = GgufFile::from_bytes("q.gguf", gguf_bytes(b.kv, b.t));
+  for (auto type : {moekit::kernels::WeightType::int4, moekit::kernels::WeightType::w4a8}) {
+    moekit::LayerConfig cfg = moekit::gguf_layer_config(f, 0);
+    cfg.pack.type = type;
+    const moekit::TopKLayer l = moekit::load_gguf_layer(f, 0, cfg);
+    const int64_t d = c.d, ff = c.f;
+    std::vector<float> gate(ff * d), up(ff * d), down(d * ff);
+    for (int64_t e = 0; e < c.E; ++e) {
+      l.experts().get_expert(e, gate.data(), up.data(), down.data());
+      const auto wg = ref_rows(find(b, "blk.0.ffn_gate_exps.weight"), e * ff, ff);
+      const auto wd = ref_rows(find(b, "blk.0.ffn_down_exps.weight"), e * d, d);
+      for (size_t i = 0; i < gate.size(); ++i) ASSERT_EQ(gate[i], static_cast<float>(wg[i])) << "expert " << e;
+      for (size_t i = 0; i < down.size(); ++i) ASSERT_EQ(down[i], static_cast<float>(wd[i])) << "expert " << e;
+    }
+    ASSERT_EQ(l.shared_experts().size(), 1u);
+    std::vector<float> sg(c.fs * d), su(c.fs * d), sd(d * c.fs);
+    l.shared_experts()[0].ffn.get_expert(0, sg.data(), su.data(), sd.data());
+    const auto rs = ref_rows(find(b, "blk.0.ffn_up_shexp.weight"), 0, c.fs);
+    for (size_t i = 0; i < su.size(); ++i) ASSERT_EQ(su[i], static_cast<float>(rs[i])) << "shared up " << i;
+  }
+}
+
 TEST(GgufLayerErrors, NameWhatIsWrong) {
   std::mt19937 g(9);
   ArchCase c;

@@ -22,6 +22,7 @@
 #include "moekit/error.hpp"
 #include "moekit/kernels/gemm.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
+#include "moekit/io/safetensors.hpp"
 
 namespace {
 
@@ -306,6 +307,9 @@ std::string kernel_label(const GemmKernel* k) {
   return s;
 }
 
+// x rounded to the nearest f16 value, as a float.
+float mk_f16(float x) { return moekit::io::f16_to_f32(moekit::io::f32_to_f16(x)); }
+
 const GemmKernel* scalar_kernel() {
   for (const GemmKernel* k : mk::compiled_gemm_kernels())
     if (std::string(k->name) == "scalar") return k;
@@ -582,6 +586,71 @@ TEST_P(KernelsDtype, EveryTypeMatchesReference) {
     }
   }
   EXPECT_GT(checked, 10000) << "too few outputs compared: the random shapes degenerated";
+}
+
+// int4 / w4a8 with f16 group scales (PackOptions::f16_scales, GGUF Q4_0's storage): weights
+// that are Q4_0 blocks dequantised ((q - 8) d, d an f16 value, one code 0 per group, as
+// quantize_row_q4_0 makes them) pack back into exactly those values; with bf16 scales they do
+// not. GEMMs equal the scalar kernel bit for bit and the double reference within rounding.
+TEST_P(KernelsDtype, F16ScalesHoldQ4_0BlocksExactly) {
+  std::mt19937 g(404);
+  std::uniform_int_distribution<int> code(0, 15), exp16(-14, 2);
+  std::uniform_real_distribution<float> mant(1.0f, 2.0f);
+  const GemmKernel* scalar = scalar_kernel();
+  for (WeightType t : {WeightType::int4, WeightType::w4a8}) {
+    if (!implements(t)) continue;
+    for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 37, 96}, {5, 64, 160}, {70, 33, 64}}) {
+      std::vector<float> W(static_cast<size_t>(n * k));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t g0 = 0; g0 < k; g0 += 32) {
+          const float d = mk_f16(std::ldexp(mant(g), exp16(g)));  // an f16 value
+          const int64_t zero_at = g0 + code(g) % std::min<int64_t>(32, k - g0);
+          for (int64_t p = g0; p < std::min(k, g0 + 32); ++p)
+            W[r * k + p] = static_cast<float>((p == zero_at ? 0 : code(g)) - 8) * d;
+        }
+      SCOPED_TRACE(std::string(mk::to_string(t)) + " m=" + std::to_string(m) + " n=" + std::to_string(n));
+      PackOptions o = opts(t);
+      o.f16_scales = true;
+      PackedMatrix pf, pb, ps;
+      pf.pack(W.data(), n, k, k, o);
+      ASSERT_TRUE(pf.f16_scales());
+      pb.pack(W.data(), n, k, k, opts(t));
+      std::vector<float> row(static_cast<size_t>(k));
+      int bf16_differs = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        pf.unpack_row(r, false, row.data());
+        for (int64_t p = 0; p < k; ++p) ASSERT_EQ(row[p], W[r * k + p]) << "f16 scales, row " << r << " depth " << p;
+        pb.unpack_row(r, false, row.data());
+        for (int64_t p = 0; p < k; ++p) bf16_differs += row[p] != W[r * k + p];
+      }
+      EXPECT_GT(bf16_differs, 0) << "bf16 scales happened to hold every f16 scale: the test proves nothing";
+      const auto A = gaussian(g, static_cast<size_t>(m * k));
+      std::vector<float> ap(mk::packed_a_floats(m, k)), c(static_cast<size_t>(m * n)), cs(c.size());
+      mk::gemm_packed(m, A.data(), k, pf, c.data(), n, ap.data());
+      if (scalar != nullptr && scalar != GetParam()) {
+        PackOptions so = o;
+        so.kernel = scalar;
+        ps.pack(W.data(), n, k, k, so);
+        mk::gemm_packed(m, A.data(), k, ps, cs.data(), n, ap.data());
+        ASSERT_EQ(c, cs) << "not bit-identical to the scalar kernel";
+      }
+      const auto a = effective_a(t, false, A, m, k, k);
+      const RefGemm ref = ref_gemm(a, W, m, n, k);
+      for (int64_t i = 0; i < m * n; ++i) ASSERT_NEAR(c[i], ref.c[i], ref.tol[i]) << "at " << i;
+    }
+  }
+  PackOptions bad = opts(WeightType::int8);
+  bad.f16_scales = true;
+  PackedMatrix p;
+  const std::vector<float> w(64, 1.0f);
+  if (implements(WeightType::int8)) {
+    try {
+      p.pack(w.data(), 2, 32, 32, bad);
+      ADD_FAILURE() << "f16_scales accepted for int8";
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find("f16_scales expected with int4 or w4a8"), std::string::npos) << e.what();
+    }
+  }
 }
 
 // Biases (gpt-oss experts) and the clamped SwiGLU in every epilogue: store + bias, act(. + b),

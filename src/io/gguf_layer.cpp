@@ -196,7 +196,19 @@ TopKLayer load_gguf_layer(const io::GgufFile& g, int64_t layer, const LayerConfi
   }
   FfnShape shape = c.experts;
   shape.hidden = d;
-  FfnBank bank(E, shape, c.pack);
+  // Q4_0 blocks kept as they are: int4 / w4a8 with f16 group scales repack the dequantised
+  // values into the same scales and codes (PackOptions::f16_scales).
+  auto pack_for = [&](std::initializer_list<std::string> names) {
+    kernels::PackOptions o = c.pack;
+    bool q4_0 = o.type == kernels::WeightType::int4 || o.type == kernels::WeightType::w4a8;
+    for (const std::string& n : names)
+      q4_0 = q4_0 && g.tensor(n).type == static_cast<uint32_t>(io::GgmlType::q4_0);
+    o.f16_scales = q4_0;
+    return o;
+  };
+  FfnBank bank(E, shape,
+               fused ? pack_for({p + "ffn_gate_up_exps.weight", p + "ffn_down_exps.weight"})
+                     : pack_for({p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight", p + "ffn_down_exps.weight"}));
   std::vector<float> buf(static_cast<size_t>(3 * f * d)), b(static_cast<size_t>(2 * f + d));
   float* gate = buf.data();
   float* up = gate + f * d;
@@ -223,7 +235,8 @@ TopKLayer load_gguf_layer(const io::GgufFile& g, int64_t layer, const LayerConfi
     expect(g, p + "ffn_gate_shexp.weight", {d, fs});
     expect(g, p + "ffn_up_shexp.weight", {d, fs});
     expect(g, p + "ffn_down_shexp.weight", {fs, d});
-    FfnBank sb(1, FfnShape{d, fs, true, Activation::silu}, c.pack);
+    FfnBank sb(1, FfnShape{d, fs, true, Activation::silu},
+               pack_for({p + "ffn_gate_shexp.weight", p + "ffn_up_shexp.weight", p + "ffn_down_shexp.weight"}));
     std::vector<float> s(static_cast<size_t>(3 * fs * d));
     g.read_rows_f32(p + "ffn_gate_shexp.weight", 0, fs, s.data());
     g.read_rows_f32(p + "ffn_up_shexp.weight", 0, fs, s.data() + fs * d);

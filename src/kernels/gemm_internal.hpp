@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "moekit/activation.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
@@ -78,6 +79,8 @@ struct GemmCall {
   /// covering packed columns [0, P/2), half 1 [P/2, P) (the same block unless gated).
   const float* fp8_scale;
   int64_t k_blocks;
+  /// int4 / w4a8: group scales are f16, not bf16 (PackOptions::f16_scales).
+  bool f16_scales;
   /// The caller's MXCSR treats subnormal inputs as zero (DAZ): kernels must not widen
   /// through f32 subnormals (fp8 then takes the F16C path).
   bool daz;
@@ -182,6 +185,26 @@ inline float bf16_to_float(uint16_t b) noexcept {
 
 /// `x` rounded to the nearest bfloat16 value (as f32).
 inline float round_bf16(float x) noexcept { return bf16_to_float(bf16_bits(x)); }
+
+/// IEEE half bits to float (exact; subnormals, infinities and NaN kept).
+inline float f16_to_float(uint16_t h) noexcept {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  float v;
+  if (e == 0) {
+    v = std::ldexp(static_cast<float>(m), -24);
+  } else if (e == 31) {
+    v = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    v = std::ldexp(static_cast<float>(m | 0x400u), static_cast<int>(e) - 25);
+  }
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u |= sign;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+/// A 4-bit group's scale from its stored bits (f16 or bf16).
+inline float int4_scale(uint16_t bits, bool f16) noexcept { return f16 ? f16_to_float(bits) : bf16_to_float(bits); }
 
 /// Symmetric int8 scale of values whose largest magnitude is `amax` (0 for an all-zero row).
 inline float int8_scale(float amax) noexcept { return amax / 127.0f; }

@@ -47,7 +47,7 @@ inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
       std::memcpy(&d, block + kInt4Group * kHalf + 2 * j, 2);
       const int z = zp ? block[kInt4Group * kHalf + 2 * kP + j] : 8;
       const int q = (j < kHalf ? row[j] & 0x0F : row[j - kHalf] >> 4) - z;
-      w[j] = static_cast<float>(q) * bf16_to_float(d);
+      w[j] = static_cast<float>(q) * int4_scale(d, g.f16_scales);
     }
   } else {
     const float* sc = g.fp8_scale + (s * g.k_blocks + p / kFp8Block) * 2;
@@ -135,7 +135,7 @@ void run_w4a8(const GemmCall& g) noexcept {
           }
           uint16_t d;
           std::memcpy(&d, block + kInt4Group * kHalf + 2 * j, 2);
-          acc[j] = std::fma(static_cast<float>(sum), bf16_to_float(d) * a_scale[gi], acc[j]);
+          acc[j] = std::fma(static_cast<float>(sum), int4_scale(d, g.f16_scales) * a_scale[gi], acc[j]);
         }
       }
       epilogue(g, i, s, acc);

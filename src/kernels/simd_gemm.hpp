@@ -140,7 +140,8 @@ struct SimdGemm {
     const bool zp = g.type == WeightType::int4zp;
     const uint8_t* block = S + p0 / kInt4Group * int4_group_bytes(P, zp);
     const uint16_t* sc = reinterpret_cast<const uint16_t*>(block + kInt4Group * (P / 2));
-    const fb s0(Ops::widen_bf16(sc)), s1(Ops::widen_bf16(sc + L));
+    const fb s0(g.f16_scales ? Ops::widen_f16(sc) : Ops::widen_bf16(sc)),
+        s1(g.f16_scales ? Ops::widen_f16(sc + L) : Ops::widen_bf16(sc + L));
     if (!zp) return Int4Src{block, s0, s1, s0 * fb(-8.0f), s1 * fb(-8.0f)};
     const uint8_t* z = block + kInt4Group * (P / 2) + 2 * P;
     return Int4Src{block, s0, s1, -(fb(Ops::widen_u8(z)) * s0), -(fb(Ops::widen_u8(z + L)) * s1)};
@@ -954,7 +955,7 @@ struct SimdGemm {
   template <int R, int N>
   static inline void micro_w4(const float* Aw, const float* da, const int32_t* corr,
                               int64_t groups, const uint8_t* const (&S)[N], int64_t g0, int64_t gc,
-                              fb (&c)[N][R][2], const float* acc, bool prefetch) noexcept {
+                              fb (&c)[N][R][2], const float* acc, bool prefetch, bool f16) noexcept {
     constexpr int64_t W = kInt4Group / G;
     constexpr int64_t gb = int4_group_bytes(P);
     fb y[N][R][2];
@@ -982,7 +983,8 @@ struct SimdGemm {
       }
       for (int t = 0; t < N; ++t) {
         const uint16_t* sc = reinterpret_cast<const uint16_t*>(S[t] + q * gb + kInt4Group * L);
-        const fb ws0(Ops::widen_bf16(sc)), ws1(Ops::widen_bf16(sc + L));
+        const fb ws0(f16 ? Ops::widen_f16(sc) : Ops::widen_bf16(sc)),
+            ws1(f16 ? Ops::widen_f16(sc + L) : Ops::widen_bf16(sc + L));
         for (int i = 0; i < R; ++i) {
           const fb d(da[i * groups + q]);
           y[t][i][0] = fb(Ops::fmadd(Ops::to_float(x[t][i][0]), ws0 * d, y[t][i][0]));
@@ -1008,7 +1010,7 @@ struct SimdGemm {
     fb c[N][R][2];
     const uint8_t* S[N];
     for (int t = 0; t < N; ++t) S[t] = g.data + (s + t) * g.strip_bytes;
-    micro_w4<R, N>(Aw, da, corr, groups, S, 0, groups, c, nullptr, true);
+    micro_w4<R, N>(Aw, da, corr, groups, S, 0, groups, c, nullptr, true, g.f16_scales);
     for (int t = 0; t < N; ++t) epilogue(g, i0, R, s + t, c[t]);
   }
   template <int R>
@@ -1026,9 +1028,9 @@ struct SimdGemm {
   template <int R>
   static void w4_tile(const float* Aw, const float* da, const int32_t* corr, int64_t groups,
                       const uint8_t* S, int64_t g0, int64_t gc, float* part, bool first_tile,
-                      fb (&c)[1][R][2]) noexcept {
+                      fb (&c)[1][R][2], bool f16) noexcept {
     const uint8_t* src[1] = {S};
-    micro_w4<R, 1>(Aw, da, corr, groups, src, g0, gc, c, g0 == 0 ? nullptr : part, first_tile);
+    micro_w4<R, 1>(Aw, da, corr, groups, src, g0, gc, c, g0 == 0 ? nullptr : part, first_tile, f16);
   }
   template <int R>
   static void w4_tile_upto(int r, const GemmCall& g, int64_t i0, const float* Aw, const float* da,
@@ -1040,7 +1042,7 @@ struct SimdGemm {
                                    last);
     }
     fb c[1][R][2];
-    w4_tile<R>(Aw, da, corr, groups, g.data + s * g.strip_bytes, g0, gc, part, first_tile, c);
+    w4_tile<R>(Aw, da, corr, groups, g.data + s * g.strip_bytes, g0, gc, part, first_tile, c, g.f16_scales);
     if (last) {
       epilogue(g, i0, R, s, c[0]);
     } else {

@@ -31,9 +31,10 @@ struct PackedAccess;
 ///          applied in the epilogue.
 ///  - int4: 4-bit codes in groups of 32 depths per output column, GGUF Q4_0's grid: each group
 ///          has a bf16 scale d = m / -8 (m: the group's value of largest finite magnitude,
-///          with its sign; d rounded to bf16) and codes q = clamp(round(w / d), -8, 7), so a
-///          weight is q * d; 4.5 bits per weight. The kernels widen the codes in registers
-///          (decode) or into L1 (prefill).
+///          with its sign; d rounded to bf16, or to f16 with PackOptions::f16_scales, Q4_0's
+///          own storage) and codes q = clamp(round(w / d), -8, 7), so a weight is q * d; 4.5
+///          bits per weight. The kernels widen the codes in registers (decode) or into L1
+///          (prefill).
 ///  - int4zp: 4-bit codes with a zero point, GPTQ's quantiser (AutoGPTQ / gptq `quant.py`,
 ///          as AWQ stores it): per group of 32 depths and column, the range [min(w, 0),
 ///          max(w, 0)] of the finite values gives d = (max - min) / 15 (rounded to bf16),
@@ -90,6 +91,11 @@ struct PackOptions {
   /// Kernel to pack for (one this CPU supports and that implements the format, else pack()
   /// throws); null = active_gemm_kernel(type, bf16_activations).
   const GemmKernel* kernel = nullptr;
+  /// int4 and w4a8 only: store each group's scale as f16 (GGUF Q4_0's storage) instead of
+  /// bf16. The scale is then `m / -8` rounded to f16, so weights that came from Q4_0 blocks
+  /// (dequantised) are packed back into the same scales and codes exactly, and compute as
+  /// llama.cpp's Q4_0 does.
+  bool f16_scales = false;
 };
 
 /// One compiled implementation of the packed GEMMs (a row of the run-time kernel table).
@@ -202,6 +208,8 @@ class PackedMatrix {
 
   [[nodiscard]] WeightType weight_type() const noexcept { return type_; }
   [[nodiscard]] bool bf16_activations() const noexcept { return bf16_act_; }
+  /// int4 / w4a8: group scales stored as f16 (PackOptions::f16_scales).
+  [[nodiscard]] bool f16_scales() const noexcept { return f16_scales_; }
   /// Output columns one strip covers (panel(), or panel()/2 for gated matrices).
   [[nodiscard]] int64_t strip_columns() const noexcept { return gated_ ? panel() / 2 : panel(); }
 
@@ -233,6 +241,7 @@ class PackedMatrix {
   bool gated_ = false;
   WeightType type_ = WeightType::f32;
   bool bf16_act_ = false;
+  bool f16_scales_ = false;
   const GemmKernel* kernel_ = nullptr;
   std::vector<uint8_t, xsimd::aligned_allocator<uint8_t, 64>> data_;
   // int8 / w8a8: one scale per packed column ([strips, panel]); fp8: one per

@@ -24,6 +24,7 @@ struct PackLayout {
   bool gated;          ///< strips hold P/2 gate columns then the same P/2 up columns
   bool bf16_act;       ///< activations rounded to bf16 (bf16 x bf16 layouts)
   const GemmKernel* kernel;  ///< its int8_group, bf16_pairs, bf16_plain
+  bool f16_scales = false;   ///< int4 / w4a8: group scales as f16 (PackOptions::f16_scales)
 
   [[nodiscard]] int64_t half() const noexcept { return panel / 2; }
 };

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "formats.hpp"
+#include "moekit/io/safetensors.hpp"
 
 namespace moekit::kernels::detail {
 namespace {
@@ -77,10 +78,10 @@ void int4_pack(const PackLayout& L, const float* src, uint8_t* S, int64_t, int64
       float m = 0.0f;
       for (int64_t p = p0; p < p1; ++p)
         if (std::fabs(src[p]) <= FLT_MAX && std::fabs(src[p]) > std::fabs(m)) m = src[p];
-      d_bits = bf16_bits(m / -8.0f);
+      d_bits = L.f16_scales ? io::f32_to_f16(m / -8.0f) : bf16_bits(m / -8.0f);
     }
     std::memcpy(block + kInt4Group * half + 2 * j, &d_bits, 2);
-    const float d = bf16_to_float(d_bits);
+    const float d = int4_scale(d_bits, L.f16_scales);
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t code = kZeroPoint<T> ? gptq_code(src[p], d, zf) : q4_0_code(src[p], d);
       uint8_t& byte = block[nibble_index(p - p0, j % half, half, g)];
@@ -101,7 +102,7 @@ void int4_unpack(const PackLayout& L, const uint8_t* S, const float*, int64_t, i
     const int z = kZeroPoint<T> ? block[kInt4Group * half + 2 * P + j] : 8;
     const uint8_t byte = block[nibble_index(p % kInt4Group, j % half, half, g)];
     const int q = (j < half ? byte & 0x0F : byte >> 4) - z;
-    dst[p] = static_cast<float>(q) * bf16_to_float(d);
+    dst[p] = static_cast<float>(q) * int4_scale(d, L.f16_scales);
   }
 }
 

@@ -35,6 +35,10 @@ struct IsaOps<Avx2> {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
   }
+  // 8 f16 -> f32 (F16C, exact).
+  static __m256 widen_f16(const uint16_t* p) noexcept {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   // 8 int8 -> f32.
   static __m256 widen_s8(const int8_t* p) noexcept {
     return _mm256_cvtepi32_ps(

@@ -38,6 +38,10 @@ struct Avx512Ops {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
   }
+  // 16 f16 -> f32 (exact).
+  static __m512 widen_f16(const uint16_t* p) noexcept {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   // 16 int8 -> f32.
   static __m512 widen_s8(const int8_t* p) noexcept {
     return _mm512_cvtepi32_ps(
