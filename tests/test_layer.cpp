@@ -746,6 +746,54 @@ TEST(LayerForwardPlan, HandBuiltPlanWithVariableSlots) {
   EXPECT_GT(ref::max_abs(y), 0.0);
 }
 
+// An engine's own routing (ids / weights, -1 for no slot): RoutingPlan::from_topk gives the
+// same layer output as the router's plan (bit for bit, same slot order), on random shapes with
+// padding and dropped choices; bad ids and weights are errors naming the slot.
+TEST(LayerForwardPlan, FromTopkEqualsTheRoutersPlan) {
+  Rng rng(21);
+  for (int trial = 0; trial < 12; ++trial) {
+    const int64_t E = rng.integer(2, 9), k = rng.integer(1, E), d = rng.integer(4, 24), T = rng.integer(0, 40);
+    LayerSpec spec = simple_spec(E, k, d, rng.integer(4, 20));
+    const Built b = build(spec, rng);
+    const Input in = random_input(rng, T, d, trial % 2 ? 0.3 : 0.0);
+    std::vector<float> y(static_cast<size_t>(T * d)), y2(y.size());
+    Workspace ws, ws2;
+    b.layer->forward(in.batch(), in.x.data(), y.data(), ws, 2);
+    std::vector<int32_t> ids(static_cast<size_t>(T * k));
+    std::vector<float> w(ids.size());
+    ws.plan.to_topk(k, ids.data(), w.data());  // padded tokens: -1 / 0
+    const RoutingPlan plan = RoutingPlan::from_topk(ids.data(), w.data(), T, k, E);
+    b.layer->forward_plan(in.batch(), in.x.data(), plan, y2.data(), ws2, trial % 3);
+    ASSERT_EQ(y, y2) << "trial " << trial;
+    // Dropping the last choice of every token: the same as a plan without it.
+    if (k > 1 && T > 0) {
+      for (int64_t t = 0; t < T; ++t) ids[t * k + k - 1] = -1;
+      const RoutingPlan p2 = RoutingPlan::from_topk(ids.data(), w.data(), T, k, E);
+      for (int64_t t = 0; t < T; ++t) EXPECT_EQ(p2.slots_of(t), in.batch().is_padding(t) ? 0 : k - 1);
+    }
+  }
+  const int32_t dup[4] = {0, 0, 1, 2};
+  const int32_t out_of_range[4] = {0, 4, 1, 2};
+  const float wt[4] = {0.5f, 0.5f, 0.5f, 0.5f}, nan_w[4] = {0.5f, 0.5f, std::numeric_limits<float>::quiet_NaN(), 0.5f};
+  const int32_t ok[4] = {0, 1, 1, 2};
+  expect_error([&] { (void)RoutingPlan::from_topk(dup, wt, 2, 2, 4); }, "token 0 chooses expert 0 twice");
+  expect_error([&] { (void)RoutingPlan::from_topk(out_of_range, wt, 2, 2, 4); }, "ids[0, 1] expected in [0, 4) or -1");
+  expect_error([&] { (void)RoutingPlan::from_topk(ok, nan_w, 2, 2, 4); }, "weights[1, 0] expected finite");
+  expect_error([&] { (void)RoutingPlan::from_topk(ok, wt, 2, 5, 4); }, "k expected <= E = 4");
+  expect_error([&] { (void)RoutingPlan::from_topk(nullptr, wt, 2, 2, 4); }, "null ids or weights");
+  // A padded token with slots is refused by forward_plan.
+  Rng r2(5);
+  const Built b = build(simple_spec(4, 2, 8, 6), r2);
+  Input in = random_input(r2, 2, 8, 0.0);
+  std::vector<uint8_t> pad = {0, 1};
+  Batch bp = in.batch();
+  bp.padding = pad;
+  std::vector<float> y(16);
+  Workspace ws;
+  const RoutingPlan p = RoutingPlan::from_topk(ok, wt, 2, 2, 4);
+  expect_error([&] { b.layer->forward_plan(bp, in.x.data(), p, y.data(), ws); }, "padded token 1 has 2 slots");
+}
+
 // ------------------------------------------------------------------------ errors
 
 TEST(LayerErrors, BadInputsThrowNamingTheArgument) {

@@ -146,6 +146,10 @@ class SparseLayer {
     ws.non_finite_rows = 0;
     batch.validate(hidden_size());
     if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward_plan", false, ws);
+    if (!batch.padding.empty() && plan.num_tokens() == batch.tokens)  // a padded row's contents are arbitrary
+      for (int64_t t = 0; t < batch.tokens; ++t)
+        MOEKIT_CHECK(!batch.is_padding(t) || plan.slots_of(t) == 0, "SparseLayer::forward_plan: padded token ", t,
+                     " has ", plan.slots_of(t), " slots, expected none (-1 ids in RoutingPlan::from_topk)");
     run_plan(batch, hidden, plan, out, ws, threads);
     if (check_finite_) check_rows(batch, out, "SparseLayer::forward_plan", true, ws);
   }

@@ -66,6 +66,54 @@ class RoutingPlan {
     finalized_ = false;
   }
 
+  /// A finalised plan from routing an engine already did (ONNX Runtime's MoE op, ggml's
+  /// mul_mat_id ids): `ids [T, k]` expert ids and `weights [T, k]` combine weights, row-major.
+  /// An id of -1 is no slot (a dropped or missing choice; pass -1 for padded tokens); every
+  /// other id must be in [0, E) and appear at most once per token, every weight of a slot
+  /// finite. Slots keep the given order (the combine sums them in it). Throws moekit::error
+  /// naming the token and slot. Reuses this plan's buffers.
+  void assign_topk(const int32_t* ids, const float* weights, int64_t T, int64_t k, int64_t E) {
+    MOEKIT_CHECK(T >= 0 && k >= 0, "RoutingPlan::from_topk: T and k expected >= 0, got T = ", T, ", k = ", k);
+    MOEKIT_CHECK(E >= 1 && E <= std::numeric_limits<int32_t>::max(), "RoutingPlan::from_topk: E expected in [1, 2^31), got ", E);
+    MOEKIT_CHECK(k <= E, "RoutingPlan::from_topk: k expected <= E = ", E, " (an expert at most once per token), got ", k);
+    MOEKIT_CHECK(T * k == 0 || (ids != nullptr && weights != nullptr), "RoutingPlan::from_topk: null ids or weights for T = ",
+                 T, ", k = ", k);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[t * k + j];
+        if (e == -1) continue;
+        MOEKIT_CHECK(e >= 0 && e < E, "RoutingPlan::from_topk: ids[", t, ", ", j, "] expected in [0, ", E,
+                     ") or -1 (no slot), got ", e);
+        MOEKIT_CHECK(std::isfinite(weights[t * k + j]), "RoutingPlan::from_topk: weights[", t, ", ", j,
+                     "] expected finite, got ", weights[t * k + j]);
+        for (int64_t i = 0; i < j; ++i)
+          MOEKIT_CHECK(ids[t * k + i] != e, "RoutingPlan::from_topk: token ", t, " chooses expert ", e,
+                       " twice (slots ", i, " and ", j, ")");
+      }
+    reset(T, E, [&](int64_t t) {
+      int64_t n = 0;
+      for (int64_t j = 0; j < k; ++j) n += ids[t * k + j] != -1;
+      return n;
+    });
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t n = 0;
+      const auto ex = token_experts(t);
+      const auto w = token_weights(t);
+      for (int64_t j = 0; j < k; ++j) {
+        if (ids[t * k + j] == -1) continue;
+        ex[static_cast<size_t>(n)] = ids[t * k + j];
+        w[static_cast<size_t>(n++)] = weights[t * k + j];
+      }
+    }
+    finalize();
+  }
+  /// assign_topk into a new plan.
+  static RoutingPlan from_topk(const int32_t* ids, const float* weights, int64_t T, int64_t k, int64_t E) {
+    RoutingPlan p;
+    p.assign_topk(ids, weights, T, k, E);
+    return p;
+  }
+
   /// Token t's slot range, writable by routers before finalize().
   std::span<int32_t> token_experts(int64_t t) noexcept { return {slot_expert_.data() + begin(t), size_of(t)}; }
   std::span<float> token_weights(int64_t t) noexcept { return {slot_weight_.data() + begin(t), size_of(t)}; }
