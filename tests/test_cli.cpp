@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <sstream>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -476,6 +477,56 @@ TEST_F(Cli, BenchAndInfoPrintJson) {
   const auto info = nlohmann::json::parse(r.out);
   EXPECT_TRUE(info.contains("cpu_features"));
   EXPECT_TRUE(info.contains("gemm_kernel"));
+}
+
+// bench as llama-bench is used: lists and ranges of --tokens, --threads, --dtype give one
+// record per configuration (dtype-major, then threads, then tokens) in json, jsonl, csv or md;
+// statistics, CPU, version and commit in every record; torch_dtype bfloat16 picks bf16.
+TEST_F(Cli, BenchListsAndOutputFormats) {
+  std::ofstream(dir_ / "config.json") << R"({"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 16,
+      "num_local_experts": 4, "num_experts_per_tok": 2, "torch_dtype": "bfloat16"})";
+  const std::string base = "bench --config " + (dir_ / "config.json").string() + " --repeat 3 --layers 2";
+  Result r = run_cli(dir_, base + " --tokens 1,4-16*2 --threads 1-2 --dtype f32,int4");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::vector<nlohmann::json> recs;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) recs.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(recs.size(), 2u * 2u * 4u);  // dtypes x threads x tokens {1, 4, 8, 16}
+  const int64_t tokens[] = {1, 4, 8, 16};
+  for (size_t i = 0; i < recs.size(); ++i) {
+    const auto& j = recs[i];
+    EXPECT_EQ(j["dtype"], i < 8 ? "f32" : "int4");
+    EXPECT_EQ(j["threads"], i % 8 < 4 ? 1 : 2);
+    EXPECT_EQ(j["tokens"], tokens[i % 4]);
+    for (const char* key : {"mean_ms", "median_ms", "min_ms", "stddev_ms", "cpu", "moekit_version", "git_commit", "kernel"})
+      EXPECT_TRUE(j.contains(key)) << key;
+    EXPECT_LE(j["min_ms"].get<double>(), j["median_ms"].get<double>());
+    EXPECT_GE(j["stddev_ms"].get<double>(), 0.0);
+  }
+  // Without --dtype the config's torch_dtype (bfloat16) stores bf16 experts.
+  r = run_cli(dir_, base + " --tokens 2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["dtype"], "bf16");
+  // csv: a header and one row per configuration; md: a table; jsonl as json.
+  r = run_cli(dir_, base + " --tokens 2,3 -o csv");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 3);
+  EXPECT_EQ(r.out.rfind("preset,router,num_experts,k,", 0), 0u) << r.out;
+  r = run_cli(dir_, base + " --tokens 2 --output-format md");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 3);
+  EXPECT_EQ(r.out.rfind("| preset | router |", 0), 0u) << r.out;
+  r = run_cli(dir_, base + " --tokens 2 -o jsonl");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NO_THROW((void)nlohmann::json::parse(r.out));
+  // Bad lists and formats: exit 2, one line.
+  expect_error(base + " --tokens 8-2", "--tokens: range \"8-2\" expected its end >= its start");
+  expect_error(base + " --tokens 1,x", "--tokens: expected an integer in [0, 16777216], got \"x\"");
+  expect_error(base + " --tokens 1-2*1", "expected an integer in [2, 16777216], got \"1\"");
+  expect_error(base + " --tokens 0-5000", "--tokens: more than 1024 values");
+  expect_error(base + " --dtype f32,fp16", "--dtype: weight type");
+  expect_error(base + " -o xml", "-o / --output-format: expected json, jsonl, csv or md");
+  expect_error(base + " -o csv --output-format md", "given twice");
 }
 
 // --dtype: reduced-precision experts through run and bench. The router is f32, so the

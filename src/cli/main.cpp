@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -45,8 +46,8 @@ constexpr const char* kUsage =
     "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16]\n"
     "  moekit run --model DIR [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
     "  moekit run --gguf F.gguf [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
-    "  moekit bench --config C.json [--tokens T] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16] [--repeat R]\n"
-    "               [--layers L] [--seed S]\n"
+    "  moekit bench --config C.json [--tokens T,...] [--threads N,...] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16,...]\n"
+    "               [--repeat R] [--layers L] [--seed S] [-o json|jsonl|csv|md]\n"
     "  moekit info\n"
     "  moekit --version\n";
 
@@ -110,16 +111,61 @@ void refuse_output_over_inputs(const std::string& out,
 }
 
 // Flags of one sub-command: "--name value" pairs, each allowed name at most once.
-std::map<std::string, std::string> parse_flags(int argc, char** argv, int first,
-                                               const std::set<std::string>& allowed) {
+// `short_names` maps a one-letter form ("-o") to its long name.
+std::map<std::string, std::string> parse_flags(int argc, char** argv, int first, const std::set<std::string>& allowed,
+                                               const std::map<std::string, std::string>& short_names = {}) {
   std::map<std::string, std::string> out;
   for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a.rfind("--", 0) != 0 || allowed.count(a.substr(2)) == 0) fail("unknown argument \"", a, "\"");
+    const auto sn = short_names.find(a);
+    const std::string name = sn != short_names.end() ? sn->second : a.rfind("--", 0) == 0 ? a.substr(2) : std::string();
+    if (name.empty() || allowed.count(name) == 0) fail("unknown argument \"", a, "\"");
     if (i + 1 >= argc) fail("flag ", a, " expects a value");
-    if (out.count(a.substr(2)) != 0) fail("flag ", a, " given twice");
-    out[a.substr(2)] = argv[++i];
+    if (out.count(name) != 0) fail("flag --", name, " given twice");
+    out[name] = argv[++i];
   }
+  return out;
+}
+
+// One integer of a list flag.
+int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (errno != 0 || end == s.c_str() || *end != '\0' || v < lo || v > hi)
+    fail("--", flag, ": expected an integer in [", lo, ", ", hi, "], got \"", s, "\"");
+  return v;
+}
+
+// A list flag as llama-bench takes them: comma-separated items, each an integer or a range
+// `a-b` (step 1), `a-b+s` (adding s) or `a-b*m` (multiplying by m > 1); at most 1024 values.
+std::vector<int64_t> int_list_flag(const std::map<std::string, std::string>& f, const std::string& name, int64_t def,
+                                   int64_t lo, int64_t hi) {
+  auto it = f.find(name);
+  if (it == f.end()) return {def};
+  std::vector<int64_t> out;
+  std::string item;
+  std::istringstream in(it->second);
+  while (std::getline(in, item, ',')) {
+    const size_t dash = item.find('-', 1);
+    if (dash == std::string::npos) {
+      out.push_back(parse_int(name, item, lo, hi));
+    } else {
+      const size_t op = item.find_first_of("+*", dash + 1);
+      const int64_t a = parse_int(name, item.substr(0, dash), lo, hi);
+      const int64_t b = parse_int(name, item.substr(dash + 1, op == std::string::npos ? std::string::npos : op - dash - 1), lo, hi);
+      const bool mul = op != std::string::npos && item[op] == '*';
+      const int64_t step = op == std::string::npos ? 1 : parse_int(name, item.substr(op + 1), mul ? 2 : 1, hi);
+      if (b < a) fail("--", name, ": range \"", item, "\" expected its end >= its start");
+      for (int64_t v = a; v <= b; v = mul ? v * step : v + step) {
+        out.push_back(v);
+        if (out.size() > 1024) fail("--", name, ": more than 1024 values");
+        if (mul && v == 0) break;  // 0 * m stays 0
+      }
+    }
+    if (out.size() > 1024) fail("--", name, ": more than 1024 values");
+  }
+  if (out.empty()) fail("--", name, ": expected at least one value, got \"", it->second, "\"");
   return out;
 }
 
@@ -148,15 +194,29 @@ struct DtypeFlag {
   moekit::kernels::WeightType type;
   bool bf16_activations;  // set to true by bf16xbf16; the config's otherwise
 };
-std::optional<DtypeFlag> dtype_flag(const std::map<std::string, std::string>& f) {
-  auto it = f.find("dtype");
-  if (it == f.end()) return std::nullopt;
-  if (it->second == "bf16xbf16") return DtypeFlag{moekit::kernels::WeightType::bf16, true};
+DtypeFlag parse_dtype(const std::string& s) {
+  if (s == "bf16xbf16") return DtypeFlag{moekit::kernels::WeightType::bf16, true};
   try {
-    return DtypeFlag{moekit::kernels::parse_weight_type(it->second), false};
+    return DtypeFlag{moekit::kernels::parse_weight_type(s), false};
   } catch (const moekit::error& e) {
     fail("--dtype: ", e.what(), " (or bf16xbf16: bf16 weights and activations)");
   }
+}
+std::optional<DtypeFlag> dtype_flag(const std::map<std::string, std::string>& f) {
+  auto it = f.find("dtype");
+  if (it == f.end()) return std::nullopt;
+  return parse_dtype(it->second);
+}
+// bench: --dtype may list several, comma-separated.
+std::vector<std::optional<DtypeFlag>> dtype_list_flag(const std::map<std::string, std::string>& f) {
+  auto it = f.find("dtype");
+  if (it == f.end()) return {std::nullopt};
+  std::vector<std::optional<DtypeFlag>> out;
+  std::string item;
+  std::istringstream in(it->second);
+  while (std::getline(in, item, ',')) out.push_back(parse_dtype(item));
+  if (out.empty() || out.size() > 64) fail("--dtype: expected 1 to 64 weight types, got \"", it->second, "\"");
+  return out;
 }
 
 void apply_dtype(const std::optional<DtypeFlag>& d, moekit::LayerConfig& cfg) {
@@ -432,97 +492,176 @@ double physical_bytes() {
   return static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
 }
 
+std::string csv_field(const json& v) {
+  std::string s = v.is_string() ? v.get<std::string>() : v.dump();
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string q = "\"";
+  for (char c : s) q += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return q + "\"";
+}
+
+// The flat columns of csv and md (nested shape keys flattened).
+const char* const kBenchColumns[] = {"preset",      "router",   "num_experts", "k",           "hidden_size",
+                                     "intermediate_size", "dtype", "tokens", "threads", "repeat", "layers",
+                                     "mean_ms",     "median_ms", "min_ms",     "stddev_ms",   "tokens_per_s",
+                                     "gflops",      "weight_gbps", "kernel",   "cpu",         "moekit_version",
+                                     "git_commit"};
+json bench_column(const json& r, const std::string& c) {
+  if (r.contains(c)) return r.at(c);
+  return r.at("shape").contains(c) ? r.at("shape").at(c) : json(nullptr);
+}
+
+// Per --dtype the layer instances are built once, then timed at every (threads, tokens) pair;
+// one record per configuration.
 int cmd_bench(const std::map<std::string, std::string>& f) {
-  const auto dtype = dtype_flag(f);
-  const int64_t T = int_flag(f, "tokens", 512, 0, int64_t{1} << 24);
-  const int threads = moekit::detail::resolve_threads(static_cast<int>(int_flag(f, "threads", 0, 0, 4096)));
+  const auto dtypes = dtype_list_flag(f);
+  const std::vector<int64_t> tokens_list = int_list_flag(f, "tokens", 512, 0, int64_t{1} << 24);
+  const std::vector<int64_t> threads_list = int_list_flag(f, "threads", 0, 0, 4096);
   const int64_t repeat = int_flag(f, "repeat", 10, 1, 1000000);
   const uint64_t seed = static_cast<uint64_t>(int_flag(f, "seed", 1, 0, INT64_MAX));
-  moekit::LayerConfig cfg = moekit::load_layer_config(required(f, "config"));
-  apply_dtype(dtype, cfg);
-  // The first instance tells the resident size; more follow only if they fit.
-  std::vector<std::unique_ptr<moekit::AnyLayer>> inst;
-  const double budget = 0.5 * physical_bytes();
-  const double estimate = moekit::layer_weight_bytes(cfg);
-  if (estimate > budget)
-    fail("--config: the layer needs ", estimate / 1e9, " GB of weights, more than half of this machine's ",
-         physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");
-  inst.push_back(moekit::random_any_layer(cfg, seed));
-  const double layer_bytes = inst[0]->resident_bytes();
-  if (layer_bytes > budget)
-    fail("--config: the layer holds ", layer_bytes / 1e9, " GB of weights, more than half of this machine's ",
-         physical_bytes() / 1e9, " GB");
-  // Enough instances that the weights rotated over exceed twice the L3 (not cache-resident).
-  int64_t layers = static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(l3_bytes()) / std::max(layer_bytes, 1.0)));
-  layers = std::clamp<int64_t>(layers, 1, std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(layer_bytes, 1.0))));
-  layers = std::min<int64_t>(layers, 64);
-  layers = int_flag(f, "layers", layers, 1, 4096);
-  for (int64_t i = 1; i < layers; ++i) inst.push_back(moekit::random_any_layer(cfg, seed + static_cast<uint64_t>(i)));
-
-  const int64_t d = cfg.hidden();
-  std::vector<float> x(static_cast<size_t>(T * d)), y(static_cast<size_t>(T * d));
-  uint64_t state = seed * 0x9E3779B97F4A7C15ull + 7;
-  auto fresh_input = [&] {
-    for (float& v : x) {
-      state += 0x9E3779B97F4A7C15ull;
-      v = static_cast<float>(static_cast<double>(moekit::detail::splitmix64(state) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+  const std::string format = f.count("output-format") ? f.at("output-format") : "json";
+  if (format != "json" && format != "jsonl" && format != "csv" && format != "md")
+    fail("-o / --output-format: expected json, jsonl, csv or md, got \"", format, "\"");
+  if (dtypes.size() * threads_list.size() * tokens_list.size() > 4096)
+    fail("--dtype x --threads x --tokens: ", dtypes.size() * threads_list.size() * tokens_list.size(),
+         " configurations, expected at most 4096");
+  const moekit::LayerConfig base = moekit::load_layer_config(required(f, "config"));
+  const moekit::CpuFeatures& cpu = moekit::cpu_features();
+  std::vector<json> records;
+  for (const auto& dtype : dtypes) {
+    moekit::LayerConfig cfg = base;
+    // Without --dtype, an HF config's torch_dtype picks the weight type when moekit has it.
+    if (!dtype && cfg.origin == "hf" && cfg.torch_dtype == "bfloat16") cfg.pack.type = moekit::kernels::WeightType::bf16;
+    apply_dtype(dtype, cfg);
+    // The first instance tells the resident size; more follow only if they fit.
+    std::vector<std::unique_ptr<moekit::AnyLayer>> inst;
+    const double budget = 0.5 * physical_bytes();
+    const double estimate = moekit::layer_weight_bytes(cfg);
+    if (estimate > budget)
+      fail("--config: the layer needs ", estimate / 1e9, " GB of weights, more than half of this machine's ",
+           physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");
+    inst.push_back(moekit::random_any_layer(cfg, seed));
+    const double layer_bytes = inst[0]->resident_bytes();
+    if (layer_bytes > budget)
+      fail("--config: the layer holds ", layer_bytes / 1e9, " GB of weights, more than half of this machine's ",
+           physical_bytes() / 1e9, " GB");
+    // Enough instances that the weights rotated over exceed twice the L3 (not cache-resident).
+    int64_t layers = static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(l3_bytes()) / std::max(layer_bytes, 1.0)));
+    layers = std::clamp<int64_t>(layers, 1, std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(layer_bytes, 1.0))));
+    layers = std::min<int64_t>(layers, 64);
+    layers = int_flag(f, "layers", layers, 1, 4096);
+    for (int64_t i = 1; i < layers; ++i) inst.push_back(moekit::random_any_layer(cfg, seed + static_cast<uint64_t>(i)));
+    const int64_t d = cfg.hidden();
+    // Router weights: in resident_bytes for every family; the top-k router's gate here.
+    const double router_bytes = cfg.router_type == "topk" ? 4.0 * static_cast<double>(cfg.router.num_experts * d) : 0.0;
+    // Other router families keep E and k in their router object (null when they have none).
+    const json router = cfg.router_json.empty() ? json::object() : json::parse(cfg.router_json);
+    auto shape_value = [&](const char* key, int64_t topk_value) -> json {
+      if (cfg.router_type == "topk") return topk_value;
+      return router.contains(key) ? router.at(key) : json(nullptr);
+    };
+    for (const int64_t threads_flag : threads_list)
+      for (const int64_t T : tokens_list) {
+        const int threads = moekit::detail::resolve_threads(static_cast<int>(threads_flag));
+        std::vector<float> x(static_cast<size_t>(T * d)), y(static_cast<size_t>(T * d));
+        uint64_t state = seed * 0x9E3779B97F4A7C15ull + 7;
+        auto fresh_input = [&] {
+          for (float& v : x) {
+            state += 0x9E3779B97F4A7C15ull;
+            v = static_cast<float>(static_cast<double>(moekit::detail::splitmix64(state) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+          }
+        };
+        const moekit::Batch batch = moekit::Batch::single(T, d);
+        for (auto& l : inst) {  // warm-up: touches every instance's pages once
+          fresh_input();
+          l->forward(batch, x.data(), y.data(), threads);
+        }
+        std::vector<double> ms, gf, gbps, touched;
+        for (int64_t r = 0; r < repeat; ++r) {
+          fresh_input();
+          auto& l = *inst[static_cast<size_t>(r % layers)];
+          const auto t0 = std::chrono::steady_clock::now();
+          l.forward(batch, x.data(), y.data(), threads);
+          const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          const double experts = l.expert_bytes();
+          ms.push_back(sec * 1e3);
+          gf.push_back(l.executed_flops() / sec / 1e9);
+          gbps.push_back((experts + (T > 0 ? router_bytes : 0.0)) / sec / 1e9);
+          touched.push_back(experts);
+        }
+        auto median = [](std::vector<double> v) {
+          std::sort(v.begin(), v.end());
+          const size_t n = v.size();
+          return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+        };
+        double mean = 0, var = 0;
+        for (double v : ms) mean += v / static_cast<double>(ms.size());
+        for (double v : ms) var += (v - mean) * (v - mean);
+        const double stddev = ms.size() > 1 ? std::sqrt(var / static_cast<double>(ms.size() - 1)) : 0.0;
+        const double med_ms = median(ms);
+        records.push_back({
+            {"preset", cfg.preset},
+            {"router", cfg.router_type},
+            {"shape", {{"num_experts", shape_value("num_experts", cfg.router.num_experts)}, {"k", shape_value("k", cfg.router.k)},
+                       {"hidden_size", d}, {"intermediate_size", cfg.experts.intermediate}, {"gated", cfg.experts.gated},
+                       {"activation", moekit::activation_name(cfg.experts.act)},
+                       {"shared_intermediate_size", cfg.shared ? cfg.shared->intermediate : 0}}},
+            {"tokens", T},
+            {"threads", threads},
+            {"dtype", moekit::kernels::to_string(cfg.pack.type)},
+            {"bf16_activations", cfg.pack.bf16_activations},
+            {"repeat", repeat},
+            {"layers", layers},
+            {"mean_ms", mean},
+            {"median_ms", med_ms},
+            {"min_ms", *std::min_element(ms.begin(), ms.end())},
+            {"stddev_ms", stddev},
+            {"tokens_per_s", med_ms > 0 ? static_cast<double>(T) / (med_ms / 1e3) : 0.0},
+            {"gflops", median(gf)},
+            {"weight_gbps", median(gbps)},
+            {"expert_weight_bytes", median(touched)},
+            {"resident_weight_bytes_per_layer", layer_bytes},
+            {"kernel", moekit::kernels::gemm_backend(cfg.pack.type, cfg.pack.bf16_activations)},
+            {"cpu", cpu.brand},
+            {"moekit_version", moekit::version()},
+            {"git_commit", MOEKIT_GIT_COMMIT},
+        });
+      }
+  }
+  if (format == "json" || format == "jsonl") {
+    for (const json& r : records) std::printf("%s\n", r.dump().c_str());
+  } else if (format == "csv") {
+    std::string line;
+    for (const char* c : kBenchColumns) line += (line.empty() ? "" : ",") + std::string(c);
+    std::printf("%s\n", line.c_str());
+    for (const json& r : records) {
+      line.clear();
+      for (const char* c : kBenchColumns) line += (line.empty() ? "" : ",") + csv_field(bench_column(r, c));
+      std::printf("%s\n", line.c_str());
     }
-  };
-  const moekit::Batch batch = moekit::Batch::single(T, d);
-  for (auto& l : inst) {  // warm-up: touches every instance's pages once
-    fresh_input();
-    l->forward(batch, x.data(), y.data(), threads);
+  } else {  // md: a Markdown table
+    std::string head = "|", rule = "|";
+    for (const char* c : kBenchColumns) {
+      head += " " + std::string(c) + " |";
+      rule += "---|";
+    }
+    std::printf("%s\n%s\n", head.c_str(), rule.c_str());
+    for (const json& r : records) {
+      std::string row = "|";
+      for (const char* c : kBenchColumns) {
+        const json v = bench_column(r, c);
+        std::string cell = v.is_string() ? v.get<std::string>() : v.is_number_float() ? [&] {
+          char b[32];
+          std::snprintf(b, sizeof b, "%.4g", v.get<double>());
+          return std::string(b);
+        }() : v.dump();
+        for (char& ch : cell)
+          if (ch == '|') ch = '/';
+        row += " " + cell + " |";
+      }
+      std::printf("%s\n", row.c_str());
+    }
   }
-  // Router weights: in resident_bytes for every family; the top-k router's gate here.
-  const double router_bytes = cfg.router_type == "topk" ? 4.0 * static_cast<double>(cfg.router.num_experts * d) : 0.0;
-  std::vector<double> ms, gf, gbps, touched;
-  for (int64_t r = 0; r < repeat; ++r) {
-    fresh_input();
-    auto& l = *inst[static_cast<size_t>(r % layers)];
-    const auto t0 = std::chrono::steady_clock::now();
-    l.forward(batch, x.data(), y.data(), threads);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double experts = l.expert_bytes();
-    ms.push_back(s * 1e3);
-    gf.push_back(l.executed_flops() / s / 1e9);
-    gbps.push_back((experts + (T > 0 ? router_bytes : 0.0)) / s / 1e9);
-    touched.push_back(experts);
-  }
-  auto median = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  };
-  const double med_ms = median(ms);
-  // Other router families keep E and k in their router object (null when they have none).
-  const json router = cfg.router_json.empty() ? json::object() : json::parse(cfg.router_json);
-  auto shape_value = [&](const char* key, int64_t topk_value) -> json {
-    if (cfg.router_type == "topk") return topk_value;
-    return router.contains(key) ? router.at(key) : json(nullptr);
-  };
-  json out = {
-      {"preset", cfg.preset},
-      {"router", cfg.router_type},
-      {"shape", {{"num_experts", shape_value("num_experts", cfg.router.num_experts)}, {"k", shape_value("k", cfg.router.k)}, {"hidden_size", d},
-                 {"intermediate_size", cfg.experts.intermediate}, {"gated", cfg.experts.gated},
-                 {"activation", moekit::activation_name(cfg.experts.act)},
-                 {"shared_intermediate_size", cfg.shared ? cfg.shared->intermediate : 0}}},
-      {"tokens", T},
-      {"threads", threads},
-      {"dtype", moekit::kernels::to_string(cfg.pack.type)},
-      {"bf16_activations", cfg.pack.bf16_activations},
-      {"repeat", repeat},
-      {"layers", layers},
-      {"median_ms", med_ms},
-      {"min_ms", *std::min_element(ms.begin(), ms.end())},
-      {"tokens_per_s", med_ms > 0 ? static_cast<double>(T) / (med_ms / 1e3) : 0.0},
-      {"gflops", median(gf)},
-      {"weight_gbps", median(gbps)},
-      {"expert_weight_bytes", median(touched)},
-      {"resident_weight_bytes_per_layer", layer_bytes},
-      {"kernel", moekit::kernels::gemm_backend(cfg.pack.type, cfg.pack.bf16_activations)},
-  };
-  std::printf("%s\n", out.dump().c_str());
   return 0;
 }
 
@@ -600,7 +739,9 @@ int moekit_cli_main(int argc, char** argv) {
       return cmd_run(parse_flags(argc, argv, 2,
                                  {"config", "weights", "input", "output", "prefix", "threads", "dtype", "model", "layer", "gguf"}));
     if (cmd == "bench")
-      return cmd_bench(parse_flags(argc, argv, 2, {"config", "tokens", "threads", "dtype", "repeat", "layers", "seed"}));
+      return cmd_bench(parse_flags(argc, argv, 2,
+                                   {"config", "tokens", "threads", "dtype", "repeat", "layers", "seed", "output-format"},
+                                   {{"-o", "output-format"}}));
     if (cmd == "info") {
       if (argc != 2) fail("info takes no arguments");
       return cmd_info();

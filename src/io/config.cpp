@@ -425,7 +425,20 @@ LayerConfig parse_llama_moe_rnn(Reader& rd, const std::string& origin) {
   return c;
 }
 
+LayerConfig parse_hf_type(const json& j, const std::string& origin);
+
 LayerConfig parse_hf(const json& j, const std::string& origin) {
+  LayerConfig c = parse_hf_type(j, origin);
+  // torch_dtype (newer files: dtype), a string when present; other forms are ignored.
+  for (const char* key : {"torch_dtype", "dtype"})
+    if (c.torch_dtype.empty() && j.contains(key) && j[key].is_string()) c.torch_dtype = j[key].get<std::string>();
+  if (c.torch_dtype.empty() && j.contains("text_config") && j["text_config"].is_object() &&
+      j["text_config"].contains("torch_dtype") && j["text_config"]["torch_dtype"].is_string())
+    c.torch_dtype = j["text_config"]["torch_dtype"].get<std::string>();
+  return c;
+}
+
+LayerConfig parse_hf_type(const json& j, const std::string& origin) {
   Reader rd(j, origin);
   const std::string mt = rd.string("model_type", "");
   static constexpr const char* kHfTypes[] = {"mixtral",     "qwen2_moe",   "qwen3_moe",    "qwen3_next",     "olmoe",

@@ -87,6 +87,9 @@ struct LayerConfig {
   /// How expert weights (routed and shared) are stored and computed: `experts.dtype` and
   /// `experts.bf16_activations` in moekit configs, `--dtype` on the command line.
   kernels::PackOptions pack;
+  /// An HF config's `torch_dtype` ("bfloat16", "float32", ...; "" when absent): `moekit bench`
+  /// stores the experts as bf16 for "bfloat16" unless --dtype says otherwise.
+  std::string torch_dtype;
 
   [[nodiscard]] int64_t hidden() const noexcept { return router.hidden; }
   /// The router weight's name after the block prefix: `router_weight`, else the layout's.
