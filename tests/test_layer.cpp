@@ -4,6 +4,8 @@
 // workspace determinism, argument errors.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -792,6 +794,56 @@ TEST(LayerForwardPlan, FromTopkEqualsTheRoutersPlan) {
   Workspace ws;
   const RoutingPlan p = RoutingPlan::from_topk(ok, wt, 2, 2, 4);
   expect_error([&] { b.layer->forward_plan(bp, in.x.data(), p, y.data(), ws); }, "padded token 1 has 2 slots");
+}
+
+// Engine-owned threads: begin / run_task / combine / finish from a std::thread pool (tasks
+// taken from an atomic counter, in any order) give forward()'s output bit for bit, for several
+// worker counts and token splits, with shared experts and padding.
+TEST(LayerExecutor, EngineThreadsEqualForward) {
+  Rng rng(33);
+  for (int trial = 0; trial < 8; ++trial) {
+    const int64_t E = rng.integer(2, 8), k = rng.integer(1, E), d = rng.integer(4, 40), T = rng.integer(0, 300);
+    LayerSpec spec = simple_spec(E, k, d, rng.integer(4, 48));
+    if (trial % 2) spec.shared.push_back({static_cast<int64_t>(rng.integer(4, 24)), trial % 4 == 1});
+    const Built b = build(spec, rng);
+    const Input in = random_input(rng, T, d, trial % 3 == 0 ? 0.25 : 0.0);
+    std::vector<float> want(static_cast<size_t>(T * d));
+    Workspace wf;
+    b.layer->forward(in.batch(), in.x.data(), want.data(), wf, 1);
+    for (int workers : {1, 3}) {
+      std::vector<float> y(want.size(), std::numeric_limits<float>::quiet_NaN());
+      Workspace ws;
+      const Batch batch = in.batch();
+      b.layer->begin(batch, in.x.data(), ws, workers);
+      std::atomic<int64_t> next{0};
+      const int64_t n = b.layer->num_tasks(ws), parts = 5;
+      std::vector<std::thread> pool;
+      for (int w = 0; w < workers; ++w)
+        pool.emplace_back([&, w] {
+          for (int64_t i; (i = next.fetch_add(1)) < n;) b.layer->run_task(batch, in.x.data(), ws, n - 1 - i, w);
+        });
+      for (auto& t : pool) t.join();
+      pool.clear();
+      for (int w = 0; w < workers; ++w)
+        pool.emplace_back([&, w] {
+          for (int64_t part = w; part < parts; part += workers) b.layer->combine(batch, in.x.data(), y.data(), ws, w, part, parts);
+        });
+      for (auto& t : pool) t.join();
+      b.layer->finish(batch, y.data(), ws);
+      ASSERT_EQ(std::memcmp(y.data(), want.data(), y.size() * sizeof(float)), 0)
+          << "trial " << trial << ", " << workers << " workers: not forward()'s output bit for bit";
+    }
+  }
+  Rng r2(3);
+  const Built b = build(simple_spec(4, 2, 8, 6), r2);
+  const Input in = random_input(r2, 5, 8, 0.0);
+  Workspace ws;
+  expect_error([&] { b.layer->begin(in.batch(), in.x.data(), ws, 0); }, "workers expected in [1, 4096]");
+  b.layer->begin(in.batch(), in.x.data(), ws, 2);
+  expect_error([&] { b.layer->run_task(in.batch(), in.x.data(), ws, b.layer->num_tasks(ws), 0); }, "out of range");
+  expect_error([&] { b.layer->run_task(in.batch(), in.x.data(), ws, 0, 2); }, "worker 2 of 2");
+  std::vector<float> y(40);
+  expect_error([&] { b.layer->combine(in.batch(), in.x.data(), y.data(), ws, 0, 3, 3); }, "part 3 of 3");
 }
 
 // ------------------------------------------------------------------------ errors

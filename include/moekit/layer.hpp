@@ -44,6 +44,10 @@ struct Workspace {
   std::vector<int32_t> row_of_token; ///< token -> row in the unpadded list, -1 for padding
   std::vector<float> thread_scratch; ///< per thread: gather block + expert scratch
   std::vector<float> row_weights;    ///< `[S_kept]` routing weight of each expert row (context-aware banks)
+  int64_t routed_rows = 0;           ///< unpadded tokens of the current call
+  int64_t rows_max = 0;              ///< rows of a worker's gather block
+  size_t per_worker = 0;             ///< floats of a worker slot's scratch
+  int workers = 0;                   ///< worker slots the buffers are laid out for (begin())
   // Decode (column-split) path.
   struct Piece {
     int32_t task;   ///< index into tasks
@@ -154,6 +158,50 @@ class SparseLayer {
     if (check_finite_) check_rows(batch, out, "SparseLayer::forward_plan", true, ws);
   }
 
+  // ---- Engine-owned threads (no OpenMP): the same work as forward(), split into calls an
+  // engine's own pool runs. begin() routes on the calling thread and lays out the tasks and
+  // the buffers of `workers` worker slots; run_task(i, w) runs task i (an expert's row block, or
+  // a shared expert's) on worker slot w, from any thread, concurrently with other tasks as long
+  // as concurrent calls use distinct slots; combine(w, ith, nth) combines the tokens
+  // [T ith / nth, T (ith + 1) / nth) on slot w; finish() runs the output check. Every task
+  // must be done before any combine. Results equal forward()'s bit for bit, for any worker
+  // count, any order of tasks and any token split.
+
+  /// Routes `hidden` and lays out the work for `workers` (>= 1) worker slots in `ws`.
+  void begin(const Batch& batch, const float* hidden, Workspace& ws, int workers) const {
+    MOEKIT_CHECK(workers >= 1 && workers <= 4096, "SparseLayer::begin: workers expected in [1, 4096], got ", workers);
+    ws.non_finite_rows = 0;
+    batch.validate(hidden_size());
+    if (check_finite_) check_rows(batch, hidden, "SparseLayer::begin", false, ws);
+    router_.route(batch, hidden, ws.plan, ws.router, 1);
+    check_plan(batch, ws.plan);
+    MOEKIT_CHECK(batch.tokens == 0 || hidden != nullptr, "SparseLayer::begin: hidden expected non-null for T = ", batch.tokens);
+    ws.tasks.clear();
+    if (batch.tokens > 0) setup(batch, ws.plan, ws, workers);
+    ws.workers = workers;
+  }
+  /// Tasks of the call begin() laid out.
+  [[nodiscard]] int64_t num_tasks(const Workspace& ws) const noexcept { return static_cast<int64_t>(ws.tasks.size()); }
+  /// Runs task i on worker slot `worker` (< the begin() count). May throw what an expert throws.
+  void run_task(const Batch& batch, const float* hidden, Workspace& ws, int64_t i, int worker) const {
+    MOEKIT_CHECK(i >= 0 && i < num_tasks(ws) && worker >= 0 && worker < ws.workers, "SparseLayer::run_task: task ", i,
+                 " of ", num_tasks(ws), ", worker ", worker, " of ", ws.workers, " out of range");
+    task(batch, hidden, ws.plan, ws, i, worker);
+  }
+  /// Combines part ith of nth of the tokens into `out [T, d]` on worker slot `worker`.
+  void combine(const Batch& batch, const float* hidden, float* out, Workspace& ws, int worker, int64_t ith,
+               int64_t nth) const {
+    MOEKIT_CHECK(nth >= 1 && ith >= 0 && ith < nth && worker >= 0 && worker < ws.workers, "SparseLayer::combine: part ",
+                 ith, " of ", nth, ", worker ", worker, " of ", ws.workers, " out of range");
+    const int64_t T = batch.tokens;
+    MOEKIT_CHECK(T == 0 || out != nullptr, "SparseLayer::combine: out expected non-null for T = ", T);
+    for (int64_t t = T * ith / nth; t < T * (ith + 1) / nth; ++t) combine_token(batch, hidden, ws.plan, out, ws, t, worker);
+  }
+  /// The output check of forward() (non-finite rows), once every part is combined.
+  void finish(const Batch& batch, const float* out, Workspace& ws) const {
+    if (check_finite_) check_rows(batch, out, "SparseLayer::finish", true, ws);
+  }
+
   /// The NaN / infinity scans of the input and the output (on by default; a vectorised pass
   /// over the unpadded rows each, well under 1% of a forward). Turn them off only for inputs
   /// known to be finite and weights known not to overflow: a non-finite value then propagates
@@ -201,15 +249,52 @@ class SparseLayer {
 
   void run_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out, Workspace& ws,
                 int threads) const {
-    const int64_t d = hidden_size(), T = batch.tokens;
-    MOEKIT_CHECK(plan.finalized(), "SparseLayer::forward_plan: plan expected finalized, got a plan without finalize()");
-    MOEKIT_CHECK(plan.num_tokens() == T, "SparseLayer::forward_plan: plan tokens expected ", T, ", got ", plan.num_tokens());
-    MOEKIT_CHECK(plan.num_experts() == num_experts(), "SparseLayer::forward_plan: plan experts expected ",
-                 num_experts(), ", got ", plan.num_experts());
+    const int64_t T = batch.tokens;
+    check_plan(batch, plan);
     if (T == 0) return;
     MOEKIT_CHECK(hidden != nullptr && out != nullptr, "SparseLayer::forward: hidden/out pointers expected non-null for T = ", T);
     const int nt = detail::resolve_threads(threads);
+    setup(batch, plan, ws, nt);
+    std::exception_ptr failure;
+    const auto ntasks = static_cast<int64_t>(ws.tasks.size());
+    bool split = false;
+    if constexpr (SplittableBank<B> && !whole_blocks_v<B> && !ContextAwareBank<B>) {
+      int64_t most = 0;
+      for (int64_t e = 0; e < num_experts(); ++e) most = std::max(most, plan.kept_of(e));
+      split = nt > 1 && split_enabled_ && most <= kSplitRows && (shared_.empty() || ws.routed_rows <= kSplitRows) &&
+              ntasks > 0;
+      if (split) {
+        run_split(hidden, plan, !batch.padding.empty(), ws.routed_rows, ws, nt);
+      } else if (nt > 1 && split_enabled_) {
+        reserve_split(plan.num_slots(), ws.routed_rows, ws, nt);  // a later, smaller batch allocates nothing
+      }
+    }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1 && ntasks > 1)
+    for (int64_t i = 0; i < (split ? 0 : ntasks); ++i) {
+      try {
+        task(batch, hidden, plan, ws, i, omp_get_thread_num());
+      } catch (...) {
+#pragma omp critical(moekit_layer_failure)
+        if (!failure) failure = std::current_exception();
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) combine_token(batch, hidden, plan, out, ws, t, omp_get_thread_num());
+  }
 
+  void check_plan(const Batch& batch, const RoutingPlan& plan) const {
+    MOEKIT_CHECK(plan.finalized(), "SparseLayer::forward_plan: plan expected finalized, got a plan without finalize()");
+    MOEKIT_CHECK(plan.num_tokens() == batch.tokens, "SparseLayer::forward_plan: plan tokens expected ", batch.tokens,
+                 ", got ", plan.num_tokens());
+    MOEKIT_CHECK(plan.num_experts() == num_experts(), "SparseLayer::forward_plan: plan experts expected ",
+                 num_experts(), ", got ", plan.num_experts());
+  }
+
+  // The tasks of a plan (routed (expert, row block)s, then shared experts' row blocks) and the
+  // buffers of `workers` worker slots (scratch per slot, outputs per row).
+  void setup(const Batch& batch, const RoutingPlan& plan, Workspace& ws, int workers) const {
+    const int64_t d = hidden_size(), T = batch.tokens;
     // Unpadded rows for the shared experts.
     const bool padded = !batch.padding.empty();
     int64_t Tr = T;
@@ -222,8 +307,7 @@ class SparseLayer {
       }
       Tr = static_cast<int64_t>(ws.unpadded.size());
     }
-
-    // Tasks: (expert, row block) sized from the plan's counts, then shared experts' blocks.
+    ws.routed_rows = Tr;
     ws.tasks.clear();
     const auto offs = plan.expert_offsets();
     // Rows per routed task: kRowBlock, or an expert's whole block for whole_blocks banks.
@@ -240,117 +324,103 @@ class SparseLayer {
       for (int64_t b = 0; b < Tr; b += kRowBlock)
         ws.tasks.push_back({-1 - static_cast<int32_t>(j), static_cast<int32_t>(b),
                             static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, Tr))});
-
-    const int64_t rows_max = std::max(block, kRowBlock);
+    ws.rows_max = std::max(block, kRowBlock);
     size_t expert_scratch = experts_.scratch_floats(block);
-    for (const SharedExpert& s : shared_) expert_scratch = std::max(expert_scratch, s.ffn.scratch_floats(kRowBlock));
-    const size_t per_thread = static_cast<size_t>(rows_max * d) + expert_scratch;
-    grow(ws.thread_scratch, per_thread * static_cast<size_t>(nt));
+    for (const SharedExpert& sh : shared_) expert_scratch = std::max(expert_scratch, sh.ffn.scratch_floats(kRowBlock));
+    ws.per_worker = static_cast<size_t>(ws.rows_max * d) + expert_scratch;
+    grow(ws.thread_scratch, ws.per_worker * static_cast<size_t>(workers));
     grow(ws.expert_out, static_cast<size_t>(plan.num_kept() * d));
     grow(ws.shared_out, shared_.size() * static_cast<size_t>(Tr * d));
-
-    const auto tokens = plan.expert_tokens();
     if constexpr (ContextAwareBank<B>) {  // each row's routing weight, for BlockContext::weights
       const auto slots = plan.expert_slots();
       const auto sw = plan.slot_weight();
       grow(ws.row_weights, slots.size());
       for (size_t r = 0; r < slots.size(); ++r) ws.row_weights[r] = sw[static_cast<size_t>(slots[r])];
     }
-    std::exception_ptr failure;
-    const auto ntasks = static_cast<int64_t>(ws.tasks.size());
-    bool split = false;
-    if constexpr (SplittableBank<B> && !whole_blocks_v<B> && !ContextAwareBank<B>) {
-      int64_t most = 0;
-      for (int64_t e = 0; e < num_experts(); ++e) most = std::max(most, plan.kept_of(e));
-      split = nt > 1 && split_enabled_ && most <= kSplitRows && (shared_.empty() || Tr <= kSplitRows) && ntasks > 0;
-      if (split) {
-        run_split(hidden, plan, padded, Tr, ws, nt);
-      } else if (nt > 1 && split_enabled_) {
-        reserve_split(plan.num_slots(), Tr, ws, nt);  // a later, smaller batch allocates nothing
-      }
-    }
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1 && ntasks > 1)
-    for (int64_t i = 0; i < (split ? 0 : ntasks); ++i) {
-      const Workspace::Task task = ws.tasks[static_cast<size_t>(i)];
-      float* rows_block = ws.thread_scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
-      float* scratch = rows_block + rows_max * d;
-      const int64_t rows = task.end - task.begin;
-      try {
-        if (task.expert >= 0) {
-          gather_expert_rows(hidden, plan, task.begin, rows, rows_block);
-          float* dst = ws.expert_out.data() + static_cast<int64_t>(task.begin) * d;
-          if constexpr (ContextAwareBank<B>) {
-            const BlockContext ctx{&batch, tokens.subspan(static_cast<size_t>(task.begin), static_cast<size_t>(rows)),
-                                   std::span<const float>(ws.row_weights.data() + task.begin, static_cast<size_t>(rows))};
-            experts_.run(task.expert, rows_block, rows, dst, scratch, ctx);
-          } else {
-            experts_.run(task.expert, rows_block, rows, dst, scratch);
-          }
-        } else {
-          const size_t j = static_cast<size_t>(-1 - task.expert);
-          const float* in = hidden + static_cast<int64_t>(task.begin) * d;
-          if (padded) {
-            kernels::gather_rows(hidden, d, ws.unpadded.data() + task.begin, rows, rows_block);
-            in = rows_block;
-          }
-          float* dst = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + task.begin) * d;
-          shared_[j].ffn.run(0, in, rows, dst, scratch);
-        }
-      } catch (...) {
-#pragma omp critical(moekit_layer_failure)
-        if (!failure) failure = std::current_exception();
-      }
-    }
-    if (failure) std::rethrow_exception(failure);
-
-    // Combine: each token's rows in slot order, then shared experts (fixed order).
     const size_t width = static_cast<size_t>(num_experts()) + shared_.size();
-    grow(ws.combine_rows, width * static_cast<size_t>(nt));
-    grow(ws.combine_weights, width * static_cast<size_t>(nt));
+    grow(ws.combine_rows, width * static_cast<size_t>(workers));
+    grow(ws.combine_weights, width * static_cast<size_t>(workers));
+    ws.workers = workers;
+  }
+
+  // Task i of ws.tasks on worker slot `worker`.
+  void task(const Batch& batch, const float* hidden, const RoutingPlan& plan, Workspace& ws, int64_t i,
+            int worker) const {
+    const int64_t d = hidden_size();
+    const Workspace::Task tk = ws.tasks[static_cast<size_t>(i)];
+    float* rows_block = ws.thread_scratch.data() + ws.per_worker * static_cast<size_t>(worker);
+    float* scratch = rows_block + ws.rows_max * d;
+    const int64_t rows = tk.end - tk.begin;
+    if (tk.expert >= 0) {
+      gather_expert_rows(hidden, plan, tk.begin, rows, rows_block);
+      float* dst = ws.expert_out.data() + static_cast<int64_t>(tk.begin) * d;
+      if constexpr (ContextAwareBank<B>) {
+        const auto tokens = plan.expert_tokens();
+        const BlockContext ctx{&batch, tokens.subspan(static_cast<size_t>(tk.begin), static_cast<size_t>(rows)),
+                               std::span<const float>(ws.row_weights.data() + tk.begin, static_cast<size_t>(rows))};
+        experts_.run(tk.expert, rows_block, rows, dst, scratch, ctx);
+      } else {
+        experts_.run(tk.expert, rows_block, rows, dst, scratch);
+      }
+    } else {
+      const size_t j = static_cast<size_t>(-1 - tk.expert);
+      const float* in = hidden + static_cast<int64_t>(tk.begin) * d;
+      if (!batch.padding.empty()) {
+        kernels::gather_rows(hidden, d, ws.unpadded.data() + tk.begin, rows, rows_block);
+        in = rows_block;
+      }
+      float* dst = ws.shared_out.data() + (static_cast<int64_t>(j) * ws.routed_rows + tk.begin) * d;
+      shared_[j].ffn.run(0, in, rows, dst, scratch);
+    }
+  }
+
+  // Combine of token t on worker slot `worker`: its rows in slot order, then shared experts
+  // (fixed order).
+  void combine_token(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out, Workspace& ws,
+                     int64_t t, int worker) const {
+    const int64_t d = hidden_size();
+    float* y = out + t * d;
+    if (batch.is_padding(t)) {
+      kernels::zero_row(y, d);
+      return;
+    }
+    const size_t width = static_cast<size_t>(num_experts()) + shared_.size();
+    const size_t base = width * static_cast<size_t>(worker);
+    const float** rows = ws.combine_rows.data() + base;
+    float* w = ws.combine_weights.data() + base;
     const auto slot_offsets = plan.slot_offsets();
     const auto pos = plan.slot_position();
     const auto weight = plan.slot_weight();
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
-    for (int64_t t = 0; t < T; ++t) {
-      float* y = out + t * d;
-      if (batch.is_padding(t)) {
-        kernels::zero_row(y, d);
-        continue;
-      }
-      const size_t base = width * static_cast<size_t>(omp_get_thread_num());
-      const float** rows = ws.combine_rows.data() + base;
-      float* w = ws.combine_weights.data() + base;
-      // PR-MoE's residual coefficient c = softmax(W_c x + b_c): c_0 on every routed slot,
-      // c_1 on its shared expert.
-      float c0 = 1.0f, c1 = 1.0f;
-      if (residual_ >= 0) {
-        const SharedExpert& se = shared_[static_cast<size_t>(residual_)];
-        const float z0 = kernels::dot(hidden + t * d, se.coefficient.data(), d) + se.coefficient_bias[0];
-        const float z1 = kernels::dot(hidden + t * d, se.coefficient.data() + d, d) + se.coefficient_bias[1];
-        const float m = std::max(z0, z1), e0 = std::exp(z0 - m), e1 = std::exp(z1 - m);
-        c0 = e0 / (e0 + e1);
-        c1 = e1 / (e0 + e1);
-      }
-      int64_t n = 0;
-      for (int32_t s = slot_offsets[static_cast<size_t>(t)]; s < slot_offsets[static_cast<size_t>(t) + 1]; ++s) {
-        const int32_t p = pos[static_cast<size_t>(s)];
-        if (p < 0) continue;  // dropped: contributes nothing
-        rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
-        w[n++] = (weight_on_input_ || applies_weight_v<B> ? 1.0f : weight[static_cast<size_t>(s)]) * c0;
-      }
-      const int64_t r = padded ? ws.row_of_token[static_cast<size_t>(t)] : t;
-      for (size_t j = 0; j < shared_.size(); ++j) {
-        rows[n] = ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + r) * d;
-        w[n++] = shared_[j].scale *
-                 (static_cast<int64_t>(j) == residual_ ? c1
-                  : shared_[j].gate.empty()
-                      ? 1.0f
-                      : 1.0f / (1.0f + std::exp(-kernels::dot(hidden + t * d, shared_[j].gate.data(), d))));
-      }
-      kernels::weighted_sum_rows(rows, w, n, d, y);
-      if (!output_bias_.empty())
-        for (int64_t i = 0; i < d; ++i) y[i] += output_bias_[static_cast<size_t>(i)];
+    // PR-MoE's residual coefficient c = softmax(W_c x + b_c): c_0 on every routed slot,
+    // c_1 on its shared expert.
+    float c0 = 1.0f, c1 = 1.0f;
+    if (residual_ >= 0) {
+      const SharedExpert& se = shared_[static_cast<size_t>(residual_)];
+      const float z0 = kernels::dot(hidden + t * d, se.coefficient.data(), d) + se.coefficient_bias[0];
+      const float z1 = kernels::dot(hidden + t * d, se.coefficient.data() + d, d) + se.coefficient_bias[1];
+      const float m = std::max(z0, z1), e0 = std::exp(z0 - m), e1 = std::exp(z1 - m);
+      c0 = e0 / (e0 + e1);
+      c1 = e1 / (e0 + e1);
     }
+    int64_t n = 0;
+    for (int32_t sl = slot_offsets[static_cast<size_t>(t)]; sl < slot_offsets[static_cast<size_t>(t) + 1]; ++sl) {
+      const int32_t p = pos[static_cast<size_t>(sl)];
+      if (p < 0) continue;  // dropped: contributes nothing
+      rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
+      w[n++] = (weight_on_input_ || applies_weight_v<B> ? 1.0f : weight[static_cast<size_t>(sl)]) * c0;
+    }
+    const int64_t r = batch.padding.empty() ? t : ws.row_of_token[static_cast<size_t>(t)];
+    for (size_t j = 0; j < shared_.size(); ++j) {
+      rows[n] = ws.shared_out.data() + (static_cast<int64_t>(j) * ws.routed_rows + r) * d;
+      w[n++] = shared_[j].scale *
+               (static_cast<int64_t>(j) == residual_ ? c1
+                : shared_[j].gate.empty()
+                    ? 1.0f
+                    : 1.0f / (1.0f + std::exp(-kernels::dot(hidden + t * d, shared_[j].gate.data(), d))));
+    }
+    kernels::weighted_sum_rows(rows, w, n, d, y);
+    if (!output_bias_.empty())
+      for (int64_t i = 0; i < d; ++i) y[i] += output_bias_[static_cast<size_t>(i)];
   }
 
  public:
