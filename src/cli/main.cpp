@@ -40,6 +40,12 @@ namespace {
 using json = nlohmann::json;
 using moekit::detail::fail;
 
+// The commit `moekit bench` records (set by CMake for the CLI target; other builds that
+// include this file, e.g. the fuzz targets, have none).
+#ifndef MOEKIT_GIT_COMMIT
+#define MOEKIT_GIT_COMMIT "unknown"
+#endif
+
 constexpr const char* kUsage =
     "usage:\n"
     "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
