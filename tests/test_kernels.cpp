@@ -17,6 +17,7 @@
 #include "moekit/kernels/gather.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
+#include "support/float16_ref.hpp"
 
 namespace {
 
@@ -283,6 +284,71 @@ TEST(KernelsRows, EveryImplementationMatchesScalarAndReference) {
         w[at] = bad[trial % 3];
         if (trial >= 3) w[std::uniform_int_distribution<int64_t>(0, n - 1)(g)] = bad[(trial + 1) % 3];
         ASSERT_EQ(impl->first_non_finite(w.data(), n), first_bad(w, n)) << "trial " << trial;
+      }
+    }
+  }
+}
+
+// The 16-bit conversions of every implementation: widening of all 65,536 patterns and
+// rounding of edge and random values against f16ref (an independent search over the
+// patterns); bits equal to the scalar kernel's (NaNs included: quietened as F16C does), at
+// lengths that leave SIMD tails.
+TEST(KernelsRows, SixteenBitConversionsMatchTheReference) {
+  const auto& impls = moekit::kernels::row_kernel_implementations();
+  const RowKernels& scalar = *impls.front();
+  std::vector<uint16_t> all(65536);
+  for (uint32_t i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+  // Values to round: ties and neighbours of every f16 and of many bf16 values, subnormals,
+  // the overflow boundaries, zeros, infinities, NaNs (signalling and quiet), random ones.
+  std::vector<float> v;
+  auto bits = [](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  };
+  for (uint32_t h = 0; h < 0x7C00u; h += 7) {
+    const double a = f16ref::ref_f16(static_cast<uint16_t>(h)), b = f16ref::ref_f16(static_cast<uint16_t>(h + 1));
+    for (double x : {a, (a + b) / 2, std::nextafter((a + b) / 2, 0.0), std::nextafter((a + b) / 2, 1e9)}) {
+      v.push_back(static_cast<float>(x));
+      v.push_back(-static_cast<float>(x));
+    }
+  }
+  for (uint32_t u : {0x00000001u, 0x00400000u, 0x33000000u, 0x33000001u, 0x387FF000u, 0x387FFFFFu, 0x38800000u,
+                     0x477FE000u, 0x477FEFFFu, 0x477FF000u, 0x7F7FFFFFu, 0x7F7F8000u, 0x7F7F7FFFu, 0x7F800000u,
+                     0x7F800001u, 0x7FA00000u, 0x7FC00000u, 0x7FFFFFFFu, 0x3F808000u, 0x3F818000u, 0x00000000u})
+    for (uint32_t sign : {0u, 0x80000000u}) v.push_back(bits(u | sign));
+  std::mt19937 g(5);
+  for (int i = 0; i < 20000; ++i) v.push_back(bits(static_cast<uint32_t>(g())));
+  std::vector<float> ws(all.size()), wk(all.size());
+  std::vector<uint16_t> ns(v.size()), nk(v.size());
+  for (const RowKernels* k : impls) {
+    SCOPED_TRACE(k->name);
+    for (int64_t n : {int64_t{65536}, int64_t{65535 - 16}}) {  // whole, and a tail
+      for (bool bf : {true, false}) {
+        (bf ? scalar.bf16_to_f32 : scalar.f16_to_f32)(all.data(), ws.data(), n);
+        (bf ? k->bf16_to_f32 : k->f16_to_f32)(all.data(), wk.data(), n);
+        for (int64_t i = 0; i < n; ++i) {
+          const double want = bf ? f16ref::ref_bf16(all[i]) : f16ref::ref_f16(all[i]);
+          ASSERT_TRUE(std::isnan(want) ? std::isnan(wk[i]) : (wk[i] == want && std::signbit(wk[i]) == std::signbit(want)))
+              << (bf ? "bf16" : "f16") << " 0x" << std::hex << all[i] << " -> " << wk[i];
+          ASSERT_TRUE(same_bits(wk[i], ws[i])) << (bf ? "bf16" : "f16") << " 0x" << std::hex << all[i] << " vs scalar";
+        }
+      }
+    }
+    for (int64_t n : {static_cast<int64_t>(v.size()), static_cast<int64_t>(v.size()) - 13}) {
+      for (bool bf : {true, false}) {
+        (bf ? scalar.f32_to_bf16 : scalar.f32_to_f16)(v.data(), ns.data(), n);
+        (bf ? k->f32_to_bf16 : k->f32_to_f16)(v.data(), nk.data(), n);
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(nk[i], ns[i]) << (bf ? "bf16" : "f16") << " of " << v[i] << " vs scalar";
+          if (std::isnan(v[i])) {
+            const double back = bf ? f16ref::ref_bf16(nk[i]) : f16ref::ref_f16(nk[i]);
+            ASSERT_TRUE(std::isnan(back)) << "NaN " << v[i] << " -> 0x" << std::hex << nk[i];
+          } else {
+            ASSERT_EQ(nk[i], bf ? f16ref::ref_to_bf16(v[i]) : f16ref::ref_to_f16(v[i]))
+                << (bf ? "bf16" : "f16") << " of " << v[i];
+          }
+        }
       }
     }
   }

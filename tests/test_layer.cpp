@@ -24,6 +24,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/reference.hpp"
+#include "support/float16_ref.hpp"
 #include "support/topk_params.hpp"
 
 namespace {
@@ -844,6 +845,227 @@ TEST(LayerExecutor, EngineThreadsEqualForward) {
   expect_error([&] { b.layer->run_task(in.batch(), in.x.data(), ws, 0, 2); }, "worker 2 of 2");
   std::vector<float> y(40);
   expect_error([&] { b.layer->combine(in.batch(), in.x.data(), y.data(), ws, 0, 3, 3); }, "part 3 of 3");
+}
+
+// ------------------------------------------------------------------------ engine activations
+
+// The engine's rows: f32 / bf16 / f16, contiguous or strided, in and out. The reference is the
+// f32 contiguous forward() on the widened input; a 16-bit output must be that output rounded
+// to nearest even (f16ref, an independent search over the 16-bit patterns), f32 output equal
+// bit for bit; the gaps between strided rows are never written.
+struct View16 {
+  moekit::ActivationType type;
+  int64_t stride;
+  std::vector<uint16_t> h;  // 16-bit storage
+  std::vector<float> f;     // f32 storage
+};
+
+uint16_t ref_round16(moekit::ActivationType t, float x) {
+  return t == moekit::ActivationType::bf16 ? f16ref::ref_to_bf16(x) : f16ref::ref_to_f16(x);
+}
+float ref_widen16(moekit::ActivationType t, uint16_t h) {
+  return static_cast<float>(t == moekit::ActivationType::bf16 ? f16ref::ref_bf16(h) : f16ref::ref_f16(h));
+}
+
+// `x [T, d]` stored as `t` with `stride` (gaps hold a sentinel); `widened`: the values it holds.
+View16 store_rows(moekit::ActivationType t, const std::vector<float>& x, int64_t T, int64_t d, int64_t stride,
+                  std::vector<float>* widened) {
+  View16 v{t, stride, {}, {}};
+  const size_t n = static_cast<size_t>(T > 0 ? (T - 1) * stride + d : 0);
+  if (widened != nullptr) widened->assign(x.size(), 0.0f);
+  if (t == moekit::ActivationType::f32) {
+    v.f.assign(n, -12345.0f);
+  } else {
+    v.h.assign(n, 0xABCDu);
+  }
+  for (int64_t r = 0; r < T; ++r)
+    for (int64_t j = 0; j < d; ++j) {
+      const float val = x[static_cast<size_t>(r * d + j)];
+      const size_t at = static_cast<size_t>(r * stride + j);
+      float w = val;
+      if (t == moekit::ActivationType::f32) {
+        v.f[at] = val;
+      } else {
+        v.h[at] = ref_round16(t, val);
+        w = ref_widen16(t, v.h[at]);
+      }
+      if (widened != nullptr) (*widened)[static_cast<size_t>(r * d + j)] = w;
+    }
+  return v;
+}
+moekit::ActivationsIn in_view(const View16& v) {
+  return {v.type == moekit::ActivationType::f32 ? static_cast<const void*>(v.f.data()) : v.h.data(), v.type, v.stride};
+}
+moekit::ActivationsOut out_view(View16& v) {
+  return {v.type == moekit::ActivationType::f32 ? static_cast<void*>(v.f.data()) : v.h.data(), v.type, v.stride};
+}
+
+// Output view `got` against the f32 output `want [T, d]`; gaps untouched.
+void expect_rounded_output(const View16& got, const std::vector<float>& want, int64_t T, int64_t d,
+                           const std::string& what) {
+  for (int64_t r = 0; r < T; ++r)
+    for (int64_t j = 0; j < got.stride; ++j) {
+      const size_t at = static_cast<size_t>(r * got.stride + j);
+      if (at >= (got.type == moekit::ActivationType::f32 ? got.f.size() : got.h.size())) break;
+      const float w = j < d ? want[static_cast<size_t>(r * d + j)] : 0.0f;
+      if (got.type == moekit::ActivationType::f32) {
+        const float g = got.f[at];
+        if (j >= d) {
+          ASSERT_EQ(g, -12345.0f) << what << ": gap written at row " << r;
+        } else {
+          ASSERT_EQ(std::memcmp(&g, &w, sizeof g), 0) << what << ": out[" << r << ", " << j << "] " << g << " vs " << w;
+        }
+      } else if (j >= d) {
+        ASSERT_EQ(got.h[at], 0xABCDu) << what << ": gap written at row " << r;
+      } else {
+        ASSERT_EQ(got.h[at], ref_round16(got.type, w)) << what << ": out[" << r << ", " << j << "] of " << w;
+      }
+    }
+}
+
+TEST(LayerActivations, SixteenBitAndStridedRowsEqualTheF32Path) {
+  using moekit::ActivationType;
+  Rng rng(71);
+  const ActivationType types[] = {ActivationType::f32, ActivationType::bf16, ActivationType::f16};
+  for (int trial = 0; trial < 6; ++trial) {
+    const int64_t E = rng.integer(2, 8), k = rng.integer(1, E), d = rng.integer(4, 70), T = rng.integer(0, 150);
+    LayerSpec spec = simple_spec(E, k, d, rng.integer(4, 40));
+    if (trial % 2) spec.shared.push_back({static_cast<int64_t>(rng.integer(4, 24)), trial % 4 == 1});
+    const Built b = build(spec, rng);
+    const Input in = random_input(rng, T, d, trial % 3 == 0 ? 0.25 : 0.0);
+    const Batch batch = in.batch();
+    for (ActivationType ti : types)
+      for (ActivationType to : types) {
+        const int64_t si = rng.coin(0.5) ? d : d + rng.integer(1, 9), so = rng.coin(0.5) ? d : d + rng.integer(1, 9);
+        std::vector<float> xw;
+        const View16 vin = store_rows(ti, in.x, T, d, si, &xw);
+        std::vector<float> want(static_cast<size_t>(T * d));
+        Workspace wf;
+        b.layer->forward(batch, xw.data(), want.data(), wf, 1);
+        const std::string what = std::string("trial ") + std::to_string(trial) + " " + moekit::to_string(ti) + " (stride " +
+                                 std::to_string(si) + ") -> " + moekit::to_string(to) + " (stride " + std::to_string(so) + ")";
+        for (int threads : {1, 2}) {
+          View16 vout = store_rows(to, std::vector<float>(static_cast<size_t>(T * d), 0.0f), T, d, so, nullptr);
+          // Garbage in the output rows: every value must be written.
+          for (int64_t r = 0; r < T; ++r)
+            for (int64_t j = 0; j < d; ++j) {
+              if (vout.f.empty()) {
+                vout.h[static_cast<size_t>(r * so + j)] = 0x7E00u;
+              } else {
+                vout.f[static_cast<size_t>(r * so + j)] = NAN;
+              }
+            }
+          Workspace ws;
+          b.layer->forward(batch, in_view(vin), out_view(vout), ws, threads);
+          expect_rounded_output(vout, want, T, d, what + ", " + std::to_string(threads) + " threads");
+          ASSERT_EQ(ws.plan.num_slots(), wf.plan.num_slots());
+        }
+        // forward_plan with the same plan.
+        {
+          View16 vout = store_rows(to, std::vector<float>(static_cast<size_t>(T * d), 0.0f), T, d, so, nullptr);
+          Workspace ws;
+          b.layer->forward_plan(batch, in_view(vin), wf.plan, out_view(vout), ws, 2);
+          expect_rounded_output(vout, want, T, d, what + ", forward_plan");
+        }
+        // Engine-owned threads with the same views.
+        {
+          View16 vout = store_rows(to, std::vector<float>(static_cast<size_t>(T * d), 0.0f), T, d, so, nullptr);
+          Workspace ws;
+          b.layer->begin(batch, in_view(vin), ws, 2);
+          std::atomic<int64_t> next{0};
+          const int64_t n = b.layer->num_tasks(ws);
+          std::vector<std::thread> pool;
+          for (int w = 0; w < 2; ++w)
+            pool.emplace_back([&, w] {
+              for (int64_t i; (i = next.fetch_add(1)) < n;) b.layer->run_task(batch, ws, i, w);
+            });
+          for (auto& t : pool) t.join();
+          for (int64_t part = 0; part < 3; ++part) b.layer->combine(batch, out_view(vout), ws, static_cast<int>(part % 2), part, 3);
+          b.layer->finish(batch, out_view(vout), ws);
+          expect_rounded_output(vout, want, T, d, what + ", engine threads");
+        }
+      }
+  }
+}
+
+// In place (out is the input's own view) and overlapping views (out one row after the input)
+// give what separate buffers give.
+TEST(LayerActivations, InPlaceAndOverlappingViews) {
+  using moekit::ActivationType;
+  Rng rng(72);
+  for (int trial = 0; trial < 4; ++trial) {
+    const int64_t d = rng.integer(4, 40), T = rng.integer(1, 120);
+    LayerSpec spec = simple_spec(6, 2, d, 16);
+    if (trial % 2) spec.shared.push_back({12, true});
+    const Built b = build(spec, rng);
+    const Input in = random_input(rng, T, d, trial == 2 ? 0.25 : 0.0);
+    const Batch batch = in.batch();
+    std::vector<float> want(in.x.size());
+    Workspace ws;
+    b.layer->forward(batch, in.x.data(), want.data(), ws, 2);
+    // f32 in place.
+    std::vector<float> buf = in.x;
+    b.layer->forward(batch, buf.data(), buf.data(), ws, 2);
+    ASSERT_EQ(std::memcmp(buf.data(), want.data(), buf.size() * sizeof(float)), 0) << "f32 in place, trial " << trial;
+    // f32, out one row after the input (overlapping, not the same view).
+    std::vector<float> big(static_cast<size_t>((T + 1) * d));
+    std::copy(in.x.begin(), in.x.end(), big.begin());
+    b.layer->forward(batch, moekit::ActivationsIn::f32(big.data()), moekit::ActivationsOut::f32(big.data() + d), ws, 2);
+    ASSERT_EQ(std::memcmp(big.data() + d, want.data(), want.size() * sizeof(float)), 0) << "f32 overlap, trial " << trial;
+    // bf16 in place, and with the output one row before the input.
+    std::vector<float> xw;
+    View16 v = store_rows(ActivationType::bf16, in.x, T, d, d, &xw);
+    std::vector<float> want16(in.x.size());
+    b.layer->forward(batch, xw.data(), want16.data(), ws, 1);
+    b.layer->forward(batch, in_view(v), out_view(v), ws, 2);
+    expect_rounded_output(v, want16, T, d, "bf16 in place");
+    View16 w = store_rows(ActivationType::bf16, in.x, T, d, d, nullptr);
+    std::vector<uint16_t> hb(static_cast<size_t>((T + 1) * d));
+    std::copy(w.h.begin(), w.h.end(), hb.begin() + d);
+    b.layer->forward(batch, moekit::ActivationsIn::bf16(hb.data() + d), moekit::ActivationsOut::bf16(hb.data()), ws, 2);
+    for (size_t i = 0; i < want16.size(); ++i)
+      ASSERT_EQ(hb[i], ref_round16(ActivationType::bf16, want16[i])) << "bf16 overlap at " << i;
+  }
+}
+
+TEST(LayerActivations, BadViewsAndNonFiniteValues) {
+  Rng rng(73);
+  const int64_t d = 10, T = 5;
+  const Built b = build(simple_spec(4, 2, d, 6), rng);
+  const Input in = random_input(rng, T, d, 0.0);
+  Workspace ws;
+  std::vector<uint16_t> h(static_cast<size_t>(T * d));
+  for (size_t i = 0; i < h.size(); ++i) h[i] = f16ref::ref_to_bf16(in.x[i]);
+  std::vector<float> out(static_cast<size_t>(T * d));
+  const auto x16 = moekit::ActivationsIn::bf16(h.data());
+  expect_error([&] { b.layer->forward(in.batch(), moekit::ActivationsIn::bf16(h.data(), d - 1), moekit::ActivationsOut::f32(out.data()), ws); },
+               "hidden row stride expected in [10");
+  expect_error([&] { b.layer->forward(in.batch(), x16, moekit::ActivationsOut::f32(out.data(), 3), ws); },
+               "out row stride expected in [10");
+  expect_error([&] { b.layer->forward(in.batch(), x16, moekit::ActivationsOut::f32(out.data(), int64_t{1} << 62), ws); },
+               "out row stride expected");
+  expect_error([&] { b.layer->forward(in.batch(), moekit::ActivationsIn::bf16(nullptr), moekit::ActivationsOut::f32(out.data()), ws); },
+               "hidden expected non-null");
+  expect_error([&] { b.layer->forward(in.batch(), x16, moekit::ActivationsOut::bf16(nullptr), ws); }, "out expected non-null");
+  // A NaN / infinity in a 16-bit input row is named by token and column.
+  std::vector<uint16_t> bad = h;
+  bad[3 * d + 7] = 0x7FC0u;  // bf16 NaN
+  expect_error([&] { b.layer->forward(in.batch(), moekit::ActivationsIn::bf16(bad.data()), moekit::ActivationsOut::f32(out.data()), ws); },
+               "hidden[3, 7] expected finite");
+  std::vector<uint16_t> badh(h.size(), 0x3C00u);
+  badh[2 * d + 1] = 0xFC00u;  // f16 -inf
+  expect_error([&] { b.layer->forward(in.batch(), moekit::ActivationsIn::f16(badh.data()), moekit::ActivationsOut::f32(out.data()), ws); },
+               "hidden[2, 1] expected finite");
+  // An f16 output beyond 65504 is an overflow (an infinity), reported or counted.
+  Built big = build(simple_spec(4, 2, d, 6), rng);
+  big.layer->set_output_bias(std::vector<float>(static_cast<size_t>(d), 70000.0f));
+  std::vector<uint16_t> o16(h.size());
+  expect_error([&] { big.layer->forward(in.batch(), x16, moekit::ActivationsOut::f16(o16.data()), ws); }, "out[0, 0] is inf");
+  big.layer->set_non_finite_output(moekit::NonFiniteOutput::count);
+  big.layer->forward(in.batch(), x16, moekit::ActivationsOut::f16(o16.data()), ws);
+  EXPECT_EQ(ws.non_finite_rows, T);
+  big.layer->forward(in.batch(), x16, moekit::ActivationsOut::bf16(o16.data()), ws);  // bf16 holds 70000
+  EXPECT_EQ(ws.non_finite_rows, 0);
 }
 
 // ------------------------------------------------------------------------ errors

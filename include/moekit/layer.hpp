@@ -11,6 +11,7 @@
 
 #include <omp.h>
 
+#include "moekit/activations.hpp"
 #include "moekit/batch.hpp"
 #include "moekit/detail/threads.hpp"
 #include "moekit/error.hpp"
@@ -59,6 +60,12 @@ struct Workspace {
   std::vector<size_t> split_hoff;    ///< per task: offset into split_h
   std::vector<const float*> combine_rows;
   std::vector<float> combine_weights;
+  /// The input as f32 rows `[T, d]` when the caller's rows are not f32 and contiguous (or
+  /// partly overlap the output): converted once, then read by the router, the gather, the
+  /// shared experts and the combine.
+  std::vector<float> hidden_f32;
+  std::vector<float> out_rows;       ///< per worker: one f32 output row before it is rounded (bf16 / f16 out)
+  const float* hidden = nullptr;     ///< the f32 rows of the current call (the caller's, or hidden_f32)
   /// After a forward with NonFiniteOutput::count: the unpadded output rows holding a NaN or an
   /// infinity (0 otherwise, and always 0 when the call threw or checks are off).
   int64_t non_finite_rows = 0;
@@ -135,27 +142,45 @@ class SparseLayer {
   /// With set_non_finite_output(NonFiniteOutput::count) such output rows are counted in
   /// `ws.non_finite_rows` instead.
   void forward(const Batch& batch, const float* hidden, float* out, Workspace& ws, int threads = 0) const {
+    forward(batch, ActivationsIn::f32(hidden), ActivationsOut::f32(out), ws, threads);
+  }
+
+  /// forward() on the engine's own activations: f32, bf16 or f16 rows with a row stride (see
+  /// ActivationsIn). f32 contiguous rows are read where they are; others are converted to f32
+  /// once (one pass, fused with the finite check) into `ws.hidden_f32`, from which the router,
+  /// the gather and the shared experts read. Each output row is combined in f32 and rounded to
+  /// the output type (to nearest even) as it is stored, inside the combine. So the result equals
+  /// forward() on the widened input, rounded once: bit for bit. `out` may be the same view as
+  /// `hidden` (in place); any other overlap is detected and the input is copied first.
+  void forward(const Batch& batch, ActivationsIn hidden, ActivationsOut out, Workspace& ws, int threads = 0) const {
     ws.non_finite_rows = 0;
     batch.validate(hidden_size());
-    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward", false, ws);
-    router_.route(batch, hidden, ws.plan, ws.router, threads);
-    run_plan(batch, hidden, ws.plan, out, ws, threads);
-    if (check_finite_) check_rows(batch, out, "SparseLayer::forward", true, ws);
+    const ActivationsOut o = resolve(out, "SparseLayer::forward", batch.tokens);
+    const float* x = input_rows(batch, hidden, &o, ws, "SparseLayer::forward");
+    router_.route(batch, x, ws.plan, ws.router, threads);
+    run_plan(batch, x, ws.plan, o, ws, threads);
+    if (check_finite_) check_output(batch, o, "SparseLayer::forward", ws);
   }
 
   /// Runs the experts for a given finalised plan (from any router) and combines. Checks
   /// `hidden` for NaN / infinity as forward() does.
   void forward_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out,
                     Workspace& ws, int threads = 0) const {
+    forward_plan(batch, ActivationsIn::f32(hidden), plan, ActivationsOut::f32(out), ws, threads);
+  }
+  /// forward_plan() on the engine's own activations (as the second forward()).
+  void forward_plan(const Batch& batch, ActivationsIn hidden, const RoutingPlan& plan, ActivationsOut out,
+                    Workspace& ws, int threads = 0) const {
     ws.non_finite_rows = 0;
     batch.validate(hidden_size());
-    if (check_finite_) check_rows(batch, hidden, "SparseLayer::forward_plan", false, ws);
+    const ActivationsOut o = resolve(out, "SparseLayer::forward_plan", batch.tokens);
+    const float* x = input_rows(batch, hidden, &o, ws, "SparseLayer::forward_plan");
     if (!batch.padding.empty() && plan.num_tokens() == batch.tokens)  // a padded row's contents are arbitrary
       for (int64_t t = 0; t < batch.tokens; ++t)
         MOEKIT_CHECK(!batch.is_padding(t) || plan.slots_of(t) == 0, "SparseLayer::forward_plan: padded token ", t,
                      " has ", plan.slots_of(t), " slots, expected none (-1 ids in RoutingPlan::from_topk)");
-    run_plan(batch, hidden, plan, out, ws, threads);
-    if (check_finite_) check_rows(batch, out, "SparseLayer::forward_plan", true, ws);
+    run_plan(batch, x, plan, o, ws, threads);
+    if (check_finite_) check_output(batch, o, "SparseLayer::forward_plan", ws);
   }
 
   // ---- Engine-owned threads (no OpenMP): the same work as forward(), split into calls an
@@ -167,15 +192,24 @@ class SparseLayer {
   // must be done before any combine. Results equal forward()'s bit for bit, for any worker
   // count, any order of tasks and any token split.
 
+  // The activations may be bf16 / f16 / strided views as in forward(): begin() converts the
+  // input once (pass the output view too when it may overlap the input other than in place),
+  // the hidden-less run_task() / combine() read that copy, and combine() rounds each row to
+  // the output type.
+
   /// Routes `hidden` and lays out the work for `workers` (>= 1) worker slots in `ws`.
   void begin(const Batch& batch, const float* hidden, Workspace& ws, int workers) const {
+    begin(batch, ActivationsIn::f32(hidden), ws, workers);
+  }
+  /// begin() on the engine's own activations; `out`: the view combine() will write, when it
+  /// may overlap `hidden` (other than the same view), so the input is copied first.
+  void begin(const Batch& batch, ActivationsIn hidden, Workspace& ws, int workers, ActivationsOut out = {}) const {
     MOEKIT_CHECK(workers >= 1 && workers <= 4096, "SparseLayer::begin: workers expected in [1, 4096], got ", workers);
     ws.non_finite_rows = 0;
     batch.validate(hidden_size());
-    if (check_finite_) check_rows(batch, hidden, "SparseLayer::begin", false, ws);
-    router_.route(batch, hidden, ws.plan, ws.router, 1);
+    const float* x = input_rows(batch, hidden, out.data != nullptr ? &out : nullptr, ws, "SparseLayer::begin");
+    router_.route(batch, x, ws.plan, ws.router, 1);
     check_plan(batch, ws.plan);
-    MOEKIT_CHECK(batch.tokens == 0 || hidden != nullptr, "SparseLayer::begin: hidden expected non-null for T = ", batch.tokens);
     ws.tasks.clear();
     if (batch.tokens > 0) setup(batch, ws.plan, ws, workers);
     ws.workers = workers;
@@ -188,18 +222,24 @@ class SparseLayer {
                  " of ", num_tasks(ws), ", worker ", worker, " of ", ws.workers, " out of range");
     task(batch, hidden, ws.plan, ws, i, worker);
   }
+  /// run_task() on the rows begin() read (needed when begin() converted them).
+  void run_task(const Batch& batch, Workspace& ws, int64_t i, int worker) const { run_task(batch, ws.hidden, ws, i, worker); }
   /// Combines part ith of nth of the tokens into `out [T, d]` on worker slot `worker`.
   void combine(const Batch& batch, const float* hidden, float* out, Workspace& ws, int worker, int64_t ith,
                int64_t nth) const {
-    MOEKIT_CHECK(nth >= 1 && ith >= 0 && ith < nth && worker >= 0 && worker < ws.workers, "SparseLayer::combine: part ",
-                 ith, " of ", nth, ", worker ", worker, " of ", ws.workers, " out of range");
-    const int64_t T = batch.tokens;
-    MOEKIT_CHECK(T == 0 || out != nullptr, "SparseLayer::combine: out expected non-null for T = ", T);
-    for (int64_t t = T * ith / nth; t < T * (ith + 1) / nth; ++t) combine_token(batch, hidden, ws.plan, out, ws, t, worker);
+    combine_part(batch, hidden, ActivationsOut::f32(out), ws, worker, ith, nth);
+  }
+  /// Combines part ith of nth of the tokens into the engine's output view, from the rows
+  /// begin() read.
+  void combine(const Batch& batch, ActivationsOut out, Workspace& ws, int worker, int64_t ith, int64_t nth) const {
+    combine_part(batch, ws.hidden, out, ws, worker, ith, nth);
   }
   /// The output check of forward() (non-finite rows), once every part is combined.
   void finish(const Batch& batch, const float* out, Workspace& ws) const {
-    if (check_finite_) check_rows(batch, out, "SparseLayer::finish", true, ws);
+    finish(batch, ActivationsOut::f32(const_cast<float*>(out)), ws);
+  }
+  void finish(const Batch& batch, ActivationsOut out, Workspace& ws) const {
+    if (check_finite_ && batch.tokens > 0) check_output(batch, resolve(out, "SparseLayer::finish", batch.tokens), "SparseLayer::finish", ws);
   }
 
   /// The NaN / infinity scans of the input and the output (on by default; a vectorised pass
@@ -214,45 +254,151 @@ class SparseLayer {
   [[nodiscard]] NonFiniteOutput non_finite_output() const noexcept { return non_finite_output_; }
 
  private:
-  // The scan of `hidden` (before routing) or of `out` (after the combine).
-  void check_rows(const Batch& batch, const float* rows, const char* who, bool output, Workspace& ws) const {
-    const int64_t d = hidden_size(), T = batch.tokens;
+  void combine_part(const Batch& batch, const float* hidden, ActivationsOut out, Workspace& ws, int worker, int64_t ith,
+                    int64_t nth) const {
+    MOEKIT_CHECK(nth >= 1 && ith >= 0 && ith < nth && worker >= 0 && worker < ws.workers, "SparseLayer::combine: part ",
+                 ith, " of ", nth, ", worker ", worker, " of ", ws.workers, " out of range");
+    const int64_t T = batch.tokens;
     if (T == 0) return;
-    MOEKIT_CHECK(rows != nullptr, who, output ? ": out" : ": hidden", " expected non-null for T = ", T);
-    if (output && non_finite_output_ == NonFiniteOutput::count) {
-      int64_t bad = 0;
-      for (int64_t t = 0; t < T; ++t)
-        bad += !batch.is_padding(t) && kernels::first_non_finite(rows + t * d, d) >= 0;
-      ws.non_finite_rows = bad;
-      return;
+    const ActivationsOut o = resolve(out, "SparseLayer::combine", T);
+    for (int64_t t = T * ith / nth; t < T * (ith + 1) / nth; ++t) combine_token(batch, hidden, ws.plan, o, ws, t, worker);
+  }
+
+  // A view's stride (0: d), checked against the batch: non-null data, stride >= d, and every
+  // row's offset representable.
+  [[nodiscard]] int64_t checked_stride(const void* data, int64_t stride, int64_t T, const char* who,
+                                       const char* what) const {
+    const int64_t d = hidden_size();
+    if (stride == 0) stride = d;
+    if (T == 0) return stride;
+    MOEKIT_CHECK(data != nullptr, who, ": ", what, " expected non-null for T = ", T);
+    MOEKIT_CHECK(stride >= d && stride <= (int64_t{1} << 40) / T, who, ": ", what, " row stride expected in [", d,
+                 " (the hidden size), 2^40 / T], got ", stride);
+    return stride;
+  }
+  [[nodiscard]] ActivationsOut resolve(ActivationsOut out, const char* who, int64_t T) const {
+    out.stride = checked_stride(out.data, out.stride, T, who, "out");
+    return out;
+  }
+
+  // Index of the first non-finite value of row t of a view, or -1; its value as a float.
+  [[nodiscard]] static int64_t first_bad(const void* base, ActivationType type, int64_t stride, int64_t t,
+                                         int64_t d) noexcept {
+    if (type == ActivationType::f32) return kernels::first_non_finite(static_cast<const float*>(base) + t * stride, d);
+    const uint16_t* r = static_cast<const uint16_t*>(base) + t * stride;
+    const uint16_t m = type == ActivationType::bf16 ? 0x7F80u : 0x7C00u;  // exponent all ones
+    for (int64_t j = 0; j < d; ++j)
+      if ((r[j] & m) == m) return j;
+    return -1;
+  }
+  [[nodiscard]] static float value_at(const void* base, ActivationType type, int64_t i) noexcept {
+    if (type == ActivationType::f32) return static_cast<const float*>(base)[i];
+    float v;
+    const uint16_t* p = static_cast<const uint16_t*>(base) + i;
+    if (type == ActivationType::bf16) {
+      kernels::bf16_to_f32(p, &v, 1);
+    } else {
+      kernels::f16_to_f32(p, &v, 1);
     }
-    auto report = [&](int64_t t, int64_t j) {
-      if (output)
-        detail::fail(who, ": out[", t, ", ", j, "] is ", rows[t * d + j],
-                     " although the input is finite: an expert or the combine overflowed f32 "
-                     "(weights or activations too large); set_non_finite_output(NonFiniteOutput::count) "
-                     "counts such rows instead, set_check_finite(false) skips this check");
-      detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", rows[t * d + j],
-                   " (non-finite inputs are rejected; set_check_finite(false) skips this check)");
-    };
+    return v;
+  }
+
+  [[noreturn]] static void report_input(const char* who, int64_t t, int64_t j, float v) {
+    detail::fail(who, ": hidden[", t, ", ", j, "] expected finite, got ", v,
+                 " (non-finite inputs are rejected; set_check_finite(false) skips this check)");
+  }
+
+  // The input as f32 rows [T, d]: the caller's when f32, contiguous and not partly overlapping
+  // `out` (the same view is fine: each token's combine reads its own row before writing it),
+  // else converted into ws.hidden_f32, row by row with the finite check of each row.
+  const float* input_rows(const Batch& batch, ActivationsIn in, const ActivationsOut* out, Workspace& ws,
+                          const char* who) const {
+    const int64_t d = hidden_size(), T = batch.tokens;
+    const int64_t stride = checked_stride(in.data, in.stride, T, who, "hidden");
+    if (T == 0) return ws.hidden = static_cast<const float*>(in.data);
+    bool copy = in.type != ActivationType::f32 || stride != d;
+    if (!copy && out != nullptr && out->data != nullptr) {
+      const int64_t so = checked_stride(out->data, out->stride, T, who, "out");
+      const auto* a = static_cast<const char*>(in.data);
+      const auto* b = static_cast<const char*>(out->data);
+      const char* a_end = a + ((T - 1) * stride + d) * activation_bytes(in.type);
+      const char* b_end = b + ((T - 1) * so + d) * activation_bytes(out->type);
+      const bool same = a == b && out->type == in.type && so == stride;
+      copy = !same && a < b_end && b < a_end;
+    }
+    if (!copy) {
+      if (check_finite_) check_rows(batch, static_cast<const float*>(in.data), who, false, ws);
+      return ws.hidden = static_cast<const float*>(in.data);
+    }
+    grow(ws.hidden_f32, static_cast<size_t>(T * d));
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = ws.hidden_f32.data() + t * d;
+      const int64_t off = t * stride;
+      switch (in.type) {
+        case ActivationType::f32: kernels::copy_row(static_cast<const float*>(in.data) + off, row, d); break;
+        case ActivationType::bf16: kernels::bf16_to_f32(static_cast<const uint16_t*>(in.data) + off, row, d); break;
+        case ActivationType::f16: kernels::f16_to_f32(static_cast<const uint16_t*>(in.data) + off, row, d); break;
+      }
+      if (check_finite_ && !batch.is_padding(t)) {
+        const int64_t j = kernels::first_non_finite(row, d);
+        if (j >= 0) report_input(who, t, j, row[j]);
+      }
+    }
+    return ws.hidden = ws.hidden_f32.data();
+  }
+
+  // The scan of f32 contiguous rows: the input (before routing) or the output (after the combine).
+  void check_rows(const Batch& batch, const float* rows, const char* who, bool output, Workspace& ws) const {
+    const int64_t d = hidden_size();
+    if (output) return check_output(batch, ActivationsOut::f32(const_cast<float*>(rows), d), who, ws);
+    const int64_t T = batch.tokens;
+    if (T == 0) return;
+    MOEKIT_CHECK(rows != nullptr, who, ": hidden expected non-null for T = ", T);
     if (batch.padding.empty()) {
       const int64_t i = kernels::first_non_finite(rows, T * d);
-      if (i >= 0) report(i / d, i % d);
+      if (i >= 0) report_input(who, i / d, i % d, rows[i]);
       return;
     }
     for (int64_t t = 0; t < T; ++t) {
       if (batch.is_padding(t)) continue;  // padded rows may hold anything
       const int64_t j = kernels::first_non_finite(rows + t * d, d);
-      if (j >= 0) report(t, j);
+      if (j >= 0) report_input(who, t, j, rows[t * d + j]);
     }
   }
 
-  void run_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out, Workspace& ws,
-                int threads) const {
+  // The scan of the output view (stride resolved) after the combine.
+  void check_output(const Batch& batch, const ActivationsOut& out, const char* who, Workspace& ws) const {
+    const int64_t d = hidden_size(), T = batch.tokens;
+    if (T == 0) return;
+    const bool count = non_finite_output_ == NonFiniteOutput::count;
+    int64_t bad = 0;
+    if (batch.padding.empty() && out.type == ActivationType::f32 && out.stride == d && !count) {
+      const int64_t i = kernels::first_non_finite(static_cast<const float*>(out.data), T * d);
+      if (i >= 0) report_output(who, i / d, i % d, static_cast<const float*>(out.data)[i]);
+      return;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      if (batch.is_padding(t)) continue;
+      const int64_t j = first_bad(out.data, out.type, out.stride, t, d);
+      if (j < 0) continue;
+      if (!count) report_output(who, t, j, value_at(out.data, out.type, t * out.stride + j));
+      ++bad;
+    }
+    if (count) ws.non_finite_rows = bad;
+  }
+  [[noreturn]] void report_output(const char* who, int64_t t, int64_t j, float v) const {
+    detail::fail(who, ": out[", t, ", ", j, "] is ", v,
+                 " although the input is finite: an expert or the combine overflowed f32 "
+                 "(weights or activations too large); set_non_finite_output(NonFiniteOutput::count) "
+                 "counts such rows instead, set_check_finite(false) skips this check");
+  }
+
+  void run_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, const ActivationsOut& out,
+                Workspace& ws, int threads) const {
     const int64_t T = batch.tokens;
     check_plan(batch, plan);
     if (T == 0) return;
-    MOEKIT_CHECK(hidden != nullptr && out != nullptr, "SparseLayer::forward: hidden/out pointers expected non-null for T = ", T);
+    MOEKIT_CHECK(hidden != nullptr && out.data != nullptr, "SparseLayer::forward: hidden/out pointers expected non-null for T = ", T);
     const int nt = detail::resolve_threads(threads);
     setup(batch, plan, ws, nt);
     std::exception_ptr failure;
@@ -340,6 +486,7 @@ class SparseLayer {
     const size_t width = static_cast<size_t>(num_experts()) + shared_.size();
     grow(ws.combine_rows, width * static_cast<size_t>(workers));
     grow(ws.combine_weights, width * static_cast<size_t>(workers));
+    grow(ws.out_rows, static_cast<size_t>(d) * static_cast<size_t>(workers));
     ws.workers = workers;
   }
 
@@ -376,12 +523,16 @@ class SparseLayer {
 
   // Combine of token t on worker slot `worker`: its rows in slot order, then shared experts
   // (fixed order).
-  void combine_token(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out, Workspace& ws,
-                     int64_t t, int worker) const {
+  // `out` has its stride resolved; a bf16 / f16 row is combined in f32 in the worker's out row,
+  // then rounded as it is stored.
+  void combine_token(const Batch& batch, const float* hidden, const RoutingPlan& plan, const ActivationsOut& out,
+                     Workspace& ws, int64_t t, int worker) const {
     const int64_t d = hidden_size();
-    float* y = out + t * d;
+    const bool f32 = out.type == ActivationType::f32;
+    float* y = f32 ? static_cast<float*>(out.data) + t * out.stride : ws.out_rows.data() + static_cast<int64_t>(worker) * d;
     if (batch.is_padding(t)) {
       kernels::zero_row(y, d);
+      if (!f32) store_row(out, t, y);
       return;
     }
     const size_t width = static_cast<size_t>(num_experts()) + shared_.size();
@@ -421,6 +572,16 @@ class SparseLayer {
     kernels::weighted_sum_rows(rows, w, n, d, y);
     if (!output_bias_.empty())
       for (int64_t i = 0; i < d; ++i) y[i] += output_bias_[static_cast<size_t>(i)];
+    if (!f32) store_row(out, t, y);
+  }
+
+  void store_row(const ActivationsOut& out, int64_t t, const float* y) const noexcept {
+    uint16_t* dst = static_cast<uint16_t*>(out.data) + t * out.stride;
+    if (out.type == ActivationType::bf16) {
+      kernels::f32_to_bf16(y, dst, hidden_size());
+    } else {
+      kernels::f32_to_f16(y, dst, hidden_size());
+    }
   }
 
  public:

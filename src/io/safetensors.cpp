@@ -21,6 +21,7 @@
 #include <string_view>
 #include <utility>
 
+#include "../kernels/convert_internal.hpp"
 #include "files.hpp"
 #include "mxfp4.hpp"
 #include "moekit/error.hpp"
@@ -241,55 +242,10 @@ int64_t TensorView::numel() const {
 
 // ---- float conversions ----
 
-float bf16_to_f32(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
-
-uint16_t f32_to_bf16(float value) {
-  const auto x = std::bit_cast<uint32_t>(value);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
-    // NaN: keep sign and top payload bits, force the quiet bit so truncation cannot make an inf.
-    return static_cast<uint16_t>((x >> 16) | 0x0040u);
-  }
-  const uint32_t rounding = 0x7FFFu + ((x >> 16) & 1u);  // ties to even
-  return static_cast<uint16_t>((x + rounding) >> 16);    // carries into the exponent (or inf)
-}
-
-float f16_to_f32(uint16_t bits) {
-  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
-  const uint32_t exp = (bits >> 10) & 0x1Fu;
-  const uint32_t mant = bits & 0x3FFu;
-  if (exp == 0) {
-    // Zero or subnormal: mant * 2^-24, exact in float.
-    const float mag = static_cast<float>(mant) * 0x1p-24f;
-    return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | sign);
-  }
-  if (exp == 31) return std::bit_cast<float>(sign | 0x7F800000u | (mant << 13));  // inf / NaN
-  return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
-}
-
-uint16_t f32_to_f16(float value) {
-  const uint32_t bits = std::bit_cast<uint32_t>(value);
-  const auto sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t x = bits & 0x7FFFFFFFu;
-  if (x > 0x7F800000u) {  // NaN: quiet, keep the top payload bits
-    return static_cast<uint16_t>(sign | 0x7E00u | ((x >> 13) & 0x3FFu));
-  }
-  if (x >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 (or inf) -> inf
-  if (x < 0x38800000u) {                // below 2^-14: subnormal half or zero
-    if (x <= 0x33000000u) return sign;  // <= 2^-25: rounds to zero (2^-25 is a tie, to even)
-    const uint32_t e = x >> 23;         // 102..112
-    const uint32_t m = (x & 0x7FFFFFu) | 0x800000u;  // value = m * 2^(e - 150)
-    const uint32_t shift = 126u - e;                 // result = m * 2^(e - 126) = m >> shift
-    uint32_t h = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (h & 1u))) ++h;  // may carry into the smallest normal
-    return static_cast<uint16_t>(sign | h);
-  }
-  uint32_t h = ((x >> 23) - 112u) << 10 | ((x >> 13) & 0x3FFu);
-  const uint32_t rem = x & 0x1FFFu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // carry may bump the exponent
-  return static_cast<uint16_t>(sign | h);
-}
+float bf16_to_f32(uint16_t bits) { return kernels::detail::from_bf16_bits(bits); }
+uint16_t f32_to_bf16(float value) { return kernels::detail::to_bf16_bits(value); }
+float f16_to_f32(uint16_t bits) { return kernels::detail::from_f16_bits(bits); }
+uint16_t f32_to_f16(float value) { return kernels::detail::to_f16_bits(value); }
 
 // ---- SafetensorsFile ----
 

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 
+#include "convert_internal.hpp"
 #include "moekit/activation.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
 
@@ -168,41 +169,15 @@ inline void epilogue_row(const GemmCall& g, int64_t i, int64_t s, const float* a
 inline bool implements_all(WeightType, bool) noexcept { return true; }
 
 /// Rounds to bfloat16, round to nearest even; NaN stays a (quiet) NaN. Returns the bits.
-inline uint16_t bf16_bits(float x) noexcept {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+inline uint16_t bf16_bits(float x) noexcept { return to_bf16_bits(x); }
 
-inline float bf16_to_float(uint16_t b) noexcept {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
+inline float bf16_to_float(uint16_t b) noexcept { return from_bf16_bits(b); }
 
 /// `x` rounded to the nearest bfloat16 value (as f32).
 inline float round_bf16(float x) noexcept { return bf16_to_float(bf16_bits(x)); }
 
 /// IEEE half bits to float (exact; subnormals, infinities and NaN kept).
-inline float f16_to_float(uint16_t h) noexcept {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  float v;
-  if (e == 0) {
-    v = std::ldexp(static_cast<float>(m), -24);
-  } else if (e == 31) {
-    v = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  } else {
-    v = std::ldexp(static_cast<float>(m | 0x400u), static_cast<int>(e) - 25);
-  }
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  u |= sign;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
+inline float f16_to_float(uint16_t h) noexcept { return from_f16_bits(h); }
 /// A 4-bit group's scale from its stored bits (f16 or bf16).
 inline float int4_scale(uint16_t bits, bool f16) noexcept { return f16 ? f16_to_float(bits) : bf16_to_float(bits); }
 

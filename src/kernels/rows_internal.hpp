@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "convert_internal.hpp"
 #include "moekit/kernels/vector.hpp"
 
 namespace moekit::kernels::detail {

@@ -78,9 +78,23 @@ void gru_gates(bool rnn, const float* a, const float* b, const float* hp, float*
   }
 }
 
+void bf16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept {
+  for (int64_t i = 0; i < n; ++i) y[i] = from_bf16_bits(x[i]);
+}
+void f32_to_bf16(const float* x, uint16_t* y, int64_t n) noexcept {
+  for (int64_t i = 0; i < n; ++i) y[i] = to_bf16_bits(x[i]);
+}
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept {
+  for (int64_t i = 0; i < n; ++i) y[i] = from_f16_bits(x[i]);
+}
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept {
+  for (int64_t i = 0; i < n; ++i) y[i] = to_f16_bits(x[i]);
+}
+
 }  // namespace
 
-const RowKernels kRowsScalar{"scalar", &matvec,      &scale,    &axpy, &first_non_finite,
-                             &lse_sum, &lse_columns, &gru_gates};
+const RowKernels kRowsScalar{"scalar",     &matvec,      &scale,       &axpy,        &first_non_finite,
+                             &lse_sum,     &lse_columns, &gru_gates,   &bf16_to_f32, &f32_to_bf16,
+                             &f16_to_f32,  &f32_to_f16};
 
 }  // namespace moekit::kernels::detail

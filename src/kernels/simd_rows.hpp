@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <immintrin.h>
 #include <xsimd/xsimd.hpp>
 
 #include "rows_internal.hpp"
@@ -171,9 +172,86 @@ struct SimdRows {
     }
   }
 
+  // 16-bit conversions: intrinsics of the unit's instruction set (AVX-512F, or AVX2 + F16C),
+  // the scalar reference for the tail. Same bits as the scalar kernel (tests).
+#if defined(__AVX512F__)
+  static constexpr int64_t kCvt = 16;
+#else
+  static constexpr int64_t kCvt = 8;
+#endif
+  static void bf16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + kCvt <= n; i += kCvt) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
+      _mm512_storeu_si512(y + i, _mm512_slli_epi32(w, 16));
+    }
+#elif defined(__AVX2__)
+    for (; i + kCvt <= n; i += kCvt) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm256_slli_epi32(w, 16));
+    }
+#endif
+    for (; i < n; ++i) y[i] = from_bf16_bits(x[i]);
+  }
+  static void f32_to_bf16(const float* x, uint16_t* y, int64_t n) noexcept {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000),
+                  half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+    for (; i + kCvt <= n; i += kCvt) {
+      const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, odd)), 16);
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtepi32_epi16(r));
+    }
+#elif defined(__AVX2__)
+    const __m256i abs = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000),
+                  half = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
+    for (; i + kCvt <= n; i += kCvt) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(x + i));
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);  // both non-negative
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+      const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, odd)), 16);
+      const __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+      const __m256i v = _mm256_blendv_epi8(r, q, nan);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                       _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+    }
+#endif
+    for (; i < n; ++i) y[i] = to_bf16_bits(x[i]);
+  }
+  static void f16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + kCvt <= n; i += kCvt)
+      _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+#elif defined(__F16C__)
+    for (; i + kCvt <= n; i += kCvt)
+      _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+#endif
+    for (; i < n; ++i) y[i] = from_f16_bits(x[i]);
+  }
+  static void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + kCvt <= n; i += kCvt)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+    for (; i + kCvt <= n; i += kCvt)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; ++i) y[i] = to_f16_bits(x[i]);
+  }
+
   static constexpr RowKernels table(const char* name) noexcept {
-    return RowKernels{name,    &matvec,  &scale,       &axpy, &first_non_finite,
-                      &lse_sum, &lse_columns, &gru_gates};
+    return RowKernels{name,     &matvec,      &scale,       &axpy,        &first_non_finite,
+                      &lse_sum, &lse_columns, &gru_gates,   &bf16_to_f32, &f32_to_bf16,
+                      &f16_to_f32, &f32_to_f16};
   }
 };
 

@@ -39,6 +39,11 @@ struct RowKernels {
   /// GRU / RNN cell gates (see gru_gates()).
   void (*gru_gates)(bool rnn, const float* a, const float* b, const float* h_prev, float* out,
                     int64_t n) noexcept;
+  /// 16-bit activations to and from f32 (see bf16_to_f32() and the three after it).
+  void (*bf16_to_f32)(const uint16_t* x, float* y, int64_t n) noexcept;
+  void (*f32_to_bf16)(const float* x, uint16_t* y, int64_t n) noexcept;
+  void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n) noexcept;
+  void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n) noexcept;
 };
 
 /// The row kernels in use: the best compiled implementation this CPU supports, or the one
@@ -110,6 +115,21 @@ inline void gru_gates(bool rnn, const float* a, const float* b, const float* h_p
                       int64_t n) noexcept {
   row_kernels().gru_gates(rnn, a, b, h_prev, out, n);
 }
+
+/// `y[0:n]` = the bfloat16 values `x[0:n]` (bit patterns) as f32: exact.
+inline void bf16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept { row_kernels().bf16_to_f32(x, y, n); }
+
+/// `y[0:n]` = `x[0:n]` rounded to bfloat16, to nearest even; a NaN stays a NaN (quiet, sign and
+/// the payload's top bits kept); values beyond the largest bfloat16 become infinities.
+inline void f32_to_bf16(const float* x, uint16_t* y, int64_t n) noexcept { row_kernels().f32_to_bf16(x, y, n); }
+
+/// `y[0:n]` = the IEEE half values `x[0:n]` as f32: exact (subnormals, infinities kept).
+inline void f16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept { row_kernels().f16_to_f32(x, y, n); }
+
+/// `y[0:n]` = `x[0:n]` rounded to IEEE half, to nearest even (what F16C's vcvtps2ph computes
+/// with round-to-nearest): |x| >= 65520 becomes an infinity, tiny values half subnormals or
+/// zero; a NaN stays a quiet NaN. Under MXCSR.DAZ the SIMD kernels read f32 subnormals as 0.
+inline void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept { row_kernels().f32_to_f16(x, y, n); }
 
 /// `y[0:n] = 0`.
 inline void zero_row(float* y, int64_t n) noexcept {
