@@ -8,14 +8,19 @@
 #     not instantiate xsimd's AVX-512 code (Debian's xsimd 8.1 fails to compile some at -O0);
 #     built, run only on a CPU with AVX-512;
 #   - clang, Release, and runs one example.
-# It also checks that the installed package carries no ISA flags (-march, -m<isa>) to users.
+# It also checks that the installed package carries no ISA flags (-march, -m<isa>) to users and
+# no private dependency (Eigen, nlohmann_json). Then the shared library (BUILD_SHARED_LIBS=ON):
+# its soname, that it exports no internal symbol, the examples built and run against it with
+# find_package, and the integration example built with pkg-config alone, against the shared
+# and the static library.
 # Usage: scripts/consumer_test.sh   (BUILD_DIR=... for the library build; default build/consumer)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/deps.sh" clang libomp-dev
+"$root/scripts/deps.sh" clang libomp-dev pkg-config
 build=${BUILD_DIR:-$root/build/consumer}
 prefix=$(mktemp -d /tmp/moekit-prefix.XXXXXX)
-trap 'rm -rf "$prefix"' EXIT
+shared_prefix=$(mktemp -d /tmp/moekit-shared-prefix.XXXXXX)
+trap 'rm -rf "$prefix" "$shared_prefix"' EXIT
 jobs=$(nproc)
 rm -rf "$build"
 cmake -S "$root" -B "$build/lib" -DCMAKE_BUILD_TYPE=Release -DMOEKIT_BUILD_TESTS=OFF -DMOEKIT_BUILD_BENCH=OFF \
@@ -29,13 +34,17 @@ if [ -n "$flags" ]; then
   exit 1
 fi
 echo "moekit: consumer test: the installed package carries no ISA flags"
+if grep -qE 'find_dependency\((Eigen|nlohmann)|Eigen3::|nlohmann_json::' "$prefix"/lib*/cmake/moekit/*.cmake "$prefix"/lib*/pkgconfig/moekit.pc; then
+  echo "moekit: consumer test FAILED: the installed package refers to a private dependency (Eigen / nlohmann_json)" >&2
+  exit 1
+fi
 
 has_avx512=$(grep -qw avx512bw /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
 consumer() {  # name, then extra cmake arguments (CXX from the environment)
   local name=$1
   shift
-  echo "moekit: consumer test: building examples/ against $prefix ($name)"
-  cmake -S "$root/examples" -B "$build/$name" -DCMAKE_PREFIX_PATH="$prefix" "$@" >/dev/null
+  echo "moekit: consumer test: building examples/ against ${CONSUMER_PREFIX:-$prefix} ($name)"
+  cmake -S "$root/examples" -B "$build/$name" -DCMAKE_PREFIX_PATH="${CONSUMER_PREFIX:-$prefix}" "$@" >/dev/null
   cmake --build "$build/$name" -j "$jobs"
 }
 consumer gcc-release -DCMAKE_BUILD_TYPE=Release
@@ -50,4 +59,49 @@ else
 fi
 CXX=clang++ consumer clang-release -DCMAKE_BUILD_TYPE=Release
 OMP_NUM_THREADS=2 "$build/clang-release/example_basic_layer"
-echo "moekit: consumer test passed (gcc Release, gcc Debug, gcc Debug with AVX-512 flags, clang Release)"
+OMP_NUM_THREADS=2 "$build/clang-release/example_engine_integration"
+
+# pkg-config against the static library: one compiler command, no CMake.
+pc_build() {  # prefix, output, extra pkg-config flags
+  local pc_path
+  pc_path=$(dirname "$(find "$1" -name moekit.pc | head -1)")
+  # shellcheck disable=SC2046
+  g++ -std=c++20 -O2 "$root/examples/engine_integration.cpp" -o "$2" \
+    $(PKG_CONFIG_PATH="$pc_path" pkg-config --cflags moekit) $(PKG_CONFIG_PATH="$pc_path" pkg-config $3 --libs moekit)
+}
+pc_build "$prefix" "$build/pc-static" --static
+OMP_NUM_THREADS=2 "$build/pc-static"
+echo "moekit: consumer test: pkg-config build against the static library ran"
+
+# The shared library.
+cmake -S "$root" -B "$build/shared-lib" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DMOEKIT_BUILD_TESTS=OFF \
+  -DMOEKIT_BUILD_BENCH=OFF -DMOEKIT_BUILD_EXAMPLES=OFF -DMOEKIT_BUILD_CLI=ON -DCMAKE_INSTALL_PREFIX="$shared_prefix" >/dev/null
+cmake --build "$build/shared-lib" -j "$jobs"
+# Components: the library alone, then the headers, then the CLI.
+cmake --install "$build/shared-lib" --component library >/dev/null
+if [ -e "$shared_prefix/include/moekit/layer.hpp" ] || [ -e "$shared_prefix/bin/moekit" ]; then
+  echo "moekit: consumer test FAILED: --component library installed headers or the CLI" >&2
+  exit 1
+fi
+cmake --install "$build/shared-lib" --component headers >/dev/null
+cmake --install "$build/shared-lib" --component cli >/dev/null
+so=$(find "$shared_prefix" -name "libmoekit.so.*.*.*" | head -1)
+soname=$(readelf -d "$so" | sed -n 's/.*Library soname: \[\(.*\)\]/\1/p')
+version=$(sed -n 's/^project(moekit VERSION \([0-9]*\.[0-9]*\).*/\1/p' "$root/CMakeLists.txt")
+if [ "$soname" != "libmoekit.so.$version" ]; then
+  echo "moekit: consumer test FAILED: soname '$soname', expected libmoekit.so.$version" >&2
+  exit 1
+fi
+leaked=$(nm -D --defined-only "$so" | c++filt | grep -E 'nlohmann|Eigen::|moekit::kernels::detail|moekit::io::detail|\(anonymous namespace\)' | head -5 || true)
+if [ -n "$leaked" ]; then
+  echo "moekit: consumer test FAILED: libmoekit.so exports internal symbols, e.g.: $leaked" >&2
+  exit 1
+fi
+echo "moekit: consumer test: $soname exports $(nm -D --defined-only "$so" | grep -c ' [TWBDRVu] ') symbols, none internal"
+"$shared_prefix/bin/moekit" info >/dev/null
+CONSUMER_PREFIX=$shared_prefix consumer shared-release -DCMAKE_BUILD_TYPE=Release
+OMP_NUM_THREADS=2 "$build/shared-release/example_basic_layer"
+OMP_NUM_THREADS=2 "$build/shared-release/example_engine_integration"
+pc_build "$shared_prefix" "$build/pc-shared" ""
+OMP_NUM_THREADS=2 LD_LIBRARY_PATH=$(dirname "$so") "$build/pc-shared"
+echo "moekit: consumer test passed (static: gcc Release, gcc Debug, gcc Debug with AVX-512 flags, clang Release, pkg-config; shared: soname, symbols, components, find_package, pkg-config)"

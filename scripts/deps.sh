@@ -4,7 +4,7 @@
 # Usage: scripts/deps.sh [extra-package ...]
 set -euo pipefail
 pkgs=(cmake g++ make libeigen3-dev libxsimd-dev xtl-dev libgtest-dev libbenchmark-dev
-      nlohmann-json3-dev python3 "$@")
+      nlohmann-json3-dev libcli11-dev python3 "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

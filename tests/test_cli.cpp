@@ -158,6 +158,98 @@ TEST_F(Cli, RunRoundTripsEveryWeightDtypeWithPrefix) {
   }
 }
 
+// The flag syntax: --name=value and short forms give the same output file as --name value;
+// per-command --help goes to stdout with exit 0; misspelt flags get a suggestion; every missing
+// required flag is named at once.
+TEST_F(Cli, FlagSyntaxHelpAndSuggestions) {
+  write_mixtral("", DType::F32);
+  write_input(7, 24);
+  const std::string c = (dir_ / "config.json").string(), w = (dir_ / "w.safetensors").string(),
+                    x = (dir_ / "x.safetensors").string(), y = (dir_ / "y.safetensors").string();
+  ASSERT_EQ(run_cli(dir_, run_args("") + " --threads 2").code, 0);
+  const std::string want = slurp(dir_ / "y.safetensors");
+  for (const std::string& args : {"run --config=" + c + " --weights=" + w + " --input=" + x + " --output=" + y + " --threads=2",
+                                   "run -c " + c + " -w " + w + " -i " + x + " -o " + y + " -t 2",
+                                   "run -t 1 --output " + y + " -i " + x + " --weights=" + w + " -c " + c}) {
+    fs::remove(dir_ / "y.safetensors");
+    const Result r = run_cli(dir_, args);
+    ASSERT_EQ(r.code, 0) << args << ": " << r.err;
+    EXPECT_EQ(slurp(dir_ / "y.safetensors"), want) << args;
+  }
+  fs::remove(dir_ / "y.safetensors");
+  for (const char* cmd : {"run", "bench", "make-input", "info"}) {
+    for (const char* h : {" --help", " -h"}) {
+      const Result r = run_cli(dir_, std::string(cmd) + h);
+      EXPECT_EQ(r.code, 0) << cmd << h << ": " << r.err;
+      EXPECT_TRUE(r.err.empty()) << r.err;
+      EXPECT_NE(r.out.find(std::string("moekit ") + cmd), std::string::npos) << r.out;
+    }
+  }
+  const Result rh = run_cli(dir_, "run --help");
+  for (const char* flag : {"--config", "--weights", "--model", "--gguf", "--layer", "--input", "--output", "--threads", "--dtype", "-t,", "-m,"})
+    EXPECT_NE(rh.out.find(flag), std::string::npos) << flag << " missing from run --help:\n" << rh.out;
+  EXPECT_NE(run_cli(dir_, "bench --help").out.find("--output-format"), std::string::npos);
+  EXPECT_NE(run_cli(dir_, "--help").out.find("make-input"), std::string::npos);
+  expect_error(run_args("") + " --thread 2", "unknown argument \"--thread\"; did you mean --threads?");
+  expect_error(run_args("") + " --wieghts " + w, "did you mean --weights?");
+  expect_error(run_args("") + " --frobnicate 2", "unknown argument \"--frobnicate\"");
+  expect_error(run_args("") + " stray", "unexpected argument \"stray\"");
+  expect_error("run --config " + c, "missing required flags --weights, --input, --output");
+  expect_error("run --model " + dir_.string(), "missing required flags --input, --output");
+  expect_error("make-input --seed 3", "missing required flags --config, --tokens, --output");
+  expect_error(run_args("") + " -t 2 --threads 3", "flag --threads given twice");
+  expect_error(run_args("") + " --threads", "flag --threads expects a value");
+  expect_error("info --bogus", "unknown argument \"--bogus\"");
+  expect_error("bench --config=" + c + " --tokens=1 --repeat=0", "--repeat: expected an integer in [1, 1000000]");
+}
+
+// make-input writes the input run needs: hidden_states [T, d] from the seed (the same file
+// for the same flags, another one for another seed), offsets and positions per sequence, and
+// token_scores for token_prune; run accepts it.
+TEST_F(Cli, MakeInputWritesWhatRunReads) {
+  write_mixtral("", DType::F32);
+  const std::string c = (dir_ / "config.json").string();
+  const fs::path x = dir_ / "made.safetensors";
+  ASSERT_EQ(run_cli(dir_, "make-input --config " + c + " --tokens 10 --sequences 3 --seed 5 -o " + x.string()).code, 0);
+  const std::string first = slurp(x);
+  {
+    const auto t = moekit::io::TensorSource::open(x.string());
+    EXPECT_EQ(t.tensor("hidden_states").shape, (std::vector<int64_t>{10, 24}));
+    EXPECT_EQ(t.read_i32("sequence_offsets", {4}), (std::vector<int32_t>{0, 3, 6, 10}));
+    EXPECT_EQ(t.read_i32("positions", {10}), (std::vector<int32_t>{0, 1, 2, 0, 1, 2, 0, 1, 2, 3}));
+    const std::vector<float> h = t.read_f32("hidden_states", {10, 24});
+    double sum = 0, sq = 0;
+    for (float v : h) {
+      ASSERT_TRUE(std::isfinite(v));
+      sum += v;
+      sq += double(v) * v;
+    }
+    EXPECT_LT(std::fabs(sum / 240), 0.25);  // standard normal: mean ~0, variance ~1
+    EXPECT_NEAR(sq / 240, 1.0, 0.3);
+    EXPECT_FALSE(t.contains("token_scores"));
+  }
+  ASSERT_EQ(run_cli(dir_, "make-input -c " + c + " --tokens=10 --sequences=3 -s 5 --output " + x.string()).code, 0);
+  EXPECT_EQ(slurp(x), first) << "not deterministic";
+  ASSERT_EQ(run_cli(dir_, "make-input -c " + c + " --tokens 10 --sequences 3 -s 6 -o " + x.string()).code, 0);
+  EXPECT_NE(slurp(x), first) << "the seed changes nothing";
+  const Result r = run_cli(dir_, "run --config " + c + " --weights " + (dir_ / "w.safetensors").string() + " --input " +
+                                     x.string() + " --output " + (dir_ / "y.safetensors").string());
+  ASSERT_EQ(r.code, 0) << r.err;
+  fs::remove(dir_ / "y.safetensors");
+  ASSERT_EQ(run_cli(dir_, "make-input -c " + c + " --tokens 0 -o " + x.string()).code, 0);
+  EXPECT_EQ(moekit::io::TensorSource::open(x.string()).tensor("hidden_states").shape, (std::vector<int64_t>{0, 24}));
+  // token_prune with FTP's feature router needs token_scores.
+  std::ofstream(dir_ / "ftp.json") << R"({"moekit_config_version": 1, "hidden_size": 24, "router": {"type": "token_prune", "tau": null, "sparsity": 0.5, "input": "features"}, "experts": {"type": "swiglu", "intermediate_size": 8}})";
+  const Result rf = run_cli(dir_, "make-input -c " + (dir_ / "ftp.json").string() + " --tokens 6 -o " + x.string());
+  ASSERT_EQ(rf.code, 0) << rf.err;
+  const std::vector<float> sc = moekit::io::TensorSource::open(x.string()).read_f32("token_scores", {6});
+  for (float v : sc) EXPECT_TRUE(v >= 0.0f && v < 1.0f) << v;
+  expect_error("make-input -c " + c + " --tokens 20000000 -o " + x.string(), "--tokens: expected an integer in [0, 16777216]");
+  expect_error("make-input -c " + c + " --tokens 4 --sequences 5 -o " + x.string(), "--sequences: expected an integer in [1, 4]");
+  expect_error("make-input -c " + c + " --tokens 4 -o " + c, "is the same file as --config");
+  expect_error("make-input -c " + (dir_ / "nope.json").string() + " --tokens 4 -o " + x.string(), "nope.json");
+}
+
 TEST_F(Cli, ShardedIndexAndPadding) {
   write_mixtral("", DType::F32);
   // Split the single file into two shards plus an index.

@@ -984,6 +984,16 @@ TEST(LayerActivations, SixteenBitAndStridedRowsEqualTheF32Path) {
           b.layer->finish(batch, out_view(vout), ws);
           expect_rounded_output(vout, want, T, d, what + ", engine threads");
         }
+        // Engine-owned threads with the engine's plan (begin with a plan), one worker.
+        {
+          View16 vout = store_rows(to, std::vector<float>(static_cast<size_t>(T * d), 0.0f), T, d, so, nullptr);
+          Workspace ws;
+          b.layer->begin(batch, in_view(vin), wf.plan, ws, 1);
+          for (int64_t i = b.layer->num_tasks(ws) - 1; i >= 0; --i) b.layer->run_task(batch, ws, i, 0);
+          b.layer->combine(batch, out_view(vout), ws, 0, 0, 1);
+          b.layer->finish(batch, out_view(vout), ws);
+          expect_rounded_output(vout, want, T, d, what + ", engine threads with a given plan");
+        }
       }
   }
 }

@@ -10,6 +10,7 @@
 
 #include "moekit/error.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Activation of an FFN's hidden layer.
@@ -89,3 +90,4 @@ inline B clamped_swiglu(const ClampedSwiglu& c, B g, B u) noexcept {
 }
 
 }  // namespace moekit
+#pragma GCC visibility pop

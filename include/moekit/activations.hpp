@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// The element type of a hidden-state view. bf16 and f16 are bit patterns in uint16_t
@@ -57,3 +58,4 @@ struct ActivationsOut {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -8,6 +8,7 @@
 
 #include "moekit/error.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Non-owning view of the batch layout of hidden states `[tokens, hidden]`
@@ -95,3 +96,4 @@ struct Batch {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -24,6 +24,7 @@
 #include "moekit/kernels/vector.hpp"
 #include "moekit/router.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// A dense FFN block `f(x) = down(act(gate x) * up x)` (SwiGLU by default) applied row-wise to
@@ -327,3 +328,4 @@ static_assert(ContextAwareExpert<GammaModBlock>);
 static_assert(whole_blocks_v<GammaModBlock> && applies_weight_v<GammaModBlock>);
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Instruction-set extensions usable by this process: the CPU reports them (CPUID) and the OS
@@ -43,3 +44,4 @@ AmxPermission request_amx_permission() noexcept;
 const char* to_string(AmxPermission p) noexcept;
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Thrown for every invalid argument, shape, configuration or file. The message
@@ -46,3 +47,4 @@ template <class... Args>
 #include <cassert>
 #define MOEKIT_DEBUG_ASSERT(cond) assert(cond)
 #endif
+#pragma GCC visibility pop

@@ -12,6 +12,7 @@
 #include "moekit/batch.hpp"
 #include "moekit/error.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// An expert: maps a contiguous block `in [rows, d_in]` to `out [rows, d_out]` (row-major),
@@ -119,3 +120,4 @@ class FunctorBank {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -23,6 +23,7 @@
 #include "moekit/router.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Every scratch buffer of a forward pass. One per calling thread; reuse it across calls:
@@ -175,10 +176,7 @@ class SparseLayer {
     batch.validate(hidden_size());
     const ActivationsOut o = resolve(out, "SparseLayer::forward_plan", batch.tokens);
     const float* x = input_rows(batch, hidden, &o, ws, "SparseLayer::forward_plan");
-    if (!batch.padding.empty() && plan.num_tokens() == batch.tokens)  // a padded row's contents are arbitrary
-      for (int64_t t = 0; t < batch.tokens; ++t)
-        MOEKIT_CHECK(!batch.is_padding(t) || plan.slots_of(t) == 0, "SparseLayer::forward_plan: padded token ", t,
-                     " has ", plan.slots_of(t), " slots, expected none (-1 ids in RoutingPlan::from_topk)");
+    check_padded_slots(batch, plan);
     run_plan(batch, x, plan, o, ws, threads);
     if (check_finite_) check_output(batch, o, "SparseLayer::forward_plan", ws);
   }
@@ -210,6 +208,22 @@ class SparseLayer {
     const float* x = input_rows(batch, hidden, out.data != nullptr ? &out : nullptr, ws, "SparseLayer::begin");
     router_.route(batch, x, ws.plan, ws.router, 1);
     check_plan(batch, ws.plan);
+    ws.tasks.clear();
+    if (batch.tokens > 0) setup(batch, ws.plan, ws, workers);
+    ws.workers = workers;
+  }
+  /// begin() with the engine's own finalised plan (RoutingPlan::from_topk, ...) instead of the
+  /// router's: the plan is copied into `ws.plan` (its buffers reused) and checked as
+  /// forward_plan() checks it.
+  void begin(const Batch& batch, ActivationsIn hidden, const RoutingPlan& plan, Workspace& ws, int workers,
+             ActivationsOut out = {}) const {
+    MOEKIT_CHECK(workers >= 1 && workers <= 4096, "SparseLayer::begin: workers expected in [1, 4096], got ", workers);
+    ws.non_finite_rows = 0;
+    batch.validate(hidden_size());
+    check_plan(batch, plan);
+    check_padded_slots(batch, plan);
+    input_rows(batch, hidden, out.data != nullptr ? &out : nullptr, ws, "SparseLayer::begin");
+    if (&plan != &ws.plan) ws.plan = plan;
     ws.tasks.clear();
     if (batch.tokens > 0) setup(batch, ws.plan, ws, workers);
     ws.workers = workers;
@@ -427,6 +441,14 @@ class SparseLayer {
     if (failure) std::rethrow_exception(failure);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
     for (int64_t t = 0; t < T; ++t) combine_token(batch, hidden, plan, out, ws, t, omp_get_thread_num());
+  }
+
+  // A padded row's contents are arbitrary: a given plan must not route it.
+  static void check_padded_slots(const Batch& batch, const RoutingPlan& plan) {
+    if (!batch.padding.empty() && plan.num_tokens() == batch.tokens)
+      for (int64_t t = 0; t < batch.tokens; ++t)
+        MOEKIT_CHECK(!batch.is_padding(t) || plan.slots_of(t) == 0, "SparseLayer::forward_plan: padded token ", t,
+                     " has ", plan.slots_of(t), " slots, expected none (-1 ids in RoutingPlan::from_topk)");
   }
 
   void check_plan(const Batch& batch, const RoutingPlan& plan) const {
@@ -742,3 +764,4 @@ class SparseLayer {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -14,6 +14,7 @@
 #include "moekit/kernels/vector.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Scratch memory a router may use during route() (logits, scores, selection buffers).
@@ -87,3 +88,4 @@ template <class R>
 concept Router = RouterReportsExperts<R> && RouterReportsHidden<R> && RouterRoutes<R>;
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -13,6 +13,7 @@
 #include "moekit/error.hpp"
 #include "moekit/kernels/vector.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Which slots an over-full expert keeps (ROUTING.md section 1, capacity and dropping).
@@ -293,3 +294,4 @@ class RoutingPlan {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -12,9 +12,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <set>
 #include <sstream>
 #include <string>
@@ -22,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <omp.h>
 
@@ -54,8 +57,59 @@ constexpr const char* kUsage =
     "  moekit run --gguf F.gguf [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
     "  moekit bench --config C.json [--tokens T,...] [--threads N,...] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16,...]\n"
     "               [--repeat R] [--layers L] [--seed S] [-o json|jsonl|csv|md]\n"
+    "  moekit make-input --config C.json --tokens T [--sequences S] [--seed S] --output X.safetensors\n"
     "  moekit info\n"
-    "  moekit --version\n";
+    "  moekit --version\n"
+    "Flags take --name value or --name=value; moekit <command> --help describes a command's flags.\n";
+
+// One flag of a sub-command: its long name, an optional short form ("-t") and its help line.
+struct FlagSpec {
+  const char* name;
+  const char* short_name;
+  const char* help;
+};
+
+// The flags of each command (docs/cli.md), with their help lines.
+constexpr const char* kRunHelp =
+    "Runs one MoE layer (router, routed and shared experts) on an input file and writes the layer's\n"
+    "output (without the residual) and its routing. The layer comes from --config + --weights [+ --prefix],\n"
+    "from an HF model folder (--model [--layer N]) or from a GGUF file (--gguf [--layer N]).";
+const std::vector<FlagSpec> kRunFlags = {
+    {"config", "-c", "HF config.json or moekit config (with --weights)"},
+    {"weights", "-w", "one .safetensors file, or a sharded checkpoint's index .json"},
+    {"prefix", "", "prepended to every weight name, e.g. model.layers.3.mlp."},
+    {"model", "-m", "an HF model folder, instead of --config / --weights / --prefix"},
+    {"gguf", "", "a GGUF file, instead of --config / --weights / --prefix / --model"},
+    {"layer", "-l", "the layer number, with --model or --gguf"},
+    {"input", "-i", "input .safetensors: hidden_states [T, d] and optional batch tensors (moekit make-input)"},
+    {"output", "-o", "output .safetensors, written atomically"},
+    {"threads", "-t", "threads; 0 (default) = OpenMP's default"},
+    {"dtype", "", "expert weight type: f32 bf16 int8 w8a8 fp8 int4 int4zp w4a8 bf16xbf16 (default: the config's)"},
+};
+constexpr const char* kBenchHelp =
+    "Times forward passes of a layer with random weights and prints one record per configuration\n"
+    "(JSON by default). --tokens, --threads and --dtype take comma lists and ranges: 1,16,512  1-8  1-512*2  0-64+16.";
+const std::vector<FlagSpec> kBenchFlags = {
+    {"config", "-c", "the layer's HF config.json or moekit config"},
+    {"tokens", "", "T per forward (default 512); a list"},
+    {"threads", "-t", "threads, 0 = OpenMP's default (default 0); a list"},
+    {"dtype", "", "expert weight types (default: the config's); a list"},
+    {"repeat", "-r", "timed forwards per configuration (default 10)"},
+    {"layers", "", "layer instances to rotate over (default: computed from the L3 size)"},
+    {"seed", "", "random seed of weights and inputs (default 1)"},
+    {"output-format", "-o", "json (default), jsonl, csv or md"},
+};
+constexpr const char* kMakeInputHelp =
+    "Writes an input file for moekit run: random hidden states [T, d] (normal, from --seed) for the\n"
+    "config's hidden size, sequence_offsets and positions for --sequences equal sequences, and the\n"
+    "tensors the config's router family requires (token_scores for token_prune).";
+const std::vector<FlagSpec> kMakeInputFlags = {
+    {"config", "-c", "the layer's HF config.json or moekit config"},
+    {"tokens", "", "T, the number of tokens, in [0, 2^24]"},
+    {"sequences", "", "split the tokens into this many sequences (default 1)"},
+    {"seed", "-s", "random seed (default 1)"},
+    {"output", "-o", "the .safetensors file to write"},
+};
 
 // `s` with control characters escaped (\n, \t, \xHH) appended to `out`.
 void append_escaped(std::string& out, std::string_view s) {
@@ -116,21 +170,84 @@ void refuse_output_over_inputs(const std::string& out,
   }
 }
 
-// Flags of one sub-command: "--name value" pairs, each allowed name at most once.
-// `short_names` maps a one-letter form ("-o") to its long name.
-std::map<std::string, std::string> parse_flags(int argc, char** argv, int first, const std::set<std::string>& allowed,
-                                               const std::map<std::string, std::string>& short_names = {}) {
+// Thrown after a sub-command's --help was printed: the command exits 0.
+struct HelpShown {};
+
+size_t edit_distance(const std::string& a, const std::string& b);
+
+// The closest of `names` to `arg` (edit distance at most 2, or a prefix of it), "" if none.
+std::string closest_flag(const std::string& arg, const std::vector<FlagSpec>& flags) {
+  std::string best;
+  size_t best_d = 3;
+  const std::string a = arg.substr(0, arg.find('='));
+  for (const FlagSpec& f : flags) {
+    const std::string n = std::string("--") + f.name;
+    const size_t dist = n.rfind(a, 0) == 0 && a.size() > 3 ? 0 : edit_distance(a, n);
+    if (dist < best_d) {
+      best_d = dist;
+      best = n;
+    }
+  }
+  return best;
+}
+
+// Flags of one sub-command, parsed with CLI11: `--name value` or `--name=value` (a short form
+// takes `-t value`), each at most once, in any order; `-h` / `--help` prints the command's help
+// to stdout (HelpShown). Unknown arguments are errors naming the closest flag.
+std::map<std::string, std::string> parse_flags(const std::string& cmd, const std::string& description, int argc,
+                                               char** argv, int first, const std::vector<FlagSpec>& flags) {
+  CLI::App app(description, "moekit " + cmd);
+  app.allow_extras(true);  // reported below, with a suggestion
+  app.set_help_flag("-h,--help", "print this help and exit");
+  app.get_formatter()->column_width(34);
+  std::vector<std::string> values(flags.size());
+  std::vector<CLI::Option*> options(flags.size());
+  for (size_t i = 0; i < flags.size(); ++i) {
+    std::string names = std::string("--") + flags[i].name;
+    if (flags[i].short_name[0] != '\0') names = std::string(flags[i].short_name) + "," + names;
+    options[i] = app.add_option(names, values[i], flags[i].help)->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  }
+  std::vector<std::string> args;
+  for (int i = argc - 1; i >= first; --i) args.emplace_back(argv[i]);  // CLI11 takes them reversed
+  // A known flag as the last argument has no value.
+  if (!args.empty()) {
+    const std::string& last = args.front();
+    for (const FlagSpec& f : flags)
+      if (last == std::string("--") + f.name || (f.short_name[0] != '\0' && last == f.short_name))
+        fail("flag ", last, " expects a value");
+  }
+  try {
+    app.parse(args);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    throw HelpShown{};
+  } catch (const CLI::ParseError& e) {
+    fail(e.what());
+  }
+  const std::vector<std::string> extra = app.remaining();
+  if (!extra.empty()) {
+    const std::string& a = extra.front();
+    if (a.empty() || a[0] != '-') fail("unexpected argument \"", a, "\" (flags are --name value; see moekit ", cmd, " --help)");
+    const std::string best = closest_flag(a, flags);
+    if (!best.empty()) fail("unknown argument \"", a, "\"; did you mean ", best, "? (see moekit ", cmd, " --help)");
+    fail("unknown argument \"", a, "\" (see moekit ", cmd, " --help)");
+  }
   std::map<std::string, std::string> out;
-  for (int i = first; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto sn = short_names.find(a);
-    const std::string name = sn != short_names.end() ? sn->second : a.rfind("--", 0) == 0 ? a.substr(2) : std::string();
-    if (name.empty() || allowed.count(name) == 0) fail("unknown argument \"", a, "\"");
-    if (i + 1 >= argc) fail("flag ", a, " expects a value");
-    if (out.count(name) != 0) fail("flag --", name, " given twice");
-    out[name] = argv[++i];
+  for (size_t i = 0; i < flags.size(); ++i) {
+    if (options[i]->count() > 1) fail("flag --", flags[i].name, " given twice");
+    if (options[i]->count() == 1) out[flags[i].name] = values[i];
   }
   return out;
+}
+
+// Every flag of `names` missing from `f`, reported at once.
+void require_flags(const std::map<std::string, std::string>& f, std::initializer_list<const char*> names) {
+  std::string missing;
+  int n = 0;
+  for (const char* name : names)
+    if (f.count(name) == 0) missing += std::string(n++ ? ", --" : "--") + name;
+  if (n == 1) fail("missing required flag ", missing);
+  if (n > 1) fail("missing required flags ", missing);
 }
 
 // One integer of a list flag.
@@ -442,6 +559,11 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   } else if (f.count("layer")) {
     fail("--layer needs --model or --gguf (with --config / --weights, name the block with --prefix)");
   }
+  if (by_model || by_gguf) {
+    require_flags(f, {"input", "output"});
+  } else {
+    require_flags(f, {"config", "weights", "input", "output"});
+  }
   const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
@@ -672,6 +794,45 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
 }
 
 // ---------------------------------------------------------------------------- info
+// ---------------------------------------------------------------------------- make-input
+// Random hidden states for a config (docs/cli.md): hidden_states [T, d] from a normal
+// distribution, sequence_offsets and positions for --sequences equal parts, and the tensors
+// a family requires (token_scores for token_prune).
+int cmd_make_input(const std::map<std::string, std::string>& f) {
+  require_flags(f, {"config", "tokens", "output"});
+  const int64_t T = int_flag(f, "tokens", 0, 0, int64_t{1} << 24);
+  const auto seed = static_cast<uint64_t>(int_flag(f, "seed", 1, 0, std::numeric_limits<int64_t>::max()));
+  const int64_t S = int_flag(f, "sequences", 1, 1, std::max<int64_t>(T, 1));
+  const std::string& config = f.at("config");
+  const std::string& out_path = f.at("output");
+  refuse_output_over_inputs(out_path, {{"--config", config}});
+  const moekit::LayerConfig cfg = moekit::load_layer_config(config);
+  const int64_t d = cfg.hidden();
+  if (T * d > (int64_t{1} << 31)) fail("--tokens ", T, " x hidden_size ", d, ": expected at most 2^31 values");
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(T * d));
+  for (float& v : x) v = normal(g);
+  std::vector<int32_t> offsets(static_cast<size_t>(S + 1)), positions(static_cast<size_t>(T));
+  for (int64_t i = 0; i <= S; ++i) offsets[static_cast<size_t>(i)] = static_cast<int32_t>(T * i / S);
+  for (int64_t i = 0; i < S; ++i)
+    for (int32_t t = offsets[static_cast<size_t>(i)]; t < offsets[static_cast<size_t>(i) + 1]; ++t)
+      positions[static_cast<size_t>(t)] = t - offsets[static_cast<size_t>(i)];
+  using moekit::io::DType;
+  std::vector<moekit::io::OutTensor> out = {{"hidden_states", DType::F32, {T, d}, x.data()},
+                                            {"sequence_offsets", DType::I32, {S + 1}, offsets.data()},
+                                            {"positions", DType::I32, {T}, positions.data()}};
+  std::vector<float> scores;
+  if (cfg.router_type == "token_prune") {  // FTP's feature router reads the attention each token receives
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    scores.resize(static_cast<size_t>(T));
+    for (float& v : scores) v = u(g);
+    out.push_back({"token_scores", DType::F32, {T}, scores.data()});
+  }
+  moekit::io::write_safetensors(out_path, out, {{"producer", std::string("moekit ") + moekit::version()}});
+  return 0;
+}
+
 int cmd_info() {
   const moekit::CpuFeatures& f = moekit::cpu_features();
   // CPUID, counted only where the OS saves the registers (XCR0); "avx512vnni" is the older
@@ -736,20 +897,16 @@ int cmd_info() {
 // The command line as a function: the fuzz targets (fuzz/) call it in-process.
 int moekit_cli_main(int argc, char** argv) {
   if (argc < 2) {
-    std::fputs("moekit: error: missing command (expected run, bench or info; see moekit --help)\n", stderr);
+    std::fputs("moekit: error: missing command (expected run, bench, make-input or info; see moekit --help)\n", stderr);
     return 2;
   }
   const std::string cmd = argv[1];
   try {
-    if (cmd == "run")
-      return cmd_run(parse_flags(argc, argv, 2,
-                                 {"config", "weights", "input", "output", "prefix", "threads", "dtype", "model", "layer", "gguf"}));
-    if (cmd == "bench")
-      return cmd_bench(parse_flags(argc, argv, 2,
-                                   {"config", "tokens", "threads", "dtype", "repeat", "layers", "seed", "output-format"},
-                                   {{"-o", "output-format"}}));
+    if (cmd == "run") return cmd_run(parse_flags(cmd, kRunHelp, argc, argv, 2, kRunFlags));
+    if (cmd == "bench") return cmd_bench(parse_flags(cmd, kBenchHelp, argc, argv, 2, kBenchFlags));
+    if (cmd == "make-input") return cmd_make_input(parse_flags(cmd, kMakeInputHelp, argc, argv, 2, kMakeInputFlags));
     if (cmd == "info") {
-      if (argc != 2) fail("info takes no arguments");
+      parse_flags(cmd, "Prints the CPU's features and the kernels moekit chose, as JSON.", argc, argv, 2, {});
       return cmd_info();
     }
     if (cmd == "--version" || cmd == "version") {
@@ -760,7 +917,9 @@ int moekit_cli_main(int argc, char** argv) {
       std::fputs(kUsage, stdout);
       return 0;
     }
-    fail("unknown command \"", cmd, "\" (expected run, bench or info)");
+    fail("unknown command \"", cmd, "\" (expected run, bench, make-input or info)");
+  } catch (const HelpShown&) {
+    return 0;
   } catch (const moekit::error& e) {
     std::fprintf(stderr, "moekit %s: error: %s\n", one_line(cmd, 40).c_str(), one_line(e.what()).c_str());
     return 2;

@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::detail {
 
 /// Threads for one call: 1 inside an active parallel region (never oversubscribe a host
@@ -16,3 +17,4 @@ inline int resolve_threads(int requested) noexcept {
 }
 
 }  // namespace moekit::detail
+#pragma GCC visibility pop

@@ -14,6 +14,7 @@
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Shape of one FFN expert. Gated: `down(act(gate x) * up x)` (SwiGLU when act = silu);
@@ -264,3 +265,4 @@ struct SharedExpert {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

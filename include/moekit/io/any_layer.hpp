@@ -15,6 +15,7 @@
 #include "moekit/io/gguf.hpp"
 #include "moekit/io/safetensors.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// One named output tensor of a layer call (names of ROUTING.md section 8).
@@ -65,3 +66,4 @@ std::unique_ptr<AnyLayer> random_any_layer(const LayerConfig& config, uint64_t s
 std::vector<std::string> router_types();
 
 }  // namespace moekit
+#pragma GCC visibility pop

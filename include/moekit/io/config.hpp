@@ -11,6 +11,7 @@
 #include "moekit/experts/ffn.hpp"
 #include "moekit/routers/topk.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// moekit's own config format version this build reads and writes.
@@ -110,3 +111,4 @@ LayerConfig load_layer_config(const std::string& path);
 LayerConfig preset_defaults(const std::string& preset);
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::io {
 
 /// ggml tensor types moekit reads (ggml.h `enum ggml_type` values).
@@ -83,3 +84,4 @@ class GgufFile {
 };
 
 }  // namespace moekit::io
+#pragma GCC visibility pop

@@ -11,6 +11,7 @@
 #include "moekit/layer.hpp"
 #include "moekit/routers/topk.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 namespace io {
@@ -53,3 +54,4 @@ TopKLayer load_gguf_layer(const io::GgufFile& file, int64_t layer, const LayerCo
 double layer_weight_bytes(const LayerConfig& config);
 
 }  // namespace moekit
+#pragma GCC visibility pop

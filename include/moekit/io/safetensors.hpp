@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::io {
 
 /// Element types of the safetensors format (https://github.com/huggingface/safetensors).
@@ -169,3 +170,4 @@ float f16_to_f32(uint16_t bits);
 uint16_t f32_to_f16(float value);
 
 }  // namespace moekit::io
+#pragma GCC visibility pop

@@ -6,6 +6,7 @@
 
 #include "moekit/kernels/vector.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::kernels {
 
 /// `y = sum_i weights[i] * rows[i]` over `n` rows of width d, accumulated in the given
@@ -22,3 +23,4 @@ inline void weighted_sum_rows(const float* const* rows, const float* weights, in
 }
 
 }  // namespace moekit::kernels
+#pragma GCC visibility pop

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::kernels {
 
 /// Largest finite e4m3 value.
@@ -49,3 +50,4 @@ inline uint8_t float_to_fp8_e4m3(float x) noexcept {
 }
 
 }  // namespace moekit::kernels
+#pragma GCC visibility pop

@@ -6,6 +6,7 @@
 
 #include "moekit/kernels/vector.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::kernels {
 
 /// `block[i, :] = src[rows[i], :]` for i < n; `src [*, d]`, `block [n, d]`, both row-major.
@@ -27,3 +28,4 @@ inline void gather_rows_scaled(const float* src, int64_t d, const int32_t* rows,
 }
 
 }  // namespace moekit::kernels
+#pragma GCC visibility pop

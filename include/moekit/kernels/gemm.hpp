@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::kernels {
 
 enum class WeightType : uint8_t;
@@ -18,3 +19,4 @@ const char* gemm_backend() noexcept;
 std::string gemm_backend(WeightType type, bool bf16_activations);
 
 }  // namespace moekit::kernels
+#pragma GCC visibility pop

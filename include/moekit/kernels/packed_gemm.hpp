@@ -12,6 +12,7 @@
 
 #include "moekit/activation.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::kernels {
 
 class PackedMatrix;
@@ -289,3 +290,4 @@ void gemm_packed_act(int64_t m, const float* A, int64_t lda, const PackedMatrix&
                      int64_t strip_end = -1, const float* bias = nullptr) noexcept;
 
 }  // namespace moekit::kernels
+#pragma GCC visibility pop

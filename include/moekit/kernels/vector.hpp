@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::kernels {
 
 /// Every row kernel sums in this many lanes, whatever the instruction set: lane l of a dot
@@ -137,3 +138,4 @@ inline void zero_row(float* y, int64_t n) noexcept {
 }
 
 }  // namespace moekit::kernels
+#pragma GCC visibility pop

@@ -18,6 +18,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 namespace detail {
@@ -278,3 +279,4 @@ inline RoutingStats routing_stats(const RoutingPlan& plan, std::span<const float
 }
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -27,6 +27,7 @@
 #include "moekit/router.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// `x` moved to the nearest integer when it lies within 1e-9 of it: capacities must not be
@@ -641,3 +642,4 @@ static_assert(Router<TokenPruneRouter>);
 // ARank (gamma-MoD's layer-selection tool) lives in moekit/tools/arank.hpp.
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -23,6 +23,7 @@
 #include "moekit/router.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Dr.LLM's three actions: how many times a sequence runs the wrapped block.
@@ -387,3 +388,4 @@ class DrLlmLayer {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

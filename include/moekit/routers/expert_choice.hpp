@@ -22,6 +22,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// How an ExpertChoiceRouter decides which tokens an expert serves.
@@ -523,3 +524,4 @@ inline void expert_choice_outputs(const RoutingPlan& plan, int64_t width, std::s
 }
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -20,6 +20,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// The recurrent cell of the router (JSON `variant`).
@@ -316,3 +317,4 @@ class GruRouter {
 static_assert(Router<GruRouter>);
 
 }  // namespace moekit
+#pragma GCC visibility pop

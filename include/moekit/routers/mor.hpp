@@ -25,6 +25,7 @@
 #include "moekit/routers/depth.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// MoR router activation `act` in `g = alpha * act(theta_r . x)`.
@@ -291,3 +292,4 @@ class MoRLayer {
 };
 
 }  // namespace moekit
+#pragma GCC visibility pop

@@ -22,6 +22,7 @@
 #include "moekit/router.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 namespace detail {
@@ -503,3 +504,4 @@ inline KMeansStep kmeans_step(const CentroidRouter& router, const Batch& batch, 
 }
 
 }  // namespace moekit
+#pragma GCC visibility pop

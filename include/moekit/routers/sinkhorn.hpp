@@ -30,6 +30,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// What the transport cost is built from.
@@ -470,3 +471,4 @@ class SelectiveSinkhornRouter {
 static_assert(Router<SelectiveSinkhornRouter>);
 
 }  // namespace moekit
+#pragma GCC visibility pop

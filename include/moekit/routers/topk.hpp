@@ -18,6 +18,7 @@
 #include "moekit/router.hpp"
 #include "moekit/routing_plan.hpp"
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// How router logits become scores.
@@ -426,3 +427,4 @@ class TopKRouter {
 static_assert(Router<TopKRouter>);
 
 }  // namespace moekit
+#pragma GCC visibility pop

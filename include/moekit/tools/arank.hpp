@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <span>
 
+#pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
 
 /// Numerical rank of `A [rows, cols]` (row-major) by SVD in double: the number of singular
@@ -27,3 +28,4 @@ namespace moekit {
                            bool strictly_causal = true);
 
 }  // namespace moekit
+#pragma GCC visibility pop
