@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The machine's measured peaks, in the same run as the layer benchmarks: Eigen sgemm
-// (2048^3, 1 and N threads) in GFLOP/s and a STREAM-style triad over 512 MB in GB/s.
+// (2048^3, 1 and N threads) in GFLOP/s, oneDNN's bf16 x bf16 -> f32 GEMM (2048^3, N threads;
+// when moekit is built with oneDNN) and a STREAM-style triad over 512 MB in GB/s.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,6 +14,9 @@
 #include <immintrin.h>
 #endif
 #include <omp.h>
+#if defined(MOEKIT_BENCH_ONEDNN)
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
 
 #include "bench_common.hpp"
 
@@ -40,6 +44,47 @@ void sgemm(benchmark::State& state, int threads) {
       benchmark::Counter(flops * static_cast<double>(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
   state.counters["threads"] = threads;
 }
+
+#if defined(MOEKIT_BENCH_ONEDNN)
+// C = A * B with bf16 A and B and f32 C (row-major), oneDNN's matmul with its own blocking (and
+// AMX / AVX512-BF16 where the CPU has them): the bf16 GEMM peak a layer's bf16 x bf16 experts
+// are compared with. oneDNN runs on OpenMP: `threads` is set around each call.
+void bf16gemm(benchmark::State& state, int threads) {
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  const dnnl::memory::dim n = kGemmN;
+  dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  dnnl::stream strm(eng);
+  const dnnl::memory::desc a_md({n, n}, dt::bf16, tag::ab), b_md({n, n}, dt::bf16, tag::ab),
+      c_md({n, n}, dt::f32, tag::ab);
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), eng);
+  dnnl::memory a(a_md, eng), b(b_md, eng), c(c_md, eng);
+  auto* pa = static_cast<uint16_t*>(a.get_data_handle());
+  auto* pb = static_cast<uint16_t*>(b.get_data_handle());
+  for (dnnl::memory::dim i = 0; i < n * n; ++i) {  // small bf16 values: 1 + j / 128 for j < 8
+    pa[i] = static_cast<uint16_t>(0x3F80u + (i % 8));
+    pb[i] = static_cast<uint16_t>(0x3F80u + (i % 5));
+  }
+  const dnnl::matmul mm(pd);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  auto run = [&] {
+    mm.execute(strm, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    strm.wait();
+  };
+  run();  // warm-up: primitive caches, OpenMP pool
+  for (auto _ : state) {
+    run();
+    benchmark::DoNotOptimize(c.get_data_handle());
+    benchmark::ClobberMemory();
+  }
+  omp_set_num_threads(saved);
+  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * static_cast<double>(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+#endif
 
 // STREAM triad a = b + s * c in f64, first touch and loop with the same static schedule.
 // Bytes counted as STREAM does: 3 arrays per pass (write-allocate traffic not counted).
@@ -121,6 +166,13 @@ void register_peak_benchmarks() {
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond)
         ->MinTime(1.0);
+#if defined(MOEKIT_BENCH_ONEDNN)
+  benchmark::RegisterBenchmark(("peak/bf16gemm/n:" + std::to_string(kGemmN) + "/threads:" + std::to_string(nt)).c_str(),
+                               bf16gemm, nt)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(1.0);
+#endif
   benchmark::RegisterBenchmark(("peak/triad/mb:" + std::to_string(kTriadBytes >> 20) + "/threads:" + std::to_string(nt)).c_str(),
                                triad, nt)
       ->UseRealTime()

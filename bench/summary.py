@@ -19,7 +19,7 @@ from collections import OrderedDict
 LAYER = re.compile(
     r"^(?P<preset>[^/]+/[^/]+)/E:(?P<E>\d+)/k:(?P<k>\d+)/d:(?P<d>\d+)/f:(?P<f>\d+)"
     r"/T:(?P<T>\d+)/threads:(?P<threads>\d+)(/|$)")
-PEAK = re.compile(r"^peak/(?P<kind>sgemm|triad|fma)/[^/]+/threads:(?P<threads>\d+)(/|$)")
+PEAK = re.compile(r"^peak/(?P<kind>sgemm|bf16gemm|triad|fma)/[^/]+/threads:(?P<threads>\d+)(/|$)")
 
 
 def base_name(b):
@@ -53,6 +53,19 @@ def rows_by_name(benchmarks):
     return out
 
 
+def peaks(rows):
+    """kind -> {threads: value} for the same-run peaks: sgemm, bf16gemm, fma (GFLOP/s) and
+    triad (GB/s)."""
+    out = {"sgemm": {}, "bf16gemm": {}, "fma": {}, "triad": {}}
+    for name, r in rows.items():
+        m = PEAK.match(name)
+        if not m or "error" in r:
+            continue
+        kind = m.group("kind")
+        out[kind][int(m.group("threads"))] = r.get("GB/s" if kind == "triad" else "GFLOP/s")
+    return out
+
+
 def fmt(v, digits=1):
     if v is None:
         return "-"
@@ -75,18 +88,8 @@ def main(argv):
         data = json.load(fh)
     rows = rows_by_name(data.get("benchmarks", []))
 
-    sgemm, triad, fma = {}, {}, {}
-    for name, r in rows.items():
-        m = PEAK.match(name)
-        if not m or "error" in r:
-            continue
-        t = int(m.group("threads"))
-        if m.group("kind") == "sgemm":
-            sgemm[t] = r.get("GFLOP/s")
-        elif m.group("kind") == "fma":
-            fma[t] = r.get("GFLOP/s")
-        else:
-            triad[t] = r.get("GB/s")
+    p = peaks(rows)
+    sgemm, triad, fma, bf16 = p["sgemm"], p["triad"], p["fma"], p["bf16gemm"]
 
     def peak_for(table, threads):
         if threads in table:
@@ -101,6 +104,8 @@ def main(argv):
         print("peak sgemm 2048^3, %d thread(s): %s GFLOP/s" % (t, fmt(sgemm[t])))
     for t in sorted(fma):
         print("peak FMA issue rate (registers only), %d thread(s): %s GFLOP/s" % (t, fmt(fma[t])))
+    for t in sorted(bf16):
+        print("peak bf16 GEMM 2048^3 (oneDNN), %d thread(s): %s GFLOP/s" % (t, fmt(bf16[t])))
     for t in sorted(triad):
         print("peak triad 512 MB, %d thread(s): %s GB/s" % (t, fmt(triad[t])))
     print()

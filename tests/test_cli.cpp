@@ -2,6 +2,7 @@
 // The `moekit` command line, driven as outside checks drive it: files written here, the
 // binary run as a process, outputs and exit codes checked.
 #include <gtest/gtest.h>
+#include <stdlib.h>
 #include <sys/wait.h>
 
 #include <cmath>
@@ -248,6 +249,29 @@ TEST_F(Cli, MakeInputWritesWhatRunReads) {
   expect_error("make-input -c " + c + " --tokens 4 --sequences 5 -o " + x.string(), "--sequences: expected an integer in [1, 4]");
   expect_error("make-input -c " + c + " --tokens 4 -o " + c, "is the same file as --config");
   expect_error("make-input -c " + (dir_ / "nope.json").string() + " --tokens 4 -o " + x.string(), "nope.json");
+}
+
+// Progress: silent on a non-terminal stderr by default (success prints nothing); with
+// MOEKIT_PROGRESS=1 one summary line per phase, counting the experts packed.
+TEST_F(Cli, ProgressSummaryOnRequest) {
+  write_mixtral("", DType::F32);
+  write_input(5, 24);
+  const Result quiet = run_cli(dir_, run_args(""));
+  ASSERT_EQ(quiet.code, 0) << quiet.err;
+  EXPECT_TRUE(quiet.err.empty()) << quiet.err;
+  fs::remove(dir_ / "y.safetensors");
+  ::setenv("MOEKIT_PROGRESS", "1", 1);
+  const Result r = run_cli(dir_, run_args(""));
+  const Result b = run_cli(dir_, "bench --config " + (dir_ / "config.json").string() + " --tokens 1,4 --repeat 2 --layers 2");
+  ::unsetenv("MOEKIT_PROGRESS");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("moekit run: loading the layer: 6 experts packed ("), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("moekit run: running: "), std::string::npos) << r.err;
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_NE(b.err.find("moekit bench: building layer 1 (f32): 6 experts packed"), std::string::npos) << b.err;
+  EXPECT_NE(b.err.find("moekit bench: building layers 2-2: 6 experts packed"), std::string::npos) << b.err;
+  EXPECT_NE(b.err.find("moekit bench: timing configuration 2 of 2 (T = 4, "), std::string::npos) << b.err;
+  EXPECT_EQ(std::count(b.out.begin(), b.out.end(), '\n'), 2) << b.out;  // stdout: the records only
 }
 
 TEST_F(Cli, ShardedIndexAndPadding) {

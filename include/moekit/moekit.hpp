@@ -16,6 +16,7 @@
 #include "moekit/routers/expert_choice.hpp"
 #include "moekit/routers/gru.hpp"
 #include "moekit/routers/mor.hpp"
+#include "moekit/progress.hpp"
 #include "moekit/routers/prototype.hpp"
 #include "moekit/routers/sinkhorn.hpp"
 #include "moekit/routers/topk.hpp"

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -249,6 +250,104 @@ void require_flags(const std::map<std::string, std::string>& f, std::initializer
   if (n == 1) fail("missing required flag ", missing);
   if (n > 1) fail("missing required flags ", missing);
 }
+
+// ---------------------------------------------------------------------------- progress
+// Progress on stderr (docs/cli.md): live, updated at most 10 times a second, when stderr is a
+// terminal; one summary line per phase when MOEKIT_PROGRESS=1 and stderr is not a terminal;
+// nothing otherwise, so a script sees an empty stderr on success.
+class Progress {
+ public:
+  explicit Progress(std::string cmd) : cmd_(std::move(cmd)) {
+    const char* env = std::getenv("MOEKIT_PROGRESS");
+    const bool forced = env != nullptr && std::string_view(env) == "1";
+    const bool off = env != nullptr && std::string_view(env) == "0";
+    live_ = !off && ::isatty(2) == 1;
+    summary_ = forced && !live_;
+    if (live_ || summary_) {
+      active_ = this;
+      previous_ = moekit::set_progress_hook(&Progress::hook);
+    }
+  }
+  ~Progress() {
+    if (active_ == this) {
+      end_line();
+      moekit::set_progress_hook(previous_);
+      active_ = nullptr;
+    }
+  }
+  Progress(const Progress&) = delete;
+  Progress& operator=(const Progress&) = delete;
+
+  // Starts a phase ("loading", "building layer 2 of 4", "timing 3 of 12: T = 512 ..."); the
+  // previous one ends (its summary printed in summary mode).
+  void phase(std::string name) {
+    finish_phase();
+    phase_ = std::move(name);
+    start_ = std::chrono::steady_clock::now();
+    experts_ = 0;
+    bytes_ = 0;
+    draw(true);
+  }
+  void finish_phase() {
+    if (phase_.empty()) return;
+    if (summary_) {
+      std::fprintf(stderr, "moekit %s: %s: %s\n", cmd_.c_str(), phase_.c_str(), status().c_str());
+    }
+    phase_.clear();
+  }
+
+ private:
+  static void hook(const char*, int64_t bytes) noexcept {
+    Progress* p = active_;
+    if (p == nullptr) return;
+    p->experts_.fetch_add(1, std::memory_order_relaxed);
+    p->bytes_.fetch_add(bytes, std::memory_order_relaxed);
+    p->draw(false);
+  }
+  std::string status() const {
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    char buf[160];
+    const int64_t n = experts_.load();
+    if (n > 0) {
+      std::snprintf(buf, sizeof buf, "%lld experts packed (%.2f GB), %.1f s", static_cast<long long>(n),
+                    static_cast<double>(bytes_.load()) / 1e9, sec);
+    } else {
+      std::snprintf(buf, sizeof buf, "%.1f s", sec);
+    }
+    return buf;
+  }
+  void draw(bool force) noexcept {
+    if (!live_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (!force && now - last_ < std::chrono::milliseconds(100)) return;
+    bool expected = false;
+    if (!drawing_.compare_exchange_strong(expected, true)) return;  // another thread draws
+    last_ = now;
+    try {
+      const std::string line = "moekit " + cmd_ + ": " + phase_ + ": " + status();
+      std::fprintf(stderr, "\r\x1b[K%s", line.substr(0, 150).c_str());
+      std::fflush(stderr);
+      drawn_ = true;
+    } catch (...) {
+    }
+    drawing_ = false;
+  }
+  void end_line() {
+    finish_phase();
+    if (live_ && drawn_) {
+      std::fputs("\r\x1b[K", stderr);
+      std::fflush(stderr);
+    }
+  }
+
+  static inline Progress* active_ = nullptr;
+  std::string cmd_, phase_;
+  bool live_ = false, summary_ = false, drawn_ = false;
+  moekit::ProgressHook previous_ = nullptr;
+  std::chrono::steady_clock::time_point start_{}, last_{};
+  std::atomic<int64_t> experts_{0}, bytes_{0};
+  std::atomic<bool> drawing_{false};
+};
 
 // One integer of a list flag.
 int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
@@ -570,6 +669,8 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   std::unique_ptr<moekit::AnyLayer> layer;
   const std::string in_path = required(f, "input");
   moekit::LayerConfig cfg;
+  Progress progress("run");
+  progress.phase("loading the layer");
   if (by_gguf) {
     refuse_output_over_inputs(out_path, {{"--gguf", f.at("gguf")}, {"--input", in_path}});
     layer = gguf_layer(f.at("gguf"), layer_no, dtype, cfg);
@@ -589,6 +690,7 @@ int cmd_run(const std::map<std::string, std::string>& f) {
     layer = moekit::load_any_layer(cfg, weights, prefix);
   }
   const int64_t d = cfg.hidden();
+  progress.phase("running");
   const Input in = read_input(moekit::io::TensorSource::open(in_path), in_path, d);
   const int64_t T = in.tokens;
   std::vector<float> y(static_cast<size_t>(T * d));
@@ -656,6 +758,9 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
   const moekit::LayerConfig base = moekit::load_layer_config(required(f, "config"));
   const moekit::CpuFeatures& cpu = moekit::cpu_features();
   std::vector<json> records;
+  Progress progress("bench");
+  const size_t configurations = dtypes.size() * threads_list.size() * tokens_list.size();
+  size_t configuration = 0;
   for (const auto& dtype : dtypes) {
     moekit::LayerConfig cfg = base;
     // Without --dtype, an HF config's torch_dtype picks the weight type when moekit has it.
@@ -668,6 +773,7 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     if (estimate > budget)
       fail("--config: the layer needs ", estimate / 1e9, " GB of weights, more than half of this machine's ",
            physical_bytes() / 1e9, " GB; shrink num_experts or the sizes in a copy of the config");
+    progress.phase(std::string("building layer 1 (") + moekit::kernels::to_string(cfg.pack.type) + ')');
     inst.push_back(moekit::random_any_layer(cfg, seed));
     const double layer_bytes = inst[0]->resident_bytes();
     if (layer_bytes > budget)
@@ -678,6 +784,7 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     layers = std::clamp<int64_t>(layers, 1, std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(layer_bytes, 1.0))));
     layers = std::min<int64_t>(layers, 64);
     layers = int_flag(f, "layers", layers, 1, 4096);
+    if (layers > 1) progress.phase("building layers 2-" + std::to_string(layers));
     for (int64_t i = 1; i < layers; ++i) inst.push_back(moekit::random_any_layer(cfg, seed + static_cast<uint64_t>(i)));
     const int64_t d = cfg.hidden();
     // Router weights: in resident_bytes for every family; the top-k router's gate here.
@@ -691,6 +798,8 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
     for (const int64_t threads_flag : threads_list)
       for (const int64_t T : tokens_list) {
         const int threads = moekit::detail::resolve_threads(static_cast<int>(threads_flag));
+        progress.phase("timing configuration " + std::to_string(++configuration) + " of " + std::to_string(configurations) +
+                       " (T = " + std::to_string(T) + ", " + std::to_string(threads) + " threads)");
         std::vector<float> x(static_cast<size_t>(T * d)), y(static_cast<size_t>(T * d));
         uint64_t state = seed * 0x9E3779B97F4A7C15ull + 7;
         auto fresh_input = [&] {

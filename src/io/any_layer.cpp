@@ -312,22 +312,14 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
 
 double weight_bytes_topk(const nlohmann::json&, const LayerConfig& c) { return layer_weight_bytes(c); }
 
-// The families this build knows. Families other than topk parse their `router` object in
-// `validate`; topk's options are parsed with the presets in config.cpp.
+// The families this build knows: topk, then one entry per line of router_families.def.
+// Families other than topk parse their `router` object in `validate`; topk's options are
+// parsed with the presets in config.cpp.
 const RouterFamily kFamilies[] = {
     {"topk", nullptr, build_topk, weight_bytes_topk},
-    {"sinkhorn", validate_sinkhorn, build_sinkhorn_layer, weight_bytes_sinkhorn},
-    {"selective_sinkhorn", validate_selective_sinkhorn, build_selective_sinkhorn_layer,
-     weight_bytes_selective_sinkhorn},
-    {"expert_choice", validate_expert_choice, build_expert_choice_layer, weight_bytes_expert_choice},
-    {"gru", validate_gru, build_gru_layer, weight_bytes_gru},
-    {"mod", validate_mod, build_mod_layer, weight_bytes_mod},
-    {"gamma_mod", validate_gamma_mod, build_gamma_mod_layer, weight_bytes_gamma_mod},
-    {"token_prune", validate_token_prune, build_token_prune_layer, weight_bytes_token_prune},
-    {"drllm", validate_drllm, build_drllm_layer, weight_bytes_drllm},
-    {"mor", validate_mor, build_mor_layer, weight_bytes_mor},
-    {"prototype", validate_prototype, build_prototype_layer, weight_bytes_prototype},
-    {"centroid", validate_centroid, build_centroid_layer, weight_bytes_centroid},
+#define MOEKIT_ROUTER_FAMILY(name) {#name, validate_##name, build_##name##_layer, weight_bytes_##name},
+#include "router_families.def"
+#undef MOEKIT_ROUTER_FAMILY
 };
 
 }  // namespace

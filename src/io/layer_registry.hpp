@@ -146,22 +146,12 @@ inline double resident_bytes_of(const FfnBank& bank, const std::vector<SharedExp
 }
 
 // The families' entry points (src/io/layers_*.cpp).
-#define MOEKIT_FAMILY(name)                                                                         \
+#define MOEKIT_ROUTER_FAMILY(name)                                                                         \
   void validate_##name(const nlohmann::json& router, const LayerConfig& config);                    \
   double weight_bytes_##name(const nlohmann::json& router, const LayerConfig& config);              \
   std::unique_ptr<AnyLayer> build_##name##_layer(const nlohmann::json& router, const LayerConfig& c, \
                                                  const io::TensorSource* w, const std::string& prefix, uint64_t seed);
-MOEKIT_FAMILY(sinkhorn)
-MOEKIT_FAMILY(selective_sinkhorn)
-MOEKIT_FAMILY(expert_choice)
-MOEKIT_FAMILY(gru)
-MOEKIT_FAMILY(mod)
-MOEKIT_FAMILY(gamma_mod)
-MOEKIT_FAMILY(token_prune)
-MOEKIT_FAMILY(drllm)
-MOEKIT_FAMILY(mor)
-MOEKIT_FAMILY(prototype)
-MOEKIT_FAMILY(centroid)
-#undef MOEKIT_FAMILY
+#include "router_families.def"
+#undef MOEKIT_ROUTER_FAMILY
 
 }  // namespace moekit::detail

@@ -13,6 +13,7 @@
 #include "moekit/activation.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
+#include "moekit/progress.hpp"
 
 #pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit {
@@ -75,7 +76,7 @@ class FfnBank {
     down_.resize(static_cast<size_t>(num_experts));
     if (shape_.bias) biases_.assign(static_cast<size_t>(num_experts * shape_.biases_per_expert()), 0.0f);
     const std::vector<float> zero(static_cast<size_t>(shape_.hidden * shape_.intermediate), 0.0f);
-    for (int64_t e = 0; e < num_experts; ++e) set_expert(e, zero.data(), zero.data(), zero.data());
+    for (int64_t e = 0; e < num_experts; ++e) pack_expert(e, zero.data(), zero.data(), zero.data());
   }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return experts_; }
@@ -104,6 +105,13 @@ class FfnBank {
     if (shape_.gated) finite(gate, f, d, "gate");
     finite(up, f, d, "up");
     finite(down_w, d, f, "down");
+    pack_expert(e, gate, up, down_w);
+    detail::report_progress("expert packed", static_cast<int64_t>(weight_bytes_per_expert()));
+  }
+
+ private:
+  void pack_expert(int64_t e, const float* gate, const float* up, const float* down_w) {
+    const int64_t d = shape_.hidden, f = shape_.intermediate;
     if (shape_.gated) {
       in_[static_cast<size_t>(e)].pack_gated(gate, up, f, d, d, pack_);
     } else {
@@ -111,6 +119,8 @@ class FfnBank {
     }
     down_[static_cast<size_t>(e)].pack(down_w, d, f, f, pack_);
   }
+
+ public:
 
   /// Sets expert e's biases (shape().bias only): `gate_b [f]` (gated only, else ignored and may
   /// be null), `up_b [f]`, `down_b [d]`; kept in f32.
