@@ -79,11 +79,11 @@ struct PackedAccess {
     c.k = W.k_;
     c.depth = c.pairs ? W.k_ + (W.k_ & 1) : W.k_;
     c.panel = W.panel();
-    c.data = W.data_.data();
+    c.data = W.data_ptr();
     c.strip_bytes = W.strip_bytes_;
     const ScaleKind scales = weight_format(W.type_).scales;
-    c.col_scale = scales == ScaleKind::per_column ? W.scales_.data() : nullptr;
-    c.fp8_scale = scales == ScaleKind::fp8_blocks ? W.scales_.data() : nullptr;
+    c.col_scale = scales == ScaleKind::per_column ? W.scales_ptr() : nullptr;
+    c.fp8_scale = scales == ScaleKind::fp8_blocks ? W.scales_ptr() : nullptr;
     c.k_blocks = scales == ScaleKind::fp8_blocks ? (W.k_ + kFp8Block - 1) / kFp8Block : 0;
     // Only fp8 widening depends on it (GemmCall::daz): no MXCSR read for the other formats.
 #if defined(__SSE__) || defined(__x86_64__)
@@ -133,28 +133,17 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
   const bool bf16_act = opt.bf16_activations && !quantises_activations(opt.type);
   const GemmKernel* kern =
       opt.kernel != nullptr ? opt.kernel : &active_gemm_kernel(opt.type, bf16_act);
-  MOEKIT_CHECK(gemm_kernel_supported(*kern), who, ": kernel \"", kern->name,
-               "\" is compiled in but this CPU cannot run it (kernels it runs: ",
-               names(gemm_kernels()), ")");
-  MOEKIT_CHECK(kern->implements(opt.type, bf16_act), who, ": kernel \"", kern->name,
-               "\" does not implement ", to_string(opt.type), " weights with ",
-               bf16_act ? "bf16" : "f32", " activations");
+  set_layout(who, kern, opt.type, bf16_act, opt.f16_scales, gated, n, k);
+  ext_data_ = nullptr;
+  ext_scales_ = nullptr;
+  ext_scale_count_ = 0;
+  keep_.reset();
   const int64_t P = kern->panel, width = gated ? P / 2 : P;
-  MOEKIT_DEBUG_ASSERT(P % 2 == 0 && detail::kFp8Block % P == 0);
-  kernel_ = kern;
-  n_ = n;
-  k_ = k;
-  gated_ = gated;
-  type_ = opt.type;
-  bf16_act_ = bf16_act;
-  f16_scales_ = opt.f16_scales;
-  strips_ = (n + width - 1) / width;
   const detail::WeightFormat& format = detail::weight_format(type_);
   const detail::PackLayout L = detail::PackedAccess::layout(*this);
   const int64_t plain_bytes = (format.strip_bytes(L) + 63) / 64 * 64;
   // A kernel with its own layout: the format packs into a plain copy, converted per strip.
   const bool own = kern->to_own != nullptr;
-  strip_bytes_ = own ? (kern->own_strip_bytes(type_, bf16_act_, k, P) + 63) / 64 * 64 : plain_bytes;
   std::vector<uint8_t, xsimd::aligned_allocator<uint8_t, 64>> plain;
   plain.assign(static_cast<size_t>(strips_ * plain_bytes), 0);
   scales_.clear();
@@ -174,18 +163,82 @@ void PackedMatrix::pack_impl(const float* W0, const float* W1, int64_t n, int64_
     kern->to_own(type_, bf16_act_, k, plain.data() + s * plain_bytes, data_.data() + s * strip_bytes_);
 }
 
+void PackedMatrix::set_layout(const char* who, const GemmKernel* kern, WeightType type, bool bf16_act, bool f16_scales,
+                              bool gated, int64_t n, int64_t k) {
+  MOEKIT_CHECK(gemm_kernel_supported(*kern), who, ": kernel \"", kern->name,
+               "\" is compiled in but this CPU cannot run it (kernels it runs: ", names(gemm_kernels()), ")");
+  MOEKIT_CHECK(kern->implements(type, bf16_act), who, ": kernel \"", kern->name, "\" does not implement ",
+               to_string(type), " weights with ", bf16_act ? "bf16" : "f32", " activations");
+  const int64_t P = kern->panel, width = gated ? P / 2 : P;
+  MOEKIT_DEBUG_ASSERT(P % 2 == 0 && detail::kFp8Block % P == 0);
+  kernel_ = kern;
+  n_ = n;
+  k_ = k;
+  gated_ = gated;
+  type_ = type;
+  bf16_act_ = bf16_act;
+  f16_scales_ = f16_scales;
+  strips_ = (n + width - 1) / width;
+  const detail::WeightFormat& format = detail::weight_format(type_);
+  const int64_t plain_bytes = (format.strip_bytes(detail::PackedAccess::layout(*this)) + 63) / 64 * 64;
+  strip_bytes_ = kern->to_own != nullptr ? (kern->own_strip_bytes(type_, bf16_act_, k, P) + 63) / 64 * 64 : plain_bytes;
+}
+
+PackedMatrix::Layout PackedMatrix::layout() const {
+  return Layout{type_, bf16_act_, f16_scales_, gated_, n_, k_, kernel_ != nullptr ? kernel_->name : ""};
+}
+
+PackedMatrix PackedMatrix::view(const Layout& L, const uint8_t* data, size_t data_bytes, const float* scales,
+                                size_t scale_count, std::shared_ptr<const void> keep) {
+  const char* who = "PackedMatrix::view";
+  MOEKIT_CHECK(detail::is_weight_type(L.type), who, ": weight type expected one of kWeightTypes, got enum value ",
+               static_cast<int>(L.type));
+  MOEKIT_CHECK(L.n >= 1 && L.k >= 1 && L.n <= (int64_t{1} << 31) && L.k <= (int64_t{1} << 31), who,
+               ": shape expected in [1, 2^31] each, got [", L.n, ", ", L.k, "]");
+  MOEKIT_CHECK(!L.f16_scales || L.type == WeightType::int4 || L.type == WeightType::w4a8, who,
+               ": f16_scales expected with int4 or w4a8 weights, got ", to_string(L.type));
+  const GemmKernel* kern = nullptr;
+  for (const GemmKernel* k : compiled_gemm_kernels())
+    if (L.kernel == k->name) kern = k;
+  MOEKIT_CHECK(kern != nullptr, who, ": packed for kernel \"", L.kernel, "\", which this build does not have (it has ",
+               names(compiled_gemm_kernels()), "); pack the weights again with this build");
+  PackedMatrix m;
+  m.set_layout(who, kern, L.type, L.bf16_activations && !quantises_activations(L.type), L.f16_scales, L.gated, L.n, L.k);
+  const detail::ScaleKind kind = detail::weight_format(L.type).scales;
+  const int64_t want_scales = kind == detail::ScaleKind::per_column ? m.strips_ * kern->panel
+                              : kind == detail::ScaleKind::fp8_blocks
+                                  ? m.strips_ * ((L.k + detail::kFp8Block - 1) / detail::kFp8Block) * 2
+                                  : 0;
+  MOEKIT_CHECK(data_bytes == static_cast<size_t>(m.strips_ * m.strip_bytes_), who, ": ", to_string(L.type), " [", L.n, ", ",
+               L.k, "]", L.gated ? " gated" : "", " packed for ", L.kernel, " expected ", m.strips_ * m.strip_bytes_,
+               " bytes, got ", data_bytes);
+  MOEKIT_CHECK(scale_count == static_cast<size_t>(want_scales), who, ": expected ", want_scales, " scales, got ",
+               scale_count);
+  MOEKIT_CHECK(data != nullptr && reinterpret_cast<uintptr_t>(data) % 64 == 0, who,
+               ": packed values expected at a 64-byte aligned address");
+  MOEKIT_CHECK(scale_count == 0 || (scales != nullptr && reinterpret_cast<uintptr_t>(scales) % alignof(float) == 0), who,
+               ": scales expected at a 4-byte aligned address");
+  for (size_t i = 0; i < scale_count; ++i)
+    MOEKIT_CHECK(std::isfinite(scales[i]), who, ": scale ", i, " expected finite, got ", scales[i]);
+  m.ext_data_ = data;
+  m.ext_scales_ = scales;
+  m.ext_scale_count_ = scale_count;
+  m.keep_ = std::move(keep);
+  return m;
+}
+
 void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
   const detail::PackLayout L = detail::PackedAccess::layout(*this);
   const int64_t s = r / L.width, j = r % L.width + (gated_ && up ? L.half() : 0);
   const detail::WeightFormat& format = detail::weight_format(type_);
   if (kernel_->from_own == nullptr) {
-    format.unpack_column(L, strip_data(s), scales_.data(), s, j, dst);
+    format.unpack_column(L, strip_data(s), scales_ptr(), s, j, dst);
     return;
   }
   // The kernel's own layout: back to the format's for this strip (tests and I/O only).
   std::vector<uint8_t> plain(static_cast<size_t>(format.strip_bytes(L)));
   kernel_->from_own(type_, bf16_act_, k_, strip_data(s), plain.data());
-  format.unpack_column(L, plain.data(), scales_.data(), s, j, dst);
+  format.unpack_column(L, plain.data(), scales_ptr(), s, j, dst);
 }
 
 size_t packed_a_floats(int64_t m, int64_t k) noexcept {

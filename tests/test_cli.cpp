@@ -274,6 +274,43 @@ TEST_F(Cli, ProgressSummaryOnRequest) {
   EXPECT_EQ(std::count(b.out.begin(), b.out.end(), '\n'), 2) << b.out;  // stdout: the records only
 }
 
+// pack once, run --packed: the same output file contents as run on the checkpoint with the
+// same --dtype; flags that the packed file decides are refused.
+TEST_F(Cli, PackThenRunPackedEqualsRun) {
+  write_mixtral("model.layers.1.block_sparse_moe.", DType::BF16);
+  write_input(9, 24);
+  const std::string c = (dir_ / "config.json").string(), w = (dir_ / "w.safetensors").string(),
+                    x = (dir_ / "x.safetensors").string(), y = (dir_ / "y.safetensors").string(),
+                    p = (dir_ / "packed.safetensors").string();
+  for (const char* dtype : {"f32", "int4", "bf16xbf16"}) {
+    fs::remove(y);
+    const Result r1 = run_cli(dir_, run_args("model.layers.1.block_sparse_moe.") + " --dtype " + dtype);
+    ASSERT_EQ(r1.code, 0) << r1.err;
+    const auto want = moekit::io::TensorSource::open(y);
+    const std::vector<float> hw = want.read_f32("hidden_states", {9, 24});
+    const std::vector<int32_t> iw = want.read_i32("topk_ids", {9, 2});
+    fs::remove(y);
+    const Result rp = run_cli(dir_, "pack -c " + c + " -w " + w + " --prefix model.layers.1.block_sparse_moe. --dtype " +
+                                        dtype + " -o " + p);
+    ASSERT_EQ(rp.code, 0) << rp.err;
+    EXPECT_TRUE(rp.err.empty()) << rp.err;
+    const Result rr = run_cli(dir_, "run --packed " + p + " -i " + x + " -o " + y + " -t 2");
+    ASSERT_EQ(rr.code, 0) << rr.err;
+    const auto got = moekit::io::TensorSource::open(y);
+    EXPECT_EQ(got.read_f32("hidden_states", {9, 24}), hw) << dtype;
+    EXPECT_EQ(got.read_i32("topk_ids", {9, 2}), iw) << dtype;
+  }
+  fs::remove(y);
+  expect_error("run --packed " + p + " -i " + x + " -o " + y + " --dtype f32", "--packed and --dtype exclude each other");
+  expect_error("run --packed " + p + " -c " + c + " -i " + x + " -o " + y, "--packed and --config exclude each other");
+  expect_error("run --packed " + x + " -i " + x + " -o " + y, "not a file `moekit pack` wrote");
+  expect_error("run --packed " + p + " -i " + x + " -o " + p, "is the same file as --packed");
+  expect_error("pack -c " + c + " -w " + w + " -o " + w, "is the same file as --weights");
+  expect_error("pack -c " + c, "missing required flags --weights, --output");
+  std::ofstream(dir_ / "sk.json") << R"({"moekit_config_version": 1, "hidden_size": 24, "router": {"type": "sinkhorn", "num_experts": 6, "k": 2}, "experts": {"type": "swiglu", "intermediate_size": 20}})";
+  expect_error("pack -c " + (dir_ / "sk.json").string() + " -w " + w + " -o " + p, "moekit pack writes top-k layers");
+}
+
 TEST_F(Cli, ShardedIndexAndPadding) {
   write_mixtral("", DType::F32);
   // Split the single file into two shards plus an index.

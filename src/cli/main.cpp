@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
@@ -32,6 +33,7 @@
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
+#include "moekit/io/packed_layer.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/cpu.hpp"
 #include "moekit/kernels/gemm.hpp"
@@ -58,6 +60,8 @@ constexpr const char* kUsage =
     "  moekit run --gguf F.gguf [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
     "  moekit bench --config C.json [--tokens T,...] [--threads N,...] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16,...]\n"
     "               [--repeat R] [--layers L] [--seed S] [-o json|jsonl|csv|md]\n"
+    "  moekit run --packed L.safetensors --input X.safetensors --output Y.safetensors [--threads N]\n"
+    "  moekit pack --config C.json --weights W.safetensors [--prefix P] | --model DIR [--layer N] [--dtype ...] --output L.safetensors\n"
     "  moekit make-input --config C.json --tokens T [--sequences S] [--seed S] --output X.safetensors\n"
     "  moekit info\n"
     "  moekit --version\n"
@@ -70,22 +74,42 @@ struct FlagSpec {
   const char* help;
 };
 
-// The flags of each command (docs/cli.md), with their help lines.
+// The flags of each command (docs/cli.md), with their help lines; run's and pack's layer flags
+// are the same ones.
+constexpr FlagSpec kConfigFlag{"config", "-c", "HF config.json or moekit config (with --weights)"};
+constexpr FlagSpec kWeightsFlag{"weights", "-w", "one .safetensors file, or a sharded checkpoint's index .json"};
+constexpr FlagSpec kPrefixFlag{"prefix", "", "prepended to every weight name, e.g. model.layers.3.mlp."};
+constexpr FlagSpec kModelFlag{"model", "-m", "an HF model folder, instead of --config / --weights / --prefix"};
+constexpr FlagSpec kDtypeFlag{"dtype", "",
+                              "expert weight type: f32 bf16 int8 w8a8 fp8 int4 int4zp w4a8 bf16xbf16 (default: the config's)"};
 constexpr const char* kRunHelp =
     "Runs one MoE layer (router, routed and shared experts) on an input file and writes the layer's\n"
     "output (without the residual) and its routing. The layer comes from --config + --weights [+ --prefix],\n"
     "from an HF model folder (--model [--layer N]) or from a GGUF file (--gguf [--layer N]).";
 const std::vector<FlagSpec> kRunFlags = {
-    {"config", "-c", "HF config.json or moekit config (with --weights)"},
-    {"weights", "-w", "one .safetensors file, or a sharded checkpoint's index .json"},
-    {"prefix", "", "prepended to every weight name, e.g. model.layers.3.mlp."},
-    {"model", "-m", "an HF model folder, instead of --config / --weights / --prefix"},
+    kConfigFlag,
+    kWeightsFlag,
+    kPrefixFlag,
+    kModelFlag,
     {"gguf", "", "a GGUF file, instead of --config / --weights / --prefix / --model"},
     {"layer", "-l", "the layer number, with --model or --gguf"},
     {"input", "-i", "input .safetensors: hidden_states [T, d] and optional batch tensors (moekit make-input)"},
     {"output", "-o", "output .safetensors, written atomically"},
+    {"packed", "", "a pre-packed layer file (moekit pack), instead of the others above"},
     {"threads", "-t", "threads; 0 (default) = OpenMP's default"},
-    {"dtype", "", "expert weight type: f32 bf16 int8 w8a8 fp8 int4 int4zp w4a8 bf16xbf16 (default: the config's)"},
+    kDtypeFlag,
+};
+constexpr const char* kPackHelp =
+    "Packs a top-k MoE layer once, for this machine's kernels, into a pre-packed layer file that\n"
+    "moekit run --packed (and moekit::load_packed_layer) map without copying the experts.";
+const std::vector<FlagSpec> kPackFlags = {
+    kConfigFlag,
+    kWeightsFlag,
+    kPrefixFlag,
+    kModelFlag,
+    {"layer", "-l", "the layer number, with --model"},
+    kDtypeFlag,
+    {"output", "-o", "the pre-packed layer file to write"},
 };
 constexpr const char* kBenchHelp =
     "Times forward passes of a layer with random weights and prints one record per configuration\n"
@@ -646,9 +670,41 @@ std::unique_ptr<moekit::AnyLayer> gguf_layer(const std::string& path, int64_t la
   return moekit::load_any_layer_gguf(g, layer_no, cfg);
 }
 
+// The config, weights and prefix of `run` and `pack` from --config / --weights / --prefix or
+// --model [--layer N]; the output must be none of the files read.
+struct LayerSource {
+  moekit::LayerConfig cfg;
+  std::string config_path;
+  std::unique_ptr<moekit::io::TensorSource> weights;
+  std::string prefix;
+};
+LayerSource layer_source(const std::map<std::string, std::string>& f, const std::optional<DtypeFlag>& dtype,
+                         int64_t layer_no, const std::string& out_path, const std::string& in_path) {
+  const bool by_model = f.count("model") != 0;
+  const ModelDir md = by_model ? model_dir(f.at("model")) : ModelDir{required(f, "config"), required(f, "weights")};
+  LayerSource s;
+  s.config_path = md.config;
+  s.cfg = moekit::load_layer_config(md.config);
+  apply_dtype(dtype, s.cfg);
+  std::vector<std::pair<std::string, std::string>> inputs = {{"--config", md.config}, {"--weights", md.weights}};
+  if (!in_path.empty()) inputs.emplace_back("--input", in_path);
+  refuse_output_over_inputs(out_path, inputs);
+  // The weights' mapping is released once the layer holds its own (packed) copy.
+  s.weights = std::make_unique<moekit::io::TensorSource>(moekit::io::TensorSource::open(md.weights));
+  std::vector<std::pair<std::string, std::string>> shards;
+  for (const std::string& shard : s.weights->files()) shards.emplace_back("a weight shard", shard);
+  refuse_output_over_inputs(out_path, shards);
+  s.prefix = by_model ? layer_prefix(*s.weights, md.weights, s.cfg, layer_no) : (f.count("prefix") ? f.at("prefix") : "");
+  check_prefix(*s.weights, md.weights, s.cfg, s.prefix);
+  return s;
+}
+
 int cmd_run(const std::map<std::string, std::string>& f) {
   const auto dtype = dtype_flag(f);
-  const bool by_model = f.count("model") != 0, by_gguf = f.count("gguf") != 0;
+  const bool by_model = f.count("model") != 0, by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
+  if (by_packed)
+    for (const char* k : {"config", "weights", "prefix", "model", "gguf", "layer", "dtype"})
+      if (f.count(k)) fail("--packed and --", k, " exclude each other (the packed file holds the layer and its weight type)");
   if (by_model && by_gguf) fail("--model and --gguf exclude each other");
   if (by_model || by_gguf) {
     for (const char* k : {"config", "weights", "prefix"})
@@ -658,7 +714,7 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   } else if (f.count("layer")) {
     fail("--layer needs --model or --gguf (with --config / --weights, name the block with --prefix)");
   }
-  if (by_model || by_gguf) {
+  if (by_model || by_gguf || by_packed) {
     require_flags(f, {"input", "output"});
   } else {
     require_flags(f, {"config", "weights", "input", "output"});
@@ -671,23 +727,17 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   moekit::LayerConfig cfg;
   Progress progress("run");
   progress.phase("loading the layer");
-  if (by_gguf) {
+  if (by_packed) {
+    refuse_output_over_inputs(out_path, {{"--packed", f.at("packed")}, {"--input", in_path}});
+    layer = moekit::load_any_layer_packed(f.at("packed"));
+    cfg = layer->config();
+  } else if (by_gguf) {
     refuse_output_over_inputs(out_path, {{"--gguf", f.at("gguf")}, {"--input", in_path}});
     layer = gguf_layer(f.at("gguf"), layer_no, dtype, cfg);
   } else {
-    const ModelDir md = by_model ? model_dir(f.at("model")) : ModelDir{required(f, "config"), required(f, "weights")};
-    cfg = moekit::load_layer_config(md.config);
-    apply_dtype(dtype, cfg);
-    refuse_output_over_inputs(out_path, {{"--config", md.config}, {"--weights", md.weights}, {"--input", in_path}});
-    // The weights' mapping is released once the layer holds its own (packed) copy.
-    const auto weights = moekit::io::TensorSource::open(md.weights);
-    std::vector<std::pair<std::string, std::string>> shards;
-    for (const std::string& shard : weights.files()) shards.emplace_back("a weight shard", shard);
-    refuse_output_over_inputs(out_path, shards);
-    const std::string prefix =
-        by_model ? layer_prefix(weights, md.weights, cfg, layer_no) : (f.count("prefix") ? f.at("prefix") : "");
-    check_prefix(weights, md.weights, cfg, prefix);
-    layer = moekit::load_any_layer(cfg, weights, prefix);
+    LayerSource src = layer_source(f, dtype, layer_no, out_path, in_path);
+    cfg = src.cfg;
+    layer = moekit::load_any_layer(cfg, *src.weights, src.prefix);
   }
   const int64_t d = cfg.hidden();
   progress.phase("running");
@@ -903,6 +953,35 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
 }
 
 // ---------------------------------------------------------------------------- info
+// ---------------------------------------------------------------------------- pack
+// A top-k layer packed once for this machine's kernels, written as a pre-packed layer file
+// (moekit/io/packed_layer.hpp) that `run --packed` maps without copying the experts.
+int cmd_pack(const std::map<std::string, std::string>& f) {
+  const auto dtype = dtype_flag(f);
+  const bool by_model = f.count("model") != 0;
+  if (by_model)
+    for (const char* k : {"config", "weights", "prefix"})
+      if (f.count(k)) fail("--model and --", k, " exclude each other (--model finds the config, weights and prefix)");
+  if (!by_model && f.count("layer")) fail("--layer needs --model (with --config / --weights, name the block with --prefix)");
+  require_flags(f, by_model ? std::initializer_list<const char*>{"output"}
+                            : std::initializer_list<const char*>{"config", "weights", "output"});
+  const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
+  const std::string& out_path = f.at("output");
+  Progress progress("pack");
+  progress.phase("packing the layer");
+  LayerSource src = layer_source(f, dtype, layer_no, out_path, "");
+  if (src.cfg.router_type != "topk")
+    fail("--config: router type \"", src.cfg.router_type,
+         "\": moekit pack writes top-k layers (HF model types and moekit topk configs) only");
+  std::ifstream in(src.config_path, std::ios::binary);
+  const std::string config_text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.good() && !in.eof()) fail("--config \"", src.config_path, "\": read failed");
+  const moekit::TopKLayer layer = moekit::load_layer(src.cfg, *src.weights, src.prefix);
+  progress.phase("writing " + out_path);
+  moekit::save_packed_layer(out_path, layer, config_text);
+  return 0;
+}
+
 // ---------------------------------------------------------------------------- make-input
 // Random hidden states for a config (docs/cli.md): hidden_states [T, d] from a normal
 // distribution, sequence_offsets and positions for --sequences equal parts, and the tensors
@@ -1006,13 +1085,14 @@ int cmd_info() {
 // The command line as a function: the fuzz targets (fuzz/) call it in-process.
 int moekit_cli_main(int argc, char** argv) {
   if (argc < 2) {
-    std::fputs("moekit: error: missing command (expected run, bench, make-input or info; see moekit --help)\n", stderr);
+    std::fputs("moekit: error: missing command (expected run, bench, pack, make-input or info; see moekit --help)\n", stderr);
     return 2;
   }
   const std::string cmd = argv[1];
   try {
     if (cmd == "run") return cmd_run(parse_flags(cmd, kRunHelp, argc, argv, 2, kRunFlags));
     if (cmd == "bench") return cmd_bench(parse_flags(cmd, kBenchHelp, argc, argv, 2, kBenchFlags));
+    if (cmd == "pack") return cmd_pack(parse_flags(cmd, kPackHelp, argc, argv, 2, kPackFlags));
     if (cmd == "make-input") return cmd_make_input(parse_flags(cmd, kMakeInputHelp, argc, argv, 2, kMakeInputFlags));
     if (cmd == "info") {
       parse_flags(cmd, "Prints the CPU's features and the kernels moekit chose, as JSON.", argc, argv, 2, {});
@@ -1026,7 +1106,7 @@ int moekit_cli_main(int argc, char** argv) {
       std::fputs(kUsage, stdout);
       return 0;
     }
-    fail("unknown command \"", cmd, "\" (expected run, bench, make-input or info)");
+    fail("unknown command \"", cmd, "\" (expected run, bench, pack, make-input or info)");
   } catch (const HelpShown&) {
     return 0;
   } catch (const moekit::error& e) {

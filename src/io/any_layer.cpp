@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "layer_registry.hpp"
+#include "moekit/io/packed_layer.hpp"
 #include "moekit/io/model.hpp"
 
 namespace moekit {
@@ -295,12 +296,8 @@ std::vector<SharedExpert> shared_experts(const LayerConfig& c, const io::TensorS
   return out;
 }
 
-namespace {
-
-// ---------------------------------------------------------------- the top-k family
-std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c, const io::TensorSource* weights,
-                                     const std::string& prefix, uint64_t seed) {
-  TopKLayer layer = weights != nullptr ? load_layer(c, *weights, prefix) : random_layer(c, seed);
+// A built top-k layer as an AnyLayer.
+std::unique_ptr<AnyLayer> wrap_topk(const LayerConfig& c, TopKLayer layer) {
   const int64_t k = c.router.k;
   const double router_values =
       static_cast<double>(c.router.num_experts * (c.hidden() + (c.router_bias ? 1 : 0) + (c.router_logit_bias ? 1 : 0)));
@@ -308,6 +305,15 @@ std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c
   return std::make_unique<SparseAnyLayer<TopKRouter, FfnBank>>(
       c, std::move(layer), [k](const TopKLayer&, const Workspace& ws, const Batch&) { return topk_outputs(ws.plan, k); },
       resident);
+}
+
+
+namespace {
+
+// ---------------------------------------------------------------- the top-k family
+std::unique_ptr<AnyLayer> build_topk(const nlohmann::json&, const LayerConfig& c, const io::TensorSource* weights,
+                                     const std::string& prefix, uint64_t seed) {
+  return wrap_topk(c, weights != nullptr ? load_layer(c, *weights, prefix) : random_layer(c, seed));
 }
 
 double weight_bytes_topk(const nlohmann::json&, const LayerConfig& c) { return layer_weight_bytes(c); }
@@ -362,4 +368,9 @@ std::vector<std::string> router_types() {
   return v;
 }
 
+std::unique_ptr<AnyLayer> load_any_layer_packed(const std::string& path) {
+  LayerConfig c;
+  TopKLayer layer = load_packed_layer(path, &c);
+  return detail::wrap_topk(c, std::move(layer));
+}
 }  // namespace moekit

@@ -258,13 +258,7 @@ TopKLayer load_gguf_layer(const io::GgufFile& g, int64_t layer, const LayerConfi
 }
 
 std::unique_ptr<AnyLayer> load_any_layer_gguf(const io::GgufFile& g, int64_t layer, const LayerConfig& c) {
-  TopKLayer l = load_gguf_layer(g, layer, c);
-  const int64_t k = c.router.k;
-  const double router_values = static_cast<double>(c.router.num_experts * (c.hidden() + 2));
-  const double resident = detail::resident_bytes_of(l.experts(), l.shared_experts(), router_values);
-  return std::make_unique<detail::SparseAnyLayer<TopKRouter, FfnBank>>(
-      c, std::move(l),
-      [k](const TopKLayer&, const Workspace& ws, const Batch&) { return detail::topk_outputs(ws.plan, k); }, resident);
+  return detail::wrap_topk(c, load_gguf_layer(g, layer, c));
 }
 
 }  // namespace moekit

@@ -15,6 +15,7 @@
 #include "moekit/experts/ffn.hpp"
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
+#include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/layer.hpp"
 #include "json_reader.hpp"
@@ -88,6 +89,9 @@ inline double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cas
 
 /// The routed experts' shape with d from the router config.
 FfnShape routed_shape(const LayerConfig& config);
+
+// A built top-k layer as an AnyLayer (topk_ids / topk_weights outputs).
+std::unique_ptr<AnyLayer> wrap_topk(const LayerConfig& c, TopKLayer layer);
 
 /// AnyLayer over a SparseLayer<R, B>: forward through the generic layer, outputs from a
 /// family-specific function of (layer, workspace, batch).

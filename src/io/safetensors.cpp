@@ -754,7 +754,9 @@ void write_safetensors(const std::string& path, const std::vector<OutTensor>& te
   } catch (const json::exception& e) {
     fail(where, ": tensor names and metadata must be valid UTF-8 (", e.what(), ")");
   }
-  text.append((8 - text.size() % 8) % 8, ' ');  // data buffer starts 8-byte aligned
+  // The data buffer starts 64-byte aligned in the file (8 + header), so a mapped tensor whose
+  // offset is a multiple of 64 is 64-byte aligned (moekit's pre-packed layers).
+  text.append((64 - (8 + text.size()) % 64) % 64, ' ');
   const auto n = static_cast<std::uint64_t>(text.size());
 
   // A fresh temporary file beside the destination, created exclusively (mkostemp: never an

@@ -154,6 +154,53 @@ class FfnBank {
 
   /// How the weights are stored (type, bf16 activations, kernel).
   [[nodiscard]] const kernels::PackOptions& pack_options() const noexcept { return pack_; }
+  /// Expert e's packed matrices: gate/up (or up) `[f, d]` and down `[d, f]` (to save them).
+  [[nodiscard]] const kernels::PackedMatrix& in_matrix(int64_t e) const { return in_.at(static_cast<size_t>(e)); }
+  [[nodiscard]] const kernels::PackedMatrix& down_matrix(int64_t e) const { return down_.at(static_cast<size_t>(e)); }
+  /// Every expert's biases (shape().bias): per expert `[f]` gate (gated), `[f]` up, `[d]` down.
+  [[nodiscard]] const std::vector<float>& biases() const noexcept { return biases_; }
+
+  /// A bank over matrices packed elsewhere, e.g. PackedMatrix::view()s of a file `moekit pack`
+  /// wrote, mapped: `in[e]` is expert e's gate/up matrix (PackedMatrix::pack_gated; for a
+  /// gated shape) or up matrix `[f, d]`, `down[e]` its down matrix `[d, f]`, all of one weight
+  /// type; `biases` as biases() (shape.bias), else empty. Nothing is packed or copied.
+  static FfnBank from_packed(FfnShape shape, std::vector<kernels::PackedMatrix> in, std::vector<kernels::PackedMatrix> down,
+                             std::vector<float> biases = {}) {
+    shape.validate("FfnBank::from_packed");
+    const auto E = static_cast<int64_t>(in.size());
+    MOEKIT_CHECK(E >= 1 && down.size() == in.size(), "FfnBank::from_packed: expected as many down as gate/up matrices, ",
+                 "at least one, got ", in.size(), " and ", down.size());
+    const kernels::PackedMatrix& first = in.front();
+    for (int64_t e = 0; e < E; ++e) {
+      const kernels::PackedMatrix& a = in[static_cast<size_t>(e)];
+      const kernels::PackedMatrix& b = down[static_cast<size_t>(e)];
+      MOEKIT_CHECK(a.n() == shape.intermediate && a.k() == shape.hidden && a.gated() == shape.gated &&
+                       b.n() == shape.hidden && b.k() == shape.intermediate && !b.gated(),
+                   "FfnBank::from_packed: expert ", e, " matrices expected [", shape.intermediate, ", ", shape.hidden, "]",
+                   shape.gated ? " gated" : "", " and [", shape.hidden, ", ", shape.intermediate, "], got [", a.n(), ", ",
+                   a.k(), "]", a.gated() ? " gated" : "", " and [", b.n(), ", ", b.k(), "]", b.gated() ? " gated" : "");
+      for (const kernels::PackedMatrix* m : {&a, &b})
+        MOEKIT_CHECK(m->weight_type() == first.weight_type() && m->bf16_activations() == first.bf16_activations() &&
+                         m->f16_scales() == first.f16_scales(),
+                     "FfnBank::from_packed: expert ", e, " is ", kernels::to_string(m->weight_type()),
+                     ", expected every matrix as expert 0's (", kernels::to_string(first.weight_type()), ")");
+    }
+    MOEKIT_CHECK(biases.size() == (shape.bias ? static_cast<size_t>(E * shape.biases_per_expert()) : size_t{0}),
+                 "FfnBank::from_packed: biases expected ", shape.bias ? E * shape.biases_per_expert() : 0, " values, got ",
+                 biases.size());
+    for (size_t i = 0; i < biases.size(); ++i)
+      MOEKIT_CHECK(std::isfinite(biases[i]), "FfnBank::from_packed: bias ", i, " expected finite, got ", biases[i]);
+    FfnBank bank;
+    bank.shape_ = shape;
+    bank.experts_ = E;
+    bank.pack_.type = first.weight_type();
+    bank.pack_.bf16_activations = first.bf16_activations();
+    bank.pack_.f16_scales = first.f16_scales();
+    bank.in_ = std::move(in);
+    bank.down_ = std::move(down);
+    bank.biases_ = std::move(biases);
+    return bank;
+  }
   [[nodiscard]] kernels::WeightType weight_type() const noexcept { return pack_.type; }
 
   /// Recovers expert e's weights in HF layout (gate may be null for plain experts).

@@ -62,6 +62,10 @@ std::unique_ptr<AnyLayer> load_any_layer_gguf(const io::GgufFile& file, int64_t 
 /// The same layer with random weights from `seed` (benchmarks).
 std::unique_ptr<AnyLayer> random_any_layer(const LayerConfig& config, uint64_t seed);
 
+/// A pre-packed layer file (`moekit pack`, load_packed_layer()): the experts stay in the
+/// mapped file.
+std::unique_ptr<AnyLayer> load_any_layer_packed(const std::string& path);
+
 /// Router types `config.router_type` may name in this build.
 std::vector<std::string> router_types();
 

@@ -153,7 +153,7 @@ struct OutTensor {
 /// (`.moekit-<name>.XXXXXX`, created exclusively, never through a symlink), fsync, then rename
 /// over `path`, so a failed write never leaves a partial file at `path` (nor a leftover
 /// temporary file), and concurrent writers of the same `path` each leave a complete file. Tensors are laid out
-/// in the given order; the header is space-padded so the data buffer starts 8-byte aligned.
+/// in the given order; the header is space-padded so the data buffer starts 64-byte aligned in the file.
 /// Throws moekit::error on invalid tensors (duplicate or empty names, negative extents, null data)
 /// or any I/O failure.
 void write_safetensors(const std::string& path, const std::vector<OutTensor>& tensors,

@@ -5,6 +5,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -221,7 +223,7 @@ class PackedMatrix {
   /// Packed values of strip s (`[k, panel]`, of weight_type_bytes() each; w8a8 interleaves
   /// pairs of k), 64-byte aligned.
   [[nodiscard]] const uint8_t* strip_data(int64_t s) const noexcept {
-    return data_.data() + s * strip_bytes_;
+    return data_ptr() + s * strip_bytes_;
   }
   /// Strip s as f32 values (`[k, panel]`); for f32 matrices only.
   [[nodiscard]] const float* strip(int64_t s) const noexcept {
@@ -229,11 +231,53 @@ class PackedMatrix {
   }
   /// Bytes this matrix holds: packed values plus scales (the resident weight memory).
   [[nodiscard]] size_t bytes() const noexcept {
-    return data_.size() + scales_.size() * sizeof(float);
+    return packed_data().size() + packed_scales().size() * sizeof(float);
   }
+
+  /// Bytes from one strip to the next (a multiple of 64).
+  [[nodiscard]] int64_t strip_bytes() const noexcept { return strip_bytes_; }
+  /// The packed values (`strips() * strip_bytes()` bytes, 64-byte aligned) and the f32 scales
+  /// the kernels read (one per packed column for int8 / w8a8, one per fp8 block; empty for the
+  /// other formats): what `moekit pack` saves, for view().
+  [[nodiscard]] std::span<const uint8_t> packed_data() const noexcept {
+    return ext_data_ != nullptr ? std::span<const uint8_t>(ext_data_, static_cast<size_t>(strips_ * strip_bytes_))
+                                : std::span<const uint8_t>(data_.data(), data_.size());
+  }
+  [[nodiscard]] std::span<const float> packed_scales() const noexcept {
+    return ext_data_ != nullptr ? std::span<const float>(ext_scales_, ext_scale_count_)
+                                : std::span<const float>(scales_.data(), scales_.size());
+  }
+  /// False for a view(): the values live in memory the matrix only points into.
+  [[nodiscard]] bool owns_data() const noexcept { return ext_data_ == nullptr; }
+
+  /// What a packed matrix is besides its bytes: enough to view saved bytes again.
+  struct Layout {
+    WeightType type = WeightType::f32;
+    bool bf16_activations = false;  ///< as bf16_activations() (false for w8a8 / w4a8)
+    bool f16_scales = false;
+    bool gated = false;
+    int64_t n = 0, k = 0;
+    std::string kernel;  ///< the name of the kernel it was packed for (GemmKernel::name)
+  };
+  [[nodiscard]] Layout layout() const;
+
+  /// A matrix over values and scales saved from a matrix of layout `L` (its packed_data() and
+  /// packed_scales(), e.g. in a file `moekit pack` wrote, memory-mapped): used where they
+  /// are, nothing copied or repacked. `data` must be 64-byte aligned and hold exactly the
+  /// bytes such a matrix has, `scales` exactly its scale count, all finite; `L.kernel` must
+  /// be a kernel this build has and this CPU runs (packed layouts differ between kernels).
+  /// `keep` keeps the memory alive for as long as any copy of the matrix lives. Throws
+  /// moekit::error naming what does not match.
+  static PackedMatrix view(const Layout& L, const uint8_t* data, size_t data_bytes, const float* scales,
+                           size_t scale_count, std::shared_ptr<const void> keep);
 
  private:
   friend struct detail::PackedAccess;
+  const uint8_t* data_ptr() const noexcept { return ext_data_ != nullptr ? ext_data_ : data_.data(); }
+  const float* scales_ptr() const noexcept { return ext_data_ != nullptr ? ext_scales_ : scales_.data(); }
+  // Kernel, shape and strips of a matrix about to be packed or viewed (checked).
+  void set_layout(const char* who, const GemmKernel* kern, WeightType type, bool bf16_act, bool f16_scales, bool gated,
+                  int64_t n, int64_t k);
   void pack_impl(const float* W0, const float* W1, int64_t n, int64_t k, int64_t ldw, bool gated,
                  const PackOptions& opt);
 
@@ -248,6 +292,11 @@ class PackedMatrix {
   // int8 / w8a8: one scale per packed column ([strips, panel]); fp8: one per
   // (strip, k block, strip half) ([strips, k_blocks, 2]); empty otherwise.
   std::vector<float> scales_;
+  // view(): the values and scales elsewhere, kept alive by keep_.
+  const uint8_t* ext_data_ = nullptr;
+  const float* ext_scales_ = nullptr;
+  size_t ext_scale_count_ = 0;
+  std::shared_ptr<const void> keep_;
 };
 
 /// Floats of scratch the GEMMs below need in `a_pack` for m rows of depth k, for any weight

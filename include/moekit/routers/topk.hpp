@@ -205,6 +205,8 @@ class TopKRouter {
   [[nodiscard]] const TopKOptions& options() const noexcept { return opt_; }
   [[nodiscard]] const std::vector<float>& weight() const noexcept { return weight_; }
   [[nodiscard]] const std::vector<float>& bias() const noexcept { return bias_; }
+  /// The noisy top-k gate `[E, d]` (empty unless noisy).
+  [[nodiscard]] const std::vector<float>& noise_weight() const noexcept { return noise_weight_; }
   /// Replaces the selection bias (e.g. after an aux-loss-free update step).
   void set_bias(std::vector<float> bias) {
     if (!bias.empty())
