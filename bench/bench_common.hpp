@@ -29,4 +29,7 @@ void register_dtype_benchmarks();
 /// Parsing untrusted files: safetensors headers with many tensors (bench_io.cpp).
 void register_io_benchmarks();
 
+/// The engine's activations: f32 / bf16 / f16 / strided rows in and out (bench_activations.cpp).
+void register_activation_benchmarks();
+
 }  // namespace moekit_bench

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   moekit_bench::register_peak_benchmarks();
   moekit_bench::register_topk_preset_benchmarks();
   moekit_bench::register_dtype_benchmarks();
+  moekit_bench::register_activation_benchmarks();
   moekit_bench::register_io_benchmarks();
   benchmark::AddCustomContext("moekit_version", moekit::version());
   benchmark::AddCustomContext("moekit_gemm_backend", moekit::kernels::gemm_backend());

@@ -42,7 +42,8 @@ def series(rows):
         m = LAYER.match(name)
         if not m or "error" in r:
             continue
-        kind = "dtype" if m.group("preset").startswith("dtype/") else "routing"
+        preset = m.group("preset")
+        kind = "dtype" if preset.startswith("dtype/") else "activations" if preset.startswith("activations/") else "routing"
         group = "%s E%s k%s d%s f%s t%s" % (m.group("preset"), m.group("E"), m.group("k"), m.group("d"),
                                             m.group("f"), m.group("threads"))
         out.setdefault((kind, group), []).append((int(m.group("T")), r, int(m.group("threads"))))

@@ -11,7 +11,7 @@ build=${BUILD_DIR:-$root/build/fuzz}
 CXX=${FUZZ_CXX:-clang++} cmake -S "$root/fuzz" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j "$(nproc)"
 total=0
-for target in safetensors config input layer output gguf; do
+for target in safetensors config input layer output gguf packed; do
   work=$(mktemp -d /tmp/moekit-fuzz-$target.XXXXXX)
   log="$build/fuzz_$target.log"
   echo "moekit: fuzzing $target for ${seconds}s"
