@@ -24,12 +24,7 @@ constexpr int64_t kE = 8, kK = 2, kD = 1024, kF = 2816, kPitch = kD + 64;
 
 const moekit::TopKLayer& layer() {
   static const moekit::TopKLayer l = [] {
-    moekit::LayerConfig c = moekit::preset_defaults("mixtral");
-    c.router.num_experts = kE;
-    c.router.k = kK;
-    c.router.hidden = kD;
-    c.experts.hidden = kD;
-    c.experts.intermediate = kF;
+    moekit::LayerConfig c = sized_config("mixtral", kE, kK, kD, kF);
     c.pack.type = moekit::kernels::WeightType::bf16;
     c.pack.bf16_activations = true;
     return moekit::random_layer(c, 77);

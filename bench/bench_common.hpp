@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "moekit/io/config.hpp"
+
 namespace moekit_bench {
 
 /// Threads every benchmark uses: MOEKIT_BENCH_THREADS (>= 1), default 2.
@@ -14,6 +16,18 @@ inline int bench_threads() {
     if (n >= 1) return n;
   }
   return 2;
+}
+
+/// The config of a `preset` layer with its sizes overridden: E experts, k per token, hidden size
+/// d, expert width f (the benchmarks' one layer fixture).
+inline moekit::LayerConfig sized_config(const char* preset, int64_t E, int64_t k, int64_t d, int64_t f) {
+  moekit::LayerConfig c = moekit::preset_defaults(preset);
+  c.router.num_experts = E;
+  c.router.k = k;
+  c.router.hidden = d;
+  c.experts.hidden = d;
+  c.experts.intermediate = f;
+  return c;
 }
 
 /// Machine peaks measured in the same run: Eigen sgemm GFLOP/s, STREAM triad GB/s

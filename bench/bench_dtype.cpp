@@ -59,12 +59,7 @@ double bound(const Format& f) {
 }
 
 moekit::LayerConfig config(const Shape& s, const Format& f) {
-  moekit::LayerConfig c = moekit::preset_defaults("mixtral");
-  c.router.num_experts = s.E;
-  c.router.k = s.k;
-  c.router.hidden = s.d;
-  c.experts.hidden = s.d;
-  c.experts.intermediate = s.f;
+  moekit::LayerConfig c = sized_config("mixtral", s.E, s.k, s.d, s.f);
   c.pack.type = f.t;
   c.pack.bf16_activations = f.bf16_act;
   return c;

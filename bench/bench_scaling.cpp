@@ -28,15 +28,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-moekit::LayerConfig config_of(int64_t E, int64_t k, int64_t d, int64_t f) {
-  moekit::LayerConfig c = moekit::preset_defaults("olmoe");
-  c.router.num_experts = E;
-  c.router.k = k;
-  c.router.hidden = d;
-  c.experts.hidden = d;
-  c.experts.intermediate = f;
-  return c;
-}
+moekit::LayerConfig config_of(int64_t E, int64_t k, int64_t d, int64_t f) { return sized_config("olmoe", E, k, d, f); }
 
 // One layer alive at a time (the E = 256 one holds 1.6 GB).
 moekit::TopKLayer& layer_for(int64_t E, int64_t k, int64_t d, int64_t f) {

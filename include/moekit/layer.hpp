@@ -341,7 +341,7 @@ class SparseLayer {
       copy = !same && a < b_end && b < a_end;
     }
     if (!copy) {
-      if (check_finite_) check_rows(batch, static_cast<const float*>(in.data), who, false, ws);
+      if (check_finite_) check_input_rows(batch, static_cast<const float*>(in.data), who);
       return ws.hidden = static_cast<const float*>(in.data);
     }
     grow(ws.hidden_f32, static_cast<size_t>(T * d));
@@ -361,10 +361,9 @@ class SparseLayer {
     return ws.hidden = ws.hidden_f32.data();
   }
 
-  // The scan of f32 contiguous rows: the input (before routing) or the output (after the combine).
-  void check_rows(const Batch& batch, const float* rows, const char* who, bool output, Workspace& ws) const {
+  // The scan of f32 contiguous input rows (before routing).
+  void check_input_rows(const Batch& batch, const float* rows, const char* who) const {
     const int64_t d = hidden_size();
-    if (output) return check_output(batch, ActivationsOut::f32(const_cast<float*>(rows), d), who, ws);
     const int64_t T = batch.tokens;
     if (T == 0) return;
     MOEKIT_CHECK(rows != nullptr, who, ": hidden expected non-null for T = ", T);
