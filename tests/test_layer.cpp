@@ -4,6 +4,7 @@
 // workspace determinism, argument errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 #include <cmath>
@@ -921,6 +922,78 @@ void expect_rounded_output(const View16& got, const std::vector<float>& want, in
         ASSERT_EQ(got.h[at], ref_round16(got.type, w)) << what << ": out[" << r << ", " << j << "] of " << w;
       }
     }
+}
+
+// The phases of a forward split over processes (moekit::ep): route here, run each expert's
+// rows as another process would (its rows from several "sources" concatenated in a shuffled
+// grouping, one plan slot per row), put the outputs back, combine here. Must equal forward()
+// bit for bit: an expert's output row depends on that row alone.
+TEST(LayerPhases, RouteRunExpertsElsewhereCombineEqualsForward) {
+  Rng rng(41);
+  for (int trial = 0; trial < 10; ++trial) {
+    const int64_t E = rng.integer(2, 9), k = rng.integer(1, E), d = rng.integer(4, 48), T = rng.integer(0, 260);
+    LayerSpec spec = simple_spec(E, k, d, rng.integer(4, 64));
+    if (trial % 2) spec.shared.push_back({static_cast<int64_t>(rng.integer(4, 24)), trial % 4 == 1});
+    spec.weight_on_input = trial % 5 == 3;
+    const Built b = build(spec, rng);
+    const Input in = random_input(rng, T, d, trial % 3 == 0 ? 0.25 : 0.0);
+    const int threads = 1 + trial % 2;
+    std::vector<float> want(static_cast<size_t>(T * d));
+    Workspace wf;
+    b.layer->forward(in.batch(), in.x.data(), want.data(), wf, threads);
+
+    Workspace home, remote;
+    const Batch batch = in.batch();
+    const float* x = b.layer->route(batch, moekit::ActivationsIn::f32(in.x.data()), home, threads);
+    const RoutingPlan& plan = home.plan;
+    // "Remote" work: every kept row in a random order, each with the input the sender ships
+    // (scaled by its weight when the weight applies to the input).
+    const auto slots = plan.expert_slots();
+    const auto tokens = plan.expert_tokens();
+    std::vector<int64_t> order(slots.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+    std::shuffle(order.begin(), order.end(), rng.g);
+    const auto N = static_cast<int64_t>(order.size());
+    std::vector<float> rows(static_cast<size_t>(N * d));
+    std::vector<int32_t> ids(static_cast<size_t>(N));
+    std::vector<float> ones(static_cast<size_t>(N), 1.0f);
+    for (int64_t r = 0; r < N; ++r) {
+      const auto i = static_cast<size_t>(order[static_cast<size_t>(r)]);
+      const float w = spec.weight_on_input ? plan.slot_weight()[static_cast<size_t>(slots[i])] : 1.0f;
+      for (int64_t j = 0; j < d; ++j) rows[static_cast<size_t>(r * d + j)] = x[tokens[i] * d + j] * w;
+      ids[static_cast<size_t>(r)] = plan.slot_expert()[static_cast<size_t>(slots[i])];
+    }
+    const RoutingPlan there = RoutingPlan::from_topk(ids.data(), ones.data(), N, N > 0 ? 1 : 0, E);
+    b.layer->run_experts(rows.data(), there, remote, 3 - threads);
+    const auto got_rows = b.layer->expert_rows(there, remote);
+    const auto home_rows = b.layer->expert_rows(plan, home);
+    for (int64_t r = 0; r < N; ++r) {
+      // Remote row r (expert order of `there`) back to its place in the home plan's order.
+      const int32_t p = there.slot_position()[static_cast<size_t>(r)];
+      std::copy_n(got_rows.data() + p * d, d, home_rows.data() + order[static_cast<size_t>(r)] * d);
+    }
+    std::vector<float> y(want.size(), std::numeric_limits<float>::quiet_NaN());
+    b.layer->combine_outputs(batch, x, plan, moekit::ActivationsOut::f32(y.data()), home, threads);
+    ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
+        << "trial " << trial << " E " << E << " k " << k << " d " << d << " T " << T;
+  }
+}
+
+TEST(LayerPhases, CombineOutputsChecksItsArguments) {
+  Rng rng(42);
+  const Built b = build(simple_spec(4, 2, 8, 16), rng);
+  const Input in = random_input(rng, 5, 8, 0.0);
+  Workspace ws;
+  const float* x = b.layer->route(in.batch(), moekit::ActivationsIn::f32(in.x.data()), ws);
+  std::vector<float> y(in.x.size());
+  Workspace fresh;
+  EXPECT_THROW(b.layer->combine_outputs(in.batch(), x, ws.plan, moekit::ActivationsOut::f32(y.data()), fresh),
+               moekit::error);  // expert rows never filled
+  EXPECT_THROW(b.layer->combine_outputs(Batch::single(4, 8), x, ws.plan, moekit::ActivationsOut::f32(y.data()), ws),
+               moekit::error);  // plan of another batch
+  std::vector<float> bad = in.x;
+  bad[7] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(b.layer->route(in.batch(), moekit::ActivationsIn::f32(bad.data()), ws), moekit::error);
 }
 
 TEST(LayerActivations, SixteenBitAndStridedRowsEqualTheF32Path) {

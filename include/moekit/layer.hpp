@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -256,6 +257,68 @@ class SparseLayer {
     if (check_finite_ && batch.tokens > 0) check_output(batch, resolve(out, "SparseLayer::finish", batch.tokens), "SparseLayer::finish", ws);
   }
 
+  // ---- Phases, for a forward split over processes (moekit::ep, expert parallelism): route
+  // here, run the routed experts wherever they live, combine here. route() + run_experts() on
+  // the same plan + combine_outputs() equal forward() bit for bit: an expert's output row
+  // depends on that row alone, so the rows of one expert may arrive in any grouping.
+
+  /// Checks and converts the input as forward() does and routes it into `ws.plan`. Returns
+  /// the f32 rows `[T, d]` the other phases read (the caller's, or `ws.hidden_f32`).
+  const float* route(const Batch& batch, ActivationsIn hidden, Workspace& ws, int threads = 0) const {
+    ws.non_finite_rows = 0;
+    batch.validate(hidden_size());
+    const float* x = input_rows(batch, hidden, nullptr, ws, "SparseLayer::route");
+    router_.route(batch, x, ws.plan, ws.router, threads);
+    check_plan(batch, ws.plan);
+    return x;
+  }
+
+  /// Runs only the routed experts of a finalised `plan` over `rows [plan.num_tokens(), d]`
+  /// (no shared experts, no combine, no padding): the outputs are expert_rows(plan, ws),
+  /// `[plan.num_kept(), d]` in the plan's expert order (plan.expert_slots()). With
+  /// set_weight_on_input(true) each row is scaled by its slot's weight first, as in forward().
+  void run_experts(const float* rows, const RoutingPlan& plan, Workspace& ws, int threads = 0) const {
+    const Batch batch = Batch::single(plan.num_tokens(), hidden_size());
+    check_plan(batch, plan);
+    if (plan.num_kept() == 0) return;
+    MOEKIT_CHECK(rows != nullptr, "SparseLayer::run_experts: rows expected non-null for ", plan.num_tokens(), " tokens");
+    const int nt = detail::resolve_threads(threads);
+    setup(batch, plan, ws, nt, kRoutedTasks);
+    execute(batch, rows, plan, ws, nt);
+  }
+
+  /// The routed experts' output rows of `plan`, `[plan.num_kept(), d]` in expert order: what
+  /// run_experts() wrote, or where the caller puts rows computed elsewhere before
+  /// combine_outputs(). Grows `ws.expert_out` (never shrinks, keeps its contents).
+  std::span<float> expert_rows(const RoutingPlan& plan, Workspace& ws) const {
+    const auto n = static_cast<size_t>(plan.num_kept() * hidden_size());
+    grow(ws.expert_out, n);
+    return {ws.expert_out.data(), n};
+  }
+
+  /// The shared experts on the unpadded tokens of `batch`, then the combine of `plan` (as
+  /// forward() does) from expert_rows(plan, ws), which the caller filled. `hidden`: the rows
+  /// route() returned. Runs the output check of forward().
+  void combine_outputs(const Batch& batch, const float* hidden, const RoutingPlan& plan, ActivationsOut out,
+                       Workspace& ws, int threads = 0) const {
+    batch.validate(hidden_size());
+    check_plan(batch, plan);
+    check_padded_slots(batch, plan);
+    const ActivationsOut o = resolve(out, "SparseLayer::combine_outputs", batch.tokens);
+    const int64_t T = batch.tokens;
+    if (T == 0) return;
+    MOEKIT_CHECK(hidden != nullptr, "SparseLayer::combine_outputs: hidden expected non-null for T = ", T);
+    MOEKIT_CHECK(ws.expert_out.size() >= static_cast<size_t>(plan.num_kept() * hidden_size()),
+                 "SparseLayer::combine_outputs: expert rows expected [", plan.num_kept(), ", ", hidden_size(),
+                 "] (fill expert_rows(plan, ws) first), got ", ws.expert_out.size(), " values");
+    const int nt = detail::resolve_threads(threads);
+    setup(batch, plan, ws, nt, kSharedTasks);
+    execute(batch, hidden, plan, ws, nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) combine_token(batch, hidden, plan, o, ws, t, omp_get_thread_num());
+    if (check_finite_) check_output(batch, o, "SparseLayer::combine_outputs", ws);
+  }
+
   /// The NaN / infinity scans of the input and the output (on by default; a vectorised pass
   /// over the unpadded rows each, well under 1% of a forward). Turn them off only for inputs
   /// known to be finite and weights known not to overflow: a non-finite value then propagates
@@ -414,6 +477,13 @@ class SparseLayer {
     MOEKIT_CHECK(hidden != nullptr && out.data != nullptr, "SparseLayer::forward: hidden/out pointers expected non-null for T = ", T);
     const int nt = detail::resolve_threads(threads);
     setup(batch, plan, ws, nt);
+    execute(batch, hidden, plan, ws, nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) combine_token(batch, hidden, plan, out, ws, t, omp_get_thread_num());
+  }
+
+  // Runs the tasks setup() laid out (the decode column split when it applies).
+  void execute(const Batch& batch, const float* hidden, const RoutingPlan& plan, Workspace& ws, int nt) const {
     std::exception_ptr failure;
     const auto ntasks = static_cast<int64_t>(ws.tasks.size());
     bool split = false;
@@ -438,8 +508,6 @@ class SparseLayer {
       }
     }
     if (failure) std::rethrow_exception(failure);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
-    for (int64_t t = 0; t < T; ++t) combine_token(batch, hidden, plan, out, ws, t, omp_get_thread_num());
   }
 
   // A padded row's contents are arbitrary: a given plan must not route it.
@@ -460,7 +528,9 @@ class SparseLayer {
 
   // The tasks of a plan (routed (expert, row block)s, then shared experts' row blocks) and the
   // buffers of `workers` worker slots (scratch per slot, outputs per row).
-  void setup(const Batch& batch, const RoutingPlan& plan, Workspace& ws, int workers) const {
+  static constexpr int kRoutedTasks = 1, kSharedTasks = 2;
+  void setup(const Batch& batch, const RoutingPlan& plan, Workspace& ws, int workers,
+             int parts = kRoutedTasks | kSharedTasks) const {
     const int64_t d = hidden_size(), T = batch.tokens;
     // Unpadded rows for the shared experts.
     const bool padded = !batch.padding.empty();
@@ -483,11 +553,11 @@ class SparseLayer {
       block = 1;
       for (int64_t e = 0; e < num_experts(); ++e) block = std::max(block, plan.kept_of(e));
     }
-    for (int64_t e = 0; e < num_experts(); ++e)
+    for (int64_t e = 0; e < ((parts & kRoutedTasks) ? num_experts() : 0); ++e)
       for (int32_t b = offs[static_cast<size_t>(e)]; b < offs[static_cast<size_t>(e) + 1]; b += static_cast<int32_t>(block))
         ws.tasks.push_back({static_cast<int32_t>(e), b,
                             static_cast<int32_t>(std::min<int64_t>(b + block, offs[static_cast<size_t>(e) + 1]))});
-    for (size_t j = 0; j < shared_.size(); ++j)
+    for (size_t j = 0; j < ((parts & kSharedTasks) ? shared_.size() : 0); ++j)
       for (int64_t b = 0; b < Tr; b += kRowBlock)
         ws.tasks.push_back({-1 - static_cast<int32_t>(j), static_cast<int32_t>(b),
                             static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, Tr))});
@@ -692,7 +762,8 @@ class SparseLayer {
   {
     const int64_t d = hidden_size(), kept = plan.num_kept();
     grow(ws.split_in, static_cast<size_t>((kept + (shared_.empty() ? 0 : Tr)) * d));
-    if (kept > 0) gather_expert_rows(hidden, plan, 0, kept, ws.split_in.data());
+    const bool routed = !ws.tasks.empty() && ws.tasks.front().expert >= 0;  // combine_outputs() runs shared tasks only
+    if (kept > 0 && routed) gather_expert_rows(hidden, plan, 0, kept, ws.split_in.data());
     const float* shared_in = hidden;
     if (!shared_.empty() && padded) {
       kernels::gather_rows(hidden, d, ws.unpadded.data(), Tr, ws.split_in.data() + kept * d);
