@@ -132,6 +132,8 @@ class SparseLayer {
   [[nodiscard]] const R& router() const noexcept { return router_; }
   [[nodiscard]] R& router() noexcept { return router_; }
   [[nodiscard]] const B& experts() const noexcept { return experts_; }
+  /// The bank, to change it between calls (e.g. moekit::ep adds and drops guest experts).
+  [[nodiscard]] B& experts() noexcept { return experts_; }
   [[nodiscard]] const std::vector<SharedExpert>& shared_experts() const noexcept { return shared_; }
 
   /// Routes `hidden [T, d]` and writes `out [T, d]`. `threads` <= 0 uses OpenMP's default;
