@@ -311,6 +311,71 @@ TEST_F(Cli, PackThenRunPackedEqualsRun) {
   expect_error("pack -c " + (dir_ / "sk.json").string() + " -w " + w + " -o " + p, "moekit pack writes top-k layers");
 }
 
+// `run --ep N`: the layer split over N MPI ranks (relaunched under mpiexec) writes the file one
+// process writes: hidden_states, topk_ids and topk_weights equal bit for bit with f32 rows on
+// the wire, for every placement, LLEP and micro-batches; bf16 rows stay close. Bad --ep input
+// exits 2 with one line (from one rank only).
+TEST_F(Cli, ExpertParallelRunEqualsOneProcess) {
+#ifndef MOEKIT_TEST_HAVE_EP
+  GTEST_SKIP() << "built without MPI (moekit::ep)";
+#else
+  write_mixtral("", DType::F32);
+  std::vector<uint8_t> pad(23, 0);
+  pad[4] = pad[17] = 1;
+  write_input(23, 24, 0.0f, pad);
+  const std::string y = (dir_ / "y.safetensors").string(), s = (dir_ / "stats.json").string();
+  const Result r0 = run_cli(dir_, run_args(""));
+  ASSERT_EQ(r0.code, 0) << r0.err;
+  const auto want = moekit::io::TensorSource::open(y);
+  const auto hw = want.read_f32("hidden_states", {23, 24});
+  const auto iw = want.read_i32("topk_ids", {23, 2});
+  const auto ww = want.read_f32("topk_weights", {23, 2});
+  for (const std::string& extra : std::vector<std::string>{"--ep 2", "--ep 3 --ep-placement round-robin --ep-balance llep --ep-micro-batches 2 -t 1",
+                                  "--ep 4 --ep-stats " + s, "--ep 1"}) {
+    fs::remove(y);
+    const Result r = run_cli(dir_, run_args("") + " " + extra);
+    ASSERT_EQ(r.code, 0) << extra << ": " << r.err;
+    EXPECT_TRUE(r.err.empty()) << extra << ": " << r.err;
+    const auto got = moekit::io::TensorSource::open(y);
+    EXPECT_EQ(got.read_f32("hidden_states", {23, 24}), hw) << extra;
+    EXPECT_EQ(got.read_i32("topk_ids", {23, 2}), iw) << extra;
+    EXPECT_EQ(got.read_f32("topk_weights", {23, 2}), ww) << extra;
+  }
+  const auto st = nlohmann::json::parse(slurp(s));
+  EXPECT_EQ(st["ranks"], 4);
+  EXPECT_EQ(st["tokens"], 23);
+  int64_t kept = 0, computed = 0, tokens = 0;
+  for (const auto& v : st["expert_load"]) kept += v.get<int64_t>();
+  for (const auto& v : st["rank_load"]) computed += v.get<int64_t>();
+  for (const auto& r : st["per_rank"]) tokens += r["tokens"].get<int64_t>();
+  EXPECT_EQ(kept, 21 * 2);  // 21 unpadded tokens, k = 2
+  EXPECT_EQ(computed, kept);
+  EXPECT_EQ(tokens, 23);
+  fs::remove(y);
+  const Result rb = run_cli(dir_, run_args("") + " --ep 2 --ep-wire bf16");
+  ASSERT_EQ(rb.code, 0) << rb.err;
+  const auto hb = moekit::io::TensorSource::open(y).read_f32("hidden_states", {23, 24});
+  double err = 0, ref = 0;
+  for (size_t i = 0; i < hb.size(); ++i) {
+    err = std::max(err, std::abs(double(hb[i]) - hw[i]));
+    ref = std::max(ref, std::abs(double(hw[i])));
+  }
+  EXPECT_GT(err, 0.0);  // the rows were rounded
+  EXPECT_LE(err, 0.02 * ref);
+  fs::remove(y);
+  expect_error(run_args("") + " --ep 2 --ep-balance most", "--ep-balance: expected none or llep");
+  expect_error(run_args("") + " --ep 7", "would hold no expert");
+  expect_error(run_args("") + " --ep-wire bf16", "--ep-wire needs --ep N");
+  expect_error(run_args("") + " --ep 0", "--ep");
+  expect_error(run_args("") + " --ep 2 --ep-stats " + (dir_ / "x.safetensors").string(), "--ep-stats");
+  write_input(23, 24, std::nanf(""));
+  expect_error(run_args("") + " --ep 2", "not finite");
+  std::ofstream(dir_ / "config.json") << R"({"moekit_config_version": 1, "hidden_size": 24, "router": {"type": "sinkhorn", "num_experts": 6, "k": 2}, "experts": {"type": "swiglu", "intermediate_size": 20}})";
+  write_input(23, 24);
+  expect_error(run_args("") + " --ep 2", "not supported over ranks");
+#endif
+}
+
 TEST_F(Cli, ShardedIndexAndPadding) {
   write_mixtral("", DType::F32);
   // Split the single file into two shards plus an index.

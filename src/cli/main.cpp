@@ -40,11 +40,25 @@
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/kernels/vector.hpp"
 #include "moekit/moekit.hpp"
+#ifdef MOEKIT_HAVE_EP
+#include <mpi.h>
+#include <sys/wait.h>
+
+#include <cerrno>
+
+#include "moekit/ep/layer.hpp"
+#endif
 
 namespace {
 
 using json = nlohmann::json;
 using moekit::detail::fail;
+
+// Leaves a command with this exit code; its message is already printed (or deliberately not,
+// on the ranks of an expert-parallel run that did not fail).
+struct QuietExit {
+  int code;
+};
 
 // The commit `moekit bench` records (set by CMake for the CLI target; other builds that
 // include this file, e.g. the fuzz targets, have none).
@@ -98,6 +112,13 @@ const std::vector<FlagSpec> kRunFlags = {
     {"packed", "", "a pre-packed layer file (moekit pack), instead of the others above"},
     {"threads", "-t", "threads; 0 (default) = OpenMP's default"},
     kDtypeFlag,
+    {"ep", "", "expert parallelism over N MPI ranks (top-k layers): relaunches itself with mpiexec; "
+               "under mpirun -np N, the world size"},
+    {"ep-placement", "", "with --ep: contiguous (default: rank r holds experts [E r/N, E (r+1)/N)) or round-robin"},
+    {"ep-balance", "", "with --ep: none (default) or llep (least-loaded: spill hot experts' rows and weights)"},
+    {"ep-wire", "", "with --ep: f32 (default, output equal to one process bit for bit) or bf16 rows on the wire"},
+    {"ep-micro-batches", "", "with --ep: micro-batches whose dispatch overlaps the experts (default 1)"},
+    {"ep-stats", "", "with --ep: JSON file with the loads, the plan and each rank's traffic and times"},
 };
 constexpr const char* kPackHelp =
     "Packs a top-k MoE layer once, for this machine's kernels, into a pre-packed layer file that\n"
@@ -184,14 +205,14 @@ std::string one_line(std::string_view m, std::size_t max = 2000) {
 // Refuses an --output that is one of the run's input files (same device and inode, however
 // the path is spelled: "./a/../x", a hard link or a symlink to it), before anything is written.
 void refuse_output_over_inputs(const std::string& out,
-                               const std::vector<std::pair<std::string, std::string>>& inputs) {
+                               const std::vector<std::pair<std::string, std::string>>& inputs,
+                               const char* flag = "--output") {
   struct stat so {};
   if (::stat(out.c_str(), &so) != 0) return;  // nothing there yet
   for (const auto& [what, path] : inputs) {
     struct stat si {};
     if (::stat(path.c_str(), &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino)
-      fail("--output \"", out, "\" is the same file as ", what, " \"", path,
-           "\": refusing to overwrite an input");
+      fail(flag, " \"", out, "\" is the same file as ", what, " \"", path, "\": refusing to overwrite an input");
   }
 }
 
@@ -699,8 +720,11 @@ LayerSource layer_source(const std::map<std::string, std::string>& f, const std:
   return s;
 }
 
-int cmd_run(const std::map<std::string, std::string>& f) {
-  const auto dtype = dtype_flag(f);
+int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks);
+int64_t ep_ranks(const std::map<std::string, std::string>& f);
+
+// The layer flags of `run` (with or without --ep): which source, and the required ones.
+void check_run_layer_flags(const std::map<std::string, std::string>& f) {
   const bool by_model = f.count("model") != 0, by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
   if (by_packed)
     for (const char* k : {"config", "weights", "prefix", "model", "gguf", "layer", "dtype"})
@@ -719,6 +743,13 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   } else {
     require_flags(f, {"config", "weights", "input", "output"});
   }
+}
+
+int cmd_run(const std::map<std::string, std::string>& f) {
+  if (const int64_t ep = ep_ranks(f); ep > 0) return cmd_run_ep(f, ep);
+  const auto dtype = dtype_flag(f);
+  const bool by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
+  check_run_layer_flags(f);
   const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
@@ -761,6 +792,295 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   moekit::io::write_safetensors(out_path, out, {{"producer", std::string("moekit ") + moekit::version()}});
   return 0;
 }
+
+// ---------------------------------------------------------------------------- run --ep
+// Expert parallelism (docs/scale-out.md): `moekit run --ep N ...` relaunches itself as
+// `mpiexec -q -n N moekit run ...`; under an MPI launcher (Open MPI, MPICH's Hydra, PMIx) with
+// more than one rank, `run` splits the tokens into N contiguous parts, each rank holds its
+// shard of the experts and rank 0 writes the whole output, equal to one process's.
+char** g_argv = nullptr;  // the command line, for the relaunch
+
+// The launcher's world size, or 0 when not started by one.
+int64_t launcher_world_size() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"})
+    if (const char* s = std::getenv(v); s != nullptr && *s != '\0') {
+      char* end = nullptr;
+      const long n = std::strtol(s, &end, 10);
+      if (end != s && *end == '\0' && n >= 1) return n;
+    }
+  return std::getenv("PMIX_RANK") != nullptr ? 1 : 0;
+}
+
+// 0: an ordinary run. Else the number of ranks of an expert-parallel run (checked flags).
+int64_t ep_ranks(const std::map<std::string, std::string>& f) {
+  const bool flag = f.count("ep") != 0;
+  for (const char* k : {"ep-placement", "ep-balance", "ep-wire", "ep-micro-batches", "ep-stats"})
+    if (f.count(k) && !flag) fail("--", k, " needs --ep N");
+  const int64_t world = launcher_world_size();
+  const int64_t n = flag ? int_flag(f, "ep", 1, 1, 1024) : 0;
+  if (world > 0 && n > 0 && world != n) fail("--ep ", n, ": this launcher started ", world, " ranks; use mpirun -np ", n);
+  if (world > 1) return world;
+  return n;  // --ep 1 and single-rank launches run the same path on one rank
+}
+
+#ifndef MOEKIT_HAVE_EP
+int cmd_run_ep(const std::map<std::string, std::string>&, int64_t) {
+  fail("--ep: this moekit was built without MPI (install libopenmpi-dev openmpi-bin and rebuild)");
+}
+#else
+#ifndef MOEKIT_MPIEXEC
+#define MOEKIT_MPIEXEC "mpiexec"
+#endif
+
+// `mpiexec -q -n N --oversubscribe <this binary> <the same arguments>`; its exit code.
+int relaunch_under_mpiexec(int64_t n) {
+  std::vector<std::string> args = {MOEKIT_MPIEXEC, "-q", "-n", std::to_string(n), "--oversubscribe"};
+  char exe[4096];
+  const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (len <= 0) fail("--ep: cannot find this program's path (/proc/self/exe) to relaunch it under mpiexec");
+  args.emplace_back(exe, static_cast<size_t>(len));
+  for (char** a = g_argv + 1; *a != nullptr; ++a) args.emplace_back(*a);
+  if (geteuid() == 0) {  // Open MPI refuses root unless told; the caller already runs as root
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
+  }
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::fflush(nullptr);
+  const pid_t pid = fork();
+  if (pid < 0) fail("--ep: cannot start mpiexec: fork failed");
+  if (pid == 0) {
+    execvp(argv[0], argv.data());
+    std::fprintf(stderr, "moekit run: error: --ep: cannot start %s (install openmpi-bin)\n", argv[0]);
+    _exit(2);
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) fail("--ep: waiting for mpiexec failed");
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  std::fprintf(stderr, "moekit run: internal error: mpiexec ended by signal %d\n", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  return 1;
+}
+
+// Each rank's stats of the last forward, gathered; rank 0 writes them as JSON.
+template <class Layer>
+void write_ep_stats(const std::string& path, const Layer& layer, const moekit::ep::Comm& comm, int64_t T) {
+  const moekit::ep::Stats& s = layer.stats();
+  const int P = comm.size();
+  const std::vector<int64_t> mine = {s.tokens, s.rows_computed, s.rows_sent, s.bytes_sent, s.bytes_received,
+                                     s.weight_bytes_sent, s.guests};
+  std::vector<int64_t> all(mine.size() * static_cast<size_t>(P));
+  comm.allgather(mine, all);
+  const double times[4] = {s.seconds_route, s.seconds_exchange, s.seconds_experts, s.seconds_combine};
+  std::vector<double> all_times(4 * static_cast<size_t>(P));
+  MPI_Allgather(times, 4, MPI_DOUBLE, all_times.data(), 4, MPI_DOUBLE, comm.get());
+  if (comm.rank() != 0) return;
+  json per = json::array();
+  int64_t bytes = 0;
+  for (int r = 0; r < P; ++r) {
+    const int64_t* v = all.data() + static_cast<size_t>(r) * mine.size();
+    const double* t = all_times.data() + 4 * static_cast<size_t>(r);
+    bytes += v[3];
+    per.push_back({{"rank", r}, {"tokens", v[0]}, {"rows_computed", v[1]}, {"rows_sent", v[2]}, {"bytes_sent", v[3]},
+                   {"bytes_received", v[4]}, {"weight_bytes_sent", v[5]}, {"guests", v[6]}, {"seconds_route", t[0]},
+                   {"seconds_exchange", t[1]}, {"seconds_experts", t[2]}, {"seconds_combine", t[3]}});
+  }
+  const auto& o = layer.options();
+  int64_t max_load = 0, sum_load = 0;
+  for (int64_t v : s.rank_load) {
+    max_load = std::max(max_load, v);
+    sum_load += v;
+  }
+  const json j = {{"ranks", P},
+                  {"tokens", T},
+                  {"balance", o.balance == moekit::ep::Balance::llep ? "llep" : "none"},
+                  {"wire", o.wire == moekit::ep::Wire::bf16 ? "bf16" : "f32"},
+                  {"micro_batches", o.micro_batches},
+                  {"expert_load", s.expert_load},
+                  {"rank_load", s.rank_load},
+                  {"max_over_mean_load", sum_load > 0 ? static_cast<double>(max_load) * P / static_cast<double>(sum_load) : 0.0},
+                  {"rebalanced", s.rebalanced},
+                  {"bytes_per_token", T > 0 ? static_cast<double>(bytes) / static_cast<double>(T) : 0.0},
+                  {"per_rank", per}};
+  std::ofstream out(path);
+  out << j.dump(1) << "\n";
+  out.close();
+  if (!out) fail("--ep-stats: cannot write \"", path, "\"");
+}
+
+// This process's rank under a launcher (0 when not started by one).
+int64_t launcher_rank() {
+  for (const char* v : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"})
+    if (const char* s = std::getenv(v); s != nullptr && *s != '\0') return std::strtol(s, nullptr, 10);
+  return 0;
+}
+
+int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
+  namespace ep = moekit::ep;
+  ep::Options opt;
+  std::string placement_name, stats_path;
+  try {  // the flags, checked before any launch; under a launcher only rank 0 reports
+    placement_name = f.count("ep-placement") ? f.at("ep-placement") : "contiguous";
+    if (placement_name != "contiguous" && placement_name != "round-robin")
+      fail("--ep-placement: expected contiguous or round-robin, got \"", placement_name, "\"");
+    const std::string balance = f.count("ep-balance") ? f.at("ep-balance") : "none";
+    if (balance != "none" && balance != "llep") fail("--ep-balance: expected none or llep, got \"", balance, "\"");
+    opt.balance = balance == "llep" ? ep::Balance::llep : ep::Balance::none;
+    const std::string wire = f.count("ep-wire") ? f.at("ep-wire") : "f32";
+    if (wire != "f32" && wire != "bf16") fail("--ep-wire: expected f32 or bf16, got \"", wire, "\"");
+    opt.wire = wire == "bf16" ? ep::Wire::bf16 : ep::Wire::f32;
+    opt.micro_batches = static_cast<int>(int_flag(f, "ep-micro-batches", 1, 1, 64));
+    stats_path = f.count("ep-stats") ? f.at("ep-stats") : "";
+    (void)dtype_flag(f);
+    check_run_layer_flags(f);
+    (void)int_flag(f, "layer", -1, 0, int64_t{1} << 30);
+    (void)int_flag(f, "threads", 0, 0, 4096);
+    if (!stats_path.empty()) {
+      std::vector<std::pair<std::string, std::string>> files;
+      for (const char* k : {"output", "input", "config", "weights", "packed", "gguf"})
+        if (f.count(k)) {
+          if (f.at(k) == stats_path) fail("--ep-stats \"", stats_path, "\" is also --", k);
+          files.emplace_back(std::string("--") + k, f.at(k));
+        }
+      refuse_output_over_inputs(stats_path, files, "--ep-stats");
+    }
+  } catch (const moekit::error&) {
+    if (launcher_rank() > 0) throw QuietExit{2};
+    throw;
+  }
+  if (launcher_world_size() == 0) return relaunch_under_mpiexec(ranks);
+  const auto dtype = dtype_flag(f);
+  const bool by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
+  const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
+  const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
+  const std::string out_path = required(f, "output"), in_path = required(f, "input");
+
+  int provided = 0;
+  MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  struct Finalize {
+    ~Finalize() { MPI_Finalize(); }
+  } finalize;
+  const ep::Comm comm(MPI_COMM_WORLD);
+  const int me = comm.rank(), P = comm.size();
+  // Failures before the layer runs are local (each rank loads and reads): the lowest failing
+  // rank prints its error, every rank exits 2.
+  const auto agree = [&](const std::string& err) {
+    const int first = comm.first(!err.empty());
+    if (first < 0) return;
+    if (first == me) std::fprintf(stderr, "moekit run: error: %s\n", one_line(err).c_str());
+    throw QuietExit{2};
+  };
+  std::string err;
+  moekit::LayerConfig cfg;
+  std::optional<moekit::TopKLayer> full;
+  Input in;
+  try {
+    if (by_packed) {
+      refuse_output_over_inputs(out_path, {{"--packed", f.at("packed")}, {"--input", in_path}});
+      full.emplace(moekit::load_packed_layer(f.at("packed"), &cfg));
+    } else if (by_gguf) {
+      refuse_output_over_inputs(out_path, {{"--gguf", f.at("gguf")}, {"--input", in_path}});
+      const moekit::io::GgufFile g = moekit::io::GgufFile::open(f.at("gguf"));
+      int64_t ln = layer_no;
+      if (ln < 0) {
+        const std::vector<int64_t> layers = moekit::gguf_moe_layers(g);
+        if (layers.size() != 1) fail("--layer: required, ", f.at("gguf"), " has ", layers.size(), " MoE layers");
+        ln = layers.front();
+      }
+      cfg = moekit::gguf_layer_config(g, ln);
+      apply_dtype(dtype, cfg);
+      full.emplace(moekit::load_gguf_layer(g, ln, cfg));
+    } else {
+      LayerSource src = layer_source(f, dtype, layer_no, out_path, in_path);
+      cfg = src.cfg;
+      if (cfg.router_type != "topk")
+        fail("--ep: the ", cfg.router_type, " family is not supported over ranks (top-k layers: every HF model type)");
+      if (cfg.router.capacity_factor > 0)
+        fail("--ep: capacity_factor ", cfg.router.capacity_factor,
+             " limits each expert over the whole batch; each rank routes its own tokens, so the output would differ "
+             "from one process (use a dropless config)");
+      full.emplace(moekit::load_layer(cfg, *src.weights, src.prefix));
+    }
+    if (cfg.router.capacity_factor > 0) fail("--ep: capacity-limited routing (capacity_factor ", cfg.router.capacity_factor, ") is not supported over ranks");
+    in = read_input(moekit::io::TensorSource::open(in_path), in_path, cfg.hidden());
+  } catch (const moekit::error& e) {
+    err = e.what();
+  }
+  agree(err);
+  const int64_t d = cfg.hidden(), E = cfg.router.num_experts, T = in.tokens, k = cfg.router.k;
+  const int64_t t0 = T * me / P, t1 = T * (me + 1) / P, n = t1 - t0;
+  const ep::Placement placement =
+      placement_name == "round-robin" ? ep::Placement::round_robin(E, P) : ep::Placement::contiguous(E, P);
+  try {
+    if (placement.experts_of(me).empty())
+      fail("--ep ", P, ": rank ", me, " would hold no expert (the layer has ", E, "); use at most ", E, " ranks");
+  } catch (const moekit::error& e) {
+    err = e.what();
+  }
+  agree(err);
+  // This rank's shard of the experts; the full bank is dropped once the shard holds its copy.
+  moekit::SparseLayer<moekit::TopKRouter, ep::ShardedFfnBank> mine(
+      full->router(), ep::ShardedFfnBank::from_full(full->experts(), placement.experts_of(me)), full->shared_experts());
+  mine.set_weight_on_input(full->weight_on_input());
+  mine.set_output_bias(full->output_bias());
+  full.reset();
+  ep::ExpertParallelLayer<moekit::TopKRouter, ep::ShardedFfnBank> layer(std::move(mine), placement, comm, opt);
+  moekit::Batch batch = moekit::Batch::single(n, d);
+  if (!in.padding.empty()) batch.padding = std::span<const uint8_t>(in.padding.data() + t0, static_cast<size_t>(n));
+  std::vector<float> y(static_cast<size_t>(n * d));
+  ep::EpWorkspace ws;
+  try {
+    layer.forward(batch, in.x.data() + t0 * d, y.data(), ws, threads);
+    err.clear();
+  } catch (const ep::remote_error&) {
+    err = " ";  // another rank reports it
+  } catch (const moekit::error& e) {
+    err = e.what();
+  }
+  {
+    const int first = comm.first(!err.empty() && err != " ");
+    if (!err.empty()) {
+      if (first == me) std::fprintf(stderr, "moekit run: error: %s\n", one_line(err).c_str());
+      throw QuietExit{2};
+    }
+  }
+  // Rank 0 gathers the rows and the routing, checks and writes the file.
+  std::vector<int32_t> ids(static_cast<size_t>(n * k));
+  std::vector<float> w(static_cast<size_t>(n * k));
+  ws.home.plan.to_topk(k, ids.data(), w.data());
+  std::vector<int64_t> rows(static_cast<size_t>(P));
+  for (int r = 0; r < P; ++r) rows[static_cast<size_t>(r)] = T * (r + 1) / P - T * r / P;
+  std::vector<float> Y(me == 0 ? static_cast<size_t>(T * d) : 0), W(me == 0 ? static_cast<size_t>(T * k) : 0);
+  std::vector<int32_t> I(me == 0 ? static_cast<size_t>(T * k) : 0);
+  const auto gather = [&](const void* mine_rows, void* all, size_t row_bytes) {
+    // Rows to rank 0 only: every other rank sends to rank 0, rank 0 receives from all.
+    std::vector<int64_t> to(static_cast<size_t>(P), 0), from(static_cast<size_t>(P), 0);
+    to[0] = n;
+    if (me == 0) from = rows;
+    if (row_bytes > 0) comm.alltoallv(mine_rows, to, all, from, row_bytes);
+  };
+  gather(y.data(), Y.data(), static_cast<size_t>(d) * sizeof(float));
+  if (k > 0) {
+    gather(ids.data(), I.data(), static_cast<size_t>(k) * sizeof(int32_t));
+    gather(w.data(), W.data(), static_cast<size_t>(k) * sizeof(float));
+  }
+  if (!stats_path.empty()) write_ep_stats(stats_path, layer, comm, T);
+  if (me != 0) return 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!in.padding.empty() && in.padding[static_cast<size_t>(t)] != 0) continue;
+    const int64_t j = moekit::kernels::first_non_finite(Y.data() + t * d, d);
+    if (j >= 0)
+      fail("the layer's output hidden_states[", t, ", ", j, "] is ", Y[static_cast<size_t>(t * d + j)],
+           " although the input is finite: an expert or the combine overflowed f32; nothing written");
+  }
+  std::vector<moekit::io::OutTensor> out = {{"hidden_states", moekit::io::DType::F32, {T, d}, Y.data()},
+                                            {"topk_ids", moekit::io::DType::I32, {T, k}, I.data()},
+                                            {"topk_weights", moekit::io::DType::F32, {T, k}, W.data()}};
+  moekit::io::write_safetensors(out_path, out, {{"producer", std::string("moekit ") + moekit::version()}});
+  return 0;
+}
+#endif
 
 // ---------------------------------------------------------------------------- bench
 size_t l3_bytes() {
@@ -1089,6 +1409,7 @@ int moekit_cli_main(int argc, char** argv) {
     return 2;
   }
   const std::string cmd = argv[1];
+  g_argv = argv;
   try {
     if (cmd == "run") return cmd_run(parse_flags(cmd, kRunHelp, argc, argv, 2, kRunFlags));
     if (cmd == "bench") return cmd_bench(parse_flags(cmd, kBenchHelp, argc, argv, 2, kBenchFlags));
@@ -1109,6 +1430,8 @@ int moekit_cli_main(int argc, char** argv) {
     fail("unknown command \"", cmd, "\" (expected run, bench, pack, make-input or info)");
   } catch (const HelpShown&) {
     return 0;
+  } catch (const QuietExit& q) {
+    return q.code;
   } catch (const moekit::error& e) {
     std::fprintf(stderr, "moekit %s: error: %s\n", one_line(cmd, 40).c_str(), one_line(e.what()).c_str());
     return 2;

@@ -27,6 +27,18 @@
 #pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
 namespace moekit::ep {
 
+/// What the ranks that did not fail throw when another rank failed in a collective call (the
+/// failing rank throws its own moekit::error): a caller can report only the original error.
+class remote_error : public moekit::error {
+ public:
+  remote_error(int rank, const std::string& what) : moekit::error(what), rank_(rank) {}
+  /// The lowest rank that failed.
+  [[nodiscard]] int rank() const noexcept { return rank_; }
+
+ private:
+  int rank_;
+};
+
 /// The element type of the rows on the wire (dispatch and combine).
 enum class Wire : uint8_t {
   f32,   ///< exact: the output equals the single-process layer's bit for bit
@@ -114,7 +126,7 @@ class ExpertParallelLayer {
   /// layer's forward() on every rank's tokens concatenated (for routers that decide per token;
   /// batch-level routers, e.g. expert-choice, route each rank's tokens as their own batch).
   /// An error on any rank (bad input, non-finite values) makes every rank throw: the failing
-  /// rank its own moekit::error, the others one naming that rank.
+  /// rank its own moekit::error, the others an ep::remote_error naming that rank.
   void forward(const Batch& batch, const float* hidden, float* out, EpWorkspace& ws, int threads = 0) {
     forward(batch, ActivationsIn::f32(hidden), ActivationsOut::f32(out), ws, threads);
   }
@@ -356,7 +368,8 @@ class ExpertParallelLayer {
     if (bad < 0) return;
     if constexpr (kSharded) layer_.experts().clear_guests();
     if (failure) std::rethrow_exception(failure);
-    moekit::detail::fail("ep::ExpertParallelLayer: rank ", bad, " failed in ", stage, " (its own error names the cause)");
+    throw remote_error(bad, moekit::detail::concat("ep::ExpertParallelLayer: rank ", bad, " failed in ", stage,
+                                                   " (its own error names the cause)"));
   }
 
   // Rows [b, b + n) of the receive buffer: from each source in rank order, by expert within a
