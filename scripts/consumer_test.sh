@@ -49,6 +49,14 @@ consumer() {  # name, then extra cmake arguments (CXX from the environment)
 }
 consumer gcc-release -DCMAKE_BUILD_TYPE=Release
 OMP_NUM_THREADS=2 "$build/gcc-release/example_basic_layer"
+# moekit::ep (find_package(moekit COMPONENTS ep)): the expert-parallel example under mpirun.
+if [ -x "$build/gcc-release/example_expert_parallel" ]; then
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+    mpirun -q --oversubscribe -np 2 "$build/gcc-release/example_expert_parallel"
+elif grep -q 'moekit::ep' "$prefix"/lib*/cmake/moekit/*.cmake 2>/dev/null; then
+  echo "moekit: consumer test FAILED: moekit::ep is installed but the example was not built" >&2
+  exit 1
+fi
 consumer gcc-debug -DCMAKE_BUILD_TYPE=Debug
 OMP_NUM_THREADS=2 "$build/gcc-debug/example_basic_layer"
 consumer gcc-debug-avx512 -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS=-mavx512f -mavx512bw"

@@ -6,7 +6,7 @@
 #         the threaded tests (test_threads.cpp: one layer shared by std::threads, calls from
 #         inside a parallel region, every router family at 1/2/3 threads; test_dtype_layer.cpp:
 #         the decode column split; test_layer.cpp) (GCC's libgomp is not instrumented and
-#         would report false races)
+#         would report false races); without MPI (Open MPI is not instrumented either)
 # Both build at -O1 with line tables (-g1) to keep CI time down.
 # Usage: scripts/sanitize.sh asan|tsan|all   (BUILD_ROOT=... default build/)
 set -euo pipefail
@@ -33,7 +33,7 @@ run_tsan() {
   archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | sort -V | tail -n 1 || true)
   CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-O1 -DMOEKIT_SANITIZE=thread \
     -DMOEKIT_BUILD_BENCH=OFF -DMOEKIT_BUILD_EXAMPLES=OFF -DMOEKIT_BUILD_CLI=OFF \
-    -DMOEKIT_WITH_ONEDNN=OFF \
+    -DMOEKIT_WITH_ONEDNN=OFF -DMOEKIT_WITH_MPI=OFF \
     "-DMOEKIT_TEST_ONLY=test_threads.cpp;test_dtype_layer.cpp;test_layer.cpp" >/dev/null
   cmake --build "$build" -j "$jobs" --target moekit_tests
   echo "moekit: tests under TSan (OpenMP tool: ${archer:-none})"

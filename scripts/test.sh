@@ -4,7 +4,7 @@
 # Usage: scripts/test.sh   (BUILD_DIR=... to choose the build folder; default build/test)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/deps.sh" python3-numpy libdnnl-dev
+"$root/scripts/deps.sh" python3-numpy libdnnl-dev libopenmpi-dev openmpi-bin
 build=${BUILD_DIR:-$root/build/test}
 jobs=$(nproc)
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOEKIT_BUILD_BENCH=OFF >/dev/null

@@ -834,7 +834,9 @@ int cmd_run_ep(const std::map<std::string, std::string>&, int64_t) {
 
 // `mpiexec -q -n N --oversubscribe <this binary> <the same arguments>`; its exit code.
 int relaunch_under_mpiexec(int64_t n) {
-  std::vector<std::string> args = {MOEKIT_MPIEXEC, "-q", "-n", std::to_string(n), "--oversubscribe"};
+  // --bind-to none: each rank's threads may use every core it shares (the thread count below
+  // divides the cores among the ranks of a node).
+  std::vector<std::string> args = {MOEKIT_MPIEXEC, "-q", "-n", std::to_string(n), "--oversubscribe", "--bind-to", "none"};
   char exe[4096];
   const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
   if (len <= 0) fail("--ep: cannot find this program's path (/proc/self/exe) to relaunch it under mpiexec");
@@ -953,7 +955,7 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
   const auto dtype = dtype_flag(f);
   const bool by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
   const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
-  const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
+  int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output"), in_path = required(f, "input");
 
   int provided = 0;
@@ -963,6 +965,14 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
   } finalize;
   const ep::Comm comm(MPI_COMM_WORLD);
   const int me = comm.rank(), P = comm.size();
+  if (threads == 0) {  // the node's cores shared among the ranks on it
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, me, MPI_INFO_NULL, &node);
+    int local = 1;
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+    threads = std::max(1, omp_get_num_procs() / std::max(local, 1));
+  }
   // Failures before the layer runs are local (each rank loads and reads): the lowest failing
   // rank prints its error, every rank exits 2.
   const auto agree = [&](const std::string& err) {

@@ -167,11 +167,12 @@ std::array<ExpertTensor, 3> bias_tensors(const std::string& p, ExpertNames names
 
 // Reads (or draws) expert e's biases into the bank (shape().bias only); `p` is the expert's
 // prefix, or the block prefix for gpt-oss's stacks.
-void load_biases(FfnBank& bank, int64_t e, const io::TensorSource* weights, const std::string& p, ExpertNames names,
-                 uint64_t& seed) {
+// `slot`: the bank's expert to set; `e` of `E`: the expert in the stacked (gpt-oss) tensors.
+void load_biases(FfnBank& bank, int64_t slot, int64_t e, int64_t E, const io::TensorSource* weights, const std::string& p,
+                 ExpertNames names, uint64_t& seed) {
   const FfnShape& sh = bank.shape();
   if (!sh.bias) return;
-  const int64_t d = sh.hidden, f = sh.intermediate, E = bank.num_experts();
+  const int64_t d = sh.hidden, f = sh.intermediate;
   std::vector<float> gate(static_cast<size_t>(f)), up(static_cast<size_t>(f)), down(static_cast<size_t>(d));
   if (weights == nullptr) {
     fill_uniform(gate.data(), f, 0.1, seed);
@@ -189,7 +190,7 @@ void load_biases(FfnBank& bank, int64_t e, const io::TensorSource* weights, cons
     weights->read_f32_into(t[1].name, t[1].shape, up.data());
     weights->read_f32_into(t[2].name, t[2].shape, down.data());
   }
-  bank.set_expert_bias(e, gate.data(), up.data(), down.data());
+  bank.set_expert_bias(slot, gate.data(), up.data(), down.data());
 }
 
 }  // namespace
@@ -211,30 +212,46 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
     fill_uniform(down, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
   }
   bank.set_expert(e, gate, up, down);
-  load_biases(bank, e, weights, p, names, seed);
+  load_biases(bank, e, e, bank.num_experts(), weights, p, names, seed);
 }
 
-FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
-                 const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack) {
+void check_experts(const io::TensorSource& weights, const std::string& base, bool indexed, int64_t count,
+                   const FfnShape& shape, ExpertNames names) {
+  const int64_t d = shape.hidden, f = shape.intermediate;
   if (fused_experts(names)) {  // `base` is the block prefix; all gated (checked by the config)
-    const int64_t d = shape.hidden, f = shape.intermediate;
     MOEKIT_CHECK(shape.gated && indexed, "fused expert tensors hold gated experts only");
-    if (weights != nullptr && names == ExpertNames::gpt_oss && gpt_oss_mxfp4(*weights, base)) {
+    if (names == ExpertNames::gpt_oss && gpt_oss_mxfp4(weights, base)) {
       MOEKIT_CHECK(d % 32 == 0 && f % 32 == 0, "gpt-oss MXFP4 experts: hidden size ", d, " and intermediate size ", f,
                    " expected multiples of 32 (the block size)");
       for (const auto& [name, rows, cols] : {std::tuple{std::string("experts.gate_up_proj"), 2 * f, d},
                                              std::tuple{std::string("experts.down_proj"), d, f}}) {
         const auto bs = mxfp4_blocks_shape(count, rows, cols);
-        weights->expect_shape(base + name + "_blocks", bs);
-        weights->expect_shape(base + name + "_scales", {bs[0], bs[1], bs[2]});
+        weights.expect_shape(base + name + "_blocks", bs);
+        weights.expect_shape(base + name + "_scales", {bs[0], bs[1], bs[2]});
       }
-    } else if (weights != nullptr) {
+    } else {
       for (const ExpertTensor& t : fused_tensors(base, names, count, d, f))
-        if (!t.name.empty()) weights->expect_shape(t.name, t.shape);
+        if (!t.name.empty()) weights.expect_shape(t.name, t.shape);
     }
-    if (weights != nullptr && shape.bias)
+    if (shape.bias)
       for (const ExpertTensor& t : bias_tensors(base, names, count, d, f))
-        if (!t.name.empty() && names == ExpertNames::gpt_oss) weights->expect_shape(t.name, t.shape);
+        if (!t.name.empty() && names == ExpertNames::gpt_oss) weights.expect_shape(t.name, t.shape);
+    return;
+  }
+  for (int64_t e = 0; e < count; ++e) {
+    const auto t = expert_tensors(indexed ? base + std::to_string(e) + "." : base, names, d, f);
+    for (int i = shape.gated ? 0 : 1; i < 3; ++i) weights.expect_shape(t[i].name, t[i].shape);
+  }
+}
+
+FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
+                 const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack) {
+  // Validate, then allocate: every expert tensor is found with the configured shape before
+  // the bank (count x 3 x d x f values) is allocated, so memory follows what the file holds.
+  if (weights != nullptr) check_experts(*weights, base, indexed, count, shape, names);
+  if (fused_experts(names)) {  // `base` is the block prefix
+    const int64_t d = shape.hidden, f = shape.intermediate;
+    MOEKIT_CHECK(shape.gated && indexed, "fused expert tensors hold gated experts only");
     FfnBank bank(count, shape, pack);
     std::vector<float> buf(static_cast<size_t>(3 * f * d)), tmp;
     for (int64_t e = 0; e < count; ++e) {
@@ -246,21 +263,33 @@ FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool 
         fill_uniform(gate + 2 * f * d, d * f, 1.0 / std::sqrt(static_cast<double>(f)), seed);
       }
       bank.set_expert(e, gate, gate + f * d, gate + 2 * f * d);
-      load_biases(bank, e, weights, base, names, seed);
+      load_biases(bank, e, e, count, weights, base, names, seed);
     }
     return bank;
-  }
-  // Validate, then allocate: every expert tensor is found with the configured shape before
-  // the bank (count x 3 x d x f values) is allocated, so memory follows what the file holds.
-  for (int64_t e = 0; weights != nullptr && e < count; ++e) {
-    const auto t = expert_tensors(indexed ? base + std::to_string(e) + "." : base, names, shape.hidden,
-                                  shape.intermediate);
-    for (int i = shape.gated ? 0 : 1; i < 3; ++i) weights->expect_shape(t[i].name, t[i].shape);
   }
   FfnBank bank(count, shape, pack);
   std::vector<float> buf;
   for (int64_t e = 0; e < count; ++e)
     load_ffn_into(bank, e, weights, indexed ? base + std::to_string(e) + "." : base, names, seed, buf);
+  return bank;
+}
+
+FfnBank load_one_expert(const io::TensorSource& weights, const std::string& base, int64_t count, int64_t e,
+                        const FfnShape& shape, ExpertNames names, const kernels::PackOptions& pack) {
+  MOEKIT_CHECK(e >= 0 && e < count, "load_expert: expert expected in [0, ", count, "), got ", e);
+  FfnBank bank(1, shape, pack);
+  uint64_t seed = 0;
+  std::vector<float> buf, tmp;
+  if (fused_experts(names)) {
+    const int64_t d = shape.hidden, f = shape.intermediate;
+    buf.resize(static_cast<size_t>(3 * f * d));
+    float* gate = buf.data();
+    load_fused(weights, base, names, count, e, d, f, gate, gate + f * d, gate + 2 * f * d, tmp);
+    bank.set_expert(0, gate, gate + f * d, gate + 2 * f * d);
+    load_biases(bank, 0, e, count, &weights, base, names, seed);
+    return bank;
+  }
+  load_ffn_into(bank, 0, &weights, base + std::to_string(e) + ".", names, seed, buf);
   return bank;
 }
 

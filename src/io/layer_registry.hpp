@@ -66,6 +66,15 @@ void load_ffn_into(FfnBank& bank, int64_t e, const io::TensorSource* weights, co
 FfnBank ffn_bank(const io::TensorSource* weights, const std::string& base, bool indexed, int64_t count,
                  const FfnShape& shape, ExpertNames names, uint64_t& seed, const kernels::PackOptions& pack);
 
+/// Checks that `count` experts' tensors (ffn_bank's layout) exist with their shapes; reads nothing.
+void check_experts(const io::TensorSource& weights, const std::string& base, bool indexed, int64_t count,
+                   const FfnShape& shape, ExpertNames names);
+
+/// Expert e of `count` (the layout of ffn_bank with `indexed`) as a one-expert bank, read from
+/// `weights` and packed: what an expert cache loads on a miss.
+FfnBank load_one_expert(const io::TensorSource& weights, const std::string& base, int64_t count, int64_t e,
+                        const FfnShape& shape, ExpertNames names, const kernels::PackOptions& pack);
+
 /// The configured shared expert (if any), from weights or random.
 std::vector<SharedExpert> shared_experts(const LayerConfig& config, const io::TensorSource* weights,
                                          const std::string& prefix, uint64_t& seed);

@@ -11,9 +11,8 @@
 namespace moekit {
 namespace {
 
-TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std::string& prefix, uint64_t seed) {
+TopKRouter build_router(const LayerConfig& c, const io::TensorSource* weights, const std::string& prefix, uint64_t& state) {
   const int64_t E = c.router.num_experts, d = c.hidden();
-  uint64_t state = detail::splitmix64(seed);
   std::vector<float> gate =
       detail::tensor_or_random(weights, prefix + c.router_weight_tensor(), {E, d}, state, 1.0 / std::sqrt(static_cast<double>(d)));
   std::vector<float> bias;
@@ -25,8 +24,20 @@ TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std
   TopKRouter router(c.router, std::move(gate), std::move(bias));
   if (c.router_logit_bias)
     router.set_logit_bias(detail::tensor_or_random(weights, prefix + "router.bias", {E}, state, 0.1));
+  return router;
+}
+
+// The routed experts' tensor base: the block prefix for fused layouts, else "{prefix}experts.".
+std::string experts_base(const LayerConfig& c, const std::string& prefix) {
+  return fused_experts(c.expert_names) ? prefix : prefix + "experts.";
+}
+
+TopKLayer build(const LayerConfig& c, const io::TensorSource* weights, const std::string& prefix, uint64_t seed) {
+  const int64_t E = c.router.num_experts;
+  uint64_t state = detail::splitmix64(seed);
+  TopKRouter router = build_router(c, weights, prefix, state);
   // Fused layouts name their tensors from the block prefix (ffn_bank).
-  FfnBank bank = detail::ffn_bank(weights, fused_experts(c.expert_names) ? prefix : prefix + "experts.", true, E,
+  FfnBank bank = detail::ffn_bank(weights, experts_base(c, prefix), true, E,
                                   detail::routed_shape(c), c.expert_names, state, c.pack);
   std::vector<SharedExpert> shared = detail::shared_experts(c, weights, prefix, state);
   TopKLayer layer(std::move(router), std::move(bank), std::move(shared));
@@ -41,6 +52,31 @@ TopKLayer load_layer(const LayerConfig& c, const io::TensorSource& src, const st
 }
 
 TopKLayer random_layer(const LayerConfig& c, uint64_t seed) { return build(c, nullptr, "", seed); }
+
+FfnBank load_expert(const LayerConfig& c, const io::TensorSource& weights, const std::string& prefix, int64_t e) {
+  MOEKIT_CHECK(c.router_type == "topk", "load_expert: top-k layers only, got the ", c.router_type, " family");
+  return detail::load_one_expert(weights, experts_base(c, prefix), c.router.num_experts, e, detail::routed_shape(c),
+                                 c.expert_names, c.pack);
+}
+
+offload::OffloadedLayer<TopKRouter> load_offloaded_layer(const LayerConfig& c, std::shared_ptr<const io::TensorSource> weights,
+                                                         const std::string& prefix, int64_t capacity,
+                                                         offload::CachePolicy policy) {
+  MOEKIT_CHECK(c.router_type == "topk", "load_offloaded_layer: top-k layers only, got the ", c.router_type, " family");
+  MOEKIT_CHECK(weights != nullptr, "load_offloaded_layer: weights expected");
+  uint64_t state = 0;
+  TopKRouter router = build_router(c, weights.get(), prefix, state);
+  std::vector<SharedExpert> shared = detail::shared_experts(c, weights.get(), prefix, state);
+  // Every expert's tensors are checked now (names, shapes): a miss later only reads and packs.
+  const int64_t E = c.router.num_experts;
+  const FfnShape shape = detail::routed_shape(c);
+  detail::check_experts(*weights, experts_base(c, prefix), true, E, shape, c.expert_names);
+  offload::CachedFfnBank bank(E, shape, capacity,
+                              [c, weights, prefix](int64_t e) { return load_expert(c, *weights, prefix, e); }, policy);
+  SparseLayer<TopKRouter, offload::CachedFfnBank> layer(std::move(router), std::move(bank), std::move(shared));
+  layer.set_weight_on_input(c.weight_on_input);
+  return offload::OffloadedLayer<TopKRouter>(std::move(layer));
+}
 
 double layer_weight_bytes(const LayerConfig& c) {
   if (c.router_type != "topk") {  // the family's own estimate (src/io/layers_*.cpp)

@@ -273,6 +273,29 @@ TEST(EpMpi, LlepShipsWeightsAndKeepsTheBits) {
   int64_t guests = llep_stats.guests;
   MPI_Allreduce(MPI_IN_PLACE, &guests, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
   EXPECT_GT(guests, 0) << "LLEP should have shipped some expert weights";
+  EXPECT_EQ(llep_stats.weight_bytes_sent, 0) << "the second call ships again what the first left resident";
+  // One layer over a changing skew: skewed, uniform (guests dropped), skewed again (shipped
+  // again): each call equal to the single-process layer.
+  {
+    const int me = rank();
+    const ep::Placement pl = ep::Placement::round_robin(E, P);
+    moekit::SparseLayer<moekit::TopKRouter, ep::ShardedFfnBank> mine(router, ep::ShardedFfnBank::from_full(full, pl.experts_of(me)));
+    ep::ExpertParallelLayer<moekit::TopKRouter, ep::ShardedFfnBank> layer(std::move(mine), pl, ep::Comm(MPI_COMM_WORLD), opt);
+    ep::EpWorkspace ews;
+    const Tokens flat = random_tokens(g, P, d, 60);
+    for (const Tokens* tk : {&tok, &flat, &tok}) {
+      std::vector<float> want(tk->all.size());
+      Workspace ws;
+      single.forward(Batch::single(tk->total(), d), tk->all.data(), want.data(), ws, 1);
+      const int64_t T = tk->counts[static_cast<size_t>(me)], b = tk->begin(me);
+      std::vector<float> y(static_cast<size_t>(T * d));
+      layer.forward(Batch::single(T, d), tk->all.data() + b * d, y.data(), ews, 1);
+      ASSERT_EQ(0, std::memcmp(y.data(), want.data() + b * d, y.size() * sizeof(float))) << "changing skew, rank " << me;
+      if (tk == &flat) EXPECT_EQ(layer.layer().experts().num_guests(), layer.stats().guests);
+    }
+    layer.release_guests();
+    EXPECT_EQ(layer.layer().experts().num_guests(), 0);
+  }
   opt.llep.max_guests = 1;  // the memory bound
   opt.micro_batches = 2;
   check(single, full, router, {}, tok, ep::Placement::round_robin(E, P), opt, "llep bounded", &llep_stats);

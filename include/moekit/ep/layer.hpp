@@ -317,7 +317,6 @@ class ExpertParallelLayer {
     }
     t0 = clock::now();
     for (Exchange& xch : back) xch.wait();
-    if constexpr (kSharded) layer_.experts().clear_guests();
     stats_.seconds_exchange += seconds(t0);
 
     // 6. Every returned row to its place in this rank's expert order; combine here.
@@ -366,7 +365,7 @@ class ExpertParallelLayer {
         if (failed(r)) bad = r;
     }
     if (bad < 0) return;
-    if constexpr (kSharded) layer_.experts().clear_guests();
+    release_guests();
     if (failure) std::rethrow_exception(failure);
     throw remote_error(bad, moekit::detail::concat("ep::ExpertParallelLayer: rank ", bad, " failed in ", stage,
                                                    " (its own error names the cause)"));
@@ -416,25 +415,44 @@ class ExpertParallelLayer {
   }
 
   // LLEP guests: each guest expert's native rank sends its payload to the ranks that run it.
+  // Guests stay resident while consecutive plans keep them (every rank knows what every rank
+  // hosts: the plans are the same everywhere), so a steady skew ships each expert once.
   void ship_guests(EpWorkspace& ws) {
     const int P = comm_.size(), me = comm_.rank();
     if constexpr (kSharded) {
       ShardedFfnBank& bank = layer_.experts();
+      resident_guests_.resize(static_cast<size_t>(P));
+      const auto has = [](const std::vector<int64_t>& v, int64_t e) { return std::find(v.begin(), v.end(), e) != v.end(); };
+      // What moves: guests a rank needs and does not host yet.
+      std::vector<std::vector<int64_t>> fresh(static_cast<size_t>(P));
+      bool any = false;
+      for (int r = 0; r < P; ++r)
+        for (const int64_t e : ws.dispatch.guests[static_cast<size_t>(r)])
+          if (!has(resident_guests_[static_cast<size_t>(r)], e)) {
+            fresh[static_cast<size_t>(r)].push_back(e);
+            any = true;
+          }
+      for (const int64_t e : resident_guests_[static_cast<size_t>(me)])  // no longer needed here
+        if (!has(ws.dispatch.guests[static_cast<size_t>(me)], e)) bank.remove_guest(e);
+      stats_.guests = static_cast<int64_t>(ws.dispatch.guests[static_cast<size_t>(me)].size());
+      if (!any) {
+        resident_guests_ = ws.dispatch.guests;
+        return;
+      }
       const auto bytes = static_cast<int64_t>(bank.payload_bytes());
       std::vector<int64_t> to(static_cast<size_t>(P), 0), from(static_cast<size_t>(P), 0);
       for (int r = 0; r < P; ++r)
-        for (const int64_t e : ws.dispatch.guests[static_cast<size_t>(r)]) {
+        for (const int64_t e : fresh[static_cast<size_t>(r)]) {
           if (placement_.native(e) == me) ++to[static_cast<size_t>(r)];
           if (r == me) ++from[static_cast<size_t>(placement_.native(e))];
         }
       const int64_t n_to = std::accumulate(to.begin(), to.end(), int64_t{0});
       const int64_t n_from = std::accumulate(from.begin(), from.end(), int64_t{0});
-      if (std::all_of(ws.dispatch.guests.begin(), ws.dispatch.guests.end(), [](const auto& g) { return g.empty(); })) return;
       ws.weights_out.resize(static_cast<size_t>(std::max<int64_t>(n_to * bytes, 1)));
       ws.weights_in.resize(static_cast<size_t>(std::max<int64_t>(n_from * bytes, 1)));
       int64_t k = 0;
       for (int r = 0; r < P; ++r)
-        for (const int64_t e : ws.dispatch.guests[static_cast<size_t>(r)])
+        for (const int64_t e : fresh[static_cast<size_t>(r)])
           if (placement_.native(e) == me) bank.write_payload(e, ws.weights_out.data() + (k++) * bytes);
       comm_.alltoallv(ws.weights_out.data(), to, ws.weights_in.data(), from, static_cast<size_t>(bytes));
       // Arrivals: by source rank, then ascending expert (the order each native rank wrote).
@@ -442,17 +460,16 @@ class ExpertParallelLayer {
       try {
         k = 0;
         for (int s = 0; s < P; ++s)
-          for (const int64_t e : ws.dispatch.guests[static_cast<size_t>(me)])
-            if (placement_.native(e) == s) {
+          for (const int64_t e : fresh[static_cast<size_t>(me)])
+            if (placement_.native(e) == s)
               bank.add_guest(e, std::span<const uint8_t>(ws.weights_in.data() + (k++) * bytes, static_cast<size_t>(bytes)));
-            }
       } catch (...) {
         failure = std::current_exception();
       }
-      stats_.guests = static_cast<int64_t>(ws.dispatch.guests[static_cast<size_t>(me)].size());
       stats_.weight_bytes_sent = n_to * bytes;
       stats_.bytes_received += n_from * bytes;
       agree(failure, [](int r) { return r >= 0; }, "receiving expert weights", /*flag_is_rank=*/true);
+      resident_guests_ = ws.dispatch.guests;
     } else {
       (void)ws;
       (void)P;
@@ -460,11 +477,21 @@ class ExpertParallelLayer {
     }
   }
 
+ public:
+  /// Frees the guest experts this rank hosts (LLEP keeps them between calls while the plans
+  /// need them). Call it on every rank, between forwards: each rank tracks what all host.
+  void release_guests() noexcept {
+    if constexpr (kSharded) layer_.experts().clear_guests();
+    resident_guests_.clear();
+  }
+
+ private:
   SparseLayer<R, B> layer_;
   Placement placement_;
   Comm comm_;
   Options opt_;
   Stats stats_;
+  std::vector<std::vector<int64_t>> resident_guests_;  // per rank: the guests it hosts now
 };
 
 }  // namespace moekit::ep

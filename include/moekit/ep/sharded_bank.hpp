@@ -134,6 +134,17 @@ class ShardedFfnBank {
     guests_.push_back({e, FfnBank::from_packed(shape(), std::move(in), std::move(down), std::move(biases))});
     where_[static_cast<size_t>(e)] = kGuest0 - static_cast<int32_t>(guests_.size() - 1);
   }
+  /// Drops guest e (its memory is freed); a no-op when e is not a guest.
+  void remove_guest(int64_t e) noexcept {
+    for (size_t g = 0; g < guests_.size(); ++g) {
+      if (guests_[g].expert != e) continue;
+      guests_.erase(guests_.begin() + static_cast<std::ptrdiff_t>(g));
+      where_[static_cast<size_t>(e)] = kAbsent;
+      for (size_t i = g; i < guests_.size(); ++i)
+        where_[static_cast<size_t>(guests_[i].expert)] = kGuest0 - static_cast<int32_t>(i);
+      return;
+    }
+  }
   /// Drops every guest (their memory is freed).
   void clear_guests() noexcept {
     for (const Guest& g : guests_) where_[static_cast<size_t>(g.expert)] = kAbsent;

@@ -83,9 +83,11 @@ class FfnBank {
   [[nodiscard]] int64_t d_in() const noexcept { return shape_.hidden; }
   [[nodiscard]] int64_t d_out() const noexcept { return shape_.hidden; }
   [[nodiscard]] const FfnShape& shape() const noexcept { return shape_; }
-  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
-    return static_cast<size_t>(rows * shape_.intermediate) +
-           kernels::packed_a_floats(rows, std::max(shape_.hidden, shape_.intermediate));
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept { return scratch_floats_for(shape_, rows); }
+  /// Scratch floats of `rows` rows through an expert of `shape` (any bank of that shape).
+  [[nodiscard]] static size_t scratch_floats_for(const FfnShape& shape, int64_t rows) noexcept {
+    return static_cast<size_t>(rows * shape.intermediate) +
+           kernels::packed_a_floats(rows, std::max(shape.hidden, shape.intermediate));
   }
 
   /// Packs expert e's weights: `gate [f, d]` (gated only, else ignored and may be null),

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "moekit/experts/ffn.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/layer.hpp"
+#include "moekit/offload/expert_cache.hpp"
 #include "moekit/routers/topk.hpp"
 
 #pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
@@ -31,6 +33,18 @@ TopKLayer load_layer(const LayerConfig& config, const io::TensorSource& weights,
 /// A layer with random weights (uniform, variance 1/fan_in) from a fixed seed: for
 /// benchmarks and tests. Deterministic for a given seed.
 TopKLayer random_layer(const LayerConfig& config, uint64_t seed);
+
+/// Expert e of the top-k layer `config` describes, read from `weights` (names after `prefix`)
+/// and packed as config.pack: a one-expert bank (what an expert cache loads on a miss).
+FfnBank load_expert(const LayerConfig& config, const io::TensorSource& weights, const std::string& prefix, int64_t e);
+
+/// The top-k layer with at most `capacity` routed experts resident (docs/scale-out.md): the
+/// router and shared experts are loaded now, every expert's tensors are checked, and each
+/// expert is read from the (mapped) `weights` and packed when a call first needs it.
+offload::OffloadedLayer<TopKRouter> load_offloaded_layer(const LayerConfig& config,
+                                                         std::shared_ptr<const io::TensorSource> weights,
+                                                         const std::string& prefix, int64_t capacity,
+                                                         offload::CachePolicy policy = offload::CachePolicy::lru);
 
 /// The layers of a GGUF file that hold an MoE block (`blk.N.ffn_gate_inp.weight`), ascending.
 std::vector<int64_t> gguf_moe_layers(const io::GgufFile& file);
