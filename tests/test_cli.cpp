@@ -19,6 +19,8 @@
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/io/trace.hpp"
+#include "moekit/offload/locality.hpp"
 #include "moekit/kernels/fp8.hpp"
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/gguf.hpp"
@@ -382,6 +384,108 @@ TEST_F(Cli, ExpertParallelRunEqualsOneProcess) {
   write_input(23, 24);
   expect_error(run_args("") + " --ep 2", "not supported over ranks");
 #endif
+}
+
+// `run --trace` records each token's experts (the layer number from the prefix) and
+// `trace-stats` reports the loads, SRP, SCH and cache hit rates the library computes on it.
+TEST_F(Cli, TraceThenTraceStats) {
+  const std::string prefix = "model.layers.3.block_sparse_moe.";
+  write_mixtral(prefix, DType::F32);
+  write_input(30, 24);
+  const std::string y = (dir_ / "y.safetensors").string(), t = (dir_ / "t.safetensors").string();
+  const Result r = run_cli(dir_, run_args(prefix) + " --trace " + t);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << r.err;
+  const auto ids = moekit::io::TensorSource::open(y).read_i32("topk_ids", {30, 2});
+  moekit::io::RoutingTrace tr = moekit::io::read_trace(t);
+  ASSERT_EQ(tr.layers.count(3), 1u);
+  EXPECT_EQ(tr.layers.at(3).ids, ids);
+  EXPECT_EQ(tr.layers.at(3).num_experts, 6);
+  // Running again replaces that layer; another layer number adds one.
+  fs::remove(y);
+  ASSERT_EQ(run_cli(dir_, run_args(prefix) + " --trace " + t).code, 0);
+  fs::remove(y);
+  ASSERT_EQ(run_cli(dir_, "run -c " + (dir_ / "config.json").string() + " -w " + (dir_ / "w.safetensors").string() +
+                              " --prefix " + prefix + " -i " + (dir_ / "x.safetensors").string() + " -o " + y +
+                              " --layer 5 --trace " + t)
+                .code,
+            2);  // --layer needs --model or --gguf: nothing written
+  tr = moekit::io::read_trace(t);
+  EXPECT_EQ(tr.layers.size(), 1u);
+  EXPECT_EQ(tr.layers.at(3).tokens(), 30);
+
+  const Result s = run_cli(dir_, "trace-stats " + t + " --segments 4,16 --cache 2-6");
+  ASSERT_EQ(s.code, 0) << s.err;
+  const auto j = nlohmann::json::parse(s.out);
+  ASSERT_EQ(j["layers"].size(), 1u);
+  const auto& L = j["layers"][0];
+  EXPECT_EQ(L["layer"], 3);
+  EXPECT_EQ(L["tokens"], 30);
+  int64_t total = 0;
+  for (const auto& v : L["expert_load"]) total += v.get<int64_t>();
+  EXPECT_EQ(total, 60);
+  const moekit::offload::LayerTrace& lt = tr.layers.at(3);
+  for (const int64_t m : {4, 16}) {
+    EXPECT_EQ(L["srp"][std::to_string(m)].get<double>(), moekit::offload::srp(lt, m));
+    const auto sc = moekit::offload::sch(lt, m);
+    for (int64_t c = 2; c <= 6; ++c)
+      EXPECT_EQ(L["sch"][std::to_string(m)][std::to_string(c)].get<double>(), sc[static_cast<size_t>(c - 1)]);
+  }
+  for (int64_t c = 2; c <= 6; ++c) {
+    EXPECT_EQ(L["cache_hit_rate"][std::to_string(c)]["lru"].get<double>(),
+              moekit::offload::replay_cache(lt, c, moekit::offload::CachePolicy::lru).hit_rate());
+    EXPECT_EQ(L["cache_hit_rate"][std::to_string(c)]["belady"].get<double>(),
+              moekit::offload::replay_cache(lt, c, moekit::offload::CachePolicy::belady).hit_rate());
+  }
+  const Result md = run_cli(dir_, "trace-stats " + t + " -o md");
+  ASSERT_EQ(md.code, 0) << md.err;
+  EXPECT_NE(md.out.find("## layer 3: 30 tokens, 6 experts, k = 2"), std::string::npos) << md.out;
+  // Sizes outside [k, E] are reported as null, not computed.
+  const auto j1 = nlohmann::json::parse(run_cli(dir_, "trace-stats " + t + " --cache 1,7").out);
+  EXPECT_TRUE(j1["layers"][0]["cache_hit_rate"]["1"]["lru"].is_null());
+  EXPECT_TRUE(j1["layers"][0]["cache_hit_rate"]["7"]["lru"].is_null());
+
+  const std::string x = (dir_ / "x.safetensors").string();
+  expect_error("trace-stats", "expected at least one routing trace file");
+  expect_error("trace-stats " + x, "not a routing trace");
+  expect_error("trace-stats " + t + " --segments 0", "--segments");
+  expect_error("trace-stats " + t + " -o xml", "--output-format");
+  expect_error(run_args(prefix) + " --trace " + x, "--trace");
+  fs::copy_file(x, dir_ / "other.safetensors");
+  expect_error(run_args(prefix) + " --trace " + (dir_ / "other.safetensors").string(), "is not a routing trace");
+}
+
+// make-input --correlation: neighbouring tokens' hidden states correlate (rho), so their
+// routing does: higher SRP and LRU hit rate than independent tokens on the same layer.
+TEST_F(Cli, CorrelatedInputsGiveRoutingLocality) {
+  write_mixtral("", DType::F32);
+  const std::string c = (dir_ / "config.json").string(), w = (dir_ / "w.safetensors").string();
+  double srp[2], lru[2];
+  for (int i = 0; i < 2; ++i) {
+    const std::string x = (dir_ / ("x" + std::to_string(i) + ".safetensors")).string(),
+                      t = (dir_ / ("t" + std::to_string(i) + ".safetensors")).string(),
+                      y = (dir_ / ("y" + std::to_string(i) + ".safetensors")).string();
+    ASSERT_EQ(run_cli(dir_, "make-input -c " + c + " --tokens 400 --sequences 2 -o " + x + (i ? " --correlation 0.95" : "")).code, 0);
+    if (i) {  // consecutive rows correlate
+      const auto h = moekit::io::TensorSource::open(x).read_f32("hidden_states", {400, 24});
+      double xy = 0, xx = 0;
+      for (int64_t tk = 1; tk < 200; ++tk)
+        for (int64_t j = 0; j < 24; ++j) {
+          xy += double(h[static_cast<size_t>(tk * 24 + j)]) * h[static_cast<size_t>((tk - 1) * 24 + j)];
+          xx += double(h[static_cast<size_t>(tk * 24 + j)]) * h[static_cast<size_t>(tk * 24 + j)];
+        }
+      EXPECT_GT(xy / xx, 0.85);
+    }
+    ASSERT_EQ(run_cli(dir_, "run -c " + c + " -w " + w + " -i " + x + " -o " + y + " --trace " + t).code, 0);
+    const auto j = nlohmann::json::parse(run_cli(dir_, "trace-stats " + t + " --segments 8 --cache 3").out);
+    EXPECT_EQ(j["layers"][0]["sequences"], 2);
+    srp[i] = j["layers"][0]["srp"]["8"].get<double>();
+    lru[i] = j["layers"][0]["cache_hit_rate"]["3"]["lru"].get<double>();
+  }
+  EXPECT_GT(srp[1], srp[0] + 0.1);
+  EXPECT_GT(lru[1], lru[0] + 0.1);
+  expect_error("make-input -c " + c + " --tokens 4 -o " + (dir_ / "z.safetensors").string() + " --correlation 1", "--correlation");
+  expect_error("make-input -c " + c + " --tokens 4 -o " + (dir_ / "z.safetensors").string() + " --correlation nan", "--correlation");
 }
 
 TEST_F(Cli, ShardedIndexAndPadding) {

@@ -974,7 +974,7 @@ TEST(LayerPhases, RouteRunExpertsElsewhereCombineEqualsForward) {
     }
     std::vector<float> y(want.size(), std::numeric_limits<float>::quiet_NaN());
     b.layer->combine_outputs(batch, x, plan, moekit::ActivationsOut::f32(y.data()), home, threads);
-    ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
+    ASSERT_TRUE(y.empty() || std::memcmp(y.data(), want.data(), y.size() * sizeof(float)) == 0)
         << "trial " << trial << " E " << E << " k " << k << " d " << d << " T " << T;
   }
 }

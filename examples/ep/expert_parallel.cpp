@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
     std::vector<float> want(all.size());
     moekit::Workspace w1;
     full.forward(moekit::Batch::single(P * T, d), all.data(), want.data(), w1, 1);
-    const bool same = std::memcmp(y.data(), want.data() + me * T * d, y.size() * sizeof(float)) == 0;
+    const bool same = y.empty() || std::memcmp(y.data(), want.data() + me * T * d, y.size() * sizeof(float)) == 0;
     if (!comm.all(same)) status = 1;
     if (me == 0)
       std::printf("expert_parallel: %d ranks, %lld tokens each, rank loads max/mean %.2f%s: %s\n", P,

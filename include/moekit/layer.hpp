@@ -265,11 +265,14 @@ class SparseLayer {
   // depends on that row alone, so the rows of one expert may arrive in any grouping.
 
   /// Checks and converts the input as forward() does and routes it into `ws.plan`. Returns
-  /// the f32 rows `[T, d]` the other phases read (the caller's, or `ws.hidden_f32`).
-  const float* route(const Batch& batch, ActivationsIn hidden, Workspace& ws, int threads = 0) const {
+  /// the f32 rows `[T, d]` the other phases read (the caller's, or `ws.hidden_f32`). `out`:
+  /// the view combine_outputs() will write, when it may overlap `hidden` (other than the same
+  /// view), so the input is copied first.
+  const float* route(const Batch& batch, ActivationsIn hidden, Workspace& ws, int threads = 0,
+                     ActivationsOut out = {}) const {
     ws.non_finite_rows = 0;
     batch.validate(hidden_size());
-    const float* x = input_rows(batch, hidden, nullptr, ws, "SparseLayer::route");
+    const float* x = input_rows(batch, hidden, out.data != nullptr ? &out : nullptr, ws, "SparseLayer::route");
     router_.route(batch, x, ws.plan, ws.router, threads);
     check_plan(batch, ws.plan);
     return x;
@@ -554,6 +557,12 @@ class SparseLayer {
     if constexpr (whole_blocks_v<B>) {
       block = 1;
       for (int64_t e = 0; e < num_experts(); ++e) block = std::max(block, plan.kept_of(e));
+    }
+    if constexpr (requires(const B& b) { b.resident(int64_t{}); }) {  // banks holding some experts (moekit::ep, offload)
+      if (parts & kRoutedTasks)
+        for (int64_t e = 0; e < num_experts(); ++e)
+          MOEKIT_CHECK(plan.kept_of(e) == 0 || experts_.resident(e), "SparseLayer: expert ", e,
+                       " has rows but is not resident in the bank");
     }
     for (int64_t e = 0; e < ((parts & kRoutedTasks) ? num_experts() : 0); ++e)
       for (int32_t b = offs[static_cast<size_t>(e)]; b < offs[static_cast<size_t>(e) + 1]; b += static_cast<int32_t>(block))

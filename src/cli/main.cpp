@@ -35,6 +35,8 @@
 #include "moekit/io/model.hpp"
 #include "moekit/io/packed_layer.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/io/trace.hpp"
+#include "moekit/offload/locality.hpp"
 #include "moekit/cpu.hpp"
 #include "moekit/kernels/gemm.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
@@ -77,6 +79,7 @@ constexpr const char* kUsage =
     "  moekit run --packed L.safetensors --input X.safetensors --output Y.safetensors [--threads N]\n"
     "  moekit pack --config C.json --weights W.safetensors [--prefix P] | --model DIR [--layer N] [--dtype ...] --output L.safetensors\n"
     "  moekit make-input --config C.json --tokens T [--sequences S] [--seed S] --output X.safetensors\n"
+    "  moekit trace-stats TRACE.safetensors... [--segments M,...] [--cache C,...] [-o json|md]\n"
     "  moekit info\n"
     "  moekit --version\n"
     "Flags take --name value or --name=value; moekit <command> --help describes a command's flags.\n";
@@ -112,6 +115,8 @@ const std::vector<FlagSpec> kRunFlags = {
     {"packed", "", "a pre-packed layer file (moekit pack), instead of the others above"},
     {"threads", "-t", "threads; 0 (default) = OpenMP's default"},
     kDtypeFlag,
+    {"trace", "", "add this layer's routing (the experts each token used) to a routing trace file, "
+                  "created or extended (moekit trace-stats reads it)"},
     {"ep", "", "expert parallelism over N MPI ranks (top-k layers): relaunches itself with mpiexec; "
                "under mpirun -np N, the world size"},
     {"ep-placement", "", "with --ep: contiguous (default: rank r holds experts [E r/N, E (r+1)/N)) or round-robin"},
@@ -155,6 +160,17 @@ const std::vector<FlagSpec> kMakeInputFlags = {
     {"sequences", "", "split the tokens into this many sequences (default 1)"},
     {"seed", "-s", "random seed (default 1)"},
     {"output", "-o", "the .safetensors file to write"},
+    {"correlation", "", "rho in [0, 1): each token's hidden state rho x the previous one's plus sqrt(1 - rho^2) "
+                        "x fresh noise, within a sequence (default 0: independent tokens)"},
+};
+constexpr const char* kTraceStatsHelp =
+    "Prints what routing traces (moekit run --trace) say about expert offloading, per layer: the per-expert\n"
+    "load, the locality metrics SRP and SCH, and the hit rates of an expert cache of C experts under LRU, LFU\n"
+    "and Belady's optimum (docs/scale-out.md). Layers with the same number in several files are one stream.";
+const std::vector<FlagSpec> kTraceStatsFlags = {
+    {"segments", "", "segment lengths m for SRP and SCH: a comma list or ranges (default 16)"},
+    {"cache", "", "cache sizes C in experts: a comma list or ranges (default k, 2k, 4k and E/2, those in [k, E])"},
+    {"output-format", "-o", "json (default: one object) or md (a table per layer)"},
 };
 
 // `s` with control characters escaped (\n, \t, \xHH) appended to `out`.
@@ -241,7 +257,9 @@ std::string closest_flag(const std::string& arg, const std::vector<FlagSpec>& fl
 // takes `-t value`), each at most once, in any order; `-h` / `--help` prints the command's help
 // to stdout (HelpShown). Unknown arguments are errors naming the closest flag.
 std::map<std::string, std::string> parse_flags(const std::string& cmd, const std::string& description, int argc,
-                                               char** argv, int first, const std::vector<FlagSpec>& flags) {
+                                               char** argv, int first, const std::vector<FlagSpec>& flags,
+                                               std::vector<std::string>* positional = nullptr,
+                                               const char* positional_help = "") {
   CLI::App app(description, "moekit " + cmd);
   app.allow_extras(true);  // reported below, with a suggestion
   app.set_help_flag("-h,--help", "print this help and exit");
@@ -253,6 +271,7 @@ std::map<std::string, std::string> parse_flags(const std::string& cmd, const std
     if (flags[i].short_name[0] != '\0') names = std::string(flags[i].short_name) + "," + names;
     options[i] = app.add_option(names, values[i], flags[i].help)->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   }
+  if (positional != nullptr) app.add_option("FILES", *positional, positional_help);
   std::vector<std::string> args;
   for (int i = argc - 1; i >= first; --i) args.emplace_back(argv[i]);  // CLI11 takes them reversed
   // A known flag as the last argument has no value.
@@ -723,6 +742,43 @@ LayerSource layer_source(const std::map<std::string, std::string>& f, const std:
 int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks);
 int64_t ep_ranks(const std::map<std::string, std::string>& f);
 
+// --trace FILE: checked before the layer runs (not one of the run's files; an existing file must
+// be a routing trace, which is extended, never clobbered).
+void check_trace_flag(const std::map<std::string, std::string>& f) {
+  if (!f.count("trace")) return;
+  const std::string& t = f.at("trace");
+  std::vector<std::pair<std::string, std::string>> files;
+  for (const char* k : {"output", "input", "config", "weights", "packed", "gguf", "ep-stats"})
+    if (f.count(k)) {
+      if (f.at(k) == t) fail("--trace \"", t, "\" is also --", k);
+      files.emplace_back(std::string("--") + k, f.at(k));
+    }
+  refuse_output_over_inputs(t, files, "--trace");
+  struct stat st {};
+  if (::stat(t.c_str(), &st) != 0) return;  // a new file
+  if (!S_ISREG(st.st_mode)) fail("--trace \"", t, "\": not a regular file");
+  if (!moekit::io::is_trace_file(t))
+    fail("--trace \"", t, "\": exists and is not a routing trace; refusing to overwrite it");
+}
+
+// The layer number a trace records: --layer, else the number in the block prefix
+// ("model.layers.12.mlp." -> 12), else 0.
+int64_t trace_layer_number(const std::map<std::string, std::string>& f, const std::string& prefix) {
+  if (f.count("layer")) return int_flag(f, "layer", -1, 0, int64_t{1} << 30);
+  return std::max<int64_t>(layer_of(prefix), 0);
+}
+
+// Adds (or replaces) layer `layer` of the trace file with `t` (and the input's sequences).
+void write_trace_layer(const std::string& path, int64_t layer, moekit::offload::LayerTrace t,
+                       const std::vector<int32_t>& sequence_offsets) {
+  t.sequence_offsets = sequence_offsets.size() >= 2 ? sequence_offsets : std::vector<int32_t>{};
+  moekit::io::RoutingTrace trace;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) trace = moekit::io::read_trace(path);
+  trace.layers[layer] = std::move(t);
+  moekit::io::write_trace(path, trace);
+}
+
 // The layer flags of `run` (with or without --ep): which source, and the required ones.
 void check_run_layer_flags(const std::map<std::string, std::string>& f) {
   const bool by_model = f.count("model") != 0, by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
@@ -745,17 +801,28 @@ void check_run_layer_flags(const std::map<std::string, std::string>& f) {
   }
 }
 
+int64_t launcher_rank();
+
 int cmd_run(const std::map<std::string, std::string>& f) {
-  if (const int64_t ep = ep_ranks(f); ep > 0) return cmd_run_ep(f, ep);
+  int64_t ep = 0;
+  try {
+    ep = ep_ranks(f);
+  } catch (const moekit::error&) {
+    if (launcher_rank() > 0) throw QuietExit{2};  // under a launcher, rank 0 reports
+    throw;
+  }
+  if (ep > 0) return cmd_run_ep(f, ep);
   const auto dtype = dtype_flag(f);
   const bool by_gguf = f.count("gguf") != 0, by_packed = f.count("packed") != 0;
   check_run_layer_flags(f);
+  check_trace_flag(f);
   const int64_t layer_no = int_flag(f, "layer", -1, 0, int64_t{1} << 30);
   const int threads = static_cast<int>(int_flag(f, "threads", 0, 0, 4096));
   const std::string out_path = required(f, "output");
   std::unique_ptr<moekit::AnyLayer> layer;
   const std::string in_path = required(f, "input");
   moekit::LayerConfig cfg;
+  std::string block_prefix;  // the MoE block's tensor prefix (for --trace's layer number)
   Progress progress("run");
   progress.phase("loading the layer");
   if (by_packed) {
@@ -768,6 +835,7 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   } else {
     LayerSource src = layer_source(f, dtype, layer_no, out_path, in_path);
     cfg = src.cfg;
+    block_prefix = src.prefix;
     layer = moekit::load_any_layer(cfg, *src.weights, src.prefix);
   }
   const int64_t d = cfg.hidden();
@@ -789,7 +857,14 @@ int cmd_run(const std::map<std::string, std::string>& f) {
   const std::vector<moekit::NamedTensor> extra = layer->outputs();
   std::vector<moekit::io::OutTensor> out = {{"hidden_states", moekit::io::DType::F32, {T, d}, y.data()}};
   for (const auto& t : extra) out.push_back({t.name, t.dtype, t.shape, t.bytes.data()});
+  std::optional<moekit::offload::LayerTrace> trace;
+  if (f.count("trace")) {  // before anything is written: a family without a plan writes nothing
+    const moekit::RoutingPlan* plan = layer->routing_plan();
+    if (plan == nullptr) fail("--trace: the ", cfg.router_type, " family has no expert routing to trace");
+    trace = moekit::offload::LayerTrace::from_plan(*plan);
+  }
   moekit::io::write_safetensors(out_path, out, {{"producer", std::string("moekit ") + moekit::version()}});
+  if (trace) write_trace_layer(f.at("trace"), trace_layer_number(f, block_prefix), std::move(*trace), in.offsets);
   return 0;
 }
 
@@ -802,7 +877,8 @@ char** g_argv = nullptr;  // the command line, for the relaunch
 
 // The launcher's world size, or 0 when not started by one.
 int64_t launcher_world_size() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"})
+  // MOEKIT_EP_CHILD: set by run --ep's own relaunch (never relaunch again, whatever launcher).
+  for (const char* v : {"MOEKIT_EP_CHILD", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"})
     if (const char* s = std::getenv(v); s != nullptr && *s != '\0') {
       char* end = nullptr;
       const long n = std::strtol(s, &end, 10);
@@ -811,12 +887,19 @@ int64_t launcher_world_size() {
   return std::getenv("PMIX_RANK") != nullptr ? 1 : 0;
 }
 
+// This process's rank under a launcher (0 when not started by one).
+int64_t launcher_rank() {
+  for (const char* v : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"})
+    if (const char* s = std::getenv(v); s != nullptr && *s != '\0') return std::strtol(s, nullptr, 10);
+  return 0;
+}
+
 // 0: an ordinary run. Else the number of ranks of an expert-parallel run (checked flags).
 int64_t ep_ranks(const std::map<std::string, std::string>& f) {
   const bool flag = f.count("ep") != 0;
-  for (const char* k : {"ep-placement", "ep-balance", "ep-wire", "ep-micro-batches", "ep-stats"})
-    if (f.count(k) && !flag) fail("--", k, " needs --ep N");
   const int64_t world = launcher_world_size();
+  for (const char* k : {"ep-placement", "ep-balance", "ep-wire", "ep-micro-batches", "ep-stats"})
+    if (f.count(k) && !flag && world <= 1) fail("--", k, " needs --ep N (or mpirun -np N)");
   const int64_t n = flag ? int_flag(f, "ep", 1, 1, 1024) : 0;
   if (world > 0 && n > 0 && world != n) fail("--ep ", n, ": this launcher started ", world, " ranks; use mpirun -np ", n);
   if (world > 1) return world;
@@ -842,6 +925,7 @@ int relaunch_under_mpiexec(int64_t n) {
   if (len <= 0) fail("--ep: cannot find this program's path (/proc/self/exe) to relaunch it under mpiexec");
   args.emplace_back(exe, static_cast<size_t>(len));
   for (char** a = g_argv + 1; *a != nullptr; ++a) args.emplace_back(*a);
+  setenv("MOEKIT_EP_CHILD", std::to_string(n).c_str(), 1);  // the ranks never relaunch
   if (geteuid() == 0) {  // Open MPI refuses root unless told; the caller already runs as root
     setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
@@ -911,13 +995,6 @@ void write_ep_stats(const std::string& path, const Layer& layer, const moekit::e
   if (!out) fail("--ep-stats: cannot write \"", path, "\"");
 }
 
-// This process's rank under a launcher (0 when not started by one).
-int64_t launcher_rank() {
-  for (const char* v : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"})
-    if (const char* s = std::getenv(v); s != nullptr && *s != '\0') return std::strtol(s, nullptr, 10);
-  return 0;
-}
-
 int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
   namespace ep = moekit::ep;
   ep::Options opt;
@@ -936,6 +1013,7 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
     stats_path = f.count("ep-stats") ? f.at("ep-stats") : "";
     (void)dtype_flag(f);
     check_run_layer_flags(f);
+    check_trace_flag(f);
     (void)int_flag(f, "layer", -1, 0, int64_t{1} << 30);
     (void)int_flag(f, "threads", 0, 0, 4096);
     if (!stats_path.empty()) {
@@ -965,6 +1043,12 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
   } finalize;
   const ep::Comm comm(MPI_COMM_WORLD);
   const int me = comm.rank(), P = comm.size();
+  if (P != ranks) {  // a launcher whose world size the environment did not tell
+    if (me == 0)
+      std::fprintf(stderr, "moekit run: error: --ep %lld: MPI started %d ranks; use mpirun -np %lld\n",
+                   static_cast<long long>(ranks), P, static_cast<long long>(ranks));
+    throw QuietExit{2};
+  }
   if (threads == 0) {  // the node's cores shared among the ranks on it
     MPI_Comm node;
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, me, MPI_INFO_NULL, &node);
@@ -983,9 +1067,13 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
   };
   std::string err;
   moekit::LayerConfig cfg;
+  std::string block_prefix;
   std::optional<moekit::TopKLayer> full;
+  std::optional<moekit::SparseLayer<moekit::TopKRouter, ep::ShardedFfnBank>> mine;
+  ep::Placement placement;
   Input in;
   try {
+    std::optional<LayerSource> src;
     if (by_packed) {
       refuse_output_over_inputs(out_path, {{"--packed", f.at("packed")}, {"--input", in_path}});
       full.emplace(moekit::load_packed_layer(f.at("packed"), &cfg));
@@ -1002,17 +1090,29 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
       apply_dtype(dtype, cfg);
       full.emplace(moekit::load_gguf_layer(g, ln, cfg));
     } else {
-      LayerSource src = layer_source(f, dtype, layer_no, out_path, in_path);
-      cfg = src.cfg;
+      src.emplace(layer_source(f, dtype, layer_no, out_path, in_path));
+      cfg = src->cfg;
+      block_prefix = src->prefix;
       if (cfg.router_type != "topk")
         fail("--ep: the ", cfg.router_type, " family is not supported over ranks (top-k layers: every HF model type)");
-      if (cfg.router.capacity_factor > 0)
-        fail("--ep: capacity_factor ", cfg.router.capacity_factor,
-             " limits each expert over the whole batch; each rank routes its own tokens, so the output would differ "
-             "from one process (use a dropless config)");
-      full.emplace(moekit::load_layer(cfg, *src.weights, src.prefix));
     }
-    if (cfg.router.capacity_factor > 0) fail("--ep: capacity-limited routing (capacity_factor ", cfg.router.capacity_factor, ") is not supported over ranks");
+    if (cfg.router.capacity_factor > 0)
+      fail("--ep: capacity_factor ", cfg.router.capacity_factor,
+           " limits each expert over the whole batch; each rank routes its own tokens, so the output would differ "
+           "from one process (use a dropless config)");
+    const int64_t E = cfg.router.num_experts;
+    placement = placement_name == "round-robin" ? ep::Placement::round_robin(E, P) : ep::Placement::contiguous(E, P);
+    if (placement.experts_of(me).empty())
+      fail("--ep ", P, ": rank ", me, " would hold no expert (the layer has ", E, "); use at most ", E, " ranks");
+    if (full) {  // a packed file or GGUF: loaded whole, then this rank keeps its shard
+      mine.emplace(full->router(), ep::ShardedFfnBank::from_full(full->experts(), placement.experts_of(me)),
+                   full->shared_experts());
+      mine->set_weight_on_input(full->weight_on_input());
+      mine->set_output_bias(full->output_bias());
+      full.reset();
+    } else {  // a safetensors checkpoint: only this rank's experts are read and packed
+      mine.emplace(moekit::load_layer_shard(cfg, *src->weights, src->prefix, placement.experts_of(me)));
+    }
     in = read_input(moekit::io::TensorSource::open(in_path), in_path, cfg.hidden());
   } catch (const moekit::error& e) {
     err = e.what();
@@ -1020,22 +1120,7 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
   agree(err);
   const int64_t d = cfg.hidden(), E = cfg.router.num_experts, T = in.tokens, k = cfg.router.k;
   const int64_t t0 = T * me / P, t1 = T * (me + 1) / P, n = t1 - t0;
-  const ep::Placement placement =
-      placement_name == "round-robin" ? ep::Placement::round_robin(E, P) : ep::Placement::contiguous(E, P);
-  try {
-    if (placement.experts_of(me).empty())
-      fail("--ep ", P, ": rank ", me, " would hold no expert (the layer has ", E, "); use at most ", E, " ranks");
-  } catch (const moekit::error& e) {
-    err = e.what();
-  }
-  agree(err);
-  // This rank's shard of the experts; the full bank is dropped once the shard holds its copy.
-  moekit::SparseLayer<moekit::TopKRouter, ep::ShardedFfnBank> mine(
-      full->router(), ep::ShardedFfnBank::from_full(full->experts(), placement.experts_of(me)), full->shared_experts());
-  mine.set_weight_on_input(full->weight_on_input());
-  mine.set_output_bias(full->output_bias());
-  full.reset();
-  ep::ExpertParallelLayer<moekit::TopKRouter, ep::ShardedFfnBank> layer(std::move(mine), placement, comm, opt);
+  ep::ExpertParallelLayer<moekit::TopKRouter, ep::ShardedFfnBank> layer(std::move(*mine), placement, comm, opt);
   moekit::Batch batch = moekit::Batch::single(n, d);
   if (!in.padding.empty()) batch.padding = std::span<const uint8_t>(in.padding.data() + t0, static_cast<size_t>(n));
   std::vector<float> y(static_cast<size_t>(n * d));
@@ -1088,6 +1173,13 @@ int cmd_run_ep(const std::map<std::string, std::string>& f, int64_t ranks) {
                                             {"topk_ids", moekit::io::DType::I32, {T, k}, I.data()},
                                             {"topk_weights", moekit::io::DType::F32, {T, k}, W.data()}};
   moekit::io::write_safetensors(out_path, out, {{"producer", std::string("moekit ") + moekit::version()}});
+  if (f.count("trace")) {
+    moekit::offload::LayerTrace t;
+    t.num_experts = E;
+    t.k = k;
+    t.ids = I;
+    write_trace_layer(f.at("trace"), trace_layer_number(f, block_prefix), std::move(t), in.offsets);
+  }
   return 0;
 }
 #endif
@@ -1327,12 +1419,26 @@ int cmd_make_input(const std::map<std::string, std::string>& f) {
   const moekit::LayerConfig cfg = moekit::load_layer_config(config);
   const int64_t d = cfg.hidden();
   if (T * d > (int64_t{1} << 31)) fail("--tokens ", T, " x hidden_size ", d, ": expected at most 2^31 values");
+  double rho = 0.0;
+  if (f.count("correlation")) {
+    const std::string& v = f.at("correlation");
+    char* end = nullptr;
+    rho = std::strtod(v.c_str(), &end);
+    if (v.empty() || end != v.c_str() + v.size() || !std::isfinite(rho) || rho < 0.0 || rho >= 1.0)
+      fail("--correlation: expected a number in [0, 1), got \"", v, "\"");
+  }
   std::mt19937_64 g(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> x(static_cast<size_t>(T * d));
   for (float& v : x) v = normal(g);
   std::vector<int32_t> offsets(static_cast<size_t>(S + 1)), positions(static_cast<size_t>(T));
   for (int64_t i = 0; i <= S; ++i) offsets[static_cast<size_t>(i)] = static_cast<int32_t>(T * i / S);
+  if (rho > 0.0) {  // an AR(1) process over each sequence's tokens (routing locality to measure)
+    const auto a = static_cast<float>(rho), b = static_cast<float>(std::sqrt(1.0 - rho * rho));
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t t = offsets[static_cast<size_t>(i)] + 1; t < offsets[static_cast<size_t>(i) + 1]; ++t)
+        for (int64_t j = 0; j < d; ++j) x[static_cast<size_t>(t * d + j)] = a * x[static_cast<size_t>((t - 1) * d + j)] + b * x[static_cast<size_t>(t * d + j)];
+  }
   for (int64_t i = 0; i < S; ++i)
     for (int32_t t = offsets[static_cast<size_t>(i)]; t < offsets[static_cast<size_t>(i) + 1]; ++t)
       positions[static_cast<size_t>(t)] = t - offsets[static_cast<size_t>(i)];
@@ -1410,12 +1516,116 @@ int cmd_info() {
   return 0;
 }
 
+// ---------------------------------------------------------------------------- trace-stats
+int cmd_trace_stats(const std::map<std::string, std::string>& f, const std::vector<std::string>& files) {
+  if (files.empty()) fail("expected at least one routing trace file (moekit run --trace writes them)");
+  const std::vector<int64_t> segments = int_list_flag(f, "segments", 16, 1, int64_t{1} << 20);
+  const std::string format = f.count("output-format") ? f.at("output-format") : "json";
+  if (format != "json" && format != "md") fail("--output-format: expected json or md, got \"", format, "\"");
+  std::map<int64_t, moekit::offload::LayerTrace> layers;
+  for (const std::string& path : files) {
+    for (auto& [l, t] : moekit::io::read_trace(path).layers) {
+      auto it = layers.find(l);
+      if (it == layers.end()) {
+        layers.emplace(l, std::move(t));
+      } else {
+        if (it->second.num_experts != t.num_experts)
+          fail(path, ": layer ", l, " has ", t.num_experts, " experts, an earlier file ", it->second.num_experts);
+        it->second.append(t);
+      }
+    }
+  }
+  json out = {{"files", files}, {"layers", json::array()}};
+  std::string md;
+  for (const auto& [l, t] : layers) {
+    const int64_t E = t.num_experts, k = std::max<int64_t>(t.k, 1);
+    if (t.tokens() > (int64_t{1} << 32) / E)  // SRP and SCH cost about T x E per segment length
+      fail("layer ", l, ": ", t.tokens(), " tokens x ", E, " experts: expected at most 2^32 (split the trace)");
+    std::vector<int64_t> sizes;
+    if (f.count("cache")) {
+      sizes = int_list_flag(f, "cache", 1, 1, int64_t{1} << 20);
+    } else {
+      for (const int64_t c : {k, 2 * k, 4 * k, E / 2})
+        if (c >= k && c <= E && std::find(sizes.begin(), sizes.end(), c) == sizes.end()) sizes.push_back(c);
+      std::sort(sizes.begin(), sizes.end());
+    }
+    const std::vector<int64_t> load = moekit::offload::expert_load(t);
+    int64_t total = 0, most = 0;
+    for (const int64_t v : load) total += v, most = std::max(most, v);
+    json L = {{"layer", l},
+              {"tokens", t.tokens()},
+              {"sequences", t.sequence_offsets.empty() ? 1 : static_cast<int64_t>(t.sequence_offsets.size()) - 1},
+              {"num_experts", E},
+              {"k", t.k},
+              {"expert_load", load},
+              {"max_over_mean_load", total > 0 ? static_cast<double>(most) * static_cast<double>(E) / static_cast<double>(total) : 0.0}};
+    json srp = json::object(), sch = json::object(), hits = json::object();
+    std::vector<std::vector<double>> sch_of;
+    for (const int64_t m : segments) {
+      const double v = moekit::offload::srp(t, m);
+      srp[std::to_string(m)] = std::isnan(v) ? json(nullptr) : json(v);
+      sch_of.push_back(moekit::offload::sch(t, m));
+    }
+    for (size_t i = 0; i < segments.size(); ++i) {
+      json row = json::object();
+      for (const int64_t c : sizes) {
+        const double v = c >= 1 && c <= E ? sch_of[i][static_cast<size_t>(c - 1)] : std::nan("");
+        row[std::to_string(c)] = std::isnan(v) ? json(nullptr) : json(v);
+      }
+      sch[std::to_string(segments[i])] = row;
+    }
+    for (const int64_t c : sizes) {
+      if (c < std::max<int64_t>(t.k, 1) || c > E) {  // below one token's experts, or above E
+        hits[std::to_string(c)] = {{"lru", nullptr}, {"lfu", nullptr}, {"belady", nullptr}};
+        continue;
+      }
+      hits[std::to_string(c)] = {{"lru", moekit::offload::replay_cache(t, c, moekit::offload::CachePolicy::lru).hit_rate()},
+                                 {"lfu", moekit::offload::replay_cache(t, c, moekit::offload::CachePolicy::lfu).hit_rate()},
+                                 {"belady", moekit::offload::replay_cache(t, c, moekit::offload::CachePolicy::belady).hit_rate()}};
+    }
+    L["srp"] = srp;
+    L["sch"] = sch;
+    L["cache_hit_rate"] = hits;
+    if (format == "md") {
+      const auto num = [](const json& v) {
+        if (v.is_null()) return std::string("-");
+        char b[32];
+        std::snprintf(b, sizeof b, "%.3f", v.get<double>());
+        return std::string(b);
+      };
+      md += "## layer " + std::to_string(l) + ": " + std::to_string(t.tokens()) + " tokens, " + std::to_string(E) +
+            " experts, k = " + std::to_string(t.k) + ", max / mean load " + num(L["max_over_mean_load"]) + "\n\n";
+      md += "| segment m | SRP(m) |\n|---|---|\n";
+      for (const int64_t m : segments) md += "| " + std::to_string(m) + " | " + num(srp[std::to_string(m)]) + " |\n";
+      md += "\n| cache C | LRU | LFU | Belady |";
+      for (const int64_t m : segments) md += " SCH(" + std::to_string(m) + ") |";
+      md += "\n|---|---|---|---|";
+      for (size_t i = 0; i < segments.size(); ++i) md += "---|";
+      md += "\n";
+      for (const int64_t c : sizes) {
+        const json& h = hits[std::to_string(c)];
+        md += "| " + std::to_string(c) + " | " + num(h["lru"]) + " | " + num(h["lfu"]) + " | " + num(h["belady"]) + " |";
+        for (const int64_t m : segments) md += " " + num(sch[std::to_string(m)][std::to_string(c)]) + " |";
+        md += "\n";
+      }
+      md += "\n";
+    }
+    out["layers"].push_back(std::move(L));
+  }
+  if (format == "md") {
+    std::fputs(md.c_str(), stdout);
+  } else {
+    std::printf("%s\n", out.dump().c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 // The command line as a function: the fuzz targets (fuzz/) call it in-process.
 int moekit_cli_main(int argc, char** argv) {
   if (argc < 2) {
-    std::fputs("moekit: error: missing command (expected run, bench, pack, make-input or info; see moekit --help)\n", stderr);
+    std::fputs("moekit: error: missing command (expected run, bench, pack, make-input, trace-stats or info; see moekit --help)\n", stderr);
     return 2;
   }
   const std::string cmd = argv[1];
@@ -1425,6 +1635,11 @@ int moekit_cli_main(int argc, char** argv) {
     if (cmd == "bench") return cmd_bench(parse_flags(cmd, kBenchHelp, argc, argv, 2, kBenchFlags));
     if (cmd == "pack") return cmd_pack(parse_flags(cmd, kPackHelp, argc, argv, 2, kPackFlags));
     if (cmd == "make-input") return cmd_make_input(parse_flags(cmd, kMakeInputHelp, argc, argv, 2, kMakeInputFlags));
+    if (cmd == "trace-stats") {
+      std::vector<std::string> files;
+      const auto f = parse_flags(cmd, kTraceStatsHelp, argc, argv, 2, kTraceStatsFlags, &files, "routing trace files");
+      return cmd_trace_stats(f, files);
+    }
     if (cmd == "info") {
       parse_flags(cmd, "Prints the CPU's features and the kernels moekit chose, as JSON.", argc, argv, 2, {});
       return cmd_info();
@@ -1437,7 +1652,7 @@ int moekit_cli_main(int argc, char** argv) {
       std::fputs(kUsage, stdout);
       return 0;
     }
-    fail("unknown command \"", cmd, "\" (expected run, bench, pack, make-input or info)");
+    fail("unknown command \"", cmd, "\" (expected run, bench, pack, make-input, trace-stats or info)");
   } catch (const HelpShown&) {
     return 0;
   } catch (const QuietExit& q) {

@@ -129,6 +129,7 @@ class SparseAnyLayer final : public AnyLayer {
     return b;
   }
   double resident_bytes() const override { return resident_; }
+  const RoutingPlan* routing_plan() const override { return &ws_.plan; }
   Layer& layer() noexcept { return layer_; }
 
  private:

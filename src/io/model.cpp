@@ -59,6 +59,30 @@ FfnBank load_expert(const LayerConfig& c, const io::TensorSource& weights, const
                                  c.expert_names, c.pack);
 }
 
+SparseLayer<TopKRouter, ep::ShardedFfnBank> load_layer_shard(const LayerConfig& c, const io::TensorSource& weights,
+                                                             const std::string& prefix, std::vector<int64_t> held) {
+  MOEKIT_CHECK(c.router_type == "topk", "load_layer_shard: top-k layers only, got the ", c.router_type, " family");
+  uint64_t state = 0;
+  TopKRouter router = build_router(c, &weights, prefix, state);
+  std::vector<SharedExpert> shared = detail::shared_experts(c, &weights, prefix, state);
+  const FfnShape shape = detail::routed_shape(c);
+  detail::check_experts(weights, experts_base(c, prefix), true, c.router.num_experts, shape, c.expert_names);
+  std::vector<kernels::PackedMatrix> in, down;
+  std::vector<float> biases;
+  for (const int64_t e : held) {  // only the held experts are read and packed
+    FfnBank one = load_expert(c, weights, prefix, e);
+    in.push_back(one.in_matrix(0));
+    down.push_back(one.down_matrix(0));
+    biases.insert(biases.end(), one.biases().begin(), one.biases().end());
+  }
+  MOEKIT_CHECK(!in.empty(), "load_layer_shard: held expected at least one expert, got none");
+  ep::ShardedFfnBank bank(c.router.num_experts, std::move(held),
+                          FfnBank::from_packed(shape, std::move(in), std::move(down), std::move(biases)));
+  SparseLayer<TopKRouter, ep::ShardedFfnBank> layer(std::move(router), std::move(bank), std::move(shared));
+  layer.set_weight_on_input(c.weight_on_input);
+  return layer;
+}
+
 offload::OffloadedLayer<TopKRouter> load_offloaded_layer(const LayerConfig& c, std::shared_ptr<const io::TensorSource> weights,
                                                          const std::string& prefix, int64_t capacity,
                                                          offload::CachePolicy policy) {

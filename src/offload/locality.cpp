@@ -36,14 +36,15 @@ void LayerTrace::validate() const {
   MOEKIT_CHECK(k == 0 || ids.size() % static_cast<size_t>(k) == 0, "routing trace: ", ids.size(),
                " ids expected a multiple of k = ", k);
   const int64_t T = tokens();
+  std::vector<int64_t> seen_at(static_cast<size_t>(num_experts), -1);  // the token that last used each expert
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) {
       const int32_t e = ids[static_cast<size_t>(t * k + j)];
       if (e == -1) continue;
       MOEKIT_CHECK(e >= 0 && e < num_experts, "routing trace: ids[", t, ", ", j, "] expected in [0, ", num_experts,
                    ") or -1, got ", e);
-      for (int64_t i = 0; i < j; ++i)
-        MOEKIT_CHECK(ids[static_cast<size_t>(t * k + i)] != e, "routing trace: token ", t, " uses expert ", e, " twice");
+      MOEKIT_CHECK(seen_at[static_cast<size_t>(e)] != t, "routing trace: token ", t, " uses expert ", e, " twice");
+      seen_at[static_cast<size_t>(e)] = t;
     }
   if (!sequence_offsets.empty()) {
     MOEKIT_CHECK(sequence_offsets.size() >= 2 && sequence_offsets.front() == 0 && sequence_offsets.back() == T,

@@ -10,6 +10,8 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -93,24 +95,59 @@ class ExpertParallelLayer {
 
  public:
   static constexpr bool kSharded = std::is_same_v<B, ShardedFfnBank>;
+  static constexpr int64_t kMaxRows = std::numeric_limits<int>::max();
 
   /// `layer`: the router, shared experts and the bank of this rank (a ShardedFfnBank holding
   /// exactly placement.experts_of(comm.rank()), or any bank holding every expert). The same
-  /// router, shared experts and placement on every rank. Throws moekit::error on a mismatch.
+  /// router, shared experts and placement on every rank. Collective (every rank constructs its
+  /// layer together): checks that all ranks agree on the options and the experts' packed layout.
+  /// Throws moekit::error on a mismatch (every rank, for a disagreement between ranks).
   ExpertParallelLayer(SparseLayer<R, B> layer, Placement placement, Comm comm, Options options = {})
       : layer_(std::move(layer)), placement_(std::move(placement)), comm_(comm), opt_(std::move(options)) {
-    MOEKIT_CHECK(placement_.experts() == layer_.num_experts(), "ep::ExpertParallelLayer: placement has ",
-                 placement_.experts(), " experts, expected the layer's ", layer_.num_experts());
-    MOEKIT_CHECK(placement_.ranks() == comm_.size(), "ep::ExpertParallelLayer: placement is for ", placement_.ranks(),
-                 " ranks, the communicator has ", comm_.size());
-    MOEKIT_CHECK(opt_.micro_batches >= 1 && opt_.micro_batches <= 64,
-                 "ep::ExpertParallelLayer: micro_batches expected in [1, 64], got ", opt_.micro_batches);
-    if constexpr (kSharded)
-      MOEKIT_CHECK(layer_.experts().held() == placement_.experts_of(comm_.rank()), "ep::ExpertParallelLayer: rank ",
-                   comm_.rank(), " bank holds ", layer_.experts().held().size(),
-                   " experts, expected exactly the placement's ", placement_.experts_of(comm_.rank()).size());
-    if (opt_.balance == Balance::llep) (void)llep_plan(std::vector<int64_t>(static_cast<size_t>(num_experts()), 0),
-                                                       placement_, opt_.llep);  // checks the options now
+    std::exception_ptr failure;
+    std::string sig;
+    try {  // local checks, agreed below (one collective) so no rank is left waiting
+      MOEKIT_CHECK(placement_.experts() == layer_.num_experts(), "ep::ExpertParallelLayer: placement has ",
+                   placement_.experts(), " experts, expected the layer's ", layer_.num_experts());
+      MOEKIT_CHECK(placement_.ranks() == comm_.size(), "ep::ExpertParallelLayer: placement is for ", placement_.ranks(),
+                   " ranks, the communicator has ", comm_.size());
+      MOEKIT_CHECK(opt_.micro_batches >= 1 && opt_.micro_batches <= 64,
+                   "ep::ExpertParallelLayer: micro_batches expected in [1, 64], got ", opt_.micro_batches);
+      if constexpr (kSharded)
+        MOEKIT_CHECK(layer_.experts().held() == placement_.experts_of(comm_.rank()), "ep::ExpertParallelLayer: rank ",
+                     comm_.rank(), " bank holds ", layer_.experts().held().size(),
+                     " experts, expected exactly the placement's ", placement_.experts_of(comm_.rank()).size());
+      if (opt_.balance == Balance::llep) (void)llep_plan(std::vector<int64_t>(static_cast<size_t>(num_experts()), 0),
+                                                         placement_, opt_.llep);  // checks the options now
+      MOEKIT_CHECK(hidden_size() <= (int64_t{1} << 28), "ep::ExpertParallelLayer: hidden size ", hidden_size(),
+                   " expected <= 2^28 (a row's bytes must fit MPI's int counts)");
+      // Collective: every rank must agree on what shapes the exchanges (micro-batches, wire,
+      // balance, LLEP knobs) and on the packed layout of shipped experts (kernel, type, bytes).
+      // (appended piece by piece: GCC 12 warns falsely on chained std::string operator+)
+      for (const std::string& part :
+           {std::to_string(opt_.micro_batches), std::to_string(static_cast<int>(opt_.wire)),
+            std::to_string(static_cast<int>(opt_.balance)), std::to_string(opt_.llep.lambda), std::to_string(opt_.llep.alpha),
+            std::to_string(opt_.llep.min_tokens), std::to_string(opt_.llep.max_guests), std::to_string(num_experts()),
+            std::to_string(hidden_size())})
+        sig.append(part).append("/");
+      for (const int64_t g : opt_.llep.max_guests_per_rank) sig.append(std::to_string(g)).append(",");
+      if constexpr (kSharded) {
+        const FfnBank& b = layer_.experts().local();
+        sig.append("/").append(b.in_matrix(0).layout().kernel).append("/");
+        sig.append(std::to_string(static_cast<int>(b.weight_type()))).append("/");
+        sig.append(std::to_string(layer_.experts().payload_bytes()));
+      }
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    const std::vector<int64_t> mine = {failure ? 1 : 0, static_cast<int64_t>(std::hash<std::string>{}(sig) & 0x7FFFFFFFFFFFFFFF)};
+    std::vector<int64_t> all(2 * static_cast<size_t>(comm_.size()));
+    comm_.allgather(mine, all);
+    agree(failure, [&](int r) { return all[2 * static_cast<size_t>(r)] != 0; }, "checking its layer");
+    for (int r = 0; r < comm_.size(); ++r)
+      MOEKIT_CHECK(all[2 * static_cast<size_t>(r) + 1] == all[1], "ep::ExpertParallelLayer: rank ", r,
+                   " differs from rank 0 in its options (micro-batches, wire, balance, LLEP knobs), E, d, or its experts' "
+                   "packed layout (kernel, weight type: shipped weights need the same on every rank)");
   }
 
   [[nodiscard]] int64_t hidden_size() const noexcept { return layer_.hidden_size(); }
@@ -145,7 +182,7 @@ class ExpertParallelLayer {
     const float* x = nullptr;
     std::exception_ptr failure;
     try {
-      x = layer_.route(batch, hidden, ws.home, threads);
+      x = layer_.route(batch, hidden, ws.home, threads, out);
     } catch (...) {
       failure = std::current_exception();
     }
@@ -174,46 +211,51 @@ class ExpertParallelLayer {
     // [sum of lower ranks' counts, + own count); the plan's segments cut that range.
     t0 = clock::now();
     const int64_t T = batch.tokens;
-    ws.micro.resize(static_cast<size_t>(T));
-    for (int m = 0; m < M; ++m)
-      for (int64_t t = T * m / M; t < T * (m + 1) / M; ++t) ws.micro[static_cast<size_t>(t)] = m;
-    const auto offs = plan.expert_offsets();
-    const auto tokens = plan.expert_tokens();
     const size_t cells = static_cast<size_t>(M) * static_cast<size_t>(P) * static_cast<size_t>(E);
     const auto cell = [&](int m, int r, int64_t e) {  // send order: micro-batch, destination, expert
       return (static_cast<size_t>(m) * static_cast<size_t>(P) + static_cast<size_t>(r)) * static_cast<size_t>(E) +
              static_cast<size_t>(e);
     };
-    std::vector<int64_t> cnt(cells, 0);
-    std::vector<int32_t> dest(static_cast<size_t>(plan.num_kept()));
-    for (int64_t e = 0; e < E; ++e) {
-      int64_t g = 0;
-      for (int r = 0; r < me; ++r) g += count_of(r, e);
-      const auto segs = ws.dispatch.of(e);
-      size_t si = 0;
-      int64_t seg_end = segs.empty() ? 0 : segs[0].rows;
-      for (int32_t p = offs[static_cast<size_t>(e)]; p < offs[static_cast<size_t>(e) + 1]; ++p, ++g) {
-        while (g >= seg_end) seg_end += segs[++si].rows;
-        const int r = segs[si].rank;
-        dest[static_cast<size_t>(p)] = r;
-        ++cnt[cell(ws.micro[static_cast<size_t>(tokens[static_cast<size_t>(p)])], r, e)];
-      }
-    }
-    // Send positions, and the per-destination counts laid out for the exchange: [dest][m][e].
-    std::vector<int64_t> at(cells + 1, 0);
-    for (size_t c = 0; c < cells; ++c) at[c + 1] = at[c] + cnt[c];
-    ws.send_pos.resize(static_cast<size_t>(plan.num_kept()));
-    for (int64_t e = 0; e < E; ++e)
-      for (int32_t p = offs[static_cast<size_t>(e)]; p < offs[static_cast<size_t>(e) + 1]; ++p)
-        ws.send_pos[static_cast<size_t>(
-            at[cell(ws.micro[static_cast<size_t>(tokens[static_cast<size_t>(p)])], dest[static_cast<size_t>(p)], e)]++)] = p;
-    ws.send_counts.resize(cells);
-    ws.recv_counts.resize(cells);
-    for (int r = 0; r < P; ++r)
+    const auto offs = plan.expert_offsets();
+    const auto tokens = plan.expert_tokens();
+    try {  // local work (allocations can fail on one rank only): agreed before the next collective
+      ws.micro.resize(static_cast<size_t>(T));
       for (int m = 0; m < M; ++m)
-        for (int64_t e = 0; e < E; ++e)
-          ws.send_counts[(static_cast<size_t>(r) * static_cast<size_t>(M) + static_cast<size_t>(m)) * static_cast<size_t>(E) +
-                         static_cast<size_t>(e)] = cnt[cell(m, r, e)];
+        for (int64_t t = T * m / M; t < T * (m + 1) / M; ++t) ws.micro[static_cast<size_t>(t)] = m;
+      std::vector<int64_t> cnt(cells, 0);
+      std::vector<int32_t> dest(static_cast<size_t>(plan.num_kept()));
+      for (int64_t e = 0; e < E; ++e) {
+        int64_t g = 0;
+        for (int r = 0; r < me; ++r) g += count_of(r, e);
+        const auto segs = ws.dispatch.of(e);
+        size_t si = 0;
+        int64_t seg_end = segs.empty() ? 0 : segs[0].rows;
+        for (int32_t p = offs[static_cast<size_t>(e)]; p < offs[static_cast<size_t>(e) + 1]; ++p, ++g) {
+          while (g >= seg_end) seg_end += segs[++si].rows;
+          const int r = segs[si].rank;
+          dest[static_cast<size_t>(p)] = r;
+          ++cnt[cell(ws.micro[static_cast<size_t>(tokens[static_cast<size_t>(p)])], r, e)];
+        }
+      }
+      // Send positions, and the per-destination counts laid out for the exchange: [dest][m][e].
+      std::vector<int64_t> at(cells + 1, 0);
+      for (size_t c = 0; c < cells; ++c) at[c + 1] = at[c] + cnt[c];
+      ws.send_pos.resize(static_cast<size_t>(plan.num_kept()));
+      for (int64_t e = 0; e < E; ++e)
+        for (int32_t p = offs[static_cast<size_t>(e)]; p < offs[static_cast<size_t>(e) + 1]; ++p)
+          ws.send_pos[static_cast<size_t>(
+              at[cell(ws.micro[static_cast<size_t>(tokens[static_cast<size_t>(p)])], dest[static_cast<size_t>(p)], e)]++)] = p;
+      ws.send_counts.resize(cells);
+      ws.recv_counts.resize(cells);
+      for (int r = 0; r < P; ++r)
+        for (int m = 0; m < M; ++m)
+          for (int64_t e = 0; e < E; ++e)
+            ws.send_counts[(static_cast<size_t>(r) * static_cast<size_t>(M) + static_cast<size_t>(m)) * static_cast<size_t>(E) +
+                           static_cast<size_t>(e)] = cnt[cell(m, r, e)];
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    agree(failure, [](int r) { return r >= 0; }, "planning the dispatch", /*flag_is_rank=*/true);
     comm_.alltoall(ws.send_counts, ws.recv_counts);
     const auto sent = [&](int r, int m, int64_t e) {
       return ws.send_counts[(static_cast<size_t>(r) * static_cast<size_t>(M) + static_cast<size_t>(m)) * static_cast<size_t>(E) +
@@ -230,54 +272,65 @@ class ExpertParallelLayer {
     // 4. Pack every row to send (micro-batch, destination, expert order) in the wire type,
     // scaled by its weight when the layer applies the weight to the expert's input.
     const auto N_send = static_cast<int64_t>(ws.send_pos.size());
-    if (wire16) {
-      grow(ws.send_16, static_cast<size_t>(N_send * d));
-      grow(ws.ret_16, static_cast<size_t>(N_send * d));
-    } else {
-      grow(ws.send_f32, static_cast<size_t>(N_send * d));
-      grow(ws.ret_f32, static_cast<size_t>(N_send * d));
-    }
-    std::vector<float> row(static_cast<size_t>(d));
-    const auto slots = plan.expert_slots();
-    for (int64_t j = 0; j < N_send; ++j) {
-      const int32_t p = ws.send_pos[static_cast<size_t>(j)];
-      const float* src = x + static_cast<int64_t>(tokens[static_cast<size_t>(p)]) * d;
-      if (layer_.weight_on_input()) {
-        const float w = plan.slot_weight()[static_cast<size_t>(slots[static_cast<size_t>(p)])];
-        for (int64_t i = 0; i < d; ++i) row[static_cast<size_t>(i)] = src[i] * w;
-        src = row.data();
-      }
-      if (wire16) {
-        kernels::f32_to_bf16(src, ws.send_16.data() + j * d, d);
-      } else {
-        kernels::copy_row(src, ws.send_f32.data() + j * d, d);
-      }
-    }
-
-    // 5. Per micro-batch: dispatch (in flight while the previous one computes), experts, return.
     std::vector<int64_t> send_base(static_cast<size_t>(M) + 1, 0), recv_base(static_cast<size_t>(M) + 1, 0);
     std::vector<std::vector<int64_t>> to(static_cast<size_t>(M), std::vector<int64_t>(static_cast<size_t>(P), 0));
     std::vector<std::vector<int64_t>> from = to;
-    for (int m = 0; m < M; ++m) {
-      for (int r = 0; r < P; ++r)
-        for (int64_t e = 0; e < E; ++e) {
-          to[static_cast<size_t>(m)][static_cast<size_t>(r)] += sent(r, m, e);
-          from[static_cast<size_t>(m)][static_cast<size_t>(r)] += got(r, m, e);
+    try {  // local again: agreed before the rows move
+      if (wire16) {
+        grow(ws.send_16, static_cast<size_t>(N_send * d));
+        grow(ws.ret_16, static_cast<size_t>(N_send * d));
+      } else {
+        grow(ws.send_f32, static_cast<size_t>(N_send * d));
+        grow(ws.ret_f32, static_cast<size_t>(N_send * d));
+      }
+      std::vector<float> row(static_cast<size_t>(d));
+      const auto slots = plan.expert_slots();
+      for (int64_t j = 0; j < N_send; ++j) {
+        const int32_t p = ws.send_pos[static_cast<size_t>(j)];
+        const float* src = x + static_cast<int64_t>(tokens[static_cast<size_t>(p)]) * d;
+        if (layer_.weight_on_input()) {
+          const float w = plan.slot_weight()[static_cast<size_t>(slots[static_cast<size_t>(p)])];
+          for (int64_t i = 0; i < d; ++i) row[static_cast<size_t>(i)] = src[i] * w;
+          src = row.data();
         }
-      send_base[static_cast<size_t>(m) + 1] =
-          send_base[static_cast<size_t>(m)] + std::accumulate(to[static_cast<size_t>(m)].begin(), to[static_cast<size_t>(m)].end(), int64_t{0});
-      recv_base[static_cast<size_t>(m) + 1] = recv_base[static_cast<size_t>(m)] +
-                                              std::accumulate(from[static_cast<size_t>(m)].begin(),
-                                                              from[static_cast<size_t>(m)].end(), int64_t{0});
+        if (wire16) {
+          kernels::f32_to_bf16(src, ws.send_16.data() + j * d, d);
+        } else {
+          kernels::copy_row(src, ws.send_f32.data() + j * d, d);
+        }
+      }
+
+      // 5. Per micro-batch: dispatch (in flight while the previous one computes), experts, return.
+      for (int m = 0; m < M; ++m) {
+        for (int r = 0; r < P; ++r)
+          for (int64_t e = 0; e < E; ++e) {
+            to[static_cast<size_t>(m)][static_cast<size_t>(r)] += sent(r, m, e);
+            from[static_cast<size_t>(m)][static_cast<size_t>(r)] += got(r, m, e);
+          }
+        send_base[static_cast<size_t>(m) + 1] =
+            send_base[static_cast<size_t>(m)] + std::accumulate(to[static_cast<size_t>(m)].begin(), to[static_cast<size_t>(m)].end(), int64_t{0});
+        recv_base[static_cast<size_t>(m) + 1] = recv_base[static_cast<size_t>(m)] +
+                                                std::accumulate(from[static_cast<size_t>(m)].begin(),
+                                                                from[static_cast<size_t>(m)].end(), int64_t{0});
+      }
+      for (int m = 0; m < M; ++m)  // one exchange's rows must fit MPI's int counts (Comm checks again)
+        MOEKIT_CHECK(send_base[static_cast<size_t>(m) + 1] - send_base[static_cast<size_t>(m)] <= kMaxRows &&
+                         recv_base[static_cast<size_t>(m) + 1] - recv_base[static_cast<size_t>(m)] <= kMaxRows,
+                     "ep::ExpertParallelLayer: rank ", me, " would exchange more than 2^31 - 1 rows in micro-batch ", m,
+                     " (use more micro-batches or ranks)");
+      const int64_t N_recv_all = recv_base[static_cast<size_t>(M)];
+      if (wire16) {
+        grow(ws.recv_16, static_cast<size_t>(N_recv_all * d));
+        grow(ws.back_16, static_cast<size_t>(N_recv_all * d));
+      } else {
+        grow(ws.recv_f32, static_cast<size_t>(N_recv_all * d));
+        grow(ws.back_f32, static_cast<size_t>(N_recv_all * d));
+      }
+    } catch (...) {
+      failure = std::current_exception();
     }
+    agree(failure, [](int r) { return r >= 0; }, "preparing the exchange", /*flag_is_rank=*/true);
     const int64_t N_recv = recv_base[static_cast<size_t>(M)];
-    if (wire16) {
-      grow(ws.recv_16, static_cast<size_t>(N_recv * d));
-      grow(ws.back_16, static_cast<size_t>(N_recv * d));
-    } else {
-      grow(ws.recv_f32, static_cast<size_t>(N_recv * d));
-      grow(ws.back_f32, static_cast<size_t>(N_recv * d));
-    }
     const auto send_ptr = [&](int64_t row_index) -> void* {
       return wire16 ? static_cast<void*>(ws.send_16.data() + row_index * d) : static_cast<void*>(ws.send_f32.data() + row_index * d);
     };
@@ -342,7 +395,12 @@ class ExpertParallelLayer {
       stats_.bytes_received += (out_rows + in_rows) * static_cast<int64_t>(row_bytes);
     }
     stats_.bytes_sent += stats_.weight_bytes_sent;
-    layer_.combine_outputs(batch, x, plan, out, ws.home, threads);
+    try {  // the output check may fail on one rank: every rank learns it
+      layer_.combine_outputs(batch, x, plan, out, ws.home, threads);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    agree(failure, [](int r) { return r >= 0; }, "the combine", /*flag_is_rank=*/true);
     stats_.seconds_combine = seconds(t0);
   }
 
@@ -448,15 +506,20 @@ class ExpertParallelLayer {
         }
       const int64_t n_to = std::accumulate(to.begin(), to.end(), int64_t{0});
       const int64_t n_from = std::accumulate(from.begin(), from.end(), int64_t{0});
-      ws.weights_out.resize(static_cast<size_t>(std::max<int64_t>(n_to * bytes, 1)));
-      ws.weights_in.resize(static_cast<size_t>(std::max<int64_t>(n_from * bytes, 1)));
+      std::exception_ptr failure;
       int64_t k = 0;
-      for (int r = 0; r < P; ++r)
-        for (const int64_t e : fresh[static_cast<size_t>(r)])
-          if (placement_.native(e) == me) bank.write_payload(e, ws.weights_out.data() + (k++) * bytes);
+      try {  // local: agreed before the weights move
+        ws.weights_out.resize(static_cast<size_t>(std::max<int64_t>(n_to * bytes, 1)));
+        ws.weights_in.resize(static_cast<size_t>(std::max<int64_t>(n_from * bytes, 1)));
+        for (int r = 0; r < P; ++r)
+          for (const int64_t e : fresh[static_cast<size_t>(r)])
+            if (placement_.native(e) == me) bank.write_payload(e, ws.weights_out.data() + (k++) * bytes);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      agree(failure, [](int r) { return r >= 0; }, "packing expert weights to ship", /*flag_is_rank=*/true);
       comm_.alltoallv(ws.weights_out.data(), to, ws.weights_in.data(), from, static_cast<size_t>(bytes));
       // Arrivals: by source rank, then ascending expert (the order each native rank wrote).
-      std::exception_ptr failure;
       try {
         k = 0;
         for (int s = 0; s < P; ++s)

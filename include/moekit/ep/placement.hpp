@@ -125,9 +125,9 @@ inline void check_loads(std::span<const int64_t> loads, const Placement& placeme
   for (size_t e = 0; e < loads.size(); ++e) {
     MOEKIT_CHECK(loads[e] >= 0 && loads[e] <= (int64_t{1} << 40), who, ": loads[", e, "] expected in [0, 2^40], got ",
                  loads[e]);
+    MOEKIT_CHECK(loads[e] <= (int64_t{1} << 50) - total, who, ": total load expected <= 2^50, exceeded at loads[", e, "]");
     total += loads[e];
   }
-  MOEKIT_CHECK(total <= (int64_t{1} << 50), who, ": total load expected <= 2^50, got ", total);
 }
 }  // namespace detail
 

@@ -83,6 +83,8 @@ class ShardedFfnBank {
   void run_split(int stage, int64_t e, const float* in, int64_t rows, float* h, float* out, float* a_pack, int64_t s0,
                  int64_t s1) const noexcept {
     const int32_t w = where_[static_cast<size_t>(e)];
+    MOEKIT_DEBUG_ASSERT(w != kAbsent);  // a precondition (noexcept): callers check resident(e) first
+    if (w == kAbsent) return;
     if (w >= 0) {
       local_.run_split(stage, w, in, rows, h, out, a_pack, s0, s1);
     } else {

@@ -50,6 +50,9 @@ class AnyLayer {
   [[nodiscard]] virtual double expert_bytes() const = 0;
   /// Bytes of f32 weights the layer holds.
   [[nodiscard]] virtual double resident_bytes() const = 0;
+  /// The routing plan of the last forward (which experts each token used), or null for
+  /// families without one (Dr.LLM, MoR). For routing traces (`moekit run --trace`).
+  [[nodiscard]] virtual const RoutingPlan* routing_plan() const { return nullptr; }
 };
 
 /// Builds the layer `config` describes from `weights` (tensor names after `prefix`).

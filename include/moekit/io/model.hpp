@@ -10,6 +10,7 @@
 #include "moekit/experts/ffn.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/layer.hpp"
+#include "moekit/ep/sharded_bank.hpp"
 #include "moekit/offload/expert_cache.hpp"
 #include "moekit/routers/topk.hpp"
 
@@ -37,6 +38,11 @@ TopKLayer random_layer(const LayerConfig& config, uint64_t seed);
 /// Expert e of the top-k layer `config` describes, read from `weights` (names after `prefix`)
 /// and packed as config.pack: a one-expert bank (what an expert cache loads on a miss).
 FfnBank load_expert(const LayerConfig& config, const io::TensorSource& weights, const std::string& prefix, int64_t e);
+
+/// The top-k layer with only the routed experts `held` (ascending global ids) read and packed:
+/// one rank's shard for expert parallelism (moekit::ep). Router and shared experts in full.
+SparseLayer<TopKRouter, ep::ShardedFfnBank> load_layer_shard(const LayerConfig& config, const io::TensorSource& weights,
+                                                             const std::string& prefix, std::vector<int64_t> held);
 
 /// The top-k layer with at most `capacity` routed experts resident (docs/scale-out.md): the
 /// router and shared experts are loaded now, every expert's tensors are checked, and each

@@ -149,10 +149,13 @@ class CachedFfnBank {
     }
     const auto t0 = std::chrono::steady_clock::now();
     FfnBank b = loader_(e);
-    MOEKIT_CHECK(b.num_experts() == 1 && b.shape().hidden == shape_.hidden && b.shape().intermediate == shape_.intermediate &&
-                     b.shape().gated == shape_.gated && b.shape().bias == shape_.bias,
-                 "offload::CachedFfnBank: the loader returned a bank of ", b.num_experts(), " experts [", b.shape().hidden, ", ",
-                 b.shape().intermediate, "], expected one expert [", shape_.hidden, ", ", shape_.intermediate, "]");
+    const FfnShape& s = b.shape();
+    MOEKIT_CHECK(b.num_experts() == 1 && s.hidden == shape_.hidden && s.intermediate == shape_.intermediate &&
+                     s.gated == shape_.gated && s.bias == shape_.bias && s.act == shape_.act && s.clamped == shape_.clamped &&
+                     (!s.clamped || (s.glu.alpha == shape_.glu.alpha && s.glu.limit == shape_.glu.limit)),
+                 "offload::CachedFfnBank: the loader returned a bank of ", b.num_experts(), " experts [", s.hidden, ", ",
+                 s.intermediate, "] (or another activation, gating or bias), expected one expert of the bank's shape [",
+                 shape_.hidden, ", ", shape_.intermediate, "]");
     stats_.bytes_loaded += b.weight_bytes_per_expert();
     slots_[static_cast<size_t>(e)] = std::move(b);
     ++resident_;
@@ -209,7 +212,7 @@ class OffloadedLayer {
   }
   void forward(const Batch& batch, ActivationsIn hidden, ActivationsOut out, Workspace& ws, int threads = 0) {
     wait();
-    const float* x = layer_.route(batch, hidden, ws, threads);
+    const float* x = layer_.route(batch, hidden, ws, threads, out);
     const RoutingPlan& plan = ws.plan;
     std::vector<int64_t> need;
     for (int64_t e = 0; e < num_experts(); ++e)
