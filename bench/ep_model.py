@@ -11,7 +11,8 @@ Model, per layer and micro-batch-free (docs/scale-out.md):
     t(Q) = (max/mean load at Q) * (N k / Q) / r  +  (N / Q) * b(Q) / B  +  2 * l
 with N tokens in the global batch, k experts per token, r the expert rows per second one rank
 computes (measured: the busiest rank's rows over its expert time), b(Q) the bytes per token
-on the wire at Q ranks (from the bench's projection lines), B a rank's network bandwidth and
+on the wire at Q ranks (the measured bytes per token of a uniform run at P ranks, scaled from
+its (P - 1) / P share of remote slots to (Q - 1) / Q), B a rank's network bandwidth and
 l the latency of one all-to-all. LLEP's weight shipping is left out: once a skew is steady the
 guests stay resident (moekit::ep ships each once).
 Usage: bench/ep_model.py ep.jsonl [--batch N] [--bandwidth GBps ...] [--latency-us L]"""
@@ -47,11 +48,22 @@ def main():
     best = max(base, key=lambda r: r["expert_rows_per_s_busiest_rank"])
     rate = best["expert_rows_per_s_busiest_rank"]
     k = best["k"]
+    # Bytes per token on the wire at Q ranks, from the measured exchange: a uniform, plain run's
+    # bytes per token at P ranks covers (P - 1) / P of each token's k slots (those whose expert
+    # lives elsewhere), out and back; at Q ranks the share is (Q - 1) / Q.
+    uni = [r for r in meas if r["routing"] == "uniform" and r["balance"] == "none" and r["micro_batches"] == 1]
+    per_slot = {}
+    for wire in ("f32", "bf16"):
+        runs = sorted((r for r in uni if r["wire"] == wire), key=lambda r: (r["ranks"], r["tokens_per_rank"]))
+        if runs:
+            r = runs[-1]
+            per_slot[wire] = r["bytes_per_token"] / ((r["ranks"] - 1) / r["ranks"])
     # Each bench run prints the projection for its routing; keep one per (ranks, routing).
     proj = list({(p["ranks"], p["routing"]): p for p in proj}.values())
     proj.sort(key=lambda p: (p["routing"] != "uniform", p["ranks"]))
-    print("\n## Model: one layer at more ranks (r = %.0f expert rows/s per rank, measured; N = %d tokens, k = %d)\n"
-          % (rate, a.batch, k))
+    print("\n## Model: one layer at more ranks (r = %.0f expert rows/s per rank, measured; N = %d tokens, k = %d;"
+          " bytes per token from the measured exchange: %s)\n"
+          % (rate, a.batch, k, ", ".join("%s %.0f at full share" % kv for kv in per_slot.items()) or "analytic"))
     hdr = "| ranks | routing | max/mean plain | max/mean LLEP |"
     sep = "|---|---|---|---|"
     for bw in a.bandwidth:
@@ -67,8 +79,10 @@ def main():
                 compute = mm * a.batch * k / Q / rate
                 wire = (a.batch / Q) * bpt / (bw * 1e9)
                 return 1e3 * (compute + wire + 2 * a.latency_us * 1e-6)
-            line += " %.2f | %.2f |" % (t(p["max_over_mean_plain"], p["bytes_per_token_f32"]),
-                                       t(p["max_over_mean_llep"], p["bytes_per_token_bf16"]))
+            share = (Q - 1) / Q
+            b32 = per_slot["f32"] * share if "f32" in per_slot else p["bytes_per_token_f32"]
+            b16 = per_slot["bf16"] * share if "bf16" in per_slot else p["bytes_per_token_bf16"]
+            line += " %.2f | %.2f |" % (t(p["max_over_mean_plain"], b32), t(p["max_over_mean_llep"], b16))
         print(line)
 
 
