@@ -331,18 +331,14 @@ class ExpertParallelLayer {
     }
     agree(failure, [](int r) { return r >= 0; }, "preparing the exchange", /*flag_is_rank=*/true);
     const int64_t N_recv = recv_base[static_cast<size_t>(M)];
-    const auto send_ptr = [&](int64_t row_index) -> void* {
-      return wire16 ? static_cast<void*>(ws.send_16.data() + row_index * d) : static_cast<void*>(ws.send_f32.data() + row_index * d);
+    // Row `i` of one of the wire buffers (bf16 or f32, whichever the wire uses).
+    const auto at_row = [&](std::vector<uint16_t>& w16, std::vector<float>& w32, int64_t i) -> void* {
+      return wire16 ? static_cast<void*>(w16.data() + i * d) : static_cast<void*>(w32.data() + i * d);
     };
-    const auto recv_ptr = [&](int64_t row_index) -> void* {
-      return wire16 ? static_cast<void*>(ws.recv_16.data() + row_index * d) : static_cast<void*>(ws.recv_f32.data() + row_index * d);
-    };
-    const auto back_ptr = [&](int64_t row_index) -> void* {
-      return wire16 ? static_cast<void*>(ws.back_16.data() + row_index * d) : static_cast<void*>(ws.back_f32.data() + row_index * d);
-    };
-    const auto ret_ptr = [&](int64_t row_index) -> void* {
-      return wire16 ? static_cast<void*>(ws.ret_16.data() + row_index * d) : static_cast<void*>(ws.ret_f32.data() + row_index * d);
-    };
+    const auto send_ptr = [&](int64_t i) { return at_row(ws.send_16, ws.send_f32, i); };
+    const auto recv_ptr = [&](int64_t i) { return at_row(ws.recv_16, ws.recv_f32, i); };
+    const auto back_ptr = [&](int64_t i) { return at_row(ws.back_16, ws.back_f32, i); };
+    const auto ret_ptr = [&](int64_t i) { return at_row(ws.ret_16, ws.ret_f32, i); };
     std::vector<Exchange> dispatch(static_cast<size_t>(M)), back(static_cast<size_t>(M));
     dispatch[0] = comm_.ialltoallv(send_ptr(send_base[0]), to[0], recv_ptr(recv_base[0]), from[0], row_bytes);
     stats_.seconds_exchange += seconds(t0);
