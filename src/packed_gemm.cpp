@@ -243,8 +243,9 @@ void PackedMatrix::unpack_row(int64_t r, bool up, float* dst) const noexcept {
 
 size_t packed_a_floats(int64_t m, int64_t k) noexcept {
   if (m <= 0) return 0;
-  const int64_t rows = (std::min(m, detail::kRowChunk) + detail::kMaxTileRows - 1) /
-                       detail::kMaxTileRows * detail::kMaxTileRows;
+  // Whole row tiles of the SIMD kernels (12) and of the AMX kernel (16).
+  const auto whole = [&](int64_t tile) { return (std::min(m, detail::kRowChunk) + tile - 1) / tile * tile; };
+  const int64_t rows = std::max(whole(detail::kMaxTileRows), whole(detail::kAmxTileRows));
   // Row tiles of k floats (or fewer words), plus a scale and an int32 bias per row; w4a8:
   // 16 words per 32 depths (k padded to 32) and a scale and a correction per 32.
   const int64_t groups = (k + detail::kInt4Group - 1) / detail::kInt4Group;
@@ -276,7 +277,7 @@ bool has_avx2() noexcept {
 }
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512) || defined(MOEKIT_HAVE_KERNEL_AVX512_BF16) || \
-    defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
+    defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI) || defined(MOEKIT_HAVE_KERNEL_AMX)
 bool has_avx512() noexcept {
   const CpuFeatures& f = cpu_features();
   return f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.fma;
@@ -287,6 +288,15 @@ bool has_avx512_bf16() noexcept { return has_avx512() && cpu_features().avx512_b
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
 bool has_avx512_vnni() noexcept { return has_avx512() && cpu_features().avx512_vnni; }
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AMX)
+// The tiles need the CPU's AMX-TILE/BF16/INT8, the OS saving the tile state (XCR0) and Linux
+// granting it to the process (asked once; a refusal leaves the kernel out, never SIGILL).
+bool has_amx() noexcept {
+  const CpuFeatures& f = cpu_features();
+  return has_avx512() && f.avx512_bf16 && f.avx512_vnni && f.amx_tile && f.amx_bf16 &&
+         f.amx_int8 && f.os_amx && request_amx_permission() == AmxPermission::granted;
+}
 #endif
 
 // Every compiled kernel, slowest first: each format runs on the last entry the CPU supports
@@ -315,6 +325,11 @@ const KernelEntry kTable[] = {
     // (its AMX kernels beat moekit's AVX-512 ones); elsewhere when MOEKIT_KERNEL names it.
     {&detail::kGemmOneDnn, nullptr, always, "nothing beyond x86-64 (oneDNN picks its own ISA)",
      detail::onednn_preferred},
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AMX)
+    {&detail::kGemmAmx, nullptr, has_amx,
+     "AVX-512 F, BW, DQ and VL, FMA, AVX512-BF16, AVX512-VNNI, AMX-TILE, AMX-BF16 and AMX-INT8, "
+     "and Linux granting the tile state"},
 #endif
 };
 

@@ -752,10 +752,14 @@ TEST_P(KernelsDtype, MatchesScalarKernel) {
             for (size_t i = 0; i < cs.size(); ++i)
               ASSERT_NEAR(cs[i], ck[i], tol[i]) << format_name(f) << " m " << m << " k " << k << " at " << i;
           }
+          // The activation within float rounding, plus (a kernel summing in its own order)
+          // the sums' rounding budget times gelu's largest slope (< 1.13).
+          const std::vector<double> sum_tol =
+              exact(t) ? std::vector<double>(cs.size(), 0.0) : rounding_bound(scalar, f, A, W, m, n, k);
           mk::gemm_packed_act(m, A.data(), k, ps, Activation::gelu, cs.data(), n, ap.data());
           mk::gemm_packed_act(m, A.data(), k, pk, Activation::gelu, ck.data(), n, ap.data());
           for (size_t i = 0; i < cs.size(); ++i)
-            ASSERT_NEAR(cs[i], ck[i], 2e-6f * (1 + std::fabs(cs[i])))
+            ASSERT_NEAR(cs[i], ck[i], 2e-6f * (1 + std::fabs(cs[i])) + 1.13 * sum_tol[i])
                 << mk::to_string(t) << " act at " << i;
         }
       }

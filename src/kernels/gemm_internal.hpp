@@ -94,8 +94,10 @@ inline constexpr int64_t kInt4Group = 32;
 
 /// Rows packed at a time by the SIMD kernels (a multiple of every kernel's row tile).
 inline constexpr int64_t kRowChunk = 96;
-/// The largest row tile of any kernel (packed_a_floats() sizes the scratch for it).
+/// The largest register row tile of the SIMD kernels, and the rows of an AMX tile:
+/// packed_a_floats() sizes the scratch for whole tiles of either.
 inline constexpr int64_t kMaxTileRows = 12;
+inline constexpr int64_t kAmxTileRows = 16;
 
 // The kernels, defined one per translation unit (the SIMD ones only when compiled in).
 extern const GemmKernel kGemmScalar;
@@ -110,6 +112,9 @@ extern const GemmKernel kGemmAvx512Bf16;
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_AVX512_VNNI)
 extern const GemmKernel kGemmAvx512Vnni;
+#endif
+#if defined(MOEKIT_HAVE_KERNEL_AMX)
+extern const GemmKernel kGemmAmx;
 #endif
 #if defined(MOEKIT_HAVE_KERNEL_ONEDNN)
 extern const GemmKernel kGemmOneDnn;
