@@ -27,8 +27,9 @@
 #include "avx512_ops.hpp"
 #include "../simd_rows.hpp"
 
-#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AMX_INT8__) || \
-    !defined(__AVX512BF16__) || !defined(__AVX512VNNI__)
+// GCC spells the AMX macros __AMX_TILE__, clang __AMXTILE__.
+#if !(defined(__AMX_TILE__) || defined(__AMXTILE__)) || !(defined(__AMX_BF16__) || defined(__AMXBF16__)) || \
+    !(defined(__AMX_INT8__) || defined(__AMXINT8__)) || !defined(__AVX512BF16__) || !defined(__AVX512VNNI__)
 #error "amx.cpp must be compiled with -mamx-tile -mamx-bf16 -mamx-int8 -mavx512bf16 -mavx512vnni"
 #endif
 
