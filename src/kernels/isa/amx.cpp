@@ -36,18 +36,11 @@
 namespace moekit::kernels::detail {
 namespace {
 
+// The AVX-512 ops as they are: this unit uses SimdGemm only for its epilogue and its int8
+// quantiser (the dot products are the tiles'; the VNNI layout is the kernel entry's
+// int8_group = 4 below).
 template <>
-struct IsaOps<Avx512> : Avx512Ops {
-  // The VNNI packing (4 depths per lane, weights + 128), the layout the tiles read.
-  static constexpr int kInt8Group = 4;
-  static __m512i dpbusd(__m512i acc, __m512i b, __m512i a) noexcept {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(b), "v"(a));
-    return acc;
-  }
-  static __m512 dpbf16(__m512 acc, __m512i b, __m512i a) noexcept {
-    return _mm512_dpbf16_ps(acc, (__m512bh)b, (__m512bh)a);
-  }
-};
+struct IsaOps<Avx512> : Avx512Ops {};
 
 using Simd = SimdGemm<Avx512>;
 using fb = Simd::fb;
