@@ -78,6 +78,12 @@ std::vector<Family> families() {
        {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}}},
       {"centroid", R"({"type": "centroid", "num_experts": 4})", {{"router.centroids", {E, d}}}, E, false, false,
        {{"topk_ids", {T, 1}}, {"topk_weights", {T, 1}}}},
+      {"dynamic_k", R"({"type": "dynamic_k", "num_experts": 4, "top_p": 0.6, "k_max": 3})", {{"gate.weight", {E, d}}}, E,
+       false, false, {{"topk_ids", {T, 3}}, {"topk_weights", {T, 3}}, {"num_selected", {T}}}},
+      {"dynamic_k_tsallis",
+       R"({"type": "dynamic_k", "num_experts": 4, "mode": "tsallis", "entropy_threshold": 0.8, "schedule": "pyramid", "num_layers": 5, "layer_index": 1})",
+       {{"gate.weight", {E, d}}}, E, false, false, {{"topk_ids", {T, E}}, {"topk_weights", {T, E}}, {"num_selected", {T}}},
+       "dynamic_k"},
   };
 }
 

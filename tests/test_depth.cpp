@@ -24,6 +24,7 @@
 #include "moekit/routers/mor.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/depth_ref.hpp"
+#include "support/test_helpers.hpp"
 
 namespace {
 
@@ -45,20 +46,7 @@ using moekit::TokenPruneRouter;
 
 // ------------------------------------------------------------------------ helpers
 
-struct Rng {
-  explicit Rng(uint64_t seed) : g(seed) {}
-  std::mt19937_64 g;
-  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
-  int64_t integer(int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(g);
-  }
-  bool coin(double p) { return uniform(0.0, 1.0) < p; }
-  std::vector<float> vec(size_t n, double a) {
-    std::vector<float> v(n);
-    for (float& x : v) x = static_cast<float>(uniform(-a, a));
-    return v;
-  }
-};
+using test_support::Rng;
 
 // A batch layout with hidden states; owns the arrays the Batch views.
 struct Case {

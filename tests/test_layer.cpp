@@ -27,6 +27,7 @@
 #include "reference/reference.hpp"
 #include "support/float16_ref.hpp"
 #include "support/topk_params.hpp"
+#include "support/test_helpers.hpp"
 
 namespace {
 
@@ -47,18 +48,7 @@ constexpr double kFloorFrac = 1e-5;  // absolute floor: 1e-5 * max |reference|
 
 // ------------------------------------------------------------------------ helpers
 
-struct Rng {
-  explicit Rng(uint64_t seed) : g(seed) {}
-  std::mt19937_64 g;
-  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
-  int64_t integer(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); }
-  bool coin(double p) { return uniform(0.0, 1.0) < p; }
-  std::vector<float> vec(size_t n, double a) {
-    std::vector<float> v(n);
-    for (float& x : v) x = static_cast<float>(uniform(-a, a));
-    return v;
-  }
-};
+using test_support::Rng;
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;

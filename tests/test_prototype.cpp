@@ -28,6 +28,7 @@
 #include "moekit/routing_plan.hpp"
 #include "reference/prototype_ref.hpp"
 #include "reference/reference.hpp"
+#include "support/test_helpers.hpp"
 
 namespace {
 
@@ -47,27 +48,13 @@ constexpr double kTieRel = 1e-6;
 
 // ------------------------------------------------------------------------ helpers
 
-struct Rng {
-  explicit Rng(uint64_t seed) : g(seed) {}
-  std::mt19937_64 g;
-  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
-  int64_t integer(int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(g);
-  }
-  bool coin(double p) { return uniform(0.0, 1.0) < p; }
-  std::vector<float> vec(size_t n, double a) {
-    std::vector<float> v(n);
-    for (float& x : v) x = static_cast<float>(uniform(-a, a));
-    return v;
-  }
-};
+using test_support::bank_of;
+using test_support::experts_of;
+using test_support::random_ref_ffn;
+using test_support::Rng;
+using test_support::weights_of;
+using test_support::join;
 
-std::string join(const std::vector<std::string>& v) {
-  std::string s;
-  for (size_t i = 0; i < v.size() && i < 20; ++i) s += "\n  " + v[i];
-  if (v.size() > 20) s += "\n  ... " + std::to_string(v.size() - 20) + " more";
-  return s;
-}
 
 template <class F>
 void expect_error(F&& f, const std::string& needle) {
@@ -80,16 +67,6 @@ void expect_error(F&& f, const std::string& needle) {
   }
 }
 
-std::vector<int32_t> experts_of(const RoutingPlan& p, int64_t t) {
-  const auto b = p.slot_offsets()[static_cast<size_t>(t)],
-             e = p.slot_offsets()[static_cast<size_t>(t) + 1];
-  return {p.slot_expert().begin() + b, p.slot_expert().begin() + e};
-}
-std::vector<float> weights_of(const RoutingPlan& p, int64_t t) {
-  const auto b = p.slot_offsets()[static_cast<size_t>(t)],
-             e = p.slot_offsets()[static_cast<size_t>(t) + 1];
-  return {p.slot_weight().begin() + b, p.slot_weight().begin() + e};
-}
 
 bool bits_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() &&
@@ -994,27 +971,7 @@ TEST(CentroidKMeans, IdenticalAcrossThreadCounts) {
 
 // ------------------------------------------------------------------------ layers
 
-ref::Ffn random_ffn(Rng& rng, int64_t d, int64_t f) {
-  ref::Ffn r;
-  r.hidden = d;
-  r.intermediate = f;
-  r.gated = true;
-  r.act = ref::Activation::silu;
-  const double a_in = std::sqrt(3.0 / double(d)), a_out = std::sqrt(3.0 / double(f));
-  r.gate = rng.vec(static_cast<size_t>(f * d), a_in);
-  r.up = rng.vec(static_cast<size_t>(f * d), a_in);
-  r.down = rng.vec(static_cast<size_t>(d * f), a_out);
-  return r;
-}
 
-FfnBank bank_of(const std::vector<ref::Ffn>& experts, int64_t d, int64_t f) {
-  FfnBank bank(static_cast<int64_t>(experts.size()),
-               FfnShape{d, f, true, moekit::Activation::silu});
-  for (size_t e = 0; e < experts.size(); ++e)
-    bank.set_expert(static_cast<int64_t>(e), experts[e].gate.data(), experts[e].up.data(),
-                    experts[e].down.data());
-  return bank;
-}
 
 // Reference decisions, with the library's own for excluded (near-tie) tokens.
 ref::Routing merged(const pref::Decisions& want, const Report& rep, const RoutingPlan& plan,
@@ -1037,8 +994,8 @@ TEST(ProMoELayer, ForwardMatchesReference) {
     c.x = rng.vec(static_cast<size_t>(c.T * d), 1.0);
     SCOPED_TRACE(describe(c));
     std::vector<ref::Ffn> experts;  // experts.{i}, then uncond_expert at index E
-    for (int64_t e = 0; e <= E; ++e) experts.push_back(random_ffn(rng, d, f));
-    const ref::Ffn shared_ffn = random_ffn(rng, d, f + 3);
+    for (int64_t e = 0; e <= E; ++e) experts.push_back(random_ref_ffn(rng, d, f));
+    const ref::Ffn shared_ffn = random_ref_ffn(rng, d, f + 3);
     std::vector<moekit::SharedExpert> shared;
     shared.push_back({bank_of({shared_ffn}, d, f + 3), {}});
     const moekit::SparseLayer<ProMoERouter, FfnBank> layer(
@@ -1071,7 +1028,7 @@ TEST(CentroidLayer, ForwardMatchesReference) {
     const int64_t E = c.opt.num_experts, d = c.opt.hidden, f = rng.integer(2, 40);
     SCOPED_TRACE(describe(c));
     std::vector<ref::Ffn> experts;
-    for (int64_t e = 0; e < E; ++e) experts.push_back(random_ffn(rng, d, f));
+    for (int64_t e = 0; e < E; ++e) experts.push_back(random_ref_ffn(rng, d, f));
     const moekit::SparseLayer<CentroidRouter, FfnBank> layer(CentroidRouter(c.opt, c.c),
                                                              bank_of(experts, d, f));
     Workspace ws;

@@ -22,6 +22,7 @@
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/sinkhorn_ref.hpp"
+#include "support/test_helpers.hpp"
 
 namespace {
 
@@ -51,20 +52,7 @@ constexpr double kStopBand = 0.02;  // reference error within 2% of the toleranc
 
 // ------------------------------------------------------------------------ helpers
 
-struct Rng {
-  explicit Rng(uint64_t seed) : g(seed) {}
-  std::mt19937_64 g;
-  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
-  int64_t integer(int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(g);
-  }
-  bool coin(double p) { return uniform(0.0, 1.0) < p; }
-  std::vector<float> vec(size_t n, double a) {
-    std::vector<float> v(n);
-    for (float& x : v) x = static_cast<float>(uniform(-a, a));
-    return v;
-  }
-};
+using test_support::Rng;
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;

@@ -13,6 +13,7 @@
 #include "moekit/routers/aux.hpp"
 #include "moekit/routers/depth.hpp"
 #include "moekit/routers/drllm.hpp"
+#include "moekit/routers/dynamic_k.hpp"
 #include "moekit/routers/expert_choice.hpp"
 #include "moekit/routers/gru.hpp"
 #include "moekit/routers/mor.hpp"

@@ -13,16 +13,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Indices 0..n-1 sorted by descending value, ties to the lower index.
-std::vector<int64_t> descending_order(const std::vector<double>& v) {
-  std::vector<int64_t> idx(v.size());
-  std::iota(idx.begin(), idx.end(), int64_t{0});
-  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
-    return v[static_cast<size_t>(a)] > v[static_cast<size_t>(b)];
-  });
-  return idx;
-}
-
 double dot(const float* a, const float* b, int64_t n) {
   double s = 0.0;
   for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
@@ -31,18 +21,6 @@ double dot(const float* a, const float* b, int64_t n) {
 
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-std::vector<double> softmax(const std::vector<double>& x) {
-  double m = -kInf;
-  for (double v : x) m = std::max(m, v);
-  std::vector<double> y(x.size());
-  double sum = 0.0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    y[i] = std::exp(x[i] - m);
-    sum += y[i];
-  }
-  for (double& v : y) v /= sum;
-  return y;
-}
 
 // Collects messages, keeping the first 20 (then one "omitted" marker).
 struct Errors {
@@ -61,6 +39,29 @@ struct Errors {
 };
 
 }  // namespace
+
+// Indices 0..n-1 sorted by descending value, ties to the lower index.
+std::vector<int64_t> descending_order(const std::vector<double>& v) {
+  std::vector<int64_t> idx(v.size());
+  std::iota(idx.begin(), idx.end(), int64_t{0});
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
+    return v[static_cast<size_t>(a)] > v[static_cast<size_t>(b)];
+  });
+  return idx;
+}
+
+std::vector<double> softmax(const std::vector<double>& x) {
+  double m = -kInf;
+  for (double v : x) m = std::max(m, v);
+  std::vector<double> y(x.size());
+  double sum = 0.0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    y[i] = std::exp(x[i] - m);
+    sum += y[i];
+  }
+  for (double& v : y) v /= sum;
+  return y;
+}
 
 // ---------------------------------------------------------------------------- routing
 
@@ -178,13 +179,19 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
   }
 
   // Capacity: per expert keep C slots in policy order, drop the rest (weight 0).
-  r.capacity = capacity(p, routed);
+  apply_capacity(r, capacity(p, routed), p.drop_policy, p.renormalize_after_drop, p.routed_scaling_factor);
+  return r;
+}
+
+void apply_capacity(Routing& r, int64_t C, DropPolicy policy, bool renormalize, double renormalize_to) {
+  const int64_t T = r.tokens, E = r.experts;
+  r.capacity = C;
+  r.drop_policy = policy;
   if (r.capacity >= 0) {
     struct Candidate {
       int64_t token, rank;
       double weight;
     };
-    const int64_t C = r.capacity;
     for (int64_t e = 0; e < E; ++e) {
       std::vector<Candidate> cand;  // built in token order
       for (int64_t t = 0; t < T; ++t) {
@@ -193,14 +200,14 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
           if (slots[j].expert == e) cand.push_back({t, static_cast<int64_t>(j), slots[j].weight});
       }
       if (static_cast<int64_t>(cand.size()) <= C) continue;
-      if (p.drop_policy == DropPolicy::score) {
+      if (policy == DropPolicy::score) {
         std::stable_sort(cand.begin(), cand.end(),
                          [](const Candidate& a, const Candidate& b) { return a.weight > b.weight; });
         if (C > 0)
           r.capacity_boundary_gap = std::min(r.capacity_boundary_gap,
                                              relative_gap(cand[static_cast<size_t>(C - 1)].weight,
                                                           cand[static_cast<size_t>(C)].weight));
-      } else if (p.drop_policy == DropPolicy::position_slot_major) {
+      } else if (policy == DropPolicy::position_slot_major) {
         std::stable_sort(cand.begin(), cand.end(),
                          [](const Candidate& a, const Candidate& b) { return a.rank < b.rank; });
       }  // position: token order as built
@@ -210,14 +217,14 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
         s.weight = 0.0;
       }
     }
-    if (p.renormalize_after_drop) {
+    if (renormalize) {
       for (TokenRouting& tr : r.token) {
         double sum = 0.0;
         for (const Slot& s : tr.slots)
           if (!s.dropped) sum += s.weight;
         if (sum <= 0.0) continue;
         for (Slot& s : tr.slots)
-          if (!s.dropped) s.weight = s.weight / sum * p.routed_scaling_factor;
+          if (!s.dropped) s.weight = s.weight / sum * renormalize_to;
       }
     }
   }
@@ -226,7 +233,6 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
   r.dropped_of.assign(static_cast<size_t>(E), 0);
   for (const TokenRouting& tr : r.token)
     for (const Slot& s : tr.slots) ++(s.dropped ? r.dropped_of : r.kept_of)[static_cast<size_t>(s.expert)];
-  return r;
 }
 
 double relative_gap(double a, double b) {

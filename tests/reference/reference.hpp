@@ -81,11 +81,20 @@ struct Routing {
 Routing route_topk(const TopKParams& p, const float* gate_weight, const float* x, int64_t T,
                    const uint8_t* padding = nullptr);
 
+/// Per expert keeps `C` slots of `r` in `policy` order (ROUTING.md section 1), marks the rest
+/// dropped with weight 0, optionally rescales each token's survivors to sum to
+/// `renormalize_to`, and fills r.capacity, r.kept_of and r.dropped_of. C < 0: dropless.
+void apply_capacity(Routing& r, int64_t C, DropPolicy policy, bool renormalize, double renormalize_to);
+
 /// C = max(min_capacity, ceil((double(T_routed * k) / E) * capacity_factor)), -1 if dropless.
 int64_t capacity(const TopKParams& p, int64_t routed_tokens);
 
 /// |a - b| / max(|a|, |b|); +inf when b (or a) is -inf and the other is finite; 0 when equal.
 double relative_gap(double a, double b);
+/// Indices 0..n-1 by descending value, ties to the lower index.
+std::vector<int64_t> descending_order(const std::vector<double>& v);
+/// Softmax with the maximum subtracted.
+std::vector<double> softmax(const std::vector<double>& x);
 /// Relative gap between the last chosen and the first unchosen selection score, and (grouped
 /// routers) between the last kept and the first masked group score. +inf if nothing unchosen.
 double boundary_gap(const TokenRouting& t, int64_t k);
