@@ -721,6 +721,45 @@ class SparseLayer {
     }
     return f;
   }
+  /// The gradient of a loss with respect to each routed slot's combine weight in the last
+  /// forward with `ws`: given `grad_out [T, d]` = dLoss/dy of that call (y before the
+  /// caller's residual), writes `grad_weight [S]` (S = ws.plan.num_slots()):
+  /// `<grad_out_t, E_e(x_t)>` in double for a kept slot (token t, expert e), 0 for a dropped
+  /// slot. Reads the expert outputs the forward left in `ws`, so call it before the next call
+  /// with `ws`. Test-time re-routing (routers/steering.hpp) turns this into a gradient on the
+  /// router logits. Not defined (moekit::error) when the weight multiplies the expert's input
+  /// (set_weight_on_input), when the bank applies the weight itself, or with a residual
+  /// coefficient (PR-MoE).
+  void slot_weight_gradient(const Workspace& ws, const float* grad_out, float* grad_weight) const {
+    slot_weight_gradient(ws.plan, ws, grad_out, grad_weight);
+  }
+  /// The same after forward_plan(): `plan` is the plan that call ran.
+  void slot_weight_gradient(const RoutingPlan& plan, const Workspace& ws, const float* grad_out,
+                            float* grad_weight) const {
+    MOEKIT_CHECK(!weight_on_input_ && !applies_weight_v<B> && residual_ < 0,
+                 "SparseLayer::slot_weight_gradient: expected the routing weight on the expert output, got weight on "
+                 "the input, a bank applying it, or a residual coefficient");
+    const int64_t d = hidden_size(), S = plan.num_slots();
+    MOEKIT_CHECK(plan.finalized() && static_cast<int64_t>(ws.expert_out.size()) >= plan.num_kept() * d,
+                 "SparseLayer::slot_weight_gradient: expected the workspace of a finished forward");
+    MOEKIT_CHECK(S == 0 || (grad_out != nullptr && grad_weight != nullptr),
+                 "SparseLayer::slot_weight_gradient: grad_out / grad_weight pointer is null for ", S, " slots");
+    const auto pos = plan.slot_position();
+    const auto tok = plan.slot_token();
+    for (int64_t s = 0; s < S; ++s) {
+      const int32_t p = pos[static_cast<size_t>(s)];
+      if (p < 0) {
+        grad_weight[s] = 0.0f;
+        continue;
+      }
+      const float* e = ws.expert_out.data() + static_cast<int64_t>(p) * d;
+      const float* g = grad_out + static_cast<int64_t>(tok[static_cast<size_t>(s)]) * d;
+      double acc = 0.0;
+      for (int64_t i = 0; i < d; ++i) acc += static_cast<double>(g[i]) * static_cast<double>(e[i]);
+      grad_weight[s] = static_cast<float>(acc);
+    }
+  }
+
   /// The same for an unpadded batch of plan.num_tokens() tokens.
   [[nodiscard]] double executed_flops(const RoutingPlan& plan) const {
     return executed_flops(plan, Batch::single(plan.num_tokens(), hidden_size()));

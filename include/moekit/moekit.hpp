@@ -20,6 +20,7 @@
 #include "moekit/progress.hpp"
 #include "moekit/routers/prototype.hpp"
 #include "moekit/routers/sinkhorn.hpp"
+#include "moekit/routers/steering.hpp"
 #include "moekit/routers/topk.hpp"
 #include "moekit/routing_plan.hpp"
 #include "moekit/version.hpp"

@@ -221,6 +221,16 @@ class TopKRouter {
     logit_bias_ = std::move(b);
   }
   [[nodiscard]] const std::vector<float>& logit_bias() const noexcept { return logit_bias_; }
+  /// A steering vector `delta [E]` added to every logit after the router's own bias, so it
+  /// changes selection and weights (Rewiring Experts, arXiv 2510.14853; multilingual routing
+  /// steering, arXiv 2510.04694); empty for none. Kept apart from the checkpoint's
+  /// `router.bias` (set_logit_bias) and from the selection-only bias (set_bias), so an engine
+  /// can change or reset it between calls (routers/steering.hpp updates it online).
+  void set_logit_steering(std::vector<float> delta) {
+    if (!delta.empty()) detail::check_weight(delta, "topk router", "logit steering", static_cast<size_t>(opt_.num_experts));
+    steering_ = std::move(delta);
+  }
+  [[nodiscard]] const std::vector<float>& logit_steering() const noexcept { return steering_; }
   /// Changes the training-noise seed (e.g. per step).
   void set_noise_seed(uint64_t seed) noexcept { opt_.noise_seed = seed; }
 
@@ -264,6 +274,8 @@ class TopKRouter {
       kernels::matvec_rows(x, weight_.data(), E, d, L);
       if (!logit_bias_.empty())
         for (int64_t e = 0; e < E; ++e) L[e] += logit_bias_[static_cast<size_t>(e)];
+      if (!steering_.empty())
+        for (int64_t e = 0; e < E; ++e) L[e] += steering_[static_cast<size_t>(e)];
       if (opt_.noise == TrainingNoise::noisy_topk) {
         for (int64_t e = 0; e < E; ++e) {
           const float z = kernels::dot(x, noise_weight_.data() + e * d, d);
@@ -424,6 +436,7 @@ class TopKRouter {
   std::vector<float> bias_;
   std::vector<float> noise_weight_;
   std::vector<float> logit_bias_;
+  std::vector<float> steering_;
 };
 
 static_assert(Router<TopKRouter>);
