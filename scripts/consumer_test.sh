@@ -49,6 +49,7 @@ consumer() {  # name, then extra cmake arguments (CXX from the environment)
 }
 consumer gcc-release -DCMAKE_BUILD_TYPE=Release
 OMP_NUM_THREADS=2 "$build/gcc-release/example_basic_layer"
+OMP_NUM_THREADS=2 "$build/gcc-release/example_moe_stack"
 # moekit::ep (find_package(moekit COMPONENTS ep)): the expert-parallel example under mpirun.
 if [ -x "$build/gcc-release/example_expert_parallel" ]; then
   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
