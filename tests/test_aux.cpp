@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "moekit/routers/aux.hpp"
@@ -197,6 +198,122 @@ TEST(AuxLosses, BiasUpdateCountsSelectedSlots) {
   ASSERT_EQ(plan.dropped_of(0), 2);
   EXPECT_EQ(moekit::update_selection_bias({}, plan, 1.0f), (std::vector<float>{-1.0f, 1.0f}));
   EXPECT_EQ(moekit::update_selection_bias({}, plan, 1.0f, moekit::BiasLoad::kept), (std::vector<float>{0.0f, 0.0f}));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ expert-router coupling (ERC)
+namespace {
+
+// Plain double reference of ROUTING.md section 7's ERC loss on given proxies.
+double erc_reference(const std::vector<float>& proxy, const std::vector<float>& gate, int64_t E, int64_t d, int64_t f,
+                     double a, std::vector<double>& M) {
+  M.assign(static_cast<size_t>(E * E), 0.0);
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      double s = 0;
+      for (int64_t h = 0; h < f; ++h) {
+        double z = 0;
+        for (int64_t c = 0; c < d; ++c) z += double(gate[size_t((j * f + h) * d + c)]) * proxy[size_t(i * d + c)];
+        s += z * z;
+      }
+      M[size_t(i * E + j)] = std::sqrt(s);
+    }
+  double sum = 0;
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j)
+      if (i != j) {
+        const double own = a * M[size_t(i * E + i)];
+        sum += std::max(0.0, M[size_t(i * E + j)] - own) + std::max(0.0, M[size_t(j * E + i)] - own);
+        ++pairs;
+      }
+  return pairs ? sum / double(pairs) : 0.0;
+}
+
+TEST(ErcLoss, MatchesReferenceOnRandomLayers) {
+  std::mt19937_64 g(17);
+  std::uniform_real_distribution<double> u(-1, 1);
+  for (int it = 0; it < 40; ++it) {
+    const int64_t E = 1 + int64_t(g() % 9), d = 1 + int64_t(g() % 12), f = 1 + int64_t(g() % 7);
+    std::vector<float> R(size_t(E * d)), W(size_t(E * f * d));
+    for (float& v : R) v = float(u(g));
+    for (float& v : W) v = float(u(g));
+    moekit::ErcOptions o;
+    o.alpha = 0.5 + 0.5 * (u(g) + 1) / 2;
+    o.epsilon = it % 3 == 0 ? 0.05 : 0.0;
+    o.seed = uint64_t(it);
+    const moekit::ErcResult r = moekit::erc_loss(R, W, E, d, f, o);
+    // Noise half-widths: half the distance to the nearest other row over the row's norm, capped.
+    const std::vector<float> proxy = moekit::erc_proxies(R, E, d, o);
+    for (int64_t i = 0; i < E; ++i) {
+      double norm = 0, nn = INFINITY;
+      for (int64_t c = 0; c < d; ++c) norm += double(R[size_t(i * d + c)]) * R[size_t(i * d + c)];
+      for (int64_t j = 0; j < E; ++j) {
+        if (j == i) continue;
+        double s = 0;
+        for (int64_t c = 0; c < d; ++c) s += std::pow(double(R[size_t(i * d + c)]) - R[size_t(j * d + c)], 2);
+        nn = std::min(nn, std::sqrt(s));
+      }
+      double want = E > 1 ? std::min(1.0, nn / (2 * std::sqrt(norm))) : 0.0;
+      if (o.epsilon > 0) want = std::min(want, o.epsilon);
+      EXPECT_NEAR(r.epsilon[size_t(i)], want, 1e-12) << "expert " << i;
+      for (int64_t c = 0; c < d; ++c) {
+        const double ratio = double(proxy[size_t(i * d + c)]) / R[size_t(i * d + c)];
+        EXPECT_LE(std::fabs(ratio - 1.0), want + 1e-6) << i << ", " << c;
+      }
+    }
+    std::vector<double> M;
+    const double loss = erc_reference(proxy, W, E, d, f, o.alpha, M);
+    EXPECT_NEAR(r.loss, loss, 1e-9 * (1 + loss));
+    for (size_t q = 0; q < M.size(); ++q) EXPECT_NEAR(r.activation[q], M[q], 1e-9 * (1 + M[q]));
+    // alpha_zero is where the loss vanishes: 0 at alpha_zero, > 0 just below it.
+    if (E > 1 && r.alpha_zero > 0 && r.alpha_zero < 1) {
+      std::vector<double> M2;
+      EXPECT_NEAR(erc_reference(proxy, W, E, d, f, r.alpha_zero, M2), 0.0, 1e-9);
+      EXPECT_GT(erc_reference(proxy, W, E, d, f, r.alpha_zero * 0.999, M2), 0.0);
+    }
+  }
+}
+
+TEST(ErcLoss, SpecialisedExpertsHaveNoViolations) {
+  // Router rows e_i (one-hot) and gate projections that read only their own coordinate: every
+  // expert answers its own proxy and nothing else, so the loss is 0 at any alpha. Swapping two
+  // experts' gates breaks both constraints for them.
+  const int64_t E = 4, d = 4, f = 2;
+  std::vector<float> R(size_t(E * d), 0.0f), W(size_t(E * f * d), 0.0f);
+  for (int64_t i = 0; i < E; ++i) R[size_t(i * d + i)] = 1.0f;
+  for (int64_t j = 0; j < E; ++j)
+    for (int64_t h = 0; h < f; ++h) W[size_t((j * f + h) * d + j)] = 0.7f;
+  moekit::ErcResult r = moekit::erc_loss(R, W, E, d, f);
+  EXPECT_EQ(r.loss, 0.0);
+  EXPECT_EQ(r.proxy_violations + r.expert_violations, 0);
+  EXPECT_EQ(r.alpha_zero, 0.0);
+  std::swap_ranges(W.begin(), W.begin() + f * d, W.begin() + f * d);  // experts 0 and 1 trade gates
+  r = moekit::erc_loss(R, W, E, d, f);
+  EXPECT_GT(r.loss, 0.0);
+  EXPECT_EQ(r.proxy_violations, 2);
+  EXPECT_EQ(r.expert_violations, 2);
+  EXPECT_TRUE(std::isinf(r.alpha_zero));  // M[0, 0] = 0 with M[0, 1] > 0
+}
+
+TEST(ErcLoss, BadArguments) {
+  const std::vector<float> R(6, 0.5f), W(12, 0.5f);
+  auto fails = [](auto f, const char* needle) {
+    try {
+      f();
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  fails([&] { (void)moekit::erc_loss(R, W, 2, 3, 3); }, "gate weights expected [2, 3, 3]");
+  fails([&] { (void)moekit::erc_loss(R, std::vector<float>(18, 0.5f), 3, 3, 2); }, "router weight expected [3, 3]");
+  fails([&] { (void)moekit::erc_loss(R, W, 2, 3, 2, moekit::ErcOptions{.alpha = 0}); }, "alpha expected in (0, 1]");
+  fails([&] { (void)moekit::erc_loss(R, W, 2, 3, 2, moekit::ErcOptions{.epsilon = 1.5}); }, "epsilon expected in [0, 1)");
+  std::vector<float> bad = R;
+  bad[4] = std::nanf("");
+  fails([&] { (void)moekit::erc_loss(bad, W, 2, 3, 2); }, "router weight[1, 1] expected finite");
 }
 
 }  // namespace

@@ -238,6 +238,105 @@ inline std::vector<float> update_selection_bias(std::vector<float> bias, const R
   return bias;
 }
 
+/// Options of the expert-router coupling (ERC) loss (arXiv 2512.23447).
+struct ErcOptions {
+  double alpha = 1.0;     ///< margin factor a in (0, 1]: constraints M[i, j] <= a M[i, i]
+  /// Cap on each proxy's noise half-width; 0 = no cap. eps_i = min(cap, ||R_i - R_nn(i)|| / (2 ||R_i||))
+  /// with R_nn(i) the nearest other router row, so a proxy never leaves its cluster.
+  double epsilon = 0.0;
+  uint64_t seed = 0;      ///< the noise is a pure function of (seed, expert, component)
+};
+
+/// The ERC loss and what it measured.
+struct ErcResult {
+  double loss = 0.0;                 ///< mean over i != j of relu(M[i, j] - a M[i, i]) + relu(M[j, i] - a M[i, i])
+  std::vector<double> activation;    ///< M `[E, E]`: M[i, j] = ||W_g^j proxy_i|| (expert j's gate pre-activation norm)
+  std::vector<double> epsilon;       ///< `[E]` each proxy's noise half-width
+  int64_t proxy_violations = 0;      ///< pairs i != j with M[i, j] > a M[i, i] (proxy i excites expert j more)
+  int64_t expert_violations = 0;     ///< pairs i != j with M[j, i] > a M[i, i] (expert i prefers proxy j)
+  /// The smallest a at which the loss is 0: max over i != j of max(M[i, j], M[j, i]) / M[i, i]
+  /// (lower = more specialised experts; the paper tracks specialisation with such a margin).
+  double alpha_zero = 0.0;
+};
+
+/// Proxy tokens `[E, d]` of the ERC loss: `proxy_i = R_i * delta_i`, `delta_{i,c} ~ U(1 - eps_i,
+/// 1 + eps_i)` (eps_i as in ErcOptions), from `router_weight [E, d]`. Fills `eps [E]`.
+inline std::vector<float> erc_proxies(std::span<const float> router_weight, int64_t E, int64_t d, const ErcOptions& o,
+                                      std::vector<double>* eps = nullptr) {
+  MOEKIT_CHECK(E >= 1 && d >= 1 && static_cast<int64_t>(router_weight.size()) == E * d,
+               "erc_loss: router weight expected [", E, ", ", d, "], got ", router_weight.size(), " values");
+  detail::check_finite(router_weight, "erc_loss", "router weight", static_cast<size_t>(d));
+  MOEKIT_CHECK(std::isfinite(o.epsilon) && o.epsilon >= 0 && o.epsilon < 1,
+               "erc_loss: epsilon expected in [0, 1) (0 = no cap), got ", o.epsilon);
+  std::vector<double> e(static_cast<size_t>(E), 0.0);
+  std::vector<float> proxy(router_weight.begin(), router_weight.end());
+  for (int64_t i = 0; i < E; ++i) {
+    const float* ri = router_weight.data() + i * d;
+    double norm = 0.0, nearest = INFINITY;
+    for (int64_t c = 0; c < d; ++c) norm += static_cast<double>(ri[c]) * ri[c];
+    for (int64_t j = 0; j < E; ++j) {
+      if (j == i) continue;
+      double dist = 0.0;
+      for (int64_t c = 0; c < d; ++c) {
+        const double v = static_cast<double>(ri[c]) - router_weight[static_cast<size_t>(j * d + c)];
+        dist += v * v;
+      }
+      nearest = std::min(nearest, std::sqrt(dist));
+    }
+    double ei = norm > 0 && std::isfinite(nearest) ? nearest / (2.0 * std::sqrt(norm)) : 0.0;
+    if (o.epsilon > 0) ei = std::min(ei, o.epsilon);
+    ei = std::min(ei, 1.0);
+    e[static_cast<size_t>(i)] = ei;
+    for (int64_t c = 0; c < d; ++c)
+      proxy[static_cast<size_t>(i * d + c)] = static_cast<float>(
+          static_cast<double>(ri[c]) *
+          (1.0 - ei + 2.0 * ei * detail::uniform01(o.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(c))));
+  }
+  if (eps != nullptr) *eps = std::move(e);
+  return proxy;
+}
+
+/// The ERC loss of a layer's router `R = router_weight [E, d]` and its experts' gate
+/// projections `gate_weight [E, f, d]` (HF `experts.{j}.gate_proj.weight` stacked; for plain
+/// FFNs the first projection), in double: proxies by erc_proxies(), M[i, j] = ||W_g^j proxy_i||,
+/// the loss and its statistics (ErcResult). Independent of the tokens: E^2 f d multiply-adds.
+inline ErcResult erc_loss(std::span<const float> router_weight, std::span<const float> gate_weight, int64_t E, int64_t d,
+                          int64_t f, const ErcOptions& o = {}) {
+  MOEKIT_CHECK(std::isfinite(o.alpha) && o.alpha > 0 && o.alpha <= 1, "erc_loss: alpha expected in (0, 1], got ",
+               o.alpha);
+  MOEKIT_CHECK(f >= 1 && E >= 1 && d >= 1 && static_cast<double>(gate_weight.size()) == double(E) * double(f) * double(d),
+               "erc_loss: gate weights expected [", E, ", ", f, ", ", d, "], got ", gate_weight.size(), " values");
+  detail::check_finite(gate_weight, "erc_loss", "gate weight", static_cast<size_t>(d));
+  ErcResult r;
+  const std::vector<float> proxy = erc_proxies(router_weight, E, d, o, &r.epsilon);
+  r.activation.assign(static_cast<size_t>(E * E), 0.0);
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      double sq = 0.0;
+      for (int64_t h = 0; h < f; ++h) {
+        const float* w = gate_weight.data() + (j * f + h) * d;
+        double z = 0.0;
+        for (int64_t c = 0; c < d; ++c) z += static_cast<double>(w[c]) * proxy[static_cast<size_t>(i * d + c)];
+        sq += z * z;
+      }
+      r.activation[static_cast<size_t>(i * E + j)] = std::sqrt(sq);
+    }
+  auto M = [&](int64_t i, int64_t j) { return r.activation[static_cast<size_t>(i * E + j)]; };
+  double sum = 0.0;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      if (i == j) continue;
+      const double own = o.alpha * M(i, i);
+      sum += std::max(0.0, M(i, j) - own) + std::max(0.0, M(j, i) - own);
+      r.proxy_violations += M(i, j) > own;
+      r.expert_violations += M(j, i) > own;
+      const double m = std::max(M(i, j), M(j, i));
+      r.alpha_zero = std::max(r.alpha_zero, M(i, i) > 0 ? m / M(i, i) : (m > 0 ? INFINITY : 0.0));
+    }
+  r.loss = E > 1 ? sum / static_cast<double>(E * (E - 1)) : 0.0;
+  return r;
+}
+
 /// Per-call routing statistics.
 struct RoutingStats {
   std::vector<int64_t> load;          ///< kept slots per expert
