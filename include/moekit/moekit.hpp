@@ -18,6 +18,7 @@
 #include "moekit/routers/gru.hpp"
 #include "moekit/routers/mor.hpp"
 #include "moekit/progress.hpp"
+#include "moekit/routers/product_key.hpp"
 #include "moekit/routers/prototype.hpp"
 #include "moekit/routers/sinkhorn.hpp"
 #include "moekit/routers/steering.hpp"
