@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <limits>
 #include <span>
 #include <utility>
 #include <vector>
@@ -72,6 +73,23 @@ struct Workspace {
   /// infinity (0 otherwise, and always 0 when the call threw or checks are off).
   int64_t non_finite_rows = 0;
 };
+
+/// SCMoE's contrast (arXiv 2405.14507) of a strong and a weak output `[n]` (layer outputs or
+/// next-token logits): `out = strong + beta (strong - weak)`, in f32; `out` may be `strong` or
+/// `weak`. With `alpha` > 0 (the paper's adaptive plausibility constraint, for logits), entries
+/// whose strong softmax probability is below alpha times the largest get -inf: those with
+/// `strong_v < max(strong) + ln(alpha)`. Throws for a non-finite beta or alpha outside [0, 1].
+inline void self_contrast(const float* strong, const float* weak, int64_t n, float beta, float* out, float alpha = 0.0f) {
+  MOEKIT_CHECK(std::isfinite(beta), "self_contrast: beta expected finite, got ", beta);
+  MOEKIT_CHECK(alpha >= 0.0f && alpha <= 1.0f, "self_contrast: alpha expected in [0, 1], got ", alpha);
+  MOEKIT_CHECK(n == 0 || (strong != nullptr && weak != nullptr && out != nullptr), "self_contrast: null pointer for n = ", n);
+  float cut = -std::numeric_limits<float>::infinity();
+  if (alpha > 0.0f && n > 0) cut = *std::max_element(strong, strong + n) + std::log(alpha);
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = strong[i];
+    out[i] = s < cut ? -std::numeric_limits<float>::infinity() : s + beta * (s - weak[i]);
+  }
+}
 
 /// What SparseLayer does when a finite input gives a non-finite output row (an overflow
 /// inside an expert or the combine).
@@ -182,6 +200,34 @@ class SparseLayer {
     check_padded_slots(batch, plan);
     run_plan(batch, x, plan, o, ws, threads);
     if (check_finite_) check_output(batch, o, "SparseLayer::forward_plan", ws);
+  }
+
+  /// Self-contrast (SCMoE, Shi et al., arXiv 2405.14507): one routing and one expert pass
+  /// give the strong output `strong [T, d]` (exactly forward()'s) and the weak output
+  /// `weak [T, d]`, where each token keeps only its routed slot of rank `rank` (1 = its first
+  /// choice; at most the slots the router gave it) with weight 1, plus the same shared experts.
+  /// A token with fewer slots, or whose rank-`rank` slot was dropped, gets only the shared part.
+  /// The weak output reads the expert rows the strong pass computed: no expert runs twice.
+  /// Not defined (moekit::error) with the weight on the input, banks applying the weight, or a
+  /// residual coefficient. f32 rows; self_contrast() forms `z_s + beta (z_s - z_w)`.
+  void forward_contrast(const Batch& batch, const float* hidden, float* strong, float* weak, int64_t rank,
+                        Workspace& ws, int threads = 0) const {
+    MOEKIT_CHECK(!weight_on_input_ && !applies_weight_v<B> && residual_ < 0,
+                 "SparseLayer::forward_contrast: expected the routing weight on the expert output, got weight on the "
+                 "input, a bank applying it, or a residual coefficient");
+    MOEKIT_CHECK(rank >= 1 && rank <= num_experts(), "SparseLayer::forward_contrast: rank expected in [1, E = ",
+                 num_experts(), "], got ", rank);
+    MOEKIT_CHECK(batch.tokens == 0 || weak != nullptr, "SparseLayer::forward_contrast: weak output pointer is null");
+    const int64_t n = batch.tokens * hidden_size();
+    MOEKIT_CHECK(weak == nullptr || ((weak + n <= hidden || hidden + n <= weak) && (weak + n <= strong || strong + n <= weak)),
+                 "SparseLayer::forward_contrast: the weak output expected apart from the input and the strong output");
+    forward(batch, hidden, strong, ws, threads);
+    const int64_t T = batch.tokens;
+    const ActivationsOut o = resolve(ActivationsOut::f32(weak), "SparseLayer::forward_contrast", T);
+    const float* x = ws.hidden;
+    const int nt = detail::resolve_threads(threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) combine_token(batch, x, ws.plan, o, ws, t, omp_get_thread_num(), rank - 1);
   }
 
   // ---- Engine-owned threads (no OpenMP): the same work as forward(), split into calls an
@@ -627,8 +673,10 @@ class SparseLayer {
   // (fixed order).
   // `out` has its stride resolved; a bf16 / f16 row is combined in f32 in the worker's out row,
   // then rounded as it is stored.
+  // `only_rank` >= 0 (self-contrast's weak output): of the routed slots, only the token's slot
+  // of that rank (0-based), with weight 1.
   void combine_token(const Batch& batch, const float* hidden, const RoutingPlan& plan, const ActivationsOut& out,
-                     Workspace& ws, int64_t t, int worker) const {
+                     Workspace& ws, int64_t t, int worker, int64_t only_rank = -1) const {
     const int64_t d = hidden_size();
     const bool f32 = out.type == ActivationType::f32;
     float* y = f32 ? static_cast<float*>(out.data) + t * out.stride : ws.out_rows.data() + static_cast<int64_t>(worker) * d;
@@ -659,8 +707,9 @@ class SparseLayer {
     for (int32_t sl = slot_offsets[static_cast<size_t>(t)]; sl < slot_offsets[static_cast<size_t>(t) + 1]; ++sl) {
       const int32_t p = pos[static_cast<size_t>(sl)];
       if (p < 0) continue;  // dropped: contributes nothing
+      if (only_rank >= 0 && sl - slot_offsets[static_cast<size_t>(t)] != only_rank) continue;
       rows[n] = ws.expert_out.data() + static_cast<int64_t>(p) * d;
-      w[n++] = (weight_on_input_ || applies_weight_v<B> ? 1.0f : weight[static_cast<size_t>(sl)]) * c0;
+      w[n++] = only_rank >= 0 ? 1.0f : (weight_on_input_ || applies_weight_v<B> ? 1.0f : weight[static_cast<size_t>(sl)]) * c0;
     }
     const int64_t r = batch.padding.empty() ? t : ws.row_of_token[static_cast<size_t>(t)];
     for (size_t j = 0; j < shared_.size(); ++j) {
