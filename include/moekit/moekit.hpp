@@ -18,6 +18,7 @@
 #include "moekit/routers/dynamic_k.hpp"
 #include "moekit/routers/expert_choice.hpp"
 #include "moekit/routers/gru.hpp"
+#include "moekit/routers/modality.hpp"
 #include "moekit/routers/mor.hpp"
 #include "moekit/progress.hpp"
 #include "moekit/routers/product_key.hpp"

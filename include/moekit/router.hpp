@@ -26,6 +26,11 @@ struct RouterScratch {
   std::vector<float> state;    ///< recurrent routers: the new router state `[T, d_r]` after route
   std::vector<float>
       values;  ///< router-specific per-token outputs (e.g. depth routers' `[T]` router weights)
+  std::vector<uint8_t> mask;  ///< router-private byte scratch
+  /// Composite routers (ModalityGroupRouter): their sub-routers' plans and scratch, readable
+  /// after route (sub[g].logits: group g's logits).
+  std::vector<RoutingPlan> plans;
+  std::vector<RouterScratch> sub;
   int64_t iterations = 0;  ///< iterative routers (Sinkhorn): iterations run by the last call
   double error = 0.0;      ///< iterative routers: final marginal error of the last call
 };
