@@ -21,6 +21,7 @@
 #include "moekit/routers/modality.hpp"
 #include "moekit/routers/mor.hpp"
 #include "moekit/progress.hpp"
+#include "moekit/routers/pregate.hpp"
 #include "moekit/routers/product_key.hpp"
 #include "moekit/routers/prototype.hpp"
 #include "moekit/routers/sinkhorn.hpp"

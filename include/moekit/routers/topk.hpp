@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "moekit/batch.hpp"
@@ -250,8 +251,7 @@ class TopKRouter {
     const int64_t G = opt_.grouped() ? opt_.n_group : 0;
     const size_t per_thread = static_cast<size_t>(3 * E + G + d);
     scratch.logits.resize(static_cast<size_t>(T * E));
-    if (scratch.buffer.size() < per_thread * static_cast<size_t>(nt)) scratch.buffer.resize(per_thread * static_cast<size_t>(nt));
-    if (scratch.index.size() < static_cast<size_t>((E + G) * nt)) scratch.index.resize(static_cast<size_t>((E + G) * nt));
+    grow_scratch(scratch, nt);
 
     plan.reset(T, E, [&](int64_t t) { return batch.is_padding(t) ? 0 : k; });
 
@@ -295,22 +295,32 @@ class TopKRouter {
                    " expected finite, got ", scratch.logits[static_cast<size_t>(i)],
                    " (NaN or Inf in hidden_states or gate.weight, or an overflow)");
 
-      // 2. Scores, selection and weights per token.
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    select(batch, scratch.logits.data(), plan, scratch, nt);
+  }
+
+  /// Routes from logits the caller computed (`logits [T, E]`, e.g. a pre-gating router network
+  /// or an engine's fused gate GEMM): scores, selection, weights and capacity exactly as
+  /// route() does after its logit step (the steering vector and biases of the logit step are
+  /// not added here; the selection-only bias is). Padded tokens get no slot. Throws for a
+  /// non-finite logit of an unpadded token or a wrong size.
+  void route_logits(const Batch& batch, std::span<const float> logits, RoutingPlan& plan, RouterScratch& scratch,
+                    int threads = 0) const {
+    batch.validate(opt_.hidden);
+    const int64_t T = batch.tokens, E = opt_.num_experts;
+    MOEKIT_CHECK(static_cast<int64_t>(logits.size()) == T * E, "topk router: route_logits expected logits [", T, ", ", E,
+                 "], got ", logits.size(), " values");
     for (int64_t t = 0; t < T; ++t) {
       if (batch.is_padding(t)) continue;
-      const int tid = omp_get_thread_num();
-      float* buf = scratch.buffer.data() + per_thread * static_cast<size_t>(tid);
-      int32_t* idx = scratch.index.data() + static_cast<size_t>((E + G) * tid);
-      route_token(scratch.logits.data() + t * E, buf, idx, plan.token_experts(t).data(),
-                  plan.token_weights(t).data());
+      if (const int64_t i = kernels::first_non_finite(logits.data() + t * E, E); i >= 0)
+        detail::fail("topk router: logit of token ", t, ", expert ", i, " expected finite, got ",
+                     logits[static_cast<size_t>(t * E + i)]);
     }
-
-    // 3. Capacity.
-    const int64_t C = opt_.capacity(batch.routed_tokens());
-    if (C >= 0)
-      plan.apply_capacity(C, opt_.drop_policy, opt_.renormalize_after_drop, opt_.routed_scaling_factor);
-    plan.finalize();
+    MOEKIT_CHECK(opt_.noise == TrainingNoise::none, "topk router: route_logits expected no training noise (it acts "
+                 "on the router input)");
+    const int nt = detail::resolve_threads(threads);
+    grow_scratch(scratch, nt);
+    plan.reset(T, E, [&](int64_t t) { return batch.is_padding(t) ? 0 : opt_.k; });
+    select(batch, logits.data(), plan, scratch, nt);
   }
 
   /// Routes one token's logits `L [E]`: writes k expert ids and weights in slot order.
@@ -379,6 +389,33 @@ class TopKRouter {
   }
 
  private:
+  void grow_scratch(RouterScratch& scratch, int nt) const {
+    const int64_t E = opt_.num_experts, G = opt_.grouped() ? opt_.n_group : 0;
+    const size_t per_thread = static_cast<size_t>(3 * E + G + opt_.hidden);
+    if (scratch.buffer.size() < per_thread * static_cast<size_t>(nt)) scratch.buffer.resize(per_thread * static_cast<size_t>(nt));
+    if (scratch.index.size() < static_cast<size_t>((E + G) * nt)) scratch.index.resize(static_cast<size_t>((E + G) * nt));
+  }
+
+  // Steps 2 and 3 of route(): scores, selection and weights per token from `logits [T, E]`,
+  // then capacity; finalises the plan (reset by the caller).
+  void select(const Batch& batch, const float* logits, RoutingPlan& plan, RouterScratch& scratch, int nt) const {
+    const int64_t T = batch.tokens, E = opt_.num_experts, d = opt_.hidden;
+    const int64_t G = opt_.grouped() ? opt_.n_group : 0;
+    const size_t per_thread = static_cast<size_t>(3 * E + G + d);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+      if (batch.is_padding(t)) continue;
+      const int tid = omp_get_thread_num();
+      float* buf = scratch.buffer.data() + per_thread * static_cast<size_t>(tid);
+      int32_t* idx = scratch.index.data() + static_cast<size_t>((E + G) * tid);
+      route_token(logits + t * E, buf, idx, plan.token_experts(t).data(), plan.token_weights(t).data());
+    }
+    const int64_t C = opt_.capacity(batch.routed_tokens());
+    if (C >= 0)
+      plan.apply_capacity(C, opt_.drop_policy, opt_.renormalize_after_drop, opt_.routed_scaling_factor);
+    plan.finalize();
+  }
+
   // PhiMoE's sparsemixer at inference (HF modeling_phimoe.py, training = False), in f32: for
   // each of the two picks, the largest logit m of the candidates (ties: lower id), then the
   // softmax over the candidates e with (m - L_e) / max(|L_e|, m) <= 2 eps, read at the pick.
