@@ -1234,3 +1234,46 @@ TEST(TopKErrors, BadInputsThrowNamingTheArgument) {
 }
 
 }  // namespace
+
+namespace {
+
+// ReMix (arXiv 2603.10160): uniform weights 1 / k on the usual selection, against the reference.
+TEST(TopKUniformWeights, MatchesReferenceAndConfigKey) {
+  Rng rng(2603);
+  int64_t compared = 0;
+  for (int i = 0; i < 60; ++i) {
+    TopKOptions o;
+    o.num_experts = rng.integer(1, 32);
+    o.k = rng.integer(1, std::min<int64_t>(o.num_experts, 6));
+    o.hidden = rng.integer(1, 32);
+    o.score_func = rng.coin(0.5) ? ScoreFunc::softmax : ScoreFunc::sigmoid;
+    o.uniform_weights = true;
+    if (rng.coin(0.5)) o.routed_scaling_factor = 2.0f;
+    if (rng.coin(0.3)) o.capacity_factor = 1.0;
+    const int64_t T = rng.integer(1, 50);
+    const std::vector<float> W = rng.vec(static_cast<size_t>(o.num_experts * o.hidden), 1.0),
+                             x = rng.vec(static_cast<size_t>(T * o.hidden), 1.0);
+    RoutingPlan plan;
+    RouterScratch s;
+    TopKRouter(o, W).route(Batch::single(T, o.hidden), x.data(), plan, s, 2);
+    ref::CompareOptions co;
+    co.exclude_near_ties = true;
+    const ref::CompareReport rep = ref::compare_routing(ref::route_topk(to_ref(o, {}), W.data(), x.data(), T), ref::view_of(plan), co);
+    EXPECT_TRUE(rep.errors.empty()) << "case " << i << test_support::join(rep.errors);
+    compared += rep.compared;
+    for (size_t sl = 0; sl < plan.slot_weight().size(); ++sl)
+      if (!plan.slot_dropped()[sl]) EXPECT_EQ(plan.slot_weight()[sl], o.routed_scaling_factor * (1.0f / static_cast<float>(o.k)));
+  }
+  EXPECT_GT(compared, 1000);
+  TopKOptions bad{4, 2, 2};
+  bad.uniform_weights = true;
+  bad.norm_topk_prob = true;
+  test_support::expect_error([&] { bad.validate(); }, {"uniform_weights (ReMix, weights 1 / k) expected without"});
+  const moekit::LayerConfig c = moekit::parse_layer_config(
+      R"({"moekit_config_version": 1, "hidden_size": 8, "router": {"num_experts": 4, "k": 2, "uniform_weights": true},
+          "experts": {"type": "swiglu", "intermediate_size": 8}})",
+      "test");
+  EXPECT_TRUE(c.router.uniform_weights);
+}
+
+}  // namespace

@@ -558,6 +558,7 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
   r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
   r.norm_p = rr.number("norm_p", r.norm_p);
+  r.uniform_weights = rr.boolean("uniform_weights", r.uniform_weights);
   r.select_on_logits = rr.boolean("select_on_logits", r.select_on_logits);
   r.sparsemixer_eps = rr.number("sparsemixer_eps", r.sparsemixer_eps);
   c.weight_on_input = rr.boolean("weight_on_input", c.weight_on_input);

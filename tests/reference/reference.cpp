@@ -173,6 +173,8 @@ Routing route_topk(const TopKParams& p, const float* W, const float* x, int64_t 
           for (double& v : w) v /= norm;
       }
     }
+    if (p.uniform_weights)
+      for (double& v : w) v = 1.0 / static_cast<double>(k);
     for (double& v : w) v *= p.routed_scaling_factor;
     for (int64_t j = 0; j < k; ++j)
       tr.slots.push_back({tr.order[static_cast<size_t>(j)], w[static_cast<size_t>(j)], false});

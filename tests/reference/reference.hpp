@@ -35,6 +35,7 @@ struct TopKParams {
   bool norm_topk_prob = false;      ///< w / (sum w + 1e-20)
   double norm_p = 0.0;              ///< > 0: w / (sum w^p)^(1/p)
   double sparsemixer_eps = 0.0;     ///< > 0: PhiMoE SparseMixer (k = 2), see reference.cpp
+  bool uniform_weights = false;     ///< ReMix: every selected weight 1 / k (before scaling)
   double routed_scaling_factor = 1.0;
   std::vector<double> bias;         ///< [E] selection-only bias; empty = none
   int64_t n_group = 0;              ///< <= 1: no groups

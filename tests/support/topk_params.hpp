@@ -24,6 +24,7 @@ inline ref::TopKParams to_ref(const moekit::TopKOptions& o, const std::vector<fl
   p.norm_p = o.norm_p;
   p.sparsemixer_eps = o.sparsemixer_eps;
   p.routed_scaling_factor = o.routed_scaling_factor;
+  p.uniform_weights = o.uniform_weights;
   p.bias.assign(bias.begin(), bias.end());
   p.n_group = o.n_group;
   p.topk_group = o.topk_group;

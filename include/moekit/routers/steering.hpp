@@ -121,6 +121,11 @@ inline void logit_gradient(const TopKRouter& r, const Batch& batch, std::span<co
   const TopKOptions& o = r.options();
   MOEKIT_CHECK(o.sparsemixer_eps == 0 && o.norm_p == 0 && !(o.capacity_factor > 0 && o.renormalize_after_drop),
                "topk router: logit_gradient expected no sparsemixer_eps, norm_p or renormalize_after_drop");
+  if (o.uniform_weights) {  // weights 1 / k whatever the logits: no gradient
+    detail::plan_logit_gradient(WeightForm::softmax, 0.0, batch, logits, plan, grad_weight, grad_logits,
+                                "topk router: logit_gradient");
+    return;
+  }
   const bool renorm = o.norm_topk_prob || o.topk_then_softmax;
   const WeightForm f = o.score_func == ScoreFunc::softmax
                            ? (renorm ? WeightForm::softmax_renormalized : WeightForm::softmax)

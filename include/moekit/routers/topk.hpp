@@ -56,6 +56,9 @@ struct TopKOptions {
   /// If > 0: divide the k weights by their p-norm `(sum |w|^p)^(1/p)` (DBRX
   /// `moe_normalize_expert_weights`; p = 1 is the sum without norm_topk_prob's 1e-20).
   double norm_p = 0.0;
+  /// ReMix (arXiv 2603.10160): every selected expert gets weight 1 / k (times
+  /// routed_scaling_factor), whatever its score; selection is unchanged.
+  bool uniform_weights = false;
   /// Multiplies the final weights (DeepSeek-V3 `routed_scaling_factor`).
   float routed_scaling_factor = 1.0f;
   /// Group-limited selection: E split into n_group equal groups, the topk_group best kept.
@@ -137,6 +140,9 @@ struct TopKOptions {
                                           !norm_topk_prob && norm_p == 0),
                  "topk router: sparsemixer_eps (PhiMoE's SparseMixer) expected with k = 2 and without groups, "
                  "topk_then_softmax, select_on_logits, norm_topk_prob or norm_p; got k = ", k);
+    MOEKIT_CHECK(!uniform_weights || (sparsemixer_eps == 0 && !norm_topk_prob && !topk_then_softmax && norm_p == 0),
+                 "topk router: uniform_weights (ReMix, weights 1 / k) expected without sparsemixer_eps, norm_topk_prob, "
+                 "topk_then_softmax or norm_p");
     MOEKIT_CHECK(std::isfinite(noise_eps) && noise_eps >= 0 && noise_eps < 1,
                  "topk router: noise_eps expected in [0, 1), got ", noise_eps);
   }
@@ -371,6 +377,8 @@ class TopKRouter {
           for (int64_t j = 0; j < k; ++j) w[j] /= norm;
       }
     }
+    if (opt_.uniform_weights)
+      for (int64_t j = 0; j < k; ++j) w[j] = 1.0f / static_cast<float>(k);
     if (opt_.routed_scaling_factor != 1.0f)
       for (int64_t j = 0; j < k; ++j) w[j] *= opt_.routed_scaling_factor;
   }
