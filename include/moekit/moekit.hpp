@@ -9,6 +9,7 @@
 #include "moekit/expert.hpp"
 #include "moekit/experts/bank_views.hpp"
 #include "moekit/experts/ffn.hpp"
+#include "moekit/experts/lora.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/layers/chain.hpp"
 #include "moekit/router.hpp"

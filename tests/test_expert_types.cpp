@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: Apache-2.0
+// Expert types on shared weights (experts/lora.hpp): LoRA experts over a frozen base
+// (LoRA-Mixer, arXiv 2507.00029), with and without the base in each expert, and
+// feature-modulated experts sharing one FFN (MoFME, arXiv 2312.16610), through a top-k layer
+// against plain double-precision formulas on the layer's own decisions; errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "moekit/batch.hpp"
+#include "moekit/experts/lora.hpp"
+#include "moekit/layer.hpp"
+#include "moekit/routers/topk.hpp"
+#include "reference/reference.hpp"
+#include "support/test_helpers.hpp"
+
+namespace {
+
+using moekit::Batch;
+using moekit::TopKOptions;
+using moekit::TopKRouter;
+using test_support::expect_error;
+using test_support::join;
+using test_support::Rng;
+
+template <class Bank, class Fn>
+void check_layer(Rng& rng, Bank bank, int64_t E, int64_t d, const Fn& expert_ref, const char* what) {
+  TopKOptions o{E, std::min<int64_t>(2, E), d};
+  o.norm_topk_prob = true;
+  const int64_t T = rng.integer(1, 20);
+  const moekit::SparseLayer layer(TopKRouter(o, rng.vec(static_cast<size_t>(E * d), 1.0)), std::move(bank));
+  const std::vector<float> x = rng.vec(static_cast<size_t>(T * d), 1.0);
+  std::vector<float> y(x.size());
+  moekit::Workspace ws;
+  layer.forward(Batch::single(T, d), x.data(), y.data(), ws, 2);
+  const ref::Routing r = ref::routing_from_view(ref::view_of(ws.plan), nullptr);
+  const auto want = ref::moe_forward(r, expert_ref, {}, x.data(), T, d);
+  const auto errs = ref::compare_values(want, y.data(), d, 1e-4, 1e-5);
+  EXPECT_TRUE(errs.empty()) << what << join(errs);
+}
+
+TEST(ExpertTypes, LoraExpertsMatchTheFormula) {
+  Rng rng(2507);
+  for (int i = 0; i < 16; ++i) {
+    const int64_t E = rng.integer(1, 6), d = rng.integer(1, 20), r = rng.integer(1, 6);
+    const bool with_base = i % 2 == 0;
+    const float scale = static_cast<float>(rng.uniform(0.5, 2.0));
+    const std::vector<float> W0 = with_base ? rng.vec(static_cast<size_t>(d * d), 0.5) : std::vector<float>{},
+                             A = rng.vec(static_cast<size_t>(E * r * d), 0.5), B = rng.vec(static_cast<size_t>(E * d * r), 0.5);
+    auto ref_expert = [&](int64_t e, const std::vector<double>& x) {
+      std::vector<double> ax(static_cast<size_t>(r), 0.0), y(static_cast<size_t>(d), 0.0);
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t c = 0; c < d; ++c) ax[size_t(j)] += double(A[size_t((e * r + j) * d + c)]) * x[size_t(c)];
+      for (int64_t o = 0; o < d; ++o) {
+        for (int64_t j = 0; j < r; ++j) y[size_t(o)] += scale * double(B[size_t((e * d + o) * r + j)]) * ax[size_t(j)];
+        if (with_base)
+          for (int64_t c = 0; c < d; ++c) y[size_t(o)] += double(W0[size_t(o * d + c)]) * x[size_t(c)];
+      }
+      return y;
+    };
+    check_layer(rng, moekit::LoraExpertBank(E, d, r, W0, A, B, scale), E, d, ref_expert, with_base ? "lora+base" : "lora");
+  }
+}
+
+TEST(ExpertTypes, ModulatedExpertsMatchTheFormula) {
+  Rng rng(2312);
+  for (int i = 0; i < 16; ++i) {
+    const int64_t E = rng.integer(1, 6), d = rng.integer(1, 20), f = rng.integer(1, 24);
+    const std::vector<float> up = rng.vec(static_cast<size_t>(f * d), 0.7), down = rng.vec(static_cast<size_t>(d * f), 0.7),
+                             gamma = rng.vec(static_cast<size_t>(E * f), 1.5), beta = rng.vec(static_cast<size_t>(E * f), 0.5);
+    const auto act = i % 2 ? moekit::Activation::gelu : moekit::Activation::silu;
+    const auto ract = i % 2 ? ref::Activation::gelu : ref::Activation::silu;
+    auto ref_expert = [&](int64_t e, const std::vector<double>& x) {
+      std::vector<double> h(static_cast<size_t>(f)), y(static_cast<size_t>(d), 0.0);
+      for (int64_t j = 0; j < f; ++j) {
+        double z = 0;
+        for (int64_t c = 0; c < d; ++c) z += double(up[size_t(j * d + c)]) * x[size_t(c)];
+        h[size_t(j)] = ref::activate(ract, double(gamma[size_t(e * f + j)]) * z + beta[size_t(e * f + j)]);
+      }
+      for (int64_t o = 0; o < d; ++o)
+        for (int64_t j = 0; j < f; ++j) y[size_t(o)] += double(down[size_t(o * f + j)]) * h[size_t(j)];
+      return y;
+    };
+    check_layer(rng, moekit::ModulatedFfnBank(E, d, f, up, down, gamma, beta, act), E, d, ref_expert, "mofme");
+  }
+}
+
+TEST(ExpertTypes, Errors) {
+  expect_error([] { moekit::LoraExpertBank(2, 3, 1, {}, std::vector<float>(5), std::vector<float>(6), 1.0f); },
+               {"lora_A expected [2, 3] = 6 values", "got 5"});
+  expect_error([] { moekit::LoraExpertBank(2, 3, 1, std::vector<float>(8), std::vector<float>(6), std::vector<float>(6), 1.0f); },
+               {"base weight expected [3, 3] = 9 values"});
+  expect_error([] { moekit::LoraExpertBank(2, 3, 1, {}, std::vector<float>(6), std::vector<float>(6), NAN); }, {"scale expected finite"});
+  expect_error([] { moekit::ModulatedFfnBank(2, 2, 3, std::vector<float>(6), std::vector<float>(6), std::vector<float>(6), std::vector<float>(5)); },
+               {"beta expected [2, 3] = 6 values", "got 5"});
+}
+
+}  // namespace
