@@ -2,16 +2,19 @@
 // Expert types on shared weights (experts/lora.hpp): LoRA experts over a frozen base
 // (LoRA-Mixer, arXiv 2507.00029), with and without the base in each expert, and
 // feature-modulated experts sharing one FFN (MoFME, arXiv 2312.16610), through a top-k layer
-// against plain double-precision formulas on the layer's own decisions; errors.
+// against plain double-precision formulas on the layer's own decisions; growing a trained
+// layer by new experts (layers/grow.hpp); errors.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "moekit/batch.hpp"
 #include "moekit/experts/lora.hpp"
 #include "moekit/layer.hpp"
+#include "moekit/layers/grow.hpp"
 #include "moekit/routers/topk.hpp"
 #include "reference/reference.hpp"
 #include "support/test_helpers.hpp"
@@ -95,6 +98,61 @@ TEST(ExpertTypes, Errors) {
   expect_error([] { moekit::LoraExpertBank(2, 3, 1, {}, std::vector<float>(6), std::vector<float>(6), NAN); }, {"scale expected finite"});
   expect_error([] { moekit::ModulatedFfnBank(2, 2, 3, std::vector<float>(6), std::vector<float>(6), std::vector<float>(6), std::vector<float>(5)); },
                {"beta expected [2, 3] = 6 values", "got 5"});
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- growing a trained layer
+
+namespace {
+
+TEST(GrowExperts, OldExpertsFrozenAndTheGrownLayerEqualsAFreshOne) {
+  Rng rng(77);
+  for (int i = 0; i < 8; ++i) {
+    const int64_t E = rng.integer(1, 5), n = rng.integer(1, 3), d = rng.integer(2, 16), f = rng.integer(2, 16), T = rng.integer(1, 30);
+    std::vector<ref::Ffn> old_ex, new_ex;
+    for (int64_t e = 0; e < E; ++e) old_ex.push_back(test_support::random_ref_ffn(rng, d, f));
+    for (int64_t e = 0; e < n; ++e) new_ex.push_back(test_support::random_ref_ffn(rng, d, f));
+    TopKOptions o{E, std::min<int64_t>(2, E), d};
+    o.norm_topk_prob = true;
+    const std::vector<float> W = rng.vec(static_cast<size_t>(E * d), 1.0), Wn = rng.vec(static_cast<size_t>(n * d), 1.0);
+    const moekit::SparseLayer<TopKRouter, moekit::FfnBank> layer(TopKRouter(o, W), test_support::bank_of(old_ex, d, f));
+    std::vector<float> g, u, dn;
+    for (const ref::Ffn& x : new_ex) {
+      g.insert(g.end(), x.gate.begin(), x.gate.end());
+      u.insert(u.end(), x.up.begin(), x.up.end());
+      dn.insert(dn.end(), x.down.begin(), x.down.end());
+    }
+    const auto grown = moekit::grow_experts(layer, Wn, g, u, dn);
+    ASSERT_EQ(grown.num_experts(), E + n);
+    // Old experts: the same packed values; new ones: what packing them alone gives.
+    std::vector<float> a(static_cast<size_t>(f * d)), b(a.size()), c(static_cast<size_t>(d * f)), a2(a.size()), b2(a.size()), c2(c.size());
+    for (int64_t e = 0; e < E; ++e) {
+      layer.experts().get_expert(e, a.data(), b.data(), c.data());
+      grown.experts().get_expert(e, a2.data(), b2.data(), c2.data());
+      EXPECT_TRUE(a == a2 && b == b2 && c == c2) << "old expert " << e;
+    }
+    // The grown layer equals one built fresh from all weights, bit for bit.
+    std::vector<ref::Ffn> all = old_ex;
+    all.insert(all.end(), new_ex.begin(), new_ex.end());
+    std::vector<float> Wall = W;
+    Wall.insert(Wall.end(), Wn.begin(), Wn.end());
+    TopKOptions oa = o;
+    oa.num_experts = E + n;
+    const moekit::SparseLayer<TopKRouter, moekit::FfnBank> fresh(TopKRouter(oa, Wall), test_support::bank_of(all, d, f));
+    const std::vector<float> x = rng.vec(static_cast<size_t>(T * d), 1.0);
+    std::vector<float> y1(x.size()), y2(x.size());
+    moekit::Workspace w1, w2;
+    grown.forward(Batch::single(T, d), x.data(), y1.data(), w1, 2);
+    fresh.forward(Batch::single(T, d), x.data(), y2.data(), w2, 2);
+    EXPECT_EQ(0, std::memcmp(y1.data(), y2.data(), x.size() * sizeof(float))) << "case " << i;
+  }
+  Rng rng2(1);
+  std::vector<ref::Ffn> ex = {test_support::random_ref_ffn(rng2, 2, 2)};
+  const moekit::SparseLayer<TopKRouter, moekit::FfnBank> l(TopKRouter(TopKOptions{1, 1, 2}, rng2.vec(2, 1.0)), test_support::bank_of(ex, 2, 2));
+  expect_error([&] { (void)moekit::grow_experts(l, std::vector<float>(3), {}, {}, {}); }, {"new router rows expected [n, 2]", "got 3"});
+  expect_error([&] { (void)moekit::grow_experts(l, std::vector<float>(2), std::vector<float>(4), std::vector<float>(4), std::vector<float>(3)); },
+               {"down_proj expected [2, 2] = 4 values", "got 3"});
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "moekit/experts/lora.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/layers/chain.hpp"
+#include "moekit/layers/grow.hpp"
 #include "moekit/router.hpp"
 #include "moekit/routers/aux.hpp"
 #include "moekit/routers/depth.hpp"
