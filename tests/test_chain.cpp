@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moekit/batch.hpp"
+#include "moekit/blocks.hpp"
 #include "moekit/experts/bank_views.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/layers/chain.hpp"
@@ -64,6 +65,13 @@ TEST(BankViews, RefAndConcatEqualTheOwningBank) {
   std::vector<BankRef<FfnBank>> none;
   expect_error([&] { ConcatBank<BankRef<FfnBank>> c(none); }, {"ConcatBank: expected at least one bank"});
 }
+
+// A view is treated as its bank: block traits and the BlockContext overload pass through.
+using AttnBank = moekit::FunctorBank<moekit::CausalAttentionBlock>;
+using GammaBank = moekit::FunctorBank<moekit::GammaModBlock>;
+static_assert(moekit::whole_blocks_v<BankRef<AttnBank>> && !moekit::applies_weight_v<BankRef<AttnBank>>);
+static_assert(moekit::whole_blocks_v<BankRef<GammaBank>> && moekit::applies_weight_v<BankRef<GammaBank>>);
+static_assert(moekit::ContextAwareBank<BankRef<AttnBank>> && !moekit::ContextAwareBank<BankRef<FfnBank>>);
 
 TEST(ChainOfExperts, MatchesReferenceIterations) {
   Rng rng(2506);

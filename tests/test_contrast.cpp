@@ -109,8 +109,9 @@ TEST(SelfContrast, BadArguments) {
   moekit::Workspace ws;
   const Batch b = Batch::single(2, 2);
   expect_error([&] { layer.forward_contrast(b, x.data(), y.data(), w.data(), 0, ws); }, {"rank expected in [1, E = 2]", "got 0"});
-  expect_error([&] { layer.forward_contrast(b, x.data(), y.data(), y.data(), 1, ws); }, {"weak output expected apart"});
-  expect_error([&] { layer.forward_contrast(b, x.data(), y.data(), x.data(), 1, ws); }, {"weak output expected apart"});
+  expect_error([&] { layer.forward_contrast(b, x.data(), y.data(), y.data(), 1, ws); }, {"expected apart"});
+  expect_error([&] { layer.forward_contrast(b, x.data(), y.data(), x.data(), 1, ws); }, {"expected apart"});
+  expect_error([&] { layer.forward_contrast(b, x.data(), x.data(), w.data(), 1, ws); }, {"expected apart", "no in-place"});
   layer.set_weight_on_input(true);
   expect_error([&] { layer.forward_contrast(b, x.data(), y.data(), w.data(), 1, ws); }, {"routing weight on the expert output"});
 }

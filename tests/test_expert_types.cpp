@@ -116,7 +116,11 @@ TEST(GrowExperts, OldExpertsFrozenAndTheGrownLayerEqualsAFreshOne) {
     TopKOptions o{E, std::min<int64_t>(2, E), d};
     o.norm_topk_prob = true;
     const std::vector<float> W = rng.vec(static_cast<size_t>(E * d), 1.0), Wn = rng.vec(static_cast<size_t>(n * d), 1.0);
-    const moekit::SparseLayer<TopKRouter, moekit::FfnBank> layer(TopKRouter(o, W), test_support::bank_of(old_ex, d, f));
+    const std::vector<float> bias = i % 2 ? rng.vec(static_cast<size_t>(E), 0.3) : std::vector<float>{};
+    if (i % 4 == 3) o.capacity_factor = 1.0;
+    moekit::SparseLayer<TopKRouter, moekit::FfnBank> layer(TopKRouter(o, W, bias), test_support::bank_of(old_ex, d, f));
+    const std::vector<float> steer = i % 3 == 0 ? rng.vec(static_cast<size_t>(E), 0.5) : std::vector<float>{};
+    layer.router().set_logit_steering(steer);
     std::vector<float> g, u, dn;
     for (const ref::Ffn& x : new_ex) {
       g.insert(g.end(), x.gate.begin(), x.gate.end());
@@ -139,7 +143,11 @@ TEST(GrowExperts, OldExpertsFrozenAndTheGrownLayerEqualsAFreshOne) {
     Wall.insert(Wall.end(), Wn.begin(), Wn.end());
     TopKOptions oa = o;
     oa.num_experts = E + n;
-    const moekit::SparseLayer<TopKRouter, moekit::FfnBank> fresh(TopKRouter(oa, Wall), test_support::bank_of(all, d, f));
+    std::vector<float> bias_all = bias, steer_all = steer;
+    if (!bias_all.empty()) bias_all.resize(static_cast<size_t>(E + n), 0.0f);
+    if (!steer_all.empty()) steer_all.resize(static_cast<size_t>(E + n), 0.0f);
+    moekit::SparseLayer<TopKRouter, moekit::FfnBank> fresh(TopKRouter(oa, Wall, bias_all), test_support::bank_of(all, d, f));
+    fresh.router().set_logit_steering(steer_all);
     const std::vector<float> x = rng.vec(static_cast<size_t>(T * d), 1.0);
     std::vector<float> y1(x.size()), y2(x.size());
     moekit::Workspace w1, w2;
@@ -151,6 +159,13 @@ TEST(GrowExperts, OldExpertsFrozenAndTheGrownLayerEqualsAFreshOne) {
   std::vector<ref::Ffn> ex = {test_support::random_ref_ffn(rng2, 2, 2)};
   const moekit::SparseLayer<TopKRouter, moekit::FfnBank> l(TopKRouter(TopKOptions{1, 1, 2}, rng2.vec(2, 1.0)), test_support::bank_of(ex, 2, 2));
   expect_error([&] { (void)moekit::grow_experts(l, std::vector<float>(3), {}, {}, {}); }, {"new router rows expected [n, 2]", "got 3"});
+  TopKOptions grouped{4, 1, 2};
+  grouped.n_group = 2;
+  grouped.topk_group = 1;
+  std::vector<ref::Ffn> ex4(4, ex[0]);
+  const moekit::SparseLayer<TopKRouter, moekit::FfnBank> lg(TopKRouter(grouped, rng2.vec(8, 1.0)), test_support::bank_of(ex4, 2, 2));
+  expect_error([&] { (void)moekit::grow_experts(lg, std::vector<float>(2), std::vector<float>(4), std::vector<float>(4), std::vector<float>(4)); },
+               {"grow_experts: a group-limited router expected none"});
   expect_error([&] { (void)moekit::grow_experts(l, std::vector<float>(2), std::vector<float>(4), std::vector<float>(4), std::vector<float>(3)); },
                {"down_proj expected [2, 2] = 4 values", "got 3"});
 }

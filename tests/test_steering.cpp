@@ -89,6 +89,13 @@ struct GradCase {
   double scale;
   std::vector<float> W, x, g, delta;
   std::vector<ref::Ffn> experts;
+  std::vector<uint8_t> pad;     // padded tokens (no slot)
+  double capacity_factor = 0;   // top-k forms: dropped slots keep counting in a renormalisation
+  [[nodiscard]] Batch batch() const {
+    Batch b = Batch::single(T, d);
+    if (!pad.empty()) b.padding = pad;
+    return b;
+  }
 };
 
 // The plain forward loss sum_t <g_t, y_t> in double for steering `delta`, with each token's
@@ -123,6 +130,7 @@ double loss_of(const GradCase& c, const std::vector<double>& delta, const Routin
     }
     const std::vector<double> xt(c.x.begin() + t * d, c.x.begin() + (t + 1) * d);
     for (int32_t j = 0; j < n; ++j) {
+      if (plan.slot_dropped()[static_cast<size_t>(b + j)]) continue;  // weight 0, but counted in the sum above
       const std::vector<double> y = ref::ffn_forward(c.experts[static_cast<size_t>(ids[j])], xt);
       double dot = 0.0;
       for (int64_t i = 0; i < d; ++i) dot += double(c.g[static_cast<size_t>(t * d + i)]) * y[static_cast<size_t>(i)];
@@ -137,7 +145,7 @@ template <class R>
 std::vector<float> library_gradient(const GradCase& c, const R& router, RoutingPlan& plan_out) {
   const moekit::SparseLayer<R, moekit::FfnBank> layer(router, test_support::bank_of(c.experts, c.d, c.f));
   Workspace ws;
-  const Batch b = Batch::single(c.T, c.d);
+  const Batch b = c.batch();
   std::vector<float> y(static_cast<size_t>(c.T * c.d));
   layer.forward(b, c.x.data(), y.data(), ws, 2);
   std::vector<float> gw(static_cast<size_t>(ws.plan.num_slots())), gl(static_cast<size_t>(c.T * c.E));
@@ -166,6 +174,11 @@ TEST(Steering, GradientMatchesFiniteDifferences) {
     c.g = rng.vec(static_cast<size_t>(c.T * c.d), 1.0);
     c.delta = rng.vec(static_cast<size_t>(c.E), 0.5);
     for (int64_t e = 0; e < c.E; ++e) c.experts.push_back(test_support::random_ref_ffn(rng, c.d, c.f));
+    if (i % 3 == 1) {  // padding and (top-k forms) a capacity that drops slots
+      c.pad.assign(static_cast<size_t>(c.T), 0);
+      c.pad[0] = 1;
+      if (!dyn) c.capacity_factor = 0.6;
+    }
     RoutingPlan plan;
     std::vector<float> got;
     if (dyn) {
@@ -186,6 +199,7 @@ TEST(Steering, GradientMatchesFiniteDifferences) {
       o.norm_topk_prob = c.form == Form::softmax_renorm || c.form == Form::sigmoid_renorm;
       o.topk_then_softmax = c.form == Form::topk_then_softmax;
       o.routed_scaling_factor = static_cast<float>(c.scale);
+      o.capacity_factor = c.capacity_factor;
       TopKRouter r(o, c.W);
       r.set_logit_steering(c.delta);
       got = library_gradient(c, r, plan);

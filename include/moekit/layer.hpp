@@ -206,10 +206,13 @@ class SparseLayer {
   /// give the strong output `strong [T, d]` (exactly forward()'s) and the weak output
   /// `weak [T, d]`, where each token keeps only its routed slot of rank `rank` (1 = its first
   /// choice; at most the slots the router gave it) with weight 1, plus the same shared experts.
-  /// A token with fewer slots, or whose rank-`rank` slot was dropped, gets only the shared part.
-  /// The weak output reads the expert rows the strong pass computed: no expert runs twice.
-  /// Not defined (moekit::error) with the weight on the input, banks applying the weight, or a
-  /// residual coefficient. f32 rows; self_contrast() forms `z_s + beta (z_s - z_w)`.
+  /// A token with fewer slots, or whose rank-`rank` slot was dropped, gets only the shared part;
+  /// the output bias (set_output_bias) is added to both. The weak output reads the expert rows
+  /// the strong pass computed: no expert runs twice. Both outputs are checked for non-finite
+  /// rows as forward() checks its own (with NonFiniteOutput::count, ws.non_finite_rows counts
+  /// both). The three arrays must not overlap (no in-place call). Not defined (moekit::error)
+  /// with the weight on the input, banks applying the weight, or a residual coefficient. f32
+  /// rows; self_contrast() forms `z_s + beta (z_s - z_w)`.
   void forward_contrast(const Batch& batch, const float* hidden, float* strong, float* weak, int64_t rank,
                         Workspace& ws, int threads = 0) const {
     MOEKIT_CHECK(!weight_on_input_ && !applies_weight_v<B> && residual_ < 0,
@@ -219,8 +222,10 @@ class SparseLayer {
                  num_experts(), "], got ", rank);
     MOEKIT_CHECK(batch.tokens == 0 || weak != nullptr, "SparseLayer::forward_contrast: weak output pointer is null");
     const int64_t n = batch.tokens * hidden_size();
-    MOEKIT_CHECK(weak == nullptr || ((weak + n <= hidden || hidden + n <= weak) && (weak + n <= strong || strong + n <= weak)),
-                 "SparseLayer::forward_contrast: the weak output expected apart from the input and the strong output");
+    auto apart = [n](const float* a, const float* b) { return a == nullptr || b == nullptr || a + n <= b || b + n <= a; };
+    MOEKIT_CHECK(apart(weak, hidden) && apart(weak, strong) && apart(strong, hidden),
+                 "SparseLayer::forward_contrast: the input, the strong and the weak output expected apart (no in-place "
+                 "call: the weak combine reads the input after the strong one is written)");
     forward(batch, hidden, strong, ws, threads);
     const int64_t T = batch.tokens;
     const ActivationsOut o = resolve(ActivationsOut::f32(weak), "SparseLayer::forward_contrast", T);
@@ -228,6 +233,11 @@ class SparseLayer {
     const int nt = detail::resolve_threads(threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && T > 1)
     for (int64_t t = 0; t < T; ++t) combine_token(batch, x, ws.plan, o, ws, t, omp_get_thread_num(), rank - 1);
+    if (check_finite_) {  // the weak rows are checked as forward() checks the strong ones (counts add up)
+      const int64_t strong_bad = ws.non_finite_rows;
+      check_output(batch, o, "SparseLayer::forward_contrast (weak output)", ws);
+      ws.non_finite_rows += strong_bad;
+    }
   }
 
   // ---- Engine-owned threads (no OpenMP): the same work as forward(), split into calls an

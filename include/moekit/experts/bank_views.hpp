@@ -19,6 +19,10 @@ namespace moekit {
 template <ExpertBank B>
 class BankRef {
  public:
+  /// The viewed bank's traits, so the layer treats the view as it treats the bank.
+  static constexpr bool whole_blocks = whole_blocks_v<B>;
+  static constexpr bool applies_weight = applies_weight_v<B>;
+
   explicit BankRef(const B& bank) noexcept : b_(&bank) {}
   [[nodiscard]] const B& bank() const noexcept { return *b_; }
   [[nodiscard]] int64_t num_experts() const { return b_->num_experts(); }
@@ -27,6 +31,17 @@ class BankRef {
   [[nodiscard]] size_t scratch_floats(int64_t rows) const { return b_->scratch_floats(rows); }
   void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const {
     b_->run(e, in, rows, out, scratch);
+  }
+  void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch, const BlockContext& ctx) const
+    requires ContextAwareBank<B>
+  {
+    b_->run(e, in, rows, out, scratch, ctx);
+  }
+  /// Banks holding some experts (offload, moekit::ep): whether expert e is resident.
+  [[nodiscard]] bool resident(int64_t e) const
+    requires requires(const B& b) { b.resident(int64_t{}); }
+  {
+    return b_->resident(e);
   }
   [[nodiscard]] double flops_per_row() const
     requires requires(const B& b) { b.flops_per_row(); }
@@ -71,6 +86,11 @@ class BankRef {
 /// with a router over their total count. All banks need the same d_in and d_out.
 template <ExpertBank B>
 class ConcatBank {
+  static_assert(!whole_blocks_v<B> && !applies_weight_v<B> && !ContextAwareBank<B>,
+                "ConcatBank: banks of blocks (whole_blocks, applies_weight, BlockContext) are not supported");
+  static_assert(!requires(const B& b) { b.resident(int64_t{}); },
+                "ConcatBank: banks holding some experts (resident()) are not supported");
+
  public:
   explicit ConcatBank(std::vector<B> banks) : banks_(std::move(banks)) {
     MOEKIT_CHECK(!banks_.empty(), "ConcatBank: expected at least one bank, got 0");

@@ -32,6 +32,9 @@ class LoraExpertBank {
         a_(std::move(a)), b_(std::move(b)), scale_(scale) {
     MOEKIT_CHECK(E_ >= 1 && d_ >= 1 && r_ >= 1, "LoraExpertBank: experts, hidden size and rank expected >= 1, got ", E_,
                  ", ", d_, ", ", r_);
+    MOEKIT_CHECK(static_cast<double>(E_) * static_cast<double>(r_) * static_cast<double>(d_) < 0x1p40 &&
+                     static_cast<double>(d_) * static_cast<double>(d_) < 0x1p40,
+                 "LoraExpertBank: E r d and d d expected < 2^40 values, got E = ", E_, ", r = ", r_, ", d = ", d_);
     MOEKIT_CHECK(std::isfinite(scale_), "LoraExpertBank: scale expected finite, got ", scale_);
     if (!base_->empty()) detail::check_weight(*base_, "LoraExpertBank", "base weight", static_cast<size_t>(d_), static_cast<size_t>(d_));
     detail::check_weight(a_, "LoraExpertBank", "lora_A", static_cast<size_t>(E_ * r_), static_cast<size_t>(d_));
@@ -78,6 +81,9 @@ class ModulatedFfnBank {
         gamma_(std::move(gamma)), beta_(std::move(beta)), act_(act) {
     MOEKIT_CHECK(E_ >= 1 && d_ >= 1 && f_ >= 1, "ModulatedFfnBank: experts, hidden and intermediate size expected >= 1, got ",
                  E_, ", ", d_, ", ", f_);
+    MOEKIT_CHECK(static_cast<double>(f_) * static_cast<double>(d_) < 0x1p40 &&
+                     static_cast<double>(E_) * static_cast<double>(f_) < 0x1p40,
+                 "ModulatedFfnBank: f d and E f expected < 2^40 values, got E = ", E_, ", d = ", d_, ", f = ", f_);
     detail::check_weight(up_, "ModulatedFfnBank", "up_proj", static_cast<size_t>(f_), static_cast<size_t>(d_));
     detail::check_weight(down_, "ModulatedFfnBank", "down_proj", static_cast<size_t>(d_), static_cast<size_t>(f_));
     detail::check_weight(gamma_, "ModulatedFfnBank", "gamma", static_cast<size_t>(E_), static_cast<size_t>(f_));

@@ -23,7 +23,8 @@ namespace moekit {
 /// old experts' packed bytes, the shared experts and the layer's settings carry over, so a token
 /// that never picks a new expert is routed among the old ones by the same scores (with
 /// `norm_topk_prob` or top-k-then-softmax also with the same weights, up to rounding; plain
-/// softmax weights shrink as the new experts take probability mass). Experts with biases are
+/// softmax weights shrink as the new experts take probability mass). A capacity factor now
+/// divides by E + n, so capacities shrink. Experts with biases and group-limited routers are
 /// not supported (moekit::error).
 inline SparseLayer<TopKRouter, FfnBank> grow_experts(const SparseLayer<TopKRouter, FfnBank>& layer,
                                                      const std::vector<float>& new_gate, const std::vector<float>& gate,
@@ -33,6 +34,9 @@ inline SparseLayer<TopKRouter, FfnBank> grow_experts(const SparseLayer<TopKRoute
   const FfnShape& sh = bank.shape();
   const int64_t E = r.num_experts(), d = r.hidden_size(), f = sh.intermediate;
   MOEKIT_CHECK(!sh.bias, "grow_experts: experts with biases expected none, got biased experts");
+  MOEKIT_CHECK(!r.options().grouped(), "grow_experts: a group-limited router expected none (groups are contiguous "
+               "blocks of E / n_group experts: growing E would move old experts between groups), got n_group = ",
+               r.options().n_group);
   MOEKIT_CHECK(!new_gate.empty() && new_gate.size() % static_cast<size_t>(d) == 0,
                "grow_experts: new router rows expected [n, ", d, "] with n >= 1, got ", new_gate.size(), " values");
   const auto n = static_cast<int64_t>(new_gate.size()) / d;

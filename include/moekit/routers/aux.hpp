@@ -263,7 +263,9 @@ struct ErcResult {
 /// 1 + eps_i)` (eps_i as in ErcOptions), from `router_weight [E, d]`. Fills `eps [E]`.
 inline std::vector<float> erc_proxies(std::span<const float> router_weight, int64_t E, int64_t d, const ErcOptions& o,
                                       std::vector<double>* eps = nullptr) {
-  MOEKIT_CHECK(E >= 1 && d >= 1 && static_cast<int64_t>(router_weight.size()) == E * d,
+  MOEKIT_CHECK(E >= 1 && E <= 4096 && d >= 1 && d < (int64_t{1} << 31), "erc_loss: E expected in [1, 4096] and d in ",
+               "[1, 2^31), got E = ", E, ", d = ", d);
+  MOEKIT_CHECK(static_cast<double>(router_weight.size()) == static_cast<double>(E) * static_cast<double>(d),
                "erc_loss: router weight expected [", E, ", ", d, "], got ", router_weight.size(), " values");
   detail::check_finite(router_weight, "erc_loss", "router weight", static_cast<size_t>(d));
   MOEKIT_CHECK(std::isfinite(o.epsilon) && o.epsilon >= 0 && o.epsilon < 1,
@@ -304,7 +306,9 @@ inline ErcResult erc_loss(std::span<const float> router_weight, std::span<const 
                           int64_t f, const ErcOptions& o = {}) {
   MOEKIT_CHECK(std::isfinite(o.alpha) && o.alpha > 0 && o.alpha <= 1, "erc_loss: alpha expected in (0, 1], got ",
                o.alpha);
-  MOEKIT_CHECK(f >= 1 && E >= 1 && d >= 1 && static_cast<double>(gate_weight.size()) == double(E) * double(f) * double(d),
+  MOEKIT_CHECK(E >= 1 && E <= 4096 && f >= 1 && f < (int64_t{1} << 31) && d >= 1 && d < (int64_t{1} << 31),
+               "erc_loss: E expected in [1, 4096], f and d in [1, 2^31), got E = ", E, ", f = ", f, ", d = ", d);
+  MOEKIT_CHECK(static_cast<double>(gate_weight.size()) == double(E) * double(f) * double(d),
                "erc_loss: gate weights expected [", E, ", ", f, ", ", d, "], got ", gate_weight.size(), " values");
   detail::check_finite(gate_weight, "erc_loss", "gate weight", static_cast<size_t>(d));
   ErcResult r;

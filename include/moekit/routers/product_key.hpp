@@ -49,7 +49,7 @@ struct ProductKeyOptions {
     MOEKIT_CHECK(side() * side() == num_experts, "product_key router: num_experts (E) expected a square n^2, got ",
                  num_experts);
     MOEKIT_CHECK(k >= 1 && k <= num_experts, "product_key router: k expected in [1, E = ", num_experts, "], got ", k);
-    MOEKIT_CHECK(hidden >= 1, "product_key router: hidden size (d) expected >= 1, got ", hidden);
+    MOEKIT_CHECK(hidden >= 1 && hidden < (int64_t{1} << 31), "product_key router: hidden size (d) expected in [1, 2^31), got ", hidden);
     MOEKIT_CHECK(!split_query || (hidden >= 2 && hidden % 2 == 0),
                  "product_key router: split_query expected an even hidden size >= 2, got ", hidden);
   }
@@ -181,6 +181,8 @@ class AtomicExpertBank {
                    Activation act = Activation::gelu)
       : E_(num_experts), d_(hidden), u_(std::move(down)), v_(std::move(up)), act_(act) {
     MOEKIT_CHECK(E_ >= 1 && d_ >= 1, "AtomicExpertBank: experts and hidden size expected >= 1, got ", E_, ", ", d_);
+    MOEKIT_CHECK(static_cast<double>(E_) * static_cast<double>(d_) < 0x1p40,
+                 "AtomicExpertBank: E d expected < 2^40 values, got E = ", E_, ", d = ", d_);
     detail::check_weight(u_, "AtomicExpertBank", "down_embed", static_cast<size_t>(E_), static_cast<size_t>(d_));
     detail::check_weight(v_, "AtomicExpertBank", "up_embed", static_cast<size_t>(E_), static_cast<size_t>(d_));
     MOEKIT_CHECK(static_cast<int>(act_) >= 0 && static_cast<int>(act_) <= static_cast<int>(Activation::relu),

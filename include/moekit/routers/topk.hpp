@@ -308,7 +308,8 @@ class TopKRouter {
   /// or an engine's fused gate GEMM): scores, selection, weights and capacity exactly as
   /// route() does after its logit step (the steering vector and biases of the logit step are
   /// not added here; the selection-only bias is). Padded tokens get no slot. Throws for a
-  /// non-finite logit of an unpadded token or a wrong size.
+  /// non-finite logit of an unpadded token or a wrong size. `scratch.logits` holds a copy of
+  /// `logits` afterwards, as after route().
   void route_logits(const Batch& batch, std::span<const float> logits, RoutingPlan& plan, RouterScratch& scratch,
                     int threads = 0) const {
     batch.validate(opt_.hidden);
@@ -325,8 +326,9 @@ class TopKRouter {
                  "on the router input)");
     const int nt = detail::resolve_threads(threads);
     grow_scratch(scratch, nt);
+    if (logits.data() != scratch.logits.data()) scratch.logits.assign(logits.begin(), logits.end());  // as route() leaves them
     plan.reset(T, E, [&](int64_t t) { return batch.is_padding(t) ? 0 : opt_.k; });
-    select(batch, logits.data(), plan, scratch, nt);
+    select(batch, scratch.logits.data(), plan, scratch, nt);
   }
 
   /// Routes one token's logits `L [E]`: writes k expert ids and weights in slot order.
