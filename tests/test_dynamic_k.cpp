@@ -240,7 +240,7 @@ TEST(DynamicKRandom, ThreadsGiveIdenticalPlans) {
     ASSERT_EQ(a.num_slots(), b.num_slots());
     EXPECT_TRUE(std::equal(a.slot_offsets().begin(), a.slot_offsets().end(), b.slot_offsets().begin()));
     EXPECT_TRUE(std::equal(a.slot_expert().begin(), a.slot_expert().end(), b.slot_expert().begin()));
-    EXPECT_EQ(0, std::memcmp(a.slot_weight().data(), b.slot_weight().data(), a.slot_weight().size() * sizeof(float)));
+    EXPECT_TRUE(test_support::same_bits(a.slot_weight(), b.slot_weight()));
   }
 }
 

@@ -31,7 +31,7 @@ bool same_plan(const RoutingPlan& a, const RoutingPlan& b) {
   return std::equal(a.slot_offsets().begin(), a.slot_offsets().end(), b.slot_offsets().begin(), b.slot_offsets().end()) &&
          std::equal(a.slot_expert().begin(), a.slot_expert().end(), b.slot_expert().begin(), b.slot_expert().end()) &&
          std::equal(a.slot_dropped().begin(), a.slot_dropped().end(), b.slot_dropped().begin(), b.slot_dropped().end()) &&
-         std::memcmp(a.slot_weight().data(), b.slot_weight().data(), a.slot_weight().size() * sizeof(float)) == 0;
+         test_support::same_bits(a.slot_weight(), b.slot_weight());
 }
 
 TEST(PreGating, PlansMatchTheReferenceAndTheEnginesLogits) {

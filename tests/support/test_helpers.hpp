@@ -7,7 +7,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -60,6 +62,11 @@ inline std::vector<int32_t> experts_of(const moekit::RoutingPlan& p, int64_t t) 
 inline std::vector<float> weights_of(const moekit::RoutingPlan& p, int64_t t) {
   const auto b = p.slot_offsets()[static_cast<size_t>(t)], e = p.slot_offsets()[static_cast<size_t>(t) + 1];
   return {p.slot_weight().begin() + b, p.slot_weight().begin() + e};
+}
+
+/// The same floats bit for bit (memcmp, which must not see the null data() of empty spans).
+inline bool same_bits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 /// A random SwiGLU expert `[f, d]` / `[d, f]` of unit-variance activations.
