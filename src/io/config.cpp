@@ -540,13 +540,6 @@ ExpertNames parse_expert_names(const std::string& s, const std::string& where) {
   detail::fail(where, ": expected \"hf\", \"mixtral\", \"granite\", \"llama4\", \"dbrx\" or \"gpt_oss\", got \"", s, "\"");
 }
 
-DropPolicy parse_drop_policy(const std::string& s, const std::string& where) {
-  if (s == "score") return DropPolicy::score;
-  if (s == "position") return DropPolicy::position;
-  if (s == "position_slot_major") return DropPolicy::position_slot_major;
-  detail::fail(where, ": expected \"score\", \"position\" or \"position_slot_major\", got \"", s, "\"");
-}
-
 // The `router` object of type "topk" (moekit's own format), over the preset's defaults.
 void parse_topk_router(Reader& rr, LayerConfig& c) {
   TopKOptions& r = c.router;
@@ -585,7 +578,7 @@ void parse_topk_router(Reader& rr, LayerConfig& c) {
   r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
   r.min_capacity = rr.integer("min_capacity", r.min_capacity);
   rr.mark("drop_policy");
-  if (rr.has("drop_policy")) r.drop_policy = parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
+  if (rr.has("drop_policy")) r.drop_policy = detail::parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
   r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
   const std::string noise = rr.string("noise", "none");
   if (noise == "none") r.noise = TrainingNoise::none;

@@ -93,6 +93,14 @@ O parse_router_options(const nlohmann::json& router, Fill&& fill) {
   return o;
 }
 
+/// A config's `drop_policy` string; `where` names the key in the error.
+inline DropPolicy parse_drop_policy(const std::string& s, const std::string& where) {
+  if (s == "score") return DropPolicy::score;
+  if (s == "position") return DropPolicy::position;
+  if (s == "position_slot_major") return DropPolicy::position_slot_major;
+  fail(where, ": expected \"score\", \"position\" or \"position_slot_major\", got \"", s, "\"");
+}
+
 /// 1 / sqrt(d): the scale of random router weights reading hidden states.
 inline double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
 

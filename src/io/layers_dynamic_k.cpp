@@ -27,8 +27,7 @@ DynamicKOptions dk_options(const json& j, const LayerConfig& c) {
     o.norm_topk_prob = r.boolean("norm_topk_prob", o.norm_topk_prob);
     o.capacity_factor = r.number("capacity_factor", o.capacity_factor);
     o.min_capacity = r.integer("min_capacity", o.min_capacity);
-    const std::string dp = r.choice("drop_policy", "score", {"score", "position", "position_slot_major"});
-    o.drop_policy = dp == "score" ? DropPolicy::score : dp == "position" ? DropPolicy::position : DropPolicy::position_slot_major;
+    o.drop_policy = parse_drop_policy(r.string("drop_policy", "score"), r.where() + ".drop_policy");
     o.renormalize_after_drop = r.boolean("renormalize_after_drop", o.renormalize_after_drop);
     // A layer-wise budget: k_max becomes layer `layer_index`'s entry of the schedule over
     // `num_layers` layers between schedule_k_lo and k_max (0: E).

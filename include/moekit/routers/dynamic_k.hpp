@@ -179,7 +179,8 @@ class DynamicKRouter {
         continue;
       }
       kernels::matvec_rows(hidden + t * d, weight_.data(), E, d, L);
-      for (int64_t e = 0; e < E; ++e) L[e] += steering_.empty() ? 0.0f : steering_[static_cast<size_t>(e)];
+      if (!steering_.empty())
+        for (int64_t e = 0; e < E; ++e) L[e] += steering_[static_cast<size_t>(e)];
     }
     if (const int64_t i = kernels::first_non_finite(scratch.logits.data(), T * E); i >= 0)
       detail::fail("dynamic_k router: logit of token ", i / E, ", expert ", i % E, " expected finite, got ",

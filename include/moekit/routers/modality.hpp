@@ -27,15 +27,15 @@ class ModalityGroupRouter {
   /// `routers [G]` (one per group, all with the same hidden size), `types [G]`: the token types
   /// of each group (each type in at most one group; types are >= 0).
   ModalityGroupRouter(std::vector<R> routers, std::vector<std::vector<int32_t>> types)
-      : routers_(std::move(routers)), types_(std::move(types)) {
-    MOEKIT_CHECK(!routers_.empty() && routers_.size() == types_.size(), "modality router: expected one router per group and ",
-                 "as many type lists, got ", routers_.size(), " routers and ", types_.size(), " type lists");
+      : routers_(std::move(routers)) {
+    MOEKIT_CHECK(!routers_.empty() && routers_.size() == types.size(), "modality router: expected one router per group and ",
+                 "as many type lists, got ", routers_.size(), " routers and ", types.size(), " type lists");
     first_.push_back(0);
     for (size_t g = 0; g < routers_.size(); ++g) {
       MOEKIT_CHECK(routers_[g].hidden_size() == routers_[0].hidden_size(), "modality router: group ", g,
                    " hidden size expected ", routers_[0].hidden_size(), ", got ", routers_[g].hidden_size());
-      MOEKIT_CHECK(!types_[g].empty(), "modality router: group ", g, " expected at least one token type, got none");
-      for (int32_t ty : types_[g]) {
+      MOEKIT_CHECK(!types[g].empty(), "modality router: group ", g, " expected at least one token type, got none");
+      for (int32_t ty : types[g]) {
         MOEKIT_CHECK(ty >= 0 && ty < (1 << 20), "modality router: token type expected in [0, 2^20), got ", ty);
         if (static_cast<size_t>(ty) >= group_of_type_.size()) group_of_type_.resize(static_cast<size_t>(ty) + 1, -1);
         MOEKIT_CHECK(group_of_type_[static_cast<size_t>(ty)] < 0, "modality router: token type ", ty,
@@ -111,8 +111,7 @@ class ModalityGroupRouter {
 
  private:
   std::vector<R> routers_;
-  std::vector<std::vector<int32_t>> types_;
-  std::vector<int32_t> group_of_type_;
+  std::vector<int32_t> group_of_type_;  // token type -> group, -1 for none
   std::vector<int64_t> first_;
 };
 
