@@ -38,7 +38,8 @@ struct Format {
 };
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false}, {WeightType::bf16, true},
                                {WeightType::int8, false}, {WeightType::w8a8, false}, {WeightType::fp8, false},
-                               {WeightType::int4, false}, {WeightType::int4zp, false}, {WeightType::w4a8, false}};
+                               {WeightType::int4, false}, {WeightType::int4zp, false}, {WeightType::w4a8, false},
+                               {WeightType::ternary, false}};
 
 std::string format_name(const Format& f) {
   return std::string(moekit::kernels::to_string(f.t)) + (f.bf16_act ? "xbf16" : "");
@@ -54,6 +55,7 @@ double bound(const Format& f) {
     case WeightType::int4:
     case WeightType::int4zp:
     case WeightType::w4a8: return 0.2;  // groups of 32, 16 levels: ~15% at the layer (tests)
+    case WeightType::ternary: return 0.9;  // 3 levels per column: ~0.84 at the layer (tests)
   }
   return 0.0;
 }

@@ -112,7 +112,7 @@ TEST(AllocSteadyState, ForwardAllocatesNothingOnceWarm) {
 
 // The same for every expert weight type and for the decode column split (T <= 16, 2 threads).
 TEST(AllocSteadyState, ReducedPrecisionAndDecodeSplitAllocateNothing) {
-  for (const char* type : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8"}) {
+  for (const char* type : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8", "ternary"}) {
     moekit::LayerConfig c = moekit::preset_defaults("qwen2_moe");
     c.router.hidden = 40;
     c.router.num_experts = 8;

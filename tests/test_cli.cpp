@@ -868,7 +868,7 @@ TEST_F(Cli, DtypeFlagRunsReducedPrecisionExperts) {
   const auto y32 = moekit::io::TensorSource::open((dir_ / "y.safetensors").string());
   const auto ref = y32.read_f32("hidden_states", {10, 24});
   const auto ref_ids = y32.read_i32("topk_ids", {10, 2});
-  for (const char* dt : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8", "bf16xbf16"}) {
+  for (const char* dt : {"f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8", "ternary", "bf16xbf16"}) {
     SCOPED_TRACE(dt);
     fs::remove(dir_ / "y.safetensors");
     const Result r = run_cli(dir_, run_args("") + " --dtype " + dt + " --threads 2");
@@ -884,7 +884,11 @@ TEST_F(Cli, DtypeFlagRunsReducedPrecisionExperts) {
     } else {
       EXPECT_GT(err, 0.0);
       const std::string t = dt;
-      EXPECT_LT(err, t == "bf16" ? 1e-2 : t == "bf16xbf16" ? 2e-2 : t.rfind("int4", 0) == 0 || t == "w4a8" ? 0.3 : 8e-2);
+      EXPECT_LT(err, t == "bf16"        ? 1e-2
+                     : t == "bf16xbf16" ? 2e-2
+                     : t == "ternary"   ? 1.2
+                     : t.rfind("int4", 0) == 0 || t == "w4a8" ? 0.3
+                                                               : 8e-2);
     }
     const Result b = run_cli(dir_, "bench --config " + (dir_ / "config.json").string() + " --tokens 5 --repeat 2 --layers 1 --dtype " + dt);
     ASSERT_EQ(b.code, 0) << b.err;
@@ -894,7 +898,7 @@ TEST_F(Cli, DtypeFlagRunsReducedPrecisionExperts) {
     EXPECT_EQ(nlohmann::json::parse(b.out)["bf16_activations"], x);
   }
   fs::remove(dir_ / "y.safetensors");
-  expect_error(run_args("") + " --dtype fp16", "f32, bf16, int8, w8a8, fp8, int4, int4zp, w4a8");
+  expect_error(run_args("") + " --dtype fp16", "f32, bf16, int8, w8a8, fp8, int4, int4zp, w4a8, ternary");
 }
 
 // A DeepSeek-V3-style FP8 checkpoint (F8_E4M3 experts with 128x128 `weight_scale_inv`) gives

@@ -71,10 +71,10 @@ struct QuietExit {
 constexpr const char* kUsage =
     "usage:\n"
     "  moekit run --config C.json --weights W.safetensors|index.json --input X.safetensors\n"
-    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16]\n"
+    "             --output Y.safetensors [--prefix P] [--threads N] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|ternary|bf16xbf16]\n"
     "  moekit run --model DIR [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
     "  moekit run --gguf F.gguf [--layer N] --input X.safetensors --output Y.safetensors [--threads N] [--dtype ...]\n"
-    "  moekit bench --config C.json [--tokens T,...] [--threads N,...] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|bf16xbf16,...]\n"
+    "  moekit bench --config C.json [--tokens T,...] [--threads N,...] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|ternary|bf16xbf16,...]\n"
     "               [--repeat R] [--layers L] [--seed S] [-o json|jsonl|csv|md]\n"
     "  moekit run --packed L.safetensors --input X.safetensors --output Y.safetensors [--threads N]\n"
     "  moekit pack --config C.json --weights W.safetensors [--prefix P] | --model DIR [--layer N] [--dtype ...] --output L.safetensors\n"
@@ -98,7 +98,7 @@ constexpr FlagSpec kWeightsFlag{"weights", "-w", "one .safetensors file, or a sh
 constexpr FlagSpec kPrefixFlag{"prefix", "", "prepended to every weight name, e.g. model.layers.3.mlp."};
 constexpr FlagSpec kModelFlag{"model", "-m", "an HF model folder, instead of --config / --weights / --prefix"};
 constexpr FlagSpec kDtypeFlag{"dtype", "",
-                              "expert weight type: f32 bf16 int8 w8a8 fp8 int4 int4zp w4a8 bf16xbf16 (default: the config's)"};
+                              "expert weight type: f32 bf16 int8 w8a8 fp8 int4 int4zp w4a8 ternary bf16xbf16 (default: the config's)"};
 constexpr const char* kRunHelp =
     "Runs one MoE layer (router, routed and shared experts) on an input file and writes the layer's\n"
     "output (without the residual) and its routing. The layer comes from --config + --weights [+ --prefix],\n"

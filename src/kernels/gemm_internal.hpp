@@ -43,6 +43,9 @@ enum class GemmMode : uint8_t {
 ///    P/2 bytes (byte j of depth row p: column j in the low nibble, column j + P/2 in the high
 ///    one; code = q + 8), then the group's P bf16 scales; the last group is zero-padded.
 ///  - int4zp: the same, codes q (value (q - z) d), and after the scales P zero-point bytes z.
+///  - ternary: depth groups of 4, P bytes each: byte j of group q holds packed column j's codes
+///    of depths 4q .. 4q + 3 (depth 4q + e at bits [2e, 2e + 2), 2-bit two's complement:
+///    +1 = 01, -1 = 11, 0 = 00); the last group is zero-padded.
 ///  - w4a8: int4's groups, the code bytes interleaved in depth groups of G = int8_group:
 ///    byte nibble_index(q, j % (P/2), P/2, G) of the group holds depth q's codes (the operand
 ///    layout of vpmaddwd on zero-extended bytes, G = 2, or of vpdpbusd, G = 4).
@@ -74,7 +77,7 @@ struct GemmCall {
   int64_t depth;
   const uint8_t* data;
   int64_t strip_bytes;
-  /// int8 / w8a8: scale of each packed column (`[strips, P]`, 0 in the padding).
+  /// int8 / w8a8 / ternary: scale of each packed column (`[strips, P]`, 0 in the padding).
   const float* col_scale;
   /// fp8: scale of each (strip, 128-deep k block, half): `[strips, k_blocks, 2]`, half 0
   /// covering packed columns [0, P/2), half 1 [P/2, P) (the same block unless gated).
@@ -185,6 +188,45 @@ inline float round_bf16(float x) noexcept { return bf16_to_float(bf16_bits(x)); 
 inline float f16_to_float(uint16_t h) noexcept { return from_f16_bits(h); }
 /// A 4-bit group's scale from its stored bits (f16 or bf16).
 inline float int4_scale(uint16_t bits, bool f16) noexcept { return f16 ? f16_to_float(bits) : bf16_to_float(bits); }
+
+/// Depth groups of 4 of a ternary strip (one byte per packed column each).
+constexpr int64_t ternary_depth_groups(int64_t k) noexcept { return (k + 3) / 4; }
+
+/// The ternary scale of a column w[0, k): the mean of |w| over its finite values (BitNet
+/// b1.58's absmean, per output column), except that a column whose finite non-zero values all
+/// have one magnitude m (already ternary: {-m, 0, m}) gets m, so it packs back exactly. 0 for
+/// a column without finite non-zero values.
+inline float ternary_scale(const float* w, int64_t k) noexcept {
+  double sum = 0.0;
+  int64_t n = 0;
+  float m = 0.0f;
+  bool one_magnitude = true;
+  for (int64_t p = 0; p < k; ++p) {
+    const float a = std::fabs(w[p]);
+    if (!(a <= FLT_MAX)) continue;  // NaN, infinities
+    sum += a;
+    ++n;
+    if (a == 0.0f) continue;
+    if (m == 0.0f) m = a;
+    one_magnitude = one_magnitude && a == m;
+  }
+  if (m == 0.0f) return 0.0f;
+  return one_magnitude ? m : static_cast<float>(sum / static_cast<double>(n));
+}
+
+/// The ternary code of w with scale s: clamp(round(w / s), -1, 1) (round to nearest even);
+/// NaN or s = 0 -> 0; infinities saturate.
+inline int ternary_code(float w, float s) noexcept {
+  if (!(s > 0.0f) || std::isnan(w)) return 0;
+  const float r = std::nearbyint(w / s);
+  return r >= 1.0f ? 1 : (r <= -1.0f ? -1 : 0);
+}
+
+/// The code at bits [2e, 2e + 2) of a ternary byte as -1, 0 or +1 (two's complement).
+constexpr int ternary_value(uint8_t byte, int64_t e) noexcept {
+  const int c = (byte >> (2 * e)) & 3;
+  return c == 3 ? -1 : c;
+}
 
 /// Symmetric int8 scale of values whose largest magnitude is `amax` (0 for an all-zero row).
 inline float int8_scale(float amax) noexcept { return amax / 127.0f; }

@@ -26,7 +26,7 @@ struct Fp8Table {
 };
 const Fp8Table kFp8;
 
-// The dequantised weights (before int8's column scale) of packed row p of strip s.
+// The dequantised weights (before int8's or ternary's column scale) of packed row p of strip s.
 template <WeightType T>
 inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
                      float (&w)[kP]) noexcept {
@@ -49,6 +49,9 @@ inline void load_row(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p,
       const int q = (j < kHalf ? row[j] & 0x0F : row[j - kHalf] >> 4) - z;
       w[j] = static_cast<float>(q) * int4_scale(d, g.f16_scales);
     }
+  } else if constexpr (T == WeightType::ternary) {
+    const uint8_t* row = S + p / 4 * kP;
+    for (int64_t j = 0; j < kP; ++j) w[j] = static_cast<float>(ternary_value(row[j], p % 4));
   } else {
     const float* sc = g.fp8_scale + (s * g.k_blocks + p / kFp8Block) * 2;
     for (int64_t j = 0; j < kP; ++j) w[j] = kFp8.v[S[p * kP + j]] * sc[j < kHalf ? 0 : 1];
@@ -76,7 +79,7 @@ void run_float(const GemmCall& g) noexcept {
         load_row<T>(g, S, s, p, w);
         for (int64_t j = 0; j < kP; ++j) acc[j] = std::fma(a[p], w[j], acc[j]);
       }
-      if constexpr (T == WeightType::int8)
+      if constexpr (T == WeightType::int8 || T == WeightType::ternary)
         for (int64_t j = 0; j < kP; ++j) acc[j] = acc[j] * g.col_scale[s * kP + j];
       epilogue(g, i, s, acc);
     }
@@ -162,6 +165,9 @@ void run(const GemmCall& g) noexcept {
       break;
     case WeightType::int4zp:
       run_float<WeightType::int4zp>(g);
+      break;
+    case WeightType::ternary:
+      run_float<WeightType::ternary>(g);
       break;
     case WeightType::w8a8:
       run_w8a8(g);

@@ -122,6 +122,23 @@ struct SimdGemm {
     }
   };
 
+  // Ternary: depth p of a group of 4 (P bytes at B, byte j = column j's 4 codes); the codes
+  // as -1, 0, +1 floats (the column scales apply in the epilogue, as int8's).
+  struct TernarySrc {
+    const uint8_t* B;
+    void load(int64_t p, fb& b0, fb& b1) const noexcept {
+      const uint8_t* row = B + (p >> 2) * P;
+      const int e = static_cast<int>(p & 3);
+      b0 = fb(Ops::widen_t2(row, e));
+      b1 = fb(Ops::widen_t2(row + L, e));
+    }
+  };
+
+  // Formats whose sums take a per-column scale in the epilogue.
+  static bool column_scaled(WeightType t) noexcept {
+    return t == WeightType::int8 || t == WeightType::ternary;
+  }
+
   static bool is_int4(WeightType t) noexcept {
     return t == WeightType::int4 || t == WeightType::int4zp;
   }
@@ -131,6 +148,7 @@ struct SimdGemm {
     if (is_int4(g.type))
       return p / kInt4Group * int4_group_bytes(P, g.type == WeightType::int4zp) +
              p % kInt4Group * (P / 2);
+    if (g.type == WeightType::ternary) return p / 4 * P;  // p a multiple of 4 (chunks)
     return p * P * weight_type_bytes(g.type);
   }
 
@@ -519,6 +537,16 @@ struct SimdGemm {
         }
         break;
       }
+      case WeightType::ternary: {
+        const TernarySrc src{S + p0 / 4 * P};
+        for (int64_t p = 0; p < kc; ++p) {
+          fb b0, b1;
+          src.load(p, b0, b1);
+          b0.store_aligned(buf + p * P);
+          b1.store_aligned(buf + p * P + L);
+        }
+        break;
+      }
       case WeightType::fp8: {
         for (int64_t b0p = 0; b0p < kc; b0p += kFp8Block) {
           const int64_t bc = imin(kFp8Block, kc - b0p);
@@ -668,6 +696,12 @@ struct SimdGemm {
         case WeightType::int4zp:
           micro_n_int4<R, N>(g, a, S, p0, kc, c, acc);
           break;
+        case WeightType::ternary: {
+          TernarySrc src[N];
+          for (int t = 0; t < N; ++t) src[t] = TernarySrc{S[t] + p0 / 4 * P};
+          micro_n<R, N>(a, src, kc, c, acc);
+          break;
+        }
         default: {
           Fp8Src src[N];
           for (int t = 0; t < N; ++t) src[t] = fp8_src(g, S[t], s + t, p0);
@@ -677,7 +711,7 @@ struct SimdGemm {
       }
       for (int t = 0; t < N; ++t) {
         if (last) {
-          if (g.type == WeightType::int8) {
+          if (column_scaled(g.type)) {
             const float* cs = g.col_scale + (s + t) * P;
             const fb s0 = fb::load_unaligned(cs), s1 = fb::load_unaligned(cs + L);
             for (int i = 0; i < R; ++i) {
@@ -759,7 +793,7 @@ struct SimdGemm {
             const float* B = direct ? reinterpret_cast<const float*>(S) + p0 * P : buf;
             micro_upto<MR>(r, a, F32Src{B}, kc, c, acc);
             if (last) {
-              if (g.type == WeightType::int8) {
+              if (column_scaled(g.type)) {
                 const fb s0 = fb::load_unaligned(g.col_scale + s * P),
                          s1 = fb::load_unaligned(g.col_scale + s * P + L);
                 for (int j = 0; j < r; ++j) {

@@ -50,18 +50,24 @@ struct PackedAccess;
 ///          int32 sums per group, then per group g in order
 ///          `c = fma(float(sum_g), d_w * d_a, c)` (d_w * d_a rounded to f32), from c = 0. What
 ///          llama.cpp computes for Q4_0 weights on a CPU (Q4_0 x Q8_0), summed in this order.
+///  - ternary: codes {-1, 0, +1} with one f32 scale per output column (MoTE's ternary experts,
+///          BitNet b1.58's grid): the scale is the mean |w| of the column's finite values
+///          (absmean), or m when every finite non-zero value of the column is +-m (an already
+///          ternary column packs back exactly), and q = clamp(round(w / scale), -1, 1), so a
+///          weight is q * scale; 2 bits per weight plus 32 bits per column. Weight-only: f32
+///          (or bf16-rounded) activations times the codes, the scale in the epilogue, as int8.
 ///  - fp8:  FP8 e4m3 (OCP, max 448) with one f32 scale per 128 x 128 block of `[n, k]`
 ///          (scale = max|w_block| / 448; DeepSeek-V3's `weight_scale_inv` layout); for a gated
 ///          pair the gate and up matrices each have their own block grid.
 /// Rounding is to nearest even everywhere. Scales use the largest finite magnitude; an
 /// all-zero row / block gets scale 0. bf16 keeps NaN and infinities; int8, int4 and fp8 store
 /// NaN as 0 and saturate infinities to the extreme code.
-enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4, int4zp, w4a8 };
+enum class WeightType : uint8_t { f32, bf16, int8, w8a8, fp8, int4, int4zp, w4a8, ternary };
 
 /// Every weight type, in enum order (the one list tools and tests iterate).
 inline constexpr WeightType kWeightTypes[] = {WeightType::f32,  WeightType::bf16, WeightType::int8,
                                               WeightType::w8a8, WeightType::fp8,  WeightType::int4,
-                                              WeightType::int4zp, WeightType::w4a8};
+                                              WeightType::int4zp, WeightType::w4a8, WeightType::ternary};
 
 /// Whether activations of this type are quantised to int8 inside the GEMM (w8a8, w4a8): then
 /// PackOptions::bf16_activations does not apply.
@@ -69,13 +75,14 @@ constexpr bool quantises_activations(WeightType t) noexcept {
   return t == WeightType::w8a8 || t == WeightType::w4a8;
 }
 
-/// "f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8".
+/// "f32", "bf16", "int8", "w8a8", "fp8", "int4", "int4zp", "w4a8", "ternary".
 const char* to_string(WeightType t) noexcept;
 /// Parses the names above; throws moekit::error naming the accepted ones.
 WeightType parse_weight_type(std::string_view name);
-/// Bits per stored weight value (32, 16, 8, 8, 8, 4, 4, 4), scales and zero points not counted.
+/// Bits per stored weight value (32, 16, 8, 8, 8, 4, 4, 4, 2), scales and zero points not
+/// counted.
 int64_t weight_type_bits(WeightType t) noexcept;
-/// Bytes per stored weight value rounded up (4, 2, 1, 1, 1, and 1 for the 4-bit types);
+/// Bytes per stored weight value rounded up (4, 2, 1, 1, 1, and 1 for the 4- and 2-bit types);
 /// weight_type_bits() is exact.
 int64_t weight_type_bytes(WeightType t) noexcept;
 
@@ -237,7 +244,7 @@ class PackedMatrix {
   /// Bytes from one strip to the next (a multiple of 64).
   [[nodiscard]] int64_t strip_bytes() const noexcept { return strip_bytes_; }
   /// The packed values (`strips() * strip_bytes()` bytes, 64-byte aligned) and the f32 scales
-  /// the kernels read (one per packed column for int8 / w8a8, one per fp8 block; empty for the
+  /// the kernels read (one per packed column for int8 / w8a8 / ternary, one per fp8 block; empty for the
   /// other formats): what `moekit pack` saves, for view().
   [[nodiscard]] std::span<const uint8_t> packed_data() const noexcept {
     return ext_data_ != nullptr ? std::span<const uint8_t>(ext_data_, static_cast<size_t>(strips_ * strip_bytes_))
@@ -289,7 +296,7 @@ class PackedMatrix {
   bool f16_scales_ = false;
   const GemmKernel* kernel_ = nullptr;
   std::vector<uint8_t, xsimd::aligned_allocator<uint8_t, 64>> data_;
-  // int8 / w8a8: one scale per packed column ([strips, panel]); fp8: one per
+  // int8 / w8a8 / ternary: one scale per packed column ([strips, panel]); fp8: one per
   // (strip, k block, strip half) ([strips, k_blocks, 2]); empty otherwise.
   std::vector<float> scales_;
   // view(): the values and scales elsewhere, kept alive by keep_.

@@ -7,13 +7,13 @@
 namespace moekit::kernels::detail {
 
 extern const WeightFormat kFormatF32, kFormatBf16, kFormatInt8, kFormatW8a8, kFormatFp8,
-    kFormatInt4, kFormatInt4zp, kFormatW4a8;
+    kFormatInt4, kFormatInt4zp, kFormatW4a8, kFormatTernary;
 
 namespace {
 
 const WeightFormat* const kFormats[] = {&kFormatF32,  &kFormatBf16, &kFormatInt8,
                                         &kFormatW8a8, &kFormatFp8,  &kFormatInt4,
-                                        &kFormatInt4zp, &kFormatW4a8};
+                                        &kFormatInt4zp, &kFormatW4a8, &kFormatTernary};
 static_assert(std::size(kFormats) == std::size(kWeightTypes),
               "one format per weight type, in enum order");
 
