@@ -122,15 +122,23 @@ struct SimdGemm {
     }
   };
 
-  // Ternary: depth p of a group of 4 (P bytes at B, byte j = column j's 4 codes); the codes
-  // as -1, 0, +1 floats (the column scales apply in the epilogue, as int8's).
+  // Ternary: depth p of groups of 4 (P bytes each from B, byte j = column j's 4 codes); the
+  // codes as -1, 0, +1 floats (the column scales apply in the epilogue, as int8's). The
+  // bytes are widened to 32-bit lanes, shifted to the depth's code and looked up in a table
+  // whose entry i is the value of code i & 3 (Ops::lookup reads the low bits only).
+  static fb ternary_table() noexcept {
+    alignas(64) float t[L];
+    for (int64_t j = 0; j < L; ++j) t[j] = static_cast<float>(ternary_value(static_cast<uint8_t>(j & 3), 0));
+    return fb::load_aligned(t);
+  }
   struct TernarySrc {
     const uint8_t* B;
+    fb table;
     void load(int64_t p, fb& b0, fb& b1) const noexcept {
       const uint8_t* row = B + (p >> 2) * P;
-      const int e = static_cast<int>(p & 3);
-      b0 = fb(Ops::widen_t2(row, e));
-      b1 = fb(Ops::widen_t2(row + L, e));
+      const int sh = 2 * static_cast<int>(p & 3);
+      b0 = fb(Ops::lookup(Ops::srli_i(Ops::widen_u8_i(row), sh), table));
+      b1 = fb(Ops::lookup(Ops::srli_i(Ops::widen_u8_i(row + L), sh), table));
     }
   };
 
@@ -538,7 +546,7 @@ struct SimdGemm {
         break;
       }
       case WeightType::ternary: {
-        const TernarySrc src{S + p0 / 4 * P};
+        const TernarySrc src{S + p0 / 4 * P, ternary_table()};
         for (int64_t p = 0; p < kc; ++p) {
           fb b0, b1;
           src.load(p, b0, b1);
@@ -651,6 +659,43 @@ struct SimdGemm {
     finish_n<R, N>(x, c);
   }
 
+  // The same for ternary weights over depth rows [p0, p0 + kc) (p0 a multiple of 4): each
+  // group of 4 depths' bytes widened once per strip, then per depth a shift and a table
+  // lookup per register. Same operations, same order as micro_n on TernarySrc.
+  template <int R, int N>
+  static inline void micro_n_ternary(const float* Ap, const uint8_t* const (&S)[N], int64_t p0, int64_t kc,
+                                     fb (&c)[N][R][2], const float* acc) noexcept {
+    fb x[N][R][2];
+    start_n<R, N>(x, acc);
+    const fb table = ternary_table();
+    for (int64_t q0 = 0; q0 < kc; q0 += 4) {
+      ireg w[N][2];
+      for (int t = 0; t < N; ++t) {
+        const uint8_t* row = S[t] + (p0 + q0) / 4 * P;
+        w[t][0] = Ops::widen_u8_i(row);
+        w[t][1] = Ops::widen_u8_i(row + L);
+      }
+      const int64_t qc = imin(4, kc - q0);
+#pragma GCC unroll 4
+      for (int e = 0; e < 4; ++e) {
+        if (e >= qc) break;
+        const float* a = Ap + (q0 + e) * MR;
+#pragma GCC unroll 4
+        for (int t = 0; t < N; ++t) {
+          const fb b0(Ops::lookup(Ops::srli_i(w[t][0], 2 * e), table));
+          const fb b1(Ops::lookup(Ops::srli_i(w[t][1], 2 * e), table));
+#pragma GCC unroll 12
+          for (int i = 0; i < R; ++i) {
+            const fb av(a[i]);
+            x[t][i][0] = fb(Ops::fmadd(av, b0, x[t][i][0]));
+            x[t][i][1] = fb(Ops::fmadd(av, b1, x[t][i][1]));
+          }
+        }
+      }
+    }
+    finish_n<R, N>(x, c);
+  }
+
   // Strips [s, s + N) for the R rows packed at Ap (one row tile), rows i0.. of the output.
   template <int R, int N>
   static void run_strips(const GemmCall& g, int64_t i0, const float* Ap, int64_t s) noexcept {
@@ -696,12 +741,9 @@ struct SimdGemm {
         case WeightType::int4zp:
           micro_n_int4<R, N>(g, a, S, p0, kc, c, acc);
           break;
-        case WeightType::ternary: {
-          TernarySrc src[N];
-          for (int t = 0; t < N; ++t) src[t] = TernarySrc{S[t] + p0 / 4 * P};
-          micro_n<R, N>(a, src, kc, c, acc);
+        case WeightType::ternary:
+          micro_n_ternary<R, N>(a, S, p0, kc, c, acc);
           break;
-        }
         default: {
           Fp8Src src[N];
           for (int t = 0; t < N; ++t) src[t] = fp8_src(g, S[t], s + t, p0);

@@ -71,13 +71,13 @@ struct IsaOps<Avx2> {
     hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
-  // 8 bytes of ternary codes -> the codes at bits [2e, 2e + 2) as -1, 0, +1 in f32 (see
-  // avx512_ops.hpp).
-  static __m256 widen_t2(const uint8_t* p, int e) noexcept {
-    const __m128i v = _mm_sll_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
-                                    _mm_cvtsi32_si128(6 - 2 * e));
-    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi8_epi32(v), 6));
+  // Ternary codes (see avx512_ops.hpp): 8 bytes to 32-bit lanes, shifts, and an 8-entry f32
+  // table lookup (vpermps on the low 3 bits).
+  static __m256i widen_u8_i(const uint8_t* p) noexcept {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
+  static __m256i srli_i(__m256i v, int n) noexcept { return _mm256_srli_epi32(v, n); }
+  static __m256 lookup(__m256i idx, __m256 table) noexcept { return _mm256_permutevar8x32_ps(table, idx); }
 
   // w4a8 codes of 2 depths (16 bytes: byte 2c + e holds depth e of columns c and c + 8) ->
   // int16 pairs of columns 0-7 (low nibbles) and 8-15 (high ones).

@@ -91,14 +91,14 @@ struct Avx512Ops {
     hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
-  // 16 bytes of ternary codes -> the codes at bits [2e, 2e + 2) (2-bit two's complement) as
-  // -1, 0, +1 in f32: each byte's code moved to its top bits (a 16-bit shift only carries
-  // bits into the neighbour's low ones), sign-extended, shifted back arithmetically.
-  static __m512 widen_t2(const uint8_t* p, int e) noexcept {
-    const __m128i v = _mm_sll_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
-                                    _mm_cvtsi32_si128(6 - 2 * e));
-    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_cvtepi8_epi32(v), 6));
+  // Ternary codes: 16 bytes zero-extended to 32-bit lanes (once per 4 depths), a lane shifted
+  // right, and the value its low 4 bits select from a 16-entry f32 table (vpermps; the table
+  // repeats every 4 entries, so only the code's 2 bits matter).
+  static __m512i widen_u8_i(const uint8_t* p) noexcept {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  static __m512i srli_i(__m512i v, int n) noexcept { return _mm512_srli_epi32(v, static_cast<unsigned>(n)); }
+  static __m512 lookup(__m512i idx, __m512 table) noexcept { return _mm512_permutexvar_ps(idx, table); }
 
   // w4a8 codes of 2 depths (32 bytes: byte 2c + e holds depth e of columns c and c + 16) ->
   // int16 pairs of columns 0-15 (low nibbles) and 16-31 (high ones).
