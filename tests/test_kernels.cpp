@@ -419,6 +419,40 @@ TEST(KernelsRows, LogSumExpAndGatesMatchReference) {
   }
 }
 
+// exp_sum (the softmax numerators of the attention kernels): every value against exp in
+// double of the f32 product and difference, the sum within its rounding, -inf entries 0, in
+// place or not, any length (the 16 lanes, then the tail).
+TEST(KernelsRows, ExpSumMatchesReference) {
+  const auto& impls = moekit::kernels::row_kernel_implementations();
+  std::mt19937 g(7);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (const RowKernels* impl : impls) {
+    SCOPED_TRACE(impl->name);
+    for (int64_t n : {0, 1, 5, 15, 16, 17, 33, 64, 100, 517}) {
+      auto x = randn(g, static_cast<size_t>(n) + 1);
+      for (float& v : x) v *= 6.0f;
+      if (n > 3) x[2] = ninf;
+      const float scale = 0.37f;
+      float mx = ninf;
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i] * scale);
+      const float shift = n > 0 ? mx : 0.0f;
+      std::vector<float> y(static_cast<size_t>(n) + 1, 9.0f), inplace = x;
+      const float sum = impl->exp_sum(x.data(), scale, shift, y.data(), n);
+      const float sum2 = impl->exp_sum(inplace.data(), scale, shift, inplace.data(), n);
+      ASSERT_EQ(y[n], 9.0f) << "exp_sum wrote past n";
+      double want = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double e = std::exp(static_cast<double>(x[i] * scale - shift));
+        want += e;
+        ASSERT_NEAR(y[i], e, 4e-7 * e + 1e-30) << "n " << n << " at " << i;
+        ASSERT_EQ(y[i], inplace[i]);
+      }
+      ASSERT_NEAR(sum, want, 2e-6 * want + 1e-30) << "n " << n;
+      ASSERT_EQ(sum, sum2);
+    }
+  }
+}
+
 }  // namespace rows
 
 // ---------------------------------------------------------------------- CPU features

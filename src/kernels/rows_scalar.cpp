@@ -52,6 +52,22 @@ float lse_sum(const float* a, const float* b, int64_t n) noexcept {
   return m + std::log(reduce_lanes(s));
 }
 
+float exp_sum(const float* x, float scale, float shift, float* y, int64_t n) noexcept {
+  float s[kL] = {};
+  int64_t i = 0;
+  for (; i + kL <= n; i += kL)
+    for (int64_t l = 0; l < kL; ++l) {
+      y[i + l] = std::exp(x[i + l] * scale - shift);
+      s[l] += y[i + l];
+    }
+  float sum = reduce_lanes(s);
+  for (; i < n; ++i) {
+    y[i] = std::exp(x[i] * scale - shift);
+    sum += y[i];
+  }
+  return sum;
+}
+
 void lse_columns(const float* K, int64_t stride, const float* u, int64_t rows,
                  float* out) noexcept {
   for (int64_t c = 0; c < kL; ++c) {
@@ -95,6 +111,6 @@ void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept {
 
 const RowKernels kRowsScalar{"scalar",     &matvec,      &scale,       &axpy,        &first_non_finite,
                              &lse_sum,     &lse_columns, &gru_gates,   &bf16_to_f32, &f32_to_bf16,
-                             &f16_to_f32,  &f32_to_f16};
+                             &f16_to_f32,  &f32_to_f16, &exp_sum};
 
 }  // namespace moekit::kernels::detail

@@ -127,6 +127,31 @@ struct SimdRows {
     return m + std::log(reduce(s));
   }
 
+  __attribute__((flatten)) static float exp_sum(const float* x, float scale, float shift, float* y,
+                                                int64_t n) noexcept {
+    fb s[B];
+    for (int64_t r = 0; r < B; ++r) s[r] = fb(0.0f);
+    const fb sc(scale), sh(shift);
+    int64_t i = 0;
+    for (; i + kRowLanes <= n; i += kRowLanes)
+      for (int64_t r = 0; r < B; ++r) {
+        const fb e = xsimd::exp(fb::load_unaligned(x + i + r * L) * sc - sh);
+        e.store_unaligned(y + i + r * L);
+        s[r] += e;
+      }
+    float sum = reduce(s);
+    for (; i < n; i += L) {
+      const int64_t w = n - i < L ? n - i : L;
+      alignas(64) float t[L];
+      xsimd::exp(load(x + i, w) * sc - sh).store_aligned(t);
+      for (int64_t j = 0; j < w; ++j) {
+        y[i + j] = t[j];
+        sum += t[j];
+      }
+    }
+    return sum;
+  }
+
   __attribute__((flatten)) static void lse_columns(const float* K, int64_t stride, const float* u,
                                                    int64_t rows, float* out) noexcept {
     for (int64_t r0 = 0; r0 < B; ++r0) {
@@ -251,7 +276,7 @@ struct SimdRows {
   static constexpr RowKernels table(const char* name) noexcept {
     return RowKernels{name,     &matvec,      &scale,       &axpy,        &first_non_finite,
                       &lse_sum, &lse_columns, &gru_gates,   &bf16_to_f32, &f32_to_bf16,
-                      &f16_to_f32, &f32_to_f16};
+                      &f16_to_f32, &f32_to_f16, &exp_sum};
   }
 };
 

@@ -45,6 +45,8 @@ struct RowKernels {
   void (*f32_to_bf16)(const float* x, uint16_t* y, int64_t n) noexcept;
   void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n) noexcept;
   void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n) noexcept;
+  /// `y[i] = exp(x[i] * scale - shift)`, returning their sum (see exp_sum()).
+  float (*exp_sum)(const float* x, float scale, float shift, float* y, int64_t n) noexcept;
 };
 
 /// The row kernels in use: the best compiled implementation this CPU supports, or the one
@@ -131,6 +133,14 @@ inline void f16_to_f32(const uint16_t* x, float* y, int64_t n) noexcept { row_ke
 /// with round-to-nearest): |x| >= 65520 becomes an infinity, tiny values half subnormals or
 /// zero; a NaN stays a quiet NaN. Under MXCSR.DAZ the SIMD kernels read f32 subnormals as 0.
 inline void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept { row_kernels().f32_to_f16(x, y, n); }
+
+/// `y[i] = exp(x[i] * scale - shift)` for i < n (the product rounded, then the difference;
+/// -inf entries give 0), returning their sum: the 16 lane sums of the first n - n % 16 values
+/// added pairwise, then the tail one by one (a softmax's numerators and denominator; y may be
+/// x). Agrees across kernels within float rounding (exp).
+inline float exp_sum(const float* x, float scale, float shift, float* y, int64_t n) noexcept {
+  return row_kernels().exp_sum(x, scale, shift, y, n);
+}
 
 /// `y[0:n] = 0`.
 inline void zero_row(float* y, int64_t n) noexcept {

@@ -1,0 +1,392 @@
+// SPDX-License-Identifier: Apache-2.0
+// MoBA's gate and the blocked attention kernel (include/moekit/attention/moba.hpp).
+//
+// The attention is flash-attention's loop on moekit's packed GEMMs: keys and values are
+// packed once per call in tiles of at most kKeyTile keys (K tile `[n, d]`, V tile transposed
+// `[d, n]`); a work item is one (sequence, query head, query block, query tile). For every key
+// tile of the blocks its queries attend to (ascending), the item gathers the queries that
+// attend to it, computes their scores with one GEMM, updates each query's running maximum and
+// sum (online softmax, the own block masked causally) and adds `P V` with a second GEMM. Each
+// output row is computed by one item in a fixed order, so results do not depend on the thread
+// count, and a query's result does not depend on which other queries share its GEMMs.
+#include "moekit/attention/moba.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "moekit/detail/threads.hpp"
+#include "moekit/error.hpp"
+#include "moekit/kernels/vector.hpp"
+
+namespace moekit::attention {
+
+struct MobaAccess {
+  static void reset(MobaPlan& p, int64_t T, int64_t H, int64_t k, int64_t B, int64_t most_blocks) {
+    p.tokens_ = T;
+    p.heads_ = H;
+    p.top_k_ = k;
+    p.block_size_ = B;
+    p.stride_ = std::min(k, most_blocks);
+    p.blocks_.assign(static_cast<size_t>(T * H * p.stride_), -1);
+    p.count_.assign(static_cast<size_t>(T * H), 0);
+    p.keys_attended_ = p.causal_keys_ = 0;
+  }
+  static int32_t* blocks(MobaPlan& p, int64_t t, int64_t h) {
+    return p.blocks_.data() + static_cast<size_t>((t * p.heads_ + h) * p.stride_);
+  }
+  static int32_t& count(MobaPlan& p, int64_t t, int64_t h) { return p.count_[static_cast<size_t>(t * p.heads_ + h)]; }
+  static void totals(MobaPlan& p, int64_t attended, int64_t causal) {
+    p.keys_attended_ = attended;
+    p.causal_keys_ = causal;
+  }
+};
+
+namespace {
+
+constexpr int64_t kKeyTile = 512;    // keys per packed tile (columns of a score GEMM)
+constexpr int64_t kQueryTile = 128;  // queries per work item (rows of its GEMMs)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Dims {
+  int64_t T, H, Hk, d, group;  // group = H / Hk
+  int64_t B, k;
+  float scale;
+  std::vector<int64_t> cu;  // [S + 1]
+};
+
+bool overlaps(const float* a, size_t na, const float* b, size_t nb) {
+  if (na == 0 || nb == 0 || a == nullptr || b == nullptr) return false;
+  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return pa < pb + nb * sizeof(float) && pb < pa + na * sizeof(float);
+}
+
+Dims check(const char* who, const AttentionShape& s, std::span<const int64_t> cu, const MobaOptions& opt,
+           bool gate) {
+  Dims D{};
+  MOEKIT_CHECK(s.tokens >= 0, who, ": tokens expected >= 0, got ", s.tokens);
+  MOEKIT_CHECK(s.heads >= 1, who, ": heads expected >= 1, got ", s.heads);
+  MOEKIT_CHECK(s.kv_heads >= 0, who, ": kv_heads expected >= 0 (0: the same as heads), got ", s.kv_heads);
+  MOEKIT_CHECK(s.head_dim >= 1, who, ": head_dim expected >= 1, got ", s.head_dim);
+  const int64_t Hk = s.kv_heads == 0 ? s.heads : s.kv_heads;
+  MOEKIT_CHECK(s.heads % Hk == 0, who, ": kv_heads expected to divide heads (", s.heads, "), got ", Hk);
+  constexpr int64_t kMax = int64_t{1} << 40;
+  MOEKIT_CHECK(s.heads <= kMax / s.head_dim && s.tokens <= kMax / (s.heads * s.head_dim), who,
+               ": tokens * heads * head_dim expected < 2^40, got ", s.tokens, " x ", s.heads, " x ", s.head_dim);
+  MOEKIT_CHECK(opt.block_size >= 1, who, ": block_size expected >= 1, got ", opt.block_size);
+  MOEKIT_CHECK(!gate || opt.top_k >= 1, who, ": top_k expected >= 1, got ", opt.top_k);
+  MOEKIT_CHECK(!gate || opt.top_k <= (int64_t{1} << 20), who, ": top_k expected <= 2^20, got ", opt.top_k);
+  MOEKIT_CHECK(std::isfinite(opt.scale) && opt.scale >= 0.0f, who,
+               ": scale expected finite and >= 0 (0: head_dim^-1/2), got ", opt.scale);
+  D.T = s.tokens;
+  D.H = s.heads;
+  D.Hk = Hk;
+  D.d = s.head_dim;
+  D.group = s.heads / Hk;
+  D.B = opt.block_size;
+  D.k = opt.top_k;
+  D.scale = opt.scale > 0.0f ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  if (cu.empty()) {
+    D.cu = {0, s.tokens};
+  } else {
+    MOEKIT_CHECK(cu.size() >= 2, who, ": cu_seqlens expected empty or >= 2 entries, got ", cu.size());
+    MOEKIT_CHECK(cu.front() == 0, who, ": cu_seqlens[0] expected 0, got ", cu.front());
+    MOEKIT_CHECK(cu.back() == s.tokens, who, ": cu_seqlens' last entry expected tokens (", s.tokens, "), got ",
+                 cu.back());
+    for (size_t i = 1; i < cu.size(); ++i)
+      MOEKIT_CHECK(cu[i] >= cu[i - 1], who, ": cu_seqlens expected non-decreasing, got ", cu[i - 1], " then ", cu[i],
+                   " at ", i);
+    D.cu.assign(cu.begin(), cu.end());
+  }
+  return D;
+}
+
+void check_finite(const char* who, const char* name, const float* x, int64_t n) {
+  if (n == 0) return;
+  MOEKIT_CHECK(x != nullptr, who, ": ", name, " is null");
+  const int64_t i = kernels::first_non_finite(x, n);
+  MOEKIT_CHECK(i < 0, who, ": ", name, " expected finite, got ", i < 0 ? 0.0f : x[i], " at element ", i);
+}
+
+int64_t blocks_of(int64_t n, int64_t B) { return (n + B - 1) / B; }
+
+// Sequence s's first block in the batch's block numbering.
+std::vector<int64_t> block_offsets(const Dims& D) {
+  std::vector<int64_t> off(D.cu.size(), 0);
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s) off[s + 1] = off[s] + blocks_of(D.cu[s + 1] - D.cu[s], D.B);
+  return off;
+}
+
+// Key tiles: block j of a sequence splits into tiles of at most kKeyTile keys.
+int64_t tiles_of(int64_t n) { return (n + kKeyTile - 1) / kKeyTile; }
+
+struct TileIndex {
+  std::vector<int64_t> first;  // per global block: its first tile in the global tile numbering
+  int64_t count = 0;
+};
+
+TileIndex tile_index(const Dims& D, const std::vector<int64_t>& boff) {
+  TileIndex ti;
+  ti.first.assign(static_cast<size_t>(boff.back()) + 1, 0);
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
+    const int64_t n = D.cu[s + 1] - D.cu[s];
+    for (int64_t j = 0; j < boff[s + 1] - boff[s]; ++j) {
+      const int64_t len = std::min(D.B, n - j * D.B);
+      ti.first[static_cast<size_t>(boff[s] + j + 1)] = ti.first[static_cast<size_t>(boff[s] + j)] + tiles_of(len);
+    }
+  }
+  ti.count = ti.first.back();
+  return ti;
+}
+
+// Packs every key tile (K `[n, d]`) and value tile (V^T `[d, n]`) of every kv head.
+void pack_tiles(const Dims& D, const float* k, const float* v, const std::vector<int64_t>& boff,
+                const TileIndex& ti, MobaWorkspace& ws, int threads) {
+  const int64_t nb = boff.back();
+  ws.keys.resize(static_cast<size_t>(D.Hk * ti.count));
+  ws.values.resize(static_cast<size_t>(D.Hk * ti.count));
+  ws.transpose.resize(static_cast<size_t>(threads * D.d * kKeyTile));
+  // Global block -> (sequence, local block).
+  std::vector<int64_t> seq_of(static_cast<size_t>(nb));
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s)
+    for (int64_t b = boff[s]; b < boff[s + 1]; ++b) seq_of[static_cast<size_t>(b)] = static_cast<int64_t>(s);
+  const int64_t work = D.Hk * nb;
+  const kernels::PackOptions f32{};
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t w = 0; w < work; ++w) {
+    const int64_t g = w / nb, b = w % nb, s = seq_of[static_cast<size_t>(b)];
+    const int64_t n = D.cu[s + 1] - D.cu[s], j = b - boff[s];
+    const int64_t len = std::min(D.B, n - j * D.B);
+    float* tr = ws.transpose.data() + static_cast<size_t>(omp_get_thread_num() * D.d * kKeyTile);
+    for (int64_t t0 = 0, tile = ti.first[static_cast<size_t>(b)]; t0 < len; t0 += kKeyTile, ++tile) {
+      const int64_t tn = std::min(kKeyTile, len - t0);
+      const int64_t row0 = D.cu[s] + j * D.B + t0;  // the tile's first token
+      const size_t slot = static_cast<size_t>(g * ti.count + tile);
+      ws.keys[slot].pack(k + (row0 * D.Hk + g) * D.d, tn, D.d, D.Hk * D.d, f32);
+      for (int64_t p = 0; p < tn; ++p) {
+        const float* src = v + ((row0 + p) * D.Hk + g) * D.d;
+        for (int64_t r = 0; r < D.d; ++r) tr[r * tn + p] = src[r];
+      }
+      ws.values[slot].pack(tr, D.d, tn, tn, f32);
+    }
+  }
+}
+
+// A work item: queries [i0, i0 + n) of sequence s (local indices, inside block c), head h.
+struct Item {
+  int64_t s, h, c, i0, n;
+};
+
+std::vector<Item> items_of(const Dims& D) {
+  std::vector<Item> items;
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
+    const int64_t n = D.cu[s + 1] - D.cu[s];
+    for (int64_t h = 0; h < D.H; ++h)
+      for (int64_t c = 0; c < blocks_of(n, D.B); ++c) {
+        const int64_t b0 = c * D.B, b1 = std::min(n, b0 + D.B);
+        for (int64_t i0 = b0; i0 < b1; i0 += kQueryTile)
+          items.push_back({static_cast<int64_t>(s), h, c, i0, std::min(kQueryTile, b1 - i0)});
+      }
+  }
+  return items;
+}
+
+// The attention of one item; `attends(i, j)`: whether local query i attends to block j < its
+// own (the own block always).
+template <class Attends>
+void run_item(const Dims& D, const Item& it, const float* q, const std::vector<int64_t>& boff, const TileIndex& ti,
+              const MobaWorkspace& ws, float* scratch, float* out, Attends attends) {
+  const int64_t d = D.d, n = it.n, g = it.h / D.group;
+  float* Qg = scratch;                                // [n, d] gathered queries
+  float* S = Qg + kQueryTile * d;                     // [n, kKeyTile] scores, then P
+  float* Og = S + kQueryTile * kKeyTile;              // [n, d] P V
+  float* acc = Og + kQueryTile * d;                   // [n, d] running numerators
+  float* m = acc + kQueryTile * d;                    // [n] running maxima (scaled)
+  float* l = m + kQueryTile;                          // [n] running sums
+  float* corr = l + kQueryTile;                       // [n] this tile's rescale
+  float* a_pack = corr + kQueryTile;
+  int32_t rows[kQueryTile];
+  for (int64_t r = 0; r < n; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+  }
+  std::memset(acc, 0, static_cast<size_t>(n * d) * sizeof(float));
+  const int64_t seq_n = D.cu[it.s + 1] - D.cu[it.s];
+  const int64_t row_base = D.cu[it.s];
+  for (int64_t j = 0; j <= it.c; ++j) {
+    const int64_t len = std::min(D.B, seq_n - j * D.B);
+    const int64_t b = boff[static_cast<size_t>(it.s)] + j;
+    for (int64_t t0 = 0, tile = ti.first[static_cast<size_t>(b)]; t0 < len; t0 += kKeyTile, ++tile) {
+      const int64_t tn = std::min(kKeyTile, len - t0);
+      const int64_t key0 = j * D.B + t0;  // local index of the tile's first key
+      int64_t nr = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = it.i0 + r;
+        if (j == it.c ? key0 <= i : attends(i, j)) rows[nr++] = static_cast<int32_t>(r);
+      }
+      if (nr == 0) continue;
+      for (int64_t rr = 0; rr < nr; ++rr)
+        std::memcpy(Qg + rr * d, q + ((row_base + it.i0 + rows[rr]) * D.H + it.h) * d,
+                    static_cast<size_t>(d) * sizeof(float));
+      const size_t slot = static_cast<size_t>(g * ti.count + tile);
+      kernels::gemm_packed(nr, Qg, d, ws.keys[slot], S, kKeyTile, a_pack);
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t r = rows[rr], i = it.i0 + r;
+        float* srow = S + rr * kKeyTile;
+        const int64_t valid = j == it.c ? std::min(tn, i - key0 + 1) : tn;
+        float mx = srow[0];
+        for (int64_t c = 1; c < valid; ++c) mx = srow[c] > mx ? srow[c] : mx;
+        const float m_new = std::max(m[r], mx * D.scale);
+        corr[rr] = std::exp(m[r] - m_new);  // 0 for the first tile (m = -inf)
+        const float sum = kernels::exp_sum(srow, D.scale, m_new, srow, valid);
+        for (int64_t c = valid; c < tn; ++c) srow[c] = 0.0f;
+        l[r] = l[r] * corr[rr] + sum;
+        m[r] = m_new;
+      }
+      kernels::gemm_packed(nr, S, kKeyTile, ws.values[slot], Og, d, a_pack);
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        float* a = acc + rows[rr] * d;
+        kernels::scale_row(corr[rr], a, a, d);
+        kernels::axpy_row(1.0f, Og + rr * d, a, d);
+      }
+    }
+  }
+  for (int64_t r = 0; r < n; ++r)
+    kernels::scale_row(1.0f / l[r], acc + r * d, out + ((row_base + it.i0 + r) * D.H + it.h) * d, d);
+}
+
+size_t scratch_floats(const Dims& D) {
+  return static_cast<size_t>(3 * kQueryTile * D.d + kQueryTile * kKeyTile + 3 * kQueryTile) +
+         kernels::packed_a_floats(kQueryTile, std::max(D.d, kKeyTile));
+}
+
+template <class Attends>
+void attend(const char* who, const Dims& D, const float* q, const float* k, const float* v, float* out,
+            MobaWorkspace& ws, int threads, Attends attends) {
+  const size_t nq = static_cast<size_t>(D.T * D.H * D.d), nkv = static_cast<size_t>(D.T * D.Hk * D.d);
+  check_finite(who, "q", q, static_cast<int64_t>(nq));
+  check_finite(who, "k", k, static_cast<int64_t>(nkv));
+  check_finite(who, "v", v, static_cast<int64_t>(nkv));
+  MOEKIT_CHECK(nq == 0 || out != nullptr, who, ": out is null");
+  MOEKIT_CHECK(!overlaps(out, nq, q, nq) && !overlaps(out, nq, k, nkv) && !overlaps(out, nq, v, nkv), who,
+               ": out expected not to overlap q, k or v");
+  if (D.T == 0) return;
+  const std::vector<int64_t> boff = block_offsets(D);
+  const TileIndex ti = tile_index(D, boff);
+  pack_tiles(D, k, v, boff, ti, ws, threads);
+  const std::vector<Item> items = items_of(D);
+  if (ws.scratch.size() < static_cast<size_t>(threads)) ws.scratch.resize(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) ws.scratch[static_cast<size_t>(t)].resize(scratch_floats(D));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (size_t w = 0; w < items.size(); ++w)
+    run_item(D, items[w], q, boff, ti, ws, ws.scratch[static_cast<size_t>(omp_get_thread_num())].data(), out,
+             [&](int64_t i, int64_t j) { return attends(items[w], i, j); });
+}
+
+}  // namespace
+
+void moba_gate(const AttentionShape& shape, const float* q, const float* k, std::span<const int64_t> cu_seqlens,
+               const MobaOptions& opt, MobaPlan& plan, MobaWorkspace& ws, int threads) {
+  const char* who = "moba_gate";
+  const Dims D = check(who, shape, cu_seqlens, opt, true);
+  check_finite(who, "q", q, D.T * D.H * D.d);
+  check_finite(who, "k", k, D.T * D.Hk * D.d);
+  const int nt = detail::resolve_threads(threads);
+  const std::vector<int64_t> boff = block_offsets(D);
+  int64_t most = 0;
+  for (size_t s = 0; s + 1 < boff.size(); ++s) most = std::max(most, boff[s + 1] - boff[s]);
+  MobaAccess::reset(plan, D.T, D.H, D.k, D.B, most);
+  const int64_t nb = boff.back(), d = D.d;
+  // Block means per kv head, `[Hk, nb, d]`, each summed in double and rounded once.
+  ws.means.assign(static_cast<size_t>(D.Hk * nb * d), 0.0f);
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
+    const int64_t n = D.cu[s + 1] - D.cu[s];
+    for (int64_t j = 0; j < boff[s + 1] - boff[s]; ++j) {
+      const int64_t len = std::min(D.B, n - j * D.B);
+      for (int64_t g = 0; g < D.Hk; ++g) {
+        float* mean = ws.means.data() + (g * nb + boff[s] + j) * d;
+        for (int64_t r = 0; r < d; ++r) {
+          double sum = 0.0;
+          for (int64_t p = 0; p < len; ++p) sum += k[((D.cu[s] + j * D.B + p) * D.Hk + g) * d + r];
+          mean[r] = static_cast<float>(sum / static_cast<double>(len));
+        }
+      }
+    }
+  }
+  int64_t attended = 0, causal = 0;
+  // Per sequence, token and head: scores of the earlier blocks, the top k - 1 (higher score
+  // first, then the lower index), ascending, then the own block.
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
+    const int64_t n = D.cu[s + 1] - D.cu[s];
+    const int64_t work = n * D.H;
+#pragma omp parallel num_threads(nt) reduction(+ : attended, causal)
+    {
+      std::vector<float> score;
+      std::vector<int32_t> idx;
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < work; ++w) {
+        const int64_t i = w / D.H, h = w % D.H, g = h / D.group, c = i / D.B, t = D.cu[s] + i;
+        int32_t* out = MobaAccess::blocks(plan, t, h);
+        const int64_t keep = std::min<int64_t>(D.k - 1, c);
+        if (keep > 0) {
+          score.resize(static_cast<size_t>(c));
+          idx.resize(static_cast<size_t>(c));
+          kernels::matvec_rows(q + (t * D.H + h) * d, ws.means.data() + (g * nb + boff[s]) * d, c, d, score.data());
+          for (int64_t j = 0; j < c; ++j) idx[static_cast<size_t>(j)] = static_cast<int32_t>(j);
+          auto better = [&](int32_t a, int32_t b) {
+            const float sa = score[static_cast<size_t>(a)], sb = score[static_cast<size_t>(b)];
+            if (sa != sb) return sa > sb || std::isnan(sb);  // NaN (overflowed sums) last
+            return a < b;
+          };
+          std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), better);
+          std::sort(idx.begin(), idx.begin() + keep);
+          std::copy(idx.begin(), idx.begin() + keep, out);
+        }
+        out[keep] = static_cast<int32_t>(c);
+        MobaAccess::count(plan, t, h) = static_cast<int32_t>(keep + 1);
+        int64_t keys = i - c * D.B + 1;
+        for (int64_t x = 0; x < keep; ++x) keys += std::min(D.B, n - out[x] * D.B);
+        attended += keys;
+        causal += i + 1;
+      }
+    }
+  }
+  MobaAccess::totals(plan, attended, causal);
+}
+
+void moba_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,
+                    std::span<const int64_t> cu_seqlens, const MobaOptions& opt, const MobaPlan& plan, float* out,
+                    MobaWorkspace& ws, int threads) {
+  const char* who = "moba_attention";
+  const Dims D = check(who, shape, cu_seqlens, opt, true);
+  MOEKIT_CHECK(plan.tokens() == D.T && plan.heads() == D.H && plan.top_k() == D.k && plan.block_size() == D.B, who,
+               ": plan expected from moba_gate with this shape and these options (tokens ", D.T, ", heads ", D.H,
+               ", top_k ", D.k, ", block_size ", D.B, "), got tokens ", plan.tokens(), ", heads ", plan.heads(),
+               ", top_k ", plan.top_k(), ", block_size ", plan.block_size());
+  // Whether local query i of the item's sequence attends to earlier block j: a search of its
+  // ascending list (at most top_k entries).
+  attend(who, D, q, k, v, out, ws, detail::resolve_threads(threads), [&](const Item& it, int64_t i, int64_t j) {
+    const std::span<const int32_t> bl = plan.blocks(D.cu[it.s] + i, it.h);
+    return std::binary_search(bl.begin(), bl.end(), static_cast<int32_t>(j));
+  });
+}
+
+void moba_forward(const AttentionShape& shape, const float* q, const float* k, const float* v,
+                  std::span<const int64_t> cu_seqlens, const MobaOptions& opt, MobaPlan& plan, float* out,
+                  MobaWorkspace& ws, int threads) {
+  moba_gate(shape, q, k, cu_seqlens, opt, plan, ws, threads);
+  moba_attention(shape, q, k, v, cu_seqlens, opt, plan, out, ws, threads);
+}
+
+void causal_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,
+                      std::span<const int64_t> cu_seqlens, const MobaOptions& opt, float* out, MobaWorkspace& ws,
+                      int threads) {
+  const char* who = "causal_attention";
+  const Dims D = check(who, shape, cu_seqlens, opt, false);
+  attend(who, D, q, k, v, out, ws, detail::resolve_threads(threads), [](const Item&, int64_t, int64_t) { return true; });
+}
+
+}  // namespace moekit::attention
