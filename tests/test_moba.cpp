@@ -116,8 +116,9 @@ TEST(MobaRandom, GateAndAttentionMatchTheNaiveReference) {
               static_cast<long long>(compared), static_cast<long long>(ties));
 }
 
-// Every block kept (top_k >= blocks, or one block): MoBA is dense causal attention, bit for
-// bit the peer's result on the same kernels, and the peer matches the double reference.
+// Every block kept (top_k >= blocks, or one block): MoBA is dense causal attention, the peer's
+// result within float rounding (blocks merged per token instead of one running softmax), and
+// the peer matches the double reference.
 TEST(MobaRandom, KeepingEveryBlockIsDenseCausalAttention) {
   Rng rng(11);
   for (int rep = 0; rep < 40; ++rep) {
@@ -128,7 +129,7 @@ TEST(MobaRandom, KeepingEveryBlockIsDenseCausalAttention) {
     std::vector<float> out(c.q.size()), dense(c.q.size());
     ma::moba_forward(c.shape, c.q.data(), c.k.data(), c.v.data(), c.cu, c.opt, plan, out.data(), ws, 2);
     ma::causal_attention(c.shape, c.q.data(), c.k.data(), c.v.data(), c.cu, c.opt, dense.data(), ws, 1);
-    ASSERT_TRUE(same_bits(out, dense)) << "case " << rep;
+    for (size_t i = 0; i < dense.size(); ++i) ASSERT_NEAR(out[i], dense[i], 1e-5) << "case " << rep << " at " << i;
     EXPECT_EQ(plan.keys_attended(), plan.causal_keys());
     const auto r = ref::moba::attention(params(c, true), c.q.data(), c.k.data(), c.v.data(), c.shape.tokens, offsets(c), 0);
     for (size_t i = 0; i < dense.size(); ++i) ASSERT_NEAR(dense[i], r.out[i], 2e-5) << "case " << rep << " at " << i;

@@ -175,13 +175,86 @@ void pack_tiles(const Dims& D, const float* k, const float* v, const std::vector
   }
 }
 
-// A work item: queries [i0, i0 + n) of sequence s (local indices, inside block c), head h.
-struct Item {
+// Online-softmax state of up to kQueryTile queries: running maxima (scaled scores), sums and
+// numerators `[n, d]`, plus the GEMM buffers.
+struct Scratch {
+  float *Qg, *S, *Og, *acc, *m, *l, *corr, *a_pack;
+  explicit Scratch(float* p, int64_t d) {
+    Qg = p;                         // [n, d] gathered queries
+    S = Qg + kQueryTile * d;        // [n, kKeyTile] scores, then P
+    Og = S + kQueryTile * kKeyTile;  // [n, d] P V
+    acc = Og + kQueryTile * d;      // [n, d]
+    m = acc + kQueryTile * d;
+    l = m + kQueryTile;
+    corr = l + kQueryTile;
+    a_pack = corr + kQueryTile;
+  }
+  void reset(int64_t n, int64_t d) const {
+    for (int64_t r = 0; r < n; ++r) {
+      m[r] = kNegInf;
+      l[r] = 0.0f;
+    }
+    std::memset(acc, 0, static_cast<size_t>(n * d) * sizeof(float));
+  }
+};
+
+size_t scratch_floats(const Dims& D) {
+  return static_cast<size_t>(3 * kQueryTile * D.d + kQueryTile * kKeyTile + 3 * kQueryTile) +
+         kernels::packed_a_floats(kQueryTile, std::max(D.d, kKeyTile));
+}
+
+// One key block j of sequence s for queries `query[0, n)` (sequence-local indices) of head h,
+// state row r for query[r]: every tile of the block, in order; `own`: the queries' own block
+// (keys after a query masked, rows without a key yet skipped).
+void block_pass(const Dims& D, int64_t s, int64_t h, int64_t j, bool own, const int32_t* query, int64_t n,
+                const float* q, const std::vector<int64_t>& boff, const TileIndex& ti, const MobaWorkspace& ws,
+                const Scratch& x) {
+  const int64_t d = D.d, g = h / D.group;
+  const int64_t seq_n = D.cu[s + 1] - D.cu[s], row_base = D.cu[s];
+  const int64_t len = std::min(D.B, seq_n - j * D.B);
+  const int64_t b = boff[static_cast<size_t>(s)] + j;
+  int32_t rows[kQueryTile];
+  for (int64_t t0 = 0, tile = ti.first[static_cast<size_t>(b)]; t0 < len; t0 += kKeyTile, ++tile) {
+    const int64_t tn = std::min(kKeyTile, len - t0);
+    const int64_t key0 = j * D.B + t0;  // local index of the tile's first key
+    int64_t nr = 0;
+    for (int64_t r = 0; r < n; ++r)
+      if (!own || key0 <= query[r]) rows[nr++] = static_cast<int32_t>(r);
+    if (nr == 0) continue;
+    for (int64_t rr = 0; rr < nr; ++rr)
+      std::memcpy(x.Qg + rr * d, q + ((row_base + query[rows[rr]]) * D.H + h) * d, static_cast<size_t>(d) * sizeof(float));
+    const size_t slot = static_cast<size_t>(g * ti.count + tile);
+    kernels::gemm_packed(nr, x.Qg, d, ws.keys[slot], x.S, kKeyTile, x.a_pack);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t r = rows[rr];
+      float* srow = x.S + rr * kKeyTile;
+      const int64_t valid = own ? std::min(tn, query[r] - key0 + 1) : tn;
+      float mx = srow[0];
+      for (int64_t c = 1; c < valid; ++c) mx = srow[c] > mx ? srow[c] : mx;
+      const float m_new = std::max(x.m[r], mx * D.scale);
+      x.corr[rr] = std::exp(x.m[r] - m_new);  // 0 for a query's first tile (m = -inf)
+      const float sum = kernels::exp_sum(srow, D.scale, m_new, srow, valid);
+      for (int64_t c = valid; c < tn; ++c) srow[c] = 0.0f;
+      x.l[r] = x.l[r] * x.corr[rr] + sum;
+      x.m[r] = m_new;
+    }
+    kernels::gemm_packed(nr, x.S, kKeyTile, ws.values[slot], x.Og, d, x.a_pack);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      float* a = x.acc + rows[rr] * d;
+      kernels::scale_row(x.corr[rr], a, a, d);
+      kernels::axpy_row(1.0f, x.Og + rr * d, a, d);
+    }
+  }
+}
+
+// Dense causal attention: a work item is a tile of queries [i0, i0 + n) of block c of
+// sequence s, head h; every block up to c, ascending, then out = acc / l.
+struct DenseItem {
   int64_t s, h, c, i0, n;
 };
 
-std::vector<Item> items_of(const Dims& D) {
-  std::vector<Item> items;
+std::vector<DenseItem> dense_items(const Dims& D) {
+  std::vector<DenseItem> items;
   for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
     const int64_t n = D.cu[s + 1] - D.cu[s];
     for (int64_t h = 0; h < D.H; ++h)
@@ -194,78 +267,9 @@ std::vector<Item> items_of(const Dims& D) {
   return items;
 }
 
-// The attention of one item; `attends(i, j)`: whether local query i attends to block j < its
-// own (the own block always).
-template <class Attends>
-void run_item(const Dims& D, const Item& it, const float* q, const std::vector<int64_t>& boff, const TileIndex& ti,
-              const MobaWorkspace& ws, float* scratch, float* out, Attends attends) {
-  const int64_t d = D.d, n = it.n, g = it.h / D.group;
-  float* Qg = scratch;                                // [n, d] gathered queries
-  float* S = Qg + kQueryTile * d;                     // [n, kKeyTile] scores, then P
-  float* Og = S + kQueryTile * kKeyTile;              // [n, d] P V
-  float* acc = Og + kQueryTile * d;                   // [n, d] running numerators
-  float* m = acc + kQueryTile * d;                    // [n] running maxima (scaled)
-  float* l = m + kQueryTile;                          // [n] running sums
-  float* corr = l + kQueryTile;                       // [n] this tile's rescale
-  float* a_pack = corr + kQueryTile;
-  int32_t rows[kQueryTile];
-  for (int64_t r = 0; r < n; ++r) {
-    m[r] = kNegInf;
-    l[r] = 0.0f;
-  }
-  std::memset(acc, 0, static_cast<size_t>(n * d) * sizeof(float));
-  const int64_t seq_n = D.cu[it.s + 1] - D.cu[it.s];
-  const int64_t row_base = D.cu[it.s];
-  for (int64_t j = 0; j <= it.c; ++j) {
-    const int64_t len = std::min(D.B, seq_n - j * D.B);
-    const int64_t b = boff[static_cast<size_t>(it.s)] + j;
-    for (int64_t t0 = 0, tile = ti.first[static_cast<size_t>(b)]; t0 < len; t0 += kKeyTile, ++tile) {
-      const int64_t tn = std::min(kKeyTile, len - t0);
-      const int64_t key0 = j * D.B + t0;  // local index of the tile's first key
-      int64_t nr = 0;
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t i = it.i0 + r;
-        if (j == it.c ? key0 <= i : attends(i, j)) rows[nr++] = static_cast<int32_t>(r);
-      }
-      if (nr == 0) continue;
-      for (int64_t rr = 0; rr < nr; ++rr)
-        std::memcpy(Qg + rr * d, q + ((row_base + it.i0 + rows[rr]) * D.H + it.h) * d,
-                    static_cast<size_t>(d) * sizeof(float));
-      const size_t slot = static_cast<size_t>(g * ti.count + tile);
-      kernels::gemm_packed(nr, Qg, d, ws.keys[slot], S, kKeyTile, a_pack);
-      for (int64_t rr = 0; rr < nr; ++rr) {
-        const int64_t r = rows[rr], i = it.i0 + r;
-        float* srow = S + rr * kKeyTile;
-        const int64_t valid = j == it.c ? std::min(tn, i - key0 + 1) : tn;
-        float mx = srow[0];
-        for (int64_t c = 1; c < valid; ++c) mx = srow[c] > mx ? srow[c] : mx;
-        const float m_new = std::max(m[r], mx * D.scale);
-        corr[rr] = std::exp(m[r] - m_new);  // 0 for the first tile (m = -inf)
-        const float sum = kernels::exp_sum(srow, D.scale, m_new, srow, valid);
-        for (int64_t c = valid; c < tn; ++c) srow[c] = 0.0f;
-        l[r] = l[r] * corr[rr] + sum;
-        m[r] = m_new;
-      }
-      kernels::gemm_packed(nr, S, kKeyTile, ws.values[slot], Og, d, a_pack);
-      for (int64_t rr = 0; rr < nr; ++rr) {
-        float* a = acc + rows[rr] * d;
-        kernels::scale_row(corr[rr], a, a, d);
-        kernels::axpy_row(1.0f, Og + rr * d, a, d);
-      }
-    }
-  }
-  for (int64_t r = 0; r < n; ++r)
-    kernels::scale_row(1.0f / l[r], acc + r * d, out + ((row_base + it.i0 + r) * D.H + it.h) * d, d);
-}
-
-size_t scratch_floats(const Dims& D) {
-  return static_cast<size_t>(3 * kQueryTile * D.d + kQueryTile * kKeyTile + 3 * kQueryTile) +
-         kernels::packed_a_floats(kQueryTile, std::max(D.d, kKeyTile));
-}
-
-template <class Attends>
-void attend(const char* who, const Dims& D, const float* q, const float* k, const float* v, float* out,
-            MobaWorkspace& ws, int threads, Attends attends) {
+// The checks and packing both attentions share; false when there is nothing to compute.
+bool prepare(const char* who, const Dims& D, const float* q, const float* k, const float* v, float* out,
+             MobaWorkspace& ws, int threads, std::vector<int64_t>& boff, TileIndex& ti) {
   const size_t nq = static_cast<size_t>(D.T * D.H * D.d), nkv = static_cast<size_t>(D.T * D.Hk * D.d);
   check_finite(who, "q", q, static_cast<int64_t>(nq));
   check_finite(who, "k", k, static_cast<int64_t>(nkv));
@@ -273,17 +277,13 @@ void attend(const char* who, const Dims& D, const float* q, const float* k, cons
   MOEKIT_CHECK(nq == 0 || out != nullptr, who, ": out is null");
   MOEKIT_CHECK(!overlaps(out, nq, q, nq) && !overlaps(out, nq, k, nkv) && !overlaps(out, nq, v, nkv), who,
                ": out expected not to overlap q, k or v");
-  if (D.T == 0) return;
-  const std::vector<int64_t> boff = block_offsets(D);
-  const TileIndex ti = tile_index(D, boff);
+  if (D.T == 0) return false;
+  boff = block_offsets(D);
+  ti = tile_index(D, boff);
   pack_tiles(D, k, v, boff, ti, ws, threads);
-  const std::vector<Item> items = items_of(D);
   if (ws.scratch.size() < static_cast<size_t>(threads)) ws.scratch.resize(static_cast<size_t>(threads));
   for (int t = 0; t < threads; ++t) ws.scratch[static_cast<size_t>(t)].resize(scratch_floats(D));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (size_t w = 0; w < items.size(); ++w)
-    run_item(D, items[w], q, boff, ti, ws, ws.scratch[static_cast<size_t>(omp_get_thread_num())].data(), out,
-             [&](int64_t i, int64_t j) { return attends(items[w], i, j); });
+  return true;
 }
 
 }  // namespace
@@ -300,20 +300,27 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
   for (size_t s = 0; s + 1 < boff.size(); ++s) most = std::max(most, boff[s + 1] - boff[s]);
   MobaAccess::reset(plan, D.T, D.H, D.k, D.B, most);
   const int64_t nb = boff.back(), d = D.d;
-  // Block means per kv head, `[Hk, nb, d]`, each summed in double and rounded once.
+  // Block means per kv head, `[Hk, nb, d]`, each summed in double (token order) and rounded
+  // once.
   ws.means.assign(static_cast<size_t>(D.Hk * nb * d), 0.0f);
-  for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
-    const int64_t n = D.cu[s + 1] - D.cu[s];
-    for (int64_t j = 0; j < boff[s + 1] - boff[s]; ++j) {
+  std::vector<int64_t> seq_of(static_cast<size_t>(nb));
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s)
+    for (int64_t b = boff[s]; b < boff[s + 1]; ++b) seq_of[static_cast<size_t>(b)] = static_cast<int64_t>(s);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<double> sum(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < D.Hk * nb; ++w) {
+      const int64_t g = w / nb, b = w % nb, s = seq_of[static_cast<size_t>(b)];
+      const int64_t j = b - boff[static_cast<size_t>(s)], n = D.cu[s + 1] - D.cu[s];
       const int64_t len = std::min(D.B, n - j * D.B);
-      for (int64_t g = 0; g < D.Hk; ++g) {
-        float* mean = ws.means.data() + (g * nb + boff[s] + j) * d;
-        for (int64_t r = 0; r < d; ++r) {
-          double sum = 0.0;
-          for (int64_t p = 0; p < len; ++p) sum += k[((D.cu[s] + j * D.B + p) * D.Hk + g) * d + r];
-          mean[r] = static_cast<float>(sum / static_cast<double>(len));
-        }
+      std::fill(sum.begin(), sum.end(), 0.0);
+      for (int64_t p = 0; p < len; ++p) {
+        const float* row = k + ((D.cu[s] + j * D.B + p) * D.Hk + g) * d;
+        for (int64_t r = 0; r < d; ++r) sum[static_cast<size_t>(r)] += row[r];
       }
+      float* mean = ws.means.data() + (g * nb + b) * d;
+      for (int64_t r = 0; r < d; ++r) mean[r] = static_cast<float>(sum[static_cast<size_t>(r)] / static_cast<double>(len));
     }
   }
   int64_t attended = 0, causal = 0;
@@ -366,12 +373,109 @@ void moba_attention(const AttentionShape& shape, const float* q, const float* k,
                ": plan expected from moba_gate with this shape and these options (tokens ", D.T, ", heads ", D.H,
                ", top_k ", D.k, ", block_size ", D.B, "), got tokens ", plan.tokens(), ", heads ", plan.heads(),
                ", top_k ", plan.top_k(), ", block_size ", plan.block_size());
-  // Whether local query i of the item's sequence attends to earlier block j: a search of its
-  // ascending list (at most top_k entries).
-  attend(who, D, q, k, v, out, ws, detail::resolve_threads(threads), [&](const Item& it, int64_t i, int64_t j) {
-    const std::span<const int32_t> bl = plan.blocks(D.cu[it.s] + i, it.h);
-    return std::binary_search(bl.begin(), bl.end(), static_cast<int32_t>(j));
-  });
+  const int nt = detail::resolve_threads(threads);
+  std::vector<int64_t> boff;
+  TileIndex ti;
+  if (!prepare(who, D, q, k, v, out, ws, nt, boff, ti)) return;
+  int64_t most = 0;  // the most blocks a sequence has
+  for (size_t s = 0; s + 1 < boff.size(); ++s) most = std::max(most, boff[s + 1] - boff[s]);
+  const int64_t nb = boff.back(), d = D.d, stride = std::min<int64_t>(D.k, most);
+  // Each (token, head)'s result per kept block, in its list's order: (m, l, acc [d]).
+  const int64_t part = d + 2;
+  ws.partial.resize(static_cast<size_t>(D.T * D.H * stride * part));
+  // The queries of every earlier block (per head, global block): counting sort, ascending.
+  std::vector<int64_t> start(static_cast<size_t>(D.H * nb + 1), 0);
+  std::vector<int32_t> queries, where;  // sequence-local query index; its slot in the list
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s)
+    for (int64_t t = D.cu[s]; t < D.cu[s + 1]; ++t)
+      for (int64_t h = 0; h < D.H; ++h) {
+        const auto bl = plan.blocks(t, h);
+        for (size_t x = 0; x + 1 < bl.size(); ++x) ++start[static_cast<size_t>(h * nb + boff[s] + bl[x] + 1)];
+      }
+  for (size_t i = 1; i < start.size(); ++i) start[i] += start[i - 1];
+  queries.resize(static_cast<size_t>(start.back()));
+  where.resize(queries.size());
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (size_t s = 0; s + 1 < D.cu.size(); ++s)
+      for (int64_t t = D.cu[s]; t < D.cu[s + 1]; ++t)
+        for (int64_t h = 0; h < D.H; ++h) {
+          const auto bl = plan.blocks(t, h);
+          for (size_t x = 0; x + 1 < bl.size(); ++x) {
+            const size_t at = static_cast<size_t>(fill[static_cast<size_t>(h * nb + boff[s] + bl[x])]++);
+            queries[at] = static_cast<int32_t>(t - D.cu[s]);
+            where[at] = static_cast<int32_t>(x);
+          }
+        }
+  }
+  // Work items: (head, global block, chunk of its queries); the own blocks as tiles of
+  // queries (kind 1).
+  struct Item {
+    int64_t s, h, j;
+    int64_t first, n;  // earlier block: queries[first, first + n); own block: local queries [first, first + n)
+    bool own;
+  };
+  std::vector<Item> items;
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
+    const int64_t n = D.cu[s + 1] - D.cu[s];
+    for (int64_t h = 0; h < D.H; ++h)
+      for (int64_t j = 0; j < boff[s + 1] - boff[s]; ++j) {
+        const int64_t b0 = j * D.B, b1 = std::min(n, b0 + D.B);
+        for (int64_t i0 = b0; i0 < b1; i0 += kQueryTile)
+          items.push_back({static_cast<int64_t>(s), h, j, i0, std::min(kQueryTile, b1 - i0), true});
+        const size_t list = static_cast<size_t>(h * nb + boff[s] + j);
+        for (int64_t f = start[list]; f < start[list + 1]; f += kQueryTile)
+          items.push_back({static_cast<int64_t>(s), h, j, f, std::min(kQueryTile, start[list + 1] - f), false});
+      }
+  }
+  auto slot_of = [&](int64_t t, int64_t h, int64_t x) {
+    return ws.partial.data() + static_cast<size_t>(((t * D.H + h) * stride + x) * part);
+  };
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (size_t w = 0; w < items.size(); ++w) {
+    const Item& it = items[w];
+    const Scratch x(ws.scratch[static_cast<size_t>(omp_get_thread_num())].data(), d);
+    int32_t local[kQueryTile];
+    const int32_t* qs = local;
+    if (it.own) {
+      for (int64_t r = 0; r < it.n; ++r) local[r] = static_cast<int32_t>(it.first + r);
+    } else {
+      qs = queries.data() + it.first;
+    }
+    x.reset(it.n, d);
+    block_pass(D, it.s, it.h, it.j, it.own, qs, it.n, q, boff, ti, ws, x);
+    for (int64_t r = 0; r < it.n; ++r) {
+      const int64_t t = D.cu[static_cast<size_t>(it.s)] + qs[r];
+      const int64_t pos = it.own ? static_cast<int64_t>(plan.blocks(t, it.h).size()) - 1
+                                 : int64_t{where[static_cast<size_t>(it.first + r)]};
+      float* p = slot_of(t, it.h, pos);
+      p[0] = x.m[r];
+      p[1] = x.l[r];
+      std::memcpy(p + 2, x.acc + r * d, static_cast<size_t>(d) * sizeof(float));
+    }
+  }
+  // Combine each (token, head)'s blocks in list order: c = sum_b e^(m_b - m) acc_b / sum_b
+  // e^(m_b - m) l_b with m the largest m_b.
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t w = 0; w < D.T * D.H; ++w) {
+    const int64_t t = w / D.H, h = w % D.H;
+    const int64_t nbk = static_cast<int64_t>(plan.blocks(t, h).size());
+    float mx = kNegInf;
+    for (int64_t x = 0; x < nbk; ++x) mx = std::max(mx, slot_of(t, h, x)[0]);
+    float* o = out + (t * D.H + h) * d;
+    float l = 0.0f;
+    for (int64_t x = 0; x < nbk; ++x) {
+      const float* p = slot_of(t, h, x);
+      const float e = std::exp(p[0] - mx);
+      l += e * p[1];
+      if (x == 0) {
+        kernels::scale_row(e, p + 2, o, d);
+      } else {
+        kernels::axpy_row(e, p + 2, o, d);
+      }
+    }
+    kernels::scale_row(1.0f / l, o, o, d);
+  }
 }
 
 void moba_forward(const AttentionShape& shape, const float* q, const float* k, const float* v,
@@ -386,7 +490,22 @@ void causal_attention(const AttentionShape& shape, const float* q, const float* 
                       int threads) {
   const char* who = "causal_attention";
   const Dims D = check(who, shape, cu_seqlens, opt, false);
-  attend(who, D, q, k, v, out, ws, detail::resolve_threads(threads), [](const Item&, int64_t, int64_t) { return true; });
+  const int nt = detail::resolve_threads(threads);
+  std::vector<int64_t> boff;
+  TileIndex ti;
+  if (!prepare(who, D, q, k, v, out, ws, nt, boff, ti)) return;
+  const std::vector<DenseItem> items = dense_items(D);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (size_t w = 0; w < items.size(); ++w) {
+    const DenseItem& it = items[w];
+    const Scratch x(ws.scratch[static_cast<size_t>(omp_get_thread_num())].data(), D.d);
+    int32_t local[kQueryTile];
+    for (int64_t r = 0; r < it.n; ++r) local[r] = static_cast<int32_t>(it.i0 + r);
+    x.reset(it.n, D.d);
+    for (int64_t j = 0; j <= it.c; ++j) block_pass(D, it.s, it.h, j, j == it.c, local, it.n, q, boff, ti, ws, x);
+    for (int64_t r = 0; r < it.n; ++r)
+      kernels::scale_row(1.0f / x.l[r], x.acc + r * D.d, out + ((D.cu[it.s] + it.i0 + r) * D.H + it.h) * D.d, D.d);
+  }
 }
 
 }  // namespace moekit::attention

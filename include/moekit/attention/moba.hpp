@@ -79,6 +79,7 @@ struct MobaWorkspace {
   std::vector<std::vector<float>> scratch;           // per thread
   std::vector<float> transpose;                      // per thread, [head_dim, tile]
   std::vector<float> means;                          // [kv_heads, blocks, head_dim]
+  std::vector<float> partial;  // [tokens, heads, min(top_k, blocks), head_dim + 2]: per kept block
 };
 
 /// The gate: fills `plan` from q and k. `cu_seqlens` `[S + 1]` gives the sequences' row
@@ -91,6 +92,10 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
 /// Block-sparse attention over the plan's blocks: out `[tokens, heads, head_dim]`. `plan`
 /// must come from moba_gate with the same shape, options and cu_seqlens. out must not
 /// overlap q, k or v. Results do not depend on the thread count.
+/// As flash-moba does (mit-han-lab/flash-moba), the work is key-block-centric: the queries
+/// that chose an earlier block are gathered and run against its keys in GEMMs of up to 128
+/// rows, each giving a per-block partial (running maximum, sum, numerators), and the own
+/// block per tile of queries; each (token, head) then merges its partials in block order.
 void moba_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,
                     std::span<const int64_t> cu_seqlens, const MobaOptions& opt, const MobaPlan& plan, float* out,
                     MobaWorkspace& ws, int threads = 0);
@@ -100,9 +105,10 @@ void moba_forward(const AttentionShape& shape, const float* q, const float* k, c
                   std::span<const int64_t> cu_seqlens, const MobaOptions& opt, MobaPlan& plan, float* out,
                   MobaWorkspace& ws, int threads = 0);
 
-/// Dense causal attention on the same kernels (every earlier key): the peer MoBA is measured
-/// against. Equals moba_attention bit for bit for a plan that keeps every block (top_k at
-/// least the number of blocks), with the same block_size; `opt.top_k` is not read.
+/// Dense causal attention on the same kernels (every earlier key, flash-attention's loop over
+/// query tiles): the peer MoBA is measured against. Equals moba_attention within float
+/// rounding for a plan that keeps every block (top_k at least the number of blocks);
+/// `opt.top_k` is not read.
 void causal_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,
                       std::span<const int64_t> cu_seqlens, const MobaOptions& opt, float* out, MobaWorkspace& ws,
                       int threads = 0);
