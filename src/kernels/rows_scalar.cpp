@@ -68,6 +68,19 @@ float exp_sum(const float* x, float scale, float shift, float* y, int64_t n) noe
   return sum;
 }
 
+int64_t tdict_decode(const uint16_t* codes, const uint64_t* table, float lo, float hi, float* dst,
+                     int64_t k) noexcept {
+  int64_t c = 0;
+  for (int64_t pos = 0; pos < k; ++c) {
+    const uint64_t e = table[codes[c]];
+    const int64_t n = static_cast<int64_t>(e >> 56) * 2;
+    for (int64_t p = 0; p < n; ++p)
+      dst[pos + p] = (e >> p & 1) != 0 ? lo : (e >> (28 + p) & 1) != 0 ? hi : 0.0f;
+    pos += n;
+  }
+  return c;
+}
+
 void lse_columns(const float* K, int64_t stride, const float* u, int64_t rows,
                  float* out) noexcept {
   for (int64_t c = 0; c < kL; ++c) {
@@ -111,6 +124,6 @@ void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept {
 
 const RowKernels kRowsScalar{"scalar",     &matvec,      &scale,       &axpy,        &first_non_finite,
                              &lse_sum,     &lse_columns, &gru_gates,   &bf16_to_f32, &f32_to_bf16,
-                             &f16_to_f32,  &f32_to_f16, &exp_sum};
+                             &f16_to_f32,  &f32_to_f16, &exp_sum,     &tdict_decode};
 
 }  // namespace moekit::kernels::detail

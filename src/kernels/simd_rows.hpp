@@ -152,6 +152,31 @@ struct SimdRows {
     return sum;
   }
 
+  // Each codeword's 2 * pairs (<= 28) values in ceil(28 / L) stores: lane l of store s is lo
+  // when mask bit s L + l is set, hi when its hi bit is, else 0.
+  static int64_t tdict_decode(const uint16_t* codes, const uint64_t* table, float lo, float hi, float* dst,
+                              int64_t k) noexcept {
+    using ib = xsimd::batch<int32_t, Arch>;
+    alignas(64) int32_t bit[L];
+    for (int64_t l = 0; l < L; ++l) bit[l] = static_cast<int32_t>(1u << l);
+    const ib lane_bit = ib::load_aligned(bit);
+    const fb lov(lo), hiv(hi), z(0.0f);
+    constexpr int64_t stores = (2 * 14 + L - 1) / L;
+    int64_t c = 0;
+    for (int64_t pos = 0; pos < k; ++c) {
+      const uint64_t e = table[codes[c]];
+      for (int64_t s = 0; s < stores; ++s) {
+        const ib lm(static_cast<int32_t>((e >> (s * L)) & ((1u << L) - 1)));
+        const ib hm(static_cast<int32_t>((e >> (28 + s * L)) & ((1u << L) - 1)));
+        const auto is_lo = xsimd::batch_cast<float>(lm & lane_bit) != z;
+        const auto is_hi = xsimd::batch_cast<float>(hm & lane_bit) != z;
+        xsimd::select(is_lo, lov, xsimd::select(is_hi, hiv, z)).store_unaligned(dst + pos + s * L);
+      }
+      pos += static_cast<int64_t>(e >> 56) * 2;
+    }
+    return c;
+  }
+
   __attribute__((flatten)) static void lse_columns(const float* K, int64_t stride, const float* u,
                                                    int64_t rows, float* out) noexcept {
     for (int64_t r0 = 0; r0 < B; ++r0) {
@@ -276,7 +301,7 @@ struct SimdRows {
   static constexpr RowKernels table(const char* name) noexcept {
     return RowKernels{name,     &matvec,      &scale,       &axpy,        &first_non_finite,
                       &lse_sum, &lse_columns, &gru_gates,   &bf16_to_f32, &f32_to_bf16,
-                      &f16_to_f32, &f32_to_f16, &exp_sum};
+                      &f16_to_f32, &f32_to_f16, &exp_sum, &tdict_decode};
   }
 };
 

@@ -47,6 +47,9 @@ struct RowKernels {
   void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n) noexcept;
   /// `y[i] = exp(x[i] * scale - shift)`, returning their sum (see exp_sum()).
   float (*exp_sum)(const float* x, float scale, float shift, float* y, int64_t n) noexcept;
+  /// Dictionary-coded ternaries to floats (see tdict_decode()); returns the codewords read.
+  int64_t (*tdict_decode)(const uint16_t* codes, const uint64_t* table, float lo, float hi, float* dst,
+                          int64_t k) noexcept;
 };
 
 /// The row kernels in use: the best compiled implementation this CPU supports, or the one
@@ -140,6 +143,17 @@ inline void f32_to_f16(const float* x, uint16_t* y, int64_t n) noexcept { row_ke
 /// x). Agrees across kernels within float rounding (exp).
 inline float exp_sum(const float* x, float scale, float shift, float* y, int64_t n) noexcept {
   return row_kernels().exp_sum(x, scale, shift, y, n);
+}
+
+/// Decodes codewords (QMoE's dictionary, experts/qmoe.hpp) into `dst[0, k)`: for each
+/// codeword c in turn, `table[c]` gives its pairs (bits 56-59, 1 to 14) and which of its
+/// 2 * pairs ternaries are lo (bit p of bits 0-27) and hi (bit p of bits 28-55); each becomes
+/// lo, hi or 0, until k values are written. dst needs k + 32 floats (the last codeword's
+/// values past k and a store's width are written into the pad). Returns the codewords read.
+/// Exact (only selects) and the same on every kernel.
+inline int64_t tdict_decode(const uint16_t* codes, const uint64_t* table, float lo, float hi, float* dst,
+                            int64_t k) noexcept {
+  return row_kernels().tdict_decode(codes, table, lo, hi, dst, k);
 }
 
 /// `y[0:n] = 0`.
