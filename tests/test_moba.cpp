@@ -31,6 +31,7 @@ struct Case {
 std::vector<int64_t> random_cu(Rng& rng, int64_t T) {
   std::vector<int64_t> cu{0};
   if (rng.coin(0.4)) return {};
+  if (T == 0) cu.push_back(0);
   while (cu.back() < T) cu.push_back(std::min(T, cu.back() + (rng.coin(0.15) ? 0 : rng.integer(1, T))));
   return cu;
 }
@@ -47,6 +48,13 @@ Case random_case(Rng& rng) {
   c.opt.block_size = bs[rng.integer(0, 5)];
   c.opt.top_k = rng.integer(1, 6);
   if (rng.coin(0.3)) c.opt.scale = static_cast<float>(rng.uniform(0.05, 1.0));
+  if (rng.coin(0.1)) {  // blocks of several 512-key tiles
+    c.shape.heads = 1;
+    c.shape.kv_heads = 1;
+    c.shape.head_dim = rng.coin(0.5) ? 1 : 4;
+    c.shape.tokens = rng.integer(1100, 1600);
+    c.opt.block_size = rng.coin(0.5) ? 600 : 1100;
+  }
   c.cu = random_cu(rng, c.shape.tokens);
   const size_t nq = static_cast<size_t>(c.shape.tokens * c.shape.heads * c.shape.head_dim);
   const size_t nkv = static_cast<size_t>(c.shape.tokens * c.shape.kv_heads * c.shape.head_dim);
@@ -75,9 +83,10 @@ std::vector<int64_t> offsets(const Case& c) { return c.cu.empty() ? std::vector<
 
 TEST(MobaRandom, GateAndAttentionMatchTheNaiveReference) {
   Rng rng(2502);
-  int64_t compared = 0, ties = 0;
+  int64_t compared = 0, ties = 0, multi_tile = 0;
   for (int rep = 0; rep < 150; ++rep) {
     const Case c = random_case(rng);
+    multi_tile += c.opt.block_size > 512 && c.shape.tokens > 512;
     SCOPED_TRACE("case " + std::to_string(rep) + ": T " + std::to_string(c.shape.tokens) + " H " +
                  std::to_string(c.shape.heads) + "/" + std::to_string(c.shape.kv_heads) + " d " +
                  std::to_string(c.shape.head_dim) + " B " + std::to_string(c.opt.block_size) + " k " +
@@ -112,8 +121,9 @@ TEST(MobaRandom, GateAndAttentionMatchTheNaiveReference) {
   }
   EXPECT_GT(compared, 20000);
   EXPECT_LT(ties, compared / 100);
-  std::printf("[ moba ref ] (token, head) pairs compared: %lld, excluded as near-ties: %lld\n",
-              static_cast<long long>(compared), static_cast<long long>(ties));
+  EXPECT_GE(multi_tile, 5) << "blocks of several key tiles not exercised";
+  std::printf("[ moba ref ] (token, head) pairs compared: %lld, excluded as near-ties: %lld; cases with blocks of several tiles: %lld\n",
+              static_cast<long long>(compared), static_cast<long long>(ties), static_cast<long long>(multi_tile));
 }
 
 // Every block kept (top_k >= blocks, or one block): MoBA is dense causal attention, the peer's
@@ -185,7 +195,7 @@ TEST(Moba, BadInputIsRefused) {
   expect_error(gate({T, 2, 1, 0}, {}), {"head_dim expected >= 1"});
   expect_error(gate({-1, 2, 1, d}, {}), {"tokens expected >= 0"});
   expect_error(gate({int64_t{1} << 40, 2, 1, d}, {}), {"expected < 2^40"});
-  expect_error(gate(ok, {0, 3, 0.0f}), {"block_size expected >= 1"});
+  expect_error(gate(ok, {0, 3, 0.0f}), {"block_size expected in [1, 2^40]"});
   expect_error(gate(ok, {4, 0, 0.0f}), {"top_k expected >= 1"});
   expect_error(gate(ok, {4, 2, std::numeric_limits<float>::quiet_NaN()}), {"scale expected finite"});
   expect_error(gate(ok, {4, 2, -1.0f}), {"scale expected finite"});
@@ -202,6 +212,10 @@ TEST(Moba, BadInputIsRefused) {
   ma::moba_gate(ok, q.data(), k.data(), {}, {4, 2, 0.0f}, plan, ws);
   expect_error([&] { ma::moba_attention(ok, q.data(), k.data(), v.data(), {}, {4, 3, 0.0f}, plan, out.data(), ws); },
                {"plan expected from moba_gate"});
+  const std::vector<int64_t> two{0, 5, 10};
+  expect_error([&] { ma::moba_attention(ok, q.data(), k.data(), v.data(), two, {4, 2, 0.0f}, plan, out.data(), ws); },
+               {"plan expected from moba_gate with these cu_seqlens"});
+  expect_error(gate(ok, {int64_t{1} << 41, 2, 0.0f}), {"block_size expected in [1, 2^40]"});
   expect_error([&] { ma::moba_attention(ok, q.data(), k.data(), v.data(), {}, {4, 2, 0.0f}, plan, q.data(), ws); },
                {"out expected not to overlap"});
   EXPECT_NO_THROW(ma::moba_attention(ok, q.data(), k.data(), v.data(), {}, {4, 2, 0.0f}, plan, out.data(), ws));

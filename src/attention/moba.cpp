@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 // MoBA's gate and the blocked attention kernel (include/moekit/attention/moba.hpp).
 //
-// The attention is flash-attention's loop on moekit's packed GEMMs: keys and values are
-// packed once per call in tiles of at most kKeyTile keys (K tile `[n, d]`, V tile transposed
-// `[d, n]`); a work item is one (sequence, query head, query block, query tile). For every key
-// tile of the blocks its queries attend to (ascending), the item gathers the queries that
-// attend to it, computes their scores with one GEMM, updates each query's running maximum and
-// sum (online softmax, the own block masked causally) and adds `P V` with a second GEMM. Each
-// output row is computed by one item in a fixed order, so results do not depend on the thread
-// count, and a query's result does not depend on which other queries share its GEMMs.
+// The attention runs on moekit's packed GEMMs: keys and values are packed once per call in
+// tiles of at most kKeyTile keys (K tile `[n, d]`, V tile transposed `[d, n]`), each tile's
+// scores come from one GEMM over the gathered queries, the softmax is online (running maximum
+// and sum) and `P V` is a second GEMM. MoBA's work is key-block-centric (flash-moba): the
+// queries that chose an earlier block run against it in chunks of up to kQueryTile, each own
+// block per tile of queries, every (query, kept block) leaving a partial (maximum, sum,
+// numerators) that the token merges in block order. Dense causal attention runs
+// flash-attention's loop over query tiles. Each partial and output row is computed by one
+// work item in a fixed order, so results do not depend on the thread count. Exceptions inside
+// the parallel regions are caught and rethrown after them.
 #include "moekit/attention/moba.hpp"
 
 #include <omp.h>
@@ -16,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 
 #include "moekit/detail/threads.hpp"
@@ -25,7 +28,9 @@
 namespace moekit::attention {
 
 struct MobaAccess {
-  static void reset(MobaPlan& p, int64_t T, int64_t H, int64_t k, int64_t B, int64_t most_blocks) {
+  static void reset(MobaPlan& p, int64_t T, int64_t H, int64_t k, int64_t B, int64_t most_blocks,
+                    const std::vector<int64_t>& cu) {
+    p.cu_ = cu;
     p.tokens_ = T;
     p.heads_ = H;
     p.top_k_ = k;
@@ -39,6 +44,7 @@ struct MobaAccess {
     return p.blocks_.data() + static_cast<size_t>((t * p.heads_ + h) * p.stride_);
   }
   static int32_t& count(MobaPlan& p, int64_t t, int64_t h) { return p.count_[static_cast<size_t>(t * p.heads_ + h)]; }
+  static const std::vector<int64_t>& cu(const MobaPlan& p) { return p.cu_; }
   static void totals(MobaPlan& p, int64_t attended, int64_t causal) {
     p.keys_attended_ = attended;
     p.causal_keys_ = causal;
@@ -74,9 +80,10 @@ Dims check(const char* who, const AttentionShape& s, std::span<const int64_t> cu
   const int64_t Hk = s.kv_heads == 0 ? s.heads : s.kv_heads;
   MOEKIT_CHECK(s.heads % Hk == 0, who, ": kv_heads expected to divide heads (", s.heads, "), got ", Hk);
   constexpr int64_t kMax = int64_t{1} << 40;
-  MOEKIT_CHECK(s.heads <= kMax / s.head_dim && s.tokens <= kMax / (s.heads * s.head_dim), who,
+  MOEKIT_CHECK(s.heads <= kMax / s.head_dim && s.tokens < kMax / (s.heads * s.head_dim), who,
                ": tokens * heads * head_dim expected < 2^40, got ", s.tokens, " x ", s.heads, " x ", s.head_dim);
-  MOEKIT_CHECK(opt.block_size >= 1, who, ": block_size expected >= 1, got ", opt.block_size);
+  MOEKIT_CHECK(opt.block_size >= 1 && opt.block_size <= (int64_t{1} << 40), who, ": block_size expected in [1, 2^40], got ",
+               opt.block_size);
   MOEKIT_CHECK(!gate || opt.top_k >= 1, who, ": top_k expected >= 1, got ", opt.top_k);
   MOEKIT_CHECK(!gate || opt.top_k <= (int64_t{1} << 20), who, ": top_k expected <= 2^20, got ", opt.top_k);
   MOEKIT_CHECK(std::isfinite(opt.scale) && opt.scale >= 0.0f, who,
@@ -101,6 +108,9 @@ Dims check(const char* who, const AttentionShape& s, std::span<const int64_t> cu
                    " at ", i);
     D.cu.assign(cu.begin(), cu.end());
   }
+  for (size_t i = 1; i < D.cu.size(); ++i)
+    MOEKIT_CHECK(D.cu[i] - D.cu[i - 1] <= std::numeric_limits<int32_t>::max(), who,
+                 ": sequence length expected <= 2^31 - 1, got ", D.cu[i] - D.cu[i - 1], " (sequence ", i - 1, ")");
   return D;
 }
 
@@ -111,7 +121,7 @@ void check_finite(const char* who, const char* name, const float* x, int64_t n) 
   MOEKIT_CHECK(i < 0, who, ": ", name, " expected finite, got ", i < 0 ? 0.0f : x[i], " at element ", i);
 }
 
-int64_t blocks_of(int64_t n, int64_t B) { return (n + B - 1) / B; }
+int64_t blocks_of(int64_t n, int64_t B) { return n == 0 ? 0 : (n - 1) / B + 1; }
 
 // Sequence s's first block in the batch's block numbering.
 std::vector<int64_t> block_offsets(const Dims& D) {
@@ -154,9 +164,12 @@ void pack_tiles(const Dims& D, const float* k, const float* v, const std::vector
   for (size_t s = 0; s + 1 < D.cu.size(); ++s)
     for (int64_t b = boff[s]; b < boff[s + 1]; ++b) seq_of[static_cast<size_t>(b)] = static_cast<int64_t>(s);
   const int64_t work = D.Hk * nb;
-  const kernels::PackOptions f32{};
+  kernels::PackOptions f32{};
+  f32.kernel = &kernels::active_gemm_kernel(kernels::WeightType::f32, false);  // throws here, not in the region
+  std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t w = 0; w < work; ++w) {
+    try {
     const int64_t g = w / nb, b = w % nb, s = seq_of[static_cast<size_t>(b)];
     const int64_t n = D.cu[s + 1] - D.cu[s], j = b - boff[s];
     const int64_t len = std::min(D.B, n - j * D.B);
@@ -172,7 +185,12 @@ void pack_tiles(const Dims& D, const float* k, const float* v, const std::vector
       }
       ws.values[slot].pack(tr, D.d, tn, tn, f32);
     }
+    } catch (...) {
+#pragma omp critical(moekit_moba_failure)
+      if (!failure) failure = std::current_exception();
+    }
   }
+  if (failure) std::rethrow_exception(failure);
 }
 
 // Online-softmax state of up to kQueryTile queries: running maxima (scaled scores), sums and
@@ -298,7 +316,7 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
   const std::vector<int64_t> boff = block_offsets(D);
   int64_t most = 0;
   for (size_t s = 0; s + 1 < boff.size(); ++s) most = std::max(most, boff[s + 1] - boff[s]);
-  MobaAccess::reset(plan, D.T, D.H, D.k, D.B, most);
+  MobaAccess::reset(plan, D.T, D.H, D.k, D.B, most, D.cu);
   const int64_t nb = boff.back(), d = D.d;
   // Block means per kv head, `[Hk, nb, d]`, each summed in double (token order) and rounded
   // once.
@@ -329,12 +347,14 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
   for (size_t s = 0; s + 1 < D.cu.size(); ++s) {
     const int64_t n = D.cu[s + 1] - D.cu[s];
     const int64_t work = n * D.H;
+    std::exception_ptr failure;
 #pragma omp parallel num_threads(nt) reduction(+ : attended, causal)
     {
       std::vector<float> score;
       std::vector<int32_t> idx;
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < work; ++w) {
+        try {
         const int64_t i = w / D.H, h = w % D.H, g = h / D.group, c = i / D.B, t = D.cu[s] + i;
         int32_t* out = MobaAccess::blocks(plan, t, h);
         const int64_t keep = std::min<int64_t>(D.k - 1, c);
@@ -343,9 +363,11 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
           idx.resize(static_cast<size_t>(c));
           kernels::matvec_rows(q + (t * D.H + h) * d, ws.means.data() + (g * nb + boff[s]) * d, c, d, score.data());
           for (int64_t j = 0; j < c; ++j) idx[static_cast<size_t>(j)] = static_cast<int32_t>(j);
-          auto better = [&](int32_t a, int32_t b) {
+          auto better = [&](int32_t a, int32_t b) {  // higher first, NaN (overflowed sums) last, then lower index
             const float sa = score[static_cast<size_t>(a)], sb = score[static_cast<size_t>(b)];
-            if (sa != sb) return sa > sb || std::isnan(sb);  // NaN (overflowed sums) last
+            const bool na = std::isnan(sa), nb2 = std::isnan(sb);
+            if (na || nb2) return na != nb2 ? nb2 : a < b;
+            if (sa != sb) return sa > sb;
             return a < b;
           };
           std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), better);
@@ -358,8 +380,13 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
         for (int64_t x = 0; x < keep; ++x) keys += std::min(D.B, n - out[x] * D.B);
         attended += keys;
         causal += i + 1;
+        } catch (...) {
+#pragma omp critical(moekit_moba_failure)
+          if (!failure) failure = std::current_exception();
+        }
       }
     }
+    if (failure) std::rethrow_exception(failure);
   }
   MobaAccess::totals(plan, attended, causal);
 }
@@ -373,6 +400,8 @@ void moba_attention(const AttentionShape& shape, const float* q, const float* k,
                ": plan expected from moba_gate with this shape and these options (tokens ", D.T, ", heads ", D.H,
                ", top_k ", D.k, ", block_size ", D.B, "), got tokens ", plan.tokens(), ", heads ", plan.heads(),
                ", top_k ", plan.top_k(), ", block_size ", plan.block_size());
+  MOEKIT_CHECK(MobaAccess::cu(plan) == D.cu, who, ": plan expected from moba_gate with these cu_seqlens (",
+               D.cu.size() - 1, " sequences), got one made for ", MobaAccess::cu(plan).size() - 1, " sequences or other offsets");
   const int nt = detail::resolve_threads(threads);
   std::vector<int64_t> boff;
   TileIndex ti;

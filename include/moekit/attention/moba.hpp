@@ -67,6 +67,7 @@ class MobaPlan {
   friend struct MobaAccess;
   int64_t tokens_ = 0, heads_ = 0, top_k_ = 0, block_size_ = 0;
   int64_t stride_ = 0;  // min(top_k, the most blocks a sequence has)
+  std::vector<int64_t> cu_;  // the sequence offsets it was made for
   int64_t keys_attended_ = 0, causal_keys_ = 0;
   std::vector<int32_t> blocks_;  // [tokens, heads, stride_], the first count_ of each used
   std::vector<int32_t> count_;   // [tokens, heads]
