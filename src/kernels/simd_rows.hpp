@@ -153,25 +153,20 @@ struct SimdRows {
   }
 
   // Each codeword's 2 * pairs (<= 28) values in ceil(28 / L) stores: lane l of store s is lo
-  // when mask bit s L + l is set, hi when its hi bit is, else 0.
+  // when mask bit s L + l is set, hi when its hi bit is, else 0 (Ops::ternary_select).
   static int64_t tdict_decode(const uint16_t* codes, const uint64_t* table, float lo, float hi, float* dst,
                               int64_t k) noexcept {
-    using ib = xsimd::batch<int32_t, Arch>;
-    alignas(64) int32_t bit[L];
-    for (int64_t l = 0; l < L; ++l) bit[l] = static_cast<int32_t>(1u << l);
-    const ib lane_bit = ib::load_aligned(bit);
-    const fb lov(lo), hiv(hi), z(0.0f);
+    const typename Ops::freg lov = fb(lo), hiv = fb(hi);
     constexpr int64_t stores = (2 * 14 + L - 1) / L;
+    constexpr uint64_t lane_mask = (uint64_t{1} << L) - 1;
     int64_t c = 0;
     for (int64_t pos = 0; pos < k; ++c) {
       const uint64_t e = table[codes[c]];
-      for (int64_t s = 0; s < stores; ++s) {
-        const ib lm(static_cast<int32_t>((e >> (s * L)) & ((1u << L) - 1)));
-        const ib hm(static_cast<int32_t>((e >> (28 + s * L)) & ((1u << L) - 1)));
-        const auto is_lo = xsimd::batch_cast<float>(lm & lane_bit) != z;
-        const auto is_hi = xsimd::batch_cast<float>(hm & lane_bit) != z;
-        xsimd::select(is_lo, lov, xsimd::select(is_hi, hiv, z)).store_unaligned(dst + pos + s * L);
-      }
+#pragma GCC unroll 4
+      for (int64_t s = 0; s < stores; ++s)
+        fb(Ops::ternary_select(static_cast<uint32_t>((e >> (s * L)) & lane_mask),
+                               static_cast<uint32_t>((e >> (28 + s * L)) & lane_mask), lov, hiv))
+            .store_unaligned(dst + pos + s * L);
       pos += static_cast<int64_t>(e >> 56) * 2;
     }
     return c;

@@ -71,6 +71,15 @@ struct IsaOps<Avx2> {
     hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
+  // Dictionary-coded ternaries (see avx512_ops.hpp): bit l of each mask moved to lane l's
+  // sign bit (a variable shift), which vblendvps reads.
+  static __m256 ternary_select(uint32_t lo_bits, uint32_t hi_bits, __m256 lo, __m256 hi) noexcept {
+    const __m256i sh = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    const __m256 ml = _mm256_castsi256_ps(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(lo_bits)), sh));
+    const __m256 mh = _mm256_castsi256_ps(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(hi_bits)), sh));
+    return _mm256_blendv_ps(_mm256_blendv_ps(_mm256_setzero_ps(), hi, mh), lo, ml);
+  }
+
   // Ternary codes (see avx512_ops.hpp): 8 bytes to 32-bit lanes, shifts, and an 8-entry f32
   // table lookup (vpermps on the low 3 bits).
   static __m256i widen_u8_i(const uint8_t* p) noexcept {

@@ -91,6 +91,13 @@ struct Avx512Ops {
     hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)));
   }
 
+  // Dictionary-coded ternaries: lane l is lo when bit l of lo_bits is set, hi when bit l of
+  // hi_bits is, else 0 (two masked moves).
+  static __m512 ternary_select(uint32_t lo_bits, uint32_t hi_bits, __m512 lo, __m512 hi) noexcept {
+    return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(lo_bits), lo), static_cast<__mmask16>(hi_bits),
+                              hi);
+  }
+
   // Ternary codes: 16 bytes zero-extended to 32-bit lanes (once per 4 depths), a lane shifted
   // right, and the value its low 4 bits select from a 16-entry f32 table (vpermps; the table
   // repeats every 4 entries, so only the code's 2 bits matter).
