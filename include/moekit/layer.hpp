@@ -68,6 +68,7 @@ struct Workspace {
   /// shared experts and the combine.
   std::vector<float> hidden_f32;
   std::vector<float> out_rows;       ///< per worker: one f32 output row before it is rounded (bf16 / f16 out)
+  std::vector<float> aux;            ///< scratch of composite layers around a SparseLayer (MoheLayer)
   const float* hidden = nullptr;     ///< the f32 rows of the current call (the caller's, or hidden_f32)
   /// After a forward with NonFiniteOutput::count: the unpadded output rows holding a NaN or an
   /// infinity (0 otherwise, and always 0 when the call threw or checks are off).

@@ -5,6 +5,7 @@
 // decode column split.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -125,6 +126,43 @@ class ConcatBank {
  private:
   std::vector<B> banks_;
   std::vector<int64_t> offsets_;
+};
+
+/// Two banks of different types in one: experts [0, E_a) are bank a's, [E_a, E_a + E_b) bank
+/// b's (heterogeneous experts in one layer: MoHETS' FAN experts beside FFN experts). Both need
+/// the same d_in and d_out; banks of blocks are not supported (as ConcatBank).
+template <ExpertBank A, ExpertBank B>
+class PairBank {
+  static_assert(!whole_blocks_v<A> && !applies_weight_v<A> && !ContextAwareBank<A> && !whole_blocks_v<B> &&
+                    !applies_weight_v<B> && !ContextAwareBank<B>,
+                "PairBank: banks of blocks (whole_blocks, applies_weight, BlockContext) are not supported");
+  static_assert(!requires(const A& a) { a.resident(int64_t{}); } && !requires(const B& b) { b.resident(int64_t{}); },
+                "PairBank: banks holding some experts (resident()) are not supported");
+
+ public:
+  PairBank(A a, B b) : a_(std::move(a)), b_(std::move(b)) {
+    MOEKIT_CHECK(a_.d_in() == b_.d_in() && a_.d_out() == b_.d_out(), "PairBank: bank b expected d_in / d_out ",
+                 a_.d_in(), " / ", a_.d_out(), ", got ", b_.d_in(), " / ", b_.d_out());
+  }
+  [[nodiscard]] int64_t num_experts() const noexcept { return a_.num_experts() + b_.num_experts(); }
+  [[nodiscard]] int64_t d_in() const { return a_.d_in(); }
+  [[nodiscard]] int64_t d_out() const { return a_.d_out(); }
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const {
+    return std::max(static_cast<size_t>(a_.scratch_floats(rows)), static_cast<size_t>(b_.scratch_floats(rows)));
+  }
+  void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const {
+    if (e < a_.num_experts()) {
+      a_.run(e, in, rows, out, scratch);
+    } else {
+      b_.run(e - a_.num_experts(), in, rows, out, scratch);
+    }
+  }
+  [[nodiscard]] const A& first() const noexcept { return a_; }
+  [[nodiscard]] const B& second() const noexcept { return b_; }
+
+ private:
+  A a_;
+  B b_;
 };
 
 static_assert(ExpertBank<BankRef<FfnBank>>);
