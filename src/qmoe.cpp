@@ -80,7 +80,7 @@ std::vector<uint8_t> dictionary_entry(int64_t id) {
   return out;
 }
 
-const uint64_t* decode_table() noexcept { return dict().table.data(); }
+const uint64_t* decode_table() { return dict().table.data(); }
 
 }  // namespace qmoe
 

@@ -47,7 +47,10 @@ TEST(FlyLora, LayerMatchesTheOfficialForward) {
     ASSERT_TRUE(test_support::same_bits(y, y1)) << "threads";
     const double scale = (o.alpha > 0 ? o.alpha : 2.0 * r) / static_cast<double>(r);
     for (int64_t t = 0; t < T; ++t) {
-      if (pad[static_cast<size_t>(t)] && !batch.padding.empty()) continue;
+      if (pad[static_cast<size_t>(t)] && !batch.padding.empty()) {
+        for (int64_t c = 0; c < d; ++c) ASSERT_EQ(y[size_t(t * d + c)], 0.0f) << "padded token " << t;
+        continue;
+      }
       std::vector<double> yv(static_cast<size_t>(r)), key(static_cast<size_t>(r));
       for (int64_t i = 0; i < r; ++i) {
         double s = 0;

@@ -95,7 +95,36 @@ TEST(Mohe, LayerMatchesTheOfficialForward) {
     for (int64_t t = 0; t < T; ++t) {
       if (padded && pad[size_t(t)]) {
         skip[size_t(t)] = 1;
+        for (int64_t c = 0; c < d; ++c) ASSERT_EQ(y[size_t(t * d + c)], 0.0f) << "padded token " << t;
         continue;
+      }
+      // MoHE's router in double: softmax over E, top-k, renormalised (MoHE.py: by
+      // max(sum, 1e-6)); the plan's experts and weights, unless the k-th and (k+1)-th tie.
+      {
+        std::vector<double> p(static_cast<size_t>(E));
+        double mx = -INFINITY, z = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          double l = 0;
+          for (int64_t c = 0; c < d; ++c) l += double(router[size_t(e * d + c)]) * x[size_t(t * d + c)];
+          p[size_t(e)] = l;
+          mx = std::max(mx, l);
+        }
+        for (double& v : p) z += (v = std::exp(v - mx));
+        for (double& v : p) v /= z;
+        std::vector<int32_t> order(static_cast<size_t>(E));
+        for (int64_t e = 0; e < E; ++e) order[size_t(e)] = static_cast<int32_t>(e);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b2) { return p[size_t(a)] > p[size_t(b2)]; });
+        if (k == E || p[size_t(order[size_t(k - 1)])] - p[size_t(order[size_t(k)])] > 1e-6) {
+          double sum = 0;
+          for (int64_t j = 0; j < k; ++j) sum += p[size_t(order[size_t(j)])];
+          const auto ids = test_support::experts_of(ws.plan, t);
+          const auto w = test_support::weights_of(ws.plan, t);
+          ASSERT_EQ(ids.size(), size_t(k));
+          for (int64_t j = 0; j < k; ++j) {
+            ASSERT_EQ(ids[size_t(j)], order[size_t(j)]) << "token " << t;
+            ASSERT_NEAR(w[size_t(j)], p[size_t(order[size_t(j)])] / std::max(sum, 1e-6), 1e-5);
+          }
+        }
       }
       int64_t b = 0, e = T;
       if (!batch.sequence_offsets.empty())
@@ -176,6 +205,22 @@ TEST(Mohe, BadInputIsRefused) {
   std::vector<float> x(8, 0.5f);
   moekit::Workspace ws;
   expect_error([&] { layer.forward(moekit::Batch::single(2, 4), x.data(), x.data() + 2, ws); }, {"out expected not to overlap x"});
+  // A shared expert that overflows: an error by default, counted with NonFiniteOutput::count.
+  for (bool count : {false, true}) {
+    auto routed = moekit::SparseLayer(moekit::TopKRouter(o, rng.vec(8, 1.0)), fe.bank());
+    if (count) routed.set_non_finite_output(moekit::NonFiniteOutput::count);
+    const moekit::MoheLayer big(std::move(routed),
+                                moekit::DwConvExpert(4, 8, std::vector<float>(12, 1e30f), std::vector<float>(32, 1e30f),
+                                                     std::vector<float>(32, 1e30f)),
+                                std::vector<float>(4, 0.0f));
+    std::vector<float> y(8);
+    if (count) {
+      big.forward(moekit::Batch::single(2, 4), x.data(), y.data(), ws);
+      EXPECT_EQ(ws.non_finite_rows, 2);
+    } else {
+      expect_error([&] { big.forward(moekit::Batch::single(2, 4), x.data(), y.data(), ws); }, {"shared expert or the sum overflowed"});
+    }
+  }
 }
 
 }  // namespace

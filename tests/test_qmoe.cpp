@@ -97,7 +97,7 @@ TEST(QmoeMatrix, TernaryRowsRoundTripExactlyOnEveryRowKernel) {
       std::vector<float> lo, hi;
       const auto W = ternary_rows(rng, n, k, p0, lo, hi);
       const TernaryDictMatrix m(W.data(), n, k, k);
-      std::vector<float> row(static_cast<size_t>(m.decode_floats()));
+      std::vector<float> row(static_cast<size_t>(m.decode_floats()) + 16);  // + a guard past the pad
       for (int64_t r = 0; r < n; ++r) {
         for (const moekit::kernels::RowKernels* impl : moekit::kernels::row_kernel_implementations()) {
           std::fill(row.begin(), row.end(), 7.0f);
@@ -110,6 +110,8 @@ TEST(QmoeMatrix, TernaryRowsRoundTripExactlyOnEveryRowKernel) {
           impl->tdict_decode(codes + first, moekit::qmoe::decode_table(), m.lo(r), m.hi(r), row.data(), k);
           for (int64_t p = 0; p < k; ++p)
             ASSERT_EQ(row[size_t(p)], W[size_t(r * k + p)]) << impl->name << " p0 " << p0 << " k " << k << " row " << r << " at " << p;
+          for (size_t p = static_cast<size_t>(m.decode_floats()); p < row.size(); ++p)
+            ASSERT_EQ(row[p], 7.0f) << impl->name << ": wrote past the pad at " << p;
         }
         m.decode_row(r, row.data());
         for (int64_t p = 0; p < k; ++p) ASSERT_EQ(row[size_t(p)], W[size_t(r * k + p)]);

@@ -401,7 +401,8 @@ void moba_attention(const AttentionShape& shape, const float* q, const float* k,
                ", top_k ", D.k, ", block_size ", D.B, "), got tokens ", plan.tokens(), ", heads ", plan.heads(),
                ", top_k ", plan.top_k(), ", block_size ", plan.block_size());
   MOEKIT_CHECK(MobaAccess::cu(plan) == D.cu, who, ": plan expected from moba_gate with these cu_seqlens (",
-               D.cu.size() - 1, " sequences), got one made for ", MobaAccess::cu(plan).size() - 1, " sequences or other offsets");
+               static_cast<int64_t>(D.cu.size()) - 1, " sequences), got one made for ",
+               static_cast<int64_t>(MobaAccess::cu(plan).size()) - 1, " sequences or other offsets");
   const int nt = detail::resolve_threads(threads);
   std::vector<int64_t> boff;
   TileIndex ti;

@@ -3,6 +3,7 @@
 // SIMD ones, with std::fma, so dot products, axpy and scaling give their bits on any x86-64
 // CPU (exp / log / tanh are the C library's: within float rounding of the SIMD ones).
 // Compiled with -ffp-contract=off (see CMakeLists.txt).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -73,7 +74,7 @@ int64_t tdict_decode(const uint16_t* codes, const uint64_t* table, float lo, flo
   int64_t c = 0;
   for (int64_t pos = 0; pos < k; ++c) {
     const uint64_t e = table[codes[c]];
-    const int64_t n = static_cast<int64_t>(e >> 56) * 2;
+    const int64_t n = std::clamp<int64_t>(static_cast<int64_t>(e >> 56), 1, 14) * 2;
     for (int64_t p = 0; p < n; ++p)
       dst[pos + p] = (e >> p & 1) != 0 ? lo : (e >> (28 + p) & 1) != 0 ? hi : 0.0f;
     pos += n;

@@ -167,7 +167,8 @@ struct SimdRows {
         fb(Ops::ternary_select(static_cast<uint32_t>((e >> (s * L)) & lane_mask),
                                static_cast<uint32_t>((e >> (28 + s * L)) & lane_mask), lov, hiv))
             .store_unaligned(dst + pos + s * L);
-      pos += static_cast<int64_t>(e >> 56) * 2;
+      const int64_t pairs = static_cast<int64_t>(e >> 56);
+      pos += (pairs < 1 ? 1 : pairs > 14 ? 14 : pairs) * 2;
     }
     return c;
   }

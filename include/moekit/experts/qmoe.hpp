@@ -38,8 +38,9 @@ inline constexpr int64_t kDictionarySize = 65536;
 inline constexpr int kMaxPairs = 14;
 /// The pair symbols (t0 + 3 t1, each in 0..8) codeword `id` stands for, in order.
 std::vector<uint8_t> dictionary_entry(int64_t id);
-/// The decode table: entry id = lo mask (bits 0-27) | hi mask << 28 | pairs << 56.
-const uint64_t* decode_table() noexcept;
+/// The decode table: entry id = lo mask (bits 0-27) | hi mask << 28 | pairs << 56 (built on
+/// first use: about 20 MB of work memory once).
+const uint64_t* decode_table();
 }  // namespace qmoe
 
 /// A weight matrix `W [n, k]` (HF `[out, in]`) as dictionary-coded ternary rows.
@@ -58,7 +59,7 @@ class TernaryDictMatrix {
   }
   /// Codeword bits per weight (bytes() * 8 / (n k) with the per-row data).
   [[nodiscard]] double bits_per_weight() const noexcept {
-    return static_cast<double>(bytes()) * 8.0 / static_cast<double>(n_ * k_);
+    return n_ == 0 ? 0.0 : static_cast<double>(bytes()) * 8.0 / static_cast<double>(n_ * k_);
   }
   [[nodiscard]] float lo(int64_t r) const noexcept { return lo_[static_cast<size_t>(r)]; }
   [[nodiscard]] float hi(int64_t r) const noexcept { return hi_[static_cast<size_t>(r)]; }
@@ -66,7 +67,8 @@ class TernaryDictMatrix {
 
   /// Floats decode_row() needs at dst: k plus a pad of 32 it may overwrite.
   [[nodiscard]] int64_t decode_floats() const noexcept { return k_ + 32; }
-  /// Row r's weights (each lo, 0 or hi) into dst[0, k) (dst holds decode_floats()).
+  /// Row r's weights (each lo, 0 or hi) into dst[0, k) (dst holds decode_floats()); r in
+  /// [0, rows()) (a precondition: not checked on this hot path).
   void decode_row(int64_t r, float* dst) const noexcept;
   /// `y[m, n] = x[m, k] W^T` (rows ldx / ldy apart), or `+=` with accumulate; `scratch` holds
   /// decode_floats(). Each row decoded once, then one dot product (kernels::dot) per output.

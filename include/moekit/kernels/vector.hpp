@@ -148,7 +148,8 @@ inline float exp_sum(const float* x, float scale, float shift, float* y, int64_t
 /// Decodes codewords (QMoE's dictionary, experts/qmoe.hpp) into `dst[0, k)`: for each
 /// codeword c in turn, `table[c]` gives its pairs (bits 56-59, 1 to 14) and which of its
 /// 2 * pairs ternaries are lo (bit p of bits 0-27) and hi (bit p of bits 28-55); each becomes
-/// lo, hi or 0, until k values are written. dst needs k + 32 floats (the last codeword's
+/// lo, hi or 0, until k values are written (a pair count outside [1, 14] is read as the
+/// nearest bound, so a bad table cannot stall or overrun). dst needs k + 32 floats (the last codeword's
 /// values past k and a store's width are written into the pad). Returns the codewords read.
 /// Exact (only selects) and the same on every kernel.
 inline int64_t tdict_decode(const uint16_t* codes, const uint64_t* table, float lo, float hi, float* dst,

@@ -12,6 +12,7 @@
 // experts in one bank.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -162,12 +163,30 @@ class MoheLayer {
       if (batch.is_padding(t)) continue;
       float* sc = ws.aux.data() + static_cast<size_t>(omp_get_thread_num()) * per;
       float* s = sc + shared_.scratch_floats();
-      int64_t q = 0;  // t's sequence
-      while (q + 1 < batch.num_sequences() && t >= batch.sequence_end(q)) ++q;
-      shared_.token(batch, batch.sequence_begin(q), batch.sequence_end(q), x, t, s, sc);
+      int64_t b = 0, e = T;  // t's sequence
+      if (!batch.sequence_offsets.empty()) {
+        const auto& so = batch.sequence_offsets;
+        const auto it = std::upper_bound(so.begin(), so.end(), static_cast<int32_t>(t));
+        b = *(it - 1);
+        e = *it;
+      }
+      shared_.token(batch, b, e, x, t, s, sc);
       const float g = 1.0f / (1.0f + std::exp(-kernels::dot(gate_.data(), x + t * d, d)));
       kernels::axpy_row(g, s, out + t * d, d);
     }
+    // The sum checked as the routed layer checks its own output (its policy: throw, or count).
+    if (!routed_.check_finite()) return;
+    int64_t bad = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (batch.is_padding(t)) continue;
+      const int64_t j = kernels::first_non_finite(out + t * d, d);
+      if (j < 0) continue;
+      if (routed_.non_finite_output() == NonFiniteOutput::error)
+        detail::fail("MoheLayer::forward: out[", t, ", ", j, "] is ", out[t * d + j],
+                     " although the input is finite: the shared expert or the sum overflowed f32");
+      ++bad;
+    }
+    ws.non_finite_rows = bad;
   }
 
  private:
