@@ -2,6 +2,8 @@
 // moekit::error, the one exception type for invalid arguments, and the check helpers.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -29,6 +31,14 @@ template <class... Args>
 template <class... Args>
 [[noreturn]] void fail(Args&&... args) {
   throw ::moekit::error(concat(std::forward<Args>(args)...));
+}
+
+/// Whether the float ranges [a, a + na) and [b, b + nb) share no element (null or empty ranges
+/// never overlap): the check behind "output expected apart from the input".
+inline bool apart(const float* a, size_t na, const float* b, size_t nb) noexcept {
+  if (a == nullptr || b == nullptr || na == 0 || nb == 0) return true;
+  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return pa + na * sizeof(float) <= pb || pb + nb * sizeof(float) <= pa;
 }
 
 }  // namespace detail

@@ -223,7 +223,9 @@ class SparseLayer {
                  num_experts(), "], got ", rank);
     MOEKIT_CHECK(batch.tokens == 0 || weak != nullptr, "SparseLayer::forward_contrast: weak output pointer is null");
     const int64_t n = batch.tokens * hidden_size();
-    auto apart = [n](const float* a, const float* b) { return a == nullptr || b == nullptr || a + n <= b || b + n <= a; };
+    auto apart = [n](const float* a, const float* b) {
+      return detail::apart(a, static_cast<size_t>(n), b, static_cast<size_t>(n));
+    };
     MOEKIT_CHECK(apart(weak, hidden) && apart(weak, strong) && apart(strong, hidden),
                  "SparseLayer::forward_contrast: the input, the strong and the weak output expected apart (no in-place "
                  "call: the weak combine reads the input after the strong one is written)");

@@ -64,12 +64,6 @@ struct Dims {
   std::vector<int64_t> cu;  // [S + 1]
 };
 
-bool overlaps(const float* a, size_t na, const float* b, size_t nb) {
-  if (na == 0 || nb == 0 || a == nullptr || b == nullptr) return false;
-  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
-  return pa < pb + nb * sizeof(float) && pb < pa + na * sizeof(float);
-}
-
 Dims check(const char* who, const AttentionShape& s, std::span<const int64_t> cu, const MobaOptions& opt,
            bool gate) {
   Dims D{};
@@ -130,6 +124,14 @@ std::vector<int64_t> block_offsets(const Dims& D) {
   return off;
 }
 
+// Each global block's sequence.
+std::vector<int64_t> sequence_of_blocks(const Dims& D, const std::vector<int64_t>& boff) {
+  std::vector<int64_t> seq_of(static_cast<size_t>(boff.back()));
+  for (size_t s = 0; s + 1 < D.cu.size(); ++s)
+    for (int64_t b = boff[s]; b < boff[s + 1]; ++b) seq_of[static_cast<size_t>(b)] = static_cast<int64_t>(s);
+  return seq_of;
+}
+
 // Key tiles: block j of a sequence splits into tiles of at most kKeyTile keys.
 int64_t tiles_of(int64_t n) { return (n + kKeyTile - 1) / kKeyTile; }
 
@@ -159,10 +161,7 @@ void pack_tiles(const Dims& D, const float* k, const float* v, const std::vector
   ws.keys.resize(static_cast<size_t>(D.Hk * ti.count));
   ws.values.resize(static_cast<size_t>(D.Hk * ti.count));
   ws.transpose.resize(static_cast<size_t>(threads * D.d * kKeyTile));
-  // Global block -> (sequence, local block).
-  std::vector<int64_t> seq_of(static_cast<size_t>(nb));
-  for (size_t s = 0; s + 1 < D.cu.size(); ++s)
-    for (int64_t b = boff[s]; b < boff[s + 1]; ++b) seq_of[static_cast<size_t>(b)] = static_cast<int64_t>(s);
+  const std::vector<int64_t> seq_of = sequence_of_blocks(D, boff);
   const int64_t work = D.Hk * nb;
   kernels::PackOptions f32{};
   f32.kernel = &kernels::active_gemm_kernel(kernels::WeightType::f32, false);  // throws here, not in the region
@@ -286,14 +285,17 @@ std::vector<DenseItem> dense_items(const Dims& D) {
 }
 
 // The checks and packing both attentions share; false when there is nothing to compute.
+// `qk_checked`: the gate of the same call has already checked q and k.
 bool prepare(const char* who, const Dims& D, const float* q, const float* k, const float* v, float* out,
-             MobaWorkspace& ws, int threads, std::vector<int64_t>& boff, TileIndex& ti) {
+             MobaWorkspace& ws, int threads, std::vector<int64_t>& boff, TileIndex& ti, bool qk_checked = false) {
   const size_t nq = static_cast<size_t>(D.T * D.H * D.d), nkv = static_cast<size_t>(D.T * D.Hk * D.d);
-  check_finite(who, "q", q, static_cast<int64_t>(nq));
-  check_finite(who, "k", k, static_cast<int64_t>(nkv));
+  if (!qk_checked) {
+    check_finite(who, "q", q, static_cast<int64_t>(nq));
+    check_finite(who, "k", k, static_cast<int64_t>(nkv));
+  }
   check_finite(who, "v", v, static_cast<int64_t>(nkv));
   MOEKIT_CHECK(nq == 0 || out != nullptr, who, ": out is null");
-  MOEKIT_CHECK(!overlaps(out, nq, q, nq) && !overlaps(out, nq, k, nkv) && !overlaps(out, nq, v, nkv), who,
+  MOEKIT_CHECK(detail::apart(out, nq, q, nq) && detail::apart(out, nq, k, nkv) && detail::apart(out, nq, v, nkv), who,
                ": out expected not to overlap q, k or v");
   if (D.T == 0) return false;
   boff = block_offsets(D);
@@ -321,9 +323,7 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
   // Block means per kv head, `[Hk, nb, d]`, each summed in double (token order) and rounded
   // once.
   ws.means.assign(static_cast<size_t>(D.Hk * nb * d), 0.0f);
-  std::vector<int64_t> seq_of(static_cast<size_t>(nb));
-  for (size_t s = 0; s + 1 < D.cu.size(); ++s)
-    for (int64_t b = boff[s]; b < boff[s + 1]; ++b) seq_of[static_cast<size_t>(b)] = static_cast<int64_t>(s);
+  const std::vector<int64_t> seq_of = sequence_of_blocks(D, boff);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<double> sum(static_cast<size_t>(d));
@@ -391,9 +391,11 @@ void moba_gate(const AttentionShape& shape, const float* q, const float* k, std:
   MobaAccess::totals(plan, attended, causal);
 }
 
-void moba_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,
-                    std::span<const int64_t> cu_seqlens, const MobaOptions& opt, const MobaPlan& plan, float* out,
-                    MobaWorkspace& ws, int threads) {
+namespace {
+
+void attend_plan(const AttentionShape& shape, const float* q, const float* k, const float* v,
+                 std::span<const int64_t> cu_seqlens, const MobaOptions& opt, const MobaPlan& plan, float* out,
+                 MobaWorkspace& ws, int threads, bool qk_checked) {
   const char* who = "moba_attention";
   const Dims D = check(who, shape, cu_seqlens, opt, true);
   MOEKIT_CHECK(plan.tokens() == D.T && plan.heads() == D.H && plan.top_k() == D.k && plan.block_size() == D.B, who,
@@ -406,7 +408,7 @@ void moba_attention(const AttentionShape& shape, const float* q, const float* k,
   const int nt = detail::resolve_threads(threads);
   std::vector<int64_t> boff;
   TileIndex ti;
-  if (!prepare(who, D, q, k, v, out, ws, nt, boff, ti)) return;
+  if (!prepare(who, D, q, k, v, out, ws, nt, boff, ti, qk_checked)) return;
   int64_t most = 0;  // the most blocks a sequence has
   for (size_t s = 0; s + 1 < boff.size(); ++s) most = std::max(most, boff[s + 1] - boff[s]);
   const int64_t nb = boff.back(), d = D.d, stride = std::min<int64_t>(D.k, most);
@@ -508,11 +510,19 @@ void moba_attention(const AttentionShape& shape, const float* q, const float* k,
   }
 }
 
+}  // namespace
+
+void moba_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,
+                    std::span<const int64_t> cu_seqlens, const MobaOptions& opt, const MobaPlan& plan, float* out,
+                    MobaWorkspace& ws, int threads) {
+  attend_plan(shape, q, k, v, cu_seqlens, opt, plan, out, ws, threads, false);
+}
+
 void moba_forward(const AttentionShape& shape, const float* q, const float* k, const float* v,
                   std::span<const int64_t> cu_seqlens, const MobaOptions& opt, MobaPlan& plan, float* out,
                   MobaWorkspace& ws, int threads) {
-  moba_gate(shape, q, k, cu_seqlens, opt, plan, ws, threads);
-  moba_attention(shape, q, k, v, cu_seqlens, opt, plan, out, ws, threads);
+  moba_gate(shape, q, k, cu_seqlens, opt, plan, ws, threads);  // checks q and k
+  attend_plan(shape, q, k, v, cu_seqlens, opt, plan, out, ws, threads, true);
 }
 
 void causal_attention(const AttentionShape& shape, const float* q, const float* k, const float* v,

@@ -507,67 +507,39 @@ struct SimdGemm {
   }
 
   // ------------------------------------------------------------------ drivers
+  // Depth rows [0, n) of a source into `dst` (`[n, P]` f32).
+  template <class Src>
+  static void widen_rows(const Src& src, int64_t n, float* dst) noexcept {
+    for (int64_t p = 0; p < n; ++p) {
+      fb b0, b1;
+      src.load(p, b0, b1);
+      b0.store_aligned(dst + p * P);
+      b1.store_aligned(dst + p * P + L);
+    }
+  }
+
   // Widens depth rows [0, kc) of a chunk starting at depth p0 into `buf` (`[kc, P]` f32).
   static void decode_chunk(const GemmCall& g, const uint8_t* S, int64_t s, int64_t p0, int64_t kc,
                            float* buf) noexcept {
     switch (g.type) {
-      case WeightType::bf16: {
-        const Bf16Src src{reinterpret_cast<const uint16_t*>(S) + p0 * P};
-        for (int64_t p = 0; p < kc; ++p) {
-          fb b0, b1;
-          src.load(p, b0, b1);
-          b0.store_aligned(buf + p * P);
-          b1.store_aligned(buf + p * P + L);
-        }
+      case WeightType::bf16:
+        widen_rows(Bf16Src{reinterpret_cast<const uint16_t*>(S) + p0 * P}, kc, buf);
         break;
-      }
-      case WeightType::int8: {
-        const Int8Src src{reinterpret_cast<const int8_t*>(S) + p0 * P};
-        for (int64_t p = 0; p < kc; ++p) {
-          fb b0, b1;
-          src.load(p, b0, b1);
-          b0.store_aligned(buf + p * P);
-          b1.store_aligned(buf + p * P + L);
-        }
+      case WeightType::int8:
+        widen_rows(Int8Src{reinterpret_cast<const int8_t*>(S) + p0 * P}, kc, buf);
         break;
-      }
       case WeightType::int4:
-      case WeightType::int4zp: {
-        for (int64_t g0 = 0; g0 < kc; g0 += kInt4Group) {
-          const int64_t gc = imin(kInt4Group, kc - g0);
-          const Int4Src src = int4_src(g, S, p0 + g0);
-          for (int64_t p = 0; p < gc; ++p) {
-            fb b0, b1;
-            src.load(p, b0, b1);
-            b0.store_aligned(buf + (g0 + p) * P);
-            b1.store_aligned(buf + (g0 + p) * P + L);
-          }
-        }
+      case WeightType::int4zp:
+        for (int64_t g0 = 0; g0 < kc; g0 += kInt4Group)
+          widen_rows(int4_src(g, S, p0 + g0), imin(kInt4Group, kc - g0), buf + g0 * P);
         break;
-      }
-      case WeightType::ternary: {
-        const TernarySrc src{S + p0 / 4 * P, ternary_table()};
-        for (int64_t p = 0; p < kc; ++p) {
-          fb b0, b1;
-          src.load(p, b0, b1);
-          b0.store_aligned(buf + p * P);
-          b1.store_aligned(buf + p * P + L);
-        }
+      case WeightType::ternary:
+        widen_rows(TernarySrc{S + p0 / 4 * P, ternary_table()}, kc, buf);
         break;
-      }
-      case WeightType::fp8: {
-        for (int64_t b0p = 0; b0p < kc; b0p += kFp8Block) {
-          const int64_t bc = imin(kFp8Block, kc - b0p);
-          const Fp8Src src = fp8_src(g, S, s, p0 + b0p);
-          for (int64_t p = 0; p < bc; ++p) {
-            fb b0, b1;
-            src.load(p, b0, b1);
-            b0.store_aligned(buf + (b0p + p) * P);
-            b1.store_aligned(buf + (b0p + p) * P + L);
-          }
-        }
+      case WeightType::fp8:
+        for (int64_t b0p = 0; b0p < kc; b0p += kFp8Block)
+          widen_rows(fp8_src(g, S, s, p0 + b0p), imin(kFp8Block, kc - b0p), buf + b0p * P);
         break;
-      }
       default:
         break;
     }

@@ -152,7 +152,8 @@ class MoheLayer {
   void forward(const Batch& batch, const float* x, float* out, Workspace& ws, int threads = 0) const {
     const int64_t T = batch.tokens, d = hidden_size();
     MOEKIT_CHECK(T == 0 || (x != nullptr && out != nullptr), "MoheLayer::forward: null pointer for T = ", T);
-    MOEKIT_CHECK(T == 0 || out + T * d <= x || x + T * d <= out, "MoheLayer::forward: out expected not to overlap x");
+    MOEKIT_CHECK(detail::apart(out, static_cast<size_t>(T * d), x, static_cast<size_t>(T * d)),
+                 "MoheLayer::forward: out expected not to overlap x");
     routed_.forward(batch, x, out, ws, threads);  // validates the batch and x
     if (T == 0) return;
     const int nt = detail::resolve_threads(threads);
