@@ -313,6 +313,56 @@ TEST_F(Cli, PackThenRunPackedEqualsRun) {
   expect_error("pack -c " + (dir_ / "sk.json").string() + " -w " + w + " -o " + p, "moekit pack writes top-k layers");
 }
 
+// pack --calibrate: EAQuant's smoothing from a calibration input file. The packed w8a8 layer
+// routes as the f32 run does, stays close to it, and holds the smoothing (format 2); a weight
+// type without int8 activations, a calibration file that is not an input for this layer, and
+// an output over the calibration file are refused.
+TEST_F(Cli, PackCalibrateSmoothsTheInt8Activations) {
+  write_mixtral("model.layers.1.block_sparse_moe.", DType::F32);
+  write_input(40, 24);
+  const std::string c = (dir_ / "config.json").string(), w = (dir_ / "w.safetensors").string(),
+                    x = (dir_ / "x.safetensors").string(), y = (dir_ / "y.safetensors").string(),
+                    p = (dir_ / "packed.safetensors").string();
+  const std::string pre = " --prefix model.layers.1.block_sparse_moe.";
+  const Result r0 = run_cli(dir_, run_args("model.layers.1.block_sparse_moe.") + " --dtype f32");
+  ASSERT_EQ(r0.code, 0) << r0.err;
+  const auto want = moekit::io::TensorSource::open(y);
+  const std::vector<float> hw = want.read_f32("hidden_states", {40, 24});
+  const std::vector<int32_t> iw = want.read_i32("topk_ids", {40, 2});
+  fs::remove(y);
+  for (const char* dtype : {"w8a8", "w4a8"}) {
+    const Result rp = run_cli(dir_, "pack -c " + c + " -w " + w + pre + " --dtype " + dtype + " --calibrate " + x + " -o " + p);
+    ASSERT_EQ(rp.code, 0) << rp.err;
+    EXPECT_EQ(moekit::io::SafetensorsFile::open(p).metadata().at("moekit.packed"), "2");
+    const Result rr = run_cli(dir_, "run --packed " + p + " -i " + x + " -o " + y + " -t 2");
+    ASSERT_EQ(rr.code, 0) << rr.err;
+    const auto got = moekit::io::TensorSource::open(y);
+    EXPECT_EQ(got.read_i32("topk_ids", {40, 2}), iw) << dtype;
+    const std::vector<float> h = got.read_f32("hidden_states", {40, 24});
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < h.size(); ++i) {
+      num += (h[i] - hw[i]) * (h[i] - hw[i]);
+      den += hw[i] * hw[i];
+    }
+    EXPECT_GT(num, 0.0) << dtype;  // quantised: not the f32 output
+    EXPECT_LT(std::sqrt(num / den), 0.2) << dtype;
+    fs::remove(y);
+  }
+  expect_error("pack -c " + c + " -w " + w + pre + " --dtype int4 --calibrate " + x + " -o " + p,
+               "--calibrate: EAQuant smooths the int8 activations of w8a8 and w4a8");
+  expect_error("pack -c " + c + " -w " + w + pre + " --calibrate " + x + " -o " + p, "quantises no activations");
+  expect_error("pack -c " + c + " -w " + w + pre + " --dtype w8a8 --calibrate " + x + " -o " + x,
+               "is the same file as --calibrate");
+  expect_error("pack -c " + c + " -w " + w + pre + " --dtype w8a8 --calibrate " + w + " -o " + p, "hidden_states");
+  write_input(0, 24);
+  expect_error("pack -c " + c + " -w " + w + pre + " --dtype w8a8 --calibrate " + x + " -o " + p,
+               "at least one unpadded calibration token");
+  write_input(4, 24, std::numeric_limits<float>::quiet_NaN());
+  expect_error("pack -c " + c + " -w " + w + pre + " --dtype w8a8 --calibrate " + x + " -o " + p, "is not finite");
+  write_input(4, 16);
+  expect_error("pack -c " + c + " -w " + w + pre + " --dtype w8a8 --calibrate " + x + " -o " + p, "hidden_states");
+}
+
 // `run --ep N`: the layer split over N MPI ranks (relaunched under mpiexec) writes the file one
 // process writes: hidden_states, topk_ids and topk_weights equal bit for bit with f32 rows on
 // the wire, for every placement, LLEP and micro-batches; bf16 rows stay close. Bad --ep input

@@ -188,8 +188,8 @@ TEST_F(PackedLayer, BadFilesAreRefused) {
   // A checkpoint that is not a packed file.
   rewrite(good, bad, [](auto& m) { m.clear(); });
   expect_error([&] { (void)moekit::load_packed_layer(bad); }, "not a file `moekit pack` wrote");
-  rewrite(good, bad, [](auto& m) { m["moekit.packed"] = "2"; });
-  expect_error([&] { (void)moekit::load_packed_layer(bad); }, "format version \"2\"");
+  rewrite(good, bad, [](auto& m) { m["moekit.packed"] = "3"; });
+  expect_error([&] { (void)moekit::load_packed_layer(bad); }, "format version \"3\"");
   auto edit_layout = [&](const std::function<void(nlohmann::json&)>& f) {
     rewrite(good, bad, [&](auto& m) {
       nlohmann::json L = nlohmann::json::parse(m["moekit.layouts"]);

@@ -34,6 +34,7 @@
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
 #include "moekit/io/packed_layer.hpp"
+#include "moekit/tools/eaquant.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/io/trace.hpp"
 #include "moekit/offload/locality.hpp"
@@ -77,7 +78,7 @@ constexpr const char* kUsage =
     "  moekit bench --config C.json [--tokens T,...] [--threads N,...] [--dtype f32|bf16|int8|w8a8|fp8|int4|int4zp|w4a8|ternary|bf16xbf16,...]\n"
     "               [--repeat R] [--layers L] [--seed S] [-o json|jsonl|csv|md]\n"
     "  moekit run --packed L.safetensors --input X.safetensors --output Y.safetensors [--threads N]\n"
-    "  moekit pack --config C.json --weights W.safetensors [--prefix P] | --model DIR [--layer N] [--dtype ...] --output L.safetensors\n"
+    "  moekit pack --config C.json --weights W.safetensors [--prefix P] | --model DIR [--layer N] [--dtype ...] [--calibrate X.safetensors] --output L.safetensors\n"
     "  moekit make-input --config C.json --tokens T [--sequences S] [--seed S] --output X.safetensors\n"
     "  moekit trace-stats TRACE.safetensors... [--segments M,...] [--cache C,...] [-o json|md]\n"
     "  moekit info\n"
@@ -136,6 +137,7 @@ const std::vector<FlagSpec> kPackFlags = {
     {"layer", "-l", "the layer number, with --model"},
     kDtypeFlag,
     {"output", "-o", "the pre-packed layer file to write"},
+    {"calibrate", "", "an input file of calibration tokens: EAQuant's expert-aware smoothing (w8a8, w4a8)"},
 };
 constexpr const char* kBenchHelp =
     "Times forward passes of a layer with random weights and prints one record per configuration\n"
@@ -1391,14 +1393,36 @@ int cmd_pack(const std::map<std::string, std::string>& f) {
   const std::string& out_path = f.at("output");
   Progress progress("pack");
   progress.phase("packing the layer");
+  const std::string calib_path = f.count("calibrate") ? f.at("calibrate") : std::string();
+  if (!calib_path.empty()) refuse_output_over_inputs(out_path, {{"--calibrate", calib_path}});
   LayerSource src = layer_source(f, dtype, layer_no, out_path, "");
   if (src.cfg.router_type != "topk")
     fail("--config: router type \"", src.cfg.router_type,
          "\": moekit pack writes top-k layers (HF model types and moekit topk configs) only");
+  if (!calib_path.empty() && !moekit::kernels::quantises_activations(src.cfg.pack.type))
+    fail("--calibrate: EAQuant smooths the int8 activations of w8a8 and w4a8; the weight type ",
+         moekit::kernels::to_string(src.cfg.pack.type), " quantises no activations (pass --dtype w8a8 or w4a8)");
   std::ifstream in(src.config_path, std::ios::binary);
   const std::string config_text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (!in.good() && !in.eof()) fail("--config \"", src.config_path, "\": read failed");
-  const moekit::TopKLayer layer = moekit::load_layer(src.cfg, *src.weights, src.prefix);
+  std::optional<moekit::TopKLayer> calibrated;
+  if (!calib_path.empty()) {  // EAQuant: statistics on the f32 layer, then the smoothed layer packed
+    const Input cal = read_input(moekit::io::TensorSource::open(calib_path), calib_path, src.cfg.hidden());
+    moekit::LayerConfig exact = src.cfg;
+    exact.pack = {};
+    progress.phase("calibrating (EAQuant) on " + std::to_string(cal.tokens) + " tokens");
+    const moekit::TopKLayer ref = moekit::load_layer(exact, *src.weights, src.prefix);
+    moekit::eaquant::Smoothing sm;
+    try {
+      sm = moekit::eaquant::calibrate(ref, cal.batch(src.cfg.hidden()), cal.x.data());
+    } catch (const moekit::error& e) {
+      fail("--calibrate \"", calib_path, "\": ", e.what());
+    }
+    progress.phase("packing the smoothed layer");
+    calibrated.emplace(moekit::eaquant::apply(ref, sm, src.cfg.pack));
+  }
+  const moekit::TopKLayer layer =
+      calibrated ? std::move(*calibrated) : moekit::load_layer(src.cfg, *src.weights, src.prefix);
   progress.phase("writing " + out_path);
   moekit::save_packed_layer(out_path, layer, config_text);
   return 0;

@@ -20,6 +20,9 @@ namespace {
 using nlohmann::json;
 using detail::fail;
 constexpr const char* kFormat = "1";
+// Format 2: format 1 plus `input_smoothing` tensors (EAQuant; a moekit that only knows format 1
+// would ignore them and compute on unsmoothed inputs, so it must refuse such files).
+constexpr const char* kFormatSmoothed = "2";
 
 json layout_json(const kernels::PackedMatrix::Layout& L) {
   return {{"type", kernels::to_string(L.type)}, {"bf16_activations", L.bf16_activations}, {"f16_scales", L.f16_scales},
@@ -47,6 +50,7 @@ kernels::PackedMatrix::Layout layout_of(const json& j, const std::string& where)
 struct Writer {
   std::vector<io::OutTensor> packed, plain;
   json layouts = json::object();
+  bool smoothed = false;
 
   void matrix(const std::string& name, const kernels::PackedMatrix& m) {
     const auto data = m.packed_data();
@@ -63,6 +67,11 @@ struct Writer {
     }
     if (!b.biases().empty())
       plain.push_back({base + "biases", io::DType::F32, {static_cast<int64_t>(b.biases().size())}, b.biases().data()});
+    if (!b.input_smoothing().empty()) {
+      plain.push_back({base + "input_smoothing", io::DType::F32, {static_cast<int64_t>(b.input_smoothing().size())},
+                       b.input_smoothing().data()});
+      smoothed = true;
+    }
   }
   void f32(const std::string& name, const std::vector<float>& v, std::vector<int64_t> shape) {
     if (!v.empty()) plain.push_back({name, io::DType::F32, std::move(shape), v.data()});
@@ -71,7 +80,7 @@ struct Writer {
 
 // One bank of `count` experts of `shape` under `base`, viewing the mapped file.
 FfnBank read_bank(const io::TensorSource& src, const std::shared_ptr<const void>& keep, const json& layouts,
-                  const std::string& base, int64_t count, FfnShape shape, const std::string& where) {
+                  const std::string& base, int64_t count, FfnShape shape, bool smoothed, const std::string& where) {
   std::vector<kernels::PackedMatrix> in, down;
   auto matrix = [&](const std::string& name) {
     MOEKIT_CHECK(layouts.contains(name), where, ": no layout for tensor \"", name, "\" in moekit.layouts");
@@ -102,8 +111,12 @@ FfnBank read_bank(const io::TensorSource& src, const std::shared_ptr<const void>
                "biases\", but the config's experts have no biases");
   std::vector<float> biases;
   if (shape.bias) biases = src.read_f32(base + "biases", {count * shape.biases_per_expert()});
+  MOEKIT_CHECK(smoothed || !src.contains(base + "input_smoothing"), where, ": tensor \"", base,
+               "input_smoothing\" in a format-1 file (format 2 carries smoothing)");
+  std::vector<float> smoothing;
+  if (src.contains(base + "input_smoothing")) smoothing = src.read_f32(base + "input_smoothing", {shape.hidden});
   try {
-    return FfnBank::from_packed(shape, std::move(in), std::move(down), std::move(biases));
+    return FfnBank::from_packed(shape, std::move(in), std::move(down), std::move(biases), std::move(smoothing));
   } catch (const error& e) {
     fail(where, ": ", e.what());
   }
@@ -146,7 +159,7 @@ void save_packed_layer(const std::string& path, const TopKLayer& layer, const st
   std::vector<io::OutTensor> all = std::move(w.packed);  // packed values first: 64-byte multiples
   all.insert(all.end(), w.plain.begin(), w.plain.end());
   io::write_safetensors(path, all,
-                        {{"moekit.packed", kFormat},
+                        {{"moekit.packed", w.smoothed ? kFormatSmoothed : kFormat},
                          {"moekit.config", config_json},
                          {"moekit.layouts", w.layouts.dump()},
                          {"producer", std::string("moekit ") + version()}});
@@ -162,8 +175,10 @@ TopKLayer load_packed_layer(const std::string& path, LayerConfig* config_out) {
                  "\" in the metadata: not a file `moekit pack` wrote (or from another version)");
     return it->second;
   };
-  MOEKIT_CHECK(entry("moekit.packed") == kFormat, where, ": format version \"", entry("moekit.packed"), "\", expected \"",
-               kFormat, "\" (pack it again with this moekit)");
+  const std::string& format = entry("moekit.packed");
+  MOEKIT_CHECK(format == kFormat || format == kFormatSmoothed, where, ": format version \"", format, "\", expected \"",
+               kFormat, "\" or \"", kFormatSmoothed, "\" (pack it again with this moekit)");
+  const bool smoothed = format == kFormatSmoothed;
   LayerConfig c = parse_layer_config(entry("moekit.config"), where + ": moekit.config");
   MOEKIT_CHECK(c.router_type == "topk", where, ": router type \"", c.router_type, "\", expected topk");
   const std::string& layouts_text = entry("moekit.layouts");
@@ -173,7 +188,7 @@ TopKLayer load_packed_layer(const std::string& path, LayerConfig* config_out) {
   auto src = std::make_shared<io::TensorSource>(io::TensorSource::of(std::move(file)));
   const std::shared_ptr<const void> keep = src;
   const int64_t E = c.router.num_experts, d = c.hidden();
-  FfnBank bank = read_bank(*src, keep, layouts, "experts.", E, detail::routed_shape(c), where);
+  FfnBank bank = read_bank(*src, keep, layouts, "experts.", E, detail::routed_shape(c), smoothed, where);
   c.pack.type = bank.weight_type();
   c.pack.bf16_activations = bank.pack_options().bf16_activations;
   c.pack.f16_scales = bank.pack_options().f16_scales;
@@ -182,7 +197,7 @@ TopKLayer load_packed_layer(const std::string& path, LayerConfig* config_out) {
     MOEKIT_CHECK(c.shared.has_value(), where, ": shared expert tensors, but the config has no shared expert");
     const std::string base = "shared." + std::to_string(j) + ".";
     const FfnShape sh{d, c.shared->intermediate, c.experts.gated, c.experts.act};  // as detail::shared_experts
-    SharedExpert s{read_bank(*src, keep, layouts, base, 1, sh, where), {}};
+    SharedExpert s{read_bank(*src, keep, layouts, base, 1, sh, smoothed, where), {}};
     // What the config says the shared expert has, the file must have (and nothing else).
     optional_f32(*src, base + "gate", c.shared->gated, {d}, s.gate, where);
     optional_f32(*src, base + "coefficient", c.shared->residual_coefficient, {2, d}, s.coefficient, where);

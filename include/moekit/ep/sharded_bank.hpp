@@ -54,7 +54,8 @@ class ShardedFfnBank {
       if (nb > 0) biases.insert(biases.end(), full.biases().begin() + e * nb, full.biases().begin() + (e + 1) * nb);
     }
     MOEKIT_CHECK(!in.empty(), "ep::ShardedFfnBank::from_full: held expected at least one expert, got none");
-    FfnBank local = FfnBank::from_packed(full.shape(), std::move(in), std::move(down), std::move(biases));
+    FfnBank local = FfnBank::from_packed(full.shape(), std::move(in), std::move(down), std::move(biases),
+                                         full.input_smoothing());
     return ShardedFfnBank(full.num_experts(), std::move(held), std::move(local));
   }
 
@@ -133,7 +134,8 @@ class ShardedFfnBank {
                                                reinterpret_cast<const float*>(base + off[3]), part_bytes(3) / 4, mem));
     std::vector<float> biases(part_bytes(4) / 4);
     if (!biases.empty()) std::memcpy(biases.data(), base + off[4], part_bytes(4));
-    guests_.push_back({e, FfnBank::from_packed(shape(), std::move(in), std::move(down), std::move(biases))});
+    guests_.push_back(
+        {e, FfnBank::from_packed(shape(), std::move(in), std::move(down), std::move(biases), local_.input_smoothing())});
     where_[static_cast<size_t>(e)] = kGuest0 - static_cast<int32_t>(guests_.size() - 1);
   }
   /// Drops guest e (its memory is freed); a no-op when e is not a guest.

@@ -78,12 +78,24 @@ class FfnBank {
     const std::vector<float> zero(static_cast<size_t>(shape_.hidden * shape_.intermediate), 0.0f);
     for (int64_t e = 0; e < num_experts; ++e) pack_expert(e, zero.data(), zero.data(), zero.data());
   }
+  /// A bank whose experts see their input divided channel-wise by `input_smoothing` `[d]`
+  /// (finite, > 0), with every gate / up column j multiplied by `input_smoothing[j]` before it
+  /// is packed: the same function in real arithmetic, `W x = (W diag(s)) (diag(s)^-1 x)`, with
+  /// the input's outlier channels moved into the weights (SmoothQuant; EAQuant's router-
+  /// consistent smoothing, tools/eaquant.hpp, which computes s). set_expert() and get_expert()
+  /// take and return the unsmoothed weights. An empty vector is no smoothing.
+  FfnBank(int64_t num_experts, FfnShape shape, kernels::PackOptions pack, std::vector<float> input_smoothing)
+      : FfnBank(num_experts, shape, pack) {
+    set_smoothing(std::move(input_smoothing), "FfnBank");
+  }
 
   [[nodiscard]] int64_t num_experts() const noexcept { return experts_; }
   [[nodiscard]] int64_t d_in() const noexcept { return shape_.hidden; }
   [[nodiscard]] int64_t d_out() const noexcept { return shape_.hidden; }
   [[nodiscard]] const FfnShape& shape() const noexcept { return shape_; }
-  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept { return scratch_floats_for(shape_, rows); }
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
+    return scratch_floats_for(shape_, rows) + smoothed_rows_floats(rows);
+  }
   /// Scratch floats of `rows` rows through an expert of `shape` (any bank of that shape).
   [[nodiscard]] static size_t scratch_floats_for(const FfnShape& shape, int64_t rows) noexcept {
     return static_cast<size_t>(rows * shape.intermediate) +
@@ -107,7 +119,18 @@ class FfnBank {
     if (shape_.gated) finite(gate, f, d, "gate");
     finite(up, f, d, "up");
     finite(down_w, d, f, "down");
-    pack_expert(e, gate, up, down_w);
+    if (!smooth_.empty()) {  // gate / up columns times s: the packed weights see x / s
+      std::vector<float> g(shape_.gated ? static_cast<size_t>(f * d) : 0), u(static_cast<size_t>(f * d));
+      for (int64_t r = 0; r < f; ++r)
+        for (int64_t j = 0; j < d; ++j) {
+          const float s = smooth_[static_cast<size_t>(j)];
+          if (shape_.gated) g[static_cast<size_t>(r * d + j)] = gate[r * d + j] * s;
+          u[static_cast<size_t>(r * d + j)] = up[r * d + j] * s;
+        }
+      pack_expert(e, g.data(), u.data(), down_w);
+    } else {
+      pack_expert(e, gate, up, down_w);
+    }
     detail::report_progress("expert packed", static_cast<int64_t>(weight_bytes_per_expert()));
   }
 
@@ -166,8 +189,10 @@ class FfnBank {
   /// wrote, mapped: `in[e]` is expert e's gate/up matrix (PackedMatrix::pack_gated; for a
   /// gated shape) or up matrix `[f, d]`, `down[e]` its down matrix `[d, f]`, all of one weight
   /// type; `biases` as biases() (shape.bias), else empty. Nothing is packed or copied.
+  /// `input_smoothing` as the constructor's: the smoothing the matrices were packed with
+  /// (input_smoothing() of the bank they came from), empty for none.
   static FfnBank from_packed(FfnShape shape, std::vector<kernels::PackedMatrix> in, std::vector<kernels::PackedMatrix> down,
-                             std::vector<float> biases = {}) {
+                             std::vector<float> biases = {}, std::vector<float> input_smoothing = {}) {
     shape.validate("FfnBank::from_packed");
     const auto E = static_cast<int64_t>(in.size());
     MOEKIT_CHECK(E >= 1 && down.size() == in.size(), "FfnBank::from_packed: expected as many down as gate/up matrices, ",
@@ -201,8 +226,12 @@ class FfnBank {
     bank.in_ = std::move(in);
     bank.down_ = std::move(down);
     bank.biases_ = std::move(biases);
+    bank.set_smoothing(std::move(input_smoothing), "FfnBank::from_packed");
     return bank;
   }
+  /// The input smoothing s `[d]` (empty for none): experts compute on `x / s` with gate / up
+  /// columns packed as `W diag(s)`.
+  [[nodiscard]] const std::vector<float>& input_smoothing() const noexcept { return smooth_; }
   [[nodiscard]] kernels::WeightType weight_type() const noexcept { return pack_.type; }
 
   /// Recovers expert e's weights in HF layout (gate may be null for plain experts).
@@ -214,13 +243,28 @@ class FfnBank {
       in.unpack_row(r, shape_.gated, up + r * d);
     }
     for (int64_t r = 0; r < d; ++r) down_[static_cast<size_t>(e)].unpack_row(r, false, down_w + r * f);
+    if (!smooth_.empty())  // the stored columns are W diag(s)
+      for (int64_t r = 0; r < f; ++r)
+        for (int64_t j = 0; j < d; ++j) {
+          const float s = smooth_[static_cast<size_t>(j)];
+          if (shape_.gated && gate != nullptr) gate[r * d + j] /= s;
+          up[r * d + j] /= s;
+        }
+  }
+
+  /// The activated first projection(s) of expert e, `h [rows, f]` (`act(gate x) * up x` for
+  /// gated experts, `act(up x)` for plain ones, biases and smoothing included): what down
+  /// multiplies. For calibration (EAQuant's down-projection statistics); `scratch` holds
+  /// scratch_floats(rows).
+  void hidden_activations(int64_t e, const float* in, int64_t rows, float* h, float* scratch) const noexcept {
+    first_half(e, in, rows, h, scratch, 0, -1);
   }
 
   /// Runs expert e on `in [rows, d]` into `out [rows, d]`; scratch holds scratch_floats(rows).
   void run(int64_t e, const float* in, int64_t rows, float* out, float* scratch) const noexcept {
     const int64_t d = shape_.hidden, f = shape_.intermediate;
     float* h = scratch;
-    float* a_pack = scratch + rows * f;
+    float* a_pack = scratch + rows * f;  // then the smoothed rows (first_half)
     first_half(e, in, rows, h, a_pack, 0, -1);
     kernels::gemm_packed_bias(rows, h, f, down_[static_cast<size_t>(e)], down_bias(e), out, d, a_pack);
   }
@@ -240,7 +284,7 @@ class FfnBank {
   }
   /// Floats of `a_pack` one split piece needs.
   [[nodiscard]] size_t split_scratch_floats(int64_t rows) const noexcept {
-    return kernels::packed_a_floats(rows, std::max(shape_.hidden, shape_.intermediate));
+    return kernels::packed_a_floats(rows, std::max(shape_.hidden, shape_.intermediate)) + smoothed_rows_floats(rows);
   }
   /// One piece of the split: stage 0 reads `in [rows, d]`, writes `h`; stage 1 reads `h`,
   /// writes `out [rows, d]`.
@@ -269,11 +313,34 @@ class FfnBank {
   float* bias_up(int64_t e) noexcept { return const_cast<float*>(up_bias(e)); }
   float* bias_down(int64_t e) noexcept { return const_cast<float*>(down_bias(e)); }
 
-  // `h [rows, f]` = the activated first projection(s) of expert e, strips [s0, s1).
+  // Floats of `rows` smoothed input rows (0 without smoothing).
+  [[nodiscard]] size_t smoothed_rows_floats(int64_t rows) const noexcept {
+    return smooth_.empty() ? 0 : static_cast<size_t>(rows * shape_.hidden);
+  }
+
+  void set_smoothing(std::vector<float> s, const char* who) {
+    if (s.empty()) return;
+    MOEKIT_CHECK(static_cast<int64_t>(s.size()) == shape_.hidden, who, ": input smoothing expected [", shape_.hidden,
+                 "] values, got ", s.size());
+    for (size_t j = 0; j < s.size(); ++j)
+      MOEKIT_CHECK(std::isfinite(s[j]) && s[j] > 0.0f && std::isfinite(1.0f / s[j]), who, ": input smoothing[", j,
+                   "] expected finite and > 0 (with a finite reciprocal), got ", s[j]);
+    inv_smooth_.resize(s.size());
+    for (size_t j = 0; j < s.size(); ++j) inv_smooth_[j] = 1.0f / s[j];
+    smooth_ = std::move(s);
+  }
+
+  // `h [rows, f]` = the activated first projection(s) of expert e, strips [s0, s1). `a_pack`
+  // holds packed_a_floats(rows, max(d, f)), then (with smoothing) the rows `in / s`.
   void first_half(int64_t e, const float* in, int64_t rows, float* h, float* a_pack, int64_t s0,
                   int64_t s1) const noexcept {
     const int64_t d = shape_.hidden, f = shape_.intermediate;
     const auto& w_in = in_[static_cast<size_t>(e)];
+    if (!smooth_.empty()) {
+      float* xs = a_pack + kernels::packed_a_floats(rows, std::max(d, f));
+      for (int64_t r = 0; r < rows; ++r) kernels::mul_rows(in + r * d, inv_smooth_.data(), xs + r * d, d);
+      in = xs;
+    }
     if (shape_.clamped) {
       kernels::gemm_packed_gated_clamped(rows, in, d, w_in, shape_.glu, gate_bias(e), up_bias(e), h, f, a_pack, s0, s1);
     } else if (shape_.gated) {
@@ -292,6 +359,7 @@ class FfnBank {
   std::vector<kernels::PackedMatrix> in_;
   std::vector<kernels::PackedMatrix> down_;
   std::vector<float> biases_;  // per expert: [f] gate (gated), [f] up, [d] down; empty without bias
+  std::vector<float> smooth_, inv_smooth_;  // input smoothing s and 1 / s ([d] each), empty for none
 };
 
 static_assert(ExpertBank<FfnBank>);

@@ -13,11 +13,13 @@ namespace moekit {
 
 /// Writes `layer` (built from `config`, whose JSON text is `config_json`: the config file as
 /// read) as a pre-packed layer file. The file is a safetensors file (atomically written):
-///  - `__metadata__`: `moekit.packed` "1" (the format version), `moekit.config` (config_json),
+///  - `__metadata__`: `moekit.packed` "1" (the format version; "2" when a bank has input
+///    smoothing, which format-1 readers must not ignore), `moekit.config` (config_json),
 ///    `moekit.layouts` (JSON: each packed tensor's PackedMatrix::Layout), `producer`;
 ///  - `experts.<e>.in`, `experts.<e>.down` U8 (the packed values, each 64-byte aligned in the
 ///    file), `experts.<e>.in_scales`, `experts.<e>.down_scales` F32 (formats with scales),
-///    `experts.biases` F32 (experts with biases); the same under `shared.<j>.` for shared
+///    `experts.biases` F32 (experts with biases), `experts.input_smoothing` F32 [d] (format 2:
+///    FfnBank::input_smoothing(), EAQuant); the same under `shared.<j>.` for shared
 ///    expert j, with `shared.<j>.gate`, `.coefficient`, `.coefficient_bias` and `.scale` F32;
 ///  - `router.weight` F32 [E, d], `router.bias` F32 [E] (selection bias), `router.logit_bias`
 ///    F32 [E], when the router has them.

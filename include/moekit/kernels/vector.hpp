@@ -83,6 +83,12 @@ inline void scale_row(float a, const float* x, float* y, int64_t n) noexcept {
   row_kernels().scale(a, x, y, n);
 }
 
+/// `y[0:n] = x[0:n] * w[0:n]`, element by element (each product rounded once, so the same on
+/// every instruction set; a plain loop the compiler vectorises).
+inline void mul_rows(const float* x, const float* w, float* y, int64_t n) noexcept {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * w[i];
+}
+
 /// `y[0:n] += a * x[0:n]` (one fused multiply-add per element).
 inline void axpy_row(float a, const float* x, float* y, int64_t n) noexcept {
   row_kernels().axpy(a, x, y, n);

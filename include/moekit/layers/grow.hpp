@@ -72,14 +72,14 @@ inline SparseLayer<TopKRouter, FfnBank> grow_experts(const SparseLayer<TopKRoute
     in.push_back(bank.in_matrix(e));
     dn.push_back(bank.down_matrix(e));
   }
-  FfnBank fresh(n, sh, bank.pack_options());
+  FfnBank fresh(n, sh, bank.pack_options(), bank.input_smoothing());  // new experts smoothed alike
   for (int64_t e = 0; e < n; ++e)
     fresh.set_expert(e, sh.gated ? gate.data() + e * f * d : nullptr, up.data() + e * f * d, down.data() + e * d * f);
   for (int64_t e = 0; e < n; ++e) {
     in.push_back(fresh.in_matrix(e));
     dn.push_back(fresh.down_matrix(e));
   }
-  SparseLayer<TopKRouter, FfnBank> out(std::move(grown), FfnBank::from_packed(sh, std::move(in), std::move(dn)),
+  SparseLayer<TopKRouter, FfnBank> out(std::move(grown), FfnBank::from_packed(sh, std::move(in), std::move(dn), {}, bank.input_smoothing()),
                                        layer.shared_experts());
   out.set_weight_on_input(layer.weight_on_input());
   out.set_output_bias(layer.output_bias());
