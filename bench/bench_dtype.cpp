@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Expert weight types: the Mixtral-style layer (softmax top-k, SwiGLU) with f32, bf16 (f32 or
-// bf16 activations), int8, w8a8, fp8 and int4 experts, prefill and decode; and the decode column split on and off. Each
+// bf16 activations), int8, w8a8 (also EAQuant-smoothed), fp8, int4 and ternary experts, prefill and decode; and the decode column split on and off. Each
 // registration first checks its output against the f32 layer with the same weights (relative
 // Frobenius error within the type's bound) and skips with an error otherwise.
 #include <chrono>
@@ -18,6 +18,7 @@
 #include "moekit/io/model.hpp"
 #include "moekit/kernels/packed_gemm.hpp"
 #include "moekit/layer.hpp"
+#include "moekit/tools/eaquant.hpp"
 
 namespace moekit_bench {
 namespace {
@@ -32,17 +33,20 @@ constexpr int64_t kTokens[] = {1, 16, 512};
 // A weight type, with activations rounded to bf16 or not ("bf16xbf16": bf16 weights and
 // activations, what a bf16 engine and PyTorch's bf16 matmul compute; on AVX512-BF16 CPUs it
 // runs on vdpbf16ps).
+// "-eaquant": the same type after EAQuant's smoothing (tools/eaquant.hpp, calibrated on 256
+// random tokens): the cost of dividing each expert input by s.
 struct Format {
   WeightType t;
   bool bf16_act;
+  bool eaquant = false;
 };
 constexpr Format kFormats[] = {{WeightType::f32, false},  {WeightType::bf16, false}, {WeightType::bf16, true},
-                               {WeightType::int8, false}, {WeightType::w8a8, false}, {WeightType::fp8, false},
-                               {WeightType::int4, false}, {WeightType::int4zp, false}, {WeightType::w4a8, false},
-                               {WeightType::ternary, false}};
+                               {WeightType::int8, false}, {WeightType::w8a8, false}, {WeightType::w8a8, false, true},
+                               {WeightType::fp8, false},  {WeightType::int4, false}, {WeightType::int4zp, false},
+                               {WeightType::w4a8, false}, {WeightType::w4a8, false, true}, {WeightType::ternary, false}};
 
 std::string format_name(const Format& f) {
-  return std::string(moekit::kernels::to_string(f.t)) + (f.bf16_act ? "xbf16" : "");
+  return std::string(moekit::kernels::to_string(f.t)) + (f.bf16_act ? "xbf16" : "") + (f.eaquant ? "-eaquant" : "");
 }
 
 double bound(const Format& f) {
@@ -116,7 +120,15 @@ void run(benchmark::State& state, Shape s, Format f, int64_t T, bool split, uint
     static std::string verdict;
     if (c.key != key) {
       c.layer.reset();
-      c.layer = std::make_unique<moekit::TopKLayer>(moekit::random_layer(config(s, f), seed));
+      if (f.eaquant) {
+        const moekit::TopKLayer f32 = moekit::random_layer(config(s, Format{WeightType::f32, false}), seed);
+        const auto cal = input(256, s.d, 1234);
+        const moekit::eaquant::Smoothing sm =
+            moekit::eaquant::calibrate(f32, moekit::Batch::single(256, s.d), cal.data(), {}, threads);
+        c.layer = std::make_unique<moekit::TopKLayer>(moekit::eaquant::apply(f32, sm, config(s, f).pack));
+      } else {
+        c.layer = std::make_unique<moekit::TopKLayer>(moekit::random_layer(config(s, f), seed));
+      }
       c.key = key;
       verdict = check(*c.layer, s, f, seed);
     }
