@@ -19,8 +19,8 @@
 #include "bench_common.hpp"
 #include "moekit/blocks.hpp"
 #include "moekit/experts/ffn.hpp"
-#include "moekit/routers/drllm.hpp"
-#include "moekit/routers/mor.hpp"
+#include "moekit/layers/drllm.hpp"
+#include "moekit/layers/mor.hpp"
 #include "reference/depth_composite_ref.hpp"
 
 namespace moekit_bench {

@@ -21,7 +21,7 @@
 #include "moekit/expert.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/routers/depth.hpp"
-#include "moekit/routers/mor.hpp"
+#include "moekit/layers/mor.hpp"
 #include "moekit/routing_plan.hpp"
 #include "reference/depth_ref.hpp"
 #include "support/test_helpers.hpp"

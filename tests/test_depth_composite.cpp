@@ -18,8 +18,8 @@
 #include "moekit/error.hpp"
 #include "moekit/expert.hpp"
 #include "moekit/experts/ffn.hpp"
-#include "moekit/routers/drllm.hpp"
-#include "moekit/routers/mor.hpp"
+#include "moekit/layers/drllm.hpp"
+#include "moekit/layers/mor.hpp"
 #include "reference/depth_composite_ref.hpp"
 #include "support/test_helpers.hpp"
 

@@ -7,8 +7,8 @@
 #include "json_reader.hpp"
 #include "layer_registry.hpp"
 #include "moekit/routers/depth.hpp"
-#include "moekit/routers/drllm.hpp"
-#include "moekit/routers/mor.hpp"
+#include "moekit/layers/drllm.hpp"
+#include "moekit/layers/mor.hpp"
 
 namespace moekit::detail {
 namespace {
