@@ -24,26 +24,32 @@ double quantile(const std::vector<double>& a, double q) {
 // the gap between the two sides minus one side's unbiased variance (the lower side's for the
 // positive tail, the upper side's for the negative tail), the first best cut kept. Returns
 // the new threshold (the official outlier_threshold) or `fallback` when no cut scores above
-// the official initial -1000.
+// the official initial -1000 (where the official code raises).
 double otsu_threshold(std::vector<double> v, bool positive, double fallback) {
   std::sort(v.begin(), v.end(), [](double a, double b) { return a > b; });
   const size_t n = v.size();
-  // Prefix sums (upper side v[0..i]) and suffix sums (lower side v[i+1..n)) for the variances.
-  std::vector<double> ps(n + 1, 0.0), pq(n + 1, 0.0);
+  // Unbiased variances of every prefix v[0..i] and suffix v[i..n), by Welford's updates
+  // (stable where sums of squares would cancel).
+  std::vector<double> pre(n, 0.0), suf(n + 1, 0.0);
+  double mean = 0.0, m2 = 0.0;
   for (size_t i = 0; i < n; ++i) {
-    ps[i + 1] = ps[i] + v[i];
-    pq[i + 1] = pq[i] + v[i] * v[i];
+    const double delta = v[i] - mean;
+    mean += delta / static_cast<double>(i + 1);
+    m2 += delta * (v[i] - mean);
+    pre[i] = i == 0 ? 0.0 : m2 / static_cast<double>(i);
   }
-  auto variance = [&](size_t b, size_t e) {  // unbiased, of v[b..e); 0 for one value
-    const auto m = static_cast<double>(e - b);
-    if (m < 2) return 0.0;
-    const double mean = (ps[e] - ps[b]) / m;
-    return std::max(0.0, (pq[e] - pq[b] - m * mean * mean) / (m - 1.0));
-  };
+  mean = m2 = 0.0;
+  for (size_t i = n; i-- > 0;) {
+    const size_t m = n - i;
+    const double delta = v[i] - mean;
+    mean += delta / static_cast<double>(m);
+    m2 += delta * (v[i] - mean);
+    suf[i] = m == 1 ? 0.0 : m2 / static_cast<double>(m - 1);
+  }
   double best = -1000.0, threshold = fallback;
   for (size_t i = 0; i + 1 < n; ++i) {
     const double gap = std::fabs(v[i] - v[i + 1]);
-    const double metric = gap - (positive ? variance(i + 1, n) : variance(0, i + 1));
+    const double metric = gap - (positive ? suf[i + 1] : pre[i]);
     if (metric > best) {
       best = metric;
       threshold = positive ? v[i + 1] : v[i];
@@ -107,8 +113,10 @@ std::vector<float> outlier_scale(std::span<const float> channel_max, std::span<c
     double pos = 1.0, neg = 1.0;
     if (mx[c] > fence_pos) pos = std::pow(mx[c] / max_value, options.otsu_smooth_rate);
     if (mn[c] < fence_neg) neg = std::pow(mn[c] / min_value, options.otsu_smooth_rate);
-    // Official: max(pos, neg) when the normal minimum is nonzero, else pos; a 0 becomes 1.
-    double v = min_value != 0.0 ? std::max(pos, neg) : pos;
+    // Official: max(pos, neg) when the normal minimum is nonzero, else pos (torch.max
+    // propagates a NaN from either side); a 0 becomes 1.
+    double v = pos;
+    if (min_value != 0.0) v = std::isnan(pos) || std::isnan(neg) ? std::nan("") : std::max(pos, neg);
     if (v == 0.0) v = 1.0;
     // Deviation: a non-finite or negative scale (a reference value of 0 or the wrong sign),
     // where the official code stops on its NaN assertion, leaves the channel alone.

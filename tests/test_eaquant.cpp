@@ -15,9 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "moekit/ep/sharded_bank.hpp"
 #include "moekit/io/model.hpp"
+#include "moekit/offload/expert_cache.hpp"
 #include "moekit/io/packed_layer.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/layers/grow.hpp"
 #include "moekit/routers/topk.hpp"
 #include "moekit/tools/eaquant.hpp"
 #include "reference/eaquant_ref.hpp"
@@ -428,6 +431,109 @@ TEST(Eaquant, PackFileCarriesTheSmoothing) {
   expect_error([&] { (void)moekit::load_packed_layer(rewrite("2", std::numeric_limits<float>::quiet_NaN())); },
                {"input smoothing[2]"});
   fs::remove_all(dir);
+}
+
+// Every place that rebuilds a bank from another one's packed matrices keeps the smoothing:
+// an offloaded layer whose loader returns smoothed experts (full 96-row blocks, 2 threads:
+// the scratch must hold the smoothed rows), a shard of the bank, and a grown layer's old
+// experts all compute what the smoothed layer computes, bit for bit.
+TEST(Eaquant, SmoothedBanksSurviveOffloadShardsAndGrowth) {
+  const Fixture fx(51, 32, 40, 6, 2);
+  const moekit::TopKLayer f32 = fx.layer(WeightType::f32);
+  const std::vector<float> cal = Fixture::inputs(5, 64, 32, {2, 9}, 20.0f);
+  const moekit::eaquant::Smoothing sm = moekit::eaquant::calibrate(f32, moekit::Batch::single(64, 32), cal.data());
+  moekit::kernels::PackOptions p;
+  p.type = WeightType::w8a8;
+  const moekit::TopKLayer smooth = moekit::eaquant::apply(f32, sm, p);
+  const moekit::FfnBank& full = smooth.experts();
+  const int64_t T = 300, d = 32;
+  const std::vector<float> x = Fixture::inputs(6, T, d, {2, 9}, 20.0f);
+  std::vector<float> want(static_cast<size_t>(T * d)), got(want.size());
+  moekit::Workspace w0, w1;
+  smooth.forward(moekit::Batch::single(T, d), x.data(), want.data(), w0, 2);
+  auto one = [&](int64_t e) {
+    return moekit::FfnBank::from_packed(full.shape(), {full.in_matrix(e)}, {full.down_matrix(e)}, {}, full.input_smoothing());
+  };
+  moekit::offload::OffloadedLayer<moekit::TopKRouter> off(moekit::SparseLayer<moekit::TopKRouter, moekit::offload::CachedFfnBank>(
+      smooth.router(), moekit::offload::CachedFfnBank(fx.E, full.shape(), fx.E, one), smooth.shared_experts()));
+  off.forward(moekit::Batch::single(T, d), x.data(), got.data(), w1, 2);
+  EXPECT_TRUE(test_support::same_bits(got, want)) << "offload";
+  const moekit::ep::ShardedFfnBank shard = moekit::ep::ShardedFfnBank::from_full(full, {0, 1, 2, 3, 4, 5});
+  EXPECT_EQ(shard.local().input_smoothing(), sm.input);
+  moekit::SparseLayer<moekit::TopKRouter, moekit::ep::ShardedFfnBank> sharded(smooth.router(), shard, smooth.shared_experts());
+  moekit::Workspace w2;
+  sharded.forward(moekit::Batch::single(T, d), x.data(), got.data(), w2, 2);
+  EXPECT_TRUE(test_support::same_bits(got, want)) << "shard";
+  const std::vector<float> z(static_cast<size_t>(40 * 32), 0.0f), zr(32, 0.0f);
+  const moekit::TopKLayer grown = moekit::grow_experts(smooth, zr, z, z, z);
+  EXPECT_EQ(grown.experts().input_smoothing(), sm.input);
+  for (int64_t e = 0; e < fx.E; ++e) {  // old experts: the same bytes, the same smoothing
+    std::vector<float> a(static_cast<size_t>(4 * d)), b(a.size()), sa(full.scratch_floats(4)), sb(sa.size());
+    full.run(e, x.data(), 4, a.data(), sa.data());
+    grown.experts().run(e, x.data(), 4, b.data(), sb.data());
+    EXPECT_TRUE(test_support::same_bits(a, b)) << "grown expert " << e;
+  }
+}
+
+// Shapes: a plain (ungated) shared expert beside gated routed experts takes no down fold
+// (all-1 scales) and the smoothed layer is still the same function; with the weight on the
+// input the statistics read w x.
+TEST(Eaquant, PerBankShapesAndWeightOnInput) {
+  Rng rng(61);
+  const int64_t d = 24, f = 32, E = 4, T = 50;
+  std::vector<ref::Ffn> experts;
+  for (int64_t e = 0; e < E; ++e) experts.push_back(test_support::random_ref_ffn(rng, d, f));
+  ref::Ffn plain = test_support::random_ref_ffn(rng, d, f);
+  moekit::FfnBank sb(1, moekit::FfnShape{d, f, false, moekit::Activation::gelu});
+  sb.set_expert(0, nullptr, plain.up.data(), plain.down.data());
+  std::vector<moekit::SharedExpert> sh;
+  sh.push_back({std::move(sb), {}});
+  moekit::TopKLayer layer(moekit::TopKRouter(moekit::TopKOptions{.num_experts = E, .k = 2, .hidden = d},
+                                             rng.vec(static_cast<size_t>(E * d), 0.3)),
+                          test_support::bank_of(experts, d, f), std::move(sh));
+  const std::vector<float> x = Fixture::inputs(7, T, d, {4}, 25.0f);
+  const moekit::eaquant::Smoothing sm = moekit::eaquant::calibrate(layer, moekit::Batch::single(T, d), x.data());
+  ASSERT_EQ(sm.shared_down.size(), 1u);
+  for (float v : sm.shared_down[0]) ASSERT_EQ(v, 1.0f);
+  const moekit::TopKLayer s32 = moekit::eaquant::apply(layer, sm, {});
+  std::vector<float> a(static_cast<size_t>(T * d)), b(a.size());
+  moekit::Workspace wa, wb;
+  layer.forward(moekit::Batch::single(T, d), x.data(), a.data(), wa);
+  s32.forward(moekit::Batch::single(T, d), x.data(), b.data(), wb);
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(b[i], a[i], 2e-5 * (1.0 + std::fabs(a[i])));
+  moekit::eaquant::Smoothing forged = sm;
+  forged.shared_down[0][3] = 2.0f;
+  expect_error([&] { (void)moekit::eaquant::apply(layer, forged, {}); }, {"down scales need gated, unclamped experts"});
+  // Weight on the input: expert e's A is the largest |w x| over its rows.
+  layer.set_weight_on_input(true);
+  moekit::eaquant::Options o;
+  o.smooth_down = false;
+  const moekit::eaquant::Smoothing sw = moekit::eaquant::calibrate(layer, moekit::Batch::single(T, d), x.data(), o);
+  moekit::Workspace ws;
+  (void)layer.route(moekit::Batch::single(T, d), moekit::ActivationsIn::f32(x.data()), ws);
+  std::vector<double> merged(static_cast<size_t>(d), 0.0);
+  for (int64_t e = 0; e < E; ++e) {
+    std::vector<double> am(static_cast<size_t>(d), 0.0), wm(static_cast<size_t>(d), 0.0);
+    const auto offs = ws.plan.expert_offsets();
+    if (offs[e] == offs[e + 1]) continue;
+    for (int32_t i = offs[e]; i < offs[e + 1]; ++i) {
+      const int64_t t = ws.plan.expert_tokens()[static_cast<size_t>(i)];
+      const double w = ws.plan.slot_weight()[static_cast<size_t>(ws.plan.expert_slots()[static_cast<size_t>(i)])];
+      for (int64_t j = 0; j < d; ++j) am[j] = std::max(am[j], std::fabs(w * x[t * d + j]));
+    }
+    for (int64_t r = 0; r < f; ++r)
+      for (int64_t j = 0; j < d; ++j)
+        wm[j] = std::max({wm[j], std::fabs(static_cast<double>(experts[e].gate[r * d + j])), std::fabs(static_cast<double>(experts[e].up[r * d + j]))});
+    const std::vector<double> s = ref::eaquant_get_scale(am, wm, 0.6);
+    for (int64_t j = 0; j < d; ++j) merged[j] = std::max(merged[j], s[j]);
+  }
+  std::vector<double> as(static_cast<size_t>(d), 0.0), ws_(static_cast<size_t>(d), 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < d; ++j) as[j] = std::max(as[j], std::fabs(static_cast<double>(x[t * d + j])));
+  for (int64_t r = 0; r < f; ++r)
+    for (int64_t j = 0; j < d; ++j) ws_[j] = std::max(ws_[j], std::fabs(static_cast<double>(plain.up[r * d + j])));
+  const std::vector<double> s_sh = ref::eaquant_get_scale(as, ws_, 0.6);
+  for (int64_t j = 0; j < d; ++j) ASSERT_NEAR(sw.input[j], std::max(merged[j], s_sh[j]), 1e-6 * std::max(merged[j], s_sh[j])) << j;
 }
 
 TEST(Eaquant, BadInputIsRefused) {

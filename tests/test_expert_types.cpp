@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moekit/batch.hpp"
@@ -171,3 +172,79 @@ TEST(GrowExperts, OldExpertsFrozenAndTheGrownLayerEqualsAFreshOne) {
 }
 
 }  // namespace
+
+namespace {
+
+// A user-written shared expert: y = tanh(W x) with W [d, d] (not an FFN, not splittable).
+struct TanhLinear {
+  int64_t d;
+  std::vector<float> w;
+  [[nodiscard]] int64_t d_in() const { return d; }
+  [[nodiscard]] int64_t d_out() const { return d; }
+  [[nodiscard]] size_t scratch_floats(int64_t) const { return 0; }
+  void operator()(const float* in, int64_t rows, float* out, float*) const {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < d; ++i) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < d; ++j) acc += w[static_cast<size_t>(i * d + j)] * in[r * d + j];
+        out[r * d + i] = std::tanh(acc);
+      }
+  }
+};
+
+}  // namespace
+
+// Shared experts over any bank (SparseLayer's third parameter): a gated user functor beside
+// FFN experts matches `routed + sigmoid(g . x) tanh(W x)` in double, with padding, for prefill
+// and decode (a non-splittable shared bank turns the decode column split off), and 1 and 2
+// threads agree bit for bit. The default layer is the FfnBank case.
+TEST(ExpertTypes, SharedExpertsOverAnyBank) {
+  static_assert(std::is_same_v<moekit::SparseLayer<TopKRouter, moekit::FfnBank>,
+                               moekit::SparseLayer<TopKRouter, moekit::FfnBank, moekit::FfnBank>>);
+  Rng rng(71);
+  const int64_t d = 24, f = 32, E = 5;
+  std::vector<ref::Ffn> experts;
+  for (int64_t e = 0; e < E; ++e) experts.push_back(test_support::random_ref_ffn(rng, d, f));
+  const std::vector<float> router = rng.vec(static_cast<size_t>(E * d), 0.3), gate = rng.vec(static_cast<size_t>(d), 0.3);
+  const TanhLinear tl{d, rng.vec(static_cast<size_t>(d * d), 0.3)};
+  using Bank = moekit::FunctorBank<TanhLinear>;
+  std::vector<moekit::SharedExpertOf<Bank>> shared;
+  shared.push_back({Bank({tl}), gate});
+  const moekit::SparseLayer<TopKRouter, moekit::FfnBank, Bank> layer(
+      TopKRouter(TopKOptions{.num_experts = E, .k = 2, .hidden = d}, router), test_support::bank_of(experts, d, f),
+      std::move(shared));
+  for (const int64_t T : {1, 3, 130}) {
+    const std::vector<float> x = rng.vec(static_cast<size_t>(T * d), 1.5);
+    std::vector<uint8_t> pad(static_cast<size_t>(T), 0);
+    if (T > 2) pad[1] = 1;
+    Batch batch = Batch::single(T, d);
+    batch.padding = pad;
+    std::vector<float> y1(x.size()), y2(x.size());
+    moekit::Workspace w1, w2;
+    layer.forward(batch, x.data(), y1.data(), w1, 1);
+    layer.forward(batch, x.data(), y2.data(), w2, 2);
+    EXPECT_TRUE(test_support::same_bits(y1, y2)) << "T " << T;
+    const std::vector<double> routed = ref::moe_forward(ref::routing_from_view(ref::view_of(w1.plan), pad.data()), experts,
+                                                        {}, x.data(), T, d);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < d; ++i) {
+        double want = 0.0;
+        if (!batch.is_padding(t)) {
+          double z = 0.0, a = 0.0;
+          for (int64_t j = 0; j < d; ++j) {
+            z += static_cast<double>(gate[j]) * x[t * d + j];
+            a += static_cast<double>(tl.w[i * d + j]) * x[t * d + j];
+          }
+          want = routed[t * d + i] + std::tanh(a) / (1.0 + std::exp(-z));
+        }
+        ASSERT_NEAR(y1[t * d + i], want, 1e-5 * (1.0 + std::fabs(want))) << "T " << T << " token " << t << " i " << i;
+      }
+  }
+  std::vector<moekit::SharedExpertOf<Bank>> two;
+  two.push_back({Bank({tl, tl}), {}});
+  expect_error([&] {
+    moekit::SparseLayer<TopKRouter, moekit::FfnBank, Bank> bad(
+        TopKRouter(TopKOptions{.num_experts = E, .k = 2, .hidden = d}, router), test_support::bank_of(experts, d, f),
+        std::move(two));
+  }, {"shared expert 0 expected a one-expert bank, got 2"});
+}

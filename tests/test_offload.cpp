@@ -337,7 +337,7 @@ moekit::FfnBank one_expert(const moekit::FfnBank& full, int64_t e) {
   const int64_t nb = full.shape().biases_per_expert();
   std::vector<float> b;
   if (nb > 0) b.assign(full.biases().begin() + e * nb, full.biases().begin() + (e + 1) * nb);
-  return moekit::FfnBank::from_packed(full.shape(), {full.in_matrix(e)}, {full.down_matrix(e)}, b);
+  return moekit::FfnBank::from_packed(full.shape(), {full.in_matrix(e)}, {full.down_matrix(e)}, b, full.input_smoothing());
 }
 
 TEST(OffloadCache, OffloadedLayerEqualsTheResidentOneAndCountsAsTheReplay) {

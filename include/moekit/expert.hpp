@@ -55,6 +55,24 @@ concept ContextAwareBank = requires(const B& b, int64_t e, const float* in, int6
 template <class B>
 inline constexpr bool whole_blocks_v = requires { requires B::whole_blocks; };
 
+/// An always-on expert over any one-expert bank S (ExpertBank, not context-aware): applied to
+/// every unpadded token, optionally gated by `sigmoid(gate . x)` (Qwen2-MoE's
+/// `shared_expert_gate`, `[1, d]`); ungated as DeepSeek-V3. With `coefficient` (DeepSpeed
+/// PR-MoE's residual MoE, `use_residual`): per token `c = softmax(coefficient x +
+/// coefficient_bias)` and the layer returns `c_0 * (routed sum) + c_1 * S(x)` (at most one
+/// shared expert of a layer has it, and it has no `gate`). `scale` multiplies its contribution
+/// (1 by default). `SharedExpert` (experts/ffn.hpp) is the FfnBank case; SparseLayer's third
+/// parameter names S.
+template <class S>
+struct SharedExpertOf {
+  S ffn;  ///< the one-expert bank (named for the FFN case; any ExpertBank)
+  std::vector<float> gate;                ///< `[d]`, empty for ungated
+  std::vector<float> coefficient{};       ///< `[2, d]` (`coefficient.weight`), empty for none
+  std::vector<float> coefficient_bias{};  ///< `[2]` (`coefficient.bias`), with `coefficient`
+  /// Multiplies the shared expert's (gated) output (RMoE's `share_weight`); finite.
+  float scale = 1.0f;
+};
+
 /// E experts addressed by index, as the sparse layer calls them.
 template <class B>
 concept ExpertBank = requires(const B& b, int64_t e, const float* in, int64_t rows, float* out,

@@ -100,17 +100,25 @@ enum class NonFiniteOutput : uint8_t {
 };
 
 /// The generic sparse MoE layer: `y_t = sum_slots w * E_e(x_t) + sum_j g_j(x_t) * S_j(x_t)`
-/// for unpadded tokens, 0 for padding. The caller adds the residual.
-template <Router R, ExpertBank B>
+/// for unpadded tokens, 0 for padding. The caller adds the residual. `B` holds the routed
+/// experts, `S` the type of each shared expert's one-expert bank (SharedExpertOf<SB>): an
+/// FfnBank by default, any ExpertBank that needs no BlockContext otherwise. Both run through
+/// the same tasks; the decode column split covers shared experts when SB is a SplittableBank
+/// (else a decode batch with shared experts runs as whole tasks).
+template <Router R, ExpertBank B, ExpertBank SB = FfnBank>
 class SparseLayer {
+  static_assert(!ContextAwareBank<SB> && !whole_blocks_v<SB> && !applies_weight_v<SB>,
+                "SparseLayer: a shared-expert bank gets row blocks without a BlockContext or weights");
+
  public:
+  using shared_type = SharedExpertOf<SB>;
   /// Rows per (expert, row block) task: fixed, so results never depend on the thread count.
   static constexpr int64_t kRowBlock = 96;
   /// Decode: when every task has at most this many rows and several threads run, threads
   /// split each expert's output columns instead of taking whole experts (SplittableBank).
   static constexpr int64_t kSplitRows = 16;
 
-  SparseLayer(R router, B experts, std::vector<SharedExpert> shared = {})
+  SparseLayer(R router, B experts, std::vector<SharedExpertOf<SB>> shared = {})
       : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
     MOEKIT_CHECK(router_.num_experts() == experts_.num_experts(), "SparseLayer: router has ",
                  router_.num_experts(), " experts, expert bank expected the same, got ",
@@ -153,7 +161,7 @@ class SparseLayer {
   [[nodiscard]] const B& experts() const noexcept { return experts_; }
   /// The bank, to change it between calls (e.g. moekit::ep adds and drops guest experts).
   [[nodiscard]] B& experts() noexcept { return experts_; }
-  [[nodiscard]] const std::vector<SharedExpert>& shared_experts() const noexcept { return shared_; }
+  [[nodiscard]] const std::vector<SharedExpertOf<SB>>& shared_experts() const noexcept { return shared_; }
 
   /// Routes `hidden [T, d]` and writes `out [T, d]`. `threads` <= 0 uses OpenMP's default;
   /// inside an active parallel region the call runs on the calling thread alone.
@@ -554,8 +562,8 @@ class SparseLayer {
     if constexpr (SplittableBank<B> && !whole_blocks_v<B> && !ContextAwareBank<B>) {
       int64_t most = 0;
       for (int64_t e = 0; e < num_experts(); ++e) most = std::max(most, plan.kept_of(e));
-      split = nt > 1 && split_enabled_ && most <= kSplitRows && (shared_.empty() || ws.routed_rows <= kSplitRows) &&
-              ntasks > 0;
+      split = nt > 1 && split_enabled_ && most <= kSplitRows &&
+              (shared_.empty() || (SplittableBank<SB> && ws.routed_rows <= kSplitRows)) && ntasks > 0;
       if (split) {
         run_split(hidden, plan, !batch.padding.empty(), ws.routed_rows, ws, nt);
       } else if (nt > 1 && split_enabled_) {
@@ -633,7 +641,7 @@ class SparseLayer {
                             static_cast<int32_t>(std::min<int64_t>(b + kRowBlock, Tr))});
     ws.rows_max = std::max(block, kRowBlock);
     size_t expert_scratch = experts_.scratch_floats(block);
-    for (const SharedExpert& sh : shared_) expert_scratch = std::max(expert_scratch, sh.ffn.scratch_floats(kRowBlock));
+    for (const SharedExpertOf<SB>& sh : shared_) expert_scratch = std::max(expert_scratch, sh.ffn.scratch_floats(kRowBlock));
     ws.per_worker = static_cast<size_t>(ws.rows_max * d) + expert_scratch;
     grow(ws.thread_scratch, ws.per_worker * static_cast<size_t>(workers));
     grow(ws.expert_out, static_cast<size_t>(plan.num_kept() * d));
@@ -709,7 +717,7 @@ class SparseLayer {
     // c_1 on its shared expert.
     float c0 = 1.0f, c1 = 1.0f;
     if (residual_ >= 0) {
-      const SharedExpert& se = shared_[static_cast<size_t>(residual_)];
+      const SharedExpertOf<SB>& se = shared_[static_cast<size_t>(residual_)];
       const float z0 = kernels::dot(hidden + t * d, se.coefficient.data(), d) + se.coefficient_bias[0];
       const float z1 = kernels::dot(hidden + t * d, se.coefficient.data() + d, d) + se.coefficient_bias[1];
       const float m = std::max(z0, z1), e0 = std::exp(z0 - m), e1 = std::exp(z1 - m);
@@ -775,7 +783,7 @@ class SparseLayer {
   [[nodiscard]] double executed_flops(const RoutingPlan& plan, const Batch& batch) const {
     const double routed = static_cast<double>(batch.routed_tokens());
     double f = static_cast<double>(plan.num_kept()) * experts_.flops_per_row();
-    for (const SharedExpert& s : shared_) f += routed * s.ffn.flops_per_row();
+    for (const SharedExpertOf<SB>& s : shared_) f += routed * s.ffn.flops_per_row();
     if constexpr (requires { router_.flops_per_token(); }) {
       f += routed * static_cast<double>(router_.flops_per_token());
     } else {
@@ -843,7 +851,8 @@ class SparseLayer {
     const int64_t d = hidden_size();
     grow(ws.split_in, static_cast<size_t>((rows + shared_rows) * d));
     size_t h = experts_.split_hidden_floats(rows);
-    for (const SharedExpert& s : shared_) h += s.ffn.split_hidden_floats(shared_rows);
+    if constexpr (SplittableBank<SB>)
+      for (const SharedExpertOf<SB>& s : shared_) h += s.ffn.split_hidden_floats(shared_rows);
     grow(ws.split_h, h);
     const size_t tasks = static_cast<size_t>(num_experts()) + shared_.size();
     if (ws.split_hoff.capacity() < tasks) ws.split_hoff.reserve(tasks);
@@ -892,8 +901,8 @@ class SparseLayer {
       if (t.expert >= 0) {
         h_total += experts_.split_hidden_floats(rows);
         a_floats = std::max(a_floats, experts_.split_scratch_floats(rows));
-      } else {
-        const FfnBank& s = shared_[static_cast<size_t>(-1 - t.expert)].ffn;
+      } else if constexpr (SplittableBank<SB>) {  // else no shared task reaches the split
+        const SB& s = shared_[static_cast<size_t>(-1 - t.expert)].ffn;
         h_total += s.split_hidden_floats(rows);
         a_floats = std::max(a_floats, s.split_scratch_floats(rows));
       }
@@ -905,8 +914,12 @@ class SparseLayer {
       ws.pieces.clear();
       for (int64_t i = 0; i < ntasks; ++i) {
         const int32_t e = ws.tasks[static_cast<size_t>(i)].expert;
-        const int64_t strips = e >= 0 ? experts_.split_strips(stage)
-                                      : shared_[static_cast<size_t>(-1 - e)].ffn.split_strips(stage);
+        int64_t strips = 0;
+        if (e >= 0) {
+          strips = experts_.split_strips(stage);
+        } else if constexpr (SplittableBank<SB>) {
+          strips = shared_[static_cast<size_t>(-1 - e)].ffn.split_strips(stage);
+        }
         const int64_t n = std::min(pieces_per_task, std::max<int64_t>(strips, 1));
         for (int64_t p = 0; p < n; ++p)
           ws.pieces.push_back({static_cast<int32_t>(i), static_cast<int32_t>(strips * p / n),
@@ -924,7 +937,7 @@ class SparseLayer {
         if (t.expert >= 0) {
           experts_.run_split(stage, t.expert, ws.split_in.data() + static_cast<int64_t>(t.begin) * d, rows, h,
                              ws.expert_out.data() + static_cast<int64_t>(t.begin) * d, a_pack, pc.s0, pc.s1);
-        } else {
+        } else if constexpr (SplittableBank<SB>) {
           const size_t j = static_cast<size_t>(-1 - t.expert);
           shared_[j].ffn.run_split(stage, 0, shared_in + static_cast<int64_t>(t.begin) * d, rows, h,
                                    ws.shared_out.data() + (static_cast<int64_t>(j) * Tr + t.begin) * d, a_pack,
@@ -936,7 +949,7 @@ class SparseLayer {
 
   R router_;
   B experts_;
-  std::vector<SharedExpert> shared_;
+  std::vector<SharedExpertOf<SB>> shared_;
   bool split_enabled_ = true;
   bool weight_on_input_ = false;
   std::vector<float> output_bias_;

@@ -89,7 +89,9 @@ std::vector<double> eaquant_outlier_mask(const std::vector<double>& mx, const st
   }
   std::vector<double> mask(n);
   for (size_t c = 0; c < n; ++c) {
-    mask[c] = min_value != 0.0 ? std::max(mask_pos[c], mask_neg[c]) : mask_pos[c];
+    // torch.max(a, b) is NaN when either is.
+    mask[c] = min_value != 0.0 ? (std::isnan(mask_pos[c]) || std::isnan(mask_neg[c]) ? NAN : std::max(mask_pos[c], mask_neg[c]))
+                               : mask_pos[c];
     if (mask[c] == 0.0) mask[c] = 1.0;
     if (!std::isfinite(mask[c]) || mask[c] <= 0.0) mask[c] = 1.0;  // moekit's deviation
   }

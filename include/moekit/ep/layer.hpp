@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -136,6 +137,8 @@ class ExpertParallelLayer {
         sig.append("/").append(b.in_matrix(0).layout().kernel).append("/");
         sig.append(std::to_string(static_cast<int>(b.weight_type()))).append("/");
         sig.append(std::to_string(layer_.experts().payload_bytes()));
+        // Guests run under the receiving rank's input smoothing (EAQuant): it must be the same.
+        for (const float v : b.input_smoothing()) sig.append(std::to_string(std::bit_cast<uint32_t>(v))).append(",");
       }
     } catch (...) {
       failure = std::current_exception();

@@ -94,12 +94,14 @@ class FfnBank {
   [[nodiscard]] int64_t d_out() const noexcept { return shape_.hidden; }
   [[nodiscard]] const FfnShape& shape() const noexcept { return shape_; }
   [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
-    return scratch_floats_for(shape_, rows) + smoothed_rows_floats(rows);
+    return scratch_floats_for(shape_, rows, !smooth_.empty());
   }
-  /// Scratch floats of `rows` rows through an expert of `shape` (any bank of that shape).
-  [[nodiscard]] static size_t scratch_floats_for(const FfnShape& shape, int64_t rows) noexcept {
+  /// Scratch floats of `rows` rows through an expert of `shape`: enough for any bank of that
+  /// shape with `smoothed` (input smoothing adds `rows * d`), for unsmoothed banks without.
+  [[nodiscard]] static size_t scratch_floats_for(const FfnShape& shape, int64_t rows, bool smoothed = false) noexcept {
     return static_cast<size_t>(rows * shape.intermediate) +
-           kernels::packed_a_floats(rows, std::max(shape.hidden, shape.intermediate));
+           kernels::packed_a_floats(rows, std::max(shape.hidden, shape.intermediate)) +
+           (smoothed ? static_cast<size_t>(rows * shape.hidden) : 0);
   }
 
   /// Packs expert e's weights: `gate [f, d]` (gated only, else ignored and may be null),
@@ -127,6 +129,9 @@ class FfnBank {
           if (shape_.gated) g[static_cast<size_t>(r * d + j)] = gate[r * d + j] * s;
           u[static_cast<size_t>(r * d + j)] = up[r * d + j] * s;
         }
+      // s up to ~1e25 can overflow a large weight: refuse, as for non-finite weights.
+      if (shape_.gated) finite(g.data(), f, d, "gate times the input smoothing");
+      finite(u.data(), f, d, "up times the input smoothing");
       pack_expert(e, g.data(), u.data(), down_w);
     } else {
       pack_expert(e, gate, up, down_w);
@@ -376,20 +381,9 @@ concept SplittableBank = requires(const B& b, int stage, int64_t e, const float*
 };
 static_assert(SplittableBank<FfnBank>);
 
-/// A shared (always-on) expert: an FFN applied to every unpadded token, optionally gated by
-/// `sigmoid(gate . x)` (Qwen2-MoE's `shared_expert_gate`, `[1, d]`); ungated as DeepSeek-V3.
-/// With `coefficient` (DeepSpeed PR-MoE's residual MoE, `use_residual`): per token
-/// `c = softmax(coefficient x + coefficient_bias)` and the layer returns
-/// `c_0 * (routed sum) + c_1 * ffn(x)` (at most one shared expert of a layer has it, and it
-/// has no `gate`). `scale` multiplies its contribution (1 by default).
-struct SharedExpert {
-  FfnBank ffn;               ///< a one-expert bank
-  std::vector<float> gate;   ///< `[d]`, empty for ungated
-  std::vector<float> coefficient{};       ///< `[2, d]` (`coefficient.weight`), empty for none
-  std::vector<float> coefficient_bias{};  ///< `[2]` (`coefficient.bias`), with `coefficient`
-  /// Multiplies the shared expert's (gated) output (RMoE's `share_weight`); finite.
-  float scale = 1.0f;
-};
+/// A shared (always-on) expert as a one-expert FfnBank: SharedExpertOf (expert.hpp) for the
+/// gate, PR-MoE's residual coefficient and the scale.
+using SharedExpert = SharedExpertOf<FfnBank>;
 
 }  // namespace moekit
 #pragma GCC visibility pop

@@ -62,7 +62,10 @@ class CachedFfnBank {
   [[nodiscard]] int64_t num_experts() const noexcept { return static_cast<int64_t>(slots_.size()); }
   [[nodiscard]] int64_t d_in() const noexcept { return shape_.hidden; }
   [[nodiscard]] int64_t d_out() const noexcept { return shape_.hidden; }
-  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept { return FfnBank::scratch_floats_for(shape_, rows); }
+  /// Room for any loaded expert, smoothed (FfnBank input smoothing) or not.
+  [[nodiscard]] size_t scratch_floats(int64_t rows) const noexcept {
+    return FfnBank::scratch_floats_for(shape_, rows, true);
+  }
   [[nodiscard]] double flops_per_row() const noexcept { return shape_.flops_per_row(); }
   [[nodiscard]] int64_t capacity() const noexcept { return capacity_; }
   [[nodiscard]] CachePolicy policy() const noexcept { return policy_; }

@@ -26,7 +26,10 @@
 //    plain `act(up x)` or gpt-oss's clamp the fold is not exact).
 // Deviations, each where the official code would fail: an expert no calibration token reached
 // takes no part in the merge (the official code has no statistics for it and stops); a down
-// scale that comes out non-finite or <= 0 (a negative or zero reference value) is 1.
+// scale that comes out NaN, infinite or <= 0 (a reference value of 0 or of the wrong sign) is
+// 1; when no Otsu cut scores above the official initial -1000 the fence stays (the official
+// code raises). With SparseLayer::set_weight_on_input the statistics read the rows the
+// experts see, `w x`.
 // Not carried over: the router's KL-searched weight clipping (moekit's routers stay f32) and
 // the calibration-time token cap per expert, which feeds the official learned rotations.
 #pragma once
@@ -41,6 +44,7 @@
 #include "moekit/batch.hpp"
 #include "moekit/error.hpp"
 #include "moekit/experts/ffn.hpp"
+#include "moekit/kernels/vector.hpp"
 #include "moekit/layer.hpp"
 
 #pragma GCC visibility push(default)  // the public API (moekit builds with hidden visibility)
@@ -70,7 +74,9 @@ struct Smoothing {
   /// Per routed expert: the down projection's outlier scale `[f]`, all 1 when no token reached
   /// the expert; empty when down smoothing is off or does not apply.
   std::vector<std::vector<float>> down;
-  std::vector<std::vector<float>> shared_down;  ///< the same per shared expert
+  /// Per shared expert (when any bank has down scales): its down scale `[f_j]`, all 1 when its
+  /// shape takes no fold.
+  std::vector<std::vector<float>> shared_down;
   std::vector<int64_t> tokens;                  ///< calibration rows each routed expert saw
 };
 
@@ -110,13 +116,8 @@ inline std::vector<float> weight_absmax(const FfnBank& bank, int64_t e) {
 struct DownStats {
   std::vector<float> max, min;
   bool seen = false;
-  void add(const float* h, int64_t rows, int64_t f) {
-    std::vector<float> hi(static_cast<size_t>(f), -INFINITY), lo(static_cast<size_t>(f), INFINITY);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < f; ++c) {
-        hi[static_cast<size_t>(c)] = std::max(hi[static_cast<size_t>(c)], h[r * f + c]);
-        lo[static_cast<size_t>(c)] = std::min(lo[static_cast<size_t>(c)], h[r * f + c]);
-      }
+  // One sequence's max / min `hi`, `lo` [f] into the average.
+  void add(std::vector<float>& hi, std::vector<float>& lo, int64_t f) {
     if (!seen) {
       max = std::move(hi);
       min = std::move(lo);
@@ -129,13 +130,23 @@ struct DownStats {
     }
   }
 };
-// Feeds `rows [n, d]` of one sequence through expert e's first half into `stats`.
+// Feeds `rows [n, d]` of one sequence through expert e's first half into `stats`, 96 rows at a
+// time (max and min are exact under any blocking; memory stays small for long sequences).
 inline void observe_down(const FfnBank& bank, int64_t e, const float* rows, int64_t n, DownStats& stats) {
   if (n == 0) return;
-  const int64_t f = bank.shape().intermediate;
-  std::vector<float> h(static_cast<size_t>(n * f)), scratch(bank.scratch_floats(n));
-  bank.hidden_activations(e, rows, n, h.data(), scratch.data());
-  stats.add(h.data(), n, f);
+  const int64_t d = bank.shape().hidden, f = bank.shape().intermediate, block = 96;
+  std::vector<float> h(static_cast<size_t>(std::min(n, block) * f)), scratch(bank.scratch_floats(std::min(n, block)));
+  std::vector<float> hi(static_cast<size_t>(f), -INFINITY), lo(static_cast<size_t>(f), INFINITY);
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t m = std::min(block, n - r0);
+    bank.hidden_activations(e, rows + r0 * d, m, h.data(), scratch.data());
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < f; ++c) {
+        hi[static_cast<size_t>(c)] = std::max(hi[static_cast<size_t>(c)], h[static_cast<size_t>(r * f + c)]);
+        lo[static_cast<size_t>(c)] = std::min(lo[static_cast<size_t>(c)], h[static_cast<size_t>(r * f + c)]);
+      }
+  }
+  stats.add(hi, lo, f);
 }
 inline bool down_applies(const FfnShape& sh) { return sh.gated && !sh.clamped; }
 }  // namespace detail
@@ -171,7 +182,7 @@ Smoothing calibrate(const SparseLayer<R, FfnBank>& layer, const Batch& batch, co
   auto sequence_of = [&](int64_t t) {
     return static_cast<size_t>(std::upper_bound(seq_end.begin(), seq_end.end(), t) - seq_end.begin());
   };
-  const bool down = options.smooth_down && detail::down_applies(sh);
+  const bool down = options.smooth_down && detail::down_applies(sh);  // per bank: shared experts decide their own
   Smoothing out;
   out.tokens.assign(static_cast<size_t>(E), 0);
   std::vector<float> merged(static_cast<size_t>(d), 0.0f);
@@ -183,10 +194,15 @@ Smoothing calibrate(const SparseLayer<R, FfnBank>& layer, const Batch& batch, co
     if (down) out.down.emplace_back(static_cast<size_t>(sh.intermediate), 1.0f);
     if (n == 0) continue;
     rows.resize(static_cast<size_t>(n * d));
-    for (int64_t r = 0; r < n; ++r)
-      std::copy(x + static_cast<int64_t>(tokens[static_cast<size_t>(offs[static_cast<size_t>(e)] + r)]) * d,
-                x + (static_cast<int64_t>(tokens[static_cast<size_t>(offs[static_cast<size_t>(e)] + r)]) + 1) * d,
-                rows.data() + r * d);
+    for (int64_t r = 0; r < n; ++r) {
+      const size_t i = static_cast<size_t>(offs[static_cast<size_t>(e)] + r);
+      const float* src = x + static_cast<int64_t>(tokens[i]) * d;
+      if (layer.weight_on_input()) {  // the rows the expert sees: w x
+        kernels::scale_row(plan.slot_weight()[static_cast<size_t>(plan.expert_slots()[i])], src, rows.data() + r * d, d);
+      } else {
+        std::copy(src, src + d, rows.data() + r * d);
+      }
+    }
     std::vector<float> a(static_cast<size_t>(d), 0.0f);
     detail::absmax_rows(rows.data(), n, d, a);
     const std::vector<float> s = smoothing_factors(a, detail::weight_absmax(bank, e), options.alpha);
@@ -211,6 +227,7 @@ Smoothing calibrate(const SparseLayer<R, FfnBank>& layer, const Batch& batch, co
   }
   // Shared experts see every unpadded token.
   for (const SharedExpert& se : layer.shared_experts()) {
+    const bool sdown = options.smooth_down && detail::down_applies(se.ffn.shape());
     std::vector<float> a(static_cast<size_t>(d), 0.0f);
     detail::DownStats st;
     std::vector<float> part;
@@ -221,14 +238,20 @@ Smoothing calibrate(const SparseLayer<R, FfnBank>& layer, const Batch& batch, co
         if (!batch.is_padding(t)) part.insert(part.end(), x + t * d, x + (t + 1) * d);
       const auto n = static_cast<int64_t>(part.size()) / d;
       detail::absmax_rows(part.data(), n, d, a);
-      if (down) detail::observe_down(se.ffn, 0, part.data(), n, st);
+      if (sdown) detail::observe_down(se.ffn, 0, part.data(), n, st);
     }
     const std::vector<float> s = smoothing_factors(a, detail::weight_absmax(se.ffn, 0), options.alpha);
     for (int64_t j = 0; j < d; ++j) merged[static_cast<size_t>(j)] = std::max(merged[static_cast<size_t>(j)], s[static_cast<size_t>(j)]);
     any = true;
-    if (down) out.shared_down.push_back(outlier_scale(st.max, st.min, options));
+    // One entry per shared expert when any bank has down scales: all 1 where none apply.
+    out.shared_down.push_back(sdown && st.seen ? outlier_scale(st.max, st.min, options)
+                                               : std::vector<float>(static_cast<size_t>(se.ffn.shape().intermediate), 1.0f));
   }
   MOEKIT_CHECK(any, "eaquant::calibrate: no calibration token reached an expert");
+  bool any_down = !out.down.empty();
+  for (size_t j = 0; j < layer.shared_experts().size(); ++j)
+    any_down = any_down || (options.smooth_down && detail::down_applies(layer.shared_experts()[j].ffn.shape()));
+  if (!any_down) out.shared_down.clear();
   out.input = std::move(merged);
   return out;
 }
@@ -250,10 +273,15 @@ SparseLayer<R, FfnBank> apply(const SparseLayer<R, FfnBank>& layer, const Smooth
   MOEKIT_CHECK(smoothing.shared_down.empty() || smoothing.shared_down.size() == layer.shared_experts().size(),
                "eaquant::apply: down scales expected for ", layer.shared_experts().size(), " shared experts, got ",
                smoothing.shared_down.size());
-  MOEKIT_CHECK((smoothing.down.empty() && smoothing.shared_down.empty()) || detail::down_applies(sh),
+  MOEKIT_CHECK(smoothing.down.empty() || detail::down_applies(sh),
                "eaquant::apply: down scales need gated, unclamped experts");
   auto rebuild = [&](const FfnBank& src, const std::vector<std::vector<float>>& downs) {
     const FfnShape& s = src.shape();
+    // A shared expert whose shape takes no fold must have all-1 scales (calibrate() gives those).
+    bool identity = true;
+    for (const std::vector<float>& v : downs)
+      for (const float x : v) identity = identity && x == 1.0f;
+    MOEKIT_CHECK(identity || detail::down_applies(s), "eaquant::apply: down scales need gated, unclamped experts");
     const int64_t f = s.intermediate, n = src.num_experts();
     FfnBank out(n, s, pack, smoothing.input);
     std::vector<float> g(s.gated ? static_cast<size_t>(f * d) : 0), u(static_cast<size_t>(f * d)), dn(static_cast<size_t>(d * f));
@@ -265,7 +293,7 @@ SparseLayer<R, FfnBank> apply(const SparseLayer<R, FfnBank>& layer, const Smooth
         bu.assign(src.up_bias(e), src.up_bias(e) + f);
         bd.assign(src.down_bias(e), src.down_bias(e) + d);
       }
-      if (!downs.empty()) {
+      if (!downs.empty() && !identity) {
         const std::vector<float>& sd = downs[static_cast<size_t>(e)];
         MOEKIT_CHECK(static_cast<int64_t>(sd.size()) == f, "eaquant::apply: expert ", e, " down scale expected [", f,
                      "] values, got ", sd.size());
