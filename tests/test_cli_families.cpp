@@ -32,6 +32,12 @@ struct Family {
   bool uncond = false, shared = false;                   // ProMoE's extra experts
   std::vector<std::pair<std::string, std::vector<int64_t>>> outputs;  // besides hidden_states
   std::string type = "";                                 // router type when not the name
+  std::string experts_section = "";  // the "experts" object when not swiglu (then sizes kept)
+  float poison = 1e30f;              // an input value that overflows inside the layer
+  // The experts object: `fallback` (swiglu of the test's size) unless the family has its own.
+  [[nodiscard]] std::string experts_json(const std::string& fallback) const {
+    return experts_section.empty() ? fallback : experts_section;
+  }
   [[nodiscard]] const std::string& router_type() const { return type.empty() ? name : type; }
 };
 
@@ -84,6 +90,11 @@ std::vector<Family> families() {
        R"({"type": "dynamic_k", "num_experts": 4, "mode": "tsallis", "entropy_threshold": 0.8, "schedule": "pyramid", "num_layers": 5, "layer_index": 1})",
        {{"gate.weight", {E, d}}}, E, false, false, {{"topk_ids", {T, E}}, {"topk_weights", {T, E}}, {"num_selected", {T}}},
        "dynamic_k"},
+      {"product_key", R"({"type": "product_key", "num_experts": 4, "k": 2, "split_query": true})",
+       {{"router.keys_x", {2, d / 2}}, {"router.keys_y", {2, d / 2}}, {"experts.down_embed", {E, d}},
+        {"experts.up_embed", {E, d}}},
+       0, false, false, {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}}, "", R"({"type": "gelu", "intermediate_size": 1})",
+       1e38f},  // 1e30 stays finite through one-neuron experts: 1e38 overflows the key scores
   };
 }
 
@@ -105,7 +116,7 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   fs::create_directories(dir);
   const std::string prefix = "model.layers.2.mlp.";
   std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 16, "router": )" << fam.router
-                                << R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})";
+                                << R"(, "experts": )" << fam.experts_json(R"({"type": "swiglu", "intermediate_size": 12})") << "}";
   std::mt19937 g(5);
   std::normal_distribution<float> n(0.0f, 0.4f);
   std::vector<std::vector<float>> keep;
@@ -173,7 +184,7 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
 
   // A finite input that overflows inside the layer (1e30): exit 2 naming the non-finite value
   // or the overflow (a router may see it first), nothing written (never an output file of NaN / Inf with exit 0).
-  for (float& v : x) v = v >= 0 ? 1e30f : -1e30f;
+  for (float& v : x) v = v >= 0 ? fam.poison : -fam.poison;
   moekit::io::write_safetensors((dir / "x.safetensors").string(), in);
   fs::remove(dir / "y.safetensors");
   EXPECT_EQ(run(args, dir, &err), 2) << fam.name;
@@ -185,7 +196,7 @@ TEST_P(CliFamilies, RunWritesTheContractTensors) {
   // A misspelled router key is an error naming it (exit 2, nothing written).
   std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 16, "router": )"
                                 << fam.router.substr(0, fam.router.size() - 1) << R"(, "bogus_key": 1})"
-                                << R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})";
+                                << R"(, "experts": )" << fam.experts_json(R"({"type": "swiglu", "intermediate_size": 12})") << "}";
   fs::remove(dir / "y.safetensors");
   EXPECT_EQ(run(args, dir, &err), 2) << fam.name;
   EXPECT_NE(err.find("bogus_key"), std::string::npos) << err;
@@ -202,7 +213,7 @@ TEST_P(CliFamilies, WeightEstimateMatchesTheBuiltLayer) {
   fs::remove_all(dir);
   fs::create_directories(dir);
   std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 64, "router": )" << fam.router
-                                << R"(, "experts": {"type": "swiglu", "intermediate_size": 96}})";
+                                << R"(, "experts": )" << fam.experts_json(R"({"type": "swiglu", "intermediate_size": 96})") << "}";
   const auto cfg = moekit::load_layer_config((dir / "c.json").string());
   const double estimate = moekit::layer_weight_bytes(cfg);
   const auto layer = moekit::random_any_layer(cfg, 3);
@@ -218,10 +229,10 @@ TEST_P(CliFamilies, WeightEstimateMatchesTheBuiltLayer) {
   }
   if (router == fam.router) {  // one-block families: a huge block instead
     std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 67108864, "router": )" << router
-                                  << R"(, "experts": {"type": "swiglu", "intermediate_size": 4096}})";
+                                  << R"(, "experts": )" << fam.experts_json(R"({"type": "swiglu", "intermediate_size": 4096})") << "}";
   } else {
     std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 1024, "router": )" << router
-                                  << R"(, "experts": {"type": "swiglu", "intermediate_size": 1024}})";
+                                  << R"(, "experts": )" << fam.experts_json(R"({"type": "swiglu", "intermediate_size": 1024})") << "}";
   }
   std::string err;
   EXPECT_EQ(run("bench --config " + (dir / "c.json").string() + " --tokens 1 --repeat 1", dir, &err), 2) << fam.name;

@@ -7,10 +7,14 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "moekit/batch.hpp"
+#include "moekit/io/any_layer.hpp"
+#include "moekit/io/config.hpp"
+#include "moekit/io/safetensors.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/routers/product_key.hpp"
 #include "reference/product_key_ref.hpp"
@@ -143,3 +147,68 @@ TEST(ProductKey, BadArguments) {
 }
 
 }  // namespace
+
+// `moekit run`'s product_key family: the config's one-neuron plain experts are PEER's atomic
+// experts read from `experts.down_embed` (u) / `experts.up_embed` (v) and the router's keys
+// from `router.keys_x` / `keys_y`: the AnyLayer equals the layer built directly from the same
+// tensors bit for bit, its outputs are the plan's top-k, and the output is the reference
+// formula on those decisions. Configs the family cannot run are refused.
+TEST(ProductKey, ConfigFamilyReadsPeerTensors) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(testing::TempDir()) / "moekit_pk_family";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  Rng rng(17);
+  const int64_t d = 16, E = 9, k = 3, T = 7, n = 3;
+  const std::string text = R"({"moekit_config_version": 1, "hidden_size": 16,
+      "router": {"type": "product_key", "num_experts": 9, "k": 3},
+      "experts": {"type": "gelu", "intermediate_size": 1}})";
+  const std::vector<float> kx = rng.vec(n * d, 0.5), ky = rng.vec(n * d, 0.5), down = rng.vec(E * d, 0.4),
+                           up = rng.vec(E * d, 1.0), x = rng.vec(T * d, 1.5);
+  const std::string path = (dir / "w.safetensors").string();
+  moekit::io::write_safetensors(path, {{"blk.router.keys_x", moekit::io::DType::F32, {n, d}, kx.data()},
+                                       {"blk.router.keys_y", moekit::io::DType::F32, {n, d}, ky.data()},
+                                       {"blk.experts.down_embed", moekit::io::DType::F32, {E, d}, down.data()},
+                                       {"blk.experts.up_embed", moekit::io::DType::F32, {E, d}, up.data()}});
+  const auto src = moekit::io::TensorSource::open(path);
+  auto any = moekit::load_any_layer(moekit::parse_layer_config(text), src, "blk.");
+  std::vector<float> y(static_cast<size_t>(T * d)), want(y.size());
+  any->forward(moekit::Batch::single(T, d), x.data(), y.data(), 2);
+  ProductKeyOptions o{.num_experts = E, .k = k, .hidden = d};
+  moekit::SparseLayer direct(ProductKeyRouter(o, kx, ky), moekit::AtomicExpertBank(E, d, down, up, moekit::Activation::gelu));
+  moekit::Workspace ws;
+  direct.forward(moekit::Batch::single(T, d), x.data(), want.data(), ws, 1);
+  EXPECT_TRUE(test_support::same_bits(y, want));
+  const auto outs = any->outputs();
+  ASSERT_EQ(outs.size(), 2u);
+  std::vector<int32_t> ids(static_cast<size_t>(T * k));
+  std::vector<float> wts(ids.size());
+  ws.plan.to_topk(k, ids.data(), wts.data());
+  ASSERT_EQ(outs[0].name, "topk_ids");
+  EXPECT_EQ(std::memcmp(outs[0].bytes.data(), ids.data(), outs[0].bytes.size()), 0);
+  EXPECT_EQ(std::memcmp(outs[1].bytes.data(), wts.data(), outs[1].bytes.size()), 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < d; ++i) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[static_cast<size_t>(t * k + j)];
+        double z = 0.0;
+        for (int64_t c = 0; c < d; ++c) z += static_cast<double>(down[e * d + c]) * x[t * d + c];
+        acc += wts[static_cast<size_t>(t * k + j)] * 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0))) * up[e * d + i];
+      }
+      ASSERT_NEAR(y[t * d + i], acc, 1e-5 * (1.0 + std::fabs(acc))) << t << " " << i;
+    }
+  auto refused = [&](const std::string& router, const std::string& experts, const std::string& needle) {
+    expect_error([&] {
+      (void)moekit::parse_layer_config(R"({"moekit_config_version": 1, "hidden_size": 16, "router": )" + router +
+                                       R"(, "experts": )" + experts + "}");
+    }, {needle});
+  };
+  const std::string pk = R"({"type": "product_key", "num_experts": 9, "k": 3})";
+  refused(pk, R"({"type": "swiglu", "intermediate_size": 1})", "experts expected atomic");
+  refused(pk, R"({"type": "gelu", "intermediate_size": 2})", "experts expected atomic");
+  refused(pk, R"({"type": "gelu", "intermediate_size": 1, "dtype": "int8"})", "atomic experts are f32");
+  refused(R"({"type": "product_key", "num_experts": 8, "k": 3})", R"({"type": "gelu", "intermediate_size": 1})",
+          "expected a square");
+  fs::remove_all(dir);
+}

@@ -55,6 +55,16 @@ concept ContextAwareBank = requires(const B& b, int64_t e, const float* in, int6
 template <class B>
 inline constexpr bool whole_blocks_v = requires { requires B::whole_blocks; };
 
+/// A bank whose experts can be split by output columns across threads (e.g. FfnBank): the layer
+/// uses it for decode-sized batches, where few (expert, row block) tasks would leave threads idle.
+template <class B>
+concept SplittableBank = requires(const B& b, int stage, int64_t e, const float* in, int64_t rows, float* h,
+                                  float* out, float* a_pack, int64_t s) {
+  { b.split_strips(stage) } -> std::convertible_to<int64_t>;
+  { b.split_scratch_floats(rows) } -> std::convertible_to<size_t>;
+  { b.split_hidden_floats(rows) } -> std::convertible_to<size_t>;
+  { b.run_split(stage, e, in, rows, h, out, a_pack, s, s) } noexcept;  // runs inside a parallel region
+};
 /// An always-on expert over any one-expert bank S (ExpertBank, not context-aware): applied to
 /// every unpadded token, optionally gated by `sigmoid(gate . x)` (Qwen2-MoE's
 /// `shared_expert_gate`, `[1, d]`); ungated as DeepSeek-V3. With `coefficient` (DeepSpeed

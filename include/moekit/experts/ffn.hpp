@@ -369,16 +369,6 @@ class FfnBank {
 
 static_assert(ExpertBank<FfnBank>);
 
-/// A bank whose experts can be split by output columns across threads (FfnBank): the layer
-/// uses it for decode-sized batches, where few (expert, row block) tasks would leave threads idle.
-template <class B>
-concept SplittableBank = requires(const B& b, int stage, int64_t e, const float* in, int64_t rows, float* h,
-                                  float* out, float* a_pack, int64_t s) {
-  { b.split_strips(stage) } -> std::convertible_to<int64_t>;
-  { b.split_scratch_floats(rows) } -> std::convertible_to<size_t>;
-  { b.split_hidden_floats(rows) } -> std::convertible_to<size_t>;
-  { b.run_split(stage, e, in, rows, h, out, a_pack, s, s) } noexcept;  // runs inside a parallel region
-};
 static_assert(SplittableBank<FfnBank>);
 
 /// A shared (always-on) expert as a one-expert FfnBank: SharedExpertOf (expert.hpp) for the

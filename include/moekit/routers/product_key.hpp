@@ -193,6 +193,8 @@ class AtomicExpertBank {
   [[nodiscard]] int64_t d_out() const noexcept { return d_; }
   [[nodiscard]] size_t scratch_floats(int64_t) const noexcept { return 0; }
   [[nodiscard]] double flops_per_row() const noexcept { return 4.0 * static_cast<double>(d_); }
+  /// Bytes of one expert's weights (u and v, f32).
+  [[nodiscard]] double weight_bytes_per_expert() const noexcept { return 8.0 * static_cast<double>(d_); }
   [[nodiscard]] Activation activation() const noexcept { return act_; }
   void run(int64_t e, const float* in, int64_t rows, float* out, float*) const noexcept {
     const float* u = u_.data() + e * d_;
