@@ -95,6 +95,10 @@ std::vector<Family> families() {
         {"experts.up_embed", {E, d}}},
        0, false, false, {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}}, "", R"({"type": "gelu", "intermediate_size": 1})",
        1e38f},  // 1e30 stays finite through one-neuron experts: 1e38 overflows the key scores
+      {"modality",
+       R"({"type": "modality", "groups": [{"token_types": [0], "num_experts": 2, "k": 2}, {"token_types": [1], "num_experts": 2, "k": 1}]})",
+       {{"router.groups.0.weight", {2, d}}, {"router.groups.1.weight", {2, d}}}, E, false, false,
+       {{"topk_ids", {T, k}}, {"topk_weights", {T, k}}, {"token_group", {T}}}},
   };
 }
 

@@ -7,10 +7,14 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "moekit/batch.hpp"
+#include "moekit/io/any_layer.hpp"
+#include "moekit/io/config.hpp"
+#include "moekit/io/safetensors.hpp"
 #include "moekit/layer.hpp"
 #include "moekit/routers/expert_choice.hpp"
 #include "moekit/routers/modality.hpp"
@@ -201,3 +205,88 @@ TEST(ModalityGroups, Errors) {
 }
 
 }  // namespace
+
+// `moekit run`'s modality family: groups of top-k routers over `router.groups.{g}.weight`
+// and global experts `experts.{i}`. The AnyLayer equals the layer built directly from the
+// same tensors bit for bit, with the input's token types; its outputs are the plan's top-k
+// (global ids) and each token's group; bad group configs and a token type no group takes are
+// refused.
+TEST(ModalityGroups, ConfigFamilyEqualsTheDirectLayer) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(testing::TempDir()) / "moekit_modality_family";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  Rng rng(23);
+  const int64_t d = 16, f = 12, T = 9;
+  const std::string router = R"({"type": "modality", "groups": [
+      {"token_types": [0, 2], "num_experts": 3, "k": 2, "norm_topk_prob": true},
+      {"token_types": [1], "num_experts": 2, "k": 1, "score_func": "sigmoid"}]})";
+  const std::string text = R"({"moekit_config_version": 1, "hidden_size": 16, "router": )" + router +
+                           R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})";
+  std::vector<ref::Ffn> experts;
+  for (int e = 0; e < 5; ++e) experts.push_back(test_support::random_ref_ffn(rng, d, f));
+  const std::vector<float> g0 = rng.vec(3 * d, 0.5), g1 = rng.vec(2 * d, 0.5), x = rng.vec(T * d, 1.0);
+  std::vector<moekit::io::OutTensor> w = {{"r.router.groups.0.weight", moekit::io::DType::F32, {3, d}, g0.data()},
+                                          {"r.router.groups.1.weight", moekit::io::DType::F32, {2, d}, g1.data()}};
+  std::vector<std::string> names;
+  names.reserve(15);
+  for (int e = 0; e < 5; ++e)
+    for (const char* m : {"gate_proj", "up_proj", "down_proj"}) {
+      names.push_back("r.experts." + std::to_string(e) + "." + m + ".weight");
+      const std::string mm = m;
+      const std::vector<float>& v = mm == "gate_proj" ? experts[e].gate : mm == "up_proj" ? experts[e].up : experts[e].down;
+      w.push_back({names.back(), moekit::io::DType::F32, mm == "down_proj" ? std::vector<int64_t>{d, f} : std::vector<int64_t>{f, d}, v.data()});
+    }
+  const std::string path = (dir / "w.safetensors").string();
+  moekit::io::write_safetensors(path, w);
+  auto any = moekit::load_any_layer(moekit::parse_layer_config(text), moekit::io::TensorSource::open(path), "r.");
+  const std::vector<int32_t> types = {0, 1, 2, 1, 0, 0, 2, 1, 0};
+  const std::vector<uint8_t> pad = {0, 0, 0, 0, 1, 0, 0, 0, 0};
+  Batch b = Batch::single(T, d);
+  b.token_types = types;
+  b.padding = pad;
+  std::vector<float> y(static_cast<size_t>(T * d)), want(y.size());
+  any->forward(b, x.data(), y.data(), 2);
+  TopKOptions o0{.num_experts = 3, .k = 2, .hidden = d}, o1{.num_experts = 2, .k = 1, .hidden = d};
+  o0.norm_topk_prob = true;
+  o1.score_func = moekit::ScoreFunc::sigmoid;
+  moekit::SparseLayer direct(ModalityGroupRouter<TopKRouter>({TopKRouter(o0, g0), TopKRouter(o1, g1)}, {{0, 2}, {1}}),
+                             test_support::bank_of(experts, d, f));
+  moekit::Workspace ws;
+  direct.forward(b, x.data(), want.data(), ws, 1);
+  EXPECT_TRUE(test_support::same_bits(y, want));
+  const auto outs = any->outputs();
+  ASSERT_EQ(outs.size(), 3u);
+  std::vector<int32_t> ids(static_cast<size_t>(T * 2));
+  std::vector<float> wts(ids.size());
+  ws.plan.to_topk(2, ids.data(), wts.data());
+  EXPECT_EQ(std::memcmp(outs[0].bytes.data(), ids.data(), outs[0].bytes.size()), 0);
+  EXPECT_EQ(std::memcmp(outs[1].bytes.data(), wts.data(), outs[1].bytes.size()), 0);
+  ASSERT_EQ(outs[2].name, "token_group");
+  std::vector<int32_t> grp(static_cast<size_t>(T));
+  std::memcpy(grp.data(), outs[2].bytes.data(), outs[2].bytes.size());
+  EXPECT_EQ(grp, (std::vector<int32_t>{0, 1, 0, 1, -1, 0, 0, 1, 0}));
+  for (int64_t t = 0; t < T; ++t)  // group 1's tokens use experts 3 and 4 only
+    if (grp[t] == 1) EXPECT_GE(ids[static_cast<size_t>(t * 2)], 3);
+  // A token type in no group.
+  const std::vector<int32_t> bad_types = {0, 1, 5, 1, 0, 0, 2, 1, 0};
+  b.token_types = bad_types;
+  expect_error([&] { any->forward(b, x.data(), y.data(), 1); }, {"token 2 has type 5, which no group takes"});
+  auto refused = [&](const std::string& r, const std::string& needle) {
+    expect_error([&] {
+      (void)moekit::parse_layer_config(R"({"moekit_config_version": 1, "hidden_size": 16, "router": )" + r +
+                                       R"(, "experts": {"type": "swiglu", "intermediate_size": 12}})");
+    }, {needle});
+  };
+  refused(R"({"type": "modality"})", "router.groups: required");
+  refused(R"({"type": "modality", "groups": []})", "expected an array of 1 to 1024 groups");
+  refused(R"({"type": "modality", "groups": [{"num_experts": 2, "k": 1}]})", "token_types: required");
+  refused(R"({"type": "modality", "groups": [{"token_types": [-1], "num_experts": 2, "k": 1}]})", "token_types: expected integers");
+  refused(R"({"type": "modality", "groups": [{"token_types": [0], "num_experts": 2, "k": 3}]})", "router.groups[0]");
+  refused(R"({"type": "modality", "groups": [{"token_types": [0], "num_experts": 2, "k": 1}, {"token_types": [0], "num_experts": 2, "k": 1}]})",
+          "token type 0 expected in one group");
+  refused(R"({"type": "modality", "groups": [{"token_types": [0], "num_experts": 2, "k": 1, "logit_bias": true}]})",
+          "not supported in a group");
+  refused(R"({"type": "modality", "groups": [{"token_types": [0], "num_experts": 2, "k": 1, "bogus": 1}]})", "bogus");
+  fs::remove_all(dir);
+}

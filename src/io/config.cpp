@@ -540,56 +540,6 @@ ExpertNames parse_expert_names(const std::string& s, const std::string& where) {
   detail::fail(where, ": expected \"hf\", \"mixtral\", \"granite\", \"llama4\", \"dbrx\" or \"gpt_oss\", got \"", s, "\"");
 }
 
-// The `router` object of type "topk" (moekit's own format), over the preset's defaults.
-void parse_topk_router(Reader& rr, LayerConfig& c) {
-  TopKOptions& r = c.router;
-  r.num_experts = rr.integer("num_experts", r.num_experts);
-  r.k = rr.integer("k", r.k);
-  const std::string sf = rr.string("score_func", r.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid");
-  MOEKIT_CHECK(sf == "softmax" || sf == "sigmoid", rr.where(), ".score_func: expected \"softmax\" or \"sigmoid\", got \"", sf, "\"");
-  r.score_func = sf == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
-  r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
-  r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
-  r.norm_p = rr.number("norm_p", r.norm_p);
-  r.uniform_weights = rr.boolean("uniform_weights", r.uniform_weights);
-  r.select_on_logits = rr.boolean("select_on_logits", r.select_on_logits);
-  r.sparsemixer_eps = rr.number("sparsemixer_eps", r.sparsemixer_eps);
-  c.weight_on_input = rr.boolean("weight_on_input", c.weight_on_input);
-  r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
-  c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
-  c.router_logit_bias = rr.boolean("logit_bias", c.router_logit_bias);
-  r.n_group = rr.integer("n_group", r.n_group);
-  r.topk_group = rr.integer("topk_group", r.topk_group);
-  if (rr.has("group_score")) {
-    const std::string gs = rr.string("group_score", "");
-    if (gs == "top2_sum") r.group_score = GroupScore::top2_sum;
-    else if (gs == "max") r.group_score = GroupScore::max;
-    else if (gs == "topk_sum") r.group_score = GroupScore::topk_sum;
-    else detail::fail(rr.where(), ".group_score: expected \"top2_sum\", \"max\" or \"topk_sum\", got \"", gs, "\"");
-  } else {
-    // Each model's rule differs (DeepSeek-V3 top2_sum with its bias, DeepSeek-V2 max, Megatron
-    // topk_sum): groups without a preset that fixes the rule, or a bias that implies V3's, must
-    // say which.
-    const bool preset_rule = c.preset == "deepseek_v2" || c.preset == "deepseek_v3" || c.preset == "glm4_moe";
-    MOEKIT_CHECK(r.n_group <= 1 || preset_rule || c.router_bias, rr.where(),
-                 ".group_score: required with n_group > 1 and no e_score_correction_bias: \"top2_sum\" "
-                 "(DeepSeek-V3), \"max\" (DeepSeek-V2) or \"topk_sum\" (Megatron)");
-  }
-  r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
-  r.min_capacity = rr.integer("min_capacity", r.min_capacity);
-  rr.mark("drop_policy");
-  if (rr.has("drop_policy")) r.drop_policy = detail::parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
-  r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
-  const std::string noise = rr.string("noise", "none");
-  if (noise == "none") r.noise = TrainingNoise::none;
-  else if (noise == "jitter") r.noise = TrainingNoise::jitter;
-  else detail::fail(rr.where(), ".noise: expected \"none\" or \"jitter\" (noisy_topk needs a noise weight: C++ API only), got \"", noise, "\"");
-  r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
-  const int64_t seed = rr.integer("noise_seed", 0);
-  MOEKIT_CHECK(seed >= 0, rr.where(), ".noise_seed: expected an integer >= 0, got ", seed);
-  r.noise_seed = static_cast<uint64_t>(seed);
-  rr.reject_unknown();
-}
 
 LayerConfig parse_moekit(const json& j, const std::string& origin) {
   Reader rd(j, origin);
@@ -711,5 +661,60 @@ LayerConfig preset_defaults(const std::string& preset) {
   finish(c, "preset " + preset);
   return c;
 }
+
+namespace detail {
+
+// The `router` object of type "topk" (moekit's own format), over the preset's defaults.
+void parse_topk_router(Reader& rr, LayerConfig& c) {
+  TopKOptions& r = c.router;
+  r.num_experts = rr.integer("num_experts", r.num_experts);
+  r.k = rr.integer("k", r.k);
+  const std::string sf = rr.string("score_func", r.score_func == ScoreFunc::softmax ? "softmax" : "sigmoid");
+  MOEKIT_CHECK(sf == "softmax" || sf == "sigmoid", rr.where(), ".score_func: expected \"softmax\" or \"sigmoid\", got \"", sf, "\"");
+  r.score_func = sf == "softmax" ? ScoreFunc::softmax : ScoreFunc::sigmoid;
+  r.topk_then_softmax = rr.boolean("topk_then_softmax", r.topk_then_softmax);
+  r.norm_topk_prob = rr.boolean("norm_topk_prob", r.norm_topk_prob);
+  r.norm_p = rr.number("norm_p", r.norm_p);
+  r.uniform_weights = rr.boolean("uniform_weights", r.uniform_weights);
+  r.select_on_logits = rr.boolean("select_on_logits", r.select_on_logits);
+  r.sparsemixer_eps = rr.number("sparsemixer_eps", r.sparsemixer_eps);
+  c.weight_on_input = rr.boolean("weight_on_input", c.weight_on_input);
+  r.routed_scaling_factor = static_cast<float>(rr.number("routed_scaling_factor", r.routed_scaling_factor));
+  c.router_bias = rr.boolean("e_score_correction_bias", c.router_bias);
+  c.router_logit_bias = rr.boolean("logit_bias", c.router_logit_bias);
+  r.n_group = rr.integer("n_group", r.n_group);
+  r.topk_group = rr.integer("topk_group", r.topk_group);
+  if (rr.has("group_score")) {
+    const std::string gs = rr.string("group_score", "");
+    if (gs == "top2_sum") r.group_score = GroupScore::top2_sum;
+    else if (gs == "max") r.group_score = GroupScore::max;
+    else if (gs == "topk_sum") r.group_score = GroupScore::topk_sum;
+    else detail::fail(rr.where(), ".group_score: expected \"top2_sum\", \"max\" or \"topk_sum\", got \"", gs, "\"");
+  } else {
+    // Each model's rule differs (DeepSeek-V3 top2_sum with its bias, DeepSeek-V2 max, Megatron
+    // topk_sum): groups without a preset that fixes the rule, or a bias that implies V3's, must
+    // say which.
+    const bool preset_rule = c.preset == "deepseek_v2" || c.preset == "deepseek_v3" || c.preset == "glm4_moe";
+    MOEKIT_CHECK(r.n_group <= 1 || preset_rule || c.router_bias, rr.where(),
+                 ".group_score: required with n_group > 1 and no e_score_correction_bias: \"top2_sum\" "
+                 "(DeepSeek-V3), \"max\" (DeepSeek-V2) or \"topk_sum\" (Megatron)");
+  }
+  r.capacity_factor = rr.number("capacity_factor", r.capacity_factor);
+  r.min_capacity = rr.integer("min_capacity", r.min_capacity);
+  rr.mark("drop_policy");
+  if (rr.has("drop_policy")) r.drop_policy = detail::parse_drop_policy(rr.string("drop_policy", ""), rr.where() + ".drop_policy");
+  r.renormalize_after_drop = rr.boolean("renormalize_after_drop", r.renormalize_after_drop);
+  const std::string noise = rr.string("noise", "none");
+  if (noise == "none") r.noise = TrainingNoise::none;
+  else if (noise == "jitter") r.noise = TrainingNoise::jitter;
+  else detail::fail(rr.where(), ".noise: expected \"none\" or \"jitter\" (noisy_topk needs a noise weight: C++ API only), got \"", noise, "\"");
+  r.noise_eps = static_cast<float>(rr.number("noise_eps", r.noise_eps));
+  const int64_t seed = rr.integer("noise_seed", 0);
+  MOEKIT_CHECK(seed >= 0, rr.where(), ".noise_seed: expected an integer >= 0, got ", seed);
+  r.noise_seed = static_cast<uint64_t>(seed);
+  rr.reject_unknown();
+}
+
+}  // namespace detail
 
 }  // namespace moekit

@@ -101,6 +101,11 @@ inline DropPolicy parse_drop_policy(const std::string& s, const std::string& whe
   fail(where, ": expected \"score\", \"position\" or \"position_slot_major\", got \"", s, "\"");
 }
 
+/// Reads a `router` object of type "topk" (moekit's own format) into `config` over its
+/// defaults (the preset's): TopKOptions and the layer keys (weight_on_input, biases); rejects
+/// unknown keys, so mark a caller's own keys first.
+void parse_topk_router(Reader& rr, LayerConfig& config);
+
 /// 1 / sqrt(d): the scale of random router weights reading hidden states.
 inline double scale_of(const LayerConfig& c) { return 1.0 / std::sqrt(static_cast<double>(c.hidden())); }
 
