@@ -120,7 +120,7 @@ std::vector<float> outlier_scale(std::span<const float> channel_max, std::span<c
     if (v == 0.0) v = 1.0;
     // Deviation: a non-finite or negative scale (a reference value of 0 or the wrong sign),
     // where the official code stops on its NaN assertion, leaves the channel alone.
-    if (!std::isfinite(v) || v <= 0.0 || !std::isfinite(static_cast<float>(v))) v = 1.0;
+    if (!std::isfinite(v) || v <= 0.0 || !std::isfinite(static_cast<float>(v)) || static_cast<float>(v) <= 0.0f) v = 1.0;
     s[c] = static_cast<float>(v);
   }
   return s;

@@ -240,7 +240,9 @@ TEST_P(CliFamilies, WeightEstimateMatchesTheBuiltLayer) {
   }
   std::string err;
   EXPECT_EQ(run("bench --config " + (dir / "c.json").string() + " --tokens 1 --repeat 1", dir, &err), 2) << fam.name;
-  EXPECT_NE(err.find("GB of weights"), std::string::npos) << fam.name << ": " << err;
+  // (product_key bounds its E at parse time: refused there, before any estimate.)
+  EXPECT_TRUE(err.find("GB of weights") != std::string::npos || err.find("expected at most 2^24") != std::string::npos)
+      << fam.name << ": " << err;
   fs::remove_all(dir);
 }
 

@@ -248,3 +248,29 @@ TEST(ExpertTypes, SharedExpertsOverAnyBank) {
         std::move(two));
   }, {"shared expert 0 expected a one-expert bank, got 2"});
 }
+
+namespace {
+// A functor whose output is wider than its input: not a shared expert of a d-wide layer.
+struct Widening {
+  int64_t d;
+  [[nodiscard]] int64_t d_in() const { return d; }
+  [[nodiscard]] int64_t d_out() const { return d + 8; }
+  [[nodiscard]] size_t scratch_floats(int64_t) const { return 0; }
+  void operator()(const float*, int64_t, float*, float*) const {}
+};
+}  // namespace
+
+TEST(ExpertTypes, SharedBankOfAnotherWidthIsRefused) {
+  Rng rng(72);
+  const int64_t d = 8, f = 8, E = 2;
+  std::vector<ref::Ffn> experts;
+  for (int64_t e = 0; e < E; ++e) experts.push_back(test_support::random_ref_ffn(rng, d, f));
+  using Bank = moekit::FunctorBank<Widening>;
+  std::vector<moekit::SharedExpertOf<Bank>> shared;
+  shared.push_back({Bank({Widening{d}}), {}});
+  expect_error([&] {
+    moekit::SparseLayer<TopKRouter, moekit::FfnBank, Bank> bad(
+        TopKRouter(TopKOptions{.num_experts = E, .k = 1, .hidden = d}, rng.vec(static_cast<size_t>(E * d), 0.3)),
+        test_support::bank_of(experts, d, f), std::move(shared));
+  }, {"shared expert 0 d_in and d_out expected 8 (the hidden size), got 8 and 16"});
+}

@@ -101,7 +101,7 @@ enum class NonFiniteOutput : uint8_t {
 
 /// The generic sparse MoE layer: `y_t = sum_slots w * E_e(x_t) + sum_j g_j(x_t) * S_j(x_t)`
 /// for unpadded tokens, 0 for padding. The caller adds the residual. `B` holds the routed
-/// experts, `S` the type of each shared expert's one-expert bank (SharedExpertOf<SB>): an
+/// experts, `SB` the type of each shared expert's one-expert bank (SharedExpertOf<SB>): an
 /// FfnBank by default, any ExpertBank that needs no BlockContext otherwise. Both run through
 /// the same tasks; the decode column split covers shared experts when SB is a SplittableBank
 /// (else a decode batch with shared experts runs as whole tasks).
@@ -130,8 +130,9 @@ class SparseLayer {
     for (size_t j = 0; j < shared_.size(); ++j) {
       MOEKIT_CHECK(shared_[j].ffn.num_experts() == 1, "SparseLayer: shared expert ", j,
                    " expected a one-expert bank, got ", shared_[j].ffn.num_experts());
-      MOEKIT_CHECK(shared_[j].ffn.d_in() == hidden_size(), "SparseLayer: shared expert ", j,
-                   " hidden size expected ", hidden_size(), ", got ", shared_[j].ffn.d_in());
+      MOEKIT_CHECK(shared_[j].ffn.d_in() == hidden_size() && shared_[j].ffn.d_out() == hidden_size(),
+                   "SparseLayer: shared expert ", j, " d_in and d_out expected ", hidden_size(),
+                   " (the hidden size), got ", shared_[j].ffn.d_in(), " and ", shared_[j].ffn.d_out());
       MOEKIT_CHECK(shared_[j].gate.empty() || static_cast<int64_t>(shared_[j].gate.size()) == hidden_size(),
                    "SparseLayer: shared expert ", j, " gate expected [", hidden_size(), "], got ",
                    shared_[j].gate.size(), " values");
@@ -566,7 +567,7 @@ class SparseLayer {
               (shared_.empty() || (SplittableBank<SB> && ws.routed_rows <= kSplitRows)) && ntasks > 0;
       if (split) {
         run_split(hidden, plan, !batch.padding.empty(), ws.routed_rows, ws, nt);
-      } else if (nt > 1 && split_enabled_) {
+      } else if (nt > 1 && split_enabled_ && (shared_.empty() || SplittableBank<SB>)) {
         reserve_split(plan.num_slots(), ws.routed_rows, ws, nt);  // a later, smaller batch allocates nothing
       }
     }

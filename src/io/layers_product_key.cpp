@@ -23,6 +23,14 @@ ProductKeyOptions pk_options(const json& j, const LayerConfig& c) {
   MOEKIT_CHECK(!sh.gated && !sh.bias && sh.intermediate == 1, "router.type \"product_key\": experts expected atomic ",
                "(one neuron: a plain \"gelu\", \"gelu_tanh\" or \"relu\" FFN of intermediate_size 1 without biases), got ",
                sh.gated ? "gated experts" : sh.bias ? "experts with biases" : "intermediate_size ", sh.gated || sh.bias ? "" : std::to_string(sh.intermediate));
+  // Sizes before anything is allocated: the family's E never reaches the config's topk
+  // bounds. E <= 2^24 keeps the layer's per-worker combine buffers (E wide) small.
+  MOEKIT_CHECK(o.num_experts <= (int64_t{1} << 24), "router.type \"product_key\": num_experts expected at most 2^24, got ",
+               o.num_experts);
+  const double values = 2.0 * static_cast<double>(o.num_experts) * static_cast<double>(o.hidden) +
+                        2.0 * static_cast<double>(o.side()) * static_cast<double>(o.query_width());
+  MOEKIT_CHECK(values <= 0x1p40, "router.type \"product_key\": keys and embeddings expected at most 2^40 values, got ",
+               values);
   MOEKIT_CHECK(c.pack.type == kernels::WeightType::f32 && !c.pack.bf16_activations,
                "router.type \"product_key\": atomic experts are f32 (experts.dtype / --dtype f32), got ",
                kernels::to_string(c.pack.type), c.pack.bf16_activations ? " with bf16 activations" : "");

@@ -150,7 +150,7 @@ class ExpertParallelLayer {
     for (int r = 0; r < comm_.size(); ++r)
       MOEKIT_CHECK(all[2 * static_cast<size_t>(r) + 1] == all[1], "ep::ExpertParallelLayer: rank ", r,
                    " differs from rank 0 in its options (micro-batches, wire, balance, LLEP knobs), E, d, or its experts' "
-                   "packed layout (kernel, weight type: shipped weights need the same on every rank)");
+                   "packed layout (kernel, weight type, input smoothing: shipped weights need the same on every rank)");
   }
 
   [[nodiscard]] int64_t hidden_size() const noexcept { return layer_.hidden_size(); }

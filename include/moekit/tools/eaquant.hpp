@@ -279,8 +279,11 @@ SparseLayer<R, FfnBank> apply(const SparseLayer<R, FfnBank>& layer, const Smooth
     const FfnShape& s = src.shape();
     // A shared expert whose shape takes no fold must have all-1 scales (calibrate() gives those).
     bool identity = true;
-    for (const std::vector<float>& v : downs)
-      for (const float x : v) identity = identity && x == 1.0f;
+    for (size_t e = 0; e < downs.size(); ++e) {
+      MOEKIT_CHECK(static_cast<int64_t>(downs[e].size()) == s.intermediate, "eaquant::apply: expert ", e,
+                   " down scale expected [", s.intermediate, "] values, got ", downs[e].size());
+      for (const float x : downs[e]) identity = identity && x == 1.0f;
+    }
     MOEKIT_CHECK(identity || detail::down_applies(s), "eaquant::apply: down scales need gated, unclamped experts");
     const int64_t f = s.intermediate, n = src.num_experts();
     FfnBank out(n, s, pack, smoothing.input);
