@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "moekit/io/any_layer.hpp"
 #include "moekit/io/config.hpp"
 #include "moekit/io/model.hpp"
@@ -103,11 +105,15 @@ std::vector<Family> families() {
 }
 
 // ctest runs tests in parallel processes: each family gets its own stderr file.
-int run(const std::string& args, const fs::path& dir, std::string* err) {
-  const std::string e = (dir / "stderr.txt").string();
-  const int status = std::system((std::string(MOEKIT_CLI_PATH) + " " + args + " >/dev/null 2>" + e).c_str());
+int run(const std::string& args, const fs::path& dir, std::string* err, std::string* out = nullptr) {
+  const std::string e = (dir / "stderr.txt").string(), o = (dir / "stdout.txt").string();
+  const int status = std::system((std::string(MOEKIT_CLI_PATH) + " " + args + " >" + o + " 2>" + e).c_str());
   std::ifstream in(e);
   err->assign(std::istreambuf_iterator<char>(in), {});
+  if (out != nullptr) {
+    std::ifstream oin(o);
+    out->assign(std::istreambuf_iterator<char>(oin), {});
+  }
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
@@ -223,6 +229,18 @@ TEST_P(CliFamilies, WeightEstimateMatchesTheBuiltLayer) {
   const auto layer = moekit::random_any_layer(cfg, 3);
   EXPECT_NEAR(estimate, layer->resident_bytes(), 1e-9 * estimate) << fam.name;
 
+  // The bench record names the kernel the experts run on: the row kernels for product_key's
+  // one-neuron experts, the f32 GEMM (`moekit info`'s gemm_kernel) for every other family.
+  std::string err, out, info;
+  ASSERT_EQ(run("bench --config " + (dir / "c.json").string() + " --tokens 1 --repeat 1 --layers 1", dir, &err, &out), 0)
+      << fam.name << ": " << err;
+  ASSERT_EQ(run("info", dir, &err, &info), 0) << err;
+  const auto rec = nlohmann::json::parse(out), inf = nlohmann::json::parse(info);
+  EXPECT_EQ(rec.at("kernel"), fam.router_type() == "product_key"
+                                  ? nlohmann::json("rows-" + inf.at("row_kernels").get<std::string>())
+                                  : inf.at("gemm_kernel"))
+      << fam.name;
+
   // 2^30 experts (or a 2^30-wide router; one-block families: a 2^26 x 4096 block, under the
   // config's 2^40-weight bound): refused by bench from the estimate, exit 2.
   std::string router = fam.router;
@@ -238,7 +256,6 @@ TEST_P(CliFamilies, WeightEstimateMatchesTheBuiltLayer) {
     std::ofstream(dir / "c.json") << R"({"moekit_config_version": 1, "hidden_size": 1024, "router": )" << router
                                   << R"(, "experts": )" << fam.experts_json(R"({"type": "swiglu", "intermediate_size": 1024})") << "}";
   }
-  std::string err;
   EXPECT_EQ(run("bench --config " + (dir / "c.json").string() + " --tokens 1 --repeat 1", dir, &err), 2) << fam.name;
   // (product_key bounds its E at parse time: refused there, before any estimate.)
   EXPECT_TRUE(err.find("GB of weights") != std::string::npos || err.find("expected at most 2^24") != std::string::npos)

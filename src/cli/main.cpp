@@ -1282,7 +1282,17 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
             v = static_cast<float>(static_cast<double>(moekit::detail::splitmix64(state) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
           }
         };
-        const moekit::Batch batch = moekit::Batch::single(T, d);
+        moekit::Batch batch = moekit::Batch::single(T, d);
+        // FTP's feature router reads each token's received attention: uniform in [0, 1), as make-input writes.
+        std::vector<float> token_scores;
+        if (cfg.router_type == "token_prune") {
+          token_scores.resize(static_cast<size_t>(T));
+          for (float& v : token_scores) {
+            state += 0x9E3779B97F4A7C15ull;
+            v = static_cast<float>(static_cast<double>(moekit::detail::splitmix64(state) >> 11) * (1.0 / 9007199254740992.0));
+          }
+          batch.token_scores = token_scores;
+        }
         for (auto& l : inst) {  // warm-up: touches every instance's pages once
           fresh_input();
           l->forward(batch, x.data(), y.data(), threads);
@@ -1332,7 +1342,10 @@ int cmd_bench(const std::map<std::string, std::string>& f) {
             {"weight_gbps", median(gbps)},
             {"expert_weight_bytes", median(touched)},
             {"resident_weight_bytes_per_layer", layer_bytes},
-            {"kernel", moekit::kernels::gemm_backend(cfg.pack.type, cfg.pack.bf16_activations)},
+            // product_key's atomic (one-neuron) experts are dot products on the row kernels.
+            {"kernel", cfg.router_type == "product_key"
+                           ? std::string("rows-") + moekit::kernels::row_kernels().name
+                           : std::string(moekit::kernels::gemm_backend(cfg.pack.type, cfg.pack.bf16_activations))},
             {"cpu", cpu.brand},
             {"moekit_version", moekit::version()},
             {"git_commit", MOEKIT_GIT_COMMIT},
