@@ -920,10 +920,14 @@ void expect_rounded_output(const View16& got, const std::vector<float>& want, in
 // bit for bit: an expert's output row depends on that row alone.
 TEST(LayerPhases, RouteRunExpertsElsewhereCombineEqualsForward) {
   Rng rng(41);
-  for (int trial = 0; trial < 10; ++trial) {
-    const int64_t E = rng.integer(2, 9), k = rng.integer(1, E), d = rng.integer(4, 48), T = rng.integer(0, 260);
+  for (int trial = 0; trial < 14; ++trial) {
+    // Later trials: decode sizes, where the remote run takes the decode column split (also
+    // with shared experts in the layer: run_experts() runs no shared task).
+    const bool decode = trial >= 10;
+    const int64_t E = rng.integer(2, 9), k = rng.integer(1, E), d = rng.integer(4, 48),
+                  T = decode ? rng.integer(1, 4) : rng.integer(0, 260);
     LayerSpec spec = simple_spec(E, k, d, rng.integer(4, 64));
-    if (trial % 2) spec.shared.push_back({static_cast<int64_t>(rng.integer(4, 24)), trial % 4 == 1});
+    if (trial % 2 || decode) spec.shared.push_back({static_cast<int64_t>(rng.integer(4, 24)), trial % 4 == 1});
     spec.weight_on_input = trial % 5 == 3;
     const Built b = build(spec, rng);
     const Input in = random_input(rng, T, d, trial % 3 == 0 ? 0.25 : 0.0);
@@ -954,7 +958,8 @@ TEST(LayerPhases, RouteRunExpertsElsewhereCombineEqualsForward) {
       ids[static_cast<size_t>(r)] = plan.slot_expert()[static_cast<size_t>(slots[i])];
     }
     const RoutingPlan there = RoutingPlan::from_topk(ids.data(), ones.data(), N, N > 0 ? 1 : 0, E);
-    b.layer->run_experts(rows.data(), there, remote, 3 - threads);
+    b.layer->run_experts(rows.data(), there, remote, decode ? 2 : 3 - threads);
+    if (decode) EXPECT_FALSE(remote.pieces.empty()) << "trial " << trial << ": the decode split did not run";
     const auto got_rows = b.layer->expert_rows(there, remote);
     const auto home_rows = b.layer->expert_rows(plan, home);
     for (int64_t r = 0; r < N; ++r) {

@@ -346,6 +346,19 @@ class SparseLayer {
     return x;
   }
 
+  /// route() for a finalised plan made elsewhere (pre-gating, another process, the engine's
+  /// own router): checks and converts the input as forward_plan() does and checks `plan`
+  /// against the batch, routing nothing. Returns the f32 rows the other phases read.
+  const float* accept_plan(const Batch& batch, ActivationsIn hidden, const RoutingPlan& plan, Workspace& ws,
+                           ActivationsOut out = {}) const {
+    ws.non_finite_rows = 0;
+    batch.validate(hidden_size());
+    const float* x = input_rows(batch, hidden, out.data != nullptr ? &out : nullptr, ws, "SparseLayer::accept_plan");
+    check_plan(batch, plan);
+    check_padded_slots(batch, plan);
+    return x;
+  }
+
   /// Runs only the routed experts of a finalised `plan` over `rows [plan.num_tokens(), d]`
   /// (no shared experts, no combine, no padding): the outputs are expert_rows(plan, ws),
   /// `[plan.num_kept(), d]` in the plan's expert order (plan.expert_slots()). With
@@ -563,8 +576,10 @@ class SparseLayer {
     if constexpr (SplittableBank<B> && !whole_blocks_v<B> && !ContextAwareBank<B>) {
       int64_t most = 0;
       for (int64_t e = 0; e < num_experts(); ++e) most = std::max(most, plan.kept_of(e));
+      // Shared tasks come last; run_experts() lays out none (the split then ignores them).
+      const bool shared_tasks = ntasks > 0 && ws.tasks.back().expert < 0;
       split = nt > 1 && split_enabled_ && most <= kSplitRows &&
-              (shared_.empty() || (SplittableBank<SB> && ws.routed_rows <= kSplitRows)) && ntasks > 0;
+              (!shared_tasks || (SplittableBank<SB> && ws.routed_rows <= kSplitRows)) && ntasks > 0;
       if (split) {
         run_split(hidden, plan, !batch.padding.empty(), ws.routed_rows, ws, nt);
       } else if (nt > 1 && split_enabled_ && (shared_.empty() || SplittableBank<SB>)) {
@@ -883,11 +898,12 @@ class SparseLayer {
     requires SplittableBank<B>
   {
     const int64_t d = hidden_size(), kept = plan.num_kept();
-    grow(ws.split_in, static_cast<size_t>((kept + (shared_.empty() ? 0 : Tr)) * d));
     const bool routed = !ws.tasks.empty() && ws.tasks.front().expert >= 0;  // combine_outputs() runs shared tasks only
+    const bool shared = !ws.tasks.empty() && ws.tasks.back().expert < 0;   // run_experts() runs routed tasks only
+    grow(ws.split_in, static_cast<size_t>((kept + (shared ? Tr : 0)) * d));
     if (kept > 0 && routed) gather_expert_rows(hidden, plan, 0, kept, ws.split_in.data());
     const float* shared_in = hidden;
-    if (!shared_.empty() && padded) {
+    if (shared && padded) {
       kernels::gather_rows(hidden, d, ws.unpadded.data(), Tr, ws.split_in.data() + kept * d);
       shared_in = ws.split_in.data() + kept * d;
     }
