@@ -216,18 +216,22 @@ class OffloadedLayer {
   void forward(const Batch& batch, ActivationsIn hidden, ActivationsOut out, Workspace& ws, int threads = 0) {
     wait();
     const float* x = layer_.route(batch, hidden, ws, threads, out);
-    const RoutingPlan& plan = ws.plan;
-    std::vector<int64_t> need;
-    for (int64_t e = 0; e < num_experts(); ++e)
-      if (plan.kept_of(e) > 0) need.push_back(e);
-    CachedFfnBank& bank = layer_.experts();
-    if (static_cast<int64_t>(need.size()) <= bank.capacity()) {
-      bank.make_resident(need);
-      layer_.run_experts(x, plan, ws, threads);
-    } else {
-      run_in_groups(x, plan, need, ws, threads);
-    }
-    layer_.combine_outputs(batch, x, plan, out, ws, threads);
+    run_plan(batch, x, ws.plan, out, ws, threads);
+  }
+
+  /// forward() on a finalised plan made elsewhere (pre-gating: PreGatingRouter::route_all, whose
+  /// active_experts() of this layer's plan went to prefetch() while an earlier layer ran). The
+  /// same cache use and grouping as forward(); the output equals the resident layer's
+  /// forward_plan() bit for bit.
+  void forward_plan(const Batch& batch, const float* hidden, const RoutingPlan& plan, float* out, Workspace& ws,
+                    int threads = 0) {
+    forward_plan(batch, ActivationsIn::f32(hidden), plan, ActivationsOut::f32(out), ws, threads);
+  }
+  void forward_plan(const Batch& batch, ActivationsIn hidden, const RoutingPlan& plan, ActivationsOut out, Workspace& ws,
+                    int threads = 0) {
+    wait();
+    const float* x = layer_.accept_plan(batch, hidden, plan, ws, out);
+    run_plan(batch, x, plan, out, ws, threads);
   }
 
   /// The experts this layer's router picks for `hidden` (e.g. the current layer's input, a
@@ -251,6 +255,22 @@ class OffloadedLayer {
   }
 
  private:
+  // The plan's experts made resident (in groups when they do not fit), run, combined.
+  void run_plan(const Batch& batch, const float* x, const RoutingPlan& plan, ActivationsOut out, Workspace& ws,
+                int threads) {
+    std::vector<int64_t> need;
+    for (int64_t e = 0; e < num_experts(); ++e)
+      if (plan.kept_of(e) > 0) need.push_back(e);
+    CachedFfnBank& bank = layer_.experts();
+    if (static_cast<int64_t>(need.size()) <= bank.capacity()) {
+      bank.make_resident(need);
+      layer_.run_experts(x, plan, ws, threads);
+    } else {
+      run_in_groups(x, plan, need, ws, threads);
+    }
+    layer_.combine_outputs(batch, x, plan, out, ws, threads);
+  }
+
   // A batch needing more experts than fit: resident ones first, then the rest, each group made
   // resident and run on a plan of its own rows (token order kept, the same slot weights).
   void run_in_groups(const float* x, const RoutingPlan& plan, std::vector<int64_t> need, Workspace& ws, int threads) {
