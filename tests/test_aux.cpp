@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -295,6 +296,128 @@ TEST(ErcLoss, SpecialisedExpertsHaveNoViolations) {
   EXPECT_EQ(r.proxy_violations, 2);
   EXPECT_EQ(r.expert_violations, 2);
   EXPECT_TRUE(std::isinf(r.alpha_zero));  // M[0, 0] = 0 with M[0, 1] > 0
+}
+
+// ERC on a routed batch: each expert's kept tokens in place of its proxy, against loops over
+// the plan's slots in the order a reader would write them.
+TEST(ErcCoupling, MatchesReferenceOnRoutedBatches) {
+  std::mt19937_64 g(23);
+  std::uniform_real_distribution<double> u(-1, 1);
+  for (int it = 0; it < 30; ++it) {
+    const int64_t E = 2 + int64_t(g() % 7), k = 1 + int64_t(g() % std::min<int64_t>(E, 3)), d = 1 + int64_t(g() % 10),
+                  f = 1 + int64_t(g() % 6), T = 1 + int64_t(g() % 40);
+    std::vector<float> Rw(size_t(E * d)), W(size_t(E * f * d)), x(size_t(T * d));
+    for (float& v : Rw) v = float(u(g));
+    for (float& v : W) v = float(u(g));
+    for (float& v : x) v = float(u(g));
+    moekit::Batch b = moekit::Batch::single(T, d);
+    std::vector<uint8_t> pad;
+    if (it % 2) {  // padding rows hold NaN: never read
+      pad.assign(size_t(T), 0);
+      for (int64_t t = 0; t < T; t += 3) {
+        pad[size_t(t)] = 1;
+        for (int64_t c = 0; c < d; ++c) x[size_t(t * d + c)] = std::nanf("");
+      }
+      b.padding = pad;
+    }
+    moekit::TopKOptions o{.num_experts = E, .k = k, .hidden = d};
+    if (it % 3 == 0) o.capacity_factor = 0.5;  // some slots dropped: not counted
+    moekit::TopKRouter router(o, Rw);
+    moekit::RoutingPlan plan;
+    moekit::RouterScratch scratch;
+    router.route(b, x.data(), plan, scratch, 1);
+    const double alpha = 0.5 + 0.25 * (u(g) + 1);
+    const moekit::ErcCoupling r = moekit::erc_coupling(plan, b, x, W, E, d, f, alpha);
+
+    std::vector<double> A(size_t(E * E), 0.0);
+    std::vector<int64_t> n(size_t(E), 0);
+    int64_t slots = 0, coupled = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (b.is_padding(t)) continue;
+      std::vector<double> act(static_cast<size_t>(E));
+      for (int64_t j = 0; j < E; ++j) {
+        double sq = 0;
+        for (int64_t h = 0; h < f; ++h) {
+          double z = 0;
+          for (int64_t c = 0; c < d; ++c) z += double(W[size_t((j * f + h) * d + c)]) * x[size_t(t * d + c)];
+          sq += z * z;
+        }
+        act[size_t(j)] = std::sqrt(sq);
+      }
+      for (int32_t sl = plan.slot_offsets()[size_t(t)]; sl < plan.slot_offsets()[size_t(t) + 1]; ++sl) {
+        if (plan.slot_dropped()[size_t(sl)]) continue;
+        const int64_t e = plan.slot_expert()[size_t(sl)];
+        ++n[size_t(e)];
+        ++slots;
+        coupled += act[size_t(e)] == *std::max_element(act.begin(), act.end());
+        for (int64_t j = 0; j < E; ++j) A[size_t(e * E + j)] += act[size_t(j)];
+      }
+    }
+    double sum = 0;
+    int64_t pairs = 0, tv = 0, ev = 0;
+    for (int64_t i = 0; i < E; ++i)
+      for (int64_t j = 0; j < E; ++j) A[size_t(i * E + j)] /= n[size_t(i)] > 0 ? double(n[size_t(i)]) : 1.0;
+    for (int64_t i = 0; i < E; ++i)
+      for (int64_t j = 0; j < E; ++j) {
+        if (i == j || n[size_t(i)] == 0 || n[size_t(j)] == 0) continue;
+        const double own = alpha * A[size_t(i * E + i)];
+        sum += std::max(0.0, A[size_t(i * E + j)] - own) + std::max(0.0, A[size_t(j * E + i)] - own);
+        tv += A[size_t(i * E + j)] > own;
+        ev += A[size_t(j * E + i)] > own;
+        ++pairs;
+      }
+    EXPECT_EQ(r.tokens, n) << it;
+    EXPECT_EQ(r.slots, slots);
+    EXPECT_NEAR(r.coupled_fraction, slots ? double(coupled) / double(slots) : 0.0, 1e-12);
+    for (size_t q = 0; q < A.size(); ++q) EXPECT_NEAR(r.activation[q], A[q], 1e-9 * (1 + A[q])) << it << ", " << q;
+    EXPECT_NEAR(r.loss, pairs ? sum / double(pairs) : 0.0, 1e-9);
+    EXPECT_EQ(r.token_violations, tv);
+    EXPECT_EQ(r.expert_violations, ev);
+  }
+}
+
+TEST(ErcCoupling, AlignedExpertsAreFullyCoupled) {
+  // Tokens along axis e route to expert e (router rows e_i) and excite only expert e's gate:
+  // every slot coupled, loss 0. Swapping two experts' gates uncouples their tokens.
+  const int64_t E = 4, d = 4, f = 2, T = 12;
+  std::vector<float> Rw(size_t(E * d), 0.0f), W(size_t(E * f * d), 0.0f), x(size_t(T * d), 0.0f);
+  for (int64_t i = 0; i < E; ++i) Rw[size_t(i * d + i)] = 1.0f;
+  for (int64_t j = 0; j < E; ++j)
+    for (int64_t h = 0; h < f; ++h) W[size_t((j * f + h) * d + j)] = 0.5f;
+  for (int64_t t = 0; t < T; ++t) x[size_t(t * d + t % E)] = 1.0f + 0.1f * float(t);
+  const moekit::Batch b = moekit::Batch::single(T, d);
+  moekit::TopKRouter router(moekit::TopKOptions{.num_experts = E, .k = 1, .hidden = d}, Rw);
+  moekit::RoutingPlan plan;
+  moekit::RouterScratch scratch;
+  router.route(b, x.data(), plan, scratch, 1);
+  moekit::ErcCoupling r = moekit::erc_coupling(plan, b, x, W, E, d, f);
+  EXPECT_EQ(r.slots, T);
+  EXPECT_EQ(r.coupled_fraction, 1.0);
+  EXPECT_EQ(r.loss, 0.0);
+  EXPECT_EQ(r.token_violations + r.expert_violations, 0);
+  std::swap_ranges(W.begin(), W.begin() + f * d, W.begin() + f * d);
+  r = moekit::erc_coupling(plan, b, x, W, E, d, f);
+  EXPECT_EQ(r.coupled_fraction, 0.5);  // experts 0 and 1's tokens (half the batch) go uncoupled
+  EXPECT_GT(r.loss, 0.0);
+  EXPECT_EQ(r.token_violations, 2);
+  EXPECT_TRUE(std::isinf(r.alpha_zero));
+  // Bad input: one line naming the problem.
+  auto fails = [](auto fn, const char* needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const moekit::error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  fails([&] { (void)moekit::erc_coupling(plan, b, std::span<const float>(x).first(5), W, E, d, f); }, "x expected [12, 4]");
+  fails([&] { (void)moekit::erc_coupling(plan, b, x, std::span<const float>(W).first(10), E, d, f); },
+        "gate weights expected [4, 2, 4]");
+  fails([&] { (void)moekit::erc_coupling(plan, b, x, W, E + 1, d, f); }, "plan expected 5 experts");
+  fails([&] { (void)moekit::erc_coupling(plan, b, x, W, E, d, f, 0.0); }, "alpha expected in (0, 1]");
+  std::vector<float> bad = x;
+  bad[size_t(2 * d + 1)] = INFINITY;
+  fails([&] { (void)moekit::erc_coupling(plan, b, bad, W, E, d, f); }, "x[2, 1] expected finite");
 }
 
 TEST(ErcLoss, BadArguments) {

@@ -341,6 +341,103 @@ inline ErcResult erc_loss(std::span<const float> router_weight, std::span<const 
   return r;
 }
 
+/// The ERC coupling measured on real tokens (erc_coupling): the loss's quantities with each
+/// expert's routed tokens in place of its proxy.
+struct ErcCoupling {
+  /// `[E, E]`: A[i, j] = mean over the kept slots routed to expert i (unpadded tokens) of
+  /// ||W_g^j x_t||; row i is 0 when expert i kept no token.
+  std::vector<double> activation;
+  std::vector<int64_t> tokens;       ///< `[E]` kept slots of unpadded tokens per expert
+  int64_t slots = 0;                 ///< all such slots
+  /// Kept slots whose own expert answers the token most (||W_g^e x_t|| >= every other expert's),
+  /// over `slots` (0 when there are none): how often routing agrees with the experts.
+  double coupled_fraction = 0.0;
+  /// The ERC loss on A over the ordered pairs i != j of experts that both kept tokens:
+  /// mean of relu(A[i, j] - a A[i, i]) + relu(A[j, i] - a A[i, i]) (0 under two such experts).
+  double loss = 0.0;
+  int64_t token_violations = 0;      ///< such pairs with A[i, j] > a A[i, i] (i's tokens excite j more)
+  int64_t expert_violations = 0;     ///< such pairs with A[j, i] > a A[i, i] (expert i answers j's tokens more)
+  double alpha_zero = 0.0;           ///< smallest a with zero loss on these pairs (as ErcResult::alpha_zero)
+};
+
+/// The ERC statistics of a routed batch: which expert each kept slot of `plan` sent its token
+/// to, against the gate pre-activation norms ||W_g^j x_t|| of every expert j (`x [T, d]`,
+/// `gate_weight [E, f, d]` as for erc_loss). In double; T E f d multiply-adds (an analysis
+/// call, not for the hot path). Padding tokens are skipped and may hold anything.
+inline ErcCoupling erc_coupling(const RoutingPlan& plan, const Batch& batch, std::span<const float> x,
+                                std::span<const float> gate_weight, int64_t E, int64_t d, int64_t f,
+                                double alpha = 1.0) {
+  detail::check_plan_batch(plan, batch, "erc_coupling");
+  MOEKIT_CHECK(std::isfinite(alpha) && alpha > 0 && alpha <= 1, "erc_coupling: alpha expected in (0, 1], got ", alpha);
+  MOEKIT_CHECK(E >= 1 && E <= 4096 && f >= 1 && f < (int64_t{1} << 31) && d >= 1 && d < (int64_t{1} << 31),
+               "erc_coupling: E expected in [1, 4096], f and d in [1, 2^31), got E = ", E, ", f = ", f, ", d = ", d);
+  MOEKIT_CHECK(plan.num_experts() == E, "erc_coupling: plan expected ", E, " experts, got ", plan.num_experts());
+  MOEKIT_CHECK(batch.hidden == d, "erc_coupling: batch.hidden expected ", d, ", got ", batch.hidden);
+  const int64_t T = plan.num_tokens();
+  MOEKIT_CHECK(static_cast<double>(x.size()) == static_cast<double>(T) * static_cast<double>(d),
+               "erc_coupling: x expected [", T, ", ", d, "], got ", x.size(), " values");
+  MOEKIT_CHECK(static_cast<double>(gate_weight.size()) == double(E) * double(f) * double(d),
+               "erc_coupling: gate weights expected [", E, ", ", f, ", ", d, "], got ", gate_weight.size(), " values");
+  detail::check_finite(gate_weight, "erc_coupling", "gate weight", static_cast<size_t>(d));
+  ErcCoupling r;
+  r.activation.assign(static_cast<size_t>(E * E), 0.0);
+  r.tokens.assign(static_cast<size_t>(E), 0);
+  std::vector<double> a(static_cast<size_t>(E));
+  int64_t coupled = 0;
+  const auto slot_expert = plan.slot_expert();
+  const auto dropped = plan.slot_dropped();
+  const auto offsets = plan.slot_offsets();
+  for (int64_t t = 0; t < T; ++t) {
+    if (batch.is_padding(t)) continue;
+    bool any = false;
+    for (int32_t s = offsets[static_cast<size_t>(t)]; s < offsets[static_cast<size_t>(t) + 1]; ++s) any = any || !dropped[static_cast<size_t>(s)];
+    if (!any) continue;
+    const float* xt = x.data() + t * d;
+    if (const int64_t c = kernels::first_non_finite(xt, d); c >= 0)
+      detail::fail("erc_coupling: x[", t, ", ", c, "] expected finite, got ", xt[c]);
+    double best = -1.0;
+    for (int64_t j = 0; j < E; ++j) {
+      double sq = 0.0;
+      for (int64_t h = 0; h < f; ++h) {
+        const float* w = gate_weight.data() + (j * f + h) * d;
+        double z = 0.0;
+        for (int64_t c = 0; c < d; ++c) z += static_cast<double>(w[c]) * xt[c];
+        sq += z * z;
+      }
+      a[static_cast<size_t>(j)] = std::sqrt(sq);
+      best = std::max(best, a[static_cast<size_t>(j)]);
+    }
+    for (int32_t s = offsets[static_cast<size_t>(t)]; s < offsets[static_cast<size_t>(t) + 1]; ++s) {
+      if (dropped[static_cast<size_t>(s)]) continue;
+      const int64_t e = slot_expert[static_cast<size_t>(s)];
+      ++r.tokens[static_cast<size_t>(e)];
+      ++r.slots;
+      coupled += a[static_cast<size_t>(e)] >= best;
+      for (int64_t j = 0; j < E; ++j) r.activation[static_cast<size_t>(e * E + j)] += a[static_cast<size_t>(j)];
+    }
+  }
+  for (int64_t i = 0; i < E; ++i)
+    if (const int64_t n = r.tokens[static_cast<size_t>(i)]; n > 0)
+      for (int64_t j = 0; j < E; ++j) r.activation[static_cast<size_t>(i * E + j)] /= static_cast<double>(n);
+  r.coupled_fraction = r.slots > 0 ? static_cast<double>(coupled) / static_cast<double>(r.slots) : 0.0;
+  auto A = [&](int64_t i, int64_t j) { return r.activation[static_cast<size_t>(i * E + j)]; };
+  double sum = 0.0;
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      if (i == j || r.tokens[static_cast<size_t>(i)] == 0 || r.tokens[static_cast<size_t>(j)] == 0) continue;
+      const double own = alpha * A(i, i);
+      sum += std::max(0.0, A(i, j) - own) + std::max(0.0, A(j, i) - own);
+      ++pairs;
+      r.token_violations += A(i, j) > own;
+      r.expert_violations += A(j, i) > own;
+      const double m = std::max(A(i, j), A(j, i));
+      r.alpha_zero = std::max(r.alpha_zero, A(i, i) > 0 ? m / A(i, i) : (m > 0 ? INFINITY : 0.0));
+    }
+  r.loss = pairs > 0 ? sum / static_cast<double>(pairs) : 0.0;
+  return r;
+}
+
 /// Per-call routing statistics.
 struct RoutingStats {
   std::vector<int64_t> load;          ///< kept slots per expert
