@@ -5,6 +5,8 @@
 // reference layer on each iteration's decisions, which themselves match the reference router.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -64,6 +66,71 @@ TEST(BankViews, RefAndConcatEqualTheOwningBank) {
   }
   std::vector<BankRef<FfnBank>> none;
   expect_error([&] { ConcatBank<BankRef<FfnBank>> c(none); }, {"ConcatBank: expected at least one bank"});
+}
+
+// ReXMoE's stack: each layer owns its experts and routes over its own and its neighbours'
+// (a ConcatBank of views, no copies), residual between layers. Against the reference layer on
+// each layer's decisions, over the concatenated reference experts; layer l's pool must hold
+// exactly the objects the neighbours own (no layer sees another's copy).
+TEST(BankViews, ReXMoeStackSharesNeighbourExperts) {
+  Rng rng(2510);
+  int64_t compared = 0;
+  for (int i = 0; i < 8; ++i) {
+    const int64_t L = 3, d = rng.integer(4, 20), f = rng.integer(4, 20), T = rng.integer(1, 30);
+    std::vector<std::vector<ref::Ffn>> own(L);
+    std::vector<FfnBank> banks;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t E = rng.integer(1, 4);
+      for (int64_t e = 0; e < E; ++e) own[static_cast<size_t>(l)].push_back(test_support::random_ref_ffn(rng, d, f));
+      banks.push_back(test_support::bank_of(own[static_cast<size_t>(l)], d, f));
+    }
+    using Pool = ConcatBank<BankRef<FfnBank>>;
+    std::vector<moekit::SparseLayer<TopKRouter, Pool>> layers;
+    layers.reserve(static_cast<size_t>(L));
+    std::vector<std::vector<ref::Ffn>> pools(L);
+    std::vector<std::vector<float>> gates;
+    std::vector<TopKOptions> opts;
+    for (int64_t l = 0; l < L; ++l) {
+      std::vector<BankRef<FfnBank>> views;
+      for (int64_t m = std::max<int64_t>(0, l - 1); m <= std::min(L - 1, l + 1); ++m) {
+        views.emplace_back(banks[static_cast<size_t>(m)]);
+        for (const ref::Ffn& e : own[static_cast<size_t>(m)]) pools[static_cast<size_t>(l)].push_back(e);
+      }
+      const int64_t E = static_cast<int64_t>(pools[static_cast<size_t>(l)].size());
+      TopKOptions o{E, std::min<int64_t>(rng.integer(1, 3), E), d};
+      o.norm_topk_prob = rng.coin(0.5);
+      opts.push_back(o);
+      gates.push_back(rng.vec(static_cast<size_t>(E * d), 2.0 / std::sqrt(double(d))));
+      layers.emplace_back(TopKRouter(o, gates.back()), Pool(std::move(views)));
+    }
+    // The middle layer's pool is its neighbours' banks themselves.
+    EXPECT_EQ(&layers[1].experts().banks()[0].bank(), &banks[0]);
+    EXPECT_EQ(&layers[1].experts().banks()[2].bank(), &banks[2]);
+    const std::vector<float> x = rng.vec(static_cast<size_t>(T * d), 1.0);
+    std::vector<float> h = x, y(x.size());
+    std::vector<double> state(x.begin(), x.end());
+    for (int64_t l = 0; l < L; ++l) {
+      moekit::Workspace ws;
+      layers[static_cast<size_t>(l)].forward(Batch::single(T, d), h.data(), y.data(), ws, 2);
+      const std::vector<float> xs(state.begin(), state.end());
+      const ref::Routing want = ref::route_topk(moekit_test::to_ref(opts[static_cast<size_t>(l)], {}),
+                                                gates[static_cast<size_t>(l)].data(), xs.data(), T, nullptr);
+      ref::CompareOptions co;
+      co.tie_rel = 1e-4;
+      const ref::CompareReport rep = ref::compare_routing(want, ref::view_of(ws.plan), co);
+      EXPECT_TRUE(rep.errors.empty()) << "case " << i << " layer " << l << join(rep.errors);
+      compared += rep.compared;
+      const ref::Routing used = ref::routing_from_view(ref::view_of(ws.plan), nullptr);
+      const std::vector<double> yr = ref::moe_forward(used, pools[static_cast<size_t>(l)], {}, xs.data(), T, d);
+      const auto errs = ref::compare_values(yr, y.data(), d, 1e-3, 1e-4);
+      EXPECT_TRUE(errs.empty()) << "case " << i << " layer " << l << join(errs);
+      for (size_t q = 0; q < state.size(); ++q) {
+        state[q] += yr[q];
+        h[q] += y[q];
+      }
+    }
+  }
+  EXPECT_GT(compared, 50);
 }
 
 // A view is treated as its bank: block traits and the BlockContext overload pass through.

@@ -82,7 +82,7 @@ class BankRef {
 };
 
 /// The experts of several banks of one type, in order: expert e of the concatenation is expert
-/// e - (experts of the banks before) of its bank. ReXMoE (Tan et al., Oct 2025) routes layer l
+/// e - (experts of the banks before) of its bank. ReXMoE (Tan et al., arXiv 2510.17483) routes layer l
 /// over its own experts and its neighbours': `ConcatBank<BankRef<FfnBank>>({prev, own, next})`
 /// with a router over their total count. All banks need the same d_in and d_out.
 template <ExpertBank B>
@@ -122,6 +122,8 @@ class ConcatBank {
     return i;
   }
   [[nodiscard]] int64_t first_expert_of(size_t bank) const noexcept { return offsets_[bank]; }
+  /// The concatenated banks, in order (for a view, the viewed bank is `banks()[i].bank()`).
+  [[nodiscard]] const std::vector<B>& banks() const noexcept { return banks_; }
 
  private:
   std::vector<B> banks_;
