@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-// Shared pieces of moekit_bench: the thread count and the per-scenario registration hooks.
+// Shared pieces of moekit_bench: the thread count, random inputs, the sized layer config and the
+// per-scenario registration hooks.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "moekit/io/config.hpp"
+#include "moekit/routers/topk.hpp"
 
 namespace moekit_bench {
 
@@ -28,6 +32,20 @@ inline moekit::LayerConfig sized_config(const char* preset, int64_t E, int64_t k
   c.experts.hidden = d;
   c.experts.intermediate = f;
   return c;
+}
+
+/// `n` deterministic uniform values of standard deviation `scale` (in [-sqrt(3) scale,
+/// sqrt(3) scale)) from a splitmix64 counter started at `seed`: inputs and random weights
+/// (fast enough for hundreds of MB).
+inline std::vector<float> uniform_floats(int64_t n, double scale, uint64_t seed) {
+  std::vector<float> v(static_cast<size_t>(n));
+  uint64_t s = moekit::detail::splitmix64(seed);
+  for (float& x : v) {
+    s += 0x9E3779B97F4A7C15ull;
+    const double u = static_cast<double>(moekit::detail::splitmix64(s) >> 11) * (1.0 / 9007199254740992.0);
+    x = static_cast<float>((2.0 * u - 1.0) * 1.7320508075688772 * scale);
+  }
+  return v;
 }
 
 /// Machine peaks measured in the same run: Eigen sgemm GFLOP/s, STREAM triad GB/s
