@@ -15,8 +15,9 @@
 //    (BankRef) against the baseline's top-2 over all 8.
 // Reported: the alternative's time (the benchmark's time, manual), `vs_ffn` / `vs_topk` = its
 // shortest time / the baseline's shortest, both measured in every iteration, and `ffn_ms` /
-// `topk_ms`. Both outputs are checked finite (and, for modality, every slot inside its token's
-// group) before timing.
+// `topk_ms`. Before timing: both outputs finite; LoRA, MoFME and modality outputs of three
+// tokens against the experts' formulas in double (modality: every slot inside its token's
+// group too); MoHETS' reference is tests/test_mohe.cpp.
 //  - aux/erc_loss: moekit::erc_loss (arXiv 2512.23447) on random router and gate weights;
 //    `gmacs_per_s` = E^2 f d multiply-adds per second (its double-precision loop, one thread).
 #include <benchmark/benchmark.h>
@@ -44,6 +45,7 @@
 #include "moekit/routers/aux.hpp"
 #include "moekit/routers/modality.hpp"
 #include "moekit/routers/topk.hpp"
+#include "reference/reference.hpp"
 
 namespace moekit_bench {
 namespace {
@@ -105,32 +107,84 @@ const TopKLayer& baseline() {
   return *c.base;
 }
 
+// The LoRA experts' weights: base W0 [d, d], A [E, r, d], B [E, d, r] (deterministic: the
+// reference check before timing regenerates them).
+struct LoraWeights {
+  std::vector<float> w0, a, b;
+};
+LoraWeights lora_weights() {
+  const double sd = 1.0 / std::sqrt(double(kD)), sr = 1.0 / std::sqrt(double(kRank));
+  return {uniform_floats(kD * kD, sd, 101), uniform_floats(kE * kRank * kD, sd, 102),
+          uniform_floats(kE * kD * kRank, sr, 103)};
+}
+constexpr double kLoraScale = double(kLoraAlpha) / double(kRank);
+
 const LoraLayer& lora_layer() {
   Cache& c = cache();
   if (!c.lora) {
     const TopKLayer& base = baseline();
-    const double sd = 1.0 / std::sqrt(double(kD)), sr = 1.0 / std::sqrt(double(kRank));
-    moekit::LoraExpertBank bank(kE, kD, kRank, uniform_floats(kD * kD, sd, 101),
-                                uniform_floats(kE * kRank * kD, sd, 102),
-                                uniform_floats(kE * kD * kRank, sr, 103),
-                                static_cast<float>(kLoraAlpha) / static_cast<float>(kRank));
+    LoraWeights w = lora_weights();
+    moekit::LoraExpertBank bank(kE, kD, kRank, std::move(w.w0), std::move(w.a), std::move(w.b),
+                                static_cast<float>(kLoraScale));
     c.lora = std::make_unique<LoraLayer>(TopKRouter(base.router()), std::move(bank));
   }
   return *c.lora;
+}
+
+// MoFME's shared FFN up [f, d], down [d, f] and per-expert gamma, beta [E, f] (GELU).
+struct MofmeWeights {
+  std::vector<float> up, down, gamma, beta;
+};
+MofmeWeights mofme_weights() {
+  MofmeWeights w{uniform_floats(kF * kD, 1.0 / std::sqrt(double(kD)), 201),
+                 uniform_floats(kD * kF, 1.0 / std::sqrt(double(kF)), 202), uniform_floats(kE * kF, 0.2, 203),
+                 uniform_floats(kE * kF, 0.1, 204)};
+  for (float& g : w.gamma) g += 1.0f;
+  return w;
 }
 
 const MofmeLayer& mofme_layer() {
   Cache& c = cache();
   if (!c.mofme) {
     const TopKLayer& base = baseline();
-    std::vector<float> gamma = uniform_floats(kE * kF, 0.2, 203);
-    for (float& g : gamma) g += 1.0f;
-    moekit::ModulatedFfnBank bank(kE, kD, kF, uniform_floats(kF * kD, 1.0 / std::sqrt(double(kD)), 201),
-                                  uniform_floats(kD * kF, 1.0 / std::sqrt(double(kF)), 202),
-                                  std::move(gamma), uniform_floats(kE * kF, 0.1, 204));
+    MofmeWeights w = mofme_weights();
+    moekit::ModulatedFfnBank bank(kE, kD, kF, std::move(w.up), std::move(w.down), std::move(w.gamma),
+                                  std::move(w.beta), moekit::Activation::gelu);
     c.mofme = std::make_unique<MofmeLayer>(TopKRouter(base.router()), std::move(bank));
   }
   return *c.mofme;
+}
+
+// `W [rows, cols] x` in double (the reference checks below).
+std::vector<double> matvec(int64_t rows, int64_t cols, const float* wbase, const std::vector<double>& x) {
+  std::vector<double> y(static_cast<size_t>(rows), 0.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) y[static_cast<size_t>(i)] += double(wbase[i * cols + j]) * x[static_cast<size_t>(j)];
+  return y;
+}
+
+/// Tokens 0, T / 2 and T - 1 of `y` against sum over their kept slots of w * expert(e, x_t) in
+/// double: nullptr when within 1e-3 x max |reference| + 1e-4, else why not.
+template <class F>
+const char* matches_reference(const moekit::RoutingPlan& plan, const std::vector<float>& x, const std::vector<float>& y,
+                              int64_t T, const F& expert) {
+  const auto offs = plan.slot_offsets();
+  for (const int64_t t : {int64_t{0}, T / 2, T - 1}) {
+    const std::vector<double> xt(x.begin() + t * kD, x.begin() + (t + 1) * kD);
+    std::vector<double> want(static_cast<size_t>(kD), 0.0);
+    for (int32_t s = offs[static_cast<size_t>(t)]; s < offs[static_cast<size_t>(t) + 1]; ++s) {
+      if (plan.slot_dropped()[static_cast<size_t>(s)]) continue;
+      const std::vector<double> o = expert(int64_t{plan.slot_expert()[static_cast<size_t>(s)]}, xt);
+      for (int64_t j = 0; j < kD; ++j)
+        want[static_cast<size_t>(j)] += double(plan.slot_weight()[static_cast<size_t>(s)]) * o[static_cast<size_t>(j)];
+    }
+    double scale = 0.0;
+    for (const double v : want) scale = std::max(scale, std::fabs(v));
+    for (int64_t j = 0; j < kD; ++j)
+      if (std::fabs(double(y[static_cast<size_t>(t * kD + j)]) - want[static_cast<size_t>(j)]) > 1e-3 * scale + 1e-4)
+        return "output differs from the double-precision reference";
+  }
+  return nullptr;
 }
 
 const MoheFull& mohe_layer() {
@@ -227,18 +281,43 @@ void run_layer(benchmark::State& state, Kind kind, int64_t T) {
     std::vector<float> y(x.size()), yb(x.size());
     moekit::Workspace ws, wsb;
     const auto run_base = [&] { base.forward(batch, x.data(), yb.data(), wsb, threads); };
+    // MoHETS adds the depthwise convolution over the tokens: its output is checked finite
+    // here and against a transcription of the official layer in tests/test_mohe.cpp.
     const auto no_check = []() -> const char* { return nullptr; };
     switch (kind) {
       case Kind::lora: {
         const LoraLayer& L = lora_layer();
         const auto run = [&] { L.forward(batch, x.data(), y.data(), ws, threads); };
-        time_against(state, run, run_base, y, yb, no_check, "vs_ffn", "ffn_ms");
+        // E_e(x) = W0 x + scale B_e (A_e x)
+        const auto check = [&]() -> const char* {
+          const LoraWeights w = lora_weights();
+          return matches_reference(ws.plan, x, y, T, [&](int64_t e, const std::vector<double>& xt) {
+            std::vector<double> out = matvec(kD, kD, w.w0.data(), xt);
+            const std::vector<double> ax = matvec(kRank, kD, w.a.data() + e * kRank * kD, xt);
+            const std::vector<double> bax = matvec(kD, kRank, w.b.data() + e * kD * kRank, ax);
+            for (int64_t j = 0; j < kD; ++j) out[static_cast<size_t>(j)] += kLoraScale * bax[static_cast<size_t>(j)];
+            return out;
+          });
+        };
+        time_against(state, run, run_base, y, yb, check, "vs_ffn", "ffn_ms");
         break;
       }
       case Kind::mofme: {
         const MofmeLayer& L = mofme_layer();
         const auto run = [&] { L.forward(batch, x.data(), y.data(), ws, threads); };
-        time_against(state, run, run_base, y, yb, no_check, "vs_ffn", "ffn_ms");
+        // E_e(x) = down gelu(gamma_e * (up x) + beta_e)
+        const auto check = [&]() -> const char* {
+          const MofmeWeights w = mofme_weights();
+          return matches_reference(ws.plan, x, y, T, [&](int64_t e, const std::vector<double>& xt) {
+            std::vector<double> h = matvec(kF, kD, w.up.data(), xt);
+            for (int64_t i = 0; i < kF; ++i) {
+              const auto q = static_cast<size_t>(e * kF + i);
+              h[static_cast<size_t>(i)] = ref::activate(ref::Activation::gelu, double(w.gamma[q]) * h[static_cast<size_t>(i)] + double(w.beta[q]));
+            }
+            return matvec(kD, kF, w.down.data(), h);
+          });
+        };
+        time_against(state, run, run_base, y, yb, check, "vs_ffn", "ffn_ms");
         break;
       }
       case Kind::mohe: {
@@ -251,7 +330,23 @@ void run_layer(benchmark::State& state, Kind kind, int64_t T) {
         const ModalityLayer& L = modality_layer();
         const auto run = [&] { L.forward(typed, x.data(), y.data(), ws, threads); };
         // k slots per token, each on its group's experts: type 0 -> [0, 4), type 1 -> [4, 8).
+        // The baseline's own SwiGLU experts, in double.
+        std::vector<ref::Ffn> ffns;
+        for (int64_t e = 0; e < kE; ++e) {
+          ref::Ffn r;
+          r.hidden = kD;
+          r.intermediate = kF;
+          r.gate.resize(static_cast<size_t>(kF * kD));
+          r.up.resize(r.gate.size());
+          r.down.resize(static_cast<size_t>(kD * kF));
+          base.experts().get_expert(e, r.gate.data(), r.up.data(), r.down.data());
+          ffns.push_back(std::move(r));
+        }
         const auto in_group = [&]() -> const char* {
+          if (const char* why = matches_reference(ws.plan, x, y, T, [&](int64_t e, const std::vector<double>& xt) {
+                return ref::ffn_forward(ffns[static_cast<size_t>(e)], xt);
+              }))
+            return why;
           const auto experts = ws.plan.slot_expert();
           for (int64_t t = 0; t < T; ++t) {
             if (ws.plan.slots_of(t) != kK) return "modality: a token without k slots";
@@ -313,8 +408,10 @@ void register_expert_type_benchmarks() {
       // of weights per row): up to seconds per forward at T = 512, so a fixed count there.
       if (T <= 16) {
         b->MinTime(0.2);
-      } else {
+      } else if (kind == Kind::mofme || kind == Kind::mohe) {
         b->Iterations(2);
+      } else {
+        b->MinTime(0.5);
       }
     }
   // ERC: one thread of double-precision dot products, ~0.2-1 s per call on a 3 GHz core.

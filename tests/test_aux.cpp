@@ -353,7 +353,7 @@ TEST(ErcCoupling, MatchesReferenceOnRoutedBatches) {
         for (int64_t j = 0; j < E; ++j) A[size_t(e * E + j)] += act[size_t(j)];
       }
     }
-    double sum = 0;
+    double sum = 0, az = 0;
     int64_t pairs = 0, tv = 0, ev = 0;
     for (int64_t i = 0; i < E; ++i)
       for (int64_t j = 0; j < E; ++j) A[size_t(i * E + j)] /= n[size_t(i)] > 0 ? double(n[size_t(i)]) : 1.0;
@@ -364,6 +364,7 @@ TEST(ErcCoupling, MatchesReferenceOnRoutedBatches) {
         sum += std::max(0.0, A[size_t(i * E + j)] - own) + std::max(0.0, A[size_t(j * E + i)] - own);
         tv += A[size_t(i * E + j)] > own;
         ev += A[size_t(j * E + i)] > own;
+        az = std::max(az, std::max(A[size_t(i * E + j)], A[size_t(j * E + i)]) / A[size_t(i * E + i)]);
         ++pairs;
       }
     EXPECT_EQ(r.tokens, n) << it;
@@ -373,7 +374,32 @@ TEST(ErcCoupling, MatchesReferenceOnRoutedBatches) {
     EXPECT_NEAR(r.loss, pairs ? sum / double(pairs) : 0.0, 1e-9);
     EXPECT_EQ(r.token_violations, tv);
     EXPECT_EQ(r.expert_violations, ev);
+    EXPECT_NEAR(r.alpha_zero, az, 1e-9 * (1 + az));
   }
+}
+
+TEST(ErcCoupling, TwoExpertsByHand) {
+  // d = 2, f = 1: expert 0's gate reads (1, 0), expert 1's (1, 1); router rows route token
+  // (3, 0) to expert 0 and (0, 2) to expert 1 (top-1). a_j(t) = |g_j . x_t|:
+  //   token (3, 0): a_0 = 3, a_1 = 3  -> coupled (a tie counts);  A[0, .] = (3, 3)
+  //   token (0, 2): a_0 = 0, a_1 = 2  -> coupled;                 A[1, .] = (0, 2)
+  // loss at a = 1 over the pairs (0, 1), (1, 0): relu(3 - 3) + relu(0 - 3) + relu(0 - 2) +
+  // relu(3 - 2) = 1, mean 0.5; violations: token (1, 0)? A[1, 0] = 0 <= 2: none; A[0, 1] = 3 > 3? no.
+  // expert: A[0, 1] = 3 > a A[1, 1] = 2 -> one; alpha_zero = max(3 / 3, 3 / 2) = 1.5.
+  const std::vector<float> Rw = {1, 0, 0, 1}, W = {1, 0, 1, 1}, x = {3, 0, 0, 2};
+  const moekit::Batch b = moekit::Batch::single(2, 2);
+  moekit::TopKRouter router(moekit::TopKOptions{.num_experts = 2, .k = 1, .hidden = 2}, Rw);
+  moekit::RoutingPlan plan;
+  moekit::RouterScratch scratch;
+  router.route(b, x.data(), plan, scratch, 1);
+  const moekit::ErcCoupling r = moekit::erc_coupling(plan, b, x, W, 2, 2, 1);
+  EXPECT_EQ(r.activation, (std::vector<double>{3, 3, 0, 2}));
+  EXPECT_EQ(r.tokens, (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(r.coupled_fraction, 1.0);
+  EXPECT_DOUBLE_EQ(r.loss, 0.5);
+  EXPECT_EQ(r.token_violations, 0);
+  EXPECT_EQ(r.expert_violations, 1);
+  EXPECT_DOUBLE_EQ(r.alpha_zero, 1.5);
 }
 
 TEST(ErcCoupling, AlignedExpertsAreFullyCoupled) {
@@ -400,6 +426,7 @@ TEST(ErcCoupling, AlignedExpertsAreFullyCoupled) {
   EXPECT_EQ(r.coupled_fraction, 0.5);  // experts 0 and 1's tokens (half the batch) go uncoupled
   EXPECT_GT(r.loss, 0.0);
   EXPECT_EQ(r.token_violations, 2);
+  EXPECT_EQ(r.expert_violations, 2);
   EXPECT_TRUE(std::isinf(r.alpha_zero));
   // Bad input: one line naming the problem.
   auto fails = [](auto fn, const char* needle) {

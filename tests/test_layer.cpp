@@ -921,16 +921,17 @@ void expect_rounded_output(const View16& got, const std::vector<float>& want, in
 TEST(LayerPhases, RouteRunExpertsElsewhereCombineEqualsForward) {
   Rng rng(41);
   for (int trial = 0; trial < 14; ++trial) {
-    // Later trials: decode sizes, where the remote run takes the decode column split (also
-    // with shared experts in the layer: run_experts() runs no shared task).
+    // Later trials: decode sizes with shared experts in the layer, where the remote run takes
+    // the decode column split (run_experts() runs no shared task): 4 unpadded tokens, k >= 5,
+    // so the remote rows (T k > 16) exceed what the split allows a layer's shared experts.
     const bool decode = trial >= 10;
-    const int64_t E = rng.integer(2, 9), k = rng.integer(1, E), d = rng.integer(4, 48),
-                  T = decode ? rng.integer(1, 4) : rng.integer(0, 260);
+    const int64_t E = decode ? rng.integer(8, 9) : rng.integer(2, 9), k = decode ? rng.integer(5, E) : rng.integer(1, E),
+                  d = rng.integer(4, 48), T = decode ? 4 : rng.integer(0, 260);
     LayerSpec spec = simple_spec(E, k, d, rng.integer(4, 64));
     if (trial % 2 || decode) spec.shared.push_back({static_cast<int64_t>(rng.integer(4, 24)), trial % 4 == 1});
     spec.weight_on_input = trial % 5 == 3;
     const Built b = build(spec, rng);
-    const Input in = random_input(rng, T, d, trial % 3 == 0 ? 0.25 : 0.0);
+    const Input in = random_input(rng, T, d, trial % 3 == 0 && !decode ? 0.25 : 0.0);
     const int threads = 1 + trial % 2;
     std::vector<float> want(static_cast<size_t>(T * d));
     Workspace wf;

@@ -215,6 +215,9 @@ class OffloadedLayer {
   }
   void forward(const Batch& batch, ActivationsIn hidden, ActivationsOut out, Workspace& ws, int threads = 0) {
     wait();
+    // Checked before the cache changes (combine_outputs() checks the view again).
+    MOEKIT_CHECK(batch.tokens <= 0 || out.data != nullptr, "offload::OffloadedLayer::forward: out expected non-null for T = ",
+                 batch.tokens);
     const float* x = layer_.route(batch, hidden, ws, threads, out);
     run_plan(batch, x, ws.plan, out, ws, threads);
   }
@@ -230,6 +233,8 @@ class OffloadedLayer {
   void forward_plan(const Batch& batch, ActivationsIn hidden, const RoutingPlan& plan, ActivationsOut out, Workspace& ws,
                     int threads = 0) {
     wait();
+    MOEKIT_CHECK(batch.tokens <= 0 || out.data != nullptr,
+                 "offload::OffloadedLayer::forward_plan: out expected non-null for T = ", batch.tokens);
     const float* x = layer_.accept_plan(batch, hidden, plan, ws, out);
     run_plan(batch, x, plan, out, ws, threads);
   }
@@ -275,6 +280,16 @@ class OffloadedLayer {
   // resident and run on a plan of its own rows (token order kept, the same slot weights).
   void run_in_groups(const float* x, const RoutingPlan& plan, std::vector<int64_t> need, Workspace& ws, int threads) {
     CachedFfnBank& bank = layer_.experts();
+    // The groups rebuild per-token expert lists: a (hand-built) plan listing an expert twice
+    // for one token is refused here, before anything loads.
+    const auto sexp = plan.slot_expert();
+    const auto soff = plan.slot_offsets();
+    for (int64_t t = 0; t < plan.num_tokens(); ++t)
+      for (int32_t a = soff[static_cast<size_t>(t)]; a < soff[static_cast<size_t>(t) + 1]; ++a)
+        for (int32_t b = a + 1; b < soff[static_cast<size_t>(t) + 1]; ++b)
+          MOEKIT_CHECK(sexp[static_cast<size_t>(a)] != sexp[static_cast<size_t>(b)], "offload::OffloadedLayer: token ", t,
+                       " lists expert ", sexp[static_cast<size_t>(a)], " twice; a plan needing more experts than the cache holds (",
+                       bank.capacity(), ") must list each expert once per token");
     std::stable_partition(need.begin(), need.end(), [&](int64_t e) { return bank.resident(e); });
     const int64_t d = hidden_size(), T = plan.num_tokens(), C = bank.capacity();
     const auto rows = layer_.expert_rows(plan, ws);
