@@ -936,13 +936,42 @@ int relaunch_under_mpiexec(int64_t n) {
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   std::fflush(nullptr);
+  // mpiexec's stderr (its own and the ranks') comes back through a pipe, line by line, minus
+  // libevent's "[warn] Epoll ..." teardown notices: Open MPI 4.1's launcher prints them at
+  // random when ranks exit early (a refused input), and they would break the one-line error.
+  int fds[2];
+  if (pipe(fds) != 0) fail("--ep: cannot start mpiexec: pipe failed");
   const pid_t pid = fork();
   if (pid < 0) fail("--ep: cannot start mpiexec: fork failed");
   if (pid == 0) {
+    close(fds[0]);
+    dup2(fds[1], STDERR_FILENO);
+    close(fds[1]);
     execvp(argv[0], argv.data());
     std::fprintf(stderr, "moekit run: error: --ep: cannot start %s (install openmpi-bin)\n", argv[0]);
     _exit(2);
   }
+  close(fds[1]);
+  std::string line;
+  const auto forward = [&line] {
+    if (line.rfind("[warn] Epoll ", 0) != 0) {
+      std::fwrite(line.data(), 1, line.size(), stderr);
+      std::fflush(stderr);
+    }
+    line.clear();
+  };
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = read(fds[0], buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    for (ssize_t i = 0; i < n; ++i) {
+      line.push_back(buf[i]);
+      if (buf[i] == '\n' || buf[i] == '\r') forward();  // '\r': progress lines stay live
+    }
+  }
+  if (!line.empty()) forward();
+  close(fds[0]);
   int status = 0;
   while (waitpid(pid, &status, 0) < 0)
     if (errno != EINTR) fail("--ep: waiting for mpiexec failed");
