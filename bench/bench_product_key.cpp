@@ -33,16 +33,6 @@ using PkLayer = moekit::SparseLayer<moekit::ProductKeyRouter, moekit::AtomicExpe
 constexpr int64_t kN = 256, kE = kN * kN, kD = 1024, kK = 16;
 constexpr int64_t kTokens[] = {1, 16, 128};
 
-std::vector<float> uniform(int64_t n, double scale, uint64_t seed) {
-  std::vector<float> v(static_cast<size_t>(n));
-  uint64_t s = moekit::detail::splitmix64(seed);
-  for (float& x : v) {
-    s += 0x9E3779B97F4A7C15ull;
-    const double u = static_cast<double>(moekit::detail::splitmix64(s) >> 11) * (1.0 / 9007199254740992.0);
-    x = static_cast<float>((2.0 * u - 1.0) * 1.7320508075688772 * scale);
-  }
-  return v;
-}
 
 std::unique_ptr<PkLayer>& layer() {
   static std::unique_ptr<PkLayer> l;
@@ -53,8 +43,8 @@ const PkLayer& get_layer() {
   if (!layer()) {
     moekit::ProductKeyOptions o{kE, kK, kD, false};
     const double s = 1.0 / std::sqrt(double(kD));
-    moekit::ProductKeyRouter r(o, uniform(kN * kD, 4 * s, 1), uniform(kN * kD, 4 * s, 2));
-    moekit::AtomicExpertBank bank(kE, kD, uniform(kE * kD, s, 3), uniform(kE * kD, 1.0, 4), moekit::Activation::gelu);
+    moekit::ProductKeyRouter r(o, uniform_floats(kN * kD, 4 * s, 1), uniform_floats(kN * kD, 4 * s, 2));
+    moekit::AtomicExpertBank bank(kE, kD, uniform_floats(kE * kD, s, 3), uniform_floats(kE * kD, 1.0, 4), moekit::Activation::gelu);
     layer() = std::make_unique<PkLayer>(std::move(r), std::move(bank));
   }
   return *layer();
@@ -95,7 +85,7 @@ void run(benchmark::State& state, int64_t T) {
     const moekit::ProductKeyRouter& r = L.router();
     const int threads = bench_threads();
     const moekit::Batch batch = moekit::Batch::single(T, kD);
-    const std::vector<float> x = uniform(T * kD, 1.0, 100 + static_cast<uint64_t>(T));
+    const std::vector<float> x = uniform_floats(T * kD, 1.0, 100 + static_cast<uint64_t>(T));
     moekit::RoutingPlan plan;
     moekit::RouterScratch scratch;
     std::vector<float> scores(static_cast<size_t>(2 * kN + kE));

@@ -206,20 +206,23 @@ TEST(AuxLosses, BiasUpdateCountsSelectedSlots) {
 // ------------------------------------------------------------------ expert-router coupling (ERC)
 namespace {
 
+// ||W_g^j v|| in double: expert j's gate pre-activation norm on the row `v [d]` (gate [E, f, d]).
+double gate_norm(const std::vector<float>& gate, int64_t j, int64_t f, int64_t d, const float* v) {
+  double s = 0;
+  for (int64_t h = 0; h < f; ++h) {
+    double z = 0;
+    for (int64_t c = 0; c < d; ++c) z += double(gate[size_t((j * f + h) * d + c)]) * v[c];
+    s += z * z;
+  }
+  return std::sqrt(s);
+}
+
 // Plain double reference of ROUTING.md section 7's ERC loss on given proxies.
 double erc_reference(const std::vector<float>& proxy, const std::vector<float>& gate, int64_t E, int64_t d, int64_t f,
                      double a, std::vector<double>& M) {
   M.assign(static_cast<size_t>(E * E), 0.0);
   for (int64_t i = 0; i < E; ++i)
-    for (int64_t j = 0; j < E; ++j) {
-      double s = 0;
-      for (int64_t h = 0; h < f; ++h) {
-        double z = 0;
-        for (int64_t c = 0; c < d; ++c) z += double(gate[size_t((j * f + h) * d + c)]) * proxy[size_t(i * d + c)];
-        s += z * z;
-      }
-      M[size_t(i * E + j)] = std::sqrt(s);
-    }
+    for (int64_t j = 0; j < E; ++j) M[size_t(i * E + j)] = gate_norm(gate, j, f, d, proxy.data() + i * d);
   double sum = 0;
   int64_t pairs = 0;
   for (int64_t i = 0; i < E; ++i)
@@ -335,15 +338,7 @@ TEST(ErcCoupling, MatchesReferenceOnRoutedBatches) {
     for (int64_t t = 0; t < T; ++t) {
       if (b.is_padding(t)) continue;
       std::vector<double> act(static_cast<size_t>(E));
-      for (int64_t j = 0; j < E; ++j) {
-        double sq = 0;
-        for (int64_t h = 0; h < f; ++h) {
-          double z = 0;
-          for (int64_t c = 0; c < d; ++c) z += double(W[size_t((j * f + h) * d + c)]) * x[size_t(t * d + c)];
-          sq += z * z;
-        }
-        act[size_t(j)] = std::sqrt(sq);
-      }
+      for (int64_t j = 0; j < E; ++j) act[size_t(j)] = gate_norm(W, j, f, d, x.data() + t * d);
       for (int32_t sl = plan.slot_offsets()[size_t(t)]; sl < plan.slot_offsets()[size_t(t) + 1]; ++sl) {
         if (plan.slot_dropped()[size_t(sl)]) continue;
         const int64_t e = plan.slot_expert()[size_t(sl)];
